@@ -1,0 +1,545 @@
+"""
+Gemma-2 and Llama-3 decoder-only transformers in one file, written from scratch.
+
+Both families are one `Transformer` driven by explicit `ModelConfig` fields (never by a model's name), with
+parameter names identical to Hugging Face's, so a hub checkpoint loads with a plain strict `load_state_dict`:
+
+    model = Transformer.from_pretrained("google/gemma-2-2b")        # or a local folder
+    logits = model(idx)                                              # (B, T) -> (B, T, vocab)
+    logits = model(idx, hooks={12: sae})                             # splice an SAE after block 12
+    resid  = model(idx, stop_at=12)                                  # residual stream after block 12
+
+"After block L" is the residual stream HF calls `hidden_states[L + 1]` and SAELens `blocks.L.hook_resid_post`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    d_ff: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int = 2
+    head_dim: int = 16
+    norm_eps: float = 1e-6
+    norm_offset: bool = False  # Gemma's RMSNorm scales by (1 + w) and stores w around 0; Llama's by w
+    sandwich_norms: bool = False  # Gemma-2: extra norms after attention and after the MLP (four per block)
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model)
+    mlp_act: str = "silu"  # "silu" (SwiGLU, Llama) or "gelu_tanh" (GeGLU, Gemma)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3.1's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None means head_dim
+    attn_softcap: float | None = None  # Gemma-2: cap * tanh(scores / cap) before the softmax
+    final_softcap: float | None = None  # Gemma-2: same on the output logits
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_seq_len: int = 8192
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    model_type: str = "llama"  # only used to write config.json back in HF's layout
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.n_layer
+        if len(self.layer_types) != self.n_layer:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
+        for t in self.layer_types:
+            if t not in ("full_attention", "sliding_attention"):
+                raise ValueError(f"unknown layer type {t!r} (expected full_attention or sliding_attention)")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.mlp_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unknown mlp_act {self.mlp_act!r} (expected silu or gelu_tanh)")
+
+    # -- presets ------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def from_name(name: str) -> "ModelConfig":
+        """Shapes of the real models (for FLOP counts and benchmarks without downloading) and tiny test presets."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model name {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return ModelConfig(**PRESETS[name])
+
+    # -- Hugging Face config.json --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def from_hf(hf: dict) -> "ModelConfig":
+        """Read a hub `config.json` (old `rope_theta`/`rope_scaling` keys or the newer `rope_parameters`)."""
+        model_type = hf.get("model_type")
+        if model_type not in ("gemma2", "llama"):
+            raise ValueError(f"unsupported model_type {model_type!r} in config.json (supported: gemma2, llama)")
+        gemma = model_type == "gemma2"
+        n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}
+        if rope and "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values()):
+            rope = next(iter(rope.values()))  # nested per layer type: Gemma-2 uses one RoPE for all layers
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported RoPE type {rope_type!r} (supported: default, llama3)")
+        rope_scaling = None
+        if rope_type == "llama3":
+            rope_scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
+            rope_scaling["original_max_position_embeddings"] = scaling.get(
+                "original_max_position_embeddings", hf.get("max_position_embeddings"))
+            rope_scaling["rope_type"] = "llama3"
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {act!r} in config.json")
+        layer_types = hf.get("layer_types")
+        if gemma and layer_types is None:  # Gemma-2 alternates, starting with a sliding layer
+            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layer)]
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], n_layer=n_layer,
+            n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, norm_eps=hf.get("rms_norm_eps", 1e-6),
+            norm_offset=gemma, sandwich_norms=gemma, embed_scale=gemma,
+            mlp_act="gelu_tanh" if "gelu" in act else "silu", rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma else None,
+            attn_softcap=hf.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=hf.get("final_logit_softcapping") if gemma else None,
+            sliding_window=hf.get("sliding_window") if gemma else None, layer_types=layer_types,
+            tie_embeddings=hf.get("tie_word_embeddings", gemma), attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False), max_seq_len=hf.get("max_position_embeddings", 8192),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"), model_type=model_type,
+            init_std=hf.get("initializer_range", 0.02))
+
+    def to_hf(self) -> dict:
+        """The config.json the hub would ship for this model (old-style keys, which every transformers reads)."""
+        gemma = self.model_type == "gemma2"
+        hf = {
+            "architectures": ["Gemma2ForCausalLM" if gemma else "LlamaForCausalLM"], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.d_model, "intermediate_size": self.d_ff,
+            "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0, "initializer_range": self.init_std, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
+        }
+        if gemma:
+            hf.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+                      query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+                      attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
+                      sliding_window=self.sliding_window or self.max_seq_len, layer_types=self.layer_types)
+        else:
+            hf.update(hidden_act="silu", mlp_bias=self.mlp_bias, rope_scaling=self.rope_scaling)
+        return hf
+
+    # -- bookkeeping used by benchmarks ------------------------------------------------------------------------------
+
+    def n_params(self, include_embedding: bool = True) -> int:
+        attn = self.d_model * self.head_dim * (2 * self.n_head + 2 * self.n_kv_head)
+        mlp = 3 * self.d_model * self.d_ff
+        emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return self.n_layer * (attn + mlp) + (emb if include_embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: 2 per matmul weight (lm_head included) plus attention scores (Kaplan et al.)."""
+        matmul = self.n_params(include_embedding=False) + self.vocab_size * self.d_model
+        attn = self.n_layer * self.n_head * self.head_dim * seq_len  # QK^T and AV, causal: half of 2 * 2
+        return 2 * matmul + 2 * attn
+
+
+def _gemma2(n_layer, d_model, d_ff, n_head, n_kv_head, head_dim=256, query_pre_attn_scalar=256, vocab=256000):
+    return dict(vocab_size=vocab, d_model=d_model, d_ff=d_ff, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                head_dim=head_dim, norm_offset=True, sandwich_norms=True, embed_scale=True, mlp_act="gelu_tanh",
+                query_pre_attn_scalar=query_pre_attn_scalar, attn_softcap=50.0, final_softcap=30.0,
+                sliding_window=4096, layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                                  for i in range(n_layer)],
+                tie_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0, model_type="gemma2")
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+
+def _llama3(n_layer, d_model, d_ff, n_head, n_kv_head, tie, factor=32.0):
+    return dict(vocab_size=128256, d_model=d_model, d_ff=d_ff, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                head_dim=d_model // n_head, norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling={**_LLAMA31_ROPE, "factor": factor}, tie_embeddings=tie, max_seq_len=131072,
+                bos_token_id=128000, eos_token_id=128001, model_type="llama")
+
+
+PRESETS = {
+    "gemma-2-2b": _gemma2(26, 2304, 9216, 8, 4),
+    "gemma-2-9b": _gemma2(42, 3584, 14336, 16, 8),
+    "gemma-2-27b": _gemma2(46, 4608, 36864, 32, 16, head_dim=128, query_pre_attn_scalar=144),
+    "llama-3.2-1b": _llama3(16, 2048, 8192, 32, 8, tie=True),
+    "llama-3.2-3b": _llama3(28, 3072, 8192, 24, 8, tie=True),
+    "llama-3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, factor=8.0),
+    # tiny presets for tests: every feature switched on, shapes small enough for seconds on a laptop CPU
+    "tiny-gemma2": {**_gemma2(4, 64, 128, 4, 2, head_dim=16, query_pre_attn_scalar=24, vocab=512),
+                    "sliding_window": 8, "max_seq_len": 256},
+    "tiny-llama3": {**_llama3(4, 64, 128, 4, 2, tie=False), "vocab_size": 512, "max_seq_len": 256,
+                    "rope_scaling": {**_LLAMA31_ROPE, "original_max_position_embeddings": 64},
+                    "bos_token_id": 1, "eos_token_id": 2},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: bool):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 whatever the input dtype; where the cast back happens differs between the families
+        # (Gemma: (x * (1 + w)) then cast; Llama: cast then * w), and matters for bit-exact bf16
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies, with Llama-3.1's band-wise rescaling when `rope_scaling` asks for it."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+    factor, lo, hi, old_ctx = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
+        s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / hi) * ~(wavelen > old_ctx / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device, dtype):
+    # computed in fp32 outside autocast: bf16 positions would collide beyond 256
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        pos = torch.arange(seq_len, device=device, dtype=torch.float)
+        freqs = pos[:, None] * rope_inv_freq(cfg, device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # HF's half-split layout: dimension i pairs with i + head_dim/2 (no weight permutation needed)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=b)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=b)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        windowed = self.window is not None and T > self.window
+        if self.cfg.attn_softcap is None and not windowed:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            y = self._capped_attention(q, k, v, T)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _capped_attention(self, q, k, v, T):
+        # Gemma-2: logits soft-capped before masking; sliding layers see only the last `window` positions
+        rep = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if self.cfg.attn_softcap is not None:
+            cap = self.cfg.attn_softcap
+            scores = torch.tanh(scores / cap) * cap
+        i = torch.arange(T, device=q.device)
+        mask = i[None, :] <= i[:, None]
+        if self.window is not None:
+            mask = mask & (i[None, :] > i[:, None] - self.window)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=b)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=b)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=b)
+        self.gelu = cfg.mlp_act == "gelu_tanh"
+
+    def forward(self, x):
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(g * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)  # noqa: E731
+        self.sandwich = cfg.sandwich_norms
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()  # Llama uses this name for its pre-MLP norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, x, cos, sin):
+        if self.sandwich:  # Gemma-2: normalise both the input and the output of each sublayer
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Holds what HF keeps under the `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+Hook = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_embeddings:  # tied models read the embedding matrix directly (no lm_head parameter)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    # -- the forward pass, in three pieces that training scripts also use on their own --------------------------------
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            _check_tokens(idx, self.cfg.vocab_size)
+        x = self.model.embed_tokens(idx)
+        if self.cfg.embed_scale:  # Gemma: the scale is rounded to the activation dtype, as in the reference
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
+        return x
+
+    def blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+               hooks: dict[int, Hook] | None = None) -> torch.Tensor:
+        """Run blocks start..stop (inclusive) on the residual stream x; hooks[L] replaces the stream after block L."""
+        stop = self.cfg.n_layer - 1 if stop is None else stop
+        hooks = hooks or {}
+        cos, sin = rope_cos_sin(self.cfg, x.shape[1], x.device, x.dtype)
+        for i in range(start, stop + 1):
+            x = self.model.layers[i](x, cos, sin)
+            if i in hooks:
+                x = hooks[i](x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, unembedding and Gemma-2's logit soft-cap: residual stream -> logits."""
+        x = self.model.norm(x)
+        w = self.model.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
+        logits = F.linear(x, w)
+        if self.cfg.final_softcap is not None:
+            cap = self.cfg.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, idx: torch.Tensor, hooks: dict[int, Hook] | None = None,
+                stop_at: int | None = None) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self._check_layers(hooks, stop_at)
+        x = self.blocks(self.embed(idx), 0, stop_at, hooks)
+        return x if stop_at is not None else self.head(x)
+
+    def _check_layers(self, hooks, stop_at):
+        n = self.cfg.n_layer
+        for layer in list(hooks or {}) + ([stop_at] if stop_at is not None else []):
+            if not isinstance(layer, int) or not 0 <= layer < n:
+                raise ValueError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
+
+    # -- sampling (no KV cache: this is for sanity checks and teaching) -------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 hooks: dict[int, Hook] | None = None) -> torch.Tensor:
+        """temperature 0 is greedy; otherwise sample from the top_k (all if None) tempered logits."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.max_seq_len:], hooks=hooks)[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+    # -- initialisation (for pretraining from scratch) -------------------------------------------------------------------
+
+    def init_weights(self, seed: int | None = None):
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.zeros_(p) if self.cfg.norm_offset else nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, 0.0, self.cfg.init_std, generator=gen)
+        return self
+
+    # -- loading ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def from_pretrained(path_or_repo_id: str, dtype: torch.dtype | None = None, device=None) -> "Transformer":
+        """Load a local HF folder or hub id (config.json + single or sharded safetensors). dtype None keeps the file's."""
+        folder = resolve_model_dir(path_or_repo_id)
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+        with open(cfg_path) as f:
+            cfg = ModelConfig.from_hf(json.load(f))
+        state = load_safetensors_dir(folder, device="cpu" if device is None else device)
+        if cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)  # some tied checkpoints also store the shared matrix as lm_head
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        check_state_dict(model, state, source=folder)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, folder: str):
+        """Write config.json + model.safetensors in HF layout, atomically (temp names, then rename)."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        hf = self.cfg.to_hf()
+        hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        tmp = os.path.join(folder, "model.safetensors.tmp")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(folder, "model.safetensors"))
+        tmp = os.path.join(folder, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(hf, f, indent=2)
+        os.replace(tmp, os.path.join(folder, "config.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+                "generation_config.json", "original/tokenizer.model"]
+
+
+def resolve_model_dir(path_or_repo_id: str) -> str:
+    """A local folder as is; otherwise a hub id downloaded (config, safetensors and tokenizer files only)."""
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    if os.path.exists(path_or_repo_id) or path_or_repo_id.startswith((".", "/")) or path_or_repo_id.count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo_id}: no such model folder (and not a hub id like 'google/gemma-2-2b')")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path_or_repo_id, allow_patterns=HUB_PATTERNS)
+
+
+def load_safetensors_dir(folder: str, device="cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        weight_map, shards = None, ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for shard in shards:
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder}: shard {shard} listed in the index is missing (partial download?)")
+        try:
+            state.update(load_file(path, device=str(device)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise ValueError(f"{folder}: tensors listed in the index are not in their shards: {missing[:5]}")
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str):
+    """One clear line per problem instead of load_state_dict's wall of text."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"{source}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]} (partial checkpoint?)")
+    if unexpected:
+        raise ValueError(f"{source}: checkpoint has unexpected tensors, e.g. {unexpected[:3]} (wrong config.json?)")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies "
+                             f"{tuple(shape)}")
+
+
+def _check_tokens(idx: torch.Tensor, vocab_size: int):
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token ids must be int64 (or int32), got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"token ids must have shape (batch, seq_len), got {tuple(idx.shape)}")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab_size}): wrong tokenizer?")

@@ -1,0 +1,172 @@
+"""model.py against transformers' Gemma2ForCausalLM / LlamaForCausalLM on tiny random checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint, rel_err
+
+T = 24  # longer than the tiny Gemma's sliding window (8)
+
+
+def tokens(B=2, T=T, vocab=512, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("hub,shard,hub_style", [
+    (TINY_GEMMA2, False, True), (TINY_GEMMA2, True, False),
+    (TINY_LLAMA3, False, True), (TINY_LLAMA3, True, False),
+    ({**TINY_LLAMA3, "tie_word_embeddings": True, "num_key_value_heads": 1}, False, True),
+])
+def test_logits_and_hidden_states_match_transformers(tmp_path, hub, shard, hub_style):
+    ref = make_hf_checkpoint(tmp_path, hub, shard=shard, hub_style_config=hub_style)
+    if shard:
+        assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    ours = Transformer.from_pretrained(str(tmp_path))
+    idx = tokens()
+    with torch.no_grad():
+        out = ref(idx, output_hidden_states=True)
+        assert rel_err(ours(idx), out.logits) < 1e-4
+        for layer in range(ours.cfg.n_layer - 1):  # the last hidden state HF reports is after the final norm
+            assert rel_err(ours(idx, stop_at=layer), out.hidden_states[layer + 1]) < 1e-4
+
+
+def test_softcaps_and_window_actually_bite(tmp_path):
+    # the parity test above would be vacuous if the caps never saturate or the window never masks anything
+    make_hf_checkpoint(tmp_path, TINY_GEMMA2)
+    model = Transformer.from_pretrained(str(tmp_path))
+    idx = tokens()
+    with torch.no_grad():
+        logits = model(idx)
+        assert logits.abs().max() > 0.5 * TINY_GEMMA2["final_logit_softcapping"]
+        base = logits.clone()
+        model.cfg.sliding_window = 10_000
+        for layer in model.model.layers:
+            layer.self_attn.window = None if layer.self_attn.window is None else 10_000
+        assert rel_err(model(idx), base) > 1e-3
+        model.cfg.attn_softcap = None
+        assert rel_err(model(idx), base) > 1e-3
+
+
+def test_hooks_and_stop_at(tmp_path):
+    make_hf_checkpoint(tmp_path, TINY_LLAMA3)
+    model = Transformer.from_pretrained(str(tmp_path))
+    idx = tokens()
+    with torch.no_grad():
+        base = model(idx)
+        assert torch.equal(model(idx, hooks={1: lambda x: x}), base)
+        edited = model(idx, hooks={1: lambda x: x * 0.5, 2: lambda x: x + 1.0})
+        assert rel_err(edited, base) > 1e-3
+        seen = {}
+        model(idx, hooks={2: lambda x: seen.setdefault("x", x)})
+        assert torch.equal(seen["x"], model(idx, stop_at=2))
+        # the pieces compose to the whole
+        x = model.blocks(model.embed(idx), 0, 1)
+        assert torch.equal(model.head(model.blocks(x, 2)), base)
+
+
+def test_bf16_autocast_close_to_fp32(tmp_path):
+    make_hf_checkpoint(tmp_path, TINY_GEMMA2)
+    model = Transformer.from_pretrained(str(tmp_path))
+    idx = tokens()
+    with torch.no_grad():
+        ref = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(idx)
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low.float(), ref) < 0.05
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-llama3"])
+def test_compile_has_no_graph_breaks(name):
+    import torch._dynamo
+    model = Transformer(ModelConfig.from_name(name)).init_weights(0)
+    explanation = torch._dynamo.explain(model)(tokens(), hooks={1: lambda x: x * 2.0})
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_presets_have_the_published_sizes():
+    assert abs(ModelConfig.from_name("gemma-2-2b").n_params() / 1e9 - 2.61) < 0.01
+    assert abs(ModelConfig.from_name("llama-3.2-1b").n_params() / 1e9 - 1.24) < 0.01
+    assert abs(ModelConfig.from_name("llama-3.1-8b").n_params() / 1e9 - 8.03) < 0.01
+    with pytest.raises(ValueError, match="unknown model name"):
+        ModelConfig.from_name("gpt-5")
+
+
+def test_rope_parameters_form_is_read():
+    new = {k: v for k, v in TINY_LLAMA3.items() if k not in ("rope_theta", "rope_scaling")}
+    new["rope_parameters"] = {"rope_theta": 500000.0, **TINY_LLAMA3["rope_scaling"]}
+    assert ModelConfig.from_hf(new) == ModelConfig.from_hf(TINY_LLAMA3)
+
+
+def test_save_pretrained_roundtrip_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = Transformer(ModelConfig.from_name("tiny-gemma2")).init_weights(0)
+    model.save_pretrained(str(tmp_path))
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    idx = tokens()
+    with torch.no_grad():
+        assert rel_err(model(idx), ref(idx).logits) < 1e-4
+        assert torch.equal(Transformer.from_pretrained(str(tmp_path))(idx), model(idx))
+
+
+# -- bad input: one clear error each ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    make_hf_checkpoint(tmp_path, TINY_LLAMA3)
+    return tmp_path
+
+
+def test_error_missing_folder_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        Transformer.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Transformer.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA3))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_error_partial_and_corrupt_checkpoints(tmp_path):
+    make_hf_checkpoint(tmp_path, TINY_LLAMA3, shard=True)
+    shards = sorted(p for p in os.listdir(tmp_path) if p.endswith(".safetensors"))
+    os.remove(tmp_path / shards[-1])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        Transformer.from_pretrained(str(tmp_path))
+    (tmp_path / shards[-1]).write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_error_missing_tensor_and_shape_mismatch(llama_dir):
+    from safetensors.torch import load_file, save_file
+    path = llama_dir / "model.safetensors"
+    state = load_file(path)
+    w = state.pop("model.layers.2.mlp.up_proj.weight")
+    save_file(state, path)
+    with pytest.raises(ValueError, match="lacks 1 tensors"):
+        Transformer.from_pretrained(str(llama_dir))
+    state["model.layers.2.mlp.up_proj.weight"] = w[:, :10].contiguous()
+    save_file(state, path)
+    with pytest.raises(ValueError, match=r"model.layers.2.mlp.up_proj.weight has shape \(128, 10\)"):
+        Transformer.from_pretrained(str(llama_dir))
+
+
+def test_error_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_LLAMA3, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_error_bad_layer_and_token():
+    model = Transformer(ModelConfig.from_name("tiny-llama3")).init_weights(0)
+    with pytest.raises(ValueError, match="layer 4 is out of range"):
+        model(tokens(), hooks={4: lambda x: x})
+    with pytest.raises(ValueError, match="layer -1 is out of range"):
+        model(tokens(), stop_at=-1)
+    with pytest.raises(ValueError, match="token id 512 is outside the vocabulary"):
+        model(torch.tensor([[1, 512]]))
