@@ -170,3 +170,13 @@ def test_error_bad_layer_and_token():
         model(tokens(), stop_at=-1)
     with pytest.raises(ValueError, match="token id 512 is outside the vocabulary"):
         model(torch.tensor([[1, 512]]))
+
+
+def test_compiled_inference_uses_flex_and_matches_eager():
+    # under torch.compile + no_grad, Gemma-2's capped, windowed attention runs as flex_attention
+    model = Transformer(ModelConfig.from_name("tiny-gemma2")).init_weights(0).eval()
+    idx = tokens(T=40)
+    with torch.no_grad():
+        ref = model(idx)
+        out = torch.compile(model)(idx)
+    assert rel_err(out, ref) < 1e-5
