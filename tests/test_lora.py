@@ -1,0 +1,303 @@
+"""lora.py: exactness of the adapter algebra, and PEFT's file format both ways against peft + transformers."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from lora import (LoRALinear, adapters_disabled, apply_lora, load_adapter, lora_modules, merge_all, merged,
+                  resolve_layers, save_adapter, unmerge_all)
+from model import ModelConfig, Transformer
+from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint, rel_err
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tokens(B=2, T=24, vocab=512, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny(name="tiny-llama3", **overrides):
+    cfg = dataclasses.replace(ModelConfig.from_name(name), **overrides)
+    return Transformer(cfg).init_weights(seed=0).eval()
+
+
+def randomize_B(model, seed=1, std=0.2):
+    """A fresh adapter is a no-op (B = 0); give B values so that every comparison below is non-vacuous."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * std)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the adapter itself
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-gemma2"])
+def test_fresh_adapter_changes_nothing(name):
+    model, idx = tiny(name), tokens()
+    with torch.no_grad():
+        base = model(idx)
+        apply_lora(model, rank=4, alpha=8)
+        assert torch.equal(model(idx), base)
+    m = lora_modules(model)["model.layers.0.self_attn.q_proj"]
+    assert m.lora_A.abs().min() > 0 and m.lora_A.abs().max() <= 1 / 64 ** 0.5  # Kaiming-uniform(a=sqrt 5) bound
+    assert torch.count_nonzero(m.lora_B) == 0
+
+
+def test_forward_is_the_lora_formula():
+    lin = torch.nn.Linear(8, 6, bias=True)
+    m = LoRALinear.from_linear(lin, rank=2, alpha=3.0, dropout=0.0)
+    assert m.weight is lin.weight and m.bias is lin.bias  # shared, not copied
+    torch.nn.init.normal_(m.lora_B)
+    x = torch.randn(5, 8)
+    expected = x @ lin.weight.T + lin.bias + 1.5 * (x @ m.lora_A.T) @ m.lora_B.T
+    assert torch.allclose(m(x), expected, atol=1e-6)
+
+
+def test_apply_lora_places_adapters_and_freezes_the_rest():
+    model = tiny()
+    params = apply_lora(model, rank=4, alpha=8, layers="after:1", targets=("q_proj", "down_proj"))
+    assert sorted(lora_modules(model)) == ["model.layers.2.mlp.down_proj", "model.layers.2.self_attn.q_proj",
+                                           "model.layers.3.mlp.down_proj", "model.layers.3.self_attn.q_proj"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}" for n in lora_modules(model) for ab in "AB"}
+    assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if p.requires_grad}
+    # the frozen weight keeps its HF name, so model checkpoints still load into an adapted model
+    assert "model.layers.2.self_attn.q_proj.weight" in dict(model.named_parameters())
+    randomize_B(model)
+    model(tokens()).float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+def test_merge_matches_unmerged_and_unmerge_restores_weight_exactly():
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        model, idx = tiny().to(dtype), tokens()
+        apply_lora(model, rank=4, alpha=8, layers=[1, 3])
+        randomize_B(model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            with adapters_disabled(model):
+                base = model(idx)
+            adapted = model(idx)
+            assert rel_err(adapted, base) > 1e-2  # the adapter does something
+            merge_all(model)
+            assert not torch.equal(model.model.layers[1].mlp.up_proj.weight, before["model.layers.1.mlp.up_proj.weight"])
+            assert rel_err(model(idx), adapted) < tol
+            unmerge_all(model)
+            assert torch.equal(model(idx), adapted)
+        for n, p in model.named_parameters():  # bit for bit (the base weight is kept aside while merged)
+            assert torch.equal(p, before[n]), n
+        with merged(model), torch.no_grad():
+            assert rel_err(model(idx), adapted) < tol
+            with pytest.raises(ValueError, match="merged"):
+                with adapters_disabled(model):
+                    pass
+        assert not any(m.merged for m in lora_modules(model).values())
+
+
+def test_adapters_disabled_gives_base_logits():
+    model, idx = tiny("tiny-gemma2"), tokens()
+    with torch.no_grad():
+        base = model(idx)
+        apply_lora(model, rank=4, alpha=8)
+        randomize_B(model)
+        adapted = model(idx)
+        with adapters_disabled(model):
+            assert torch.equal(model(idx), base)
+        assert torch.equal(model(idx), adapted)
+    assert rel_err(adapted, base) > 1e-2
+
+
+def test_bf16_base_with_fp32_adapters_with_and_without_autocast():
+    ref, idx = tiny(), tokens()
+    apply_lora(ref, rank=4, alpha=8)
+    randomize_B(ref)
+    model = tiny().to(torch.bfloat16)
+    apply_lora(model, rank=4, alpha=8)
+    model.load_state_dict(ref.state_dict())
+    assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = ref(idx)
+    out = model(idx)
+    assert out.dtype == torch.bfloat16 and rel_err(out, want) < 5e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx)
+    assert rel_err(out, want) < 5e-2
+    out.float().pow(2).mean().backward()
+    A = model.model.layers[0].self_attn.q_proj.lora_A
+    assert A.grad.dtype == torch.float32 and A.grad.abs().sum() > 0
+
+
+def test_compiled_forward_has_no_graph_breaks():
+    import torch._dynamo
+    model = tiny("tiny-gemma2")
+    apply_lora(model, rank=4, alpha=8, dropout=0.1, layers="after:1")
+    model.train()  # dropout active on the low-rank path
+    explanation = torch._dynamo.explain(model)(tokens(), hooks={1: lambda x: x * 2.0})
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# layer selection and bad input
+
+
+def test_resolve_layers():
+    assert resolve_layers(None, 4) == resolve_layers("all", 4) == [0, 1, 2, 3]
+    assert resolve_layers("after:1", 4) == [2, 3]
+    assert resolve_layers("after:0", 4) == [1, 2, 3]
+    assert resolve_layers(2, 4) == resolve_layers("2", 4) == [2]
+    assert resolve_layers([3, 1, 3], 4) == resolve_layers("1, 3", 4) == [1, 3]
+    for bad, msg in [("after:3", "no layer comes after"), ("after:7", "out of range"), (4, "out of range"),
+                     (-1, "out of range"), ([0, 9], "out of range"), ("1,x", "not a layer index"), ([], "expected"),
+                     ("after:", "not a layer index"), (True, "expected"), (1.5, "expected")]:
+        with pytest.raises(ValueError, match=msg):
+            resolve_layers(bad, 4)
+
+
+def test_apply_lora_bad_input():
+    for kwargs, msg in [(dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=2.5), "rank"),
+                        (dict(rank=4, targets=("q_proj", "qkv")), r"unknown LoRA target.*qkv"),
+                        (dict(rank=4, targets=()), "unknown LoRA target"),
+                        (dict(rank=4, layers=4), "out of range"), (dict(rank=4, layers="after:3"), "after"),
+                        (dict(rank=4, alpha=0), "alpha"), (dict(rank=4, dropout=1.0), "dropout")]:
+        model = tiny()
+        with pytest.raises(ValueError, match=msg):
+            apply_lora(model, **kwargs)
+        assert not lora_modules(model)  # nothing half-applied
+    model = tiny()
+    apply_lora(model, rank=4)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(model, rank=4)
+
+
+def test_save_load_roundtrip_and_file_contents(tmp_path):
+    model, idx = tiny("tiny-gemma2"), tokens()
+    apply_lora(model, rank=4, alpha=8, dropout=0.05, layers=[0, 2], targets=("v_proj", "up_proj"))
+    randomize_B(model)
+    with torch.no_grad():
+        want = model(idx)
+    save_adapter(model, str(tmp_path), "google/gemma-2-2b")
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == \
+        ("LORA", "CAUSAL_LM", 4, 8, 0.05)
+    assert cfg["target_modules"] == ["up_proj", "v_proj"] and cfg["layers_to_transform"] == [0, 2]
+    assert cfg["base_model_name_or_path"] == "google/gemma-2-2b"
+    fresh = tiny("tiny-gemma2")
+    params = load_adapter(fresh, str(tmp_path))
+    assert len(params) == 2 * 2 * 2 and all(p.requires_grad for p in params)
+    with torch.no_grad():
+        assert torch.equal(fresh(idx), want)
+    # loading into a model whose adapters already match reuses them
+    assert len(load_adapter(fresh, str(tmp_path))) == 8
+    # all layers: no layers_to_transform
+    model = tiny()
+    apply_lora(model, rank=2)
+    save_adapter(model, str(tmp_path / "all"))
+    assert json.loads((tmp_path / "all" / "adapter_config.json").read_text())["layers_to_transform"] is None
+
+
+def test_load_adapter_bad_input(tmp_path):
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8)
+    save_adapter(model, str(tmp_path / "ok"))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tiny(), str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "noweights")
+    (tmp_path / "noweights" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        load_adapter(tiny(), str(tmp_path / "noweights"))
+    # another model's shape: the mismatching tensor is named
+    with pytest.raises(ValueError, match=r"tensor base_model\.model\.model\.layers\.0\.mlp\.gate_proj\.lora_B\.weight "
+                                         r"has shape \(128, 4\)"):
+        load_adapter(tiny(d_ff=96), str(tmp_path / "ok"))
+    other = tiny(n_layer=2, layer_types=None)
+    apply_lora(other, rank=4, alpha=8, layers=[1])
+    save_adapter(other, str(tmp_path / "l1"))
+    with pytest.raises(ValueError, match="out of range"):  # fewer layers than the adapter's
+        load_adapter(tiny(n_layer=1, layer_types=None), str(tmp_path / "l1"))
+    with pytest.raises(ValueError, match="unexpected"):  # all-layer adapter of a deeper model
+        load_adapter(tiny(n_layer=2, layer_types=None), str(tmp_path / "ok"))
+    rank8 = tiny()
+    apply_lora(rank8, rank=8, alpha=8)
+    with pytest.raises(ValueError, match="r=4.*r=8"):
+        load_adapter(rank8, str(tmp_path / "ok"))
+    subset = tiny()
+    apply_lora(subset, rank=4, alpha=8, targets=("q_proj",))
+    with pytest.raises(ValueError, match="unexpected"):
+        load_adapter(subset, str(tmp_path / "ok"))
+    for patch, msg in [({"target_modules": ["q_proj", "lm_head"]}, "unknown LoRA target.*lm_head"),
+                       ({"peft_type": "IA3"}, "only LORA"), ({"use_dora": True}, "use_dora"),
+                       ({"target_modules": ".*proj"}, "list"), ({"r": 0}, "rank")]:
+        bad = tmp_path / f"bad_{next(iter(patch))}_{msg[:4]}"
+        os.makedirs(bad)
+        (bad / "adapter_model.safetensors").write_bytes((tmp_path / "ok" / "adapter_model.safetensors").read_bytes())
+        cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**cfg, **patch}))
+        with pytest.raises(ValueError, match=msg):
+            load_adapter(tiny(), str(bad))
+    os.makedirs(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+    (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_adapter(tiny(), str(tmp_path / "corrupt"))
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_adapter(tiny(), str(tmp_path / "none"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PEFT interoperability, both directions, against transformers' models
+
+
+@pytest.mark.parametrize("hub", [TINY_LLAMA3, TINY_GEMMA2], ids=["llama", "gemma2"])
+@pytest.mark.parametrize("layers,targets", [(None, ALL), ("after:1", ALL), ([0, 2], ("k_proj", "o_proj", "up_proj"))])
+def test_exported_adapter_loads_in_peft(tmp_path, hub, layers, targets):
+    from peft import PeftModel
+    ref = make_hf_checkpoint(tmp_path / "ck", hub)
+    ours, idx = Transformer.from_pretrained(str(tmp_path / "ck")), tokens()
+    with torch.no_grad():
+        base = ref(idx).logits
+    apply_lora(ours, rank=4, alpha=8, layers=layers, targets=targets)
+    randomize_B(ours)
+    save_adapter(ours, str(tmp_path / "adapter"), str(tmp_path / "ck"))
+    peft_model = PeftModel.from_pretrained(ref, str(tmp_path / "adapter")).eval()
+    n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A.default"))
+    assert n_lora == len(lora_modules(ours))
+    with torch.no_grad():
+        want, got = peft_model(idx).logits, ours(idx)
+    assert rel_err(want, base) > 1e-2  # the adapter is live on both sides
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("hub", [TINY_LLAMA3, TINY_GEMMA2], ids=["llama", "gemma2"])
+def test_peft_saved_adapter_loads_in_ours(tmp_path, hub):
+    from peft import LoraConfig, get_peft_model
+    ref = make_hf_checkpoint(tmp_path / "ck", hub)
+    ours, idx = Transformer.from_pretrained(str(tmp_path / "ck")), tokens()
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                        layers_to_transform=[1, 3], lora_dropout=0.1, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(ref, config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(idx).logits
+        base = ours(idx)
+    params = load_adapter(ours, str(tmp_path / "adapter"))
+    assert len(params) == 2 * 4 * 2
+    assert sorted({n.split(".")[2] for n in lora_modules(ours)}) == ["1", "3"]
+    with torch.no_grad():
+        got = ours(idx)
+    assert rel_err(want, base) > 1e-2
+    assert rel_err(got, want) < 1e-4
