@@ -1,0 +1,546 @@
+"""sae.py: fused TopK against the dense path, estimator gradients, every file format against its own arithmetic."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sae import SAE, JumpReLUFn, StepFn, rectangle, step
+
+D, M, K = 16, 64, 4
+
+
+def rand_sae(arch="topk", k=K, apply_b_dec_to_input=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    sae = SAE(D, M, arch, k=k, apply_b_dec_to_input=apply_b_dec_to_input, **kw)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.5)
+        sae.b_enc.normal_(0, 0.5)
+        sae.b_dec.normal_(0, 0.5)
+        sae.W_dec.normal_(0, 0.5)
+        if arch == "jumprelu":
+            sae.threshold.uniform_(0.0, 1.0)
+    return sae
+
+
+def x_in(*lead, seed=1, requires_grad=False):
+    return torch.randn(*lead, D, generator=torch.Generator().manual_seed(seed)).requires_grad_(requires_grad)
+
+
+def grads_of(fn, sae, x, g):
+    sae.zero_grad(set_to_none=True)
+    x.grad = None
+    y = fn(x)
+    (y * g).sum().backward()
+    return y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused TopK against the dense path
+
+
+@pytest.mark.parametrize("apply_b_dec,shift", [(True, 0.0), (False, 0.0), (True, -6.0)])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_fused_topk_matches_dense_values_and_gradients(apply_b_dec, shift, frozen):
+    sae = rand_sae(apply_b_dec_to_input=apply_b_dec).requires_grad_(not frozen)
+    with torch.no_grad():
+        sae.b_enc.add_(shift)  # shifted down: some of the k selected pre-activations are negative (ReLU'd to 0)
+    if shift:
+        assert (sae.encode_topk(x_in(3, 5))[0] == 0).any()
+    x = x_in(3, 5, requires_grad=True)
+    g = torch.randn(3, 5, D)
+    y_f, gx_f, gp_f = grads_of(sae, sae, x, g)
+    y_d, gx_d, gp_d = grads_of(lambda t: sae.decode(sae.encode(t)), sae, x, g)
+    torch.testing.assert_close(y_f, y_d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_f, gx_d, rtol=1e-5, atol=1e-5)
+    assert gp_f.keys() == gp_d.keys() == (set() if frozen else {"W_enc", "W_dec", "b_enc", "b_dec"})
+    for name in gp_d:
+        torch.testing.assert_close(gp_f[name], gp_d[name], rtol=1e-5, atol=1e-5)
+    assert gx_f.abs().sum() > 0
+
+
+def test_topk_keeps_k_largest_then_relu_and_matches_numpy():
+    sae = rand_sae()
+    with torch.no_grad():
+        sae.b_enc.sub_(3.0)  # most pre-activations negative: TopK-then-ReLU keeps fewer than k non-zeros
+    x = x_in(40)
+    xs = (x - sae.b_dec).detach().numpy()
+    pre = xs @ sae.W_enc.detach().numpy() + sae.b_enc.detach().numpy()
+    ref = np.zeros_like(pre)
+    for n in range(len(pre)):
+        top = np.argsort(-pre[n])[:K]
+        ref[n, top] = np.maximum(pre[n, top], 0)
+    z = sae.encode(x).detach().numpy()
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-6)
+    assert ((z > 0).sum(-1) < K).any() and ((z > 0).sum(-1) <= K).all()
+    values, indices = sae.encode_topk(x)
+    assert values.shape == indices.shape == (40, K) and (values >= 0).all()
+    dense = torch.zeros(40, M).scatter(-1, indices, values)
+    np.testing.assert_allclose(dense.detach().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_sparse_matches_dense_decode_values_and_gradients():
+    sae = rand_sae()
+    idx = torch.stack([torch.randperm(M)[:K] for _ in range(6)]).view(2, 3, K)
+    vals = torch.rand(2, 3, K, requires_grad=True)
+    g = torch.randn(2, 3, D)
+    y = sae.decode_sparse(vals, idx)
+    (y * g).sum().backward()
+    gv, gW, gb = vals.grad.clone(), sae.W_dec.grad.clone(), sae.b_dec.grad.clone()
+    vals.grad = None
+    sae.zero_grad()
+    dense = torch.zeros(2, 3, M).scatter(-1, idx, vals)
+    y2 = sae.decode(dense)
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv, vals.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gW, sae.W_dec.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, sae.b_dec.grad)
+
+
+class OutputShapes(TorchDispatchMode):
+    """Records the shape of every tensor every aten op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                        if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_fused_path_never_builds_a_dense_code_matrix():
+    sae = rand_sae().requires_grad_(False)  # frozen, as in LoRA training
+    x = x_in(8, requires_grad=True)
+    counts = {}
+    for name, fn in (("fused", sae), ("dense", lambda t: sae.decode(sae.encode(t)))):
+        with OutputShapes() as fwd:
+            y = fn(x)
+        with OutputShapes() as bwd:
+            y.sum().backward()
+        counts[name] = (fwd.shapes.count((8, M)), bwd.shapes.count((8, M)))
+        assert bwd.shapes.count((8, D)) >= 1  # the recorder does see the backward
+    assert counts["fused"] == (1, 0), counts  # only the encoder's pre-activations, freed inside the encoder
+    assert counts["dense"][0] >= 3 and counts["dense"][1] >= 2, counts  # codes, and their gradients, are dense
+
+
+def test_spliced_into_model_fused_equals_dense():
+    from model import ModelConfig, Transformer
+    cfg = ModelConfig.from_name("tiny-llama3")
+    model = Transformer(cfg).init_weights(0)
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_model, 256, "topk", k=8, layer=1).requires_grad_(False)
+    sae.check_d_in(cfg.d_model)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for hook in (sae, lambda x: sae.decode(sae.encode(x)).to(x.dtype)):
+        model.zero_grad()
+        logits = model(idx, hooks={1: hook})
+        logits.float().logsumexp(-1).sum().backward()
+        outs.append((logits.detach(), model.model.layers[0].mlp.down_proj.weight.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
+    assert outs[0][1].abs().sum() > 0  # gradient reached block 0 through the SAE
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# JumpReLU / BatchTopK training support
+
+
+def test_jumprelu_and_step_gradients_are_the_rectangle_estimators():
+    eps = 0.1
+    thr = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5], requires_grad=True)
+    # one token: far below, just below (inside window), just above (inside), far above, exactly the jump
+    pre = torch.tensor([[0.0, 0.46875, 0.53125, 2.0, 0.5]], requires_grad=True)  # exact in binary
+    z = JumpReLUFn.apply(pre, thr, eps)
+    assert z.tolist() == [[0.0, 0.0, 0.53125, 2.0, 0.0]]
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    z.backward(g)
+    assert pre.grad.tolist() == [[0.0, 0.0, 3.0, 4.0, 0.0]]  # H(pre - thr) * g
+    in_window = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    torch.testing.assert_close(thr.grad, -(0.5 / eps) * in_window * g[0])
+    thr.grad, pre.grad = None, None
+    s = StepFn.apply(pre, thr, eps)
+    assert s.tolist() == [[0.0, 0.0, 1.0, 1.0, 0.0]]
+    s.backward(g)
+    torch.testing.assert_close(thr.grad, -(1 / eps) * in_window * g[0])
+    assert pre.grad is None or (pre.grad == 0).all()
+    assert rectangle(torch.tensor([-0.6, -0.4, 0.4, 0.6])).tolist() == [0, 1, 1, 0]
+
+
+def test_jumprelu_threshold_gradient_sums_over_tokens_and_trains():
+    sae = rand_sae("jumprelu")
+    sae.bandwidth = 0.5
+    x = x_in(32)
+    pre = sae.pre_acts(x).detach()
+    l0 = step(pre, sae.threshold, sae.bandwidth).sum()
+    l0.backward()
+    expected = -(1 / 0.5) * rectangle((pre - sae.threshold.detach()) / 0.5).sum(0)
+    torch.testing.assert_close(sae.threshold.grad, expected)
+    assert (sae.threshold.grad < 0).any()  # raising those thresholds would lower L0
+
+
+def test_batchtopk_training_threshold_and_inference_conversion(tmp_path):
+    sae = rand_sae("batchtopk", k=3)
+    sae.threshold_lr = 0.5
+    x = x_in(10)
+    sae.train()
+    z = sae.encode(x)
+    assert (z > 0).sum() == 3 * 10  # k * batch over the whole batch, not k per token
+    assert ((z > 0).sum(-1) != 3).any()
+    pre = sae.pre_acts(x).relu().flatten()
+    kth = pre.topk(30).values.min()
+    torch.testing.assert_close(z.max(), pre.max())
+    torch.testing.assert_close(sae.topk_threshold, 0.5 * kth)  # EMA from 0 with rate 0.5
+    sae.eval()
+    thr = sae.topk_threshold.item()
+    p = sae.pre_acts(x)
+    torch.testing.assert_close(sae.encode(x), p * (p > thr))
+    jr = sae.to_jumprelu()
+    assert jr.arch == "jumprelu" and jr.threshold.shape == (M,) and (jr.threshold == thr).all()
+    torch.testing.assert_close(jr(x), sae(x))
+    sae.save(tmp_path)
+    again = SAE.from_pretrained(str(tmp_path))
+    assert again.arch == "batchtopk" and again.k == 3 and again.topk_threshold.item() == pytest.approx(thr)
+    torch.testing.assert_close(again(x), sae(x))
+
+
+def test_decoder_unit_norm_and_parallel_gradient_removal():
+    sae = rand_sae()
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(M))
+    sae(x_in(8)).pow(2).sum().backward()
+    before = sae.W_dec.grad.clone()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    radial = (sae.W_dec.grad * sae.W_dec).sum(1).abs().max()
+    assert radial < 1e-5 * before.abs().max() and (before * sae.W_dec).sum(1).abs().max() > 1e-2 * before.abs().max()
+    torch.testing.assert_close(sae.W_dec.grad, before - (before * sae.W_dec).sum(1, keepdim=True) * sae.W_dec)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bf16 autocast and torch.compile
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk"])
+def test_bf16_autocast_forward_and_backward(arch):
+    sae = rand_sae(arch, k=K if arch != "jumprelu" else None).eval().requires_grad_(False)
+    with torch.no_grad():  # pre-activations 0.5 apart and 0.25 from the thresholds: bf16 cannot change the choice
+        sae.W_enc.mul_(0.01)
+        sae.b_enc.copy_(torch.randperm(M, generator=torch.Generator().manual_seed(0)) * 0.5 - 25.25)
+        if arch == "jumprelu":
+            sae.threshold.fill_(2.0)
+    x = x_in(4, 6, requires_grad=True)
+    ref = sae(x).detach()
+    assert 0 < (sae.encode(x) > 0).float().mean() < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sae(x)
+        dense = sae.decode(sae.encode(x))
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert (y - ref).norm() / ref.norm() < 1e-2
+    assert (dense - ref).norm() / ref.norm() < 1e-2
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    xb = x.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sae(xb).dtype == torch.bfloat16  # the residual stream's dtype is kept
+
+
+def test_bf16_autocast_fused_matches_dense_on_random_weights():
+    # with random weights bf16 can flip near-ties against fp32, but fused and dense see the same bf16 pre-activations
+    sae = rand_sae().requires_grad_(False)
+    x = x_in(4, 6, requires_grad=True)
+    g = torch.randn(4, 6, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_f, gx_f, _ = grads_of(sae, sae, x, g)
+        y_d, gx_d, _ = grads_of(lambda t: sae.decode(sae.encode(t)), sae, x, g)
+    assert (y_f - y_d).norm() / y_d.norm() < 1e-2
+    assert (gx_f - gx_d).norm() / gx_d.norm() < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk"])
+def test_forward_has_no_graph_breaks(arch):
+    sae = rand_sae(arch, k=K if arch != "jumprelu" else None).eval()
+    x = x_in(2, 5, requires_grad=True)
+    explanation = torch._dynamo.explain(sae)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count >= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# File formats, each against its own reference arithmetic (computed here with numpy / plain torch)
+
+
+def gemma_scope_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(W_enc=rng.normal(0, 0.5, (D, M)).astype(np.float32),
+                W_dec=rng.normal(0, 0.5, (M, D)).astype(np.float32),
+                b_enc=rng.normal(0, 0.5, M).astype(np.float32), b_dec=rng.normal(0, 0.5, D).astype(np.float32),
+                threshold=np.r_[-0.5 * np.ones(8), rng.uniform(0.2, 1.0, M - 8)].astype(np.float32))  # a few < 0
+
+
+def gemma_scope_reference(p, x):
+    pre = x @ p["W_enc"] + p["b_enc"]  # no b_dec subtraction at the input
+    acts = (pre > p["threshold"]) * np.maximum(pre, 0)
+    return acts @ p["W_dec"] + p["b_dec"], acts
+
+
+def test_gemma_scope_npz(tmp_path):
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82"
+    folder.mkdir(parents=True)
+    p = gemma_scope_params()
+    np.savez(folder / "params.npz", **p)
+    x = x_in(20).numpy()
+    ref, acts = gemma_scope_reference(p, x)
+    assert 0 < (acts > 0).mean() < 0.9  # the threshold actually cuts
+    pre = x @ p["W_enc"] + p["b_enc"]
+    assert ((pre < 0) & (pre > p["threshold"])).any()  # the ReLU in Gemma Scope's arithmetic matters too
+    for path in (folder, folder / "params.npz"):
+        sae = SAE.from_pretrained(str(path))
+        assert (sae.arch, sae.apply_b_dec_to_input, sae.layer) == ("jumprelu", False, 12)
+        assert sae.model_name == "google/gemma-2-2b" and sae.hook_name == "blocks.12.hook_resid_post"
+        np.testing.assert_allclose(sae(torch.from_numpy(x)).detach().numpy(), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sae.encode(torch.from_numpy(x)).detach().numpy(), acts, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_scope_hub_path(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+    sub = "layer_12/width_16k/average_l0_82"
+    repo = tmp_path / "hub" / "google" / "gemma-scope-2b-pt-res"
+    (repo / sub).mkdir(parents=True)
+    p = gemma_scope_params(1)
+    np.savez(repo / sub / "params.npz", **p)
+    calls = []
+
+    def fake_download(repo_id, filename, *, subfolder=None, **kw):
+        calls.append((repo_id, subfolder, filename))
+        path = tmp_path / "hub" / repo_id / (subfolder or "") / filename
+        if not path.is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    sae = SAE.from_pretrained(f"google/gemma-scope-2b-pt-res/{sub}")
+    assert calls[0] == ("google/gemma-scope-2b-pt-res", sub, "params.npz")
+    assert sae.layer == 12 and sae.model_name == "google/gemma-2-2b"
+    x = x_in(7).numpy()
+    np.testing.assert_allclose(sae(torch.from_numpy(x)).detach().numpy(), gemma_scope_reference(p, x)[0],
+                               rtol=1e-5, atol=1e-5)
+    (repo / "empty").mkdir()
+    with pytest.raises(ValueError, match="unknown SAE format.*params.npz.*sae.safetensors.*hyperparams.json"):
+        SAE.from_pretrained("google/gemma-scope-2b-pt-res/empty")
+
+
+def saelens_tensors(seed=0, threshold=False):
+    g = torch.Generator().manual_seed(seed)
+    t = dict(W_enc=torch.randn(D, M, generator=g) * 0.5, W_dec=torch.randn(M, D, generator=g) * 0.5,
+             b_enc=torch.randn(M, generator=g) * 0.5, b_dec=torch.randn(D, generator=g) * 0.5)
+    if threshold:
+        t["threshold"] = torch.rand(M, generator=g) * 0.8 + 0.1
+    return t
+
+
+def saelens_reference(t, x, arch, k=None, apply_b_dec=True, rescale=False):
+    W_enc, W_dec = t["W_enc"], t["W_dec"]
+    sae_in = x - t["b_dec"] * apply_b_dec
+    hidden_pre = sae_in @ W_enc + t["b_enc"]
+    if rescale:  # v6 TopK: select on pre * |decoder row|, decode with unit rows
+        norm = W_dec.norm(dim=-1)
+        hidden_pre, W_dec = hidden_pre * norm, W_dec / norm[:, None]
+    if arch == "topk":
+        top = torch.topk(hidden_pre, k=k, dim=-1)
+        acts = torch.zeros_like(hidden_pre).scatter_(-1, top.indices, top.values.relu())
+    elif arch == "jumprelu":
+        acts = hidden_pre.relu() * (hidden_pre > t["threshold"])
+    else:
+        acts = hidden_pre.relu()
+    return acts @ W_dec + t["b_dec"]
+
+
+def write_saelens(folder, cfg, tensors):
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "sae_weights.safetensors"))
+    with open(os.path.join(folder, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+V6_META = dict(model_name="gemma-2-2b", hook_name="blocks.5.hook_resid_post", hook_head_index=None,
+               sae_lens_version="6.5.0", sae_lens_training_version="6.5.0")
+
+
+@pytest.mark.parametrize("arch,rescale", [("topk", False), ("topk", True), ("jumprelu", False)])
+def test_saelens_v6(tmp_path, arch, rescale):
+    t = saelens_tensors(threshold=arch == "jumprelu")
+    cfg = dict(architecture=arch, d_in=D, d_sae=M, dtype="float32", device="cpu", apply_b_dec_to_input=True,
+               normalize_activations="none", reshape_activations="none", metadata=V6_META)
+    if arch == "topk":
+        cfg.update(k=K, rescale_acts_by_decoder_norm=rescale)
+    write_saelens(tmp_path, cfg, t)
+    sae = SAE.from_pretrained(str(tmp_path))
+    assert (sae.arch, sae.layer, sae.model_name) == (arch, 5, "gemma-2-2b")
+    x = x_in(4, 9)
+    torch.testing.assert_close(sae(x), saelens_reference(t, x, arch, K, rescale=rescale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["topk", "relu"])
+def test_saelens_pre_v6(tmp_path, act):
+    t = saelens_tensors(seed=3)
+    cfg = dict(d_in=D, d_sae=M, dtype="torch.float32", device="cpu", model_name="gpt2-small",
+               hook_point="blocks.2.hook_resid_pre", hook_point_layer=2, hook_point_head_index=None,
+               activation_fn_str=act, activation_fn_kwargs={"k": K} if act == "topk" else {},
+               apply_b_dec_to_input=False, normalize_activations=False, finetuning_scaling_factor=False,
+               sae_lens_training_version="3.13.0")
+    write_saelens(tmp_path, cfg, t)
+    sae = SAE.from_pretrained(str(tmp_path))
+    assert sae.layer == 2 and sae.hook_name == "blocks.2.hook_resid_pre" and sae.model_name == "gpt2-small"
+    assert sae.arch == ("topk" if act == "topk" else "jumprelu") and not sae.apply_b_dec_to_input
+    x = x_in(11)
+    ref = saelens_reference(t, x, "topk" if act == "topk" else "relu", K, apply_b_dec=False)
+    torch.testing.assert_close(sae(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify(tmp_path):
+    folder = tmp_path / "layers.7"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(5)
+    t = {"encoder.weight": torch.randn(M, D, generator=g) * 0.5, "encoder.bias": torch.randn(M, generator=g) * 0.5,
+         "W_dec": torch.randn(M, D, generator=g) * 0.5, "b_dec": torch.randn(D, generator=g) * 0.5}
+    save_file(t, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(dict(expansion_factor=M // D, normalize_decoder=True, num_latents=M,
+                                                     k=K, multi_topk=False, skip_connection=False, d_in=D)))
+    sae = SAE.from_pretrained(str(folder))
+    assert (sae.arch, sae.k, sae.layer, sae.apply_b_dec_to_input) == ("topk", K, 7, True)
+    x = x_in(13)
+    # sparsify: ReLU first, then top-k, then a sum of the chosen decoder rows
+    pre = F.relu(F.linear(x - t["b_dec"], t["encoder.weight"], t["encoder.bias"]))
+    top_acts, top_idx = pre.topk(K, sorted=False)
+    ref = (top_acts[..., None] * t["W_dec"][top_idx]).sum(-2) + t["b_dec"]
+    torch.testing.assert_close(sae(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_encoder_bias,weights_dtype", [(False, torch.float32), (True, torch.float32),
+                                                            (False, torch.bfloat16)])
+def test_llama_scope(tmp_path, pre_encoder_bias, weights_dtype):
+    hp = {"hook_point_in": "blocks.9.hook_resid_post", "hook_point_out": "blocks.9.hook_resid_post",
+          "use_decoder_bias": True, "apply_decoder_bias_to_pre_encoder": pre_encoder_bias, "expansion_factor": M // D,
+          "d_model": D, "d_sae": M, "act_fn": "jumprelu", "jump_relu_threshold": 0.6, "norm_activation": "dataset-wise",
+          "dataset_average_activation_norm": {"in": 7.5, "out": 7.5}, "sparsity_include_decoder_norm": True,
+          "use_glu_encoder": False, "top_k": 50, "dtype": "torch.bfloat16"}
+    g = torch.Generator().manual_seed(6)
+    w = {"encoder.weight": torch.randn(M, D, generator=g) * 0.5, "encoder.bias": torch.randn(M, generator=g) * 0.5,
+         # decoder columns far from unit norm, so that leaving out the decoder norm would change which latents fire
+         "decoder.weight": torch.randn(D, M, generator=g) * torch.rand(M, generator=g) * 2,
+         "decoder.bias": torch.randn(D, generator=g) * 0.5}
+    w = {k: v.to(weights_dtype) for k, v in w.items()}
+    (tmp_path / "checkpoints").mkdir()
+    save_file(w, str(tmp_path / "checkpoints" / "final.safetensors"))
+    (tmp_path / "hyperparams.json").write_text(json.dumps(hp))
+    sae = SAE.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert (sae.arch, sae.layer, sae.hook_name) == ("jumprelu", 9, "blocks.9.hook_resid_post")
+    x = x_in(30) * 3
+    # lm-saes arithmetic, step by step
+    W_E, b_E, W_D, b_D = (w[k].float() for k in ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"))
+    c = math.sqrt(D) / 7.5
+    xn = x * c
+    if pre_encoder_bias:
+        xn = xn - b_D
+    h = xn @ W_E.T + b_E
+    fired = h * W_D.norm(dim=0) > 0.6
+    ref = ((h * fired) @ W_D.T + b_D) / c
+    assert 0 < fired.float().mean() < 0.9
+    assert (fired != (h > 0.6)).any()  # the decoder norm matters for this test's weights
+    torch.testing.assert_close(sae(x), ref, rtol=1e-4, atol=1e-4)
+    assert SAE.from_pretrained(str(tmp_path)).W_enc.dtype == weights_dtype  # dtype None keeps the file's
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_save_load_round_trip(tmp_path, arch):
+    sae = rand_sae(arch, k=K if arch == "topk" else None, layer=3, model_name="google/gemma-2-2b")
+    sae.save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "sae_weights.safetensors"]  # no temp files left
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["apply_b_dec_to_input"]) == (arch, D, M, True)
+    assert cfg["normalize_activations"] == "none" and cfg.get("k") == (K if arch == "topk" else None)
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert cfg["metadata"]["model_name"] == "google/gemma-2-2b"
+    w = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert w["W_enc"].shape == (D, M) and w["W_dec"].shape == (M, D) and ("threshold" in w) == (arch == "jumprelu")
+    again = SAE.from_pretrained(str(tmp_path))
+    assert (again.arch, again.k, again.layer, again.model_name) == (arch, sae.k, 3, "google/gemma-2-2b")
+    for name, p in sae.named_parameters():
+        assert torch.equal(p, getattr(again, name)), name
+    x = x_in(6)
+    torch.testing.assert_close(again(x), sae(x), rtol=0, atol=0)
+    # and SAELens' own arithmetic agrees with what we wrote
+    ref = saelens_reference({k: v.detach() for k, v in sae.named_parameters()}, x, arch, K)
+    torch.testing.assert_close(sae(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one clear error each
+
+
+def test_error_unknown_format(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="unknown SAE format; looked for params.npz.*cfg.json.*hyperparams.json"):
+        SAE.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        SAE.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_error_d_in_mismatch():
+    sae = rand_sae()
+    with pytest.raises(ValueError, match=f"d_in={D}.*d_model=32"):
+        sae.check_d_in(32, "layer 3")
+    with pytest.raises(ValueError, match=f"d_in={D}.*d_model=8"):
+        sae(torch.randn(2, 8))
+
+
+def test_error_nan_weights(tmp_path):
+    t = saelens_tensors()
+    t["W_dec"][3, 2] = float("nan")
+    write_saelens(tmp_path, dict(architecture="topk", d_in=D, d_sae=M, k=K, metadata=V6_META), t)
+    with pytest.raises(ValueError, match="W_dec contains NaN or inf"):
+        SAE.from_pretrained(str(tmp_path))
+
+
+def test_error_k_larger_than_width(tmp_path):
+    with pytest.raises(ValueError, match=f"k={M + 1} is larger than .*d_sae={M}"):
+        SAE(D, M, "topk", k=M + 1)
+    write_saelens(tmp_path, dict(architecture="topk", d_in=D, d_sae=M, k=M + 1, metadata=V6_META), saelens_tensors())
+    with pytest.raises(ValueError, match="larger than the number of latents"):
+        SAE.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="needs k > 0"):
+        SAE(D, M, "topk")
+
+
+def test_error_missing_threshold(tmp_path):
+    p = gemma_scope_params()
+    del p["threshold"]
+    np.savez(tmp_path / "params.npz", **p)
+    with pytest.raises(ValueError, match="JumpReLU SAE without a threshold"):
+        SAE.from_pretrained(str(tmp_path))
+    write_saelens(tmp_path / "lens", dict(architecture="jumprelu", d_in=D, d_sae=M, metadata=V6_META),
+                  saelens_tensors())
+    with pytest.raises(ValueError, match="JumpReLU SAE without a threshold"):
+        SAE.from_pretrained(str(tmp_path / "lens"))
+
+
+def test_error_shape_mismatch_names_the_tensor(tmp_path):
+    t = saelens_tensors()
+    t["b_enc"] = torch.zeros(M + 1)
+    write_saelens(tmp_path, dict(architecture="topk", d_in=D, d_sae=M, k=K, metadata=V6_META), t)
+    with pytest.raises(ValueError, match=r"b_enc has shape \(65,\), expected \(64,\)"):
+        SAE.from_pretrained(str(tmp_path))
