@@ -1,0 +1,330 @@
+"""
+Train a TopK (default), BatchTopK or JumpReLU SAE on one layer's residual stream.
+
+    python train_sae.py --model cache/tiny-gemma2 --layer 3 --k 32 --expansion 8
+    torchrun --nproc_per_node 8 train_sae.py --model google/gemma-2-2b --layer 12 --k 64 --data data/redpajama
+
+Activations come from `model(idx, stop_at=layer)` under no_grad and bf16 autocast (the blocks above the layer are never
+run), go into a shuffled buffer, and are consumed in large SAE batches. Gao et al.'s recipe: b_dec at the geometric
+median, unit-norm decoder rows with the radial gradient removed, Adam at 2e-4 / sqrt(m / 2^14), AuxK for dead latents.
+SAELens-format checkpoints at every 10% of training (ckpt_010 .. ckpt_100) feed the paper's loss-vs-compute frontier.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import common
+from model import Transformer, next_token_ce
+from sae import SAE, splice_hooks, step as l0_step
+
+
+@dataclass
+class TrainSAEConfig:
+    """Train an SAE on a layer's residual stream."""
+    model: str | None = None  # HF folder or hub id; None = the embedded tiny model
+    data: str | None = None  # token dataset folder (data.prepare); None = the embedded stdlib corpus
+    out: str = "out/sae"
+    layer: int = 12
+    arch: str = "topk"  # topk | batchtopk | jumprelu
+    k: int = 64  # paper: k 64
+    expansion: int = 8  # paper: width 8 x d_model
+    l0_coef: float = 1e-3  # jumprelu only: weight of the L0 penalty (Eq. 6)
+    bandwidth: float = 1e-3  # jumprelu only: straight-through kernel width, relative to the activation scale
+    max_tokens: int = 200_000_000
+    batch_tokens: int = 4096  # SAE batch: thousands of tokens, not one sequence per step
+    buffer_tokens: int = 262_144  # shuffle buffer of activations, refilled when consumed
+    model_batch: int = 8  # sequences per LM forward when filling the buffer
+    seq_len: int = 1024
+    lr: float | None = None  # None: Gao et al.'s 2e-4 / sqrt(m / 2^14)
+    warmup_frac: float = 0.01
+    decay_frac: float = 0.2  # linear decay to zero over the last 20%
+    auxk_coef: float = 1 / 32
+    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    grad_clip: float = 1.0
+    include_bos: bool = False  # BOS activations dwarf the rest: excluded by default
+    autocast: str = "bfloat16"
+    log_interval: int = 50
+    eval_interval: int = 500  # steps between validation CE-with-SAE measurements
+    eval_batches: int = 4
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ActivationBuffer:
+    """Residual-stream activations of `layer`, `size` tokens at a time, shuffled, handed out in SAE batches.
+
+    Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
+    position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
+
+    def __init__(self, model, loader, layer, size, include_bos, amp, device):
+        self.model, self.loader, self.layer, self.size = model, loader, layer, size
+        self.include_bos, self.amp, self.device = include_bos, amp, device
+        self.gen = torch.Generator(device="cpu")
+        self.acts, self.pos, self.fill_state = None, 0, None
+
+    @torch.no_grad()
+    def refill(self):
+        self.fill_state = dict(loader=self.loader.state_dict(), gen=self.gen.get_state())
+        chunks, n = [], 0
+        while n < self.size:
+            idx = self.loader.next_batch()
+            with self.amp:
+                x = self.model(idx, stop_at=self.layer)
+            if not self.include_bos:
+                x = x[idx != self.model.cfg.bos_token_id]
+            x = x.reshape(-1, x.shape[-1]).float()
+            chunks.append(x)
+            n += x.shape[0]
+        acts = torch.cat(chunks)[: self.size]
+        self.acts = acts[torch.randperm(acts.shape[0], generator=self.gen).to(acts.device)]
+        self.pos = 0
+
+    def next(self, n: int) -> torch.Tensor:
+        if self.acts is None or self.pos + n > self.acts.shape[0]:
+            self.refill()
+        batch = self.acts[self.pos:self.pos + n]
+        self.pos += n
+        return batch
+
+    def state_dict(self):
+        return dict(fill_state=self.fill_state, pos=self.pos)
+
+    def load_state_dict(self, state):
+        if state["fill_state"] is not None:
+            self.loader.load_state_dict(state["fill_state"]["loader"])
+            self.gen.set_state(state["fill_state"]["gen"])
+            self.refill()
+            self.pos = state["pos"]
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the b_dec initialisation of Gao et al. (robust to the outliers a mean would chase)."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * y.norm().clamp_min(1.0):
+            return y_new
+        y = y_new
+    return y
+
+
+def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, cfg: TrainSAEConfig):
+    """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired)."""
+    pre = sae.pre_acts(x)
+    if sae.arch == "topk":
+        values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+        values = values.relu()
+        z = torch.zeros_like(pre).scatter(-1, indices, values)
+    else:
+        z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
+    recon = sae.decode(z)
+    err = x - recon
+    total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+    mse = err.pow(2).sum(-1).mean()
+    loss = mse / total_var  # normalised MSE: the loss scale does not depend on the activation norm
+    stats = dict(fvu=(mse / total_var).item(), l0=(z != 0).float().sum(-1).mean().item())
+    if sae.arch == "jumprelu":
+        l0 = l0_step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
+        loss = loss + cfg.l0_coef * l0
+    elif cfg.auxk_coef > 0 and bool(dead.any()):
+        # AuxK (Gao et al.): the k_aux most active dead latents reconstruct the residual error; their gradient
+        # revives them. Normalised by the error's own variance, as in the reference implementation.
+        k_aux = min(int(dead.sum()), x.shape[-1] // 2)
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        v, i = aux_pre.topk(k_aux, dim=-1, sorted=False)
+        aux_recon = torch.zeros_like(pre).scatter(-1, i, v.relu()) @ sae.W_dec
+        e = err.detach()
+        aux = (e - aux_recon).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        loss = loss + cfg.auxk_coef * torch.nan_to_num(aux, nan=0.0)
+        stats["auxk"] = aux.item()
+    return loss, stats, (z != 0).any(0)
+
+
+def lr_at(step: int, total: int, base: float, cfg: TrainSAEConfig) -> float:
+    warmup, decay_start = max(1, int(cfg.warmup_frac * total)), int((1 - cfg.decay_frac) * total)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if step >= decay_start:
+        return base * max(0.0, (total - step) / max(1, total - decay_start))
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    cfg = common.parse_args(TrainSAEConfig, argv)
+    run = common.setup(cfg.device)
+    log = print if run.master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)  # same SAE init on every rank
+    if cfg.model is None or cfg.data is None:
+        import data
+        import pretrain
+        cache = os.environ.get("LORASAE_CACHE", "cache")
+        cfg.data = cfg.data or data.embedded_dataset(cache)[0]
+        cfg.model = cfg.model or pretrain.ensure_tiny_model(cache)
+    if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
+        raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
+
+    model = Transformer.from_pretrained(cfg.model, device=run.device).requires_grad_(False)
+    if not 0 <= cfg.layer < model.cfg.n_layer:
+        raise ValueError(f"--layer {cfg.layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
+    d, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
+    sae = SAE(d, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=cfg.layer,
+              model_name=cfg.model, device=run.device)
+    sae.bandwidth = cfg.bandwidth
+    lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    amp = common.autocast(run.device, cfg.autocast)
+
+    from data import TokenLoader
+    loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, run.rank, run.world_size, cfg.seed,
+                         device=run.device)
+    val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, run.rank, run.world_size, cfg.seed,
+                      shuffle=False, device=run.device)
+    val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
+    per_rank = cfg.batch_tokens // run.world_size  # the global SAE batch is split across ranks
+    buffer = ActivationBuffer(model, loader, cfg.layer, max(cfg.buffer_tokens // run.world_size, per_rank),
+                              cfg.include_bos, amp, run.device)
+    total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
+    since_fired = torch.zeros(m, dtype=torch.long, device=run.device)  # tokens (global) since each latent fired
+    state_path = os.path.join(cfg.out, "state.pt")
+    step, elapsed, history = 0, 0.0, []
+
+    if cfg.resume and os.path.isfile(state_path):
+        st = torch.load(state_path, map_location=run.device, weights_only=False)
+        sae.load_state_dict(st["sae"])
+        optimizer.load_state_dict(st["optimizer"])
+        buffer.load_state_dict(st["buffer"][run.rank])
+        since_fired, step, elapsed, history = st["since_fired"], st["step"], st["elapsed"], st["history"]
+        log(f"resumed from {state_path} at step {step}")
+    else:
+        # b_dec at the geometric median of a sample (identical on every rank after the broadcast)
+        sample = buffer.next(min(per_rank * 4, buffer.size))
+        buffer.pos = 0
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(sample))
+            if run.world_size > 1:
+                torch.distributed.broadcast(sae.b_dec.data, 0)
+    log(f"SAE {cfg.arch} d_in {d} d_sae {m} k {cfg.k} at layer {cfg.layer}; lr {lr:.2e}; {total_steps} steps of "
+        f"{cfg.batch_tokens} tokens on {run.world_size} process(es)")
+
+    def save_state():
+        buffers = [None] * run.world_size
+        if run.world_size > 1:
+            torch.distributed.all_gather_object(buffers, buffer.state_dict())
+        else:
+            buffers = [buffer.state_dict()]
+        if run.master:
+            common.atomic_torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
+                                          since_fired=since_fired, step=step, elapsed=elapsed, history=history,
+                                          config=asdict(cfg)), state_path)
+
+    def validation_ce():
+        sae.eval()
+        base, spliced, n = 0.0, 0.0, 0
+        with amp:
+            for idx in val_batches:
+                b, count = next_token_ce(model, idx)
+                s, _ = next_token_ce(model, idx, splice_hooks([(cfg.layer, sae)], idx, model.cfg.bos_token_id))
+                base, spliced, n = base + b, spliced + s, n + count
+        sae.train()
+        t = common.all_reduce_mean(torch.tensor([base, spliced, n], dtype=torch.float64))
+        return (t[0] / t[2]).item(), (t[1] / t[2]).item()
+
+    sae.train()
+    checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
+    window = dict(tokens=0, time=0.0)
+    while step < total_steps:
+        t0 = time.time()
+        x = buffer.next(per_rank)
+        cur_lr = lr_at(step, total_steps, lr, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = cur_lr
+        with amp:
+            loss, stats, fired = sae_losses(sae, x, since_fired >= cfg.dead_tokens, cfg)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"SAE loss is {loss.item()} at step {step}; last good state: {state_path} "
+                                     f"(lower --lr, then --resume)")
+        loss.backward()
+        if run.world_size > 1:  # SAE gradients averaged over ranks: one flat all-reduce
+            params = [p for p in sae.parameters() if p.grad is not None]
+            flat = common.all_reduce_mean(torch.cat([p.grad.reshape(-1) for p in params]))
+            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+            fired = common.all_reduce_mean(fired.float()) > 0
+        sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+        since_fired += cfg.batch_tokens
+        since_fired[fired] = 0
+        step += 1
+        dt = time.time() - t0
+        elapsed += dt
+        window["tokens"] += cfg.batch_tokens
+        window["time"] += dt
+
+        if step % cfg.log_interval == 0 or step == total_steps:
+            dead = (since_fired >= cfg.dead_tokens).float().mean().item()
+            tps = window["tokens"] / window["time"]
+            log(f"step {step}/{total_steps} | FVU {stats['fvu']:.4f} | L0 {stats['l0']:.1f} | dead {dead:.1%} | "
+                f"{tps:,.0f} tok/s | {elapsed / 60:.1f} min")
+            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, dead=dead, **stats))
+            window = dict(tokens=0, time=0.0)
+        if step % cfg.eval_interval == 0 or step == total_steps:
+            ce_base, ce_sae = validation_ce()
+            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, ce_base=ce_base,
+                                ce_sae=ce_sae))
+            log(f"step {step} | val CE {ce_base:.4f} original, {ce_sae:.4f} with SAE")
+        if step in checkpoints:
+            if run.master:
+                final = sae.to_jumprelu() if sae.arch == "batchtopk" else sae
+                final.save(os.path.join(cfg.out, checkpoints[step]))
+            save_state()
+
+    if run.master:
+        final = sae.to_jumprelu() if sae.arch == "batchtopk" else sae
+        final.save(cfg.out)
+        with open(os.path.join(cfg.out, "history.json.tmp"), "w") as f:
+            json.dump(dict(config=asdict(cfg), history=history), f, indent=2)
+        os.replace(os.path.join(cfg.out, "history.json.tmp"), os.path.join(cfg.out, "history.json"))
+        log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
+    common.teardown()
+    return dict(history=history, sae=sae)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The embedded default SAE
+
+
+TINY_SAE_ARGS = ["--k", "16", "--expansion", "8", "--max-tokens", "4000000", "--batch-tokens", "4096",
+                 "--buffer-tokens", "131072", "--seq-len", "256", "--model-batch", "16", "--dead-tokens", "1000000",
+                 "--eval-interval", "250", "--log-interval", "50"]
+
+
+def ensure_tiny_sae(model_dir: str, data_dir: str, cache: str = "cache") -> str:
+    """The SAE of the offline pipeline: a TopK SAE on the tiny model's middle layer, trained once and cached."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        n_layer = json.load(f)["num_hidden_layers"]
+    out = os.path.join(cache, f"sae-{os.path.basename(os.path.normpath(model_dir))}-L{n_layer // 2}")
+    if not os.path.isfile(os.path.join(out, "cfg.json")):
+        print(f"building the embedded SAE in {out} (first run only)")
+        main(["--model", model_dir, "--data", data_dir, "--out", out, "--layer", str(n_layer // 2), *TINY_SAE_ARGS])
+    return out
+
+
+if __name__ == "__main__":
+    main()
