@@ -121,9 +121,14 @@ def main(argv=None) -> dict:
         loader.load_state_dict(st["loader"][run.rank])
         since_fired, step, elapsed, rows = st["since_fired"], st["step"], st["elapsed"], st["rows"]
         log(f"resumed from {state_path} at step {step}")
-    else:  # b_dec at the geometric median of the layer's activations, as for the TopK baseline
+    else:  # b_dec at the geometric median of the layer's activations (from every rank), as for the TopK baseline
         with torch.no_grad(), amp:
             sample = model(val_batches[0], stop_at=cfg.layer)[:, 1:].reshape(-1, d).float()
+        if run.world_size > 1:
+            parts = [torch.empty_like(sample) for _ in range(run.world_size)]
+            torch.distributed.all_gather(parts, sample)
+            sample = torch.cat(parts)
+        with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample))
     log(f"e2e{'+ds' if cfg.ds_coef else ''} TopK SAE d_in {d} d_sae {m} k {cfg.k} at layer {cfg.layer}; lr {lr:.2e}; "
         f"{total_steps} steps of {tokens_per_step} tokens")

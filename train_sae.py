@@ -39,6 +39,7 @@ class TrainSAEConfig:
     max_tokens: int = 200_000_000
     batch_tokens: int = 4096  # SAE batch: thousands of tokens, not one sequence per step
     buffer_tokens: int = 262_144  # shuffle buffer of activations, refilled when consumed
+    shuffle_buffer: bool = True  # false keeps stream order (used to check DDP == single process exactly)
     model_batch: int = 8  # sequences per LM forward when filling the buffer
     seq_len: int = 1024
     lr: float | None = None  # None: Gao et al.'s 2e-4 / sqrt(m / 2^14)
@@ -66,8 +67,8 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device):
-        self.model, self.loader, self.layer, self.size = model, loader, layer, size
+    def __init__(self, model, loader, layer, size, include_bos, amp, device, shuffle=True):
+        self.model, self.loader, self.layer, self.size, self.shuffle = model, loader, layer, size, shuffle
         self.include_bos, self.amp, self.device = include_bos, amp, device
         self.gen = torch.Generator(device="cpu")
         self.acts, self.pos, self.fill_state = None, 0, None
@@ -86,7 +87,7 @@ class ActivationBuffer:
             chunks.append(x)
             n += x.shape[0]
         acts = torch.cat(chunks)[: self.size]
-        self.acts = acts[torch.randperm(acts.shape[0], generator=self.gen).to(acts.device)]
+        self.acts = acts[torch.randperm(acts.shape[0], generator=self.gen).to(acts.device)] if self.shuffle else acts
         self.pos = 0
 
     def next(self, n: int) -> torch.Tensor:
@@ -120,8 +121,12 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> to
     return y
 
 
-def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, cfg: TrainSAEConfig):
-    """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired)."""
+def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, scale: float, cfg: TrainSAEConfig):
+    """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired).
+
+    The MSE is divided by a fixed `scale` (the activations' variance, measured once at the start) rather than by each
+    batch's own variance: the loss then decomposes over tokens, so a DDP run with the same global batch computes
+    exactly the single-process gradient."""
     pre = sae.pre_acts(x)
     if sae.arch == "topk":
         values, indices = pre.topk(sae.k, dim=-1, sorted=False)
@@ -131,10 +136,11 @@ def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, cfg: TrainSAEConfi
         z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
     recon = sae.decode(z)
     err = x - recon
-    total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
     mse = err.pow(2).sum(-1).mean()
-    loss = mse / total_var  # normalised MSE: the loss scale does not depend on the activation norm
-    stats = dict(fvu=(mse / total_var).item(), l0=(z != 0).float().sum(-1).mean().item())
+    loss = mse / scale  # normalised MSE: the loss scale does not depend on the activation norm
+    with torch.no_grad():
+        fvu = (mse / (x - x.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
+    stats = dict(fvu=fvu, l0=(z != 0).float().sum(-1).mean().item())
     if sae.arch == "jumprelu":
         l0 = l0_step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
         loss = loss + cfg.l0_coef * l0
@@ -150,6 +156,12 @@ def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, cfg: TrainSAEConfi
         loss = loss + cfg.auxk_coef * torch.nan_to_num(aux, nan=0.0)
         stats["auxk"] = aux.item()
     return loss, stats, (z != 0).any(0)
+
+
+def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):
+    """Dead-latent accounting: tokens since each latent last fired; a latent firing in this batch restarts at 0."""
+    since_fired += n_tokens
+    since_fired[fired] = 0
 
 
 def lr_at(step: int, total: int, base: float, cfg: TrainSAEConfig) -> float:
@@ -197,7 +209,7 @@ def main(argv=None) -> dict:
     val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
     per_rank = cfg.batch_tokens // run.world_size  # the global SAE batch is split across ranks
     buffer = ActivationBuffer(model, loader, cfg.layer, max(cfg.buffer_tokens // run.world_size, per_rank),
-                              cfg.include_bos, amp, run.device)
+                              cfg.include_bos, amp, run.device, cfg.shuffle_buffer)
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
     since_fired = torch.zeros(m, dtype=torch.long, device=run.device)  # tokens (global) since each latent fired
     state_path = os.path.join(cfg.out, "state.pt")
@@ -209,15 +221,20 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(st["optimizer"])
         buffer.load_state_dict(st["buffer"][run.rank])
         since_fired, step, elapsed, history = st["since_fired"], st["step"], st["elapsed"], st["history"]
+        scale = st["scale"]
         log(f"resumed from {state_path} at step {step}")
     else:
-        # b_dec at the geometric median of a sample (identical on every rank after the broadcast)
+        # b_dec at the geometric median of a sample, and the loss scale; the sample is gathered from every rank so
+        # that all ranks (and a single-process run over the same tokens) start identically
         sample = buffer.next(min(per_rank * 4, buffer.size))
         buffer.pos = 0
+        if run.world_size > 1:
+            parts = [torch.empty_like(sample) for _ in range(run.world_size)]
+            torch.distributed.all_gather(parts, sample)
+            sample = torch.cat(parts)
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample))
-            if run.world_size > 1:
-                torch.distributed.broadcast(sae.b_dec.data, 0)
+        scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
     log(f"SAE {cfg.arch} d_in {d} d_sae {m} k {cfg.k} at layer {cfg.layer}; lr {lr:.2e}; {total_steps} steps of "
         f"{cfg.batch_tokens} tokens on {run.world_size} process(es)")
 
@@ -229,8 +246,8 @@ def main(argv=None) -> dict:
             buffers = [buffer.state_dict()]
         if run.master:
             common.atomic_torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
-                                          since_fired=since_fired, step=step, elapsed=elapsed, history=history,
-                                          config=asdict(cfg)), state_path)
+                                          since_fired=since_fired, scale=scale, step=step, elapsed=elapsed,
+                                          history=history, config=asdict(cfg)), state_path)
 
     def validation_ce():
         sae.eval()
@@ -254,7 +271,7 @@ def main(argv=None) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
         with amp:
-            loss, stats, fired = sae_losses(sae, x, since_fired >= cfg.dead_tokens, cfg)
+            loss, stats, fired = sae_losses(sae, x, since_fired >= cfg.dead_tokens, scale, cfg)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"SAE loss is {loss.item()} at step {step}; last good state: {state_path} "
                                      f"(lower --lr, then --resume)")
@@ -269,8 +286,7 @@ def main(argv=None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
-        since_fired += cfg.batch_tokens
-        since_fired[fired] = 0
+        update_since_fired(since_fired, fired, cfg.batch_tokens)
         step += 1
         dt = time.time() - t0
         elapsed += dt

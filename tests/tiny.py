@@ -57,3 +57,24 @@ def identity_sae(d=64, layer=1) -> SAE:
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae.eval()
+
+
+def make_trained_model(folder, data_dir, family="llama3", steps=150, seed=0) -> str:
+    """A tiny model that has learned the Markov chain of make_data: its residual stream matters, so an SAE
+    spliced into it opens a real CE gap (a random model's CE is flat whatever one splices in)."""
+    from data import TokenLoader
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_name(f"tiny-{family}")
+    cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
+    model = Transformer(cfg).init_weights(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loader = TokenLoader(data_dir, "train", 16, 32, seed=seed)
+    for _ in range(steps):
+        idx = loader.next_batch()
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(folder))
+    return str(folder)

@@ -1,0 +1,101 @@
+"""train_sae.py on the tiny random model: learning, TopK invariants, dead latents, resume, torchrun."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_sae
+from sae import SAE
+from tests.tiny import make_data, make_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sae")
+    return dict(model=make_model(root / "model"), data=make_data(root / "data"))
+
+
+def args(files, out, *extra):
+    return ["--model", files["model"], "--data", files["data"], "--out", str(out), "--layer", "1", "--k", "8",
+            "--expansion", "4", "--max-tokens", "40960", "--batch-tokens", "1024", "--buffer-tokens", "8192",
+            "--seq-len", "32", "--model-batch", "16", "--eval-interval", "40", "--eval-batches", "1",
+            "--log-interval", "10", "--lr", "2e-3", "--autocast", "float32", *extra]
+
+
+def test_topk_training_learns_and_keeps_invariants(files, tmp_path):
+    out = train_sae.main(args(files, tmp_path))
+    fvus = [h["fvu"] for h in out["history"] if "fvu" in h]
+    assert fvus[-1] < 0.5 < 1.0, fvus  # the mean-only reconstruction has FVU 1 by definition
+    assert fvus[-1] < fvus[0]
+    assert all(h["l0"] == 8 for h in out["history"] if "l0" in h)
+    sae = SAE.from_pretrained(str(tmp_path))
+    assert sae.layer == 1 and sae.k == 8
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-5)
+    for p in range(10, 101, 10):
+        assert os.path.isfile(tmp_path / f"ckpt_{p:03d}" / "cfg.json")
+    ce = [h for h in out["history"] if "ce_sae" in h][-1]
+    assert ce["ce_sae"] > ce["ce_base"] - 1.0  # CE with the SAE spliced in is measured and finite
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_other_architectures_train(files, tmp_path, arch):
+    extra = ["--max-tokens", "40960", "--l0-coef", "1e-3", "--bandwidth", "0.05"]
+    out = train_sae.main(args(files, tmp_path, "--arch", arch, *extra))
+    fvus = [h["fvu"] for h in out["history"] if "fvu" in h]
+    assert fvus[-1] < 0.9
+    sae = SAE.from_pretrained(str(tmp_path))
+    assert sae.arch == "jumprelu"  # BatchTopK is saved as the JumpReLU SAE it is at inference
+
+
+def test_dead_latent_accounting():
+    since = torch.tensor([0, 5, 100, 0])
+    train_sae.update_since_fired(since, torch.tensor([True, False, False, False]), 10)
+    assert since.tolist() == [0, 15, 110, 10]
+    train_sae.update_since_fired(since, torch.tensor([False, False, True, False]), 10)
+    assert since.tolist() == [10, 25, 0, 20]
+    assert ((since >= 20).float().mean().item()) == 0.5
+
+
+def test_resume_after_interruption_continues_identically(files, tmp_path, monkeypatch):
+    a = train_sae.main(args(files, tmp_path / "a"))
+    real, calls = train_sae.sae_losses, {"n": 0}
+
+    def crash(*xs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the state is saved at every 10% (4 steps); step 7 dies
+            raise KeyboardInterrupt
+        return real(*xs)
+    monkeypatch.setattr(train_sae, "sae_losses", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae.main(args(files, tmp_path / "b"))
+    monkeypatch.setattr(train_sae, "sae_losses", real)
+    b = train_sae.main(args(files, tmp_path / "b", "--resume"))
+    for x, y in zip(a["sae"].state_dict().values(), b["sae"].state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_bad_input(files, tmp_path):
+    with pytest.raises(ValueError, match="out of range"):
+        train_sae.main(args(files, tmp_path, "--layer", "7"))
+    with pytest.raises(ValueError, match="--arch"):
+        train_sae.main(args(files, tmp_path, "--arch", "gated"))
+    with pytest.raises(ValueError, match="larger than the number of latents"):
+        train_sae.main(args(files, tmp_path, "--k", "1000"))
+
+
+def test_torchrun_two_processes_match_one(files, tmp_path):
+    exact = ["--shuffle-buffer", "false", "--include-bos", "true", "--max-tokens", "8192", "--eval-interval", "1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    one = args(files, tmp_path / "one", *exact)
+    two = args(files, tmp_path / "two", *exact, "--model-batch", "8")
+    subprocess.run([sys.executable, "train_sae.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+                           "29534", "train_sae.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = SAE.from_pretrained(str(tmp_path / "one")), SAE.from_pretrained(str(tmp_path / "two"))
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-4, rtol=1e-3)
