@@ -168,3 +168,14 @@ def test_torchrun_two_processes_match_one(files, tmp_path):
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
     for x, y in zip(a["adapter"], b["adapter"]):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_adapting_a_trained_model_closes_part_of_the_ce_gap(tmp_path):
+    from tests.tiny import make_trained_model
+    data = make_data(tmp_path / "data")
+    files = dict(model=make_trained_model(tmp_path / "model", data), data=data,
+                 sae=make_sae(tmp_path / "sae", "topk", layer=1, k=2))
+    res = adapt.main(small_args(files, tmp_path / "run", "--max-tokens", "8192", "--eval-interval", "64",
+                                "--rank", "16", "--lr", "1e-2"))
+    assert res["ce_sae"] > res["ce_base"] + 0.1, "the crude SAE should open a CE gap"
+    assert res["gap_closed"] > 0.1, res
