@@ -110,25 +110,36 @@ def choose_lora_layers(spec: str | None, saes, n_layer: int, allow_before_jumpre
 # The two passes and the chunked KL
 
 
-def final_streams(model: Transformer, saes, idx, bos_id, splice_bos, share_prefix: bool):
+def base_pass(model: Transformer, idx, first: int, share_prefix: bool):
+    """The original model's final residual stream (the caller disables adapters and grad). With a shared prefix, also
+    the stream after block `first`, which the spliced pass starts from."""
+    x = model.embed(idx)
+    if not share_prefix:
+        return model.blocks(x), None
+    x = model.blocks(x, 0, first)
+    return model.blocks(x, first + 1), x
+
+
+def spliced_pass(model: Transformer, saes, idx, prefix, bos_id, splice_bos: bool):
+    """The adapted model's final residual stream with every SAE spliced in (from the shared prefix when given)."""
+    hooks = splice_hooks(saes, idx, bos_id, splice_bos)
+    if prefix is None:
+        return model.blocks(model.embed(idx), hooks=hooks)
+    first = saes[0][0]
+    x = hooks.pop(first)(prefix)
+    return model.blocks(x, first + 1, hooks=hooks) if first + 1 < model.cfg.n_layer else x
+
+
+def final_streams(model: Transformer, saes, idx, bos_id, splice_bos, share_prefix: bool, passes=None):
     """Final residual streams of the original model (no grad, adapters off) and of the spliced, adapted model.
 
-    When every adapter sits after the first SAE, blocks 0..L are identical in both passes: run them once."""
-    first = saes[0][0]
-    hooks = splice_hooks(saes, idx, bos_id, splice_bos)
+    When every adapter sits after the first SAE, blocks 0..L are identical in both passes: run them once.
+    `passes` are compiled versions of (base_pass, spliced_pass): compiled apart, as a graph that mixes a no-grad
+    region with the SAE's custom autograd function loses its gradients (torch 2.13)."""
+    base, spliced = passes or (base_pass, spliced_pass)
     with torch.no_grad(), adapters_disabled(model):
-        x = model.embed(idx)
-        if share_prefix:
-            x = model.blocks(x, 0, first)
-            h_base = model.blocks(x, first + 1)
-        else:
-            h_base = model.blocks(x)
-    if share_prefix:
-        x_sae = hooks.pop(first)(x)
-        h_spliced = model.blocks(x_sae, first + 1, hooks=hooks) if first + 1 < model.cfg.n_layer else x_sae
-    else:
-        h_spliced = model.blocks(model.embed(idx), hooks=hooks)
-    return h_base, h_spliced
+        h_base, prefix = base(model, idx, saes[0][0], share_prefix)
+    return h_base, spliced(model, saes, idx, prefix, bos_id, splice_bos)
 
 
 def _chunk_losses(model: Transformer, h_spliced, h_base, targets):
@@ -265,7 +276,7 @@ def main(argv=None) -> dict:
 
     # -- optimiser, compile, resume ---------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    streams = torch.compile(final_streams) if cfg.compile else final_streams
+    passes = (torch.compile(base_pass), torch.compile(spliced_pass)) if cfg.compile else None
     amp = common.autocast(run.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0
@@ -313,7 +324,7 @@ def main(argv=None) -> dict:
         for _ in range(cfg.grad_accum):
             idx = train.next_batch()
             with amp:
-                h_base, h_spliced = streams(model, saes, idx, bos_id, cfg.splice_bos, share_prefix)
+                h_base, h_spliced = final_streams(model, saes, idx, bos_id, cfg.splice_bos, share_prefix, passes)
                 kl, ce = kl_and_ce(model, h_base, h_spliced, idx, cfg.kl_chunk)
             (kl / cfg.grad_accum).backward()
             kl_log += kl.item() / cfg.grad_accum

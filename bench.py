@@ -78,14 +78,14 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     apply_lora(model, b.rank, 32.0, 0.0, "all")
     params = adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-5)
-    streams = torch.compile(adapt.final_streams) if compile_ else adapt.final_streams
+    passes = (torch.compile(adapt.base_pass), torch.compile(adapt.spliced_pass)) if compile_ else None
     amp = common.autocast(dev, "bfloat16")
     idx = torch.randint(2, b.vocab, (b.batch_size, b.seq_len), device=dev)
     idx[:, 0] = 1
 
     def step():
         with amp:
-            hb, hs = streams(model, saes, idx, 1, False, False)
+            hb, hs = adapt.final_streams(model, saes, idx, 1, False, False, passes)
             kl, _ = adapt.kl_and_ce(model, hb, hs, idx, 2048)
         kl.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

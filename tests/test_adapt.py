@@ -179,3 +179,20 @@ def test_adapting_a_trained_model_closes_part_of_the_ce_gap(tmp_path):
                                 "--rank", "16", "--lr", "1e-2"))
     assert res["ce_sae"] > res["ce_base"] + 0.1, "the crude SAE should open a CE gap"
     assert res["gap_closed"] > 0.1, res
+
+
+def test_compiled_passes_match_eager_and_keep_gradients(files):
+    model = Transformer.from_pretrained(files["model"])
+    params = apply_lora(model, 4, 8.0)
+    for p in params:
+        p.data.normal_(0, 0.05)
+    saes = adapt.load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    passes = (torch.compile(adapt.base_pass), torch.compile(adapt.spliced_pass))
+    hb, hs = adapt.final_streams(model, saes, idx, BOS, False, False, passes)
+    rb, rs = adapt.final_streams(model, saes, idx, BOS, False, False)
+    assert hs.requires_grad and not hb.requires_grad
+    assert torch.allclose(hb, rb, atol=1e-5) and torch.allclose(hs, rs, atol=1e-4)
+    g = torch.autograd.grad(hs.square().sum(), params[0])[0]
+    g_ref = torch.autograd.grad(rs.square().sum(), params[0])[0]
+    assert torch.allclose(g, g_ref, rtol=1e-3, atol=1e-6)
