@@ -149,23 +149,23 @@ def _chunk_losses(model: Transformer, h_spliced, h_base, targets):
     logp = F.log_softmax(model.head(h_spliced).float(), dim=-1)
     kl = F.kl_div(logp, logp_base, log_target=True, reduction="sum")
     with torch.no_grad():
-        valid = targets >= 0
-        ce = F.cross_entropy(logp[valid], targets[valid], reduction="sum")
+        ce = F.nll_loss(logp, targets, ignore_index=-1, reduction="sum")
     return kl, ce
 
 
 def kl_and_ce(model: Transformer, h_base, h_spliced, idx, chunk: int):
     """Mean KL per token (with grad) and mean next-token CE (no grad), lm_head + log-softmax one chunk at a time.
 
-    Each chunk runs under activation checkpointing, so its (chunk, vocab) logits are recomputed in the backward
-    instead of all chunks' logits being kept alive at once."""
+    With several chunks, each runs under activation checkpointing, so its (chunk, vocab) logits are recomputed in the
+    backward instead of all chunks' logits being kept alive at once; a single chunk skips the recomputation."""
     d = h_base.shape[-1]
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1).reshape(-1)  # last position: none
     hb, hs = h_base.reshape(-1, d), h_spliced.reshape(-1, d)
     kl_sum, ce_sum = 0.0, 0.0
+    recompute = hs.requires_grad and hb.shape[0] > chunk
     for s in range(0, hb.shape[0], chunk):
         args = (model, hs[s:s + chunk], hb[s:s + chunk], targets[s:s + chunk])
-        kl, ce = checkpoint(_chunk_losses, *args, use_reentrant=False) if hs.requires_grad else _chunk_losses(*args)
+        kl, ce = checkpoint(_chunk_losses, *args, use_reentrant=False) if recompute else _chunk_losses(*args)
         kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
     return kl_sum / hb.shape[0], ce_sum / (targets >= 0).sum()
 

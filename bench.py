@@ -73,7 +73,9 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     import adapt
     from lora import adapter_parameters, apply_lora
     from model import Transformer
-    model = Transformer.from_pretrained(os.path.join(folder, "model"), device=dev).requires_grad_(False)
+    # frozen base weights stored in bf16 (adapt.py --dtype bfloat16): no per-step fp32 -> bf16 weight casts
+    model = Transformer.from_pretrained(os.path.join(folder, "model"), device=dev, dtype=torch.bfloat16)
+    model.requires_grad_(False)
     saes = adapt.load_saes([os.path.join(folder, "sae")], None, model, dev)
     apply_lora(model, b.rank, 32.0, 0.0, "all")
     params = adapter_parameters(model)
