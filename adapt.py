@@ -293,11 +293,7 @@ def main(argv=None) -> dict:
         log(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
 
     def save_checkpoint():
-        loaders = [None] * run.world_size
-        if run.world_size > 1:
-            torch.distributed.all_gather_object(loaders, train.state_dict())
-        else:
-            loaders = [train.state_dict()]
+        loaders = common.gather_objects(train.state_dict())
         if run.master:
             common.atomic_torch_save(dict(adapter=[p.detach() for p in params], optimizer=optimizer.state_dict(),
                                           loader=loaders, rng=torch.get_rng_state(), step=step, history=history,
@@ -332,10 +328,7 @@ def main(argv=None) -> dict:
         if not math.isfinite(kl_log):
             raise FloatingPointError(f"KL is {kl_log} at step {step} (lr {lr:.2e}); the last good checkpoint is "
                                      f"{ckpt_path}: lower --lr or use --autocast float32, then --resume")
-        if run.world_size > 1:  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            common.all_reduce_mean(flat)
-            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+        common.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

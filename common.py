@@ -108,6 +108,33 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor, concatenated along dim 0 (the tensor itself in a single process)."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable object (e.g. its data-loader position), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_grads(params):
+    """Average gradients over ranks with one flat all-reduce: what DDP does, for the few parameters that train here."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in params if p.grad is not None]
+    flat = all_reduce_mean(torch.cat([p.grad.reshape(-1) for p in params]))
+    torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+
+
 def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float:
     """Dense peak FLOP/s used for MFU: known GPUs by name; on CPU an override via LORASAE_PEAK_FLOPS (default 1 TF)."""
     if "LORASAE_PEAK_FLOPS" in os.environ:

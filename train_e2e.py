@@ -124,21 +124,13 @@ def main(argv=None) -> dict:
     else:  # b_dec at the geometric median of the layer's activations (from every rank), as for the TopK baseline
         with torch.no_grad(), amp:
             sample = model(val_batches[0], stop_at=cfg.layer)[:, 1:].reshape(-1, d).float()
-        if run.world_size > 1:
-            parts = [torch.empty_like(sample) for _ in range(run.world_size)]
-            torch.distributed.all_gather(parts, sample)
-            sample = torch.cat(parts)
         with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample))
+            sae.b_dec.copy_(geometric_median(common.all_gather_cat(sample)))
     log(f"e2e{'+ds' if cfg.ds_coef else ''} TopK SAE d_in {d} d_sae {m} k {cfg.k} at layer {cfg.layer}; lr {lr:.2e}; "
         f"{total_steps} steps of {tokens_per_step} tokens")
 
     def save_state():
-        loaders = [None] * run.world_size
-        if run.world_size > 1:
-            torch.distributed.all_gather_object(loaders, loader.state_dict())
-        else:
-            loaders = [loader.state_dict()]
+        loaders = common.gather_objects(loader.state_dict())
         if run.master:
             common.atomic_torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders,
                                           since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
@@ -184,10 +176,7 @@ def main(argv=None) -> dict:
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state: {state_path} "
                                      f"(lower --lr, then --resume)")
         loss.backward()
-        if run.world_size > 1:
-            params = [p for p in sae.parameters() if p.grad is not None]
-            flat = common.all_reduce_mean(torch.cat([p.grad.reshape(-1) for p in params]))
-            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+        common.all_reduce_grads(sae.parameters())
         sae.remove_gradient_parallel_to_decoder_directions()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -228,10 +228,7 @@ def main(argv=None) -> dict:
         # that all ranks (and a single-process run over the same tokens) start identically
         sample = buffer.next(min(per_rank * 4, buffer.size))
         buffer.pos = 0
-        if run.world_size > 1:
-            parts = [torch.empty_like(sample) for _ in range(run.world_size)]
-            torch.distributed.all_gather(parts, sample)
-            sample = torch.cat(parts)
+        sample = common.all_gather_cat(sample)
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample))
         scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
@@ -239,11 +236,7 @@ def main(argv=None) -> dict:
         f"{cfg.batch_tokens} tokens on {run.world_size} process(es)")
 
     def save_state():
-        buffers = [None] * run.world_size
-        if run.world_size > 1:
-            torch.distributed.all_gather_object(buffers, buffer.state_dict())
-        else:
-            buffers = [buffer.state_dict()]
+        buffers = common.gather_objects(buffer.state_dict())
         if run.master:
             common.atomic_torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
                                           since_fired=since_fired, scale=scale, step=step, elapsed=elapsed,
@@ -276,11 +269,8 @@ def main(argv=None) -> dict:
             raise FloatingPointError(f"SAE loss is {loss.item()} at step {step}; last good state: {state_path} "
                                      f"(lower --lr, then --resume)")
         loss.backward()
-        if run.world_size > 1:  # SAE gradients averaged over ranks: one flat all-reduce
-            params = [p for p in sae.parameters() if p.grad is not None]
-            flat = common.all_reduce_mean(torch.cat([p.grad.reshape(-1) for p in params]))
-            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
-            fired = common.all_reduce_mean(fired.float()) > 0
+        common.all_reduce_grads(sae.parameters())
+        fired = common.all_reduce_mean(fired.float()) > 0
         sae.remove_gradient_parallel_to_decoder_directions()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         optimizer.step()
