@@ -1,0 +1,568 @@
+"""
+Tokenizers, corpora, token shards and the batch loader.
+
+    tok = load_tokenizer("google/gemma-2-2b")                     # a model folder, a tokenizer file or a hub id
+    prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out
+    loader = TokenLoader("data/pile", "train", batch_size=8, seq_len=1024)
+    x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
+
+Offline, `embedded_dataset()` builds the default corpus: the Python standard library's own source files, a
+4096-token BPE trained on them, and token shards under cache/ (or $LORASAE_CACHE).
+
+On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids; each document written as
+BOS doc EOS, documents in a seeded random order, whole documents in val) and meta.json saying how to read them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import torch
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("LORASAE_CACHE") or "cache"
+
+
+def _atomic_write_bytes(path: str, data: bytes):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers: one interface over Gemma's sentencepiece model and Llama-3's tiktoken rank file
+
+# Llama-3's pre-tokenizer split pattern and its 256 special tokens (the Llama-3.1 / 3.2 list), numbered after the
+# base vocabulary: with Llama-3's 128000 base ranks <|begin_of_text|> is 128000 and <|end_of_text|> 128001. A rank
+# file with fewer base tokens (as in the tests) gets the same list numbered from its own size: bos = n_base.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"] + \
+                  [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+$")
+
+
+class Tokenizer:
+    """`encode` / `decode` plus the ids a model config needs. Special-token strings inside the text are encoded as
+    plain text (Meta's and sentencepiece's default), so a corpus that quotes "<|end_of_text|>" cannot forge one."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            head = f.read(256).split(b"\n", 1)[0]
+        if _TIKTOKEN_LINE.match(head):
+            self._load_tiktoken(path)
+        else:
+            self._load_sentencepiece(path)
+
+    def _load_sentencepiece(self, path):
+        import sentencepiece as spm
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: neither a sentencepiece model nor a tiktoken rank file ({e})") from None
+        self.kind = "sentencepiece"
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{path}: sentencepiece model defines no BOS/EOS token (needed to join documents)")
+
+    def _load_tiktoken(self, path):
+        import base64
+        import tiktoken
+        ranks = {}
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if not _TIKTOKEN_LINE.match(line.rstrip(b"\r\n")):
+                    raise ValueError(f"{path}:{n}: expected '<base64 token> <rank>' (Llama-3 tokenizer.model format)")
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        n_base = len(ranks)
+        if sorted(ranks.values()) != list(range(n_base)):
+            raise ValueError(f"{path}: ranks are not 0..{n_base - 1} without gaps or repeats")
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise ValueError(f"{path}: rank file lacks some of the 256 single bytes (text could not be encoded)")
+        specials = {s: n_base + i for i, s in enumerate(LLAMA3_SPECIALS)}
+        self.enc = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=specials)
+        self.kind = "tiktoken"
+        self.vocab_size = n_base + len(LLAMA3_SPECIALS)
+        self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
+        self.pad_id = None
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        if self.kind == "sentencepiece":
+            return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        # tiktoken's regex is very slow on huge inputs and on long runs of (non-)whitespace: cut them first, as
+        # Meta's reference tokenizer does (400k-character chunks, runs of at most 25k)
+        ids = [self.bos_id] if bos else []
+        for i in range(0, len(text), 400_000):
+            for piece in re.split(r"(\s{25000}|\S{25000})", text[i:i + 400_000]):
+                if piece:
+                    ids.extend(self.enc.encode_ordinary(piece))
+        return ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        if self.kind == "sentencepiece":  # multi-threaded inside sentencepiece
+            return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=os.cpu_count() or 1)
+        return [self.encode(t, bos, eos) for t in texts]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside this tokenizer's vocabulary (size {self.vocab_size})")
+        return self.sp.decode(ids) if self.kind == "sentencepiece" else self.enc.decode(ids)
+
+    def __repr__(self):
+        return f"Tokenizer({self.kind}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A model folder (Gemma's `tokenizer.model`, or Llama-3's `original/tokenizer.model`), a tokenizer file, or a
+    hub id. The file's content decides its kind: tiktoken rank files are text lines, sentencepiece is protobuf."""
+    path = str(path)
+    if os.path.isdir(path):
+        for rel in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+            if os.path.isfile(os.path.join(path, rel)):
+                return Tokenizer(os.path.join(path, rel))
+        raise FileNotFoundError(f"{path}: no tokenizer.model or original/tokenizer.model in this folder")
+    if os.path.isfile(path):
+        return Tokenizer(path)
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise FileNotFoundError(f"{path}: no such tokenizer file or folder (and not a hub id like 'google/gemma-2-2b')")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    for rel in ("tokenizer.model", "original/tokenizer.model"):  # Gemma keeps it at the top, Llama-3 in original/
+        try:
+            return Tokenizer(hf_hub_download(path, rel))
+        except LocalEntryNotFoundError:  # no network and not in the local cache
+            raise FileNotFoundError(f"{path}: cannot download {rel} from the hub (offline?) and it is not cached") \
+                from None
+        except EntryNotFoundError:
+            continue
+    raise FileNotFoundError(f"hub repo {path} has neither tokenizer.model nor original/tokenizer.model")
+
+
+def _chunks_for_sentencepiece(texts, max_chars=2000):
+    # sentencepiece trains on "sentences" of bounded length (longer ones are dropped): cut each document at line
+    # breaks into pieces of about max_chars, keeping the newlines so that code indentation pieces are learnt
+    for text in texts:
+        buf = ""
+        for line in text.splitlines(keepends=True):
+            while len(line) > max_chars:
+                yield line[:max_chars]
+                line = line[max_chars:]
+            if buf and len(buf) + len(line) > max_chars:
+                yield buf
+                buf = ""
+            buf += line
+        if buf:
+            yield buf
+
+
+def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096) -> Tokenizer:
+    """A byte-fallback BPE sentencepiece model laid out like Gemma's (pad 0, eos 1, bos 2, unk 3; no normalisation,
+    digits split, whitespace runs as pieces), trained single-threaded on the files in the given order: deterministic."""
+    import sentencepiece as spm
+    texts = [_read_text(f) for f in text_files]
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError(f"empty corpus: the {len(text_files)} files given to train_tokenizer hold no text")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_chunks_for_sentencepiece(texts), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+            add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3, character_coverage=0.9995, max_sentence_length=1 << 16,
+            input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
+    _atomic_write_bytes(out_path, model.getvalue())
+    return Tokenizer(out_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Corpora: each source is a stream of documents (strings)
+
+
+TEXT_EXTS = (".txt", ".md", ".py")  # read whole, one document per file; .jsonl: one {"text": ...} per line
+HUB_DATASETS = {  # name: (repo, file glob). The Pile is shuffled already; RedPajama's sample is one file per source
+    "pile": ("monology/pile-uncopyrighted", "train/*.jsonl.zst"),
+    "redpajama": ("togethercomputer/RedPajama-Data-1T-Sample", "*.jsonl"),
+}
+
+
+def stdlib_files() -> list[str]:
+    """The standard library's .py sources, sorted by their path inside it. Test suites (test/, tests/, idle_test/)
+    are left out: 12 MB (3.4M tokens) of ordinary library code is more than a CPU pretraining run reads, and the
+    tests hold generated data and deliberately odd encodings. site-packages (whatever the user installed) too."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        found += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(found, key=lambda p: os.path.relpath(p, root))
+
+
+def _read_text(path: str) -> str | None:
+    """A file's text, or None if it is not UTF-8 (a handful of stdlib files carry latin-1 on purpose)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        return None
+
+
+def _jsonl_texts(lines, where: str):
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}:{n}: not valid JSON") from None
+        text = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{where}:{n}: expected a JSON object with a 'text' string (or a JSON string)")
+        yield text
+
+
+def _local_documents(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                       if f.endswith(TEXT_EXTS + (".jsonl",)))
+        if not files:
+            raise ValueError(f"empty corpus: no {'/'.join(TEXT_EXTS + ('.jsonl',))} files under {path}")
+    elif path.endswith(TEXT_EXTS + (".jsonl",)):
+        files = [path]
+    else:
+        raise ValueError(f"{path}: unsupported file type (expected {', '.join(TEXT_EXTS + ('.jsonl',))} or a folder)")
+    docs = []
+    for f in files:
+        if f.endswith(".jsonl"):
+            with open(f, encoding="utf-8") as fh:
+                docs += list(_jsonl_texts(fh, f))
+        else:
+            docs.append(_read_text(f))
+    return [d for d in docs if d and d.strip()]
+
+
+def _hub_documents(name: str, seed: int):
+    """Stream documents from a hub dataset: files are opened through HfFileSystem, which fetches byte ranges as the
+    reader advances, so only as much of each file is downloaded as the requested token count needs."""
+    from huggingface_hub import HfFileSystem
+    repo, pattern = HUB_DATASETS[name]
+    fs = HfFileSystem()
+    files = sorted(fs.glob(f"datasets/{repo}/{pattern}"))
+    if not files:
+        raise FileNotFoundError(f"hub dataset {repo}: no files match {pattern}")
+    if name == "pile":  # one file after another; zstd-compressed JSON lines
+        import zstandard
+        for f in files:
+            with fs.open(f, "rb", block_size=8 << 20) as raw:
+                reader = zstandard.ZstdDecompressor().stream_reader(raw)
+                yield from _jsonl_texts(io.TextIOWrapper(reader, encoding="utf-8"), f)
+        return
+    # RedPajama's sample keeps each source (arxiv, c4, github, ...) in its own file: interleave them, drawing the
+    # next document from a file with probability proportional to its size, so any prefix has the sample's mixture
+    sizes = np.array([fs.info(f)["size"] for f in files], dtype=np.float64)
+    handles = [io.TextIOWrapper(fs.open(f, "rb", block_size=8 << 20), encoding="utf-8") for f in files]
+    streams = [_jsonl_texts(h, f) for h, f in zip(handles, files)]
+    rng = np.random.default_rng(seed)
+    try:
+        while sizes.sum() > 0:
+            i = rng.choice(len(files), p=sizes / sizes.sum())
+            try:
+                yield next(streams[i])
+            except StopIteration:
+                sizes[i] = 0
+    finally:
+        for h in handles:
+            h.close()
+
+
+def iter_documents(source: str, seed: int = 0):
+    """Validate `source` now (errors before any work) and return an iterator over its documents. Local sources and
+    the stdlib are shuffled by document with `seed`; hub streams keep their order (the Pile is shuffled already)."""
+    if source in HUB_DATASETS:
+        if source == "pile":
+            try:
+                import zstandard  # noqa: F401
+            except ImportError:
+                raise ImportError("reading The Pile (.jsonl.zst) needs the optional package zstandard: "
+                                  "pip install zstandard") from None
+        return _hub_documents(source, seed)
+    if source == "stdlib":
+        files = stdlib_files()
+        if not files:
+            raise ValueError(f"empty corpus: no .py files under {sysconfig.get_paths()['stdlib']}")
+        order = np.random.default_rng(seed).permutation(len(files))
+        return (t for t in (_read_text(files[i]) for i in order) if t and t.strip())
+    if os.path.exists(source):
+        docs = _local_documents(source)
+        if not docs:
+            raise ValueError(f"empty corpus: {source} holds no text")
+        return (docs[i] for i in np.random.default_rng(seed).permutation(len(docs)))
+    raise ValueError(f"unknown source {source!r}: expected 'stdlib', 'pile', 'redpajama', or an existing "
+                     f".txt/.jsonl file or folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token shards
+
+
+def token_dtype(vocab_size: int, dtype: str | None = None) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32; an explicit dtype too small is an error."""
+    dt = np.dtype(dtype or ("uint16" if vocab_size <= 1 << 16 else "uint32"))
+    if dt.kind != "u" or vocab_size > np.iinfo(dt).max + 1:
+        raise ValueError(f"a vocabulary of {vocab_size} tokens does not fit dtype {dt.name} "
+                         f"(largest id {np.iinfo(dt).max if dt.kind in 'ui' else '?'})")
+    return dt
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _batched(it, n):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: int | None = None,
+            val_tokens: int = 1_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True) -> dict:
+    """Tokenize `source` into out_dir/{val,train}.bin + meta.json and return the meta.
+
+    Documents (BOS doc EOS each) fill val.bin first, whole documents, until it holds at least `val_tokens` (the paper
+    holds out 1M); the rest go to train.bin, cut at `max_tokens` (required for hub sources: they are huge). Shards
+    are written under temporary names and renamed only when complete, so an interrupted run leaves none behind.
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    dt = token_dtype(tok.vocab_size, dtype)
+    if source in HUB_DATASETS and max_tokens is None:
+        raise ValueError(f"source {source!r} is a hub dataset of billions of tokens: give max_tokens")
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    docs = iter_documents(source, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    final = {s: os.path.join(out_dir, f"{s}.bin") for s in ("val", "train")}
+    tmp = {s: f"{p}.tmp{os.getpid()}" for s, p in final.items()}
+    count, n_docs = {"val": 0, "train": 0}, {"val": 0, "train": 0}
+    t0 = last = time.time()
+    try:
+        with open(tmp["val"], "wb") as fv, open(tmp["train"], "wb") as ft:
+            for batch in _batched(docs, 64):
+                for ids in tok.encode_batch(batch, bos=True, eos=True):
+                    split = "val" if count["val"] < val_tokens else "train"
+                    if split == "train" and max_tokens is not None:
+                        ids = ids[:max_tokens - count["train"]]
+                    (fv if split == "val" else ft).write(np.asarray(ids, dtype=dt).tobytes())
+                    count[split] += len(ids)
+                    n_docs[split] += 1
+                    if max_tokens is not None and count["train"] >= max_tokens:
+                        break
+                if verbose and (time.time() - last > 5):
+                    last = time.time()
+                    total = count["val"] + count["train"]
+                    print(f"prepare {source}: {sum(n_docs.values())} docs, {total:,} tokens "
+                          f"({total / (last - t0):,.0f} tok/s)", flush=True)
+                if max_tokens is not None and count["train"] >= max_tokens:
+                    break
+        if count["val"] + count["train"] == 0:
+            raise ValueError(f"empty corpus: {source} produced no tokens")
+        if count["train"] == 0:
+            raise ValueError(f"{source} has only {count['val']:,} tokens, all taken by val_tokens={val_tokens:,}: "
+                             f"lower val_tokens")
+        train, hist = np.memmap(tmp["train"], dtype=dt, mode="r"), np.zeros(tok.vocab_size, dtype=np.int64)
+        for i in range(0, len(train), 1 << 24):  # in chunks: a billion-token shard need not fit in memory
+            hist += np.bincount(train[i:i + (1 << 24)], minlength=tok.vocab_size)[:tok.vocab_size]
+        del train
+        p = hist / hist.sum()
+        meta = {
+            "source": source, "tokenizer": os.path.abspath(tok.path), "tokenizer_kind": tok.kind,
+            "tokenizer_sha256": _sha256(tok.path), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id, "dtype": dt.name, "train_tokens": count["train"], "val_tokens": count["val"],
+            "train_docs": n_docs["train"], "val_docs": n_docs["val"], "seed": seed, "max_tokens": max_tokens,
+            "layout": "documents as BOS doc EOS, concatenated", "python": sys.version.split()[0],
+            # the loss of a model that ignores context: a pretrained model must get well below it
+            "unigram_entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum()),
+        }
+        # commit: drop the old meta first so a reader never pairs new shards with it, then shards, then the new meta
+        if os.path.exists(os.path.join(out_dir, "meta.json")):
+            os.remove(os.path.join(out_dir, "meta.json"))
+        for s in final:
+            os.replace(tmp[s], final[s])
+        _atomic_write_bytes(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2).encode())
+    finally:
+        if hasattr(docs, "close"):  # a hub stream stopped early: close its connections now
+            docs.close()
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+    if verbose:
+        dt_s = time.time() - t0
+        print(f"prepare {source}: wrote {out_dir}: {meta['val_tokens']:,} val + {meta['train_tokens']:,} train tokens "
+              f"({meta['val_docs'] + meta['train_docs']} docs) in {dt_s:.1f}s", flush=True)
+    return meta
+
+
+def load_meta(data_dir: str) -> dict:
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{data_dir}: no meta.json (not a token dataset; build one with data.prepare)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_tokens(data_dir: str, split: str) -> np.ndarray:
+    """The split's token ids as a read-only np.memmap (nothing is read until used)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r} (expected 'train' or 'val')")
+    meta = load_meta(data_dir)
+    dt = token_dtype(meta["vocab_size"], meta["dtype"])
+    path = os.path.join(data_dir, f"{split}.bin")
+    n = meta[f"{split}_tokens"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (meta.json lists {n} tokens)")
+    if os.path.getsize(path) != n * dt.itemsize:
+        raise ValueError(f"{path}: {os.path.getsize(path)} bytes, meta.json implies {n * dt.itemsize} (truncated?)")
+    if n == 0:
+        return np.zeros(0, dtype=dt)
+    return np.memmap(path, dtype=dt, mode="r")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The batch loader
+
+
+class TokenLoader:
+    """Windows of seq_len tokens, each BOS followed by the next seq_len - 1 tokens of the stream.
+
+    Packing: the stream is cut into consecutive spans of seq_len - 1 tokens and BOS is prepended to each, so every
+    window starts with BOS like a fresh document (Gemma and Llama are trained with BOS first; BOS position
+    activations are outliers that SAE pipelines treat apart) and every token is read once per epoch. A span that
+    happens to begin at a document's own BOS shows BOS twice; that costs nothing. (Left over each epoch: the tail
+    shorter than one span, and the few spans beyond an equal split across ranks.)
+
+    An epoch is a permutation of the spans (seeded by (seed, epoch); the identity when shuffle=False); rank r of
+    world_size takes every world_size-th span of it starting at r, so ranks never share a window and together they
+    see, step by step, the windows of a single process whose batch is the global batch. The position (epoch, index)
+    is the whole state: `state_dict` / `load_state_dict` resume exactly.
+    """
+
+    def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, device="cpu"):
+        if seq_len < 2 or batch_size < 1:
+            raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.tokens = load_tokens(data_dir, split)
+        self.bos_id = load_meta(data_dir)["bos_id"]
+        self.batch_size, self.seq_len, self.span = batch_size, seq_len, seq_len - 1
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.device = torch.device(device)
+        self.n_windows = len(self.tokens) // self.span
+        self.per_rank = self.n_windows // world_size
+        if self.per_rank == 0:
+            raise ValueError(f"seq_len {seq_len} is larger than the data: {data_dir} {split} has {len(self.tokens)} "
+                             f"tokens, fewer than one window of {self.span} per rank for {world_size} rank(s)")
+        self.epoch, self.pos = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def _my_windows(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows) if self.shuffle
+                     else np.arange(self.n_windows))
+            # strided: rank r takes windows r, r + W, r + 2W, ... so that at every step the ranks' batches together
+            # are exactly the batch one process with the global batch size would take (DDP == single process)
+            self._order = order[self.rank:self.per_rank * self.world_size:self.world_size]
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_batch(self) -> torch.Tensor:
+        x = np.empty((self.batch_size, self.seq_len), dtype=np.int64)
+        x[:, 0] = self.bos_id
+        for row in range(self.batch_size):
+            if self.pos == self.per_rank:  # epoch done: the next one is a new permutation
+                self.epoch, self.pos = self.epoch + 1, 0
+            w = int(self._my_windows()[self.pos])
+            x[row, 1:] = self.tokens[w * self.span:(w + 1) * self.span]
+            self.pos += 1
+        t = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
+                "world_size": self.world_size, "n_windows": self.n_windows, "shuffle": self.shuffle}
+
+    def load_state_dict(self, d: dict):
+        for k in ("seq_len", "world_size", "n_windows", "seed", "shuffle"):
+            if d[k] != getattr(self, k):
+                raise ValueError(f"cannot resume the data position: checkpoint has {k}={d[k]}, this run "
+                                 f"{getattr(self, k)} (same data, seq_len, seed and process count needed)")
+        self.epoch, self.pos = d["epoch"], d["pos"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The embedded default
+
+
+EMBEDDED_VOCAB = 4096
+EMBEDDED_VAL_TOKENS = 200_000  # about 6% of the corpus, whole files never seen in training
+
+
+def embedded_dataset(cache_dir: str | None = None) -> tuple[str, str]:
+    """Build once and cache the offline default: stdlib corpus -> 4096-token BPE -> token shards.
+    Returns (data_dir, tokenizer_path); later calls return at once."""
+    root = os.path.join(cache_dir or default_cache_dir(), "stdlib")
+    tok_path = os.path.join(root, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        files = stdlib_files()
+        t0 = time.time()
+        print(f"embedded corpus: training a {EMBEDDED_VOCAB}-token BPE tokenizer on {len(files)} stdlib files "
+              f"({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB)...", flush=True)
+        train_tokenizer(files, tok_path, EMBEDDED_VOCAB)
+        print(f"embedded corpus: tokenizer written to {tok_path} ({time.time() - t0:.0f}s)", flush=True)
+    meta_path = os.path.join(root, "meta.json")
+    stale = not os.path.isfile(meta_path)
+    if not stale:
+        with open(meta_path) as f:
+            stale = json.load(f).get("tokenizer_sha256") != _sha256(tok_path)
+    if stale:
+        print("embedded corpus: tokenizing the Python standard library...", flush=True)
+        prepare("stdlib", root, tok_path, val_tokens=EMBEDDED_VAL_TOKENS, seed=0)
+    return root, tok_path

@@ -1,0 +1,265 @@
+"""
+Pretrain a tiny Gemma-2 (or Llama-3) architecture model from scratch, so the whole pipeline runs offline.
+
+    python pretrain.py                                  # embedded default: stdlib corpus -> cache/tiny-gemma2
+    python pretrain.py --family llama3 --max-steps 500
+    torchrun --nproc_per_node 2 pretrain.py             # DDP (gloo on CPU, nccl on CUDA)
+    python pretrain.py --resume                         # continue from cache/tiny-gemma2/train_state.pt
+
+The output folder is laid out like a hub checkpoint (config.json, model.safetensors, tokenizer.model), so every
+other script - and transformers - loads it exactly as it would load google/gemma-2-2b.
+
+Measured default (3.0M parameters, 1000 steps of 16 x 256 tokens = 4.1M tokens): validation loss 3.15 nats against
+a unigram entropy of 6.44, in 12 minutes on 2 CPU cores shared with other jobs (pretrain.json in the output folder).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+from data import TokenLoader, default_cache_dir, embedded_dataset, load_meta, load_tokenizer
+from model import ModelConfig, Transformer
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a tiny Gemma-2 / Llama-3 architecture model from scratch (defaults: the embedded offline model)."""
+    family: str = "gemma2"  # gemma2 | llama3
+    out: str = ""  # output folder; default <cache>/tiny-<family>
+    data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
+    # model shape: the default (3.0M parameters) came out of a size sweep for the best validation loss in about
+    # 10 minutes on 2 CPU cores (d_model 128 / 192 / 256 at a quarter of that budget: 192 was level with 128 and
+    # ahead of 256, and larger models gain more from a longer run)
+    d_model: int = 192
+    n_layer: int = 4
+    n_head: int = 6
+    n_kv_head: int = 3
+    head_dim: int = 32
+    d_ff: int = 768
+    sliding_window: int = 64  # Gemma-2's local layers (shorter than seq_len so that it matters)
+    # optimisation
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per step per process
+    grad_accum: int = 1
+    max_steps: int = 1000  # about 4M tokens, 1.2 epochs of the stdlib corpus
+    stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
+    lr: float = 6e-3  # 3e-3 and 6e-3 were within 0.02 nats in the sweep
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # bookkeeping
+    eval_every: int = 250
+    eval_batches: int = 25
+    log_every: int = 25
+    ckpt_every: int = 250
+    resume: bool = False
+    compile: bool = True
+    dtype: str = "bfloat16"  # autocast dtype; float32 disables autocast
+    device: str = "auto"
+    seed: int = 0
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int | None) -> ModelConfig:
+    """Built field by field: Gemma-2 gets (1 + w) norms, sandwich norms, sqrt(d) embedding scale, GeGLU, soft-caps
+    and alternating sliding/global attention; Llama-3 the plain pre-norm SwiGLU block with its RoPE base."""
+    common_kw = dict(vocab_size=vocab_size, d_model=cfg.d_model, d_ff=cfg.d_ff, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim, max_seq_len=cfg.seq_len,
+                     tie_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    if cfg.family == "gemma2":
+        return ModelConfig(**common_kw, norm_offset=True, sandwich_norms=True, embed_scale=True, mlp_act="gelu_tanh",
+                           query_pre_attn_scalar=cfg.head_dim, attn_softcap=50.0, final_softcap=30.0,
+                           sliding_window=cfg.sliding_window,
+                           layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                        for i in range(cfg.n_layer)], model_type="gemma2")
+    if cfg.family == "llama3":
+        return ModelConfig(**common_kw, norm_eps=1e-5, mlp_act="silu", rope_theta=500000.0, model_type="llama")
+    raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup, then cosine from lr down to lr * min_lr_frac at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def lm_loss(model, x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Next-token cross entropy; logits in fp32 for the log-softmax whatever the autocast dtype."""
+    with common.autocast(x.device, dtype):
+        logits = model(x)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, data_dir: str, cfg: PretrainConfig, d: common.Dist) -> float:
+    """Mean loss on the same val windows every time (sequential order, each rank its own block)."""
+    loader = TokenLoader(data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, shuffle=False,
+                         device=d.device)
+    n = max(1, min(cfg.eval_batches, loader.per_rank // cfg.batch_size))
+    model.eval()
+    loss = torch.stack([lm_loss(model, loader.next_batch(), cfg.dtype) for _ in range(n)]).mean()
+    model.train()
+    return (common.all_reduce_mean(loss) if d.world_size > 1 else loss).item()
+
+
+def _barrier(d: common.Dist):
+    if d.world_size > 1:
+        dist.barrier()
+
+
+def train(cfg: PretrainConfig, d: common.Dist) -> dict:
+    # -- data ----------------------------------------------------------------------------------------------------------
+    if cfg.data:
+        data_dir = cfg.data
+    else:  # build the embedded corpus once (rank 0), the others wait and then read the cache
+        if d.master:
+            embedded_dataset()
+        _barrier(d)
+        data_dir, _ = embedded_dataset()
+    meta = load_meta(data_dir)
+    tok = load_tokenizer(meta["tokenizer"])
+    out = cfg.out or os.path.join(default_cache_dir(), f"tiny-{cfg.family}")
+    state_path = os.path.join(out, "train_state.pt")
+    loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, seed=cfg.seed,
+                         device=d.device)
+    # -- model and optimiser -------------------------------------------------------------------------------------------
+    mcfg = model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+    raw = Transformer(mcfg).init_weights(cfg.seed).to(d.device)
+    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2]  # matrices and embeddings; norms are not decayed
+    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=d.device.type == "cuda")
+    step, elapsed_before, history = 0, 0.0, []
+    if cfg.resume:
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
+        st = torch.load(state_path, map_location=d.device, weights_only=False)
+        shape_keys = ("family", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "seq_len")
+        diff = [k for k in shape_keys if st["config"][k] != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f"--resume: {state_path} was made with a different {', '.join(diff)}")
+        raw.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        loader.load_state_dict(st["loader"])
+        step, elapsed_before, history = st["step"], st["elapsed_s"], st["history"]
+        torch.set_rng_state(st["rng"])
+    model = torch.compile(raw) if cfg.compile else raw
+    if d.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda"
+                                                          else None)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
+    if d.master:
+        print(f"pretrain {cfg.family}: {mcfg.n_params() / 1e6:.2f}M parameters ({mcfg.n_params(False) / 1e6:.2f}M "
+              f"without embeddings), {tokens_per_step} tokens/step, {cfg.max_steps} steps, data {data_dir} "
+              f"({meta['train_tokens']:,} train tokens; unigram entropy {meta['unigram_entropy']:.3f} nats), "
+              f"{d.world_size} process(es) on {d.device}", flush=True)
+
+    def save_state():
+        if d.master:
+            common.atomic_torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                      "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
+                                      "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state()},
+                                     state_path)
+
+    # -- the loop ------------------------------------------------------------------------------------------------------
+    t0 = t_log = time.time()
+    cpu0 = time.process_time()  # CPU seconds of this process: a steadier clock than wall time on a shared machine
+    last_step = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    val = None
+    while step < last_step:
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            x = loader.next_batch()
+            sync = micro == cfg.grad_accum - 1 or d.world_size == 1
+            with model.no_sync() if not sync else contextlib.nullcontext():
+                loss = lm_loss(model, x, cfg.dtype) / cfg.grad_accum
+                loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint: {state_path}")
+        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if d.master and (step % cfg.log_every == 0 or step == last_step):
+            rate = tokens_per_step * cfg.log_every / (time.time() - t_log) if step % cfg.log_every == 0 else 0
+            t_log = time.time()
+            print(f"step {step:5d} | loss {loss.item() * cfg.grad_accum:.3f} | lr {lr:.2e} | grad norm "
+                  f"{gnorm.item():.2f} | {rate:,.0f} tok/s | {elapsed_before + t_log - t0:.0f}s "
+                  f"({time.process_time() - cpu0:.0f}s cpu)", flush=True)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            val = evaluate(model, data_dir, cfg, d)
+            history.append({"step": step, "val_loss": val, "elapsed_s": elapsed_before + time.time() - t0})
+            if d.master:
+                print(f"step {step:5d} | val loss {val:.3f}", flush=True)
+        if step % cfg.ckpt_every == 0 or step == last_step:
+            save_state()
+    if val is None and step == cfg.max_steps:  # resumed a finished run
+        val = evaluate(model, data_dir, cfg, d)
+    # -- save in Hugging Face layout -----------------------------------------------------------------------------------
+    result = {"family": cfg.family, "steps": step, "val_loss": val, "tokens": step * tokens_per_step,
+              "wall_s": elapsed_before + time.time() - t0, "cpu_s_this_run": time.process_time() - cpu0,
+              "unigram_entropy": meta["unigram_entropy"],
+              "n_params": mcfg.n_params(), "history": history, "config": asdict(cfg), "data": data_dir,
+              "device": str(d.device), "world_size": d.world_size}
+    if d.master and step == cfg.max_steps:
+        raw.save_pretrained(out)
+        dest = os.path.join(out, "tokenizer.model" if tok.kind == "sentencepiece" else "original/tokenizer.model")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(tok.path, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+        with open(os.path.join(out, "pretrain.json.tmp"), "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(os.path.join(out, "pretrain.json.tmp"), os.path.join(out, "pretrain.json"))
+        print(f"pretrain: saved {out} (val loss {val:.3f} after {result['tokens']:,} tokens, "
+              f"{result['wall_s']:.0f}s)", flush=True)
+    _barrier(d)
+    return result
+
+
+def main(argv=None) -> dict:
+    cfg = common.parse_args(PretrainConfig, argv)
+    if cfg.family not in ("gemma2", "llama3"):
+        raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
+    d = common.setup(cfg.device)
+    try:
+        return train(cfg, d)
+    finally:
+        common.teardown()
+
+
+def ensure_tiny_model(cache_dir: str | None = None, family: str = "gemma2") -> str:
+    """The embedded default model: cache_dir/tiny-<family>, pretrained with the default config if missing.
+    Under torchrun only rank 0 trains (single-process), the other ranks wait for it."""
+    root = cache_dir or default_cache_dir()
+    out = os.path.join(root, f"tiny-{family}")
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        master = not dist.is_initialized() or dist.get_rank() == 0
+        if master:
+            print(f"no tiny {family} model in {out}: pretraining it (10-12 minutes on 2 CPU cores)...", flush=True)
+            data_dir, _ = embedded_dataset(root)
+            cfg = PretrainConfig(family=family, out=out, data=data_dir)
+            train(cfg, common.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+        if dist.is_initialized():
+            dist.barrier()
+    return out
+
+
+if __name__ == "__main__":
+    main()
