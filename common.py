@@ -83,6 +83,7 @@ def setup(device: str | None = None) -> Dist:
 
 def teardown():
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another is still inside a collective
         dist.destroy_process_group()
 
 
