@@ -196,3 +196,44 @@ def test_compiled_passes_match_eager_and_keep_gradients(files):
     g = torch.autograd.grad(hs.square().sum(), params[0])[0]
     g_ref = torch.autograd.grad(rs.square().sum(), params[0])[0]
     assert torch.allclose(g, g_ref, rtol=1e-3, atol=1e-6)
+
+
+def test_fresh_adapter_reproduces_spliced_logits_and_base_pass_is_the_bare_model(files):
+    bare = Transformer.from_pretrained(files["model"])
+    model = Transformer.from_pretrained(files["model"])
+    saes = adapt.load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    with torch.no_grad():
+        spliced_ref = bare.blocks(bare.embed(idx), hooks=adapt.splice_hooks(saes, idx, BOS, False))
+        apply_lora(model, 8, 32.0)  # B = 0: the adapters change nothing yet
+        hb, hs = adapt.final_streams(model, saes, idx, BOS, False, False)
+        assert torch.equal(hs, spliced_ref)
+        assert torch.equal(hb, bare.blocks(bare.embed(idx)))
+
+
+def test_two_saes_at_once_report_compound_ce(files, tmp_path):
+    second = make_sae(tmp_path / "sae2", "topk", layer=2, k=2, seed=1)
+    res = adapt.main(small_args(files, tmp_path / "run", "--sae", second, "--max-tokens", "1024"))
+    assert res["sae_layers"] == [1, 2]
+    model = Transformer.from_pretrained(files["model"])
+    one = adapt.load_saes([files["sae"]], None, model, "cpu")
+    two = adapt.load_saes([files["sae"], second], None, model, "cpu")
+    assert [layer for layer, _ in two] == [1, 2]
+    with torch.no_grad():
+        idx = idx_batch()
+        ce_one = adapt.next_token_ce(model, idx, adapt.splice_hooks(one, idx, BOS))[0]
+        ce_two = adapt.next_token_ce(model, idx, adapt.splice_hooks(two, idx, BOS))[0]
+    assert ce_two != ce_one  # the compound splice is a different, measured model
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_path, monkeypatch):
+    real, calls = adapt.kl_and_ce, {"n": 0}
+
+    def nan_at_step_6(*args):
+        calls["n"] += torch.is_grad_enabled()
+        kl, ce = real(*args)
+        return (kl * float("nan"), ce) if calls["n"] == 6 else (kl, ce)
+    monkeypatch.setattr(adapt, "kl_and_ce", nan_at_step_6)
+    with pytest.raises(FloatingPointError, match="KL is nan at step 5.*ckpt.pt"):
+        adapt.main(small_args(files, tmp_path, "--max-tokens", "1024"))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
