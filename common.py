@@ -18,17 +18,17 @@ def parse_args(config_cls, argv=None, description: str | None = None):
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])  # both spellings
         kind = hints[f.name]
         origin_args = typing.get_args(kind)
         if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, default=default, nargs="?", const=True, metavar="BOOL")
+            parser.add_argument(*flags, type=_parse_bool, default=default, nargs="?", const=True, metavar="BOOL")
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, action="append", type=origin_args[0], default=None, metavar="VALUE",
+            parser.add_argument(*flags, action="append", type=origin_args[0], default=None, metavar="VALUE",
                                 help="repeat for several")
         else:
             base = next((a for a in origin_args if a is not type(None)), kind)  # Optional[int] -> int
-            parser.add_argument(flag, type=_parse_optional(base), default=default, metavar=base.__name__.upper())
+            parser.add_argument(*flags, type=_parse_optional(base), default=default, metavar=base.__name__.upper())
     ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     for f in dataclasses.fields(config_cls):  # list flags: the default unless given at least once
         if ns[f.name] is None and typing.get_origin(hints[f.name]) is list:
