@@ -64,7 +64,7 @@ class AdaptConfig:
 
 
 # What `python adapt.py` with no --model uses instead of the paper's values (sized for minutes on 2 CPU cores)
-EMBEDDED = dict(seq_len=256, batch_size=8, max_tokens=1_000_000, lr=1e-3, eval_tokens=32_768, eval_interval=100,
+EMBEDDED = dict(seq_len=256, batch_size=8, max_tokens=1_000_000, lr=3e-3, eval_tokens=32_768, eval_interval=100,
                 ckpt_interval=100, log_interval=10, kl_chunk=1024, out="out/adapt-tiny")
 
 
