@@ -43,6 +43,7 @@ class BenchConfig:
     rank: int = 64
     expansion: int = 8
     k: int = 32
+    kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
     steps: int = 5
     warmup: int = 2
     device: str = "auto"
@@ -92,7 +93,7 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     def step():
         with amp:
             hb, hs = adapt.final_streams(model, saes, idx, model.cfg.bos_token_id, False, False, passes)
-            kl, _ = adapt.kl_and_ce(model, hb, hs, idx, 2048)
+            kl, _ = adapt.kl_and_ce(model, hb, hs, idx, b.kl_chunk)
         kl.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
