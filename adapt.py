@@ -239,7 +239,7 @@ def main(argv=None) -> dict:
         import data
         import pretrain
         import train_sae
-        cache = os.environ.get("LORASAE_CACHE", "cache")
+        cache = data.default_cache_dir()
         if cfg.data is None:
             cfg.data = data.embedded_dataset(cache)[0]
         if cfg.model is None:

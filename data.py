@@ -7,7 +7,7 @@ Tokenizers, corpora, token shards and the batch loader.
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
 
 Offline, `embedded_dataset()` builds the default corpus: the Python standard library's own source files, a
-4096-token BPE trained on them, and token shards under cache/ (or $LORASAE_CACHE).
+4096-token BPE trained on them, and token shards under out/cache/ (or $LORASAE_CACHE).
 
 On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids; each document written as
 BOS doc EOS, documents in a seeded random order, whole documents in val) and meta.json saying how to read them.
@@ -28,7 +28,8 @@ import torch
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("LORASAE_CACHE") or "cache"
+    """Where the embedded pipeline caches what it builds (under out/, with every other output)."""
+    return os.environ.get("LORASAE_CACHE") or os.path.join("out", "cache")
 
 
 def _atomic_write_bytes(path: str, data: bytes):

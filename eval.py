@@ -927,7 +927,7 @@ def embedded_defaults(cfg: EvalConfig):
     import data
     import pretrain
     import train_sae
-    cache = os.environ.get("LORASAE_CACHE", "cache")
+    cache = data.default_cache_dir()
     cfg.data = cfg.data or data.embedded_dataset(cache)[0]
     cfg.model = pretrain.ensure_tiny_model(cache)
     cfg.sae = cfg.sae or [train_sae.ensure_tiny_sae(cfg.model, cfg.data, cache)]

@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     if cfg.model is None or cfg.data is None:
         import data
         import pretrain
-        cache = os.environ.get("LORASAE_CACHE", "cache")
+        cache = data.default_cache_dir()
         cfg.data = cfg.data or data.embedded_dataset(cache)[0]
         cfg.model = cfg.model or pretrain.ensure_tiny_model(cache)
 

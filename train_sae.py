@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     if cfg.model is None or cfg.data is None:
         import data
         import pretrain
-        cache = os.environ.get("LORASAE_CACHE", "cache")
+        cache = data.default_cache_dir()
         cfg.data = cfg.data or data.embedded_dataset(cache)[0]
         cfg.model = cfg.model or pretrain.ensure_tiny_model(cache)
     if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
@@ -321,11 +321,12 @@ TINY_SAE_ARGS = ["--k", "16", "--expansion", "8", "--max-tokens", "4000000", "--
                  "--eval-interval", "250", "--log-interval", "50"]
 
 
-def ensure_tiny_sae(model_dir: str, data_dir: str, cache: str = "cache") -> str:
+def ensure_tiny_sae(model_dir: str, data_dir: str, cache: str | None = None) -> str:
     """The SAE of the offline pipeline: a TopK SAE on the tiny model's middle layer, trained once and cached."""
     with open(os.path.join(model_dir, "config.json")) as f:
         n_layer = json.load(f)["num_hidden_layers"]
-    out = os.path.join(cache, f"sae-{os.path.basename(os.path.normpath(model_dir))}-L{n_layer // 2}")
+    import data
+    out = os.path.join(cache or data.default_cache_dir(), f"sae-{os.path.basename(os.path.normpath(model_dir))}-L{n_layer // 2}")
     if not os.path.isfile(os.path.join(out, "cfg.json")):
         print(f"building the embedded SAE in {out} (first run only)")
         main(["--model", model_dir, "--data", data_dir, "--out", out, "--layer", str(n_layer // 2), *TINY_SAE_ARGS])
