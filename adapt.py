@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from lora import adapter_parameters, adapters_disabled, apply_lora, resolve_layers, save_adapter
+from lora import adapters_disabled, apply_lora, resolve_layers, save_adapter
 from model import Transformer, next_token_ce
 from sae import SAE, splice_hooks
 
@@ -310,7 +310,7 @@ def main(argv=None) -> dict:
     model.train()
     flops_step = step_flops(model, saes, cfg.seq_len, share_prefix) * tokens_per_step
     peak = common.peak_flops(run.device, cfg.autocast) * run.world_size
-    t0, window_tokens, window_time = time.time(), 0, 0.0
+    window_tokens, window_time = 0, 0.0
     while step < total_steps:
         t_step = time.time()
         lr = lr_at(step, total_steps, cfg)

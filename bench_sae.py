@@ -130,8 +130,8 @@ def main():
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"  ran width {width:>6} {path:<5}: {r['step_s']:.2f} s/step", flush=True)
-    print(f"\n| d_sae  | path  | tokens/s | s/step | peak MB | saved MB |")
-    print(f"|--------|-------|---------:|-------:|--------:|---------:|")
+    print("\n| d_sae  | path  | tokens/s | s/step | peak MB | saved MB |")
+    print("|--------|-------|---------:|-------:|--------:|---------:|")
     for r in rows:
         print(f"| {r['width']:<6} | {r['path']:<5} | {r['tokens_per_s']:>8.0f} | {r['step_s']:>6.3f} "
               f"| {r['peak_mb']:>7.0f} | {r['saved_mb']:>8.1f} |")

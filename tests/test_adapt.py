@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import adapt
-from lora import adapter_parameters, apply_lora
+from lora import apply_lora
 from model import Transformer
-from sae import SAE
 from tests.tiny import BOS, identity_sae, make_data, make_model, make_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
