@@ -256,13 +256,16 @@ def bench_sae(b: BenchConfig, dev):
     folder = os.path.join(tempfile.gettempdir(), f"lorasae-bench-{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
     if not b.model:
         build_files(b, folder)
-    model = Transformer.from_pretrained(paths(b, folder)[0], device=dev).requires_grad_(False)
-    d, L, cfg = model.cfg.d_model, b.layer, train_sae.TrainSAEConfig()
+    L, cfg = b.layer, train_sae.TrainSAEConfig()
     results = {}
     for name, seqs, amp_dtype, stop, seq_len in (("ours: stop_at layer, bf16, 4096-token SAE batches", 4, "bfloat16",
                                                   True, 1024),
                                                  ("paper: full fp32 forward, one 1024-token sequence per step", 1,
                                                   "float32", False, 1024)):
+        # ours holds the frozen model in bf16 (train_sae.py --dtype bfloat16); the paper's ran it in fp32
+        model = Transformer.from_pretrained(paths(b, folder)[0], device=dev, dtype=getattr(torch, amp_dtype))
+        model.requires_grad_(False)
+        d = model.cfg.d_model
         torch.manual_seed(0)
         sae = SAE(d, b.expansion * d, "topk", k=b.k, layer=L, device=dev)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)

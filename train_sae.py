@@ -50,6 +50,7 @@ class TrainSAEConfig:
     grad_clip: float = 1.0
     include_bos: bool = False  # BOS activations dwarf the rest: excluded by default
     autocast: str = "bfloat16"
+    dtype: str = "float32"  # storage of the frozen model's weights: "bfloat16" skips per-step weight casts
     log_interval: int = 50
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
     eval_batches: int = 4
@@ -128,19 +129,22 @@ def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, scale: float, cfg:
     batch's own variance: the loss then decomposes over tokens, so a DDP run with the same global batch computes
     exactly the single-process gradient."""
     pre = sae.pre_acts(x)
-    if sae.arch == "topk":
+    if sae.arch == "topk":  # sparse decode: k rows of W_dec per token instead of a dense (tokens, m) @ (m, d)
         values, indices = pre.topk(sae.k, dim=-1, sorted=False)
         values = values.relu()
-        z = torch.zeros_like(pre).scatter(-1, indices, values)
+        recon = sae.decode_sparse(values, indices)
+        l0 = (values > 0).float().sum(-1).mean()
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+        fired[indices[values > 0]] = True
     else:
         z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
-    recon = sae.decode(z)
+        recon, l0, fired = sae.decode(z), (z != 0).float().sum(-1).mean(), (z != 0).any(0)
     err = x - recon
     mse = err.pow(2).sum(-1).mean()
     loss = mse / scale  # normalised MSE: the loss scale does not depend on the activation norm
     with torch.no_grad():
         fvu = (mse / (x - x.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
-    stats = dict(fvu=fvu, l0=(z != 0).float().sum(-1).mean().item())
+    stats = dict(fvu=fvu, l0=l0.item())
     if sae.arch == "jumprelu":
         l0 = l0_step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
         loss = loss + cfg.l0_coef * l0
@@ -155,7 +159,7 @@ def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, scale: float, cfg:
         aux = (e - aux_recon).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         loss = loss + cfg.auxk_coef * torch.nan_to_num(aux, nan=0.0)
         stats["auxk"] = aux.item()
-    return loss, stats, (z != 0).any(0)
+    return loss, stats, fired
 
 
 def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):
@@ -190,7 +194,8 @@ def main(argv=None) -> dict:
     if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
         raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
 
-    model = Transformer.from_pretrained(cfg.model, device=run.device).requires_grad_(False)
+    model = Transformer.from_pretrained(cfg.model, device=run.device, dtype=getattr(torch, cfg.dtype))
+    model.requires_grad_(False)
     if not 0 <= cfg.layer < model.cfg.n_layer:
         raise ValueError(f"--layer {cfg.layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
     d, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
