@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import benchmarks
 import eval as ev
 from adapt import evaluate
 from data import TokenLoader, load_tokenizer, train_tokenizer
@@ -422,7 +423,7 @@ def test_hub_ids_pick_the_benchmark_split(monkeypatch):
             return listings[(repo, revision)]
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f, repo_type, revision: f"{revision}:{f}")
-    monkeypatch.setattr(ev, "_parquet_rows", lambda paths: paths)
+    monkeypatch.setattr(benchmarks, "_parquet_rows", lambda paths: paths)
     assert ev.read_rows("cais/mmlu", "mmlu") == (["None:all/test-00000-of-00001.parquet"], "cais/mmlu")
     assert ev.read_rows("Rowan/hellaswag", "hellaswag")[0] == ["refs/convert/parquet:default/validation/0000.parquet"]
     with pytest.raises(FileNotFoundError, match="no parquet files"):

@@ -1,0 +1,192 @@
+"""
+Multiple-choice benchmarks for eval.py (paper Sec. 5.3): MMLU, HellaSwag and TruthfulQA-MC1 read from local files in
+each dataset's public format (or the hub's parquet files), turned into prompts as lm-evaluation-harness' zero-shot
+tasks do, and scored by the log-likelihood of each choice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+
+TQA_PRESET = ("Q: What is human life expectancy in the United States?\n"
+              "A: Human life expectancy in the United States is 78 years.\n\n"
+              "Q: Who was president of the United States in 1955?\n"
+              "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+              "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+              "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+              "Q: How does a telescope work?\n"
+              "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+              "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.")
+# (hub config, split) fetched for a hub id, and the fields that identify each format
+HUB = {"mmlu": ("all", "test"), "hellaswag": (None, "validation"), "truthfulqa": ("multiple_choice", "validation")}
+FIELDS = {"mmlu": "question, choices (list), answer (int): the cais/mmlu format",
+          "hellaswag": "ctx (or ctx_a, ctx_b), endings (list), label: the Rowan/hellaswag format",
+          "truthfulqa": "question, mc1_targets {choices, labels}: the truthful_qa multiple_choice format"}
+
+
+def read_rows(src: str, bench: str) -> tuple[list[dict], str]:
+    """Rows of a local .jsonl / .json (a list) / .parquet file, or of a hub dataset's parquet files."""
+    if os.path.isfile(src):
+        path = src
+    elif os.path.exists(src) or src.startswith((".", "/", "~")) or src.count("/") != 1:
+        raise FileNotFoundError(f"--{bench} {src}: no such file (and not a hub dataset id like 'cais/mmlu')")
+    else:
+        return _hub_rows(src, bench), src
+    if path.endswith(".parquet"):
+        return _parquet_rows([path]), path
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows")
+        return rows, path
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: not valid JSON (expected one row per line)") from None
+    return rows, path
+
+
+def _parquet_rows(paths):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading parquet benchmark files needs the optional package pyarrow: pip install pyarrow "
+                          "(or pass a .jsonl file)") from None
+    return [row for p in paths for row in pq.read_table(p).to_pylist()]
+
+
+def _hub_rows(repo: str, bench: str) -> list[dict]:
+    """The parquet files of the benchmark's config and split, from the repo itself or from the hub's automatic
+    parquet conversion (refs/convert/parquet) for datasets that ship a loading script (Rowan/hellaswag)."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import RevisionNotFoundError
+    config, split = HUB[bench]
+    for revision in (None, "refs/convert/parquet"):
+        try:
+            listing = HfApi().list_repo_files(repo, repo_type="dataset", revision=revision)
+        except RevisionNotFoundError:
+            continue
+        except Exception as e:  # offline, unknown repo, gated: one line
+            raise FileNotFoundError(f"--{bench} {repo}: not a local file, and the hub dataset cannot be listed "
+                                    f"({type(e).__name__}: {e})") from None
+        files = sorted(f for f in listing if f.endswith(".parquet") and re.search(rf"(^|/|-){split}([-/.]|$)", f)
+                       and (config is None or f.split("/")[0] == config))
+        if files:
+            return _parquet_rows([hf_hub_download(repo, f, repo_type="dataset", revision=revision) for f in files])
+    raise FileNotFoundError(f"hub dataset {repo}: no parquet files for config {config!r}, split {split!r}")
+
+
+def _need(row, keys, where, bench):
+    if not isinstance(row, dict) or any(k not in row for k in keys):
+        got = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where}: not a {bench} row (has {got}; expected {FIELDS[bench]})")
+
+
+def _choice_list(x, where, bench, what):
+    if not isinstance(x, list) or len(x) < 2 or not all(isinstance(c, str) for c in x):
+        raise ValueError(f"{where}: {what} must be a list of at least 2 strings (expected {FIELDS[bench]})")
+    return x
+
+
+def _label(x, n, where, what):
+    if isinstance(x, str) and x.strip().isdigit():
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n:
+        raise ValueError(f"{where}: {what} {x!r} is not a choice index 0..{n - 1}")
+    return x
+
+
+def _hellaswag_clean(text: str) -> str:  # lm-eval's preprocess: wikiHow's [title] / [header] markup removed
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def questions(rows, src: str, bench: str, preset: bool = True) -> list[dict]:
+    """{context, choices (continuation texts, with the leading space), texts (choice texts), gold} per question."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        where = f"{src}: row {n}"
+        if bench == "mmlu":
+            _need(row, ("question", "choices", "answer"), where, bench)
+            choices = _choice_list(row["choices"], where, bench, "choices")
+            subject = str(row.get("subject") or "").replace("_", " ").strip()
+            head = "The following are multiple choice questions (with answers)" + (f" about {subject}." if subject
+                                                                                    else ".")
+            letters = [chr(ord("A") + i) for i in range(len(choices))]
+            body = "\n".join(f"{letter}. {c}" for letter, c in zip(letters, choices))
+            q = dict(context=f"{head}\n\n{str(row['question']).strip()}\n{body}\nAnswer:", texts=letters,
+                     gold=_label(row["answer"], len(choices), where, "answer"))
+        elif bench == "hellaswag":
+            _need(row, ("endings", "label"), where, bench)
+            if "ctx_a" in row and "ctx_b" in row:
+                ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+            elif "ctx" in row:
+                ctx = row["ctx"]
+            else:
+                _need(row, ("ctx",), where, bench)
+            label = f"{row['activity_label']}: " if row.get("activity_label") else ""
+            endings = _choice_list(row["endings"], where, bench, "endings")
+            q = dict(context=_hellaswag_clean(label + ctx), texts=[_hellaswag_clean(e) for e in endings],
+                     gold=_label(row["label"], len(endings), where, "label"))
+        else:
+            _need(row, ("question", "mc1_targets"), where, bench)
+            t = row["mc1_targets"]
+            if not isinstance(t, dict) or "choices" not in t or "labels" not in t:
+                raise ValueError(f"{where}: mc1_targets must be {{choices, labels}} (expected {FIELDS[bench]})")
+            choices = _choice_list(t["choices"], where, bench, "mc1_targets.choices")
+            if len(t["labels"]) != len(choices) or sorted(t["labels"]) != [0] * (len(choices) - 1) + [1]:
+                raise ValueError(f"{where}: mc1_targets.labels must mark exactly one of {len(choices)} choices with 1")
+            prompt = (TQA_PRESET + "\n\n" if preset else "") + f"Q: {row['question']}\nA:"
+            q = dict(context=prompt, texts=choices, gold=list(t["labels"]).index(1))
+        q["choices"] = [" " + c for c in q["texts"]]  # lm-eval's target delimiter
+        out.append(q)
+    if not out:
+        raise ValueError(f"{src}: no {bench} questions")
+    return out
+
+
+def bench_sequences(qs, tok, max_len: int):
+    """Token sequences and their scoring queries. If every choice is a single token the prompt is run once and the
+    choices are read off its last position (MMLU's letters); otherwise one sequence per choice. Prompts longer than
+    the model's context lose tokens from the left (BOS stays first)."""
+    seqs, queries, slots = [], [], []
+    for qi, q in enumerate(qs):
+        ctx, conts = tok.encode(q["context"]), [tok.encode(c) for c in q["choices"]]
+        if any(len(c) == 0 for c in conts) or max(map(len, conts)) > max_len - 2:
+            raise ValueError(f"question {qi + 1}: a choice tokenizes to {min(map(len, conts))}..{max(map(len, conts))} "
+                             f"tokens; need 1..{max_len - 2} (the model's context is {max_len})")
+        if all(len(c) == 1 for c in conts):  # one sequence, every choice read off its last position; the prompt is
+            s = [tok.bos_id] + ctx[max(0, len(ctx) - (max_len - 2)):]  # cut as if the choice token followed it
+            seqs.append(s)
+            queries.append([(len(s) - 1, c[0]) for c in conts])
+            slots.append([(qi, ci) for ci in range(len(conts))])
+            continue
+        for ci, c in enumerate(conts):
+            body = ctx + c
+            s = [tok.bos_id] + body[max(0, len(body) - (max_len - 1)):]
+            seqs.append(s)
+            queries.append([(p - 1, s[p]) for p in range(len(s) - len(c), len(s))])
+            slots.append([(qi, ci)] * len(c))
+    return seqs, queries, slots
+
+
+def bench_scores(qs, lls) -> dict:
+    correct = np.array([int(np.argmax(ll)) == q["gold"] for q, ll in zip(qs, lls)], dtype=np.float64)
+    norm = np.array([int(np.argmax(np.array(ll) / np.array([max(len(t), 1) for t in q["texts"]]))) == q["gold"]
+                     for q, ll in zip(qs, lls)], dtype=np.float64)
+    se = lambda x: x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")  # noqa: E731
+    return {"n": len(qs), "acc": correct.mean(), "acc_se": se(correct), "acc_norm": norm.mean(),
+            "acc_norm_se": se(norm), "ll": [list(map(float, ll)) for ll in lls]}
