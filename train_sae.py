@@ -237,7 +237,8 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample))
         scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
-    log(f"SAE {cfg.arch} d_in {d} d_sae {m} k {cfg.k} at layer {cfg.layer}; lr {lr:.2e}; {total_steps} steps of "
+    sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
+    log(f"SAE {cfg.arch} d_in {d} d_sae {m} {sparsity} at layer {cfg.layer}; lr {lr:.2e}; {total_steps} steps of "
         f"{cfg.batch_tokens} tokens on {run.world_size} process(es)")
 
     def save_state():

@@ -1,0 +1,456 @@
+"""
+The paper's findings at small scale, one command per experiment, offline on the embedded tiny pipeline by default.
+
+    python experiments/run.py frontier   # Fig. 1/5, Tables 1-2: TopK vs e2e vs TopK + LoRA, CE against training time
+    python experiments/run.py rank       # Fig. 3: LoRA rank 1, 4, 16, 64 on one SAE
+    python experiments/run.py layers     # Fig. 9: an adapter on one layer after the SAE vs on all layers after it
+    python experiments/run.py multi      # Fig. 6: compound CE with 1, 2, 3 SAEs spliced at once, before and after
+    python experiments/run.py jumprelu   # Sec. 3.4: a JumpReLU SAE, adapters on the layers after it only
+    python experiments/run.py all
+
+Every step is a plain call of the project's scripts (train_sae.py, train_e2e.py, adapt.py), printed before it runs so
+it can be repeated by hand, writing to out/exp/<experiment>/<run>; a step whose output exists is not redone (delete
+the folder, or --fresh, to redo it). Each experiment then writes experiments/results/<name>.json (every number),
+<name>.md (the table the README shows) and <name>.png (the figure; needs `pip install matplotlib`).
+
+On a real model the same commands take the paper's settings: e.g.
+    python experiments/run.py frontier --model google/gemma-2-2b --data data/pile --layer 12 --k 64 \
+        --sae-tokens 2000000000 --e2e-tokens 500000000 --lora-tokens 15000000
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import adapt  # noqa: E402
+import common  # noqa: E402
+from model import ModelConfig, Transformer, resolve_model_dir  # noqa: E402
+from sae import SAE  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "experiments", "results")
+
+
+@dataclass
+class ExpConfig:
+    """Settings shared by the experiments; the defaults are the embedded tiny pipeline's (minutes on 2 CPU cores)."""
+    model: str | None = None  # None: the embedded tiny Gemma-2 (4 layers, d_model 192)
+    data: str | None = None  # None: the embedded stdlib corpus
+    layer: int | None = None  # the SAE layer; None: the middle layer (2 of 0..3 on the tiny model)
+    k: int = 16  # TopK SAEs: active latents per token (paper: 64)
+    expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
+    sae_tokens: int = 4_000_000  # TopK SAE training tokens (paper: 2B on Gemma-2-2B)
+    extra_sae_tokens: int = 2_000_000  # the additional TopK SAEs of `multi`
+    jumprelu_tokens: int = 3_000_000  # the JumpReLU SAE of `layers` and `jumprelu` (its thresholds need the steps)
+    e2e_tokens: int = 1_500_000  # e2e SAE training tokens (the paper stopped its e2e runs after about a week)
+    lora_tokens: int = 250_000  # LoRA tokens per TopK checkpoint on the frontier (paper: 15M on Gemma-2-2B)
+    adapt_tokens: int = 1_000_000  # LoRA tokens in rank / layers / multi / jumprelu (paper: 15M)
+    frontier_ckpts: str = "10,20,30,50,100"  # TopK checkpoints (% of training) adapted on the frontier
+    fresh: bool = False  # redo steps whose output already exists
+    out: str = "out/exp"
+
+
+def tiny(cfg: ExpConfig) -> bool:
+    return cfg.model is None
+
+
+def sae_args(cfg: ExpConfig) -> list[str]:
+    """train_sae.py / train_e2e.py settings for the embedded pipeline (train_sae.TINY_SAE_ARGS), else the scripts'
+    paper defaults."""
+    import train_sae
+    if not tiny(cfg):
+        return []
+    keep = dict(zip(train_sae.TINY_SAE_ARGS[::2], train_sae.TINY_SAE_ARGS[1::2]))
+    for flag in ("--k", "--expansion", "--max-tokens"):
+        keep.pop(flag)
+    return [x for kv in keep.items() for x in kv]
+
+
+def base_args(cfg: ExpConfig) -> list[str]:
+    return [*(["--model", cfg.model] if cfg.model else []), *(["--data", cfg.data] if cfg.data else [])]
+
+
+_DONE_THIS_RUN: set[str] = set()
+
+
+def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str):
+    """python <script> <args> --out <out> --resume, unless <out>/<done_file> exists (an interrupted step resumes)."""
+    if cfg.fresh and out not in _DONE_THIS_RUN and os.path.isdir(out):
+        shutil.rmtree(out)
+    _DONE_THIS_RUN.add(out)
+    if os.path.isfile(os.path.join(out, done_file)):
+        print(f"[done already] {out}")
+        return
+    cmd = [script, *base_args(cfg), *args, "--out", out, "--resume"]
+    print("$ python " + " ".join(cmd), flush=True)
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+
+
+def adapt_run(cfg: ExpConfig, out: str, args: list[str]) -> dict:
+    run(cfg, "adapt.py", out, ["--max-tokens", str(cfg.adapt_tokens), *args], "results.json")
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def embedded_paths(cfg: ExpConfig) -> tuple[str, str, int, ModelConfig]:
+    """Model folder, data folder, SAE layer and model config, building the embedded model and corpus on first use."""
+    model, data_dir = cfg.model, cfg.data
+    if model is None or data_dir is None:
+        import data
+        import pretrain
+        cache = data.default_cache_dir()
+        data_dir = data_dir or data.embedded_dataset(cache)[0]
+        model = model or pretrain.ensure_tiny_model(cache)
+    with open(os.path.join(resolve_model_dir(model), "config.json")) as f:
+        mcfg = ModelConfig.from_hf(json.load(f))
+    return model, data_dir, cfg.layer if cfg.layer is not None else mcfg.n_layer // 2, mcfg
+
+
+def train_topk(cfg: ExpConfig, out: str, layer: int, tokens: int, arch: str = "topk", extra=()) -> str:
+    run(cfg, "train_sae.py", out, ["--layer", str(layer), "--arch", arch, "--k", str(cfg.k), "--expansion",
+                                   str(cfg.expansion), "--max-tokens", str(tokens), *sae_args(cfg), *extra],
+        "history.json")
+    return out
+
+
+def main_sae(cfg: ExpConfig, layer: int) -> str:
+    """The SAE the rank and multi experiments adapt: on the tiny model, the embedded one `python adapt.py` uses."""
+    import train_sae
+    model_dir, data_dir, default_layer, _ = embedded_paths(cfg)
+    if tiny(cfg) and layer == default_layer:
+        return train_sae.ensure_tiny_sae(model_dir, data_dir)
+    return train_topk(cfg, os.path.join(cfg.out, f"sae-L{layer}"), layer, cfg.sae_tokens)
+
+
+@torch.no_grad()
+def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = None) -> dict:
+    """CE of the original model and with the SAE(s) spliced, on exactly the held-out tokens adapt.py evaluates on."""
+    model_dir, data_dir, _, _ = embedded_paths(cfg)
+    a = adapt.AdaptConfig(**(adapt.EMBEDDED if tiny(cfg) else {}))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = Transformer.from_pretrained(model_dir, device=device).requires_grad_(False)
+    saes = adapt.load_saes(sae_dirs, ",".join(map(str, layers)) if layers else None, model, device)
+    from data import TokenLoader
+    val = TokenLoader(data_dir, "val", a.batch_size, a.seq_len, 0, 1, a.seed, shuffle=False, device=device)
+    batches = [val.next_batch() for _ in range(max(1, a.eval_tokens // (a.batch_size * a.seq_len)))]
+    res = adapt.evaluate(model, saes, batches, model.cfg.bos_token_id, a.splice_bos, a.kl_chunk,
+                         common.autocast(device, a.autocast))
+    return dict(ce_base=res["ce_base"], ce_sae=res["ce_sae"], kl_sae=res["kl_sae"])
+
+
+def save(name: str, results: dict, table: str):
+    os.makedirs(RESULTS, exist_ok=True)
+    results["hardware"] = dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                               cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                               torch=torch.__version__)
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("figure skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+
+
+def savefig(plt, fig, name: str):
+    fig.savefig(os.path.join(RESULTS, name + ".png"), dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Loss vs compute (Fig. 1, 5; Tables 1, 2)
+
+
+def interpolate(xs, ys, x):
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
+    return ys[-1] if x > xs[-1] else ys[0]
+
+
+def time_to(curve: list[tuple[float, float]], ce: float) -> float | None:
+    """First training time at which a (time, CE) curve reaches `ce` or lower (None: never, within its budget)."""
+    return next((t for t, c in sorted(curve) if c <= ce + 1e-9), None)
+
+
+def frontier(cfg: ExpConfig):
+    t0 = time.time()
+    _, _, layer, _ = embedded_paths(cfg)
+    root = os.path.join(cfg.out, "frontier")
+    topk = train_topk(cfg, os.path.join(root, "topk"), layer, cfg.sae_tokens)
+    e2e = os.path.join(root, "e2e")
+    e2e_args = ["--layer", str(layer), "--k", str(cfg.k), "--expansion", str(cfg.expansion), "--max-tokens",
+                str(cfg.e2e_tokens)]
+    if tiny(cfg):
+        e2e_args += ["--batch-size", "8", "--seq-len", "256", "--dead-tokens", "1000000", "--eval-interval", "100000"]
+    run(cfg, "train_e2e.py", e2e, e2e_args, "cfg.json")
+
+    # training time of each checkpoint: the SAE runs log their elapsed seconds (training steps only, no evaluation)
+    with open(os.path.join(topk, "history.json")) as f:
+        h = json.load(f)
+    log = [r for r in h["history"] if "fvu" in r or "l0" in r]
+    total_steps = h["config"]["max_tokens"] // h["config"]["batch_tokens"]
+    topk_time = lambda p: interpolate([0] + [r["step"] for r in log], [0.0] + [r["time"] for r in log],
+                                      round(total_steps * p / 100))
+    with open(os.path.join(e2e, "log.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("seconds")]
+    steps, secs = [0] + [int(r["step"]) for r in rows], [0.0] + [float(r["seconds"]) for r in rows]
+    e2e_total = max(steps)
+    e2e_time = lambda p: interpolate(steps, secs, round(e2e_total * p / 100))
+
+    points = dict(topk=[], e2e=[], topk_lora=[])
+    for p in range(10, 101, 10):
+        ckpt = f"ckpt_{p:03d}"
+        ev = held_out(cfg, [os.path.join(topk, ckpt)], [layer])
+        points["topk"].append(dict(pct=p, time=topk_time(p), ce=ev["ce_sae"], ce_base=ev["ce_base"]))
+        ev = held_out(cfg, [os.path.join(e2e, ckpt)], [layer])
+        points["e2e"].append(dict(pct=p, time=e2e_time(p), ce=ev["ce_sae"]))
+    for p in map(int, cfg.frontier_ckpts.split(",")):
+        res = adapt_run(cfg, os.path.join(root, f"lora-{p:03d}"), ["--sae", os.path.join(topk, f"ckpt_{p:03d}"),
+                                                                    "--layer", str(layer), "--max-tokens",
+                                                                    str(cfg.lora_tokens)])
+        points["topk_lora"].append(dict(pct=p, time=topk_time(p) + res["train_seconds"], ce=res["ce_sae_lora"],
+                                        sae_time=topk_time(p), lora_time=res["train_seconds"],
+                                        ce_before=res["ce_sae"]))
+    ce_base = points["topk"][0]["ce_base"]
+
+    # Tables 1-2: time for each method to first reach a CE; thresholds spread over what TopK + LoRA reached
+    curves = {k: [(q["time"], q["ce"]) for q in v] for k, v in points.items()}
+    best, worst = min(c for _, c in curves["topk_lora"]), max(c for _, c in curves["topk_lora"])
+    thresholds = [round(worst - (worst - best) * i / 3, 3) for i in range(4)]
+    rows_t = []
+    for ce in thresholds:
+        t = {k: time_to(v, ce) for k, v in curves.items()}
+        rows_t.append(dict(ce=ce, **{k + "_s": v for k, v in t.items()},
+                           speedup=(t["e2e"] / t["topk_lora"]) if t["e2e"] and t["topk_lora"] else None))
+    fmt = lambda s: f"{s:.0f} s" if s is not None else "not reached"
+    table = ["| CE loss | TopK + LoRA | TopK | e2e | speedup (e2e / TopK + LoRA) |", "|---|---|---|---|---|"]
+    for r in rows_t:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else (
+            f"> {max(t for t, _ in curves['e2e']) / r['topk_lora_s']:.2f}x" if r["topk_lora_s"] else "-")
+        table.append(f"| {r['ce']:.3f} | {fmt(r['topk_lora_s'])} | {fmt(r['topk_s'])} | {fmt(r['e2e_s'])} | {sp} |")
+    table += ["", f"Original model CE {ce_base:.4f}. Final CE: TopK {points['topk'][-1]['ce']:.4f} "
+              f"({points['topk'][-1]['time']:.0f} s), e2e {points['e2e'][-1]['ce']:.4f} "
+              f"({points['e2e'][-1]['time']:.0f} s), TopK + LoRA {points['topk_lora'][-1]['ce']:.4f} "
+              f"({points['topk_lora'][-1]['time']:.0f} s).", "",
+              "| TopK checkpoint | SAE time | LoRA time | CE with SAE | CE with SAE + LoRA |", "|---|---|---|---|---|"]
+    for q in points["topk_lora"]:
+        table.append(f"| {q['pct']}% | {q['sae_time']:.0f} s | {q['lora_time']:.0f} s | {q['ce_before']:.4f} | "
+                     f"{q['ce']:.4f} |")
+    save("frontier", dict(points=points, ce_base=ce_base, speedups=rows_t, config=asdict(cfg),
+                          wall_seconds=time.time() - t0), "\n".join(table))
+
+    plt = pyplot()
+    if plt:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label, style in (("topk", "TopK SAE", "o-"), ("e2e", "e2e SAE", "s-"),
+                                  ("topk_lora", "TopK + LoRA", "^-")):
+            ax.plot([q["time"] for q in points[key]], [q["ce"] for q in points[key]], style, label=label)
+        ax.axhline(ce_base, color="gray", ls="--", label=f"original model ({ce_base:.3f})")
+        ax.set(xlabel="training time (s, 2 CPU cores)", ylabel="held-out CE with SAE (nats)",
+               title="CE loss vs training time (cf. paper Fig. 1)")
+        ax.legend()
+        savefig(plt, fig, "frontier")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. LoRA rank (Fig. 3)
+
+
+def rank(cfg: ExpConfig):
+    t0 = time.time()
+    _, _, layer, _ = embedded_paths(cfg)
+    sae = main_sae(cfg, layer)
+    res = {r: adapt_run(cfg, os.path.join(cfg.out, "rank", f"r{r}"), ["--sae", sae, "--layer", str(layer),
+                                                                      "--rank", str(r)]) for r in (1, 4, 16, 64)}
+    table = ["| rank | trainable params | CE with SAE + LoRA | gap closed | KL to original | LoRA time |",
+             "|---|---|---|---|---|---|"]
+    r0 = res[1]
+    for r, x in res.items():
+        table.append(f"| {r} | {lora_params(cfg, r, x['lora_layers']) / 1e6:.2f}M | {x['ce_sae_lora']:.4f} | "
+                     f"{x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} | {x['train_seconds']:.0f} s |")
+    table += ["", f"CE original {r0['ce_base']:.4f}, with SAE {r0['ce_sae']:.4f} (KL {r0['kl_sae']:.4f})."]
+    save("rank", dict(runs={r: strip(x) for r, x in res.items()}, config=asdict(cfg),
+                      wall_seconds=time.time() - t0), "\n".join(table))
+    plt = pyplot()
+    if plt:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(list(res), [100 * x["gap_closed"] for x in res.values()], "o-")
+        ax.set(xscale="log", xlabel="LoRA rank", ylabel="CE gap closed (%)", title="Scaling with rank (cf. Fig. 3)")
+        ax.set_xticks(list(res), [str(r) for r in res])
+        savefig(plt, fig, "rank")
+
+
+def lora_params(cfg: ExpConfig, r: int, layers: list[int]) -> int:
+    with torch.device("meta"):
+        model = Transformer(embedded_paths(cfg)[3])
+    per_layer = sum(r * (lin.in_features + lin.out_features) for name, lin in model.named_modules()
+                    if isinstance(lin, torch.nn.Linear) and ".layers.0." in name)
+    return per_layer * len(layers)
+
+
+def strip(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "history"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Single-layer adapters (Fig. 9) and 5. JumpReLU (Gemma Scope style): one JumpReLU SAE early in the model
+
+
+def jumprelu_sae(cfg: ExpConfig) -> tuple[str, int]:
+    """A JumpReLU SAE one layer after the first, so several layers lie after it (the layers LoRA may touch)."""
+    layer = 0 if tiny(cfg) else (cfg.layer if cfg.layer is not None else 12)
+    out = os.path.join(cfg.out, f"sae-jumprelu-L{layer}")
+    # thresholds start at 1e-3 and Adam moves them about lr per step: on a budget of minutes, a larger lr and L0
+    # coefficient bring L0 from ~750 down to a few tens (Gemma Scope's values need billions of tokens)
+    extra = ["--l0-coef", "0.1", "--lr", "1e-2"] if tiny(cfg) else []
+    return train_topk(cfg, out, layer, cfg.jumprelu_tokens, "jumprelu", extra), layer
+
+
+@torch.no_grad()
+def l0_of(cfg: ExpConfig, sae_dir: str, layer: int, adapter: str | None = None) -> float:
+    """Mean active latents of the SAE on held-out activations of (the adapted) model at its layer, BOS excluded."""
+    from data import TokenLoader
+    from lora import load_adapter
+    model_dir, data_dir, _, _ = embedded_paths(cfg)
+    a = adapt.AdaptConfig(**(adapt.EMBEDDED if tiny(cfg) else {}))
+    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    if adapter:
+        load_adapter(model, adapter)
+    sae = SAE.from_pretrained(sae_dir)
+    val = TokenLoader(data_dir, "val", a.batch_size, a.seq_len, 0, 1, a.seed, shuffle=False)
+    total, n = 0.0, 0
+    for _ in range(max(1, a.eval_tokens // (a.batch_size * a.seq_len))):
+        idx = val.next_batch()
+        x = model(idx, stop_at=layer)[:, 1:].reshape(-1, model.cfg.d_model)
+        total, n = total + float((sae.encode(x) != 0).sum()), n + x.shape[0]
+    return total / n
+
+
+def layers(cfg: ExpConfig):
+    t0 = time.time()
+    sae, layer = jumprelu_sae(cfg)
+    n_layer = embedded_paths(cfg)[3].n_layer
+    root = os.path.join(cfg.out, "layers")
+    runs = {"after": adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--layers", "after"])}
+    for i in range(layer + 1, n_layer):
+        runs[str(i)] = adapt_run(cfg, os.path.join(root, f"layer-{i}"), ["--sae", sae, "--layers", str(i)])
+    a = runs["after"]
+    table = ["| adapters on | CE with SAE + LoRA | gap closed | KL to original | LoRA time |", "|---|---|---|---|---|"]
+    for name, x in runs.items():
+        label = f"layers {layer + 1}..{n_layer - 1} (all after)" if name == "after" else f"layer {name} only"
+        table.append(f"| {label} | {x['ce_sae_lora']:.4f} | {x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} | "
+                     f"{x['train_seconds']:.0f} s |")
+    table += ["", f"JumpReLU SAE at layer {layer}; CE original {a['ce_base']:.4f}, with SAE {a['ce_sae']:.4f}."]
+    save("layers", dict(sae=sae, layer=layer, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg),
+                        wall_seconds=time.time() - t0), "\n".join(table))
+    plt = pyplot()
+    if plt:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        names = [k for k in runs if k != "after"] + ["after"]
+        ax.bar([f"L{k}" if k != "after" else "all after" for k in names],
+               [runs[k]["ce_sae_lora"] for k in names], color=["C0"] * (len(names) - 1) + ["C1"])
+        ax.axhline(a["ce_sae"], color="C3", ls="--", label=f"with SAE, no LoRA ({a['ce_sae']:.3f})")
+        ax.axhline(a["ce_base"], color="gray", ls="--", label=f"original ({a['ce_base']:.3f})")
+        lo = a["ce_base"] - 0.25 * (a["ce_sae"] - a["ce_base"])
+        ax.set(ylim=(lo, a["ce_sae"] + 0.25 * (a["ce_sae"] - a["ce_base"])), ylabel="held-out CE (nats)",
+               xlabel="adapted layer", title=f"Single-layer LoRA, SAE at layer {layer} (cf. Fig. 9)")
+        ax.legend(fontsize=8)
+        savefig(plt, fig, "layers")
+
+
+def jumprelu(cfg: ExpConfig):
+    t0 = time.time()
+    sae, layer = jumprelu_sae(cfg)
+    root = os.path.join(cfg.out, "layers")
+    after = adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--layers", "after"])
+    # the counter-example the default refuses: adapters before the SAE too, which moves its inputs across thresholds
+    every = adapt_run(cfg, os.path.join(cfg.out, "jumprelu", "all"), ["--sae", sae, "--layers", "all",
+                                                                      "--allow-before-jumprelu"])
+    l0 = dict(original=l0_of(cfg, sae, layer), after=l0_of(cfg, sae, layer, os.path.join(root, "after", "adapter")),
+              all=l0_of(cfg, sae, layer, os.path.join(cfg.out, "jumprelu", "all", "adapter")))
+    table = ["| adapters on | L0 of the SAE | CE with SAE + LoRA | gap closed | KL to original |",
+             "|---|---|---|---|---|",
+             f"| none | {l0['original']:.2f} | {after['ce_sae']:.4f} | - | {after['kl_sae']:.4f} |",
+             f"| layers after the SAE (default) | {l0['after']:.2f} | {after['ce_sae_lora']:.4f} | "
+             f"{after['gap_closed']:.1%} | {after['kl_sae_lora']:.4f} |",
+             f"| all layers (--allow-before-jumprelu) | {l0['all']:.2f} | {every['ce_sae_lora']:.4f} | "
+             f"{every['gap_closed']:.1%} | {every['kl_sae_lora']:.4f} |",
+             "", f"JumpReLU SAE at layer {layer}; CE original {after['ce_base']:.4f}."]
+    save("jumprelu", dict(sae=sae, layer=layer, l0=l0, after=strip(after), all=strip(every), config=asdict(cfg),
+                          wall_seconds=time.time() - t0), "\n".join(table))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Several SAEs at once (Fig. 6)
+
+
+def multi(cfg: ExpConfig):
+    t0 = time.time()
+    _, _, layer, mcfg = embedded_paths(cfg)
+    n_layer = mcfg.n_layer
+    # spread out as in the paper (1 SAE at the middle; then as far apart as the model allows)
+    sets = [[layer], [1, 3], [1, 2, 3]] if n_layer == 4 else [[n_layer // 2], [n_layer // 3, 2 * n_layer // 3],
+                                                               [n_layer // 4, n_layer // 2, 3 * n_layer // 4]]
+    saes = {layer: main_sae(cfg, layer)}
+    for ls in sets:
+        for i in ls:
+            if i not in saes:
+                saes[i] = train_topk(cfg, os.path.join(cfg.out, f"sae-L{i}-extra"), i, cfg.extra_sae_tokens)
+    runs = {}
+    for ls in sets:
+        args = [x for i in ls for x in ("--sae", saes[i])] + ["--layer", ",".join(map(str, ls))]
+        runs[",".join(map(str, ls))] = adapt_run(cfg, os.path.join(cfg.out, "multi", "L" + "-".join(map(str, ls))),
+                                                 args)
+    table = ["| SAEs at layers | compound CE before LoRA | after LoRA | gap closed | KL before -> after |",
+             "|---|---|---|---|---|"]
+    for name, x in runs.items():
+        table.append(f"| {name} | {x['ce_sae']:.4f} | {x['ce_sae_lora']:.4f} | {x['gap_closed']:.1%} | "
+                     f"{x['kl_sae']:.4f} -> {x['kl_sae_lora']:.4f} |")
+    table += ["", f"CE of the original model {next(iter(runs.values()))['ce_base']:.4f}."]
+    save("multi", dict(saes=saes, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg),
+                       wall_seconds=time.time() - t0), "\n".join(table))
+    plt = pyplot()
+    if plt:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = range(len(runs))
+        ax.bar([x - 0.2 for x in xs], [r["ce_sae"] for r in runs.values()], 0.4, label="SAEs spliced")
+        ax.bar([x + 0.2 for x in xs], [r["ce_sae_lora"] for r in runs.values()], 0.4, label="SAEs + LoRA")
+        base = next(iter(runs.values()))["ce_base"]
+        ax.axhline(base, color="gray", ls="--", label=f"original ({base:.3f})")
+        ax.set_xticks(list(xs), [f"{len(k.split(','))} SAE{'s' if ',' in k else ''}\n({k})" for k in runs])
+        ax.set(ylim=(base - 0.2, None), ylabel="compound CE (nats)", title="Several SAEs at once (cf. Fig. 6)")
+        ax.legend(fontsize=8)
+        savefig(plt, fig, "multi")
+
+
+EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu)
+
+if __name__ == "__main__":
+    names = [a for a in sys.argv[1:2] if not a.startswith("-")]
+    if not names or names[0] not in (*EXPERIMENTS, "all"):
+        sys.exit(f"usage: python experiments/run.py {{{'|'.join(EXPERIMENTS)}|all}} [--flags]; see the docstring")
+    cfg = common.parse_args(ExpConfig, sys.argv[2:])
+    for name in (EXPERIMENTS if names[0] == "all" else [names[0]]):
+        print(f"== {name}", flush=True)
+        EXPERIMENTS[name](cfg)
