@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from lora import adapters_disabled, apply_lora, resolve_layers, save_adapter
+from lora import adapter_parameters, adapters_disabled, apply_lora, resolve_layers, save_adapter
 from model import Transformer, next_token_ce
 from sae import SAE, splice_hooks
 
@@ -52,6 +52,7 @@ class AdaptConfig:
     grad_clip: float = 1.0
     autocast: str = "bfloat16"  # activation precision; "float32" disables autocast
     dtype: str = "float32"  # storage of the frozen base weights ("bfloat16" halves memory); adapters stay fp32
+    fsdp: bool = False  # FSDP2 under torchrun: each decoder layer sharded across ranks, for models too big for one
     compile: bool = True
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk: never two full (B, T, vocab) fp32 tensors
     eval_interval: int = 200  # steps
@@ -221,6 +222,52 @@ def step_flops(model: Transformer, saes, seq_len: int, share_prefix: bool) -> fl
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# FSDP2: for a model that does not fit one device, every decoder layer's weights (frozen base and adapters) are
+# sharded across the ranks and all-gathered just in time for its forward and backward; gradients are reduce-scattered.
+# Embeddings and the final norm stay whole on every rank: the tied lm_head reads them outside any module's forward.
+
+
+def shard_layers(model: Transformer):
+    from torch.distributed.fsdp import fully_shard
+    if not torch.distributed.is_initialized():
+        raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
+    for layer in model.model.layers:
+        fully_shard(layer)
+        # every layer is its own FSDP root here (the embeddings stay outside), and FSDP2 keeps a root's weights
+        # gathered after its forward; free them after each forward instead, or the model would end up whole
+        layer.set_reshard_after_forward(True)
+
+
+def whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as one tensor: under FSDP2 the shards are gathered (a collective: every rank must call it)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+
+def load_whole(p: torch.Tensor, saved: torch.Tensor):
+    if hasattr(p, "full_tensor"):  # a sharded DTensor: keep this rank's shard of the saved tensor
+        from torch.distributed.tensor import distribute_tensor
+        saved = distribute_tensor(saved.to(p.device), p.device_mesh, p.placements)
+    p.data.copy_(saved)
+
+
+def optimizer_state(optimizer, params, load: dict | None = None):
+    """Adam's state with whole tensors (under FSDP2 gathered from the shards, the same order on every rank), or that
+    state loaded back, each rank keeping its shard."""
+    if load is None:
+        sd = optimizer.state_dict()
+        sd["state"] = {i: {k: whole(v) if torch.is_tensor(v) else v for k, v in sd["state"][i].items()}
+                       for i in sorted(sd["state"])}
+        return sd
+    from torch.distributed.tensor import distribute_tensor
+    for i, st in load["state"].items():
+        p = params[i]
+        for k, v in st.items():
+            if hasattr(p, "full_tensor") and torch.is_tensor(v) and v.shape == p.shape:
+                st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict(load)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
@@ -255,6 +302,9 @@ def main(argv=None) -> dict:
     saes = load_saes(cfg.sae, cfg.layer, model, run.device)
     lora_layers = choose_lora_layers(cfg.layers, saes, model.cfg.n_layer, cfg.allow_before_jumprelu)
     params = apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, lora_layers)
+    if cfg.fsdp:
+        shard_layers(model)
+        params = adapter_parameters(model)  # now DTensors, each rank holding its shard
     share_prefix = min(lora_layers) > saes[0][0]
     bos_id = model.cfg.bos_token_id
     n_train = sum(p.numel() for p in params)
@@ -276,15 +326,15 @@ def main(argv=None) -> dict:
 
     # -- optimiser, compile, resume ---------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    passes = (torch.compile(base_pass), torch.compile(spliced_pass)) if cfg.compile else None
+    passes = (torch.compile(base_pass), torch.compile(spliced_pass)) if cfg.compile and not cfg.fsdp else None
     amp = common.autocast(run.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0
     if cfg.resume and os.path.isfile(ckpt_path):
         state = torch.load(ckpt_path, map_location=run.device, weights_only=False)
         for p, saved in zip(params, state["adapter"]):
-            p.data.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
+            load_whole(p, saved)
+        optimizer_state(optimizer, params, load=state["optimizer"])
         train.load_state_dict(state["loader"][run.rank] if isinstance(state["loader"], list) else state["loader"])
         torch.set_rng_state(state["rng"])
         step, history, elapsed = state["step"], state["history"], state["elapsed"]
@@ -294,11 +344,12 @@ def main(argv=None) -> dict:
 
     def save_checkpoint():
         loaders = common.gather_objects(train.state_dict())
-        if run.master:
-            common.atomic_torch_save(dict(adapter=[p.detach() for p in params], optimizer=optimizer.state_dict(),
-                                          loader=loaders, rng=torch.get_rng_state(), step=step, history=history,
-                                          elapsed=elapsed, config=asdict(cfg)), ckpt_path)
+        adapter, optim = [whole(p) for p in params], optimizer_state(optimizer, params)  # collectives
+        if cfg.fsdp or run.master:  # under FSDP2 every rank takes part in gathering the adapter; rank 0 writes it
             save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.model)
+        if run.master:
+            common.atomic_torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=torch.get_rng_state(),
+                                          step=step, history=history, elapsed=elapsed, config=asdict(cfg)), ckpt_path)
 
     if step == 0:
         res = evaluate(model, saes, val_batches, bos_id, cfg.splice_bos, cfg.kl_chunk, amp)
@@ -328,7 +379,8 @@ def main(argv=None) -> dict:
         if not math.isfinite(kl_log):
             raise FloatingPointError(f"KL is {kl_log} at step {step} (lr {lr:.2e}); the last good checkpoint is "
                                      f"{ckpt_path}: lower --lr or use --autocast float32, then --resume")
-        common.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
+        if not cfg.fsdp:  # FSDP2 has reduce-scattered them already
+            common.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

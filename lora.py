@@ -224,7 +224,11 @@ def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = "
         base_model_name_or_path=base_model_name_or_path, bias="none", fan_in_fan_out=False, inference_mode=True,
         init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={},
         alpha_pattern={}, revision=None)
-    tensors = {k: p.detach().cpu().contiguous() for k, p in _peft_names(mods).items()}
+    # FSDP2-sharded adapters (DTensors) are gathered first: every rank calls this, rank 0 writes
+    tensors = {k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().contiguous()
+               for k, p in _peft_names(mods).items()}
+    if any(hasattr(p, "full_tensor") for p in _peft_names(mods).values()) and torch.distributed.get_rank() != 0:
+        return
     os.makedirs(folder, exist_ok=True)  # each file written under a temp name, then renamed: never half-written
     path = os.path.join(folder, WEIGHTS_NAME)
     save_file(tensors, path + ".tmp", metadata={"format": "pt"})

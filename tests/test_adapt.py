@@ -236,3 +236,47 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_path, monk
     with pytest.raises(FloatingPointError, match="KL is nan at step 5.*ckpt.pt"):
         adapt.main(small_args(files, tmp_path, "--max-tokens", "1024"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
+
+
+CRASH_AT_STEP_6 = """
+import sys, torch, adapt
+real, calls = adapt.kl_and_ce, {"n": 0}
+def crash(*args):
+    calls["n"] += torch.is_grad_enabled()  # training steps only
+    if calls["n"] == 6:
+        raise SystemExit(3)
+    return real(*args)
+adapt.kl_and_ce = crash
+adapt.main(sys.argv[1:])
+"""
+
+
+def test_fsdp2_equals_one_process_and_resumes_exactly(files, tmp_path):
+    # FSDP2 (each layer's weights and adapters sharded over 2 gloo ranks, batch 2 each) must train the same adapter
+    # as one process with batch 4, and a run killed at step 6 must resume from its step-4 checkpoint to the same end
+    one = adapt.main(small_args(files, tmp_path / "one", "--max-tokens", "1024", "--eval-tokens", "256"))
+    two = small_args(files, tmp_path / "a", "--max-tokens", "1024", "--eval-tokens", "256", "--batch-size", "2",
+                     "--fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29541"]
+    proc = subprocess.run([*torchrun, "adapt.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[:6000]
+    crash = tmp_path / "crash.py"
+    crash.write_text(CRASH_AT_STEP_6)
+    b = [tmp_path / "b" if x == str(tmp_path / "a") else x for x in two]
+    proc = subprocess.run([*torchrun, str(crash), *map(str, b)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 4
+    proc = subprocess.run([*torchrun, "adapt.py", *map(str, b), "--resume"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[:6000]
+    a, b, o = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b", "one"))
+    assert a["step"] == b["step"] == o["step"] == 8
+    for x, y, z in zip(a["adapter"], b["adapter"], o["adapter"]):
+        assert torch.equal(x, y)
+        assert torch.allclose(x, z, atol=1e-5, rtol=1e-4)
+    res = json.load(open(tmp_path / "a" / "results.json"))
+    assert abs(res["ce_sae_lora"] - one["ce_sae_lora"]) < 1e-4
+    from lora import load_adapter  # the gathered adapter on disk is whole and loads into a plain model
+    model = Transformer.from_pretrained(files["model"])
+    for p, saved in zip(load_adapter(model, str(tmp_path / "a" / "adapter")), a["adapter"]):
+        assert torch.equal(p.detach(), saved)
