@@ -44,6 +44,7 @@ class BenchConfig:
     expansion: int = 8
     k: int = 32
     kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
+    compile_sae: bool = True  # bench.py sae: compile our forward to the layer, as train_sae.py does by default
     steps: int = 5
     warmup: int = 2
     device: str = "auto"
@@ -273,10 +274,13 @@ def bench_sae(b: BenchConfig, dev):
         idx = torch.randint(3, model.cfg.vocab_size, (seqs, seq_len), device=dev)
         dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)
 
+        # ours compiles the forward as train_sae.py does (Gemma-2's attention becomes one flex_attention kernel)
+        ours_forward = torch.compile(lambda idx: model(idx, stop_at=L)) if stop and b.compile_sae else None
+
         def step():
             with torch.no_grad(), amp:
                 if stop:
-                    x = model(idx, stop_at=L)
+                    x = ours_forward(idx) if ours_forward else model(idx, stop_at=L)
                 else:  # the whole model runs; the layer's output is captured by a hook
                     seen = {}
                     model(idx, hooks={L: lambda h: seen.setdefault("x", h)})

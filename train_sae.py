@@ -50,6 +50,8 @@ class TrainSAEConfig:
     grad_clip: float = 1.0
     include_bos: bool = False  # BOS activations dwarf the rest: excluded by default
     autocast: str = "bfloat16"
+    compile: bool = True  # the frozen forward up to the layer (on CPU: Gemma-2's windowed, soft-capped attention
+    # becomes one flex_attention kernel)
     dtype: str = "float32"  # storage of the frozen model's weights: "bfloat16" skips per-step weight casts
     log_interval: int = 50
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
@@ -68,8 +70,9 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device, shuffle=True):
+    def __init__(self, model, loader, layer, size, include_bos, amp, device, shuffle=True, forward=None):
         self.model, self.loader, self.layer, self.size, self.shuffle = model, loader, layer, size, shuffle
+        self.forward = forward or (lambda idx: model(idx, stop_at=layer))  # e.g. a compiled version of it
         self.include_bos, self.amp, self.device = include_bos, amp, device
         self.gen = torch.Generator(device="cpu")
         self.acts, self.pos, self.fill_state = None, 0, None
@@ -81,7 +84,7 @@ class ActivationBuffer:
         while n < self.size:
             idx = self.loader.next_batch()
             with self.amp:
-                x = self.model(idx, stop_at=self.layer)
+                x = self.forward(idx)
             if not self.include_bos:
                 x = x[idx != self.model.cfg.bos_token_id]
             x = x.reshape(-1, x.shape[-1]).float()
@@ -213,8 +216,11 @@ def main(argv=None) -> dict:
                       shuffle=False, device=run.device)
     val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
     per_rank = cfg.batch_tokens // run.world_size  # the global SAE batch is split across ranks
+    def layer_acts(idx):  # the forward stops at the SAE's layer: the blocks above it never run
+        return model(idx, stop_at=cfg.layer)
     buffer = ActivationBuffer(model, loader, cfg.layer, max(cfg.buffer_tokens // run.world_size, per_rank),
-                              cfg.include_bos, amp, run.device, cfg.shuffle_buffer)
+                              cfg.include_bos, amp, run.device, cfg.shuffle_buffer,
+                              torch.compile(layer_acts) if cfg.compile else layer_acts)
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
     since_fired = torch.zeros(m, dtype=torch.long, device=run.device)  # tokens (global) since each latent fired
     state_path = os.path.join(cfg.out, "state.pt")
