@@ -47,6 +47,7 @@ class E2EConfig:
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     splice_bos: bool = False  # BOS keeps its original activation by default, as in adapt.py
     autocast: str = "bfloat16"
+    compile: bool = True  # the no-grad original pass (flex_attention for Gemma-2 on CPU); the spliced pass stays eager
     kl_chunk: int = 2048
     log_interval: int = 10
     eval_interval: int = 200
@@ -56,16 +57,23 @@ class E2EConfig:
     device: str = "auto"
 
 
-def spliced_pass(model: Transformer, sae: SAE, idx, layer: int, splice_bos: bool, ds: bool):
+def original_pass(model: Transformer, idx, layer: int, ds: bool):
+    """The original model's stream after block `layer` (shared by both passes) and its final stream; for e2e+ds also
+    every later block's output. The caller disables grad."""
+    x = model.blocks(model.embed(idx), 0, layer)
+    base_acts = {}
+    later = range(layer + 1, model.cfg.n_layer - 1) if ds else range(0)
+    return x, model.blocks(x, layer + 1, hooks={i: _keep(base_acts, i) for i in later}), base_acts
+
+
+def spliced_pass(model: Transformer, sae: SAE, idx, layer: int, splice_bos: bool, ds: bool, original=None):
     """Original and spliced final residual streams (and, for e2e+ds, every later block's output in both passes).
     The prefix up to `layer` is shared: it is the same computation in both passes. Returns the latent indices that
-    fired, for dead-latent accounting."""
+    fired, for dead-latent accounting. `original`: a compiled original_pass."""
     with torch.no_grad():
-        x = model.blocks(model.embed(idx), 0, layer)
-    base_acts, sp_acts = {}, {}
+        x, h_base, base_acts = (original or original_pass)(model, idx, layer, ds)
+    sp_acts = {}
     later = range(layer + 1, model.cfg.n_layer - 1) if ds else range(0)
-    with torch.no_grad():
-        h_base = model.blocks(x, layer + 1, hooks={i: _keep(base_acts, i) for i in later})
     hook = splice_hooks([(layer, sae)], idx, model.cfg.bos_token_id, splice_bos)[layer]
     with torch.no_grad():  # which latents fire, for dead-latent accounting (one extra encoder matmul, no grad)
         fired_idx = sae.encode_topk(x)[1]
@@ -156,6 +164,7 @@ def main(argv=None) -> dict:
         return (t[0] / t[1]).item()
 
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
+    original = torch.compile(original_pass) if cfg.compile else None
     sae.train()
     while step < total_steps:
         t0 = time.time()
@@ -165,7 +174,7 @@ def main(argv=None) -> dict:
         idx = loader.next_batch()
         with amp:
             h_base, h_sp, base_acts, sp_acts, fired_idx = spliced_pass(model, sae, idx, cfg.layer, cfg.splice_bos,
-                                                                        cfg.ds_coef > 0)
+                                                                        cfg.ds_coef > 0, original)
             kl, ce = kl_and_ce(model, h_base, h_sp, idx, cfg.kl_chunk)
             loss = kl
             if cfg.ds_coef > 0:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)

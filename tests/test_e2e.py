@@ -23,7 +23,7 @@ def files(tmp_path_factory):
 def args(files, out, *extra):
     return ["--model", files["model"], "--data", files["data"], "--out", str(out), "--layer", "1", "--k", "4",
             "--expansion", "4", "--max-tokens", "6144", "--batch-size", "8", "--seq-len", "32", "--eval-interval",
-            "6", "--eval-batches", "2", "--log-interval", "6", "--lr", "3e-3", "--autocast", "float32", *extra]
+            "6", "--eval-batches", "2", "--log-interval", "6", "--lr", "3e-3", "--autocast", "float32", "--compile", "false", *extra]
 
 
 def test_short_run_lowers_validation_ce_with_sae(files, tmp_path):
