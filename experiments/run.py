@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -98,7 +99,8 @@ def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str):
 
 
 def adapt_run(cfg: ExpConfig, out: str, args: list[str]) -> dict:
-    run(cfg, "adapt.py", out, ["--max-tokens", str(cfg.adapt_tokens), *args], "results.json")
+    tokens = [] if "--max-tokens" in args else ["--max-tokens", str(cfg.adapt_tokens)]
+    run(cfg, "adapt.py", out, [*tokens, *args], "results.json")
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
@@ -218,13 +220,19 @@ def frontier(cfg: ExpConfig):
     e2e_total = max(steps)
     e2e_time = lambda p: interpolate(steps, secs, round(e2e_total * p / 100))
 
+    # held-out CE of every checkpoint, cached next to them (20 evaluations take minutes on the CPU)
+    cache_path = os.path.join(root, "heldout.json")
+    cache = json.load(open(cache_path)) if os.path.isfile(cache_path) and not cfg.fresh else {}
+    for sae_dir in [os.path.join(d, f"ckpt_{p:03d}") for d in (topk, e2e) for p in range(10, 101, 10)]:
+        if sae_dir not in cache:
+            cache[sae_dir] = held_out(cfg, [sae_dir], [layer])
+            with open(cache_path, "w") as f:
+                json.dump(cache, f, indent=1)
     points = dict(topk=[], e2e=[], topk_lora=[])
     for p in range(10, 101, 10):
-        ckpt = f"ckpt_{p:03d}"
-        ev = held_out(cfg, [os.path.join(topk, ckpt)], [layer])
+        ev = cache[os.path.join(topk, f"ckpt_{p:03d}")]
         points["topk"].append(dict(pct=p, time=topk_time(p), ce=ev["ce_sae"], ce_base=ev["ce_base"]))
-        ev = held_out(cfg, [os.path.join(e2e, ckpt)], [layer])
-        points["e2e"].append(dict(pct=p, time=e2e_time(p), ce=ev["ce_sae"]))
+        points["e2e"].append(dict(pct=p, time=e2e_time(p), ce=cache[os.path.join(e2e, f"ckpt_{p:03d}")]["ce_sae"]))
     for p in map(int, cfg.frontier_ckpts.split(",")):
         res = adapt_run(cfg, os.path.join(root, f"lora-{p:03d}"), ["--sae", os.path.join(topk, f"ckpt_{p:03d}"),
                                                                     "--layer", str(layer), "--max-tokens",
@@ -234,17 +242,18 @@ def frontier(cfg: ExpConfig):
                                         ce_before=res["ce_sae"]))
     ce_base = points["topk"][0]["ce_base"]
 
-    # Tables 1-2: time for each method to first reach a CE; thresholds spread over what TopK + LoRA reached
+    # Tables 1-2: time for each method to first reach a CE; thresholds at what each TopK + LoRA point and the final
+    # e2e SAE reached (rounded up to 3 decimals, so the point itself counts as reaching it)
     curves = {k: [(q["time"], q["ce"]) for q in v] for k, v in points.items()}
-    best, worst = min(c for _, c in curves["topk_lora"]), max(c for _, c in curves["topk_lora"])
-    thresholds = [round(worst - (worst - best) * i / 3, 3) for i in range(4)]
+    ceil3 = lambda c: math.ceil(c * 1000 - 1e-6) / 1000
+    thresholds = sorted({ceil3(c) for _, c in curves["topk_lora"]} | {ceil3(points["e2e"][-1]["ce"])}, reverse=True)
     rows_t = []
     for ce in thresholds:
         t = {k: time_to(v, ce) for k, v in curves.items()}
         rows_t.append(dict(ce=ce, **{k + "_s": v for k, v in t.items()},
                            speedup=(t["e2e"] / t["topk_lora"]) if t["e2e"] and t["topk_lora"] else None))
     fmt = lambda s: f"{s:.0f} s" if s is not None else "not reached"
-    table = ["| CE loss | TopK + LoRA | TopK | e2e | speedup (e2e / TopK + LoRA) |", "|---|---|---|---|---|"]
+    table = ["| CE loss reached | TopK + LoRA | TopK | e2e | speedup (e2e / TopK + LoRA) |", "|---|---|---|---|---|"]
     for r in rows_t:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else (
             f"> {max(t for t, _ in curves['e2e']) / r['topk_lora_s']:.2f}x" if r["topk_lora_s"] else "-")
@@ -356,11 +365,12 @@ def layers(cfg: ExpConfig):
     for i in range(layer + 1, n_layer):
         runs[str(i)] = adapt_run(cfg, os.path.join(root, f"layer-{i}"), ["--sae", sae, "--layers", str(i)])
     a = runs["after"]
-    table = ["| adapters on | CE with SAE + LoRA | gap closed | KL to original | LoRA time |", "|---|---|---|---|---|"]
+    table = ["| adapters on | trainable params | CE with SAE + LoRA | gap closed | KL to original |",
+             "|---|---|---|---|---|"]
     for name, x in runs.items():
         label = f"layers {layer + 1}..{n_layer - 1} (all after)" if name == "after" else f"layer {name} only"
-        table.append(f"| {label} | {x['ce_sae_lora']:.4f} | {x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} | "
-                     f"{x['train_seconds']:.0f} s |")
+        table.append(f"| {label} | {lora_params(cfg, 64, x['lora_layers']) / 1e6:.2f}M | {x['ce_sae_lora']:.4f} | "
+                     f"{x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} |")
     table += ["", f"JumpReLU SAE at layer {layer}; CE original {a['ce_base']:.4f}, with SAE {a['ce_sae']:.4f}."]
     save("layers", dict(sae=sae, layer=layer, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg),
                         wall_seconds=time.time() - t0), "\n".join(table))
