@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from lora import adapter_parameters, adapters_disabled, apply_lora, resolve_layers, save_adapter
+from lora import adapter_parameters, adapters_disabled, apply_lora, lora_modules, resolve_layers, save_adapter
 from model import Transformer, next_token_ce
 from sae import SAE, splice_hooks
 
@@ -174,10 +174,12 @@ def kl_and_ce(model: Transformer, h_base, h_spliced, idx, chunk: int):
 @torch.no_grad()
 def evaluate(model: Transformer, saes, batches, bos_id, splice_bos, chunk: int, amp) -> dict:
     """On held-out tokens: CE of the original model, with the SAE(s), with SAE(s) + LoRA; mean KL to the original
-    model's distribution for the last two (Eq. 7, the training objective); and the fraction of the CE gap closed."""
+    model's distribution for the last two (Eq. 7, the training objective); and the fraction of the CE gap closed.
+    A model without adapters (e.g. to score an SAE checkpoint alone) skips the third pass: it equals the second."""
     keys = ("ce_base", "ce_sae", "ce_sae_lora", "kl_sae", "kl_sae_lora")
     sums = dict.fromkeys(keys, 0.0)
     n = 0
+    adapted = bool(lora_modules(model))
     was_training = model.training
     model.eval()
     for idx in batches:
@@ -187,7 +189,7 @@ def evaluate(model: Transformer, saes, batches, bos_id, splice_bos, chunk: int, 
                 kl_sae, ce_sae = kl_and_ce(model, *final_streams(model, saes, idx, bos_id, splice_bos, False), idx,
                                            chunk)
             kl_lora, ce_lora = kl_and_ce(model, *final_streams(model, saes, idx, bos_id, splice_bos, False), idx,
-                                         chunk)
+                                         chunk) if adapted else (kl_sae, ce_sae)
         for key, value in zip(keys, (total / count, ce_sae, ce_lora, kl_sae, kl_lora)):
             sums[key] += float(value) * count
         n += count
@@ -238,32 +240,17 @@ def shard_layers(model: Transformer):
         layer.set_reshard_after_forward(True)
 
 
-def whole(p: torch.Tensor) -> torch.Tensor:
-    """A parameter as one tensor: under FSDP2 the shards are gathered (a collective: every rank must call it)."""
-    return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-
-
-def load_whole(p: torch.Tensor, saved: torch.Tensor):
-    if hasattr(p, "full_tensor"):  # a sharded DTensor: keep this rank's shard of the saved tensor
-        from torch.distributed.tensor import distribute_tensor
-        saved = distribute_tensor(saved.to(p.device), p.device_mesh, p.placements)
-    p.data.copy_(saved)
-
-
 def optimizer_state(optimizer, params, load: dict | None = None):
     """Adam's state with whole tensors (under FSDP2 gathered from the shards, the same order on every rank), or that
     state loaded back, each rank keeping its shard."""
     if load is None:
         sd = optimizer.state_dict()
-        sd["state"] = {i: {k: whole(v) if torch.is_tensor(v) else v for k, v in sd["state"][i].items()}
+        sd["state"] = {i: {k: common.whole(v) if torch.is_tensor(v) else v for k, v in sd["state"][i].items()}
                        for i in sorted(sd["state"])}
         return sd
-    from torch.distributed.tensor import distribute_tensor
-    for i, st in load["state"].items():
-        p = params[i]
-        for k, v in st.items():
-            if hasattr(p, "full_tensor") and torch.is_tensor(v) and v.shape == p.shape:
-                st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    for i, st in load["state"].items():  # moments have their parameter's shape; Adam's step count is a scalar
+        st.update({k: common.shard_like(params[i], v) for k, v in st.items()
+                   if torch.is_tensor(v) and v.shape == params[i].shape})
     optimizer.load_state_dict(load)
 
 
@@ -333,7 +320,7 @@ def main(argv=None) -> dict:
     if cfg.resume and os.path.isfile(ckpt_path):
         state = torch.load(ckpt_path, map_location=run.device, weights_only=False)
         for p, saved in zip(params, state["adapter"]):
-            load_whole(p, saved)
+            p.data.copy_(common.shard_like(p, saved))
         optimizer_state(optimizer, params, load=state["optimizer"])
         train.load_state_dict(state["loader"][run.rank] if isinstance(state["loader"], list) else state["loader"])
         torch.set_rng_state(state["rng"])
@@ -344,7 +331,7 @@ def main(argv=None) -> dict:
 
     def save_checkpoint():
         loaders = common.gather_objects(train.state_dict())
-        adapter, optim = [whole(p) for p in params], optimizer_state(optimizer, params)  # collectives
+        adapter, optim = [common.whole(p) for p in params], optimizer_state(optimizer, params)  # collectives
         if cfg.fsdp or run.master:  # under FSDP2 every rank takes part in gathering the adapter; rank 0 writes it
             save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.model)
         if run.master:

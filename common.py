@@ -136,6 +136,19 @@ def all_reduce_grads(params):
     torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor in one piece: an FSDP2-sharded DTensor is gathered (a collective: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def shard_like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of whole(): this rank's shard of the whole tensor t when p is an FSDP2-sharded DTensor, else t."""
+    if not hasattr(p, "full_tensor"):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+
+
 def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float:
     """Dense peak FLOP/s used for MFU: known GPUs by name; on CPU an override via LORASAE_PEAK_FLOPS (default 1 TF)."""
     if "LORASAE_PEAK_FLOPS" in os.environ:

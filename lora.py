@@ -225,9 +225,10 @@ def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = "
         init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={},
         alpha_pattern={}, revision=None)
     # FSDP2-sharded adapters (DTensors) are gathered first: every rank calls this, rank 0 writes
-    tensors = {k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().contiguous()
-               for k, p in _peft_names(mods).items()}
-    if any(hasattr(p, "full_tensor") for p in _peft_names(mods).values()) and torch.distributed.get_rank() != 0:
+    named = _peft_names(mods)
+    sharded = any(hasattr(p, "full_tensor") for p in named.values())
+    tensors = {k: (p.full_tensor() if sharded else p).detach().cpu().contiguous() for k, p in named.items()}
+    if sharded and torch.distributed.get_rank() != 0:
         return
     os.makedirs(folder, exist_ok=True)  # each file written under a temp name, then renamed: never half-written
     path = os.path.join(folder, WEIGHTS_NAME)

@@ -73,11 +73,10 @@ def spliced_pass(model: Transformer, sae: SAE, idx, layer: int, splice_bos: bool
     with torch.no_grad():
         x, h_base, base_acts = (original or original_pass)(model, idx, layer, ds)
     sp_acts = {}
-    later = range(layer + 1, model.cfg.n_layer - 1) if ds else range(0)
     hook = splice_hooks([(layer, sae)], idx, model.cfg.bos_token_id, splice_bos)[layer]
     with torch.no_grad():  # which latents fire, for dead-latent accounting (one extra encoder matmul, no grad)
         fired_idx = sae.encode_topk(x)[1]
-    h_sp = model.blocks(hook(x), layer + 1, hooks={i: _keep(sp_acts, i) for i in later})
+    h_sp = model.blocks(hook(x), layer + 1, hooks={i: _keep(sp_acts, i) for i in base_acts})  # the same layers
     return h_base, h_sp, base_acts, sp_acts, fired_idx
 
 

@@ -70,9 +70,9 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device, shuffle=True, forward=None):
+    def __init__(self, model, loader, layer, size, include_bos, amp, device, shuffle=True):
         self.model, self.loader, self.layer, self.size, self.shuffle = model, loader, layer, size, shuffle
-        self.forward = forward or (lambda idx: model(idx, stop_at=layer))  # e.g. a compiled version of it
+        self.forward = lambda idx: model(idx, stop_at=layer)  # the blocks above the layer never run; main compiles it
         self.include_bos, self.amp, self.device = include_bos, amp, device
         self.gen = torch.Generator(device="cpu")
         self.acts, self.pos, self.fill_state = None, 0, None
@@ -216,11 +216,10 @@ def main(argv=None) -> dict:
                       shuffle=False, device=run.device)
     val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
     per_rank = cfg.batch_tokens // run.world_size  # the global SAE batch is split across ranks
-    def layer_acts(idx):  # the forward stops at the SAE's layer: the blocks above it never run
-        return model(idx, stop_at=cfg.layer)
     buffer = ActivationBuffer(model, loader, cfg.layer, max(cfg.buffer_tokens // run.world_size, per_rank),
-                              cfg.include_bos, amp, run.device, cfg.shuffle_buffer,
-                              torch.compile(layer_acts) if cfg.compile else layer_acts)
+                              cfg.include_bos, amp, run.device, cfg.shuffle_buffer)
+    if cfg.compile:
+        buffer.forward = torch.compile(buffer.forward)
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
     since_fired = torch.zeros(m, dtype=torch.long, device=run.device)  # tokens (global) since each latent fired
     state_path = os.path.join(cfg.out, "state.pt")

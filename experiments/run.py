@@ -135,17 +135,22 @@ def main_sae(cfg: ExpConfig, layer: int) -> str:
     return train_topk(cfg, os.path.join(cfg.out, f"sae-L{layer}"), layer, cfg.sae_tokens)
 
 
+def held_out_batches(cfg: ExpConfig, device) -> tuple[adapt.AdaptConfig, list[torch.Tensor]]:
+    """adapt.py's settings for this model and exactly the held-out batches it evaluates on."""
+    from data import TokenLoader
+    a = adapt.AdaptConfig(**(adapt.EMBEDDED if tiny(cfg) else {}))
+    val = TokenLoader(embedded_paths(cfg)[1], "val", a.batch_size, a.seq_len, 0, 1, a.seed, shuffle=False,
+                      device=device)
+    return a, [val.next_batch() for _ in range(max(1, a.eval_tokens // (a.batch_size * a.seq_len)))]
+
+
 @torch.no_grad()
 def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = None) -> dict:
     """CE of the original model and with the SAE(s) spliced, on exactly the held-out tokens adapt.py evaluates on."""
-    model_dir, data_dir, _, _ = embedded_paths(cfg)
-    a = adapt.AdaptConfig(**(adapt.EMBEDDED if tiny(cfg) else {}))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = Transformer.from_pretrained(model_dir, device=device).requires_grad_(False)
+    model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
     saes = adapt.load_saes(sae_dirs, ",".join(map(str, layers)) if layers else None, model, device)
-    from data import TokenLoader
-    val = TokenLoader(data_dir, "val", a.batch_size, a.seq_len, 0, 1, a.seed, shuffle=False, device=device)
-    batches = [val.next_batch() for _ in range(max(1, a.eval_tokens // (a.batch_size * a.seq_len)))]
+    a, batches = held_out_batches(cfg, device)
     res = adapt.evaluate(model, saes, batches, model.cfg.bos_token_id, a.splice_bos, a.kl_chunk,
                          common.autocast(device, a.autocast))
     return dict(ce_base=res["ce_base"], ce_sae=res["ce_sae"], kl_sae=res["kl_sae"])
@@ -339,22 +344,17 @@ def jumprelu_sae(cfg: ExpConfig) -> tuple[str, int]:
 @torch.no_grad()
 def l0_of(cfg: ExpConfig, sae_dir: str, layer: int, adapter: str | None = None) -> float:
     """Mean active latents of the SAE on held-out activations of (the adapted) model at its layer, BOS excluded."""
-    from data import TokenLoader
     from lora import load_adapter
-    model_dir, data_dir, _, _ = embedded_paths(cfg)
-    a = adapt.AdaptConfig(**(adapt.EMBEDDED if tiny(cfg) else {}))
-    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
     if adapter:
         load_adapter(model, adapter)
-    sae = SAE.from_pretrained(sae_dir)
-    val = TokenLoader(data_dir, "val", a.batch_size, a.seq_len, 0, 1, a.seed, shuffle=False)
+    sae = SAE.from_pretrained(sae_dir, device=device)
     total, n = 0.0, 0
-    for _ in range(max(1, a.eval_tokens // (a.batch_size * a.seq_len))):
-        idx = val.next_batch()
+    for idx in held_out_batches(cfg, device)[1]:  # every window starts with BOS: position 0 is left out
         x = model(idx, stop_at=layer)[:, 1:].reshape(-1, model.cfg.d_model)
         total, n = total + float((sae.encode(x) != 0).sum()), n + x.shape[0]
     return total / n
-
 
 def layers(cfg: ExpConfig):
     t0 = time.time()
