@@ -6,6 +6,7 @@ spliced with a forward hook, full-vocabulary softmax KL), side by side, same mod
     python bench.py adapt --model DIR --sae DIR --layer L --rank R --batch_size B --seq_len T --steps N
     python bench.py adapt --vocab-sweep 16384,65536,262144   # peak memory against the vocabulary size
     python bench.py sae                                 # SAE training: our loop against the paper's per-sequence loop
+    python bench.py sae-module                          # the fused TopK SAE module against the dense one
 
 Each configuration runs in its own subprocess so that peak memory (CUDA: max_memory_allocated; CPU: the process's
 peak RSS) belongs to it alone. Reports tokens/s, MFU against the device's peak and peak memory. Needs the test
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -30,25 +32,25 @@ import common
 @dataclass
 class BenchConfig:
     """Benchmark an adaptation step: ours vs transformers + peft."""
-    model: str | None = None  # an HF folder; None: a random model of the shape below
-    sae: str | None = None  # an SAE folder; None: a random TopK SAE
-    layer: int = 3  # SAE layer (for a random SAE)
-    family: str = "gemma2"  # gemma2 | llama3
-    d_model: int = 512
-    n_layer: int = 8
-    vocab: int = 16384
+    model: str | None = None  # HF model folder or hub id; none: a random model of the shape below
+    sae: str | None = None  # SAE folder or hub path; none: a random TopK SAE
+    layer: list[int] = field(default_factory=list)  # the SAE layer; none: what the SAE files say (3 for a random SAE)
+    family: str = "gemma2"  # random model: gemma2 | llama3
+    d_model: int = 512  # random model: width
+    n_layer: int = 8  # random model: depth
+    vocab: int = 16384  # random model: vocabulary size
     vocab_sweep: str | None = None  # e.g. "16384,65536,262144": peak memory per vocabulary size
-    seq_len: int = 256
-    batch_size: int = 4
-    rank: int = 64
-    expansion: int = 8
-    k: int = 32
+    seq_len: int = 256  # tokens per sequence
+    batch_size: int = 4  # sequences per step
+    rank: int = 64  # LoRA rank on every layer
+    expansion: int = 8  # random SAE: width = expansion x d_model
+    k: int = 32  # random SAE: active latents per token
     kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
     compile_sae: bool = True  # bench.py sae: compile our forward to the layer, as train_sae.py does by default
-    steps: int = 5
-    warmup: int = 2
-    device: str = "auto"
-    only: str | None = None  # internal: run one configuration and print its JSON
+    steps: int = 5  # timed steps
+    warmup: int = 2  # untimed steps before them (compilation happens here)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    only: str | None = None  # internal: run one configuration in this process and print its JSON
 
 
 def model_config(b: BenchConfig):
@@ -72,29 +74,29 @@ def build_files(b: BenchConfig, folder: str):
     from sae import SAE
     torch.manual_seed(0)
     Transformer(model_config(b)).init_weights(0).save_pretrained(os.path.join(folder, "model"))
-    sae = SAE(b.d_model, b.expansion * b.d_model, "topk", k=b.k, layer=b.layer)
+    sae = SAE(b.d_model, b.expansion * b.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
     sae.save(os.path.join(folder, "sae"))
 
 
 def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> float:
-    import adapt
+    import splice
     from lora import adapter_parameters, apply_lora
     from model import Transformer
     # frozen base weights stored in bf16 (adapt.py --dtype bfloat16): no per-step fp32 -> bf16 weight casts
     model = Transformer.from_pretrained(paths(b, folder)[0], device=dev, dtype=torch.bfloat16)
     model.requires_grad_(False)
-    saes = adapt.load_saes([paths(b, folder)[1]], b.layer if b.sae else None, model, dev)
+    saes = splice.load_saes([paths(b, folder)[1]], b.layer or None, model, dev)
     apply_lora(model, b.rank, 32.0, 0.0, "all")
     params = adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-5)
-    passes = (torch.compile(adapt.base_pass), torch.compile(adapt.spliced_pass)) if compile_ else None
+    passes = (torch.compile(splice.original_pass), torch.compile(splice.spliced_pass)) if compile_ else None
     amp = common.autocast(dev, "bfloat16")
     idx = batch(b, model.cfg.vocab_size, dev)
 
     def step():
         with amp:
-            hb, hs = adapt.final_streams(model, saes, idx, model.cfg.bos_token_id, False, False, passes)
-            kl, _ = adapt.kl_and_ce(model, hb, hs, idx, b.kl_chunk)
+            h_orig, h = splice.final_streams(model, saes, idx, model.cfg.bos_token_id, passes=passes)
+            kl, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk)
         kl.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -113,8 +115,8 @@ def run_reference(b: BenchConfig, folder: str, bf16: bool, dev: torch.device) ->
     model_dir, sae_dir = paths(b, folder)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)  # its default attention
     sae = SAE.from_pretrained(sae_dir, device=dev).requires_grad_(False)
-    if b.sae:
-        sae.layer = b.layer
+    if b.layer:
+        sae.layer = b.layer[0]
     peft_model = get_peft_model(model, LoraConfig(r=b.rank, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"]))
@@ -189,7 +191,8 @@ CONFIGS = {
 def run_config(b: BenchConfig, name: str) -> dict | None:
     """One configuration in a fresh subprocess, so its peak memory is its own."""
     args = [sys.executable, __file__, "adapt"] + [f"--{k}={v}" for k, v in asdict(b).items()
-                                                   if k not in ("only", "vocab_sweep") and v is not None]
+                                                   if k not in ("only", "vocab_sweep", "layer") and v is not None]
+    args += [f"--layer={layer}" for layer in b.layer]
     proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"{name:50s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
@@ -257,7 +260,7 @@ def bench_sae(b: BenchConfig, dev):
     folder = os.path.join(tempfile.gettempdir(), f"lorasae-bench-{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
     if not b.model:
         build_files(b, folder)
-    L, cfg = b.layer, train_sae.TrainSAEConfig()
+    L, cfg = (b.layer or [3])[0], train_sae.TrainSAEConfig()
     results = {}
     for name, seqs, amp_dtype, stop, seq_len in (("ours: stop_at layer, bf16, 4096-token SAE batches", 4, "bfloat16",
                                                   True, 1024),
@@ -297,13 +300,142 @@ def bench_sae(b: BenchConfig, dev):
     print(json.dumps(dict(ours_tokens_per_s=ours, paper_tokens_per_s=paper, ratio=ours / paper)))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# bench.py sae-module: a frozen TopK SAE spliced into the residual stream, forward + backward to its input (what LoRA
+# training through the SAE costs), fused sparse path (`sae(x)`: top-k values/indices + embedding_bag, sparse input
+# gradient) against the dense path (`sae.decode(sae.encode(x))`). Each (width, path) runs in a fresh subprocess so
+# that one configuration's allocations cannot hide another's. tokens/s: mean over --iters timed steps after one
+# untimed step; peak MB: extra memory at the step's peak over what was held before it (CPU: VmHWM reset through
+# /proc/self/clear_refs; CUDA: max_memory_allocated); saved MB: the distinct tensors autograd keeps for the backward,
+# the SAE's parameters not counted.
+
+
+@dataclass
+class SAEModuleConfig:
+    """Fused vs dense TopK SAE: frozen forward + backward to the input."""
+    tokens: int = 2048  # tokens per step
+    d_in: int = 2304  # residual width (Gemma-2-2B's)
+    k: int = 64  # active latents per token
+    widths: list[int] = field(default_factory=lambda: [16384, 65536])  # SAE widths to measure
+    iters: int = 1  # timed steps per configuration
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    autocast: bool = False  # bf16 autocast around the forward
+    threads: int = 0  # torch.set_num_threads; 0 keeps the default
+    child: str = ""  # internal: "width,path" runs one configuration and prints one JSON line
+
+
+def rss_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+
+
+def sae_module_one(cfg: SAEModuleConfig, width: int, path: str) -> dict:
+    from sae import SAE
+    device = torch.device(cfg.device)
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, width, "topk", k=cfg.k, device=device).eval().requires_grad_(False)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(cfg.tokens, cfg.d_in, device=device, requires_grad=True)
+    grad_out = torch.randn(cfg.tokens, cfg.d_in, device=device)
+    params = {p.untyped_storage().data_ptr() for p in sae.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def step(measure_saved=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            if measure_saved:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    y = sae(x) if path == "fused" else sae.decode(sae.encode(x))
+            else:
+                y = sae(x) if path == "fused" else sae.decode(sae.encode(x))
+        y.backward(grad_out)
+        x.grad = None
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # step 1: memory (it also warms up)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
+        before = rss_kb("VmRSS") * 1024
+    step(measure_saved=True)
+    sync()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kb("VmHWM") * 1024
+    times = []
+    for _ in range(cfg.iters):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    dt = sum(times) / len(times)
+    return dict(width=width, path=path, step_s=dt, tokens_per_s=cfg.tokens / dt, peak_mb=(peak - before) / 2**20,
+                saved_mb=sum(saved.values()) / 2**20)
+
+
+def bench_sae_module(argv):
+    cfg, _ = common.parse_args(SAEModuleConfig, argv)
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.child:
+        width, path = cfg.child.split(",")
+        print(json.dumps(sae_module_one(cfg, int(width), path)))
+        return
+    dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"frozen TopK SAE, forward + backward to the input: tokens {cfg.tokens}, d_in {cfg.d_in}, k {cfg.k}, "
+          f"{'bf16 autocast' if cfg.autocast else 'fp32'}, {dev}, torch {torch.__version__}")
+    rows = []
+    for width in cfg.widths:
+        for path in ("fused", "dense"):
+            argv = [os.path.abspath(__file__), "sae-module", "--tokens", str(cfg.tokens), "--d-in", str(cfg.d_in), "--k", str(cfg.k),
+                    "--iters", str(cfg.iters), "--device", cfg.device, "--autocast", str(cfg.autocast),
+                    "--threads", str(cfg.threads), "--child", f"{width},{path}"]
+            out = subprocess.run([sys.executable] + argv, capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            if out.returncode:
+                sys.exit(f"width {width} {path} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"  ran width {width:>6} {path:<5}: {r['step_s']:.2f} s/step", flush=True)
+    print("\n| d_sae  | path  | tokens/s | s/step | peak MB | saved MB |")
+    print("|--------|-------|---------:|-------:|--------:|---------:|")
+    for r in rows:
+        print(f"| {r['width']:<6} | {r['path']:<5} | {r['tokens_per_s']:>8.0f} | {r['step_s']:>6.3f} "
+              f"| {r['peak_mb']:>7.0f} | {r['saved_mb']:>8.1f} |")
+    print()
+    for width in cfg.widths:
+        f, d = (next(r for r in rows if r["width"] == width and r["path"] == p) for p in ("fused", "dense"))
+        print(f"d_sae {width}: fused is {f['tokens_per_s'] / d['tokens_per_s']:.1f}x faster, peak memory "
+              f"{d['peak_mb'] / max(f['peak_mb'], 1e-9):.1f}x smaller, saved tensors "
+              f"{d['saved_mb'] / max(f['saved_mb'], 1e-9):.1f}x smaller")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    what = argv.pop(0) if argv and argv[0] in ("adapt", "sae") else "adapt"
-    b = common.parse_args(BenchConfig, argv)
+    what = argv.pop(0) if argv and argv[0] in ("adapt", "sae", "sae-module") else "adapt"
+    if what == "sae-module":
+        return bench_sae_module(argv)
+    b, _ = common.parse_args(BenchConfig, argv)
     dev = common.setup(b.device).device
     return bench_adapt(b, dev) if what == "adapt" else bench_sae(b, dev)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

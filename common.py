@@ -1,39 +1,75 @@
-"""The little that every training script shares: CLI from a dataclass, torchrun/DDP setup, device, atomic saves."""
+"""What every script shares: the CLI (flags and help from a dataclass), one-line user errors, torchrun setup, rank-0
+logging, the learning-rate schedule, atomic writes, and the FSDP2 / collective helpers."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
+import json
+import math
 import os
+import re
 import sys
+import time
 import typing
 
 import torch
 import torch.distributed as dist
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: every dataclass field is a --flag; its help is the comment beside the field
 
-def parse_args(config_cls, argv=None, description: str | None = None):
-    """Every dataclass field becomes a `--flag` with its default; `--layer 12 --rank 64` overrides, nothing else."""
-    parser = argparse.ArgumentParser(description=description or (config_cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def field_help(config_cls) -> dict[str, str]:
+    """The comment after each field (and comment lines right below it) in the dataclass source: one place to
+    document a flag, read by --help."""
+    helps, current = {}, None
+    for cls in reversed(config_cls.__mro__[:-1]):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+            if m and not line.strip().startswith(("#", "def ", "@", '"')):
+                current = m.group(1)
+                helps[current] = (m.group(2) or "").strip()
+            elif line.strip().startswith("#") and current is not None:
+                helps[current] += " " + line.strip().lstrip("#").strip()
+            else:
+                current = None
+    return helps
+
+
+def parse_args(config_cls, argv=None, epilog: str | None = None):
+    """(config, typed): `--layer 12 --rank 64` override the defaults; `typed` is the set of fields the user gave, so
+    that a preset fills only the others (whatever value a typed flag has)."""
+    helps = field_help(config_cls)
+    parser = argparse.ArgumentParser(description=(config_cls.__doc__ or "").strip(), epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])  # both spellings
-        kind = hints[f.name]
-        origin_args = typing.get_args(kind)
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        text = f"{helps.get(f.name, '')} (default: {default})".strip()
         if kind is bool:
-            parser.add_argument(*flags, type=_parse_bool, default=default, nargs="?", const=True, metavar="BOOL")
+            parser.add_argument(*flags, type=_parse_bool, nargs="?", const=True, metavar="BOOL", help=text,
+                                default=argparse.SUPPRESS)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(*flags, action="append", type=origin_args[0], default=None, metavar="VALUE",
-                                help="repeat for several")
+            parser.add_argument(*flags, action="append", type=args[0], metavar=args[0].__name__.upper(),
+                                help=text + "; repeat for several", default=argparse.SUPPRESS)
         else:
-            base = next((a for a in origin_args if a is not type(None)), kind)  # Optional[int] -> int
-            parser.add_argument(*flags, type=_parse_optional(base), default=default, metavar=base.__name__.upper())
-    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    for f in dataclasses.fields(config_cls):  # list flags: the default unless given at least once
-        if ns[f.name] is None and typing.get_origin(hints[f.name]) is list:
-            ns[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return config_cls(**ns)
+            base = next((a for a in args if a is not type(None)), kind)  # Optional[int] -> int
+            parser.add_argument(*flags, type=_parse_optional(base), metavar=base.__name__.upper(), help=text,
+                                default=argparse.SUPPRESS)
+    given = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    return config_cls(**given), set(given)
+
+
+def fill(cfg, typed: set[str], preset: dict):
+    """Set every field of `preset` that the user did not type on the command line."""
+    for key, value in preset.items():
+        if key not in typed:
+            setattr(cfg, key, value)
+    return cfg
 
 
 def _parse_bool(s: str) -> bool:
@@ -49,6 +85,35 @@ def _parse_optional(base):
         return None if s.lower() == "none" else base(s)
     parse.__name__ = base.__name__
     return parse
+
+
+# Bad input (a missing file, a flag out of range, a corrupt checkpoint) raises one of these with a message that says
+# what is wrong and what to do; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               FloatingPointError, ImportError)
+
+
+def cli(main):
+    """Run a script's main as a command: a user error ends as `script.py: error: <one line>` on stderr with exit
+    code 2, like argparse's own errors; `--debug` or LORASAE_DEBUG=1 shows the traceback instead."""
+    prog = os.path.basename(sys.argv[0])
+    debug = "--debug" in sys.argv or bool(os.environ.get("LORASAE_DEBUG"))
+    sys.argv = [a for a in sys.argv if a != "--debug"]
+    try:
+        main()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last checkpoint continues with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torchrun
 
 
 @dataclasses.dataclass
@@ -87,6 +152,12 @@ def teardown():
         dist.destroy_process_group()
 
 
+def log(*args, **kwargs):
+    """print on rank 0 only (every rank computes the same numbers), flushed so that progress shows under pipes."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
 def autocast(device: torch.device, dtype: str = "bfloat16"):
     """bf16 autocast on CPU too: this CPU family runs bf16 matmuls several times faster than fp32."""
     if dtype == "float32":
@@ -94,12 +165,121 @@ def autocast(device: torch.device, dtype: str = "bfloat16"):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-def atomic_torch_save(obj, path: str):
-    """A crash mid-write never leaves a truncated checkpoint: write a temp file, then rename over the old one."""
+def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float:
+    """Dense peak FLOP/s used for MFU: known GPUs by name; on CPU an override via LORASAE_PEAK_FLOPS (default 1 TF)."""
+    if "LORASAE_PEAK_FLOPS" in os.environ:
+        return float(os.environ["LORASAE_PEAK_FLOPS"])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+            if key in name:
+                return tf if dtype != "float32" else tf / 16
+        return 100e12
+    return 1e12
+
+
+class Progress:
+    """A line with rate and ETA at most every `every` seconds, and one at the end (rank 0 only)."""
+
+    def __init__(self, total: int, what: str, every: float = 10.0):
+        self.total, self.what, self.every, self.done = total, what, every, 0
+        self.t0 = self.last = time.time()
+
+    def step(self, n: int = 1):
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last, el = now, now - self.t0
+            eta = el / self.done * (self.total - self.done)
+            log(f"{self.what}: {self.done}/{self.total} ({el:.0f}s, ETA {eta:.0f}s)")
+
+
+def mean_ci(x) -> dict:
+    """Mean and 90% normal-approximation CI (mean +- 1.645 sd / sqrt(n)) over independent units."""
+    import numpy as np
+    x = np.asarray(x, dtype=np.float64)
+    se = x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    m = float(x.mean()) if len(x) else float("nan")
+    return {"mean": m, "lo": m - 1.645 * se, "hi": m + 1.645 * se, "n": len(x)}
+
+
+def fmt_num(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)  # None: an undefined number (NaN in the computation)
+
+
+def fmt_ci(d, p=4) -> str:
+    """"mean [lo, hi]" of a mean_ci dict (as read back from JSON, where NaN became None)."""
+    if not d or d["mean"] is None:
+        return "-"
+    ci = f" [{d['lo']:.{p}f}, {d['hi']:.{p}f}]" if d["lo"] is not None else ""
+    return f"{d['mean']:.{p}f}{ci}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The learning-rate schedule of every training script
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.0, decay_frac: float = 0.0,
+          min_lr_frac: float = 0.0, shape: str = "linear") -> float:
+    """Linear warmup over the first warmup_frac of the steps, constant, then over the last decay_frac a linear or
+    cosine decay to peak * min_lr_frac. warmup_frac = decay_frac = 0 is a constant rate (the paper's LoRA runs)."""
+    warmup = max(1, int(warmup_frac * total)) if warmup_frac > 0 else 0
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    decay_start = max(warmup, int((1 - decay_frac) * total)) if decay_frac > 0 else total
+    if step < decay_start:
+        return peak
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    if shape == "cosine":
+        return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if shape == "linear":
+        return peak * (min_lr_frac + (1 - min_lr_frac) * max(0.0, 1 - progress))
+    raise ValueError(f"unknown learning-rate schedule {shape!r} (expected linear or cosine)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Atomic writes: a crash mid-write never leaves a truncated file; the old one stays until the new one is complete
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name beside `path`; renamed over `path` when the block ends without error, else removed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # keeps the extension: savefig and friends pick the format from it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str, obj, indent: int = 2):
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def torch_save(obj, path: str):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path: str, device, what: str = "checkpoint"):
+    """torch.load with a one-line error for a truncated or foreign file (instead of torch's zip-reader message)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable {what} ({str(e).splitlines()[0]}); delete it to start over, or restore "
+                         f"a good copy") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collectives: every function is the identity in a single process
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -136,6 +316,23 @@ def all_reduce_grads(params):
     torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# FSDP2: for a model that does not fit one device, every decoder layer's weights (frozen base and adapters) are
+# sharded across the ranks and all-gathered just in time for its forward and backward; gradients are reduce-scattered.
+# Embeddings and the final norm stay whole on every rank: the tied lm_head reads them outside any module's forward.
+
+
+def shard_layers(model):
+    from torch.distributed.fsdp import fully_shard
+    if not dist.is_initialized():
+        raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
+    for layer in model.model.layers:
+        fully_shard(layer)
+        # every layer is its own FSDP root here (the embeddings stay outside), and FSDP2 keeps a root's weights
+        # gathered after its forward; free them after each forward instead, or the model would end up whole
+        layer.set_reshard_after_forward(True)
+
+
 def whole(t: torch.Tensor) -> torch.Tensor:
     """A tensor in one piece: an FSDP2-sharded DTensor is gathered (a collective: every rank must call it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
@@ -149,14 +346,15 @@ def shard_like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
 
 
-def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float:
-    """Dense peak FLOP/s used for MFU: known GPUs by name; on CPU an override via LORASAE_PEAK_FLOPS (default 1 TF)."""
-    if "LORASAE_PEAK_FLOPS" in os.environ:
-        return float(os.environ["LORASAE_PEAK_FLOPS"])
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tf in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-            if key in name:
-                return tf if dtype != "float32" else tf / 16
-        return 100e12
-    return 1e12
+def optimizer_state(optimizer, params, load: dict | None = None):
+    """Adam's state with whole tensors (under FSDP2 gathered from the shards, the same order on every rank), or that
+    state loaded back, each rank keeping its shard: a checkpoint resumes under FSDP, DDP or one process alike."""
+    if load is None:
+        sd = optimizer.state_dict()
+        sd["state"] = {i: {k: whole(v) if torch.is_tensor(v) else v for k, v in sd["state"][i].items()}
+                       for i in sorted(sd["state"])}
+        return sd
+    for i, st in load["state"].items():  # moments have their parameter's shape; Adam's step count is a scalar
+        st.update({k: shard_like(params[i], v) for k, v in st.items()
+                   if torch.is_tensor(v) and v.shape == params[i].shape})
+    optimizer.load_state_dict(load)

@@ -2,15 +2,15 @@
 Did adapting help, and what did it cost? The paper's evaluations (Secs. 4-6) for any model + SAE(s) + adapter(s).
 
     python eval.py                        # embedded tiny pipeline (+ adapt.py's out/adapt-tiny/adapter if present)
-    python eval.py --model google/gemma-2-2b --sae google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82 \
-        --adapter out/adapt/adapter --data data/pile --mmlu cais/mmlu --hellaswag Rowan/hellaswag \
-        --truthfulqa truthfulqa/truthful_qa --steering-pos pos.jsonl --steering-neg neg.jsonl \
-        --steering-neg-val negval.jsonl --latent 13677
+    python eval.py --model google/gemma-2-2b --layer 12 --adapter out/adapt/adapter --data data/pile \
+        --mmlu cais/mmlu --hellaswag Rowan/hellaswag --truthfulqa truthfulqa/truthful_qa \
+        --steering-pos pos.jsonl --steering-neg neg.jsonl --steering-neg-val negval.jsonl --latent 13677
 
 The four settings of Sec. 5.3: original (adapters off, no SAE), sae (adapters off, SAE spliced), sae_lora (adapters
 merged into the weights, SAE spliced), lora (adapters merged, no SAE). Several --sae are spliced together: the sae
 rows are then the compound CE of Sec. 4.3. Several --adapter give one row group each, every adapter loaded into a
-fresh copy of the model (Sec. 6.3's single-layer adapters and rank sweeps are just adapters on disk).
+fresh copy of the model (Sec. 6.3's single-layer adapters and rank sweeps are just adapters on disk). Steering is in
+steering.py, the multiple-choice benchmarks in multiple_choice.py.
 
 What each section computes (eval.json holds every number, eval.md the tables, *.png the figures):
 - core: on held-out windows (every one starts with BOS), next-token CE per token and KL(p_orig || p_setting) per
@@ -26,109 +26,69 @@ What each section computes (eval.json holds every number, eval.md the tables, *.
   model's residual stream and the spliced one, base model (sae) and adapted model (sae_lora), averaged over non-BOS
   tokens per sequence; mean over sequences with a 90% normal-approximation CI (mean +- 1.645 sd / sqrt(n)), and the
   paired per-sequence change adapted - base, as the authors' code does.
-- steering (Sec. 5.2, Eq. 8): x <- x + alpha (x . v) v at the SAE's layer, v the unit-normalised decoder row of
-  --latent, applied to every position of the model *without* the SAE spliced (the authors' run_steering.py hooks the
-  plain layer output; the SAE only supplies v; --steering-splice true steers the reconstruction instead). A text's
-  score is its mean next-token log-likelihood (all tokens after BOS). Normalisation, per model and per text set: the
-  unsteered scores are mapped affinely onto 0..100 (min -> 0, max -> 100) and the steered ones with the same map; the
-  change is normalised steered - normalised unsteered. alpha is tuned per model over --alphas to maximise
-  mean change(positive) - mean change(validation negatives); the negative test set is scored at that alpha.
-  POSITIVE / NEGATIVE = per-text change of the LoRA model minus that of the base model, mean with a 90% normal CI.
-- benchmarks (Sec. 5.3): lm-evaluation-harness' zero-shot prompts (MMLU with its subject header and " A".." D",
-  HellaSwag's preprocessed context and endings, TruthfulQA-MC1 with its six-question QA preset); each choice scored
-  by the summed log-probability of its continuation tokens after BOS + prompt; acc = argmax of the sums (MMLU, MC1),
-  acc_norm = argmax of sum / len(choice in characters) (HellaSwag's headline metric, as lm-eval); standard error
-  sd(correct, ddof=1) / sqrt(n). SAEs spliced from position 1 (BOS keeps its activation).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import bench_scores, bench_sequences, questions, read_rows
 import common
-from adapt import gap_closed, load_saes
+import embedded
+import multiple_choice
+import steering
 from lora import adapters_disabled, load_adapter, merged
 from model import Transformer
-from sae import splice_hooks
+from splice import gap_closed, load_saes, spliced_pass
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
 UNCHANGED_TOL = 1e-6  # nats: a per-token change at most this small counts as unchanged
-Z90 = 1.645
 
 
 @dataclass
 class EvalConfig:
     """Evaluate model + SAE(s) + LoRA adapter(s): CE/KL table, per-token breakdown, distances, steering, benchmarks."""
-    model: str | None = None  # HF folder or hub id; None = the embedded tiny pipeline
-    sae: list[str] = field(default_factory=list)  # SAE folders / hub paths; several are spliced together
-    layer: str | None = None  # "12" or "10,20": SAE layers, overriding the SAE files
-    adapter: list[str] = field(default_factory=list)  # PEFT adapter folders; one row group each
-    tokenizer: str | None = None  # default: the model folder / hub id
-    data: str | None = None  # token dataset (data.prepare); its val split is the held-out set
-    out: str = "out/eval"
-    eval_tokens: int = 1_000_000  # paper: 1M held-out tokens (Sec. 4); 500k for the distances (Sec. 6.2)
-    batch_size: int = 4
-    seq_len: int = 1024
-    splice_bos: bool = False  # BOS keeps its original activation by default (as adapt.py trains)
-    distances: bool = True  # keeps the original model's streams after the SAE for a batch: turn off to save memory
-    # steering (Sec. 5.2)
-    steering_pos: str | None = None  # jsonl of {"text": ...}: texts the latent should make likelier
-    steering_neg: str | None = None  # test negatives
-    steering_neg_val: str | None = None  # validation negatives for tuning alpha
-    latent: int | None = None
-    alphas: str = "0,1,2,4,8,16,32"  # the grid alpha is tuned on
-    alpha: float | None = None  # a fixed alpha (no tuning)
-    steering_splice: bool = False  # steer the SAE reconstruction instead of the plain stream
-    # benchmarks (Sec. 5.3): local .jsonl / .json / .parquet files or hub dataset ids
-    mmlu: str | None = None
-    hellaswag: str | None = None
-    truthfulqa: str | None = None
-    truthfulqa_preset: bool = True  # lm-eval's six-question QA prompt before each question
+    model: str | None = None  # HF folder or hub id; none: the embedded tiny pipeline
+    sae: list[str] = field(default_factory=list)  # SAE folder or hub path; several are spliced together (Sec. 4.3);
+    # none: as adapt.py chooses (Gemma Scope for Gemma-2 2B/9B at --layer, the embedded SAE for the tiny model)
+    layer: list[int] = field(default_factory=list)  # the SAE layer, one per --sae; none: what the SAE files say
+    adapter: list[str] = field(default_factory=list)  # PEFT adapter folder; several give one row group each
+    tokenizer: str | None = None  # for steering texts and benchmarks; none: the model's own
+    data: str | None = None  # token folder (data.prepare) whose val split is the held-out set
+    out: str = "out/eval"  # eval.json, eval.md and the plots go here
+    eval_tokens: int = 1_000_000  # held-out tokens (paper: 1M for the CE table, Sec. 4; 500k for distances, Sec. 6.2)
+    batch_size: int = 4  # sequences per forward
+    seq_len: int = 1024  # tokens per sequence
+    splice_bos: bool = False  # splice the SAE at BOS too (default: BOS keeps its activation, as adapt.py trains)
+    distances: bool = True  # activation distances (Fig. 11); keeps the original streams of a batch: off saves memory
+    steering_pos: str | None = None  # steering (Sec. 5.2): jsonl of {"text": ...} the latent should make likelier
+    steering_neg: str | None = None  # steering: test negatives (jsonl)
+    steering_neg_val: str | None = None  # steering: validation negatives for tuning alpha (jsonl)
+    latent: int | None = None  # steering: the SAE latent whose decoder row is the direction
+    alphas: str = "0,1,2,4,8,16,32"  # steering: the grid alpha is tuned on
+    alpha: float | None = None  # steering: a fixed alpha (no tuning)
+    steering_splice: bool = False  # steering: steer the SAE reconstruction instead of the plain stream
+    mmlu: str | None = None  # MMLU (Sec. 5.3): local .jsonl / .json / .parquet file or hub dataset id
+    hellaswag: str | None = None  # HellaSwag: local file or hub dataset id
+    truthfulqa: str | None = None  # TruthfulQA-MC1: local file or hub dataset id
+    truthfulqa_preset: bool = True  # lm-eval's six-question QA prompt before each TruthfulQA question
     bench_limit: int | None = None  # at most this many questions per benchmark
-    bench_batch: int = 16  # sequences per forward pass (benchmarks and steering)
-    plots: bool = True
-    autocast: str = "bfloat16"  # "float32" disables autocast
+    bench_batch: int = 16  # sequences per forward (benchmarks and steering)
+    plots: bool = True  # write PNG figures (needs matplotlib)
+    autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
     dtype: str = "float32"  # storage of the model weights
     chunk: int = 2048  # tokens per lm_head + log-softmax chunk
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-class Progress:
-    """A line with rate and ETA at most every `every` seconds, and one at the end."""
-
-    def __init__(self, total: int, what: str, every: float = 10.0):
-        self.total, self.what, self.every, self.done = total, what, every, 0
-        self.t0 = self.last = time.time()
-
-    def step(self, n: int = 1):
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last, el = now, now - self.t0
-            eta = el / self.done * (self.total - self.done)
-            print(f"{self.what}: {self.done}/{self.total} ({el:.0f}s, ETA {eta:.0f}s)", flush=True)
-
-
-def mean_ci(x) -> dict:
-    """Mean and 90% normal-approximation CI over independent units."""
-    x = np.asarray(x, dtype=np.float64)
-    se = x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    m = float(x.mean()) if len(x) else float("nan")
-    return {"mean": m, "lo": m - Z90 * se, "hi": m + Z90 * se, "n": len(x)}
 
 
 def _jsonable(o):
@@ -141,29 +101,6 @@ def _jsonable(o):
     if isinstance(o, np.integer):
         return int(o)
     return o
-
-
-def _write(path: str, text: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def forward(model, idx, saes, bos_id, splice_bos, watch=None):
-    """Final residual stream with `saes` spliced. watch(layer, x_in, x_out), if given, sees the stream after every
-    block: x_in before the splice, x_out after (the same tensor where no SAE sits)."""
-    splice = splice_hooks(saes, idx, bos_id, splice_bos) if saes else {}
-
-    def make(layer):
-        def hook(x):
-            y = splice[layer](x) if layer in splice else x
-            if watch is not None:
-                watch(layer, x, y)
-            return y
-        return hook
-    layers = range(model.cfg.n_layer) if watch is not None else splice
-    return model.blocks(model.embed(idx), hooks={layer: make(layer) for layer in layers})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -215,7 +152,7 @@ def core_eval(model, saes, batches, bos_id, cfg: EvalConfig, amp, adapted: bool,
     spliced = [s for s in settings if "sae" in s]
     seq = {s: {layer: {"cos": [], "l2": []} for layer in range(first, n_layer)} for s in spliced}
     token_ce = {s: [] for s in spliced}
-    n_tok, prog = 0, Progress(len(batches), f"core{label}")
+    n_tok, prog = 0, common.Progress(len(batches), f"core{label}")
     for idx in batches:
         keep = torch.ones_like(idx, dtype=torch.bool) if cfg.splice_bos else idx != bos_id  # tokens the SAE replaces
         w = keep.float()
@@ -240,13 +177,14 @@ def core_eval(model, saes, batches, bos_id, cfg: EvalConfig, amp, adapted: bool,
         finals = {}
         dist = cfg.distances
         with amp, adapters_disabled(model):
-            finals["original"] = forward(model, idx, [], bos_id, cfg.splice_bos, watch_stats("original"))
-            finals["sae"] = forward(model, idx, saes, bos_id, cfg.splice_bos, watch_distance("sae") if dist else None)
+            finals["original"] = spliced_pass(model, [], idx, bos_id, watch=watch_stats("original"))
+            finals["sae"] = spliced_pass(model, saes, idx, bos_id, splice_bos=cfg.splice_bos,
+                                          watch=watch_distance("sae") if dist else None)
         if adapted:
             with amp, merged(model):
-                finals["lora"] = forward(model, idx, [], bos_id, cfg.splice_bos, watch_stats("lora"))
-                finals["sae_lora"] = forward(model, idx, saes, bos_id, cfg.splice_bos,
-                                             watch_distance("sae_lora") if dist else None)
+                finals["lora"] = spliced_pass(model, [], idx, bos_id, watch=watch_stats("lora"))
+                finals["sae_lora"] = spliced_pass(model, saes, idx, bos_id, splice_bos=cfg.splice_bos,
+                                                  watch=watch_distance("sae_lora") if dist else None)
         acts.clear()
         # per-token CE and KL(p_orig || p_setting), the vocabulary projection a chunk of tokens at a time
         targets = idx[:, 1:].reshape(-1)
@@ -314,11 +252,11 @@ def distance_summary(seq: dict, first: int) -> dict:
         row = {"layer": layer, "after_sae": layer - first}
         for name in ("cos", "l2"):
             base = np.concatenate(seq["sae"][layer][name])
-            row[f"{name}_sae"] = mean_ci(base)
+            row[f"{name}_sae"] = common.mean_ci(base)
             if "sae_lora" in seq:
                 lora = np.concatenate(seq["sae_lora"][layer][name])
-                row[f"{name}_sae_lora"] = mean_ci(lora)
-                row[f"{name}_change"] = mean_ci(lora - base)  # paired by sequence
+                row[f"{name}_sae_lora"] = common.mean_ci(lora)
+                row[f"{name}_change"] = common.mean_ci(lora - base)  # paired by sequence
         out["layers"].append(row)
     return out
 
@@ -327,157 +265,8 @@ def distance_summary(seq: dict, first: int) -> dict:
 # Scoring token sequences (steering and benchmarks)
 
 
-@torch.no_grad()
-def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, what: str = "") -> list[np.ndarray]:
-    """For each sequence (token ids, BOS first) the log-probabilities log p(tok | seq[:pos + 1]) of its queries
-    [(pos, tok), ...]. Sequences are batched by length and padded on the right, which a causal model never sees."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out, dev = [None] * len(seqs), model.model.embed_tokens.weight.device
-    pad = model.cfg.bos_token_id or 0
-    prog = Progress(math.ceil(len(seqs) / batch_size), what) if what else None
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        idx = torch.full((len(rows), max(len(seqs[i]) for i in rows)), pad, dtype=torch.long)
-        for r, i in enumerate(rows):
-            idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
-        idx = idx.to(dev)
-        r_of = torch.tensor([r for r, i in enumerate(rows) for _ in queries[i]], device=dev)
-        pos = torch.tensor([p for i in rows for p, _ in queries[i]], dtype=torch.long, device=dev)
-        tok = torch.tensor([t for i in rows for _, t in queries[i]], dtype=torch.long, device=dev)
-        with amp:
-            h = model.blocks(model.embed(idx), hooks=hooks_for(idx))[r_of, pos]  # only the rows that are scored
-            lp = torch.cat([F.log_softmax(model.head(h[c:c + chunk]).float(), -1).gather(1, tok[c:c + chunk, None])
-                            for c in range(0, len(tok), chunk)])[:, 0]
-        lp, k = lp.cpu().double().numpy(), 0
-        for i in rows:
-            out[i], k = lp[k:k + len(queries[i])], k + len(queries[i])
-        if prog:
-            prog.step()
-    return out
-
-
-def spliced(saes, bos_id, splice_bos):
-    return lambda idx: splice_hooks(saes, idx, bos_id, splice_bos) if saes else {}
-
-
-def setting_context(model, setting: str):
-    return merged(model) if "lora" in setting else adapters_disabled(model)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Steering (Sec. 5.2, Eq. 8)
-
-
-def read_texts(path: str, what: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not valid JSON (expected one {{\"text\": ...}} per line)") from None
-            text = obj.get("text") if isinstance(obj, dict) else obj
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty 'text' string")
-            texts.append(text)
-    if len(texts) < 2:  # the 0..100 normalisation needs a spread of likelihoods
-        raise ValueError(f"{what} {path}: {len(texts)} texts; steering needs at least 2")
-    return texts
-
-
-def steer_hook(v: torch.Tensor, alpha: float, inner=None):
-    def hook(x):
-        x = inner(x) if inner is not None else x
-        vv = v.to(x.dtype)
-        return x + alpha * (x @ vv)[..., None] * vv  # Eq. 8
-    return hook
-
-
-def steering_eval(model, seqs: dict, saes, v, layer, bos_id, cfg, amp, setting: str) -> dict:
-    """Mean next-token log-likelihood of every text set unsteered and steered, alpha tuned (or fixed), for one model
-    (setting "original": adapters off; "lora": adapters merged)."""
-    queries = {k: [[(p - 1, s[p]) for p in range(1, len(s))] for s in ss] for k, ss in seqs.items()}
-
-    def loglik(name, alpha):
-        def hooks_for(idx):
-            hooks = splice_hooks(saes, idx, bos_id, cfg.splice_bos) if cfg.steering_splice else {}
-            if alpha is not None:
-                hooks[layer] = steer_hook(v, alpha, hooks.get(layer))
-            return hooks
-        lps = score(model, seqs[name], queries[name], hooks_for, amp, cfg.bench_batch, cfg.chunk)
-        return np.array([lp.mean() for lp in lps])
-
-    def change(name, base, alpha):  # normalised steered - normalised unsteered (Pres et al.'s 0..100 scale)
-        lo, hi = base.min(), base.max()
-        return 100 * (loglik(name, alpha) - base) / (hi - lo if hi > lo else 1.0)
-
-    grid = [cfg.alpha] if cfg.alpha is not None else [float(a) for a in cfg.alphas.split(",")]
-    prog = Progress(len(grid) + 1, f"steering [{setting}]: unsteered, then alphas")
-    with setting_context(model, setting):
-        base = {name: loglik(name, None) for name in seqs}
-        tuning, best = [], None
-        prog.step()
-        for a in grid:  # the paper's tuning rule: raise the positives, not the validation negatives
-            pos = change("pos", base["pos"], a)
-            val = change("neg_val", base["neg_val"], a) if "neg_val" in seqs else np.zeros(1)
-            tuning.append({"alpha": a, "pos": pos.mean(), "neg_val": val.mean(), "objective": pos.mean() - val.mean()})
-            if best is None or tuning[-1]["objective"] > best[0]:
-                best = (tuning[-1]["objective"], a, pos)
-            prog.step()
-        res = {"alpha": best[1], "tuning": tuning, "pos": best[2].tolist(), "loglik_unsteered": {
-            k: b.tolist() for k, b in base.items()}}
-        if "neg" in seqs:
-            res["neg"] = change("neg", base["neg"], best[1]).tolist()
-    for k in ("pos", "neg"):
-        if k in res:
-            res[f"{k}_mean"] = float(np.mean(res[k]))
-    return res
-
-
-def steering_compare(base: dict, lora: dict) -> dict:
-    """POSITIVE and NEGATIVE of Table 4: per-text change (LoRA model) - change (base model), 90% CI."""
-    out = {}
-    for k in ("pos", "neg"):
-        if k in base:
-            out["POSITIVE" if k == "pos" else "NEGATIVE"] = mean_ci(np.array(lora[k]) - np.array(base[k]))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Multiple-choice benchmarks (Sec. 5.3): readers and prompts live in benchmarks.py
-
-
-def bench_eval(model, prepared: dict, saes, bos_id, cfg, amp, setting: str) -> dict:
-    out = {}
-    hooks_for = spliced(saes if "sae" in setting else [], bos_id, cfg.splice_bos)
-    with setting_context(model, setting):
-        for bench, (qs, seqs, queries, slots) in prepared.items():
-            lps = score(model, seqs, queries, hooks_for, amp, cfg.bench_batch, cfg.chunk, f"{bench} [{setting}]")
-            lls = [[0.0] * len(q["choices"]) for q in qs]
-            for lp, sl in zip(lps, slots):
-                for v, (qi, ci) in zip(lp, sl):
-                    lls[qi][ci] += v
-            out[bench] = bench_scores(qs, lls)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Reports
-
-
-def num(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)  # None: an undefined number (NaN in the computation)
-
-
-def fmt_ci(d, p=4) -> str:
-    if not d or d["mean"] is None:
-        return "-"
-    ci = f" [{d['lo']:.{p}f}, {d['hi']:.{p}f}]" if d["lo"] is not None else ""
-    return f"{d['mean']:.{p}f}{ci}"
 
 
 def markdown(res: dict) -> str:
@@ -492,16 +281,16 @@ def markdown(res: dict) -> str:
               "| adapter | setting | CE | KL | gap closed |", "| --- | --- | --- | --- | --- |"]
         for g in groups:
             for s, v in g["settings"].items():
-                gc = num(g.get("gap_closed"), ".1%") if s == "sae_lora" else ""
+                gc = common.fmt_num(g.get("gap_closed"), ".1%") if s == "sae_lora" else ""
                 L.append(f"| {g['name']} | {NAMES[s]} | {v['ce']:.4f} | {v['kl']:.4f} | {gc} |")
         L += ["", "## SAE at its layer (original model's activations; LoRA model's in the last columns)", "",
               "| adapter | layer | arch | FVU | L0 | dead latents | FVU (LoRA) | L0 (LoRA) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for g in groups:
             for s in g["sae_stats"]:
-                L.append(f"| {g['name']} | {s['layer']} | {s['arch']} | {num(s['fvu'], '.4f')} | {s['l0']:.1f} | "
-                         f"{s['dead']} ({s['dead_frac']:.1%}) | {num(s.get('fvu_lora'), '.4f')} | "
-                         f"{num(s.get('l0_lora'), '.1f')} |")
+                L.append(f"| {g['name']} | {s['layer']} | {s['arch']} | {common.fmt_num(s['fvu'], '.4f')} | {s['l0']:.1f} | "
+                         f"{s['dead']} ({s['dead_frac']:.1%}) | {common.fmt_num(s.get('fvu_lora'), '.4f')} | "
+                         f"{common.fmt_num(s.get('l0_lora'), '.1f')} |")
     if any("per_token" in g for g in groups):
         L += ["", "## Per-token change CE(SAE + LoRA) - CE(SAE)", "",
               "| adapter | tokens | improved | degraded | unchanged | mean change | nats gained | nats lost |",
@@ -518,35 +307,13 @@ def markdown(res: dict) -> str:
               "| --- | --- | --- | --- | --- | --- |"]
         for g in groups:
             for r in g.get("distances", {}).get("layers", []):
-                L.append(f"| {g['name']} | {r['layer']} (+{r['after_sae']}) | {fmt_ci(r['cos_sae'])} | "
-                         f"{fmt_ci(r.get('cos_sae_lora'))} | {fmt_ci(r['l2_sae'], 3)} | "
-                         f"{fmt_ci(r.get('l2_sae_lora'), 3)} |")
+                L.append(f"| {g['name']} | {r['layer']} (+{r['after_sae']}) | {common.fmt_ci(r['cos_sae'])} | "
+                         f"{common.fmt_ci(r.get('cos_sae_lora'))} | {common.fmt_ci(r['l2_sae'], 3)} | "
+                         f"{common.fmt_ci(r.get('l2_sae_lora'), 3)} |")
     if "steering" in res:
-        st = res["steering"]
-        L += ["", f"## Steering latent {st['latent']} at layer {st['layer']} (change in normalised log-likelihood, "
-              f"0..100 scale)", "", "| model | alpha | positive | negative | POSITIVE (LoRA - base) | NEGATIVE |",
-              "| --- | --- | --- | --- | --- | --- |"]
-        b = st["base"]
-        L.append(f"| base | {b['alpha']:g} | {b['pos_mean']:+.2f} | {num(b.get('neg_mean'), '+.2f')} | | |")
-        for g in groups:
-            if "steering" in g:
-                s, c = g["steering"], g["steering_compare"]
-                L.append(f"| {g['name']} | {s['alpha']:g} | {s['pos_mean']:+.2f} | {num(s.get('neg_mean'), '+.2f')}"
-                         f" | {fmt_ci(c.get('POSITIVE'), 2)} | {fmt_ci(c.get('NEGATIVE'), 2)} |")
+        L += steering.markdown(res)
     if "benchmarks" in res:
-        L += ["", "## Benchmarks (accuracy % +- standard error)", "",
-              "| adapter | benchmark | metric | n | SAE | SAE + LoRA | Original | LoRA |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        shared = res["benchmarks"]
-        for g in groups:
-            for bench in shared["original"]:
-                metric = "acc_norm" if bench == "hellaswag" else "acc"
-                def cell(d):
-                    return f"{100 * d[metric]:.1f} +- {num(d[metric + '_se'] and 100 * d[metric + '_se'], '.1f')}"
-                row = {s: cell(shared[s][bench]) for s in ("original", "sae")}
-                row.update({s: cell(g["benchmarks"][s][bench]) for s in ("sae_lora", "lora") if s in g["benchmarks"]})
-                L.append(f"| {g['name']} | {bench} | {metric} | {shared['original'][bench]['n']} | {row['sae']} | "
-                         f"{row.get('sae_lora', '-')} | {row['original']} | {row.get('lora', '-')} |")
+        L += multiple_choice.markdown(res)
     return "\n".join(L) + "\n"
 
 
@@ -562,8 +329,8 @@ def plots(res: dict, out: str) -> list[str]:
 
     def save(fig, name):
         path = os.path.join(out, name)
-        fig.savefig(path + ".tmp.png", dpi=150, bbox_inches="tight")
-        os.replace(path + ".tmp.png", path)
+        with common.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     for i, g in enumerate(res["groups"]):
@@ -591,14 +358,7 @@ def plots(res: dict, out: str) -> list[str]:
             fig.suptitle(f"{g['name']}: distance to the original model (90% CI)")
             save(fig, f"distances_{i}.png")
         if "steering" in g:  # Fig. 7 / 10
-            fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-            for ax, k in zip(axes, ("pos", "neg")):
-                if k in g["steering"]:
-                    ax.hist(res["steering"]["base"][k], bins=40, alpha=0.5, color="blue", label="base model")
-                    ax.hist(g["steering"][k], bins=40, alpha=0.5, color="green", label="LoRA model")
-                    ax.set_title("positive" if k == "pos" else "negative"), ax.legend()
-                    ax.set_xlabel("change in normalised LL after steering")
-            save(fig, f"steering_{i}.png")
+            save(steering.plot(plt, res, g), f"steering_{i}.png")
     return written
 
 
@@ -606,46 +366,40 @@ def plots(res: dict, out: str) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    cfg = common.parse_args(EvalConfig, argv)
-    if cfg.model is None:
-        embedded_defaults(cfg)
-    if not cfg.sae:
-        raise ValueError("no --sae given: eval.py measures a model with an SAE spliced in")
-    steering = cfg.steering_pos is not None or cfg.steering_neg is not None or cfg.steering_neg_val is not None
+    cfg, typed = common.parse_args(EvalConfig, argv)
+    steer = any(p is not None for p in (cfg.steering_pos, cfg.steering_neg, cfg.steering_neg_val))
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
-    if not (cfg.data or steering or benches):
-        raise ValueError("nothing to evaluate: give --data (held-out tokens), --steering-pos, or a benchmark file")
-    # -- read every input before any model work: bad files fail in a second, not after an hour -----------------------
-    texts = {}
-    if steering:
-        if cfg.steering_pos is None or cfg.latent is None:
-            raise ValueError("steering needs --steering-pos (texts) and --latent (the SAE latent to steer with)")
-        if cfg.alpha is None and cfg.steering_neg_val is None and len(cfg.alphas.split(",")) > 1:
-            raise ValueError("tuning alpha needs --steering-neg-val (validation negatives); or pass --alpha")
-        for key, path in (("pos", cfg.steering_pos), ("neg", cfg.steering_neg), ("neg_val", cfg.steering_neg_val)):
-            if path is not None:
-                texts[key] = read_texts(path, f"--steering-{key.replace('_', '-')}")
-    rows = {b: read_rows(src, b) for b, src in benches.items()}
-    bench_qs = {b: questions(r[:cfg.bench_limit] if cfg.bench_limit else r, where, b, cfg.truthfulqa_preset)
-                for b, (r, where) in rows.items()}
+    if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
+        cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
+    embedded.fill(cfg, typed, "eval", need_data=cfg.model is None or not (steer or benches))
+    return run(cfg)
 
-    run = common.setup(cfg.device)
-    amp = common.autocast(run.device, cfg.autocast)
+
+def run(cfg: EvalConfig) -> dict:
+    # -- read every input before any model work: bad files fail in a second, not after an hour -----------------------
+    steer = any(p is not None for p in (cfg.steering_pos, cfg.steering_neg, cfg.steering_neg_val))
+    benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
+    texts = steering.read_inputs(cfg) if steer else {}
+    rows = {b: multiple_choice.read_rows(src, b) for b, src in benches.items()}
+    bench_qs = {b: multiple_choice.questions(r[:cfg.bench_limit] if cfg.bench_limit else r, where, b,
+                                             cfg.truthfulqa_preset) for b, (r, where) in rows.items()}
+
+    # -- model, SAEs, held-out tokens -------------------------------------------------------------------------------------
+    d = common.setup(cfg.device)
+    amp = common.autocast(d.device, cfg.autocast)
     dtype = getattr(torch, cfg.dtype)
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=run.device).requires_grad_(False)
-    layers = cfg.layer.split(",") if cfg.layer else [None] * len(cfg.sae)
-    if len(layers) != len(cfg.sae):
-        raise ValueError(f"--layer names {len(layers)} layers for {len(cfg.sae)} SAEs")
-    loaded = sorted(((*load_saes([p], layer, model, run.device)[0], p) for p, layer in zip(cfg.sae, layers)),
-                    key=lambda t: t[0])  # by layer, each with its path
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=d.device).requires_grad_(False)
+    if cfg.layer and len(cfg.layer) != len(cfg.sae):
+        raise ValueError(f"--layer names {len(cfg.layer)} layers for {len(cfg.sae)} SAEs: give one per --sae")
+    loaded = sorted(((*load_saes([p], [cfg.layer[i]] if cfg.layer else None, model, d.device)[0], p)
+                     for i, p in enumerate(cfg.sae)), key=lambda t: t[0])  # by layer, each with its path
     if len({layer for layer, _, _ in loaded}) < len(loaded):
-        raise ValueError("two SAEs at the same layer")
+        raise ValueError("two SAEs at the same layer: give each --sae its own --layer")
     saes = [(layer, sae) for layer, sae, _ in loaded]
     for adapter in cfg.adapter:
         check_adapter(model, adapter)
     bos_id = model.cfg.bos_token_id
-    seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
-    batches = load_batches(cfg, model, seq_len, run.device) if cfg.data else []
+    batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), d.device) if cfg.data else []
     tok = None
     if texts or bench_qs:
         from data import load_tokenizer
@@ -653,8 +407,8 @@ def main(argv=None) -> dict:
         if (bos_id is not None and tok.bos_id != bos_id) or tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer {tok.path} (bos {tok.bos_id}, {tok.vocab_size} tokens) does not belong to the "
                              f"model (bos {bos_id}, {model.cfg.vocab_size} tokens): pass --tokenizer")
-    prepared = {b: (qs, *bench_sequences(qs, tok, model.cfg.max_seq_len)) for b, qs in bench_qs.items()}
-    if steering:
+    prepared = {b: (qs, *multiple_choice.bench_sequences(qs, tok, model.cfg.max_seq_len)) for b, qs in bench_qs.items()}
+    if steer:
         s_layer, s_sae = saes[0]
         if not 0 <= cfg.latent < s_sae.d_sae:
             raise ValueError(f"--latent {cfg.latent} is out of range: the SAE at layer {s_layer} has {s_sae.d_sae}")
@@ -662,42 +416,44 @@ def main(argv=None) -> dict:
         v = v / v.norm().clamp_min(1e-12)
         seqs = {k: [([bos_id] + tok.encode(t))[:model.cfg.max_seq_len] for t in ts] for k, ts in texts.items()}
 
-    res = {"model": cfg.model, "config": asdict(cfg), "device": str(run.device),
-           "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded],
-           "groups": []}
+    # -- the settings, adapter by adapter ---------------------------------------------------------------------------------
+    res = {"model": cfg.model, "config": asdict(cfg), "device": str(d.device),
+           "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
     if bench_qs:  # adapter-independent settings: computed once
-        res["benchmarks"] = {s: bench_eval(model, prepared, saes, bos_id, cfg, amp, s) for s in ("original", "sae")}
-    if steering:
+        res["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, bos_id, cfg, amp, s)
+                             for s in ("original", "sae")}
+    if steer:
         res["steering"] = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice,
-                           "base": steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "original")}
+                           "base": steering.steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "original")}
     names = [os.path.basename(os.path.normpath(a)) for a in cfg.adapter]
     names = names if len(set(names)) == len(names) else list(cfg.adapter)  # e.g. several runs' ".../adapter"
     for gi, adapter in enumerate(cfg.adapter or [None]):
         if gi > 0:  # a fresh model per adapter: adapters of other ranks / layers cannot share LoRA modules
             del model
-            model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=run.device).requires_grad_(False)
+            model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=d.device).requires_grad_(False)
         g = {"adapter": adapter, "name": names[gi] if adapter else "(none)"}
         if adapter:
             load_adapter(model, adapter)
             model.requires_grad_(False)
-            print(f"adapter {adapter}", flush=True)
+            common.log(f"adapter {adapter}")
         if batches:
             g.update(core_eval(model, saes, batches, bos_id, cfg, amp, adapter is not None, f" [{g['name']}]"))
         if adapter and bench_qs:
-            g["benchmarks"] = {s: bench_eval(model, prepared, saes, bos_id, cfg, amp, s) for s in ("sae_lora", "lora")}
-        if adapter and steering:
-            g["steering"] = steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "lora")
-            g["steering_compare"] = steering_compare(res["steering"]["base"], g["steering"])
+            g["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, bos_id, cfg, amp, s)
+                               for s in ("sae_lora", "lora")}
+        if adapter and steer:
+            g["steering"] = steering.steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "lora")
+            g["steering_compare"] = steering.steering_compare(res["steering"]["base"], g["steering"])
         res["groups"].append(g)
 
-    os.makedirs(cfg.out, exist_ok=True)
-    _write(os.path.join(cfg.out, "eval.json"), json.dumps(_jsonable(res), indent=1))
+    # -- reports --------------------------------------------------------------------------------------------------------
+    common.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(_jsonable(res), indent=1))
     md = markdown(_jsonable(res))
-    _write(os.path.join(cfg.out, "eval.md"), md)
+    common.write_text(os.path.join(cfg.out, "eval.md"), md)
     res["plots"] = plots(_jsonable(res), cfg.out) if cfg.plots else []
     print(md)
-    print(f"wrote {os.path.join(cfg.out, 'eval.json')}, eval.md" + (f" and {len(res['plots'])} plots" if res["plots"]
-                                                                   else ""))
+    common.log(f"wrote {os.path.join(cfg.out, 'eval.json')}, eval.md" +
+               (f" and {len(res['plots'])} plots" if res["plots"] else ""))
     return res
 
 
@@ -737,30 +493,9 @@ def load_batches(cfg: EvalConfig, model, seq_len: int, device) -> list[torch.Ten
         loader = TokenLoader(cfg.data, "val", batch, seq_len, shuffle=False, device=device)
     n = max(1, min(cfg.eval_tokens // (batch * seq_len), loader.n_windows // batch))
     if n * batch * seq_len < cfg.eval_tokens:
-        print(f"{cfg.data}: the val split holds {n * batch * seq_len:,} tokens in whole batches; evaluating on those")
+        common.log(f"{cfg.data}: the val split holds {n * batch * seq_len:,} tokens in whole batches; evaluating on those")
     return [loader.next_batch() for _ in range(n)]
 
 
-def embedded_defaults(cfg: EvalConfig):
-    """The offline pipeline's model, corpus, SAE and (if adapt.py has run) adapter. Building them takes minutes, which a
-    test must never trigger by forgetting --model: under pytest this path refuses."""
-    if "PYTEST_CURRENT_TEST" in os.environ:
-        raise RuntimeError("eval.py without --model builds the embedded pipeline (minutes); tests must pass --model")
-    import data
-    import pretrain
-    import train_sae
-    cache = data.default_cache_dir()
-    cfg.data = cfg.data or data.embedded_dataset(cache)[0]
-    cfg.model = pretrain.ensure_tiny_model(cache)
-    cfg.sae = cfg.sae or [train_sae.ensure_tiny_sae(cfg.model, cfg.data, cache)]
-    if not cfg.adapter and os.path.isfile(os.path.join("out", "adapt-tiny", "adapter", "adapter_config.json")):
-        cfg.adapter = [os.path.join("out", "adapt-tiny", "adapter")]
-    if cfg.seq_len == EvalConfig.seq_len and cfg.eval_tokens == EvalConfig.eval_tokens:
-        cfg.seq_len, cfg.batch_size, cfg.eval_tokens = 256, 8, 65_536  # the tiny model's context; a minute on CPU
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input or a missing optional package: one line
-        sys.exit(f"error: {e}")
+    common.cli(main)

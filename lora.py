@@ -125,6 +125,21 @@ def resolve_layers(spec, n_layer: int) -> list[int]:
     return sorted(set(spec))
 
 
+def layers_around_saes(spec: str | None, saes, n_layer: int, *, allow_before_jumprelu: bool = False) -> list[int]:
+    """The layers to adapt around SAEs [(layer, sae), ...]: `spec` as resolve_layers reads it, "after" for the layers
+    after the first SAE; None picks the paper's default: all layers for TopK SAEs, after the SAE for JumpReLU."""
+    jump = [layer for layer, s in saes if s.arch == "jumprelu"]
+    spec = spec or ("after" if jump else "all")
+    layers = resolve_layers(f"after:{saes[0][0]}" if spec == "after" else spec, n_layer)
+    # Sec. 4.2: a JumpReLU SAE at layer L reads the output of blocks 0..L; adapting those moves its inputs across the
+    # thresholds and changes its sparsity
+    bad = [layer for layer in layers if jump and layer <= max(jump)]
+    if bad and not allow_before_jumprelu:
+        raise ValueError(f"LoRA layers {bad} feed a JumpReLU SAE (layer {max(jump)}) and would change its sparsity; "
+                         f"use --lora-layers after, or --allow-before-jumprelu to insist")
+    return layers
+
+
 def _parse_int(s: str, spec) -> int:
     try:
         return int(s.strip())

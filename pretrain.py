@@ -53,23 +53,23 @@ class PretrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000  # about 4M tokens, 1.2 epochs of the stdlib corpus
     stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
-    lr: float = 6e-3  # 3e-3 and 6e-3 were within 0.02 nats in the sweep
-    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup_steps: int = 50
+    lr: float = 6e-3  # AdamW peak learning rate (3e-3 and 6e-3 were within 0.02 nats in the sweep)
+    min_lr_frac: float = 0.1  # the cosine decay ends at lr x this
+    warmup_frac: float = 0.05  # fraction of the steps warming up linearly
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     # bookkeeping
-    eval_every: int = 250
-    eval_batches: int = 25
-    log_every: int = 25
-    ckpt_every: int = 250
-    resume: bool = False
-    compile: bool = True
-    dtype: str = "bfloat16"  # autocast dtype; float32 disables autocast
-    device: str = "auto"
-    seed: int = 0
+    eval_interval: int = 250  # steps between validation losses
+    eval_batches: int = 25  # validation batches
+    log_interval: int = 25  # steps between log lines
+    ckpt_interval: int = 250  # steps between checkpoints (train_state.pt)
+    resume: bool = False  # continue from --out/train_state.pt
+    compile: bool = True  # torch.compile the model
+    autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # initialisation and data order
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int | None) -> ModelConfig:
@@ -89,17 +89,9 @@ def model_config(cfg: PretrainConfig, vocab_size: int, bos_id: int, eos_id: int,
     raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
 
 
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup, then cosine from lr down to lr * min_lr_frac at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def lm_loss(model, x: torch.Tensor, dtype: str) -> torch.Tensor:
+def lm_loss(model, x: torch.Tensor, autocast: str) -> torch.Tensor:
     """Next-token cross entropy; logits in fp32 for the log-softmax whatever the autocast dtype."""
-    with common.autocast(x.device, dtype):
+    with common.autocast(x.device, autocast):
         logits = model(x)
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
@@ -111,7 +103,7 @@ def evaluate(model, data_dir: str, cfg: PretrainConfig, d: common.Dist) -> float
                          device=d.device)
     n = max(1, min(cfg.eval_batches, loader.per_rank // cfg.batch_size))
     model.eval()
-    loss = torch.stack([lm_loss(model, loader.next_batch(), cfg.dtype) for _ in range(n)]).mean()
+    loss = torch.stack([lm_loss(model, loader.next_batch(), cfg.autocast) for _ in range(n)]).mean()
     model.train()
     return (common.all_reduce_mean(loss) if d.world_size > 1 else loss).item()
 
@@ -148,7 +140,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
-        st = torch.load(state_path, map_location=d.device, weights_only=False)
+        st = common.torch_load(state_path, d.device)
         shape_keys = ("family", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "seq_len")
         diff = [k for k in shape_keys if st["config"][k] != getattr(cfg, k)]
         if diff:
@@ -171,7 +163,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
 
     def save_state():
         if d.master:
-            common.atomic_torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            common.torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                       "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
                                       "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state()},
                                      state_path)
@@ -182,14 +174,14 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
     last_step = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     val = None
     while step < last_step:
-        lr = lr_at(step, cfg)
+        lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_frac, 1.0, cfg.min_lr_frac, "cosine")
         for g in opt.param_groups:
             g["lr"] = lr
         for micro in range(cfg.grad_accum):
             x = loader.next_batch()
             sync = micro == cfg.grad_accum - 1 or d.world_size == 1
             with model.no_sync() if not sync else contextlib.nullcontext():
-                loss = lm_loss(model, x, cfg.dtype) / cfg.grad_accum
+                loss = lm_loss(model, x, cfg.autocast) / cfg.grad_accum
                 loss.backward()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint: {state_path}")
@@ -197,18 +189,18 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if d.master and (step % cfg.log_every == 0 or step == last_step):
-            rate = tokens_per_step * cfg.log_every / (time.time() - t_log) if step % cfg.log_every == 0 else 0
+        if d.master and (step % cfg.log_interval == 0 or step == last_step):
+            rate = tokens_per_step * cfg.log_interval / (time.time() - t_log) if step % cfg.log_interval == 0 else 0
             t_log = time.time()
             print(f"step {step:5d} | loss {loss.item() * cfg.grad_accum:.3f} | lr {lr:.2e} | grad norm "
                   f"{gnorm.item():.2f} | {rate:,.0f} tok/s | {elapsed_before + t_log - t0:.0f}s "
                   f"({time.process_time() - cpu0:.0f}s cpu)", flush=True)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = evaluate(model, data_dir, cfg, d)
             history.append({"step": step, "val_loss": val, "elapsed_s": elapsed_before + time.time() - t0})
             if d.master:
                 print(f"step {step:5d} | val loss {val:.3f}", flush=True)
-        if step % cfg.ckpt_every == 0 or step == last_step:
+        if step % cfg.ckpt_interval == 0 or step == last_step:
             save_state()
     if val is None and step == cfg.max_steps:  # resumed a finished run
         val = evaluate(model, data_dir, cfg, d)
@@ -222,11 +214,9 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         raw.save_pretrained(out)
         dest = os.path.join(out, "tokenizer.model" if tok.kind == "sentencepiece" else "original/tokenizer.model")
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copyfile(tok.path, dest + ".tmp")
-        os.replace(dest + ".tmp", dest)
-        with open(os.path.join(out, "pretrain.json.tmp"), "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(os.path.join(out, "pretrain.json.tmp"), os.path.join(out, "pretrain.json"))
+        with common.atomic_path(dest) as tmp:
+            shutil.copyfile(tok.path, tmp)
+        common.write_json(os.path.join(out, "pretrain.json"), result)
         print(f"pretrain: saved {out} (val loss {val:.3f} after {result['tokens']:,} tokens, "
               f"{result['wall_s']:.0f}s)", flush=True)
     _barrier(d)
@@ -234,32 +224,22 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = common.parse_args(PretrainConfig, argv)
+    cfg, _ = common.parse_args(PretrainConfig, argv)
+    return run(cfg)
+
+
+def run(cfg: PretrainConfig, d: common.Dist | None = None) -> dict:
+    """Pretrain under torchrun's processes, or in the single process `d` (what the embedded pipeline passes)."""
     if cfg.family not in ("gemma2", "llama3"):
         raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
-    d = common.setup(cfg.device)
+    own = d is None
+    d = d or common.setup(cfg.device)
     try:
         return train(cfg, d)
     finally:
-        common.teardown()
-
-
-def ensure_tiny_model(cache_dir: str | None = None, family: str = "gemma2") -> str:
-    """The embedded default model: cache_dir/tiny-<family>, pretrained with the default config if missing.
-    Under torchrun only rank 0 trains (single-process), the other ranks wait for it."""
-    root = cache_dir or default_cache_dir()
-    out = os.path.join(root, f"tiny-{family}")
-    if not os.path.isfile(os.path.join(out, "model.safetensors")):
-        master = not dist.is_initialized() or dist.get_rank() == 0
-        if master:
-            print(f"no tiny {family} model in {out}: pretraining it (10-12 minutes on 2 CPU cores)...", flush=True)
-            data_dir, _ = embedded_dataset(root)
-            cfg = PretrainConfig(family=family, out=out, data=data_dir)
-            train(cfg, common.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
-        if dist.is_initialized():
-            dist.barrier()
-    return out
+        if own:
+            common.teardown()
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -577,3 +577,22 @@ def splice_hooks(saes: list[tuple[int, "SAE"]], idx: torch.Tensor, bos_id: int |
             return recon if keep is None else torch.where(keep, x, recon)
         return hook
     return {layer: make(sae) for layer, sae in saes}
+
+
+def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):
+    """Dead-latent accounting: tokens since each latent last fired; a latent firing in this batch restarts at 0."""
+    since_fired += n_tokens
+    since_fired[fired] = 0
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the b_dec initialisation of Gao et al. (robust to the outliers a mean would chase)."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * y.norm().clamp_min(1.0):
+            return y_new
+        y = y_new
+    return y

@@ -13,173 +13,154 @@ Every step is one backward pass through the model: the log counts them, for the 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 import common
-from adapt import kl_and_ce
+import embedded
+from data import TokenLoader
 from model import Transformer, next_token_ce
-from sae import SAE, splice_hooks
-from train_sae import geometric_median, lr_at
+from sae import SAE, geometric_median, update_since_fired
+from splice import kl_and_ce, original_pass, splice_hooks, spliced_pass
 
 
 @dataclass
 class E2EConfig:
-    """Train an end-to-end (KL) TopK SAE through the frozen model."""
-    model: str | None = None  # HF folder or hub id; None = the embedded tiny model
-    data: str | None = None  # token dataset folder; None = the embedded stdlib corpus
-    out: str = "out/e2e"
-    layer: int = 12
-    k: int = 64
-    expansion: int = 8
+    """Train an end-to-end TopK SAE through the frozen model: minimise KL(p_orig || p_spliced) (Braun et al. 2024)."""
+    model: str | None = None  # HF folder or hub id; none: the embedded tiny model
+    data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
+    out: str = "out/e2e"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and log.csv go here
+    layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
+    k: int = 64  # active latents per token, as the TopK baseline (paper: 64)
+    expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
     ds_coef: float = 0.0  # > 0: e2e+ds, downstream reconstruction MSE (normalised per layer) weighted by this
-    max_tokens: int = 50_000_000
+    max_tokens: int = 50_000_000  # training tokens
     batch_size: int = 4  # sequences per process per step
-    seq_len: int = 1024
-    lr: float | None = None  # None: Gao et al.'s 2e-4 / sqrt(m / 2^14), as the paper used for e2e too
-    warmup_frac: float = 0.01
-    decay_frac: float = 0.2
-    grad_clip: float = 1.0
+    seq_len: int = 1024  # tokens per sequence
+    lr: float | None = None  # Adam learning rate; none: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14), as the paper's e2e
+    warmup_frac: float = 0.01  # fraction of the steps warming up linearly
+    decay_frac: float = 0.2  # fraction of the steps decaying linearly to zero at the end
+    grad_clip: float = 1.0  # gradient norm clip
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    splice_bos: bool = False  # BOS keeps its original activation by default, as in adapt.py
-    autocast: str = "bfloat16"
-    compile: bool = True  # the no-grad original pass (flex_attention for Gemma-2 on CPU); the spliced pass stays eager
-    kl_chunk: int = 2048
-    log_interval: int = 10
-    eval_interval: int = 200
-    eval_batches: int = 8
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-
-
-def original_pass(model: Transformer, idx, layer: int, ds: bool):
-    """The original model's stream after block `layer` (shared by both passes) and its final stream; for e2e+ds also
-    every later block's output. The caller disables grad."""
-    x = model.blocks(model.embed(idx), 0, layer)
-    base_acts = {}
-    later = range(layer + 1, model.cfg.n_layer - 1) if ds else range(0)
-    return x, model.blocks(x, layer + 1, hooks={i: _keep(base_acts, i) for i in later}), base_acts
-
-
-def spliced_pass(model: Transformer, sae: SAE, idx, layer: int, splice_bos: bool, ds: bool, original=None):
-    """Original and spliced final residual streams (and, for e2e+ds, every later block's output in both passes).
-    The prefix up to `layer` is shared: it is the same computation in both passes. Returns the latent indices that
-    fired, for dead-latent accounting. `original`: a compiled original_pass."""
-    with torch.no_grad():
-        x, h_base, base_acts = (original or original_pass)(model, idx, layer, ds)
-    sp_acts = {}
-    hook = splice_hooks([(layer, sae)], idx, model.cfg.bos_token_id, splice_bos)[layer]
-    with torch.no_grad():  # which latents fire, for dead-latent accounting (one extra encoder matmul, no grad)
-        fired_idx = sae.encode_topk(x)[1]
-    h_sp = model.blocks(hook(x), layer + 1, hooks={i: _keep(sp_acts, i) for i in base_acts})  # the same layers
-    return h_base, h_sp, base_acts, sp_acts, fired_idx
-
-
-def _keep(store: dict, i: int):
-    def hook(x):
-        store[i] = x
-        return x
-    return hook
+    splice_bos: bool = False  # splice the SAE at BOS too (default: BOS keeps its activation, as adapt.py)
+    autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
+    compile: bool = True  # torch.compile the no-grad original pass (the spliced pass stays eager)
+    kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk
+    log_interval: int = 10  # steps between log lines
+    eval_interval: int = 200  # steps between validation CE-with-SAE measurements
+    eval_batches: int = 8  # validation batches of batch_size sequences
+    resume: bool = False  # continue from --out/state.pt
+    seed: int = 0  # SAE initialisation and data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 def main(argv=None) -> dict:
-    cfg = common.parse_args(E2EConfig, argv)
-    run = common.setup(cfg.device)
-    log = print if run.master else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
-    if cfg.model is None or cfg.data is None:
-        import data
-        import pretrain
-        cache = data.default_cache_dir()
-        cfg.data = cfg.data or data.embedded_dataset(cache)[0]
-        cfg.model = cfg.model or pretrain.ensure_tiny_model(cache)
+    cfg, typed = common.parse_args(E2EConfig, argv)
+    return run(embedded.fill(cfg, typed, "train_e2e"))
 
-    model = Transformer.from_pretrained(cfg.model, device=run.device).requires_grad_(False)
-    if not 0 <= cfg.layer < model.cfg.n_layer - 1:
-        raise ValueError(f"--layer {cfg.layer} is out of range: an e2e SAE needs a later layer to train through; "
+
+def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
+    # -- setup, frozen model, SAE ---------------------------------------------------------------------------------------
+    if len(cfg.layer) != 1:
+        raise ValueError(f"train_e2e.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
+    layer = cfg.layer[0]
+    own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
+    d = d or common.setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = Transformer.from_pretrained(cfg.model, device=d.device).requires_grad_(False)
+    if not 0 <= layer < model.cfg.n_layer - 1:
+        raise ValueError(f"--layer {layer} is out of range: an e2e SAE needs a later layer to train through; "
                          f"this model has layers 0..{model.cfg.n_layer - 1}")
-    d, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
-    sae = SAE(d, m, "topk", k=cfg.k, layer=cfg.layer, model_name=cfg.model, device=run.device)
+    dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
+    sae = SAE(dm, m, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=d.device)
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
-    amp = common.autocast(run.device, cfg.autocast)
+    amp = common.autocast(d.device, cfg.autocast)
+    bos = model.cfg.bos_token_id
 
-    from data import TokenLoader
-    loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, run.rank, run.world_size, cfg.seed,
-                         device=run.device)
-    val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, run.rank, run.world_size, cfg.seed,
-                      shuffle=False, device=run.device)
+    # -- data -----------------------------------------------------------------------------------------------------------
+    loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed,
+                         device=d.device)
+    val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
+                      device=d.device)
     val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
-    tokens_per_step = cfg.batch_size * cfg.seq_len * run.world_size
+    tokens_per_step = cfg.batch_size * cfg.seq_len * d.world_size
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
-    since_fired = torch.zeros(m, dtype=torch.long, device=run.device)
+    since_fired = torch.zeros(m, dtype=torch.long, device=d.device)
     state_path, csv_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.csv")
     step, elapsed, rows = 0, 0.0, []
 
     if cfg.resume and os.path.isfile(state_path):
-        st = torch.load(state_path, map_location=run.device, weights_only=False)
+        st = common.torch_load(state_path, d.device)
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"][run.rank])
+        loader.load_state_dict(st["loader"][d.rank])
         since_fired, step, elapsed, rows = st["since_fired"], st["step"], st["elapsed"], st["rows"]
-        log(f"resumed from {state_path} at step {step}")
+        common.log(f"resumed from {state_path} at step {step}")
     else:  # b_dec at the geometric median of the layer's activations (from every rank), as for the TopK baseline
         with torch.no_grad(), amp:
-            sample = model(val_batches[0], stop_at=cfg.layer)[:, 1:].reshape(-1, d).float()
+            sample = model(val_batches[0], stop_at=layer)[:, 1:].reshape(-1, dm).float()
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(common.all_gather_cat(sample)))
-    log(f"e2e{'+ds' if cfg.ds_coef else ''} TopK SAE d_in {d} d_sae {m} k {cfg.k} at layer {cfg.layer}; lr {lr:.2e}; "
-        f"{total_steps} steps of {tokens_per_step} tokens")
+    common.log(f"e2e{'+ds' if cfg.ds_coef else ''} TopK SAE d_in {dm} d_sae {m} k {cfg.k} at layer {layer}; "
+               f"lr {lr:.2e}; {total_steps} steps of {tokens_per_step} tokens")
 
     def save_state():
         loaders = common.gather_objects(loader.state_dict())
-        if run.master:
-            common.atomic_torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders,
-                                          since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
-                                          config=asdict(cfg)), state_path)
-            tmp = csv_path + ".tmp"
-            with open(tmp, "w", newline="") as f:
-                fields = sorted({k for r in rows for k in r})
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, csv_path)
+        if d.master:
+            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders,
+                                   since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
+                                   config=asdict(cfg)), state_path)
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+            common.write_text(csv_path, text.getvalue())
 
+    @torch.no_grad()
     def validation_ce():
         sae.eval()
         total, n = 0.0, 0
-        with torch.no_grad(), amp:
+        with amp:
             for idx in val_batches:
-                s, c = next_token_ce(model, idx, splice_hooks([(cfg.layer, sae)], idx, model.cfg.bos_token_id,
-                                                              cfg.splice_bos))
+                s, c = next_token_ce(model, idx, splice_hooks([(layer, sae)], idx, bos, splice_bos=cfg.splice_bos))
                 total, n = total + s, n + c
         sae.train()
         t = common.all_reduce_mean(torch.tensor([total, n], dtype=torch.float64))
         return (t[0] / t[1]).item()
 
+    # -- the loop -------------------------------------------------------------------------------------------------------
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
-    original = torch.compile(original_pass) if cfg.compile else None
+    original = torch.compile(original_pass) if cfg.compile else original_pass
+    later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match
     sae.train()
     while step < total_steps:
         t0 = time.time()
-        cur_lr = lr_at(step, total_steps, lr, cfg)
+        cur_lr = common.lr_at(step, total_steps, lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
         idx = loader.next_batch()
+        acts = {"orig": {}, "spliced": {}}  # e2e+ds: the later blocks' outputs of both passes
+
+        def keep(which):
+            return (lambda i, x, y: acts[which].__setitem__(i, y) if i in later else None) if later else None
         with amp:
-            h_base, h_sp, base_acts, sp_acts, fired_idx = spliced_pass(model, sae, idx, cfg.layer, cfg.splice_bos,
-                                                                        cfg.ds_coef > 0, original)
-            kl, ce = kl_and_ce(model, h_base, h_sp, idx, cfg.kl_chunk)
+            with torch.no_grad():  # the prefix up to the layer is the same computation in both passes: run it once
+                h_orig, prefix = original(model, idx, layer, share_prefix=True, watch=keep("orig"))
+                values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
+            h = spliced_pass(model, [(layer, sae)], idx, bos, splice_bos=cfg.splice_bos, prefix=prefix,
+                             watch=keep("spliced"))
+            kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk)
             loss = kl
-            if cfg.ds_coef > 0:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
-                ds = sum(((sp_acts[i].float() - base_acts[i].float()).pow(2).sum(-1).mean()
-                          / base_acts[i].float().pow(2).sum(-1).mean()) for i in base_acts) / max(1, len(base_acts))
-                loss = loss + cfg.ds_coef * ds
+            if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
+                o, s = acts["orig"], acts["spliced"]
+                loss = loss + cfg.ds_coef * sum((s[i].float() - o[i].float()).pow(2).sum(-1).mean()
+                                                / o[i].float().pow(2).sum(-1).mean() for i in later) / len(later)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state: {state_path} "
                                      f"(lower --lr, then --resume)")
@@ -190,36 +171,36 @@ def main(argv=None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
-        fired = torch.zeros(m, device=run.device)
-        fired[fired_idx.reshape(-1)] = 1.0
-        fired = common.all_reduce_mean(fired) > 0
-        since_fired += tokens_per_step
-        since_fired[fired] = 0
+        fired = torch.zeros(m, device=d.device)
+        fired[indices[values > 0]] = 1.0
+        update_since_fired(since_fired, common.all_reduce_mean(fired) > 0, tokens_per_step)
         step += 1
         elapsed += time.time() - t0
 
         if step % cfg.log_interval == 0 or step == total_steps:
             dead = (since_fired >= cfg.dead_tokens).float().mean().item()
-            log(f"step {step}/{total_steps} | KL {kl.item():.4f} | train CE w/ SAE {ce.item():.4f} | lr {cur_lr:.2e} | "
-                f"{tokens_per_step * step / max(elapsed, 1e-9):,.0f} tok/s")
+            common.log(f"step {step}/{total_steps} | KL {kl.item():.4f} | train CE w/ SAE {ce.item():.4f} | "
+                       f"lr {cur_lr:.2e} | {tokens_per_step * step / max(elapsed, 1e-9):,.0f} tok/s | "
+                       f"ETA {(total_steps - step) * elapsed / step / 60:.1f} min")
             rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=elapsed, backward_passes=step,
-                             kl=kl.item(), train_ce=ce.item(), l0=float(cfg.k), dead=dead))
+                             kl=kl.item(), train_ce=ce.item(), l0=(values > 0).float().sum(-1).mean().item(), dead=dead))
         if step % cfg.eval_interval == 0 or step == total_steps:
             ce_val = validation_ce()
             rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=elapsed, backward_passes=step,
                              val_ce_sae=ce_val))
-            log(f"step {step} | val CE with SAE {ce_val:.4f} | {elapsed / 60:.1f} min")
+            common.log(f"step {step} | val CE with SAE {ce_val:.4f} | {elapsed / 60:.1f} min")
         if step in checkpoints:
-            if run.master:
+            if d.master:
                 sae.save(os.path.join(cfg.out, checkpoints[step]))
             save_state()
 
-    if run.master:
+    if d.master:
         sae.save(cfg.out)
-        log(f"saved {cfg.out} (SAELens format), log.csv and checkpoints ckpt_010..ckpt_100")
-    common.teardown()
+    common.log(f"saved {cfg.out} (SAELens format), log.csv and checkpoints ckpt_010..ckpt_100")
+    if own:
+        common.teardown()
     return dict(rows=rows, sae=sae)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -1,7 +1,7 @@
 """
 Train a TopK (default), BatchTopK or JumpReLU SAE on one layer's residual stream.
 
-    python train_sae.py --model cache/tiny-gemma2 --layer 3 --k 32 --expansion 8
+    python train_sae.py                                 # the embedded tiny model's SAE recipe (embedded.py)
     torchrun --nproc_per_node 8 train_sae.py --model google/gemma-2-2b --layer 12 --k 64 --data data/redpajama
 
 Activations come from `model(idx, stop_at=layer)` under no_grad and bf16 autocast (the blocks above the layer are never
@@ -11,54 +11,54 @@ SAELens-format checkpoints at every 10% of training (ckpt_010 .. ckpt_100) feed 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 import common
+import embedded
+from data import TokenLoader
 from model import Transformer, next_token_ce
-from sae import SAE, splice_hooks, step as l0_step
+from sae import SAE, geometric_median, step as l0_step, update_since_fired
+from splice import splice_hooks
 
 
 @dataclass
 class TrainSAEConfig:
-    """Train an SAE on a layer's residual stream."""
-    model: str | None = None  # HF folder or hub id; None = the embedded tiny model
-    data: str | None = None  # token dataset folder (data.prepare); None = the embedded stdlib corpus
-    out: str = "out/sae"
-    layer: int = 12
+    """Train a TopK, BatchTopK or JumpReLU SAE on one layer's residual stream (Gao et al.'s recipe)."""
+    model: str | None = None  # HF folder or hub id; none: the embedded tiny model
+    data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
+    out: str = "out/sae"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and history.json go here
+    layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
     arch: str = "topk"  # topk | batchtopk | jumprelu
-    k: int = 64  # paper: k 64
-    expansion: int = 8  # paper: width 8 x d_model
-    l0_coef: float = 1e-3  # jumprelu only: weight of the L0 penalty (Eq. 6)
-    bandwidth: float = 1e-3  # jumprelu only: straight-through kernel width, relative to the activation scale
-    max_tokens: int = 200_000_000
-    batch_tokens: int = 4096  # SAE batch: thousands of tokens, not one sequence per step
+    k: int = 64  # TopK / BatchTopK: active latents per token (paper: 64)
+    expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
+    l0_coef: float = 1e-3  # JumpReLU: weight of the L0 penalty (paper Eq. 6)
+    bandwidth: float = 1e-3  # JumpReLU: straight-through kernel width, relative to the activation scale
+    max_tokens: int = 200_000_000  # training tokens
+    batch_tokens: int = 4096  # tokens per SAE step, over all processes (Gao et al.: thousands, not one sequence)
     buffer_tokens: int = 262_144  # shuffle buffer of activations, refilled when consumed
-    shuffle_buffer: bool = True  # false keeps stream order (used to check DDP == single process exactly)
-    model_batch: int = 8  # sequences per LM forward when filling the buffer
-    seq_len: int = 1024
-    lr: float | None = None  # None: Gao et al.'s 2e-4 / sqrt(m / 2^14)
-    warmup_frac: float = 0.01
-    decay_frac: float = 0.2  # linear decay to zero over the last 20%
-    auxk_coef: float = 1 / 32
+    model_batch: int = 8  # sequences per process per forward of the frozen model when filling the buffer
+    seq_len: int = 1024  # tokens per sequence
+    lr: float | None = None  # Adam learning rate; none: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14)
+    warmup_frac: float = 0.01  # fraction of the steps warming up linearly
+    decay_frac: float = 0.2  # fraction of the steps decaying linearly to zero at the end
+    auxk_coef: float = 1 / 32  # TopK: weight of the AuxK loss that revives dead latents (Gao et al.: 1/32)
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    grad_clip: float = 1.0
-    include_bos: bool = False  # BOS activations dwarf the rest: excluded by default
-    autocast: str = "bfloat16"
-    compile: bool = True  # the frozen forward up to the layer (on CPU: Gemma-2's windowed, soft-capped attention
-    # becomes one flex_attention kernel)
-    dtype: str = "float32"  # storage of the frozen model's weights: "bfloat16" skips per-step weight casts
-    log_interval: int = 50
+    grad_clip: float = 1.0  # gradient norm clip
+    include_bos: bool = False  # train on BOS activations too (their norm dwarfs the rest: excluded by default)
+    autocast: str = "bfloat16"  # activation precision of the frozen model; float32 turns autocast off
+    dtype: str = "float32"  # storage of the frozen weights (bfloat16 skips the per-step weight casts)
+    compile: bool = True  # torch.compile the frozen forward up to the layer
+    log_interval: int = 50  # steps between log lines
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
-    eval_batches: int = 4
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
+    eval_batches: int = 4  # validation batches of model_batch sequences
+    resume: bool = False  # continue from --out/state.pt
+    seed: int = 0  # SAE initialisation and data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -70,8 +70,8 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device, shuffle=True):
-        self.model, self.loader, self.layer, self.size, self.shuffle = model, loader, layer, size, shuffle
+    def __init__(self, model, loader, layer, size, include_bos, amp, device):
+        self.model, self.loader, self.layer, self.size = model, loader, layer, size
         self.forward = lambda idx: model(idx, stop_at=layer)  # the blocks above the layer never run; main compiles it
         self.include_bos, self.amp, self.device = include_bos, amp, device
         self.gen = torch.Generator(device="cpu")
@@ -91,7 +91,7 @@ class ActivationBuffer:
             chunks.append(x)
             n += x.shape[0]
         acts = torch.cat(chunks)[: self.size]
-        self.acts = acts[torch.randperm(acts.shape[0], generator=self.gen).to(acts.device)] if self.shuffle else acts
+        self.acts = acts[torch.randperm(acts.shape[0], generator=self.gen).to(acts.device)]
         self.pos = 0
 
     def next(self, n: int) -> torch.Tensor:
@@ -110,19 +110,6 @@ class ActivationBuffer:
             self.gen.set_state(state["fill_state"]["gen"])
             self.refill()
             self.pos = state["pos"]
-
-
-@torch.no_grad()
-def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the b_dec initialisation of Gao et al. (robust to the outliers a mean would chase)."""
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() < eps * y.norm().clamp_min(1.0):
-            return y_new
-        y = y_new
-    return y
 
 
 def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, scale: float, cfg: TrainSAEConfig):
@@ -165,74 +152,62 @@ def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, scale: float, cfg:
     return loss, stats, fired
 
 
-def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):
-    """Dead-latent accounting: tokens since each latent last fired; a latent firing in this batch restarts at 0."""
-    since_fired += n_tokens
-    since_fired[fired] = 0
-
-
-def lr_at(step: int, total: int, base: float, cfg: TrainSAEConfig) -> float:
-    warmup, decay_start = max(1, int(cfg.warmup_frac * total)), int((1 - cfg.decay_frac) * total)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if step >= decay_start:
-        return base * max(0.0, (total - step) / max(1, total - decay_start))
-    return base
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
-    cfg = common.parse_args(TrainSAEConfig, argv)
-    run = common.setup(cfg.device)
-    log = print if run.master else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)  # same SAE init on every rank
-    if cfg.model is None or cfg.data is None:
-        import data
-        import pretrain
-        cache = data.default_cache_dir()
-        cfg.data = cfg.data or data.embedded_dataset(cache)[0]
-        cfg.model = cfg.model or pretrain.ensure_tiny_model(cache)
+    cfg, typed = common.parse_args(TrainSAEConfig, argv)
+    return run(embedded.fill(cfg, typed, "train_sae"))
+
+
+def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
+    # -- setup --------------------------------------------------------------------------------------------------------
     if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
         raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
+    if len(cfg.layer) != 1:
+        raise ValueError(f"train_sae.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
+    layer = cfg.layer[0]
+    own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
+    d = d or common.setup(cfg.device)
+    torch.manual_seed(cfg.seed)  # same SAE init on every rank
 
-    model = Transformer.from_pretrained(cfg.model, device=run.device, dtype=getattr(torch, cfg.dtype))
+    # -- frozen model, SAE, optimiser -----------------------------------------------------------------------------------
+    model = Transformer.from_pretrained(cfg.model, device=d.device, dtype=getattr(torch, cfg.dtype))
     model.requires_grad_(False)
-    if not 0 <= cfg.layer < model.cfg.n_layer:
-        raise ValueError(f"--layer {cfg.layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
-    d, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
-    sae = SAE(d, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=cfg.layer,
-              model_name=cfg.model, device=run.device)
+    if not 0 <= layer < model.cfg.n_layer:
+        raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
+    dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
+    sae = SAE(dm, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=layer, model_name=cfg.model,
+              device=d.device)
     sae.bandwidth = cfg.bandwidth
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
-    amp = common.autocast(run.device, cfg.autocast)
+    amp = common.autocast(d.device, cfg.autocast)
 
-    from data import TokenLoader
-    loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, run.rank, run.world_size, cfg.seed,
-                         device=run.device)
-    val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, run.rank, run.world_size, cfg.seed,
-                      shuffle=False, device=run.device)
+    # -- data: activations of the layer in a shuffled buffer -------------------------------------------------------------
+    loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed,
+                         device=d.device)
+    val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
+                      device=d.device)
     val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
-    per_rank = cfg.batch_tokens // run.world_size  # the global SAE batch is split across ranks
-    buffer = ActivationBuffer(model, loader, cfg.layer, max(cfg.buffer_tokens // run.world_size, per_rank),
-                              cfg.include_bos, amp, run.device, cfg.shuffle_buffer)
+    per_rank = cfg.batch_tokens // d.world_size  # the global SAE batch is split across ranks
+    buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // d.world_size, per_rank),
+                              cfg.include_bos, amp, d.device)
     if cfg.compile:
         buffer.forward = torch.compile(buffer.forward)
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
-    since_fired = torch.zeros(m, dtype=torch.long, device=run.device)  # tokens (global) since each latent fired
+    since_fired = torch.zeros(m, dtype=torch.long, device=d.device)  # tokens (global) since each latent fired
     state_path = os.path.join(cfg.out, "state.pt")
     step, elapsed, history = 0, 0.0, []
 
     if cfg.resume and os.path.isfile(state_path):
-        st = torch.load(state_path, map_location=run.device, weights_only=False)
+        st = common.torch_load(state_path, d.device)
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
-        buffer.load_state_dict(st["buffer"][run.rank])
-        since_fired, step, elapsed, history = st["since_fired"], st["step"], st["elapsed"], st["history"]
-        scale = st["scale"]
-        log(f"resumed from {state_path} at step {step}")
+        buffer.load_state_dict(st["buffer"][d.rank])
+        since_fired, step, elapsed, history, scale = (st[k] for k in ("since_fired", "step", "elapsed", "history",
+                                                                       "scale"))
+        common.log(f"resumed from {state_path} at step {step}")
     else:
         # b_dec at the geometric median of a sample, and the loss scale; the sample is gathered from every rank so
         # that all ranks (and a single-process run over the same tokens) start identically
@@ -243,35 +218,41 @@ def main(argv=None) -> dict:
             sae.b_dec.copy_(geometric_median(sample))
         scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
     sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
-    log(f"SAE {cfg.arch} d_in {d} d_sae {m} {sparsity} at layer {cfg.layer}; lr {lr:.2e}; {total_steps} steps of "
-        f"{cfg.batch_tokens} tokens on {run.world_size} process(es)")
+    common.log(f"SAE {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer {layer}; lr {lr:.2e}; {total_steps} steps "
+               f"of {cfg.batch_tokens} tokens on {d.world_size} process(es)")
 
     def save_state():
         buffers = common.gather_objects(buffer.state_dict())
-        if run.master:
-            common.atomic_torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
-                                          since_fired=since_fired, scale=scale, step=step, elapsed=elapsed,
-                                          history=history, config=asdict(cfg)), state_path)
+        if d.master:
+            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
+                                   since_fired=since_fired, scale=scale, step=step, elapsed=elapsed, history=history,
+                                   config=asdict(cfg)), state_path)
 
+    def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
+        if d.master:
+            (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
+
+    @torch.no_grad()
     def validation_ce():
         sae.eval()
         base, spliced, n = 0.0, 0.0, 0
         with amp:
             for idx in val_batches:
                 b, count = next_token_ce(model, idx)
-                s, _ = next_token_ce(model, idx, splice_hooks([(cfg.layer, sae)], idx, model.cfg.bos_token_id))
+                s, _ = next_token_ce(model, idx, splice_hooks([(layer, sae)], idx, model.cfg.bos_token_id))
                 base, spliced, n = base + b, spliced + s, n + count
         sae.train()
         t = common.all_reduce_mean(torch.tensor([base, spliced, n], dtype=torch.float64))
         return (t[0] / t[2]).item(), (t[1] / t[2]).item()
 
+    # -- the loop -------------------------------------------------------------------------------------------------------
     sae.train()
-    checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
-    window = dict(tokens=0, time=0.0)
+    checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}  # the frontier's points
+    window = [0, 0.0]
     while step < total_steps:
         t0 = time.time()
         x = buffer.next(per_rank)
-        cur_lr = lr_at(step, total_steps, lr, cfg)
+        cur_lr = common.lr_at(step, total_steps, lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
         with amp:
@@ -289,60 +270,35 @@ def main(argv=None) -> dict:
         sae.set_decoder_norm_to_unit_norm()
         update_since_fired(since_fired, fired, cfg.batch_tokens)
         step += 1
-        dt = time.time() - t0
-        elapsed += dt
-        window["tokens"] += cfg.batch_tokens
-        window["time"] += dt
+        elapsed += time.time() - t0
+        window = [window[0] + cfg.batch_tokens, window[1] + time.time() - t0]
 
         if step % cfg.log_interval == 0 or step == total_steps:
             dead = (since_fired >= cfg.dead_tokens).float().mean().item()
-            tps = window["tokens"] / window["time"]
-            log(f"step {step}/{total_steps} | FVU {stats['fvu']:.4f} | L0 {stats['l0']:.1f} | dead {dead:.1%} | "
-                f"{tps:,.0f} tok/s | {elapsed / 60:.1f} min")
+            tps = window[0] / window[1]
+            common.log(f"step {step}/{total_steps} | FVU {stats['fvu']:.4f} | L0 {stats['l0']:.1f} | dead {dead:.1%} | "
+                       f"{tps:,.0f} tok/s | {elapsed / 60:.1f} min | "
+                       f"ETA {(total_steps - step) * cfg.batch_tokens / tps / 60:.1f} min")
             history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, dead=dead, **stats))
-            window = dict(tokens=0, time=0.0)
+            window = [0, 0.0]
         if step % cfg.eval_interval == 0 or step == total_steps:
             ce_base, ce_sae = validation_ce()
             history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, ce_base=ce_base,
                                 ce_sae=ce_sae))
-            log(f"step {step} | val CE {ce_base:.4f} original, {ce_sae:.4f} with SAE")
+            common.log(f"step {step} | val CE {ce_base:.4f} original, {ce_sae:.4f} with SAE")
         if step in checkpoints:
-            if run.master:
-                final = sae.to_jumprelu() if sae.arch == "batchtopk" else sae
-                final.save(os.path.join(cfg.out, checkpoints[step]))
+            save_sae(os.path.join(cfg.out, checkpoints[step]))
             save_state()
 
-    if run.master:
-        final = sae.to_jumprelu() if sae.arch == "batchtopk" else sae
-        final.save(cfg.out)
-        with open(os.path.join(cfg.out, "history.json.tmp"), "w") as f:
-            json.dump(dict(config=asdict(cfg), history=history), f, indent=2)
-        os.replace(os.path.join(cfg.out, "history.json.tmp"), os.path.join(cfg.out, "history.json"))
-        log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
-    common.teardown()
+    # -- save -----------------------------------------------------------------------------------------------------------
+    save_sae(cfg.out)
+    if d.master:
+        common.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg), history=history))
+    common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
+    if own:
+        common.teardown()
     return dict(history=history, sae=sae)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The embedded default SAE
-
-
-TINY_SAE_ARGS = ["--k", "16", "--expansion", "8", "--max-tokens", "4000000", "--batch-tokens", "4096",
-                 "--buffer-tokens", "131072", "--seq-len", "256", "--model-batch", "16", "--dead-tokens", "1000000",
-                 "--eval-interval", "250", "--log-interval", "50"]
-
-
-def ensure_tiny_sae(model_dir: str, data_dir: str, cache: str | None = None) -> str:
-    """The SAE of the offline pipeline: a TopK SAE on the tiny model's middle layer, trained once and cached."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        n_layer = json.load(f)["num_hidden_layers"]
-    import data
-    out = os.path.join(cache or data.default_cache_dir(), f"sae-{os.path.basename(os.path.normpath(model_dir))}-L{n_layer // 2}")
-    if not os.path.isfile(os.path.join(out, "cfg.json")):
-        print(f"building the embedded SAE in {out} (first run only)")
-        main(["--model", model_dir, "--data", data_dir, "--out", out, "--layer", str(n_layer // 2), *TINY_SAE_ARGS])
-    return out
-
-
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -35,8 +35,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import adapt  # noqa: E402
+import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
 import common  # noqa: E402
+import embedded  # noqa: E402
+import splice  # noqa: E402
 from model import ModelConfig, Transformer, resolve_model_dir  # noqa: E402
 from sae import SAE  # noqa: E402
 
@@ -64,18 +66,6 @@ class ExpConfig:
 
 def tiny(cfg: ExpConfig) -> bool:
     return cfg.model is None
-
-
-def sae_args(cfg: ExpConfig) -> list[str]:
-    """train_sae.py / train_e2e.py settings for the embedded pipeline (train_sae.TINY_SAE_ARGS), else the scripts'
-    paper defaults."""
-    import train_sae
-    if not tiny(cfg):
-        return []
-    keep = dict(zip(train_sae.TINY_SAE_ARGS[::2], train_sae.TINY_SAE_ARGS[1::2]))
-    for flag in ("--k", "--expansion", "--max-tokens"):
-        keep.pop(flag)
-    return [x for kv in keep.items() for x in kv]
 
 
 def base_args(cfg: ExpConfig) -> list[str]:
@@ -107,13 +97,8 @@ def adapt_run(cfg: ExpConfig, out: str, args: list[str]) -> dict:
 
 def embedded_paths(cfg: ExpConfig) -> tuple[str, str, int, ModelConfig]:
     """Model folder, data folder, SAE layer and model config, building the embedded model and corpus on first use."""
-    model, data_dir = cfg.model, cfg.data
-    if model is None or data_dir is None:
-        import data
-        import pretrain
-        cache = data.default_cache_dir()
-        data_dir = data_dir or data.embedded_dataset(cache)[0]
-        model = model or pretrain.ensure_tiny_model(cache)
+    model = cfg.model or embedded.model()
+    data_dir = cfg.data or (embedded.corpus() if cfg.model is None else embedded.corpus_for(cfg.model))
     with open(os.path.join(resolve_model_dir(model), "config.json")) as f:
         mcfg = ModelConfig.from_hf(json.load(f))
     return model, data_dir, cfg.layer if cfg.layer is not None else mcfg.n_layer // 2, mcfg
@@ -121,27 +106,25 @@ def embedded_paths(cfg: ExpConfig) -> tuple[str, str, int, ModelConfig]:
 
 def train_topk(cfg: ExpConfig, out: str, layer: int, tokens: int, arch: str = "topk", extra=()) -> str:
     run(cfg, "train_sae.py", out, ["--layer", str(layer), "--arch", arch, "--k", str(cfg.k), "--expansion",
-                                   str(cfg.expansion), "--max-tokens", str(tokens), *sae_args(cfg), *extra],
+                                   str(cfg.expansion), "--max-tokens", str(tokens), *extra],
         "history.json")
     return out
 
 
 def main_sae(cfg: ExpConfig, layer: int) -> str:
     """The SAE the rank and multi experiments adapt: on the tiny model, the embedded one `python adapt.py` uses."""
-    import train_sae
-    model_dir, data_dir, default_layer, _ = embedded_paths(cfg)
-    if tiny(cfg) and layer == default_layer:
-        return train_sae.ensure_tiny_sae(model_dir, data_dir)
+    if tiny(cfg) and layer == embedded_paths(cfg)[2]:
+        return embedded.sae(layer)
     return train_topk(cfg, os.path.join(cfg.out, f"sae-L{layer}"), layer, cfg.sae_tokens)
 
 
 def held_out_batches(cfg: ExpConfig, device) -> tuple[adapt.AdaptConfig, list[torch.Tensor]]:
     """adapt.py's settings for this model and exactly the held-out batches it evaluates on."""
     from data import TokenLoader
-    a = adapt.AdaptConfig(**(adapt.EMBEDDED if tiny(cfg) else {}))
-    val = TokenLoader(embedded_paths(cfg)[1], "val", a.batch_size, a.seq_len, 0, 1, a.seed, shuffle=False,
-                      device=device)
-    return a, [val.next_batch() for _ in range(max(1, a.eval_tokens // (a.batch_size * a.seq_len)))]
+    a = common.fill(adapt.AdaptConfig(), set(), embedded.PRESETS["adapt"] if tiny(cfg) else {})
+    micro = a.micro_batch or a.batch_size
+    val = TokenLoader(embedded_paths(cfg)[1], "val", micro, a.seq_len, 0, 1, a.seed, shuffle=False, device=device)
+    return a, [val.next_batch() for _ in range(max(1, a.eval_tokens // (micro * a.seq_len)))]
 
 
 @torch.no_grad()
@@ -149,10 +132,10 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
     """CE of the original model and with the SAE(s) spliced, on exactly the held-out tokens adapt.py evaluates on."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
-    saes = adapt.load_saes(sae_dirs, ",".join(map(str, layers)) if layers else None, model, device)
+    saes = splice.load_saes(sae_dirs, layers or None, model, device)
     a, batches = held_out_batches(cfg, device)
-    res = adapt.evaluate(model, saes, batches, model.cfg.bos_token_id, a.splice_bos, a.kl_chunk,
-                         common.autocast(device, a.autocast))
+    res = splice.evaluate(model, saes, batches, model.cfg.bos_token_id, splice_bos=a.splice_bos, chunk=a.kl_chunk,
+                          amp=common.autocast(device, a.autocast))
     return dict(ce_base=res["ce_base"], ce_sae=res["ce_sae"], kl_sae=res["kl_sae"])
 
 
@@ -361,9 +344,9 @@ def layers(cfg: ExpConfig):
     sae, layer = jumprelu_sae(cfg)
     n_layer = embedded_paths(cfg)[3].n_layer
     root = os.path.join(cfg.out, "layers")
-    runs = {"after": adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--layers", "after"])}
+    runs = {"after": adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--lora-layers", "after"])}
     for i in range(layer + 1, n_layer):
-        runs[str(i)] = adapt_run(cfg, os.path.join(root, f"layer-{i}"), ["--sae", sae, "--layers", str(i)])
+        runs[str(i)] = adapt_run(cfg, os.path.join(root, f"layer-{i}"), ["--sae", sae, "--lora-layers", str(i)])
     a = runs["after"]
     table = ["| adapters on | trainable params | CE with SAE + LoRA | gap closed | KL to original |",
              "|---|---|---|---|---|"]
@@ -393,9 +376,9 @@ def jumprelu(cfg: ExpConfig):
     t0 = time.time()
     sae, layer = jumprelu_sae(cfg)
     root = os.path.join(cfg.out, "layers")
-    after = adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--layers", "after"])
+    after = adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--lora-layers", "after"])
     # the counter-example the default refuses: adapters before the SAE too, which moves its inputs across thresholds
-    every = adapt_run(cfg, os.path.join(cfg.out, "jumprelu", "all"), ["--sae", sae, "--layers", "all",
+    every = adapt_run(cfg, os.path.join(cfg.out, "jumprelu", "all"), ["--sae", sae, "--lora-layers", "all",
                                                                       "--allow-before-jumprelu"])
     l0 = dict(original=l0_of(cfg, sae, layer), after=l0_of(cfg, sae, layer, os.path.join(root, "after", "adapter")),
               all=l0_of(cfg, sae, layer, os.path.join(cfg.out, "jumprelu", "all", "adapter")))
@@ -429,7 +412,7 @@ def multi(cfg: ExpConfig):
                 saes[i] = train_topk(cfg, os.path.join(cfg.out, f"sae-L{i}-extra"), i, cfg.extra_sae_tokens)
     runs = {}
     for ls in sets:
-        args = [x for i in ls for x in ("--sae", saes[i])] + ["--layer", ",".join(map(str, ls))]
+        args = [x for i in ls for x in ("--sae", saes[i], "--layer", str(i))]
         runs[",".join(map(str, ls))] = adapt_run(cfg, os.path.join(cfg.out, "multi", "L" + "-".join(map(str, ls))),
                                                  args)
     table = ["| SAEs at layers | compound CE before LoRA | after LoRA | gap closed | KL before -> after |",
@@ -460,7 +443,7 @@ if __name__ == "__main__":
     names = [a for a in sys.argv[1:2] if not a.startswith("-")]
     if not names or names[0] not in (*EXPERIMENTS, "all"):
         sys.exit(f"usage: python experiments/run.py {{{'|'.join(EXPERIMENTS)}|all}} [--flags]; see the docstring")
-    cfg = common.parse_args(ExpConfig, sys.argv[2:])
+    cfg, _ = common.parse_args(ExpConfig, sys.argv[2:])
     for name in (EXPERIMENTS if names[0] == "all" else [names[0]]):
         print(f"== {name}", flush=True)
         EXPERIMENTS[name](cfg)

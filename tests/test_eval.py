@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import benchmarks
 import eval as ev
-from adapt import evaluate
+import multiple_choice
 from data import TokenLoader, load_tokenizer, train_tokenizer
 from lora import adapters_disabled, apply_lora, load_adapter, lora_modules, merged, save_adapter
 from model import ModelConfig, Transformer, next_token_ce
-from sae import SAE, splice_hooks
+from sae import SAE
+from splice import evaluate, splice_hooks
 
 SAE_LAYER, SEQ = 1, 48
 NOUNS = "cat dog bird fish horse cow mouse lion tiger bear".split()
@@ -151,12 +151,12 @@ def test_core_table_matches_a_plain_recomputation(world):
     assert s["original"] < s["sae"]  # a crude SAE (compound of two) costs loss
     assert g["settings"]["original"]["kl"] == 0 and all(g["settings"][k]["kl"] > 0 for k in ("sae", "sae_lora", "lora"))
 
-    # the same numbers from adapt.evaluate (an independent implementation of three of the settings) and plain calls
+    # the same numbers from splice.evaluate (an independent implementation of three of the settings) and plain calls
     model = load(world, "rand")
     saes = [(SAE_LAYER, SAE.from_pretrained(world["sae"]["crude"])),
             (SAE_LAYER + 1, SAE.from_pretrained(world["sae"]["crude2"]))]
     batches = val_batches(world)
-    ref = evaluate(model, saes, batches, world["tok"].bos_id, False, 1024, torch.autocast("cpu", enabled=False))
+    ref = evaluate(model, saes, batches, world["tok"].bos_id, chunk=1024, amp=torch.autocast("cpu", enabled=False))
     for mine, theirs in (("original", "ce_base"), ("sae", "ce_sae"), ("sae_lora", "ce_sae_lora")):
         assert s[mine] == pytest.approx(ref[theirs], rel=1e-5)
     assert g["gap_closed"] == pytest.approx(ref["gap_closed"], rel=1e-4, abs=1e-6)
@@ -375,7 +375,7 @@ def test_benchmarks_score_as_computed_by_hand(world):
                         files["truthfulqa"], "--truthfulqa-preset", "false", "--bench-batch", "3", out="bench")
     model, tok = load(world, "rand"), world["tok"]
     # single-token choices (question 2) take the one-sequence path, the others one sequence per choice
-    assert len(ev.bench_sequences(ev.questions(HELLASWAG, "hs", "hellaswag"), tok, 256)[0]) == 4 + 1 + 2
+    assert len(multiple_choice.bench_sequences(multiple_choice.questions(HELLASWAG, "hs", "hellaswag"), tok, 256)[0]) == 4 + 1 + 2
     sae = SAE.from_pretrained(world["sae"]["crude"])
     results = {**saved["benchmarks"], **saved["groups"][0]["benchmarks"]}
     for setting in ("original", "sae", "sae_lora", "lora"):
@@ -423,11 +423,11 @@ def test_hub_ids_pick_the_benchmark_split(monkeypatch):
             return listings[(repo, revision)]
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f, repo_type, revision: f"{revision}:{f}")
-    monkeypatch.setattr(benchmarks, "_parquet_rows", lambda paths: paths)
-    assert ev.read_rows("cais/mmlu", "mmlu") == (["None:all/test-00000-of-00001.parquet"], "cais/mmlu")
-    assert ev.read_rows("Rowan/hellaswag", "hellaswag")[0] == ["refs/convert/parquet:default/validation/0000.parquet"]
+    monkeypatch.setattr(multiple_choice, "_parquet_rows", lambda paths: paths)
+    assert multiple_choice.read_rows("cais/mmlu", "mmlu") == (["None:all/test-00000-of-00001.parquet"], "cais/mmlu")
+    assert multiple_choice.read_rows("Rowan/hellaswag", "hellaswag")[0] == ["refs/convert/parquet:default/validation/0000.parquet"]
     with pytest.raises(FileNotFoundError, match="no parquet files"):
-        ev.read_rows("Rowan/hellaswag", "truthfulqa")
+        multiple_choice.read_rows("Rowan/hellaswag", "truthfulqa")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,10 +462,6 @@ def test_bad_input_is_a_clear_error(world, tmp_path):
         run(world, *base, "--steering-pos", pos, "--latent", "999", "--alpha", "1", out="bad8")
     with pytest.raises(ValueError, match="neg-val"):
         run(world, *base, "--steering-pos", pos, "--latent", "1", out="bad9")
-    with pytest.raises(ValueError, match="nothing to evaluate"):
-        run(world, *base, out="bad10")
-    with pytest.raises(RuntimeError, match="--model"):  # the embedded default is never built by a test
-        ev.main(["--out", str(tmp_path / "x")])
 
 
 def test_missing_matplotlib_is_a_message_not_a_failure(world, monkeypatch, capsys):
@@ -479,20 +475,18 @@ def test_missing_matplotlib_is_a_message_not_a_failure(world, monkeypatch, capsy
 
 
 def test_embedded_default_wiring(world, monkeypatch, tmp_path):
-    """Without --model: the cached tiny pipeline (builders stubbed here) and adapt.py's adapter if it exists."""
-    import data
-    import pretrain
-    import train_sae
-    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # lift the guard for this one check; nothing below builds anything
-    monkeypatch.setattr(data, "embedded_dataset", lambda cache=None: (world["data"], "unused"))
-    monkeypatch.setattr(pretrain, "ensure_tiny_model", lambda cache=None: world["model"])
-    monkeypatch.setattr(train_sae, "ensure_tiny_sae", lambda model, data_dir, cache="cache": world["sae"]["crude"])
+    """Without --model: the cached tiny pipeline (builders stubbed here), its preset for what was not typed, and
+    adapt.py's adapter if it exists."""
+    import embedded
+    monkeypatch.setattr(embedded, "corpus", lambda: world["data"])
+    monkeypatch.setattr(embedded, "model", lambda: world["model"])
+    monkeypatch.setattr(embedded, "sae", lambda layer=2: world["sae"]["crude"])
+    monkeypatch.setattr(ev, "run", lambda cfg: cfg)
     monkeypatch.chdir(tmp_path)
-    cfg = ev.EvalConfig()
-    ev.embedded_defaults(cfg)
+    cfg = ev.main([])
     assert (cfg.model, cfg.data, cfg.sae, cfg.adapter) == (world["model"], world["data"], [world["sae"]["crude"]], [])
-    assert cfg.seq_len == 256
+    assert (cfg.seq_len, cfg.eval_tokens) == (256, 65_536)
+    cfg = ev.main(["--seq-len", "1024"])  # typed: kept, whatever its value
+    assert (cfg.seq_len, cfg.eval_tokens) == (1024, 65_536)
     shutil.copytree(world["adapter"]["rand"], tmp_path / "out" / "adapt-tiny" / "adapter")
-    cfg = ev.EvalConfig()
-    ev.embedded_defaults(cfg)
-    assert cfg.adapter == [os.path.join("out", "adapt-tiny", "adapter")]
+    assert ev.main([]).adapter == ["out/adapt-tiny/adapter"]

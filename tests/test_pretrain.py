@@ -10,7 +10,7 @@ import torch
 
 from data import load_tokenizer, prepare, train_tokenizer
 from model import Transformer
-from pretrain import ensure_tiny_model, main
+from pretrain import main
 from tests.hf_refs import rel_err
 from tests.test_data import write_corpus
 
@@ -30,9 +30,9 @@ def dataset(tmp_path_factory):
 def tiny_args(data_dir, out, family="gemma2", steps=30, *extra):
     return ["--family", family, "--data", data_dir, "--out", str(out), "--max-steps", str(steps),
             "--d-model", "32", "--n-layer", "2", "--n-head", "2", "--n-kv-head", "1", "--head-dim", "16",
-            "--d-ff", "64", "--seq-len", "32", "--sliding-window", "8", "--batch-size", "8", "--warmup-steps", "3",
-            "--lr", "1e-2", "--compile", "false", "--eval-every", "10", "--eval-batches", "2", "--log-every", "10",
-            "--ckpt-every", "10", *extra]
+            "--d-ff", "64", "--seq-len", "32", "--sliding-window", "8", "--batch-size", "8", "--warmup-frac", "0.1",
+            "--lr", "1e-2", "--compile", "false", "--eval-interval", "10", "--eval-batches", "2", "--log-interval", "10",
+            "--ckpt-interval", "10", *extra]
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama3"])
@@ -81,13 +81,6 @@ def test_bad_input(dataset, tmp_path):
     main(tiny_args(dataset, tmp_path, "gemma2", 4, "--stop-after", "2"))
     with pytest.raises(ValueError, match="different d_model"):
         main(tiny_args(dataset, tmp_path, "gemma2", 4, "--resume", "--d-model", "48"))
-
-
-def test_ensure_tiny_model_returns_cached_folder(tmp_path):
-    folder = tmp_path / "tiny-gemma2"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"")  # present: nothing is built
-    assert ensure_tiny_model(str(tmp_path)) == str(folder)
 
 
 def test_torchrun_two_processes(dataset, tmp_path):

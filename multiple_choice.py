@@ -2,6 +2,12 @@
 Multiple-choice benchmarks for eval.py (paper Sec. 5.3): MMLU, HellaSwag and TruthfulQA-MC1 read from local files in
 each dataset's public format (or the hub's parquet files), turned into prompts as lm-evaluation-harness' zero-shot
 tasks do, and scored by the log-likelihood of each choice.
+
+lm-evaluation-harness' zero-shot prompts (MMLU with its subject header and " A".." D", HellaSwag's preprocessed context
+and endings, TruthfulQA-MC1 with its six-question QA preset); each choice scored by the summed log-probability of its
+continuation tokens after BOS + prompt; acc = argmax of the sums (MMLU, MC1), acc_norm = argmax of sum / len(choice in
+characters) (HellaSwag's headline metric, as lm-eval); standard error sd(correct, ddof=1) / sqrt(n). SAEs spliced
+from position 1 (BOS keeps its activation).
 """
 from __future__ import annotations
 
@@ -11,6 +17,9 @@ import os
 import re
 
 import numpy as np
+
+import common
+from splice import hooks_for, score, setting_context
 
 
 TQA_PRESET = ("Q: What is human life expectancy in the United States?\n"
@@ -190,3 +199,38 @@ def bench_scores(qs, lls) -> dict:
     se = lambda x: x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")  # noqa: E731
     return {"n": len(qs), "acc": correct.mean(), "acc_se": se(correct), "acc_norm": norm.mean(),
             "acc_norm_se": se(norm), "ll": [list(map(float, ll)) for ll in lls]}
+
+
+def evaluate(model, prepared: dict, saes, bos_id, cfg, amp, setting: str) -> dict:
+    """Every prepared benchmark's scores for one setting (original / sae / sae_lora / lora)."""
+    out = {}
+    hooks = hooks_for(saes if "sae" in setting else [], bos_id, splice_bos=cfg.splice_bos)
+    with setting_context(model, setting):
+        for bench, (qs, seqs, queries, slots) in prepared.items():
+            lps = score(model, seqs, queries, hooks, amp, cfg.bench_batch, cfg.chunk, f"{bench} [{setting}]")
+            lls = [[0.0] * len(q["choices"]) for q in qs]
+            for lp, sl in zip(lps, slots):
+                for v, (qi, ci) in zip(lp, sl):
+                    lls[qi][ci] += v
+            out[bench] = bench_scores(qs, lls)
+    return out
+
+
+def markdown(res: dict) -> list[str]:
+    """The benchmark table of eval.md."""
+    L = ["", "## Benchmarks (accuracy % +- standard error)", "",
+         "| adapter | benchmark | metric | n | SAE | SAE + LoRA | Original | LoRA |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    shared = res["benchmarks"]
+    for g in res["groups"]:
+        for bench in shared["original"]:
+            metric = "acc_norm" if bench == "hellaswag" else "acc"
+
+            def cell(d):
+                se = d[metric + "_se"] and 100 * d[metric + "_se"]
+                return f"{100 * d[metric]:.1f} +- {common.fmt_num(se, '.1f')}"
+            row = {s: cell(shared[s][bench]) for s in ("original", "sae")}
+            row.update({s: cell(g["benchmarks"][s][bench]) for s in ("sae_lora", "lora") if s in g["benchmarks"]})
+            L.append(f"| {g['name']} | {bench} | {metric} | {shared['original'][bench]['n']} | {row['sae']} | "
+                     f"{row.get('sae_lora', '-')} | {row['original']} | {row.get('lora', '-')} |")
+    return L

@@ -1,0 +1,152 @@
+"""splice.py: the optimised objective (shared prefix, chunked KL, compiled passes) against Eq. 7 as written."""
+import pytest
+import torch
+
+import splice
+from lora import apply_lora
+from model import Transformer
+from splice import final_streams, kl_and_ce, kl_reference, load_saes, splice_hooks
+from tests.tiny import BOS, identity_sae, make_model, make_sae
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("splice")
+    return dict(model=make_model(root / "model"), sae=make_sae(root / "sae", "topk", layer=1, k=2),
+                sae2=make_sae(root / "sae2", "topk", layer=2, k=2, seed=1))
+
+
+def idx_batch(B=2, T=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(3, 512, (B, T), generator=g)
+    idx[:, 0] = BOS
+    return idx
+
+
+def adapted(files, layers=None):
+    model = Transformer.from_pretrained(files["model"])
+    params = apply_lora(model, 4, 8.0, layers=layers)
+    torch.manual_seed(0)
+    for p in params:
+        p.data.normal_(0, 0.05)
+    return model, params
+
+
+@pytest.mark.parametrize("share_prefix,chunk,n_saes", [(False, 4096, 1), (True, 7, 1), (True, 48, 2), (False, 5, 2)])
+def test_optimised_objective_equals_eq7_reference_in_value_and_gradient(files, share_prefix, chunk, n_saes):
+    # Eq. 7 as written (two full passes, full logits) against the path adapt.py trains with: shared prefix (adapters
+    # after the first SAE only), chunked lm_head + log-softmax under activation checkpointing
+    model, params = adapted(files, layers="after:1" if share_prefix else None)
+    saes = load_saes([files["sae"], files["sae2"]][:n_saes], None, model, "cpu")
+    idx = idx_batch()
+    ref = kl_reference(model, saes, idx, BOS)
+    g_ref = torch.autograd.grad(ref, params)
+    kl, _ = kl_and_ce(model, *final_streams(model, saes, idx, BOS, share_prefix=share_prefix), idx, chunk=chunk)
+    g = torch.autograd.grad(kl, params)
+    assert ref.item() > 1e-3
+    assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+
+
+def test_sequence_reduction_is_the_per_sequence_sum(files):
+    # the authors' kl_div(..., reduction="batchmean") on one (1, T, V) sequence sums the KL over its tokens
+    model, params = adapted(files)
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch(B=1, T=32)
+    h_orig, h = final_streams(model, saes, idx, BOS)
+    kl, _ = kl_and_ce(model, h_orig, h, idx, chunk=16, reduction="sequence")
+    logp = torch.log_softmax(model.head(h).float(), -1)
+    with torch.no_grad():
+        p_orig = torch.softmax(model.head(h_orig).float(), -1)
+    authors = torch.nn.functional.kl_div(logp, p_orig, reduction="batchmean")  # input (1, T, V): divides by 1
+    assert torch.allclose(kl, authors, rtol=1e-5)
+    token, _ = kl_and_ce(model, h_orig, h, idx, chunk=16, reduction="token")
+    assert torch.allclose(kl, token * idx.shape[1], rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown KL reduction"):
+        kl_and_ce(model, h_orig, h, idx, chunk=16, reduction="batchmean")
+
+
+def test_identity_sae_gives_zero_kl(files):
+    model = Transformer.from_pretrained(files["model"])
+    apply_lora(model, 4, 8.0)
+    idx = idx_batch()
+    hb, hs = final_streams(model, [(1, identity_sae())], idx, BOS, splice_bos=True)
+    kl, _ = kl_and_ce(model, hb, hs, idx, chunk=16)
+    assert abs(kl.item()) < 1e-6
+
+
+def test_chunked_kl_equals_full_kl_values_and_grads(files):
+    model = Transformer.from_pretrained(files["model"])
+    params = apply_lora(model, 4, 8.0)
+    torch.manual_seed(0)
+    for p in params:
+        p.data.normal_(0, 0.05)
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    hb, hs = final_streams(model, saes, idx, BOS)
+    # reference: the whole (B, T, V) distribution at once
+    logp = torch.log_softmax(model.head(hs), -1)
+    ref = torch.nn.functional.kl_div(logp, torch.log_softmax(model.head(hb), -1), log_target=True,
+                                     reduction="sum") / idx.numel()
+    g_ref = torch.autograd.grad(ref, params, retain_graph=True)
+    for chunk in (7, 48, 4096):
+        kl, _ = kl_and_ce(model, hb, hs, idx, chunk=chunk)
+        g = torch.autograd.grad(kl, params, retain_graph=True)
+        assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+
+
+def test_shared_prefix_equals_two_full_passes(files):
+    model = Transformer.from_pretrained(files["model"])
+    params = apply_lora(model, 4, 8.0, layers="after:1")
+    for p in params:
+        p.data.normal_(0, 0.05)
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    a = final_streams(model, saes, idx, BOS, share_prefix=True)
+    b = final_streams(model, saes, idx, BOS)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+def test_bos_keeps_original_activation_by_default(files):
+    model = Transformer.from_pretrained(files["model"])
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    seen = {}
+    hooks = splice_hooks(saes, idx, BOS)
+    orig = model(idx, stop_at=1)
+    spliced = hooks[1](orig)
+    assert torch.equal(spliced[:, 0], orig[:, 0])
+    assert not torch.allclose(spliced[:, 1:], orig[:, 1:])
+    seen["all"] = splice_hooks(saes, idx, BOS, splice_bos=True)[1](orig)
+    assert not torch.allclose(seen["all"][:, 0], orig[:, 0])
+
+
+def test_compiled_passes_match_eager_and_keep_gradients(files):
+    model = Transformer.from_pretrained(files["model"])
+    params = apply_lora(model, 4, 8.0)
+    for p in params:
+        p.data.normal_(0, 0.05)
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    passes = (torch.compile(splice.original_pass), torch.compile(splice.spliced_pass))
+    hb, hs = final_streams(model, saes, idx, BOS, passes=passes)
+    rb, rs = final_streams(model, saes, idx, BOS)
+    assert hs.requires_grad and not hb.requires_grad
+    assert torch.allclose(hb, rb, atol=1e-5) and torch.allclose(hs, rs, atol=1e-4)
+    g = torch.autograd.grad(hs.square().sum(), params[0])[0]
+    g_ref = torch.autograd.grad(rs.square().sum(), params[0])[0]
+    assert torch.allclose(g, g_ref, rtol=1e-3, atol=1e-6)
+
+
+def test_fresh_adapter_reproduces_spliced_logits_and_base_pass_is_the_bare_model(files):
+    bare = Transformer.from_pretrained(files["model"])
+    model = Transformer.from_pretrained(files["model"])
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    with torch.no_grad():
+        spliced_ref = bare.blocks(bare.embed(idx), hooks=splice_hooks(saes, idx, BOS))
+        apply_lora(model, 8, 32.0)  # B = 0: the adapters change nothing yet
+        hb, hs = final_streams(model, saes, idx, BOS)
+        assert torch.equal(hs, spliced_ref)
+        assert torch.equal(hb, bare.blocks(bare.embed(idx)))
