@@ -310,35 +310,6 @@ def test_gemma_scope_npz(tmp_path):
         np.testing.assert_allclose(sae.encode(torch.from_numpy(x)).detach().numpy(), acts, rtol=1e-5, atol=1e-5)
 
 
-def test_gemma_scope_hub_path(tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.utils import EntryNotFoundError
-    sub = "layer_12/width_16k/average_l0_82"
-    repo = tmp_path / "hub" / "google" / "gemma-scope-2b-pt-res"
-    (repo / sub).mkdir(parents=True)
-    p = gemma_scope_params(1)
-    np.savez(repo / sub / "params.npz", **p)
-    calls = []
-
-    def fake_download(repo_id, filename, *, subfolder=None, **kw):
-        calls.append((repo_id, subfolder, filename))
-        path = tmp_path / "hub" / repo_id / (subfolder or "") / filename
-        if not path.is_file():
-            raise EntryNotFoundError(f"{filename} not in {repo_id}")
-        return str(path)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    sae = SAE.from_pretrained(f"google/gemma-scope-2b-pt-res/{sub}")
-    assert calls[0] == ("google/gemma-scope-2b-pt-res", sub, "params.npz")
-    assert sae.layer == 12 and sae.model_name == "google/gemma-2-2b"
-    x = x_in(7).numpy()
-    np.testing.assert_allclose(sae(torch.from_numpy(x)).detach().numpy(), gemma_scope_reference(p, x)[0],
-                               rtol=1e-5, atol=1e-5)
-    (repo / "empty").mkdir()
-    with pytest.raises(ValueError, match="unknown SAE format.*params.npz.*sae.safetensors.*hyperparams.json"):
-        SAE.from_pretrained("google/gemma-scope-2b-pt-res/empty")
-
-
 def saelens_tensors(seed=0, threshold=False):
     g = torch.Generator().manual_seed(seed)
     t = dict(W_enc=torch.randn(D, M, generator=g) * 0.5, W_dec=torch.randn(M, D, generator=g) * 0.5,
