@@ -371,7 +371,8 @@ def test_saelens_pre_v6(tmp_path, act):
                sae_lens_training_version="3.13.0")
     write_saelens(tmp_path, cfg, t)
     sae = SAE.from_pretrained(str(tmp_path))
-    assert sae.layer == 2 and sae.hook_name == "blocks.2.hook_resid_pre" and sae.model_name == "gpt2-small"
+    # block 2's input is block 1's output: spliced after block 1 (model(idx, hooks={sae.layer: sae}))
+    assert sae.layer == 1 and sae.hook_name == "blocks.2.hook_resid_pre" and sae.model_name == "gpt2-small"
     assert sae.arch == ("topk" if act == "topk" else "jumprelu") and not sae.apply_b_dec_to_input
     x = x_in(11)
     ref = saelens_reference(t, x, "topk" if act == "topk" else "relu", K, apply_b_dec=False)
