@@ -359,9 +359,15 @@ def test_embedded_dataset_is_built_once(tmp_path, monkeypatch):
 
 
 def test_redpajama_streams_and_mixes_files_through_hffilesystem(monkeypatch, sp_model, tmp_path):
-    """The hub path run against a local stand-in for HfFileSystem (no network here): files are globbed, opened as
-    streams, interleaved by size, and reading stops once max_tokens is reached."""
+    """The online hub path against local stand-ins for HfApi and HfFileSystem (no network here): the repo's listing
+    is filtered by the pattern, files are opened as streams, interleaved by size, and reading stops once max_tokens
+    is reached."""
+    import types
+
     import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     repo_dir = tmp_path / "datasets" / "togethercomputer" / "RedPajama-Data-1T-Sample"
     repo_dir.mkdir(parents=True)
     sources = {"arxiv": 300, "github": 600, "wikipedia": 300}
@@ -369,19 +375,20 @@ def test_redpajama_streams_and_mixes_files_through_hffilesystem(monkeypatch, sp_
         with open(repo_dir / f"{name}_sample.jsonl", "w") as f:
             for i in range(n):
                 f.write(json.dumps({"text": f"{name} document {i}: " + "lorem ipsum " * 20, "meta": {}}) + "\n")
+    (repo_dir / "README.md").write_text("not data")
     opened = {}
 
+    class LocalHubApi:
+        def list_repo_tree(self, repo_id, path_in_repo=None, recursive=False, repo_type=None):
+            assert repo_type == "dataset"
+            return [types.SimpleNamespace(path=p.name, size=os.path.getsize(p)) for p in repo_dir.iterdir()]
+
     class LocalHubFS:
-        def glob(self, pattern):
-            return [str(p) for p in tmp_path.glob(pattern)]
-
-        def info(self, path):
-            return {"size": os.path.getsize(path)}
-
         def open(self, path, mode="rb", block_size=None):
-            opened[path] = open(path, mode)
+            opened[path] = open(tmp_path / path, mode)
             return opened[path]
 
+    monkeypatch.setattr(huggingface_hub, "HfApi", LocalHubApi)
     monkeypatch.setattr(huggingface_hub, "HfFileSystem", LocalHubFS)
     tok = load_tokenizer(str(sp_model / "gemma"))
     meta = prepare("redpajama", str(tmp_path / "ds"), tok, max_tokens=5000, val_tokens=500, verbose=False)
