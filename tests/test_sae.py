@@ -516,3 +516,49 @@ def test_error_shape_mismatch_names_the_tensor(tmp_path):
     write_saelens(tmp_path, dict(architecture="topk", d_in=D, d_sae=M, k=K, metadata=V6_META), t)
     with pytest.raises(ValueError, match=r"b_enc has shape \(65,\), expected \(64,\)"):
         SAE.from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers from names, known SAEs
+
+
+@pytest.mark.parametrize("name,layer", [
+    ("layers.12", 12), ("model.layers.12", 12), ("gpt_neox.layers.3", 3), ("layer_12", 12),
+    ("blocks.12.hook_resid_post", 12), ("L12R", 12), ("Llama3_1-8B-Base-L15R-8x", 15),
+    ("layers.12.mlp", None), ("width_16k", None), ("average_l0_82", None), ("L0_64", None), ("expansion_8", None),
+])
+def test_layer_from_folder_names(tmp_path, name, layer):
+    from sae_formats import layer_from_path
+    assert layer_from_path(str(tmp_path / name)) == layer
+    # the deepest folder that names a layer wins: the paper's own sparsify SAEs live in .../expansion_8_L0_64/model.layers.12
+    assert layer_from_path(str(tmp_path / "layer_3" / "expansion_8_L0_64" / name)) == (3 if layer is None else layer)
+
+
+@pytest.mark.parametrize("hook,layer", [("blocks.7.hook_resid_post", 7), ("blocks.7.hook_resid_pre", 6),
+                                        ("blocks.0.hook_resid_pre", None), ("model.layers.7", 7),
+                                        ("blocks.7.hook_mlp_out", 7), ("hook_embed", None), (None, None)])
+def test_layer_from_hook_names(hook, layer):
+    from sae_formats import layer_from_hook
+    assert layer_from_hook(hook) == layer
+
+
+def test_sparsify_saved_as_model_layers_gets_its_layer(tmp_path):
+    folder = tmp_path / "expansion_8_L0_64" / "model.layers.12"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"encoder.weight": torch.randn(M, D, generator=g), "encoder.bias": torch.zeros(M),
+               "W_dec": torch.randn(M, D, generator=g), "b_dec": torch.zeros(D)}, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(dict(k=K, num_latents=M, d_in=D)))
+    assert SAE.from_pretrained(str(folder)).layer == 12
+
+
+def test_default_sae_table():
+    from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
+    assert default_sae("google/gemma-2-2b", 12) == "google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
+    # the folders the paper's scripts use for Gemma-2-2B at layers 6, 9, 15, 18 (width 16k)
+    for layer, l0 in ((6, 70), (9, 73), (15, 78), (18, 74)):
+        assert default_sae("google/gemma-2-2b", layer).endswith(f"layer_{layer}/width_16k/average_l0_{l0}")
+    assert default_sae("google/gemma-2-9b", 20) == "google/gemma-scope-9b-pt-res/layer_20/width_16k/average_l0_68"
+    assert [len(v[1]) for v in GEMMA_SCOPE_RES_16K.values()] == [26, 42]  # one per layer of each model
+    assert default_sae("google/gemma-2-2b", 26) is None and default_sae("meta-llama/Llama-3.2-1B", 3) is None
+    assert len(known_saes()) == 2
