@@ -5,9 +5,11 @@ Tokenizers, corpora, token shards and the batch loader.
     prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out
     loader = TokenLoader("data/pile", "train", batch_size=8, seq_len=1024)
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
+    check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
 
 Offline, `embedded_dataset()` builds the default corpus: the Python standard library's own source files, a
-4096-token BPE trained on them, and token shards under out/cache/ (or $LORASAE_CACHE).
+4096-token BPE trained on them, and token shards under out/cache/ (or $LORASAE_CACHE); `embedded_dataset(tokenizer=
+load_tokenizer("google/gemma-2-2b"))` tokenizes the same corpus with a model's own tokenizer instead.
 
 On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids; each document written as
 BOS doc EOS, documents in a seeded random order, whole documents in val) and meta.json saying how to read them.
@@ -142,15 +144,21 @@ def load_tokenizer(path: str) -> Tokenizer:
     hub id. The file's content decides its kind: tiktoken rank files are text lines, sentencepiece is protobuf."""
     path = str(path)
     if os.path.isdir(path):
-        for rel in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-            if os.path.isfile(os.path.join(path, rel)):
-                return Tokenizer(os.path.join(path, rel))
+        if _tokenizer_file(path):
+            return Tokenizer(_tokenizer_file(path))
         raise FileNotFoundError(f"{path}: no tokenizer.model or original/tokenizer.model in this folder")
     if os.path.isfile(path):
         return Tokenizer(path)
     if not hub.is_hub_path(path, sub_folders=False):
         raise FileNotFoundError(f"{path}: no such tokenizer file or folder (and not a hub id like 'google/gemma-2-2b')")
     return load_tokenizer(hub.resolve(path, _choose_tokenizer_file))
+
+
+def _tokenizer_file(folder: str) -> str | None:
+    for rel in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+        if os.path.isfile(os.path.join(folder, rel)):
+            return os.path.join(folder, rel)
+    return None
 
 
 def _choose_tokenizer_file(files: dict[str, int]) -> list[str]:
@@ -492,9 +500,8 @@ def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None =
                          f"{cfg.eos_token_id}: tokenize the data with the model's own tokenizer")
     if tokenizer is not None:
         tok_path = (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).path
-    else:
-        tok_path = next((p for p in (os.path.join(model_dir, r) for r in ("tokenizer.model", "original/tokenizer.model"))
-                         if os.path.isfile(p)), None) if model_dir else None
+    else:  # the model folder's own tokenizer, where it has one
+        tok_path = _tokenizer_file(model_dir) if model_dir else None
     if meta.get("tokenizer_sha256") and tok_path and _sha256(tok_path) != meta["tokenizer_sha256"]:
         raise ValueError(f"{data_dir}: tokenized with {meta.get('tokenizer')}, a different file from {tok_path} "
                          f"(sha256 differs): tokenize the data again with {tok_path}")

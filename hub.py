@@ -149,7 +149,8 @@ def list_files(repo_id: str, sub: str = "", *, repo_type: str = "model") -> List
     where = "in the local hub cache (HF_HUB_OFFLINE=1)" if offline() else "in the local hub cache (hub unreachable)"
     folder = os.path.join(snap, *sub.split("/")) if sub else snap
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{kind}{repo_id}: no folder {sub!r} {where}; cached: {_top_folders(_cached_files(snap))}")
+        cached = _top_folders(_cached_files(snap))
+        raise FileNotFoundError(f"{kind}{repo_id}: no folder {sub!r} {where}; cached: {cached}")
     return Listing(repo_id, sub, repo_type, _cached_files(folder), snap, where)
 
 

@@ -111,9 +111,9 @@ def detect(path: str) -> tuple[str, str]:
 # Layers from names
 
 _LAYER_NAMES = [
-    re.compile(r"(?:\w+\.)*layers?[._](\d+)"),   # layers.12, model.layers.12 (sparsify, the paper), layer_12 (Gemma Scope)
+    re.compile(r"(?:\w+\.)*layers?[._](\d+)"),     # layers.12, model.layers.12 (sparsify), layer_12 (Gemma Scope)
     re.compile(r"blocks\.(\d+)\.hook_resid_post"),  # a SAELens hook name as the folder name
-    re.compile(r"(?:.*[-_])?L(\d+)R(?:[-_].*)?"),    # Llama Scope: L12R, Llama3_1-8B-Base-L12R-8x
+    re.compile(r"(?:.*[-_])?L(\d+)R(?:[-_].*)?"),     # Llama Scope: L12R, Llama3_1-8B-Base-L12R-8x
 ]
 
 

@@ -178,7 +178,8 @@ def write_sae_formats(tmp_path, d=16, m=32):
         "google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82":
             ({"params.npz": src / "params.npz"}, 12, "jumprelu"),
         "jbloom/some-saes/blocks.12.hook_resid_post":
-            ({"cfg.json": src / "saelens.json", "sae_weights.safetensors": src / "sae_weights.safetensors"}, 12, "topk"),
+            ({"cfg.json": src / "saelens.json", "sae_weights.safetensors": src / "sae_weights.safetensors"},
+             12, "topk"),
         "paper/sae-gemma-2-2b/model.layers.12":  # the paper's own SAEs: sparsify, saved per hook
             ({"cfg.json": src / "sparsify.json", "sae.safetensors": src / "sae.safetensors"}, 12, "topk"),
         "fnlp/Llama-Scope/L12R":

@@ -530,7 +530,7 @@ def test_error_shape_mismatch_names_the_tensor(tmp_path):
 def test_layer_from_folder_names(tmp_path, name, layer):
     from sae_formats import layer_from_path
     assert layer_from_path(str(tmp_path / name)) == layer
-    # the deepest folder that names a layer wins: the paper's own sparsify SAEs live in .../expansion_8_L0_64/model.layers.12
+    # the deepest folder that names a layer wins (the paper's SAEs: .../expansion_8_L0_64/model.layers.12)
     assert layer_from_path(str(tmp_path / "layer_3" / "expansion_8_L0_64" / name)) == (3 if layer is None else layer)
 
 
