@@ -92,10 +92,13 @@ def _cached_files(folder: str) -> dict[str, int]:
     return files
 
 
-def _hub_error(e: Exception, repo_id: str, sub: str) -> Exception | None:
-    """The one-line error for a hub answer that is final; None for 'could not reach the hub' (try the cache)."""
-    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+def _hub_error(e: Exception, repo_id: str, missing: str) -> Exception | None:
+    """The one-line error for a hub answer that is final; None for 'could not reach the hub' (try the cache).
+    `missing` names what an EntryNotFoundError means: the folder listed or the file downloaded."""
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+    if isinstance(e, LocalEntryNotFoundError):  # hf_hub_download's "not cached and the hub not reachable"
+        return None
     if isinstance(e, GatedRepoError):
         return PermissionError(f"{repo_id} is a gated repo: accept its conditions on https://huggingface.co/{repo_id} "
                                f"and {LOGIN}")
@@ -104,7 +107,7 @@ def _hub_error(e: Exception, repo_id: str, sub: str) -> Exception | None:
     if isinstance(e, RevisionNotFoundError):
         return FileNotFoundError(f"{repo_id}: the hub has no branch main in this repo")
     if isinstance(e, EntryNotFoundError):
-        return FileNotFoundError(f"{repo_id}: the repo has no folder {sub!r}")
+        return FileNotFoundError(f"{repo_id}: the repo has no {missing}")
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, HfHubHTTPError) and status in (401, 403):
         return PermissionError(f"{repo_id}: the hub refused access (HTTP {status}): {LOGIN}")
@@ -128,7 +131,7 @@ def list_files(repo_id: str, sub: str = "", *, repo_type: str = "model") -> List
                      if getattr(f, "size", None) is not None and f.path.startswith(prefix)}
             return Listing(repo_id, sub, repo_type, files, None, "on the hub")
         except Exception as e:  # which exceptions a failed connection raises depends on the hub client's version
-            final = _hub_error(e, repo_id, sub)
+            final = _hub_error(e, repo_id, f"folder {sub!r}")
             if final is not None:
                 raise final from None
             if not isinstance(e, (OSError, ConnectionError)) and "httpx" not in type(e).__module__ \
@@ -189,11 +192,12 @@ def download(listing: Listing, names: list[str]) -> str:
             local = hf_hub_download(repo_id, name, subfolder=sub or None, repo_type=listing.repo_type,
                                     cache_dir=cache_dir())
         except Exception as e:
-            final = _hub_error(e, repo_id, sub)
+            rel = "/".join(filter(None, (sub, name)))
+            final = _hub_error(e, repo_id, f"file {rel!r}")
             if final is not None:
                 raise final from None
-            raise FileNotFoundError(f"{repo_id}: downloading {'/'.join(filter(None, (sub, name)))} failed "
-                                    f"({_describe(e)})") from None
+            raise FileNotFoundError(f"{repo_id}: downloading {rel} failed ({_describe(e)}); run again once the hub "
+                                    f"can be reached") from None
         folder = local[:-len(name)].rstrip("/" + os.sep)
     return folder
 
