@@ -171,7 +171,12 @@ def resolve(path: str, choose: Callable[[dict[str, int]], list[str]], *, repo_ty
     to the sub-folder). choose raises ValueError / FileNotFoundError with a reason, which comes back prefixed with
     the hub path and where the listing came from."""
     repo_id, sub = split(path)
-    listing = list_files(repo_id, sub, repo_type=repo_type)
+    try:
+        listing = list_files(repo_id, sub, repo_type=repo_type)
+    except FileNotFoundError as e:
+        if os.path.isdir(path.split("/")[0]):  # `out/sae` may be a mistyped local path rather than a hub repo
+            raise FileNotFoundError(f"{path}: no such local file or folder; as a hub path: {e}") from None
+        raise
     try:
         wanted = choose(listing.files)
     except (ValueError, FileNotFoundError) as e:

@@ -202,7 +202,7 @@ def test_every_sae_format_at_a_sub_path_offline(cache, tmp_path):
     assert SAE.from_pretrained(next(iter(saes))).model_name == "google/gemma-2-2b"
 
 
-def test_sae_hub_errors_are_one_line(cache, tmp_path):
+def test_sae_hub_errors_are_one_line(cache, tmp_path, monkeypatch):
     put(cache, "org/saes", {"layer_3/cfg.json": b"{}"})  # the weights were never downloaded
     with pytest.raises(ValueError, match="unknown SAE format.*only files already downloaded are visible") as e:
         SAE.from_pretrained("org/saes/layer_3")
@@ -215,6 +215,10 @@ def test_sae_hub_errors_are_one_line(cache, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         SAE.from_pretrained("./org/saes")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileNotFoundError, match="out/sae: no such local file or folder; as a hub path: out/sae is not"):
+        SAE.from_pretrained("out/sae")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
