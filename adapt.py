@@ -20,7 +20,7 @@ import torch
 
 import common
 import embedded
-from data import TokenLoader
+from data import TokenLoader, check_data_matches
 from lora import adapter_parameters, apply_lora, layers_around_saes, save_adapter
 from model import Transformer
 from splice import evaluate, final_streams, kl_and_ce, load_saes, original_pass, spliced_pass
@@ -103,6 +103,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
                f"layers {lora_layers[0]}..{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
 
     # -- data -----------------------------------------------------------------------------------------------------------
+    check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     train = TokenLoader(cfg.data, "train", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, device=d.device)
     val = TokenLoader(cfg.data, "val", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
                       device=d.device)

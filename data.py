@@ -5,15 +5,18 @@ Tokenizers, corpora, token shards and the batch loader.
     prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out
     loader = TokenLoader("data/pile", "train", batch_size=8, seq_len=1024)
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
+    check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
 
 Offline, `embedded_dataset()` builds the default corpus: the Python standard library's own source files, a
-4096-token BPE trained on them, and token shards under out/cache/ (or $LORASAE_CACHE).
+4096-token BPE trained on them, and token shards under out/cache/ (or $LORASAE_CACHE); `embedded_dataset(tokenizer=
+load_tokenizer("google/gemma-2-2b"))` tokenizes the same corpus with a model's own tokenizer instead.
 
 On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids; each document written as
 BOS doc EOS, documents in a seeded random order, whole documents in val) and meta.json saying how to read them.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -25,6 +28,8 @@ import time
 
 import numpy as np
 import torch
+
+import hub
 
 
 def default_cache_dir() -> str:
@@ -139,25 +144,28 @@ def load_tokenizer(path: str) -> Tokenizer:
     hub id. The file's content decides its kind: tiktoken rank files are text lines, sentencepiece is protobuf."""
     path = str(path)
     if os.path.isdir(path):
-        for rel in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-            if os.path.isfile(os.path.join(path, rel)):
-                return Tokenizer(os.path.join(path, rel))
+        if _tokenizer_file(path):
+            return Tokenizer(_tokenizer_file(path))
         raise FileNotFoundError(f"{path}: no tokenizer.model or original/tokenizer.model in this folder")
     if os.path.isfile(path):
         return Tokenizer(path)
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+    if not hub.is_hub_path(path, sub_folders=False):
         raise FileNotFoundError(f"{path}: no such tokenizer file or folder (and not a hub id like 'google/gemma-2-2b')")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    return load_tokenizer(hub.resolve(path, _choose_tokenizer_file))
+
+
+def _tokenizer_file(folder: str) -> str | None:
+    for rel in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+        if os.path.isfile(os.path.join(folder, rel)):
+            return os.path.join(folder, rel)
+    return None
+
+
+def _choose_tokenizer_file(files: dict[str, int]) -> list[str]:
     for rel in ("tokenizer.model", "original/tokenizer.model"):  # Gemma keeps it at the top, Llama-3 in original/
-        try:
-            return Tokenizer(hf_hub_download(path, rel))
-        except LocalEntryNotFoundError:  # no network and not in the local cache
-            raise FileNotFoundError(f"{path}: cannot download {rel} from the hub (offline?) and it is not cached") \
-                from None
-        except EntryNotFoundError:
-            continue
-    raise FileNotFoundError(f"hub repo {path} has neither tokenizer.model nor original/tokenizer.model")
+        if rel in files:
+            return [rel]
+    raise FileNotFoundError("neither tokenizer.model nor original/tokenizer.model in this repo")
 
 
 def _chunks_for_sentencepiece(texts, max_chars=2000):
@@ -268,25 +276,28 @@ def _local_documents(path: str) -> list[str]:
 
 
 def _hub_documents(name: str, seed: int):
-    """Stream documents from a hub dataset: files are opened through HfFileSystem, which fetches byte ranges as the
-    reader advances, so only as much of each file is downloaded as the requested token count needs."""
-    from huggingface_hub import HfFileSystem
+    """List a hub dataset's files now (on the hub, or in the cache offline) and return a stream of its documents. Hub
+    files are read as byte-range streams, so only as much of each is downloaded as the requested token count needs."""
     repo, pattern = HUB_DATASETS[name]
-    fs = HfFileSystem()
-    files = sorted(fs.glob(f"datasets/{repo}/{pattern}"))
+    listing = hub.list_files(repo, repo_type="dataset")
+    files = sorted(f for f in listing.files if fnmatch.fnmatch(f, pattern))
     if not files:
-        raise FileNotFoundError(f"hub dataset {repo}: no files match {pattern}")
+        raise FileNotFoundError(f"hub dataset {repo}: no files match {pattern} {listing.where}")
+    return _hub_stream(name, listing, files, seed)
+
+
+def _hub_stream(name, listing, files, seed):
     if name == "pile":  # one file after another; zstd-compressed JSON lines
         import zstandard
         for f in files:
-            with fs.open(f, "rb", block_size=8 << 20) as raw:
+            with hub.open_file(listing, f) as raw:
                 reader = zstandard.ZstdDecompressor().stream_reader(raw)
                 yield from _jsonl_texts(io.TextIOWrapper(reader, encoding="utf-8"), f)
         return
     # RedPajama's sample keeps each source (arxiv, c4, github, ...) in its own file: interleave them, drawing the
     # next document from a file with probability proportional to its size, so any prefix has the sample's mixture
-    sizes = np.array([fs.info(f)["size"] for f in files], dtype=np.float64)
-    handles = [io.TextIOWrapper(fs.open(f, "rb", block_size=8 << 20), encoding="utf-8") for f in files]
+    sizes = np.array([listing.files[f] for f in files], dtype=np.float64)
+    handles = [io.TextIOWrapper(hub.open_file(listing, f), encoding="utf-8") for f in files]
     streams = [_jsonl_texts(h, f) for h, f in zip(handles, files)]
     rng = np.random.default_rng(seed)
     try:
@@ -458,6 +469,45 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
     return np.memmap(path, dtype=dt, mode="r")
 
 
+def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None = None) -> dict:
+    """Raise one ValueError line if the token folder was not made for this model: its vocabulary size differs from
+    the model's, it holds ids beyond the model's vocabulary, its BOS/EOS differ from the model's, or its tokenizer file
+    (sha256 in meta.json) is not the tokenizer given or, without one, the model folder's own. `model` is a ModelConfig,
+    a model (with .cfg), or a model folder / hub id (config.json and tokenizer read from it). Returns the meta."""
+    meta, model_dir = load_meta(data_dir), None
+    cfg = getattr(model, "cfg", model)
+    if isinstance(cfg, (str, os.PathLike)):
+        from model import ModelConfig, resolve_model_dir
+        model_dir = resolve_model_dir(str(cfg))
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = ModelConfig.from_hf(json.load(f))
+    name = model_dir or "the model"
+    if meta["vocab_size"] != cfg.vocab_size:
+        raise ValueError(f"{data_dir}: tokens of a {meta['vocab_size']}-token vocabulary, but {name} has "
+                         f"{cfg.vocab_size}: tokenize the data with the model's own tokenizer")
+    for split in ("train", "val"):
+        tokens = load_tokens(data_dir, split)
+        top = max((int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24)), default=-1)
+        if top >= cfg.vocab_size:
+            raise ValueError(f"{data_dir}: {split}.bin holds token id {top}, beyond the vocabulary of {name} "
+                             f"({cfg.vocab_size}): corrupt shards or another tokenizer")
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    if cfg.bos_token_id is not None and meta.get("bos_id") != cfg.bos_token_id:
+        raise ValueError(f"{data_dir}: documents start with BOS id {meta.get('bos_id')}, {name} uses "
+                         f"{cfg.bos_token_id}: tokenize the data with the model's own tokenizer")
+    if cfg.eos_token_id is not None and meta.get("eos_id") not in eos:
+        raise ValueError(f"{data_dir}: documents end with EOS id {meta.get('eos_id')}, {name} uses "
+                         f"{cfg.eos_token_id}: tokenize the data with the model's own tokenizer")
+    if tokenizer is not None:
+        tok_path = (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).path
+    else:  # the model folder's own tokenizer, where it has one
+        tok_path = _tokenizer_file(model_dir) if model_dir else None
+    if meta.get("tokenizer_sha256") and tok_path and _sha256(tok_path) != meta["tokenizer_sha256"]:
+        raise ValueError(f"{data_dir}: tokenized with {meta.get('tokenizer')}, a different file from {tok_path} "
+                         f"(sha256 differs): tokenize the data again with {tok_path}")
+    return meta
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The batch loader
 
@@ -546,10 +596,21 @@ EMBEDDED_VOCAB = 4096
 EMBEDDED_VAL_TOKENS = 200_000  # about 6% of the corpus, whole files never seen in training
 
 
-def embedded_dataset(cache_dir: str | None = None) -> tuple[str, str]:
-    """Build once and cache the offline default: stdlib corpus -> 4096-token BPE -> token shards.
-    Returns (data_dir, tokenizer_path); later calls return at once."""
-    root = os.path.join(cache_dir or default_cache_dir(), "stdlib")
+def embedded_dataset(cache_dir: str | None = None, tokenizer: Tokenizer | str | None = None) -> tuple[str, str]:
+    """Build once and cache the offline default: the stdlib corpus as token shards. Returns (data_dir, tokenizer_path);
+    later calls return at once. Without a tokenizer: a 4096-token BPE trained on the corpus (cache/stdlib). With one
+    (a model's own: a Tokenizer, file, model folder or hub id), the corpus tokenized by it, cached per tokenizer file
+    (cache/stdlib-<sha256 prefix>): a hub model runs without --data, offline once its files are cached."""
+    cache = cache_dir or default_cache_dir()
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+        sha = _sha256(tok.path)
+        root = os.path.join(cache, f"stdlib-{sha[:16]}")
+        if not _cached_for(root, sha):
+            print(f"embedded corpus: tokenizing the Python standard library with {tok.path}...", flush=True)
+            prepare("stdlib", root, tok, val_tokens=EMBEDDED_VAL_TOKENS, seed=0)
+        return root, tok.path
+    root = os.path.join(cache, "stdlib")
     tok_path = os.path.join(root, "tokenizer.model")
     if not os.path.isfile(tok_path):
         files = stdlib_files()
@@ -558,12 +619,15 @@ def embedded_dataset(cache_dir: str | None = None) -> tuple[str, str]:
               f"({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB)...", flush=True)
         train_tokenizer(files, tok_path, EMBEDDED_VOCAB)
         print(f"embedded corpus: tokenizer written to {tok_path} ({time.time() - t0:.0f}s)", flush=True)
-    meta_path = os.path.join(root, "meta.json")
-    stale = not os.path.isfile(meta_path)
-    if not stale:
-        with open(meta_path) as f:
-            stale = json.load(f).get("tokenizer_sha256") != _sha256(tok_path)
-    if stale:
+    if not _cached_for(root, _sha256(tok_path)):
         print("embedded corpus: tokenizing the Python standard library...", flush=True)
         prepare("stdlib", root, tok_path, val_tokens=EMBEDDED_VAL_TOKENS, seed=0)
     return root, tok_path
+
+
+def _cached_for(root: str, tokenizer_sha256: str) -> bool:
+    meta_path = os.path.join(root, "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    with open(meta_path) as f:
+        return json.load(f).get("tokenizer_sha256") == tokenizer_sha256

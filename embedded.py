@@ -18,7 +18,7 @@ import torch
 
 import common
 import data
-from hub import DEFAULT_SAES
+from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
 SAE_LAYER = TINY_LAYERS // 2
@@ -40,10 +40,10 @@ PRESETS = {
 }
 
 
-KNOWN_MODELS = sorted(DEFAULT_SAES)
-DEFAULT_SAES_HELP = "SAE defaults when --sae is not given (the paper's SAEs, one per --layer L):\n" + "\n".join(
-    f"  --model {m:<22} {DEFAULT_SAES[m].format(layer='L')}" for m in KNOWN_MODELS) + \
-    "\n  no --model               the embedded tiny model's TopK SAE (trained on first use)"
+KNOWN_MODELS = sorted(GEMMA_SCOPE_RES_16K)
+DEFAULT_SAES_HELP = ("SAE defaults when --sae is not given (the paper's SAEs, one per --layer L):\n" +
+                     "".join(f"  {line}\n" for line in known_saes()) +
+                     "  no --model: the embedded tiny model's TopK SAE at --layer (trained on first use)")
 
 
 def cache_dir() -> str:
@@ -128,7 +128,6 @@ def corpus_for(model_id: str) -> str:
 
 def default_saes(model_id: str, layers: list[int]) -> list[str]:
     """The paper's SAEs for a known model: one per --layer."""
-    from hub import default_sae
     paths = [default_sae(model_id, layer) for layer in layers]
     if not layers or None in paths:
         raise ValueError(f"no --sae given{' and no --layer' if not layers else ''}: pass --sae FOLDER_OR_HUB_PATH "

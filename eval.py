@@ -481,12 +481,8 @@ def check_adapter(model, folder: str):
 
 
 def load_batches(cfg: EvalConfig, model, seq_len: int, device) -> list[torch.Tensor]:
-    from data import TokenLoader, load_meta
-    meta = load_meta(cfg.data)
-    if meta["vocab_size"] > model.cfg.vocab_size or (model.cfg.bos_token_id is not None and
-                                                      meta["bos_id"] != model.cfg.bos_token_id):
-        raise ValueError(f"{cfg.data}: tokenized with {meta['vocab_size']} tokens / bos {meta['bos_id']}, the model "
-                         f"has {model.cfg.vocab_size} / bos {model.cfg.bos_token_id} (dataset for another model?)")
+    from data import TokenLoader, check_data_matches
+    check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "val", cfg.batch_size, seq_len, shuffle=False, device=device)
     batch = min(cfg.batch_size, loader.n_windows)  # never repeat a window to fill a batch
     if batch < cfg.batch_size:

@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import hub
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -457,22 +460,17 @@ class Transformer(nn.Module):
 
     @staticmethod
     def from_pretrained(path_or_repo_id: str, dtype: torch.dtype | None = None, device=None) -> "Transformer":
-        """Load a local HF folder or hub id (config.json + single or sharded safetensors). dtype None keeps the file's."""
+        """Load a local HF folder or hub id (config.json + single or sharded safetensors). dtype None keeps the file's.
+        Tensors are read, cast and placed one at a time: the peak is the loaded model plus its largest tensor."""
         folder = resolve_model_dir(path_or_repo_id)
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
         with open(cfg_path) as f:
             cfg = ModelConfig.from_hf(json.load(f))
-        state = load_safetensors_dir(folder, device="cpu" if device is None else device)
-        if cfg.tie_embeddings:
-            state.pop("lm_head.weight", None)  # some tied checkpoints also store the shared matrix as lm_head
         with torch.device("meta"):
             model = Transformer(cfg)
-        check_state_dict(model, state, source=folder)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
+        load_checkpoint(model, folder, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, folder: str):
@@ -508,23 +506,75 @@ def next_token_ce(model: Transformer, idx: torch.Tensor, hooks: dict[int, Hook] 
 # Checkpoint files
 
 
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-                "generation_config.json", "original/tokenizer.model"]
+_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "generation_config.json")
 
 
 def resolve_model_dir(path_or_repo_id: str) -> str:
-    """A local folder as is; otherwise a hub id downloaded (config, safetensors and tokenizer files only)."""
-    if os.path.isdir(path_or_repo_id):
-        return path_or_repo_id
-    if os.path.exists(path_or_repo_id) or path_or_repo_id.startswith((".", "/")) or path_or_repo_id.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_repo_id}: no such model folder (and not a hub id like 'google/gemma-2-2b')")
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_repo_id, allow_patterns=HUB_PATTERNS)
+    """A local folder as is; otherwise a hub id, read from the hub cache or downloaded: config.json, the safetensors
+    weights and the tokenizer files only (Llama-3's original/tokenizer.model when there is no top-level one)."""
+    path = str(path_or_repo_id)
+    if os.path.isdir(path):
+        return path
+    if not hub.is_hub_path(path, sub_folders=False):
+        raise FileNotFoundError(f"{path}: no such model folder (and not a hub id like 'google/gemma-2-2b')")
+    return hub.resolve(path, _choose_model_files)
 
 
-def load_safetensors_dir(folder: str, device="cpu") -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _choose_model_files(files: dict[str, int]) -> list[str]:
+    if "config.json" not in files:
+        raise FileNotFoundError("no config.json (not a Hugging Face model repo?)")
+    weights = sorted(f for f in files if _WEIGHTS.fullmatch(f))
+    if not weights:
+        raise FileNotFoundError("no model.safetensors or model-*-of-*.safetensors shards (only .bin or .pth weights?)")
+    if "model.safetensors.index.json" in files:
+        weights.append("model.safetensors.index.json")
+    extras = [f for f in _TOKENIZER_FILES if f in files]
+    if "tokenizer.model" not in files and "original/tokenizer.model" in files:
+        extras.append("original/tokenizer.model")
+    return ["config.json", *weights, *extras]
+
+
+# safetensors is read by hand, not through safe_open: safe_open maps the whole file, and every page read through the
+# map counts towards the process's resident memory until the file is closed, so a 5 GB fp32 shard cast to bf16
+# tensor by tensor would still peak at 5 GB plus the bf16 copy. Plain reads into one reused buffer peak at the
+# largest tensor.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def safetensors_header(path: str) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
+    """name -> (dtype, shape, first byte, end byte) in the file; ValueError for a corrupt or truncated file."""
+    size = os.path.getsize(path)
+
+    def corrupt(why):
+        return ValueError(f"{path}: corrupt or truncated safetensors file ({why})")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise corrupt(f"header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise corrupt(f"header is not JSON: {e}") from None
+    header.pop("__metadata__", None)
+    out = {}
+    for name, v in header.items():
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[v["dtype"]], tuple(v["shape"]), v["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"bad entry for {name}: {v}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or 8 + n + end > size:
+            raise corrupt(f"{name} needs bytes {begin}..{end} of the data, which has {size - 8 - n}")
+        out[name] = (dtype, shape, 8 + n + begin, 8 + n + end)
+    return out
+
+
+def checkpoint_tensors(folder: str) -> dict[str, tuple[str, torch.dtype, tuple, int, int]]:
+    """Every tensor of a (sharded) checkpoint: name -> (shard path, dtype, shape, first byte, end byte)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -534,24 +584,63 @@ def load_safetensors_dir(folder: str, device="cpu") -> dict[str, torch.Tensor]:
         weight_map, shards = None, ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    state = {}
+    out = {}
     for shard in shards:
         path = os.path.join(folder, shard)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder}: shard {shard} listed in the index is missing (partial download?)")
-        try:
-            state.update(load_file(path, device=str(device)))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        out.update({k: (path, *v) for k, v in safetensors_header(path).items()})
     if weight_map is not None:
-        missing = sorted(set(weight_map) - set(state))
+        missing = sorted(set(weight_map) - set(out))
         if missing:
             raise ValueError(f"{folder}: tensors listed in the index are not in their shards: {missing[:5]}")
-    return state
+    return out
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str):
-    """One clear line per problem instead of load_state_dict's wall of text."""
+def _read_into(f, buf: torch.Tensor, path: str):
+    view, got = memoryview(buf.numpy()), 0
+    while got < len(view):  # a single read returns at most ~2 GB on Linux
+        n = f.readinto(view[got:])
+        if not n:
+            raise ValueError(f"{path}: corrupt or truncated safetensors file (ends inside a tensor)")
+        got += n
+
+
+@torch.no_grad()
+def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None = None, device=None):
+    """Fill a (meta-device) model from a checkpoint folder, strictly: names and shapes are checked from the file
+    headers before any weight is read. Then one tensor at a time is read, cast to dtype (None: the file's) and put on
+    device, so the peak memory is the loaded model plus the largest tensor."""
+    entries = checkpoint_tensors(folder)
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        entries.pop("lm_head.weight", None)  # some tied checkpoints also store the shared matrix as lm_head
+    check_state_dict(model, {k: v[2] for k, v in entries.items()}, source=folder)
+    device = torch.device(device or "cpu")
+    largest = max((end - begin for _, _, _, begin, end in entries.values()), default=0)
+    scratch = torch.empty(largest, dtype=torch.uint8) if dtype is not None or device.type != "cpu" else None
+    state = {}
+    for path in sorted({v[0] for v in entries.values()}):
+        names = sorted((k for k, v in entries.items() if v[0] == path), key=lambda k: entries[k][3])
+        with open(path, "rb", buffering=0) as f:
+            for name in names:
+                _, file_dtype, shape, begin, end = entries[name]
+                f.seek(begin)
+                target = dtype if dtype is not None and file_dtype.is_floating_point else file_dtype
+                if scratch is None:  # kept as stored, on CPU: read straight into the final tensor
+                    t = torch.empty(end - begin, dtype=torch.uint8)
+                    _read_into(f, t, path)
+                    state[name] = t.view(file_dtype).reshape(shape)
+                else:
+                    buf = scratch[:end - begin]
+                    _read_into(f, buf, path)
+                    t = buf.view(file_dtype).reshape(shape)
+                    # .to() returns its input when nothing changes: copy, or the next read would overwrite it
+                    state[name] = t.to(device, target, copy=True)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str):
+    """One clear line per problem instead of load_state_dict's wall of text. state: name -> tensor or shape."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -560,9 +649,9 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     if unexpected:
         raise ValueError(f"{source}: checkpoint has unexpected tensors, e.g. {unexpected[:3]} (wrong config.json?)")
     for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies "
-                             f"{tuple(shape)}")
+        got = tuple(getattr(state[k], "shape", state[k]))
+        if got != tuple(shape):
+            raise ValueError(f"{source}: tensor {k} has shape {got}, config.json implies {tuple(shape)}")
 
 
 def _check_tokens(idx: torch.Tensor, vocab_size: int):

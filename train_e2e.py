@@ -23,7 +23,7 @@ import torch
 
 import common
 import embedded
-from data import TokenLoader
+from data import TokenLoader, check_data_matches
 from model import Transformer, next_token_ce
 from sae import SAE, geometric_median, update_since_fired
 from splice import kl_and_ce, original_pass, splice_hooks, spliced_pass
@@ -84,6 +84,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     bos = model.cfg.bos_token_id
 
     # -- data -----------------------------------------------------------------------------------------------------------
+    check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed,
                          device=d.device)
     val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,

@@ -20,7 +20,7 @@ import torch
 
 import common
 import embedded
-from data import TokenLoader
+from data import TokenLoader, check_data_matches
 from model import Transformer, next_token_ce
 from sae import SAE, geometric_median, step as l0_step, update_since_fired
 from splice import splice_hooks
@@ -185,6 +185,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     amp = common.autocast(d.device, cfg.autocast)
 
     # -- data: activations of the layer in a shuffled buffer -------------------------------------------------------------
+    check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed,
                          device=d.device)
     val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import data
-from data import (LLAMA3_SPECIALS, TokenLoader, embedded_dataset, load_meta, load_tokenizer, load_tokens, prepare,
-                  stdlib_files, token_dtype, train_tokenizer)
+from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, embedded_dataset, load_meta, load_tokenizer,
+                  load_tokens, prepare, stdlib_files, token_dtype, train_tokenizer)
 
 UNICODE_DOC = "naïve café — 東京 🚀\n\tdef f(x):\n        return x  +  1   # spaces  kept\n\n\n"
 
@@ -358,10 +358,77 @@ def test_embedded_dataset_is_built_once(tmp_path, monkeypatch):
     assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == stamp  # cached, not rebuilt
 
 
+def test_embedded_dataset_with_a_models_tokenizer_is_cached_per_tokenizer(tmp_path, monkeypatch, sp_model):
+    from model import ModelConfig
+    monkeypatch.setattr(data, "EMBEDDED_VAL_TOKENS", 5_000)
+    real_files = data.stdlib_files()
+    monkeypatch.setattr(data, "stdlib_files", lambda: real_files[:20])
+    model_dir = gemma_folder(tmp_path / "model", sp_model, ModelConfig.from_name("tiny-gemma2"))
+    data_dir, tok_path = embedded_dataset(str(tmp_path / "c"), tokenizer=str(model_dir))  # a model folder
+    sha = data._sha256(str(sp_model / "gemma" / "tokenizer.model"))
+    assert data_dir == str(tmp_path / "c" / f"stdlib-{sha[:16]}") and tok_path == str(model_dir / "tokenizer.model")
+    meta = load_meta(data_dir)
+    assert (meta["vocab_size"], meta["tokenizer_sha256"], meta["source"]) == (400, sha, "stdlib")
+    stamp = os.path.getmtime(os.path.join(data_dir, "train.bin"))
+    assert embedded_dataset(str(tmp_path / "c"), tokenizer=load_tokenizer(tok_path)) == (data_dir, tok_path)
+    assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == stamp  # cached, not rebuilt
+    assert check_data_matches(data_dir, str(model_dir))["vocab_size"] == 400
+    assert not os.path.exists(tmp_path / "c" / "stdlib")  # the default BPE is not trained for a model's tokenizer
+
+
+def gemma_folder(folder, sp_model, cfg, vocab=400):
+    """A model folder (config.json + the sentencepiece tokenizer) without weights: all check_data_matches reads."""
+    import shutil
+    os.makedirs(folder, exist_ok=True)
+    cfg.vocab_size = vocab
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
+    shutil.copy(sp_model / "gemma" / "tokenizer.model", folder / "tokenizer.model")
+    return folder
+
+
+def test_check_data_matches_one_line_per_mismatch(tmp_path, sp_model):
+    from model import ModelConfig
+    write_corpus(tmp_path / "corpus")
+    d = str(tmp_path / "ds")
+    prepare(str(tmp_path / "corpus"), d, load_tokenizer(str(sp_model / "gemma")), val_tokens=200, verbose=False)
+    cfg = lambda **kw: ModelConfig(**{**ModelConfig.from_name("tiny-gemma2").__dict__, "vocab_size": 400, **kw})  # noqa
+    assert check_data_matches(d, cfg())["vocab_size"] == 400
+    assert check_data_matches(d, cfg(eos_token_id=[7, 1]), tokenizer=str(sp_model / "gemma"))
+    bad = [(cfg(vocab_size=512), "tokens of a 400-token vocabulary, but the model has 512"),
+           (cfg(bos_token_id=5), "documents start with BOS id 2, the model uses 5"),
+           (cfg(eos_token_id=9), "documents end with EOS id 1, the model uses 9")]
+    for model, message in bad:
+        with pytest.raises(ValueError, match=message) as e:
+            check_data_matches(d, model)
+        assert "\n" not in str(e.value)
+    # a model folder whose own tokenizer is another file
+    other = gemma_folder(tmp_path / "other", sp_model, cfg())
+    with open(other / "tokenizer.model", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="a different file from .*other/tokenizer.model"):
+        check_data_matches(d, str(other))
+    with open(tmp_path / "ranks.model", "wb") as f:  # a valid tokenizer, just not the data's
+        f.writelines(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256))
+    with pytest.raises(ValueError, match="a different file from .*ranks.model"):
+        check_data_matches(d, cfg(), tokenizer=str(tmp_path / "ranks.model"))
+    # ids beyond the model's vocabulary (shards not from this tokenizer)
+    train = np.fromfile(os.path.join(d, "train.bin"), dtype=np.uint16)
+    train[5] = 450
+    train.tofile(os.path.join(d, "train.bin"))
+    with pytest.raises(ValueError, match="train.bin holds token id 450, beyond the vocabulary of the model"):
+        check_data_matches(d, cfg())
+
+
 def test_redpajama_streams_and_mixes_files_through_hffilesystem(monkeypatch, sp_model, tmp_path):
-    """The hub path run against a local stand-in for HfFileSystem (no network here): files are globbed, opened as
-    streams, interleaved by size, and reading stops once max_tokens is reached."""
+    """The online hub path against local stand-ins for HfApi and HfFileSystem (no network here): the repo's listing
+    is filtered by the pattern, files are opened as streams, interleaved by size, and reading stops once max_tokens
+    is reached."""
+    import types
+
     import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     repo_dir = tmp_path / "datasets" / "togethercomputer" / "RedPajama-Data-1T-Sample"
     repo_dir.mkdir(parents=True)
     sources = {"arxiv": 300, "github": 600, "wikipedia": 300}
@@ -369,19 +436,20 @@ def test_redpajama_streams_and_mixes_files_through_hffilesystem(monkeypatch, sp_
         with open(repo_dir / f"{name}_sample.jsonl", "w") as f:
             for i in range(n):
                 f.write(json.dumps({"text": f"{name} document {i}: " + "lorem ipsum " * 20, "meta": {}}) + "\n")
+    (repo_dir / "README.md").write_text("not data")
     opened = {}
 
+    class LocalHubApi:
+        def list_repo_tree(self, repo_id, path_in_repo=None, recursive=False, repo_type=None):
+            assert repo_type == "dataset"
+            return [types.SimpleNamespace(path=p.name, size=os.path.getsize(p)) for p in repo_dir.iterdir()]
+
     class LocalHubFS:
-        def glob(self, pattern):
-            return [str(p) for p in tmp_path.glob(pattern)]
-
-        def info(self, path):
-            return {"size": os.path.getsize(path)}
-
         def open(self, path, mode="rb", block_size=None):
-            opened[path] = open(path, mode)
+            opened[path] = open(tmp_path / path, mode)
             return opened[path]
 
+    monkeypatch.setattr(huggingface_hub, "HfApi", LocalHubApi)
     monkeypatch.setattr(huggingface_hub, "HfFileSystem", LocalHubFS)
     tok = load_tokenizer(str(sp_model / "gemma"))
     meta = prepare("redpajama", str(tmp_path / "ds"), tok, max_tokens=5000, val_tokens=500, verbose=False)

@@ -51,7 +51,7 @@ def test_presets_fill_only_untyped_flags(stub_pipeline):
 
 def test_real_model_without_sae_uses_the_paper_sae_or_says_what_to_pass(stub_pipeline):
     cfg = adapt.main(["--model", "google/gemma-2-2b", "--layer", "12", "--data", "d"])
-    assert cfg.sae == [embedded.DEFAULT_SAES["google/gemma-2-2b"].format(layer=12)]
+    assert cfg.sae == ["google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"]  # the paper's SAE
     with pytest.raises(ValueError, match="no --sae given and no --layer"):
         adapt.main(["--model", "google/gemma-2-2b", "--data", "d"])
     with pytest.raises(ValueError, match="no --sae given.*pass --sae"):

@@ -180,3 +180,69 @@ def test_compiled_inference_uses_flex_and_matches_eager():
         ref = model(idx)
         out = torch.compile(model)(idx)
     assert rel_err(out, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streaming load: peak memory
+
+MEASURE = """
+import json, sys, torch
+from model import Transformer
+
+def status(key):  # kB -> MB, from the kernel's own accounting
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+# warm up on a tiny checkpoint first: the code paths' first use (library pages, allocator arenas) is not the load's
+Transformer.from_pretrained(sys.argv[1] + "/tiny", dtype=torch.bfloat16)
+try:  # reset the high-water mark to the current RSS, so the imports' transient peak does not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before = status("VmRSS:")
+model = Transformer.from_pretrained(sys.argv[1] + "/big", dtype=torch.bfloat16)
+assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+print(json.dumps({"increase_mb": status("VmHWM:") - before, "rss_increase_mb": status("VmRSS:") - before}))
+"""
+
+WRITE = """
+import json, os, sys, torch
+from safetensors.torch import save_file
+from model import ModelConfig, Transformer
+cfg = ModelConfig(vocab_size=8192, d_model=1024, d_ff=4096, n_layer=5, n_head=16, n_kv_head=16, head_dim=64,
+                  tie_embeddings=False)
+with torch.device("meta"):
+    names = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+Transformer(ModelConfig.from_name("tiny-llama3")).save_pretrained(os.path.join(sys.argv[1], "tiny"))
+out = os.path.join(sys.argv[1], "big")
+os.makedirs(out)
+half = sorted(names)[:len(names) // 2]
+weight_map = {}
+for i, part in enumerate((half, sorted(set(names) - set(half)))):  # two shards, written one at a time
+    shard = f"model-0000{i + 1}-of-00002.safetensors"
+    save_file({k: torch.full(names[k], 0.01) for k in part}, os.path.join(out, shard), {"format": "pt"})
+    weight_map.update({k: shard for k in part})
+json.dump({"weight_map": weight_map}, open(os.path.join(out, "model.safetensors.index.json"), "w"))
+json.dump(cfg.to_hf(), open(os.path.join(out, "config.json"), "w"))
+print(json.dumps({"params": sum(s.numel() for s in names.values()), "largest": max(s.numel() for s in names.values())}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from /proc")
+def test_bf16_load_of_fp32_shards_peaks_at_final_size_plus_largest_tensor(tmp_path):
+    """~100M fp32 parameters (400 MB) in 2 shards loaded as bf16: peak memory grows by about the bf16 size plus one
+    fp32 tensor, never by the fp32 checkpoint's size."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda code: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True,
+        check=True, timeout=300).stdout)
+    sizes = run(WRITE)
+    bf16_mb, fp32_mb = sizes["params"] * 2 / 2**20, sizes["params"] * 4 / 2**20
+    largest_mb = sizes["largest"] * 4 / 2**20
+    got = run(MEASURE)
+    assert got["rss_increase_mb"] > 0.9 * bf16_mb  # the model is really there
+    assert got["increase_mb"] < bf16_mb + largest_mb + 40, (got, bf16_mb, largest_mb, fp32_mb)

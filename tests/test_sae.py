@@ -310,35 +310,6 @@ def test_gemma_scope_npz(tmp_path):
         np.testing.assert_allclose(sae.encode(torch.from_numpy(x)).detach().numpy(), acts, rtol=1e-5, atol=1e-5)
 
 
-def test_gemma_scope_hub_path(tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.utils import EntryNotFoundError
-    sub = "layer_12/width_16k/average_l0_82"
-    repo = tmp_path / "hub" / "google" / "gemma-scope-2b-pt-res"
-    (repo / sub).mkdir(parents=True)
-    p = gemma_scope_params(1)
-    np.savez(repo / sub / "params.npz", **p)
-    calls = []
-
-    def fake_download(repo_id, filename, *, subfolder=None, **kw):
-        calls.append((repo_id, subfolder, filename))
-        path = tmp_path / "hub" / repo_id / (subfolder or "") / filename
-        if not path.is_file():
-            raise EntryNotFoundError(f"{filename} not in {repo_id}")
-        return str(path)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    sae = SAE.from_pretrained(f"google/gemma-scope-2b-pt-res/{sub}")
-    assert calls[0] == ("google/gemma-scope-2b-pt-res", sub, "params.npz")
-    assert sae.layer == 12 and sae.model_name == "google/gemma-2-2b"
-    x = x_in(7).numpy()
-    np.testing.assert_allclose(sae(torch.from_numpy(x)).detach().numpy(), gemma_scope_reference(p, x)[0],
-                               rtol=1e-5, atol=1e-5)
-    (repo / "empty").mkdir()
-    with pytest.raises(ValueError, match="unknown SAE format.*params.npz.*sae.safetensors.*hyperparams.json"):
-        SAE.from_pretrained("google/gemma-scope-2b-pt-res/empty")
-
-
 def saelens_tensors(seed=0, threshold=False):
     g = torch.Generator().manual_seed(seed)
     t = dict(W_enc=torch.randn(D, M, generator=g) * 0.5, W_dec=torch.randn(M, D, generator=g) * 0.5,
@@ -400,7 +371,8 @@ def test_saelens_pre_v6(tmp_path, act):
                sae_lens_training_version="3.13.0")
     write_saelens(tmp_path, cfg, t)
     sae = SAE.from_pretrained(str(tmp_path))
-    assert sae.layer == 2 and sae.hook_name == "blocks.2.hook_resid_pre" and sae.model_name == "gpt2-small"
+    # block 2's input is block 1's output: spliced after block 1 (model(idx, hooks={sae.layer: sae}))
+    assert sae.layer == 1 and sae.hook_name == "blocks.2.hook_resid_pre" and sae.model_name == "gpt2-small"
     assert sae.arch == ("topk" if act == "topk" else "jumprelu") and not sae.apply_b_dec_to_input
     x = x_in(11)
     ref = saelens_reference(t, x, "topk" if act == "topk" else "relu", K, apply_b_dec=False)
@@ -544,3 +516,49 @@ def test_error_shape_mismatch_names_the_tensor(tmp_path):
     write_saelens(tmp_path, dict(architecture="topk", d_in=D, d_sae=M, k=K, metadata=V6_META), t)
     with pytest.raises(ValueError, match=r"b_enc has shape \(65,\), expected \(64,\)"):
         SAE.from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers from names, known SAEs
+
+
+@pytest.mark.parametrize("name,layer", [
+    ("layers.12", 12), ("model.layers.12", 12), ("gpt_neox.layers.3", 3), ("layer_12", 12),
+    ("blocks.12.hook_resid_post", 12), ("L12R", 12), ("Llama3_1-8B-Base-L15R-8x", 15),
+    ("layers.12.mlp", None), ("width_16k", None), ("average_l0_82", None), ("L0_64", None), ("expansion_8", None),
+])
+def test_layer_from_folder_names(tmp_path, name, layer):
+    from sae_formats import layer_from_path
+    assert layer_from_path(str(tmp_path / name)) == layer
+    # the deepest folder that names a layer wins (the paper's SAEs: .../expansion_8_L0_64/model.layers.12)
+    assert layer_from_path(str(tmp_path / "layer_3" / "expansion_8_L0_64" / name)) == (3 if layer is None else layer)
+
+
+@pytest.mark.parametrize("hook,layer", [("blocks.7.hook_resid_post", 7), ("blocks.7.hook_resid_pre", 6),
+                                        ("blocks.0.hook_resid_pre", None), ("model.layers.7", 7),
+                                        ("blocks.7.hook_mlp_out", 7), ("hook_embed", None), (None, None)])
+def test_layer_from_hook_names(hook, layer):
+    from sae_formats import layer_from_hook
+    assert layer_from_hook(hook) == layer
+
+
+def test_sparsify_saved_as_model_layers_gets_its_layer(tmp_path):
+    folder = tmp_path / "expansion_8_L0_64" / "model.layers.12"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"encoder.weight": torch.randn(M, D, generator=g), "encoder.bias": torch.zeros(M),
+               "W_dec": torch.randn(M, D, generator=g), "b_dec": torch.zeros(D)}, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(dict(k=K, num_latents=M, d_in=D)))
+    assert SAE.from_pretrained(str(folder)).layer == 12
+
+
+def test_default_sae_table():
+    from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
+    assert default_sae("google/gemma-2-2b", 12) == "google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
+    # the folders the paper's scripts use for Gemma-2-2B at layers 6, 9, 15, 18 (width 16k)
+    for layer, l0 in ((6, 70), (9, 73), (15, 78), (18, 74)):
+        assert default_sae("google/gemma-2-2b", layer).endswith(f"layer_{layer}/width_16k/average_l0_{l0}")
+    assert default_sae("google/gemma-2-9b", 20) == "google/gemma-scope-9b-pt-res/layer_20/width_16k/average_l0_68"
+    assert [len(v[1]) for v in GEMMA_SCOPE_RES_16K.values()] == [26, 42]  # one per layer of each model
+    assert default_sae("google/gemma-2-2b", 26) is None and default_sae("meta-llama/Llama-3.2-1B", 3) is None
+    assert len(known_saes()) == 2

@@ -1,0 +1,373 @@
+"""
+SAE files: every common release format read into one `SAE` (sae.py), the hub paths they live at, and the SAELens
+layout `SAE.save` writes.
+
+    sae = load_sae("google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82")   # what SAE.from_pretrained calls
+    default_sae("google/gemma-2-2b", 12)     # -> that same path: the Gemma Scope SAE the paper uses at layer 12
+
+Formats, told apart by the files a folder holds:
+    Gemma Scope   params.npz
+    SAELens       cfg.json + sae_weights.safetensors      (v6 and older configs)
+    sparsify      cfg.json + sae.safetensors              (EleutherAI; the paper's own SAEs, saved as model.layers.L)
+    Llama Scope   hyperparams.json + checkpoints/final.safetensors
+Each converter returns a spec in our layout with any input normalisation folded into the weights; `_build` checks it
+once and fills an SAE. An SAE's layer comes from its config when it names one, else from its folder's name.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+
+import hub
+from sae import ARCHS, SAE
+
+FORMATS = [  # (name, files that identify it) in the order they are tried
+    ("gemma_scope", ("params.npz",)),
+    ("saelens", ("cfg.json", "sae_weights.safetensors")),
+    ("sparsify", ("cfg.json", "sae.safetensors")),
+    ("llama_scope", ("hyperparams.json", "checkpoints/final.safetensors")),
+]
+LOOKED_FOR = ("params.npz (Gemma Scope), cfg.json + sae_weights.safetensors (SAELens), cfg.json + sae.safetensors "
+              "(sparsify), hyperparams.json + checkpoints/final.safetensors (Llama Scope)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Known models: the SAE the paper splices in at each layer
+
+# The 16k-latent Gemma Scope residual SAEs SAELens calls canonical (releases gemma-scope-{2b,9b}-pt-res-canonical in
+# its pretrained_saes.yaml map `layer_L/width_16k/canonical` to these folders of the public repos): average L0 of the
+# folder at layer L. The paper's scripts load the same folders (layer 12 of Gemma-2-2B: average_l0_82).
+GEMMA_SCOPE_RES_16K = {
+    "google/gemma-2-2b": ("google/gemma-scope-2b-pt-res", [
+        105, 102, 141, 59, 124, 68, 70, 69, 71, 73, 77, 80, 82, 84, 84, 78, 78, 77, 74, 73, 71, 70, 72, 75, 73, 116]),
+    "google/gemma-2-9b": ("google/gemma-scope-9b-pt-res", [
+        129, 69, 67, 90, 91, 77, 93, 92, 99, 100, 113, 118, 130, 132, 67, 131, 75, 73, 71, 132, 68, 129, 123, 120,
+        114, 114, 116, 118, 119, 119, 120, 114, 111, 114, 114, 120, 120, 124, 128, 131, 125, 113]),
+}
+
+
+def default_sae(model_id: str, layer: int) -> str | None:
+    """The hub path of the known SAE for (model, layer), or None when the model or layer has none."""
+    repo, l0s = GEMMA_SCOPE_RES_16K.get(str(model_id).strip("/"), (None, []))
+    if repo is None or not 0 <= layer < len(l0s):
+        return None
+    return f"{repo}/layer_{layer}/width_16k/average_l0_{l0s[layer]}"
+
+
+def known_saes() -> list[str]:
+    """One line per known model, for --help."""
+    return [f"{m}: layer L -> {repo}/layer_L/width_16k/average_l0_<L0 of layer L> (layers 0-{len(l0s) - 1})"
+            for m, (repo, l0s) in GEMMA_SCOPE_RES_16K.items()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Finding the files
+
+
+def load_sae(path: str, device=None, dtype=None) -> SAE:
+    fmt, path = detect(resolve_sae(path))
+    return _build(LOADERS[fmt](path), source=path, device=device, dtype=dtype)
+
+
+def resolve_sae(path: str) -> str:
+    """A local file or folder as is; otherwise hub path `org/repo[/sub/folder]`: its file list says which format is
+    there, and only that format's files are downloaded (or read from the cache offline)."""
+    path = str(path)
+    if os.path.exists(path):
+        return path
+    if not hub.is_hub_path(path, sub_folders=True):
+        raise FileNotFoundError(f"{path}: no such file or folder (and not a hub path like "
+                                f"'google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82')")
+    return hub.resolve(path, _choose_sae_files)
+
+
+def _choose_sae_files(files: dict[str, int]) -> list[str]:
+    for _, needed in FORMATS:
+        if all(f in files for f in needed):
+            return list(needed)
+    folders = sorted({f.split("/")[0] for f in files if "/" in f})
+    inside = f"; it holds the folders {', '.join(folders[:6])}{', ...' if len(folders) > 6 else ''}" if folders else ""
+    raise ValueError(f"unknown SAE format: looked for {LOOKED_FOR}{inside}")
+
+
+def detect(path: str) -> tuple[str, str]:
+    """(format name, the path its loader reads): the .npz file for Gemma Scope, the folder otherwise."""
+    if os.path.isfile(path):
+        if path.endswith(".npz"):
+            return "gemma_scope", path
+        path = os.path.dirname(path) or "."
+    for name, files in FORMATS:
+        if all(os.path.isfile(os.path.join(path, f)) for f in files):
+            return name, os.path.join(path, files[0]) if name == "gemma_scope" else path
+    raise ValueError(f"{path}: unknown SAE format; looked for {LOOKED_FOR}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers from names
+
+_LAYER_NAMES = [
+    re.compile(r"(?:\w+\.)*layers?[._](\d+)"),     # layers.12, model.layers.12 (sparsify), layer_12 (Gemma Scope)
+    re.compile(r"blocks\.(\d+)\.hook_resid_post"),  # a SAELens hook name as the folder name
+    re.compile(r"(?:.*[-_])?L(\d+)R(?:[-_].*)?"),     # Llama Scope: L12R, Llama3_1-8B-Base-L12R-8x
+]
+
+
+def layer_from_hook(hook: str | None) -> int | None:
+    """The block whose output the hook reads: blocks.L.hook_resid_post and (model.)layers.L are block L's output,
+    blocks.L.hook_resid_pre is block L-1's. Other hooks of block L (mlp_out, attn) give L."""
+    m = re.match(r"(?:\w+\.)*(?:blocks|layers)\.(\d+)(?:\.(\w+))?", hook or "")
+    if not m:
+        return None
+    layer = int(m.group(1))
+    if m.group(2) == "hook_resid_pre":
+        return layer - 1 if layer > 0 else None
+    return layer
+
+
+def layer_from_path(path: str) -> int | None:
+    """The layer named by the deepest folder called like one (see _LAYER_NAMES), or None."""
+    for part in reversed(os.path.abspath(path).split(os.sep)):
+        for pattern in _LAYER_NAMES:
+            m = pattern.fullmatch(part)
+            if m:
+                return int(m.group(1))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Readers and format converters: each converter returns a spec in our layout (float32 where arithmetic was folded in;
+# otherwise the file's dtype)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _need(raw: dict, keys, source: str):
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        raise ValueError(f"{source}: missing tensors {missing} (has {sorted(raw)})")
+
+
+def _fold_decoder_norm(spec: dict, norm: torch.Tensor):
+    """Activations chosen on pre * |W_dec row| and decoded with unit rows == pre' = pre * norm, W_dec' = W_dec / norm.
+    Dead latents (zero rows) keep norm 1: whatever they fire, they decode to nothing in both."""
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    spec["W_enc"], spec["b_enc"] = spec["W_enc"] * norm, spec["b_enc"] * norm
+    spec["W_dec"] = spec["W_dec"] / norm[:, None]
+
+
+def _load_gemma_scope(path: str) -> dict:
+    """params.npz: W_enc (d, m), W_dec (m, d), b_enc, b_dec, threshold; z = (pre > threshold) * relu(pre); the input
+    is not shifted by b_dec."""
+    try:
+        with np.load(path) as f:
+            raw = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(f[k].copy()) for k in f.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt params.npz ({e})") from None
+    if "threshold" not in raw:
+        raise ValueError(f"{path}: JumpReLU SAE without a threshold tensor (has {sorted(raw)})")
+    _need(raw, ("W_enc", "W_dec", "b_enc", "b_dec"), path)
+    kind = re.search(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)", path)
+    layer = layer_from_path(os.path.dirname(path))
+    hook = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}[kind.group(3)] if kind else None
+    return dict(arch="jumprelu", k=None, apply_b_dec_to_input=False, layer=layer,
+                model_name=f"google/gemma-2-{kind.group(1)}{'-it' if kind.group(2) == 'it' else ''}" if kind else None,
+                hook_name=f"blocks.{layer}.{hook}" if hook and layer is not None else None,
+                W_enc=raw["W_enc"], W_dec=raw["W_dec"], b_enc=raw["b_enc"], b_dec=raw["b_dec"],
+                threshold=raw["threshold"].clamp_min(0))  # relu(pre) * (pre > t) == pre * (pre > max(t, 0))
+
+
+def _load_saelens(folder: str) -> dict:
+    """cfg.json + sae_weights.safetensors (W_enc, W_dec, b_enc, b_dec, threshold). v6 keeps hook names under
+    `metadata`; older configs have `hook_point`, and TopK as activation_fn_str="topk" with activation_fn_kwargs.k."""
+    cfg = _read_json(os.path.join(folder, "cfg.json"))
+    raw = _read_safetensors(os.path.join(folder, "sae_weights.safetensors"))
+    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    get = lambda *keys: next((d[k] for k in keys for d in (meta, cfg) if d.get(k) is not None), None)  # noqa: E731
+    arch = cfg.get("architecture", "standard")
+    act = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
+    k = cfg.get("k") if cfg.get("k") is not None else (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if arch == "standard":  # plain ReLU is JumpReLU with threshold 0; old TopK SAEs were "standard" + topk act
+        arch = "topk" if act == "topk" else "jumprelu" if act == "relu" else arch
+        if arch == "jumprelu":
+            raw.setdefault("threshold", torch.zeros(raw["b_enc"].shape, dtype=raw["b_enc"].dtype))
+    if arch not in ARCHS:
+        raise ValueError(f"{folder}: unsupported SAELens architecture {arch!r} (activation {act!r}); "
+                         f"supported: {', '.join(ARCHS)}, standard relu")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", None, False):
+        raise ValueError(f"{folder}: normalize_activations={norm!r} needs a scale that is not stored with the weights; "
+                         f"fold it into W_enc / W_dec / b_dec first")
+    if arch == "jumprelu" and "threshold" not in raw and "log_threshold" in raw:
+        raw["threshold"] = raw.pop("log_threshold").exp()  # SAELens training checkpoints
+    if arch == "jumprelu" and "threshold" not in raw:
+        raise ValueError(f"{folder}: JumpReLU SAE without a threshold tensor (has {sorted(raw)})")
+    _need(raw, ("W_enc", "W_dec", "b_enc", "b_dec"), folder)
+    spec = dict(arch=arch, k=k, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+                model_name=get("model_name"), hook_name=get("hook_name", "hook_point"),
+                W_enc=raw["W_enc"], W_dec=raw["W_dec"], b_enc=raw["b_enc"], b_dec=raw["b_dec"],
+                threshold=raw["threshold"].clamp_min(0) if arch == "jumprelu" else None,
+                topk_threshold=raw.get("topk_threshold"))
+    layer = layer_from_hook(spec["hook_name"])  # the hook name first: hook_layer is the block, also for resid_pre
+    if layer is None and get("hook_layer", "hook_point_layer") is not None:
+        layer = int(get("hook_layer", "hook_point_layer"))
+    spec["layer"] = layer
+    scale = raw.get("finetuning_scaling_factor", raw.get("scaling_factor"))
+    if scale is not None:  # codes are multiplied by it before decoding: the same as scaling the decoder rows
+        spec["W_dec"] = spec["W_dec"].float() * scale.float()[:, None]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        spec.update({n: spec[n].float() for n in ("W_enc", "W_dec", "b_enc")})
+        _fold_decoder_norm(spec, spec["W_dec"].norm(dim=1))
+    return spec
+
+
+def _load_sparsify(folder: str) -> dict:
+    """cfg.json + sae.safetensors: encoder.weight (m, d), encoder.bias, W_dec (m, d), b_dec. sparsify applies ReLU
+    before TopK; after it is the same reconstruction (latents it keeps at 0 decode to nothing either way)."""
+    cfg = _read_json(os.path.join(folder, "cfg.json"))
+    raw = _read_safetensors(os.path.join(folder, "sae.safetensors"))
+    if cfg.get("transcode") or cfg.get("skip_connection") or "W_skip" in raw:
+        raise ValueError(f"{folder}: a sparsify transcoder / skip-connection model, not a sparse autoencoder")
+    if cfg.get("activation", "topk") != "topk":
+        raise ValueError(f"{folder}: unsupported sparsify activation {cfg['activation']!r} (only topk)")
+    _need(raw, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), folder)
+    return dict(arch="topk", k=cfg.get("k"), apply_b_dec_to_input=True, layer=layer_from_path(folder),
+                model_name=None, hook_name=None, W_enc=raw["encoder.weight"].t(), W_dec=raw["W_dec"],
+                b_enc=raw["encoder.bias"], b_dec=raw["b_dec"])
+
+
+def _load_llama_scope(folder: str) -> dict:
+    """hyperparams.json + checkpoints/final.safetensors (OpenMOSS lm-saes). Its arithmetic, folded into our layout:
+        x' = x * c_in (- b_D if apply_decoder_bias_to_pre_encoder),  c = sqrt(d) / dataset_average_activation_norm
+        h = x' @ encoder.weight.T + encoder.bias;  z = h * (h * n > t)   n = |decoder column| if
+        sparsity_include_decoder_norm else 1, t = jump_relu_threshold (a scalar, in the normalised space)
+        x_hat = (z @ decoder.weight.T + decoder.bias) / c_out"""
+    hp = _read_json(os.path.join(folder, "hyperparams.json"))
+    raw = _read_safetensors(os.path.join(folder, "checkpoints", "final.safetensors"))
+    hook_in, hook_out = hp.get("hook_point_in"), hp.get("hook_point_out", hp.get("hook_point_in"))
+    if hook_in != hook_out:
+        raise ValueError(f"{folder}: a transcoder ({hook_in} -> {hook_out}), not a sparse autoencoder")
+    act = hp.get("act_fn", "jumprelu").lower()
+    if act not in ("jumprelu", "relu") or hp.get("use_glu_encoder"):
+        raise ValueError(f"{folder}: unsupported Llama Scope encoder (act_fn={act!r}, glu={hp.get('use_glu_encoder')})")
+    _need(raw, ("encoder.weight", "encoder.bias", "decoder.weight"), folder)
+    W_E, b_E, W_D = raw["encoder.weight"].float(), raw["encoder.bias"].float(), raw["decoder.weight"].float()
+    d = W_E.shape[1]
+    b_D = raw["decoder.bias"].float() if hp.get("use_decoder_bias", True) else torch.zeros(d)
+    mode = hp.get("norm_activation", "dataset-wise")
+    if mode == "dataset-wise":
+        norms = hp.get("dataset_average_activation_norm") or {
+            k.split(".", 1)[1]: v.item() for k, v in raw.items() if k.startswith("dataset_average_activation_norm.")}
+        try:
+            c_in, c_out = (math.sqrt(d) / norms[s] if s in norms else math.sqrt(d) / norms[h]
+                           for s, h in (("in", hook_in), ("out", hook_out)))
+        except (KeyError, TypeError):
+            raise ValueError(f"{folder}: norm_activation=dataset-wise but no dataset_average_activation_norm") from None
+    elif mode == "inference":
+        c_in = c_out = 1.0
+    else:
+        raise ValueError(f"{folder}: norm_activation={mode!r} depends on each input and cannot be folded into weights")
+    b_enc = b_E - W_E @ b_D if hp.get("apply_decoder_bias_to_pre_encoder", False) else b_E
+    if "log_jumprelu_threshold" in raw:
+        threshold = raw["log_jumprelu_threshold"].float().exp()
+    elif act == "relu":
+        threshold = torch.zeros(W_E.shape[0])
+    elif "jump_relu_threshold" in hp:
+        threshold = torch.full((W_E.shape[0],), float(hp["jump_relu_threshold"]))
+    else:
+        raise ValueError(f"{folder}: JumpReLU SAE without jump_relu_threshold in hyperparams.json")
+    spec = dict(arch="jumprelu", k=None, apply_b_dec_to_input=False, layer=layer_from_hook(hook_in),
+                model_name=hp.get("model_name"), hook_name=hook_in, W_enc=W_E.t() * c_in, b_enc=b_enc,
+                W_dec=W_D.t() / c_out, b_dec=b_D / c_out, threshold=threshold,
+                dtype=raw["encoder.weight"].dtype)
+    if hp.get("sparsity_include_decoder_norm", True):
+        _fold_decoder_norm(spec, W_D.norm(dim=0))
+    return spec
+
+
+LOADERS = {"gemma_scope": _load_gemma_scope, "saelens": _load_saelens, "sparsify": _load_sparsify,
+           "llama_scope": _load_llama_scope}
+
+
+def _build(spec: dict, source: str, device, dtype) -> SAE:
+    """Check shapes and values once, then put the tensors into an SAE (no random init for the real sizes)."""
+    W_enc, W_dec = spec["W_enc"], spec["W_dec"]
+    if W_enc.dim() != 2 or W_dec.dim() != 2:
+        raise ValueError(f"{source}: W_enc and W_dec must be matrices, got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
+    d_in, d_sae = W_enc.shape
+    shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_enc=(d_sae,), b_dec=(d_in,), threshold=(d_sae,))
+    for name, shape in shapes.items():
+        t = spec.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, expected {shape} for d_in={d_in}, "
+                             f"d_sae={d_sae}")
+    for name in (*shapes, "topk_threshold"):
+        t = spec.get(name)
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{source}: {name} contains NaN or inf values (corrupt or diverged SAE)")
+    dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    dtype = dtype or spec.get("dtype") or W_dec.dtype
+    layer = spec.get("layer") if spec.get("layer") is not None else layer_from_path(source)
+    try:
+        sae = SAE(d_in, d_sae, spec["arch"], k=spec.get("k"), apply_b_dec_to_input=spec["apply_b_dec_to_input"],
+                  layer=layer, model_name=spec.get("model_name"), device="meta", dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    cast = lambda t: t.to(device=device or "cpu", dtype=dtype) if t is not None else None  # noqa: E731
+    sae._assign(*(cast(spec.get(n)) for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")))
+    if sae.arch == "batchtopk":
+        sae.topk_threshold = cast(spec["topk_threshold"] if spec.get("topk_threshold") is not None
+                                  else torch.zeros(())).reshape(())
+    sae.hook_name = spec.get("hook_name")
+    return sae.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_saelens(sae: SAE, folder: str):
+    """SAELens v6 layout (cfg.json + sae_weights.safetensors), each file written to a temp name then renamed."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    tensors = {n: getattr(sae, n).detach().contiguous().cpu() for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    if sae.arch == "jumprelu":
+        tensors["threshold"] = sae.threshold.detach().contiguous().cpu()
+    if sae.arch == "batchtopk":
+        tensors["topk_threshold"] = sae.topk_threshold.detach().cpu()
+    hook = sae.hook_name or (f"blocks.{sae.layer}.hook_resid_post" if sae.layer is not None else None)
+    cfg = dict(architecture=sae.arch, d_in=sae.d_in, d_sae=sae.d_sae,
+               dtype=str(sae.W_dec.dtype).removeprefix("torch."), device="cpu",
+               apply_b_dec_to_input=sae.apply_b_dec_to_input, normalize_activations="none",
+               reshape_activations="none",
+               # SAELens reads a config as v6 only if it names a version >= 6; this is the layout version we write
+               metadata=dict(model_name=sae.model_name, hook_name=hook, hook_layer=sae.layer,
+                             hook_head_index=None, sae_lens_version="6.0.0", sae_lens_training_version="6.0.0"))
+    if sae.k is not None:
+        cfg["k"] = sae.k
+    tmp = os.path.join(folder, f"sae_weights.safetensors.tmp{os.getpid()}")  # temp names, then rename: a crash
+    save_file(tensors, tmp, {"format": "pt"})                                 # never leaves a truncated file
+    os.replace(tmp, os.path.join(folder, "sae_weights.safetensors"))
+    with open(tmp := os.path.join(folder, f"cfg.json.tmp{os.getpid()}"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, os.path.join(folder, "cfg.json"))
+
