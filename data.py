@@ -440,8 +440,8 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
             raise ValueError(f"empty corpus: {source} produced no tokens")
         if count["train"] == 0:
             where = " in whole windows" if layout == "authors" else ""
-            raise ValueError(f"{source} has only {count['val']:,} tokens{where}, all taken by val_tokens={val_tokens:,}: "
-                             f"lower val_tokens")
+            raise ValueError(f"{source} has only {count['val']:,} tokens{where}, all taken by "
+                             f"val_tokens={val_tokens:,}: lower val_tokens")
         train, hist = np.memmap(tmp["train"], dtype=dt, mode="r"), np.zeros(tok.vocab_size, dtype=np.int64)
         for i in range(0, len(train), 1 << 24):  # in chunks: a billion-token shard need not fit in memory
             hist += np.bincount(train[i:i + (1 << 24)], minlength=tok.vocab_size)[:tok.vocab_size]
@@ -534,11 +534,11 @@ class TokenLoader:
     """Windows of seq_len tokens, each BOS followed by the next seq_len - 1 tokens of the stream ("bos_chunks"), or
     the stored rows of an "authors" dataset (its windows are made by prepare; seq_len must be the one it used).
 
-    Packing ("bos_chunks"): the stream is cut into consecutive spans of seq_len - 1 tokens and BOS is prepended to each, so every
-    window starts with BOS like a fresh document (Gemma and Llama are trained with BOS first; BOS position
-    activations are outliers that SAE pipelines treat apart) and every token is read once per epoch. A span that
-    happens to begin at a document's own BOS shows BOS twice; that costs nothing. (Left over each epoch: the tail
-    shorter than one span, and the few spans beyond an equal split across ranks.)
+    Packing ("bos_chunks"): the stream is cut into consecutive spans of seq_len - 1 tokens and BOS is prepended to
+    each, so every window starts with BOS like a fresh document (Gemma and Llama are trained with BOS first; BOS
+    position activations are outliers that SAE pipelines treat apart) and every token is read once per epoch. A span
+    that happens to begin at a document's own BOS shows BOS twice; that costs nothing. (Left over each epoch: the
+    tail shorter than one span, and the few spans beyond an equal split across ranks.)
 
     An epoch is a permutation of the spans (seeded by (seed, epoch); the identity when shuffle=False); rank r of
     world_size takes every world_size-th span of it starting at r, so ranks never share a window and together they
