@@ -287,6 +287,7 @@ def main(argv=None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
+        sae.clamp_threshold_()
         update_since_fired(since_fired, fired, cfg.batch_tokens)
         step += 1
         dt = time.time() - t0
