@@ -11,8 +11,15 @@ Offline, `embedded_dataset()` builds the default corpus: the Python standard lib
 4096-token BPE trained on them, and token shards under out/cache/ (or $LORASAE_CACHE); `embedded_dataset(tokenizer=
 load_tokenizer("google/gemma-2-2b"))` tokenizes the same corpus with a model's own tokenizer instead.
 
-On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids; each document written as
-BOS doc EOS, documents in a seeded random order, whole documents in val) and meta.json saying how to read them.
+On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids) and meta.json saying how to read
+them. Two layouts (meta["layout"]):
+  "bos_chunks": each document written as BOS doc EOS, documents in a seeded random order, whole documents in val;
+                TokenLoader cuts the stream into spans of seq_len - 1 and puts BOS before each.
+  "authors":    the windows of the authors' code, stored as rows of seq_len tokens (chunk_and_tokenize in
+                eleuther_sae/sae/data.py, called by utils.py hf_dataset_to_generator and train_sae.py): per group of
+                2048 documents, "" + EOS.join(docs) is tokenized into EOS d1 EOS d2 ... and cut into chunks of
+                seq_len - 1 tokens, each opened by the BOS the fast tokenizer adds; the group's last chunk is dropped.
+                val = the first ceil(val_tokens / seq_len) windows, train = the windows after them, in stream order.
 """
 from __future__ import annotations
 
@@ -367,14 +374,44 @@ def _batched(it, n):
         yield batch
 
 
+LAYOUTS = ("bos_chunks", "authors")
+AUTHORS_GROUP_DOCS = 2048  # chunk_and_tokenize's data.map(batched=True, batch_size=2048)
+
+
+def authors_windows(doc_ids: list[list[int]], bos_id: int, eos_id: int, seq_len: int) -> np.ndarray:
+    """The windows chunk_and_tokenize makes of one map batch of documents, as an (n, seq_len) int64 array.
+
+    Its text is "" + EOS.join(docs) (eleuther_sae/sae/data.py:52), so the token stream is EOS d1 EOS d2 ... dN: an EOS
+    before every document, none after the last (a fast tokenizer reads the EOS string as the EOS id). The tokenizer
+    call (max_length=seq_len, truncation, return_overflowing_tokens) cuts the stream into pieces of seq_len - 1
+    tokens and its post-processor puts BOS before each (Gemma's and Llama-3's add BOS, not EOS). The last piece is
+    dropped whatever its length (`v[:-1]`, data.py:76)."""
+    stream = np.fromiter((t for ids in doc_ids for t in (eos_id, *ids)), dtype=np.int64)
+    span = seq_len - 1
+    n = -(-len(stream) // span) - 1
+    rows = np.empty((max(n, 0), seq_len), dtype=np.int64)
+    rows[:, 0] = bos_id
+    rows[:, 1:] = stream[:rows.shape[0] * span].reshape(-1, span)
+    return rows
+
+
 def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: int | None = None,
-            val_tokens: int = 1_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True) -> dict:
+            val_tokens: int = 1_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True,
+            layout: str = "bos_chunks", seq_len: int = 1024, group_docs: int = AUTHORS_GROUP_DOCS) -> dict:
     """Tokenize `source` into out_dir/{val,train}.bin + meta.json and return the meta.
 
-    Documents (BOS doc EOS each) fill val.bin first, whole documents, until it holds at least `val_tokens` (the paper
-    holds out 1M); the rest go to train.bin, cut at `max_tokens` (required for hub sources: they are huge). Shards
-    are written under temporary names and renamed only when complete, so an interrupted run leaves none behind.
+    layout "bos_chunks": documents (BOS doc EOS each) fill val.bin first, whole documents, until it holds at least
+    `val_tokens` (the paper holds out 1M); the rest go to train.bin, cut at `max_tokens` (required for hub sources:
+    they are huge).
+    layout "authors": the authors' windows (authors_windows, groups of `group_docs` documents) of `seq_len` tokens;
+    val.bin holds the first ceil(val_tokens / seq_len) of them (977 for 1M at 1024, as utils.py:218-220 computes) and
+    train.bin the next ceil(max_tokens / seq_len) (max_tokens=15_000 * 1024 is train_lora.py's 15,000 sequences).
+    Shards are written under temporary names and renamed only when complete, so an interrupted run leaves none behind.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    if layout == "authors" and (seq_len < 2 or group_docs < 1):
+        raise ValueError(f"layout 'authors' needs seq_len >= 2 and group_docs >= 1, got {seq_len}, {group_docs}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     dt = token_dtype(tok.vocab_size, dtype)
     if source in HUB_DATASETS and max_tokens is None:
@@ -389,28 +426,33 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
     t0 = last = time.time()
     try:
         with open(tmp["val"], "wb") as fv, open(tmp["train"], "wb") as ft:
-            for batch in _batched(docs, 64):
-                for ids in tok.encode_batch(batch, bos=True, eos=True):
-                    split = "val" if count["val"] < val_tokens else "train"
-                    if split == "train" and max_tokens is not None:
-                        ids = ids[:max_tokens - count["train"]]
-                    (fv if split == "val" else ft).write(np.asarray(ids, dtype=dt).tobytes())
-                    count[split] += len(ids)
-                    n_docs[split] += 1
+            if layout == "authors":
+                _write_authors_windows(docs, tok, dt, fv, ft, count, n_docs, val_tokens, max_tokens, seq_len,
+                                       group_docs, source if verbose else None)
+            else:
+                for batch in _batched(docs, 64):
+                    for ids in tok.encode_batch(batch, bos=True, eos=True):
+                        split = "val" if count["val"] < val_tokens else "train"
+                        if split == "train" and max_tokens is not None:
+                            ids = ids[:max_tokens - count["train"]]
+                        (fv if split == "val" else ft).write(np.asarray(ids, dtype=dt).tobytes())
+                        count[split] += len(ids)
+                        n_docs[split] += 1
+                        if max_tokens is not None and count["train"] >= max_tokens:
+                            break
+                    if verbose and (time.time() - last > 5):
+                        last = time.time()
+                        total = count["val"] + count["train"]
+                        print(f"prepare {source}: {sum(n_docs.values())} docs, {total:,} tokens "
+                              f"({total / (last - t0):,.0f} tok/s)", flush=True)
                     if max_tokens is not None and count["train"] >= max_tokens:
                         break
-                if verbose and (time.time() - last > 5):
-                    last = time.time()
-                    total = count["val"] + count["train"]
-                    print(f"prepare {source}: {sum(n_docs.values())} docs, {total:,} tokens "
-                          f"({total / (last - t0):,.0f} tok/s)", flush=True)
-                if max_tokens is not None and count["train"] >= max_tokens:
-                    break
         if count["val"] + count["train"] == 0:
             raise ValueError(f"empty corpus: {source} produced no tokens")
         if count["train"] == 0:
-            raise ValueError(f"{source} has only {count['val']:,} tokens, all taken by val_tokens={val_tokens:,}: "
-                             f"lower val_tokens")
+            where = " in whole windows" if layout == "authors" else ""
+            raise ValueError(f"{source} has only {count['val']:,} tokens{where}, all taken by "
+                             f"val_tokens={val_tokens:,}: lower val_tokens")
         train, hist = np.memmap(tmp["train"], dtype=dt, mode="r"), np.zeros(tok.vocab_size, dtype=np.int64)
         for i in range(0, len(train), 1 << 24):  # in chunks: a billion-token shard need not fit in memory
             hist += np.bincount(train[i:i + (1 << 24)], minlength=tok.vocab_size)[:tok.vocab_size]
@@ -421,7 +463,8 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
             "tokenizer_sha256": _sha256(tok.path), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
             "eos_id": tok.eos_id, "dtype": dt.name, "train_tokens": count["train"], "val_tokens": count["val"],
             "train_docs": n_docs["train"], "val_docs": n_docs["val"], "seed": seed, "max_tokens": max_tokens,
-            "layout": "documents as BOS doc EOS, concatenated", "python": sys.version.split()[0],
+            "layout": layout, "python": sys.version.split()[0],
+            **({"seq_len": seq_len, "group_docs": group_docs} if layout == "authors" else {}),
             # the loss of a model that ignores context: a pretrained model must get well below it
             "unigram_entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum()),
         }
@@ -442,6 +485,31 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
         print(f"prepare {source}: wrote {out_dir}: {meta['val_tokens']:,} val + {meta['train_tokens']:,} train tokens "
               f"({meta['val_docs'] + meta['train_docs']} docs) in {dt_s:.1f}s", flush=True)
     return meta
+
+
+def _write_authors_windows(docs, tok, dt, fv, ft, count, n_docs, val_tokens, max_tokens, seq_len, group_docs,
+                           source):
+    """prepare's "authors" layout: windows of each group of documents, val first, then train (whole windows)."""
+    n_val = -(-val_tokens // seq_len)
+    n_train = -(-max_tokens // seq_len) if max_tokens is not None else None
+    rows_done = {"val": 0, "train": 0}
+    t0 = last = time.time()
+    for group in _batched(docs, group_docs):
+        rows = authors_windows(tok.encode_batch(group), tok.bos_id, tok.eos_id, seq_len)
+        take_val = min(len(rows), n_val - rows_done["val"])
+        take_train = len(rows) - take_val if n_train is None else min(len(rows) - take_val,
+                                                                      n_train - rows_done["train"])
+        for split, part, f in (("val", rows[:take_val], fv), ("train", rows[take_val:take_val + take_train], ft)):
+            f.write(part.astype(dt).tobytes())
+            rows_done[split] += len(part)
+            count[split] += part.size
+            n_docs[split] += int((part == tok.eos_id).sum())  # documents that start inside the split's windows
+        if source and time.time() - last > 5:
+            last = time.time()
+            total = count["val"] + count["train"]
+            print(f"prepare {source}: {total:,} tokens in windows ({total / (last - t0):,.0f} tok/s)", flush=True)
+        if n_train is not None and rows_done["train"] >= n_train:
+            break
 
 
 def load_meta(data_dir: str) -> dict:
@@ -513,13 +581,14 @@ def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None =
 
 
 class TokenLoader:
-    """Windows of seq_len tokens, each BOS followed by the next seq_len - 1 tokens of the stream.
+    """Windows of seq_len tokens, each BOS followed by the next seq_len - 1 tokens of the stream ("bos_chunks"), or
+    the stored rows of an "authors" dataset (its windows are made by prepare; seq_len must be the one it used).
 
-    Packing: the stream is cut into consecutive spans of seq_len - 1 tokens and BOS is prepended to each, so every
-    window starts with BOS like a fresh document (Gemma and Llama are trained with BOS first; BOS position
-    activations are outliers that SAE pipelines treat apart) and every token is read once per epoch. A span that
-    happens to begin at a document's own BOS shows BOS twice; that costs nothing. (Left over each epoch: the tail
-    shorter than one span, and the few spans beyond an equal split across ranks.)
+    Packing ("bos_chunks"): the stream is cut into consecutive spans of seq_len - 1 tokens and BOS is prepended to
+    each, so every window starts with BOS like a fresh document (Gemma and Llama are trained with BOS first; BOS
+    position activations are outliers that SAE pipelines treat apart) and every token is read once per epoch. A span
+    that happens to begin at a document's own BOS shows BOS twice; that costs nothing. (Left over each epoch: the
+    tail shorter than one span, and the few spans beyond an equal split across ranks.)
 
     An epoch is a permutation of the spans (seeded by (seed, epoch); the identity when shuffle=False); rank r of
     world_size takes every world_size-th span of it starting at r, so ranks never share a window and together they
@@ -534,8 +603,16 @@ class TokenLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.tokens = load_tokens(data_dir, split)
-        self.bos_id = load_meta(data_dir)["bos_id"]
-        self.batch_size, self.seq_len, self.span = batch_size, seq_len, seq_len - 1
+        meta = load_meta(data_dir)
+        self.bos_id = meta["bos_id"]
+        # datasets written before layouts had names carry a description of "bos_chunks" there
+        self.layout = meta.get("layout") if meta.get("layout") in LAYOUTS else "bos_chunks"
+        if self.layout == "authors" and meta.get("seq_len") != seq_len:
+            raise ValueError(f"{data_dir} holds the authors' windows of {meta.get('seq_len')} tokens; got "
+                             f"seq_len={seq_len} (prepare it again with seq_len={seq_len})")
+        # a window is a stored row ("authors") or BOS + the next seq_len - 1 tokens of the stream
+        self.span = seq_len if self.layout == "authors" else seq_len - 1
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.device = torch.device(device)
         self.n_windows = len(self.tokens) // self.span
@@ -558,12 +635,13 @@ class TokenLoader:
 
     def next_batch(self) -> torch.Tensor:
         x = np.empty((self.batch_size, self.seq_len), dtype=np.int64)
+        first = self.seq_len - self.span  # 1: BOS goes first; 0: the stored row is the whole window
         x[:, 0] = self.bos_id
         for row in range(self.batch_size):
             if self.pos == self.per_rank:  # epoch done: the next one is a new permutation
                 self.epoch, self.pos = self.epoch + 1, 0
             w = int(self._my_windows()[self.pos])
-            x[row, 1:] = self.tokens[w * self.span:(w + 1) * self.span]
+            x[row, first:] = self.tokens[w * self.span:(w + 1) * self.span]
             self.pos += 1
         t = torch.from_numpy(x)
         if self.device.type == "cuda":
@@ -578,13 +656,15 @@ class TokenLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
-                "world_size": self.world_size, "n_windows": self.n_windows, "shuffle": self.shuffle}
+                "world_size": self.world_size, "n_windows": self.n_windows, "shuffle": self.shuffle,
+                "layout": self.layout}
 
     def load_state_dict(self, d: dict):
-        for k in ("seq_len", "world_size", "n_windows", "seed", "shuffle"):
+        d = {"layout": "bos_chunks", **d}  # checkpoints from before layouts had names
+        for k in ("layout", "seq_len", "world_size", "n_windows", "seed", "shuffle"):
             if d[k] != getattr(self, k):
                 raise ValueError(f"cannot resume the data position: checkpoint has {k}={d[k]}, this run "
-                                 f"{getattr(self, k)} (same data, seq_len, seed and process count needed)")
+                                 f"{getattr(self, k)} (same data, layout, seq_len, seed and process count needed)")
         self.epoch, self.pos = d["epoch"], d["pos"]
 
 

@@ -13,6 +13,13 @@ forward pass is always the same few lines:
     z   = TopK-then-ReLU(pre)  |  pre * (pre > threshold)          (k per token; threshold (d_sae) for JumpReLU)
     x_hat = z @ W_dec + b_dec                                      W_dec (d_sae, d_in), b_dec (d_in)
 
+Precision: the encoder (pre-activations, the TopK choice, the JumpReLU threshold test) always runs in fp32, autocast
+or not, whatever the storage dtype: the choice of latents is discontinuous, and bf16 pre-activations (8 bits of
+mantissa) flip near-ties that fp32 separates. SAELens evaluates in the SAE's dtype (fp32 for Gemma Scope), and the
+authors' hooks call such an SAE on the bf16 stream without autocast (utils.py get_sae_hook; run_benchmarks.py casts
+the stream to fp32 explicitly). The decoder is continuous in its inputs: it runs in the SAE's dtype (TopK, a sum of k
+rows) or under autocast (the dense path), and its output is rounded to the stream's dtype anyway.
+
 TopK never builds the dense (tokens x d_sae) code matrix in `forward`: the encoder returns (values, indices) of the k
 kept latents and the decoder sums k rows of W_dec per token (F.embedding_bag). The backward to the input is sparse too
 (k columns of W_enc per token): with a TopK SAE the paper trains adapters on the layers before the frozen SAE too, so
@@ -76,6 +83,11 @@ class StepFn(torch.autograd.Function):
         return None, _threshold_grad(ctx, grad, 1.0) if ctx.needs_input_grad[1] else None, None
 
 
+def fp32_region(x: torch.Tensor):
+    """Autocast off for the encoder: its matmul runs on fp32 operands, as in an fp32 SAE without autocast."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def jumprelu(pre, threshold, bandwidth: float = 1e-3):
     return JumpReLUFn.apply(pre, threshold, bandwidth)
 
@@ -96,7 +108,8 @@ class TopKEncoder(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k: int):
-        pre = F.linear(x, W_enc.t(), b_enc)
+        with fp32_region(x):  # fp32 pre-activations and choice (module docstring); no-op casts for fp32 weights
+            pre = F.linear(x.float(), W_enc.t().float(), b_enc.float())
         values, indices = pre.topk(k, dim=-1, sorted=False)
         values = values.relu()  # TopK then ReLU, SAELens' order
         ctx.mark_non_differentiable(indices)
@@ -143,6 +156,7 @@ class SAE(nn.Module):
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.layer, self.model_name, self.hook_name = layer, model_name, None
         self.bandwidth = 1e-3  # JumpReLU STE kernel width (Gemma Scope's value for unit-scale inputs)
+        self.min_threshold = 1e-6  # JumpReLU: clamp_threshold_ keeps thresholds at least this (theta > 0, Sec. 3.3)
         self.threshold_lr = 0.01  # BatchTopK: EMA rate of the running threshold (SAELens' topk_threshold_lr)
         kw = dict(device=device, dtype=dtype)
         # Tied initialisation with unit-norm decoder rows (Gao et al. 2024); from_pretrained overwrites all of it.
@@ -169,11 +183,13 @@ class SAE(nn.Module):
     # -- the forward pass ---------------------------------------------------------------------------------------------
 
     def _encoder_input(self, x):
-        x = x.to(self.W_enc.dtype)
-        return x - self.b_dec if self.apply_b_dec_to_input else x
+        x = x.float()
+        return x - self.b_dec.float() if self.apply_b_dec_to_input else x
 
     def pre_acts(self, x):
-        return F.linear(self._encoder_input(x), self.W_enc.t(), self.b_enc)
+        """fp32 pre-activations, autocast or not (see the module docstring)."""
+        with fp32_region(x):
+            return F.linear(self._encoder_input(x), self.W_enc.t().float(), self.b_enc.float())
 
     def encode(self, x):
         """Dense codes (..., d_sae). For TopK this is the reference path (scatter); forward() never calls it."""
@@ -210,7 +226,7 @@ class SAE(nn.Module):
         return values.view(*lead, self.k), indices.view(*lead, self.k)
 
     def decode(self, z):
-        return z @ self.W_dec + self.b_dec
+        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def decode_sparse(self, values, indices):
         """sum_j values[..., j] * W_dec[indices[..., j]] + b_dec without a dense code matrix."""
@@ -248,6 +264,18 @@ class SAE(nn.Module):
         parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
         self.W_dec.grad.sub_(parallel * self.W_dec)
 
+    @torch.no_grad()
+    def clamp_threshold_(self):
+        """Project JumpReLU thresholds back to >= min_threshold; call after every optimizer step.
+
+        JumpReLU needs theta > 0 (paper Sec. 3.3): below zero, negative pre-activations pass as negative codes. Adam
+        moves a parameter by about lr per step whatever its gradient, so a threshold smaller than lr that the
+        reconstruction pushes down crosses zero in one step. A projection keeps the threshold itself as the parameter,
+        which Adam moves by ~lr in threshold units; SAELens' exp(log_threshold) instead moves by ~threshold * lr, so
+        small thresholds freeze (SAELens issue #494, fixed by parameterising the threshold directly in PR #718)."""
+        if self.arch == "jumprelu":
+            self.threshold.clamp_(min=self.min_threshold)
+
     def to_jumprelu(self) -> "SAE":
         """A BatchTopK SAE at inference is a JumpReLU SAE whose threshold is the running threshold, for every latent."""
         if self.arch != "batchtopk":
@@ -256,7 +284,7 @@ class SAE(nn.Module):
                   model_name=self.model_name, device="meta", dtype=self.W_dec.dtype)
         out._assign(self.W_enc.detach().clone(), self.W_dec.detach().clone(), self.b_enc.detach().clone(),
                     self.b_dec.detach().clone(), self.topk_threshold.detach().expand(self.d_sae).to(self.W_dec.dtype))
-        out.hook_name, out.bandwidth = self.hook_name, self.bandwidth
+        out.hook_name, out.bandwidth, out.min_threshold = self.hook_name, self.bandwidth, self.min_threshold
         return out
 
     # -- files --------------------------------------------------------------------------------------------------------

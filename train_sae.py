@@ -269,6 +269,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
+        sae.clamp_threshold_()
         update_since_fired(since_fired, fired, cfg.batch_tokens)
         step += 1
         elapsed += time.time() - t0

@@ -254,7 +254,7 @@ def test_bf16_autocast_forward_and_backward(arch):
 
 
 def test_bf16_autocast_fused_matches_dense_on_random_weights():
-    # with random weights bf16 can flip near-ties against fp32, but fused and dense see the same bf16 pre-activations
+    # fused and dense paths see the same fp32 pre-activations under autocast
     sae = rand_sae().requires_grad_(False)
     x = x_in(4, 6, requires_grad=True)
     g = torch.randn(4, 6, D)
@@ -263,6 +263,59 @@ def test_bf16_autocast_fused_matches_dense_on_random_weights():
         y_d, gx_d, _ = grads_of(lambda t: sae.decode(sae.encode(t)), sae, x, g)
     assert (y_f - y_d).norm() / y_d.norm() < 1e-2
     assert (gx_f - gx_d).norm() / gx_d.norm() < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk"])
+def test_encoder_choice_is_fp32_under_bf16_autocast(arch):
+    sae = rand_sae(arch, k=K if arch != "jumprelu" else None).eval().requires_grad_(False)
+    x = x_in(2000)
+    fp32 = sae.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = sae.encode(x)
+        from_bf16 = sae.encode(x.bfloat16())  # the stream itself is bf16 under autocast
+        if arch == "topk":
+            values, indices = sae.encode_topk(x)
+    assert torch.equal(same, fp32)  # the same input: bit for bit the fp32 encoder
+    if arch == "topk":
+        assert torch.equal(torch.zeros_like(fp32).scatter(-1, indices, values), fp32)
+    # a bf16 input: the same latents wherever fp32 separates the choice by a clear margin
+    pre = sae.pre_acts(x)
+    cut = sae.threshold if arch == "jumprelu" else (
+        pre.topk(K + 1, dim=-1).values[:, K - 1:].mean(-1, keepdim=True) if arch == "topk" else sae.topk_threshold)
+    clear = (pre - cut).abs().min(-1).values > 0.02  # a bf16 input moves pre-activations by ~1e-3 here
+    assert clear.float().mean() > 0.2
+    assert torch.equal((from_bf16 != 0)[clear], (fp32 != 0)[clear])
+    # what the fp32 region prevents: bf16 pre-activations change the choice somewhere in 2000 tokens
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pre_bf16 = F.linear(x - sae.b_dec, sae.W_enc.t(), sae.b_enc)
+    if arch == "topk":
+        assert (pre_bf16.topk(K, dim=-1).indices.sort(-1).values != pre.topk(K, dim=-1).indices.sort(-1).values).any()
+
+
+def test_jumprelu_thresholds_stay_positive_while_training_and_round_trip(tmp_path):
+    def train(clamp):
+        sae = rand_sae("jumprelu", seed=2)
+        sae.bandwidth = 1.0
+        opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+        x = x_in(64)
+        for _ in range(100):  # minus L0: every threshold is pushed down, towards and past zero
+            (-step(sae.pre_acts(x), sae.threshold, sae.bandwidth).sum(-1).mean()).backward()
+            opt.step()
+            opt.zero_grad()
+            if clamp:
+                sae.clamp_threshold_()
+        return sae
+    assert (train(clamp=False).threshold < 0).any()
+    sae = train(clamp=True)
+    assert (sae.threshold >= sae.min_threshold).all() and (sae.threshold == sae.min_threshold).any()
+    x = x_in(6, 5)
+    z = sae.encode(x)
+    assert (z >= 0).all() and (z > 0).any()  # no negative codes
+    sae.save(str(tmp_path))
+    again = SAE.from_pretrained(str(tmp_path))
+    assert torch.equal(again.threshold, sae.threshold)
+    assert torch.equal(again(x), sae(x)) and torch.equal(again.encode(x), z)
+    rand_sae("topk").clamp_threshold_()  # other architectures: nothing to do
 
 
 @pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk"])
