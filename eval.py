@@ -97,6 +97,7 @@ class EvalConfig:
     bench_limit: int | None = None  # at most this many questions per benchmark
     bench_batch: int = 16  # sequences per forward pass (benchmarks and steering)
     plots: bool = True
+    saebench: bool = False  # SAEBench metrics (Table 6) for the first SAE, base vs adapted: saebench.py
     autocast: str = "bfloat16"  # "float32" disables autocast
     dtype: str = "float32"  # storage of the model weights
     chunk: int = 2048  # tokens per lm_head + log-softmax chunk
@@ -689,10 +690,13 @@ def main(argv=None) -> dict:
             g["steering"] = steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "lora")
             g["steering_compare"] = steering_compare(res["steering"]["base"], g["steering"])
         res["groups"].append(g)
+    if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)
+        import saebench
+        res["saebench"] = saebench.evaluate(model, saes, cfg, run.device, amp)
 
     os.makedirs(cfg.out, exist_ok=True)
     _write(os.path.join(cfg.out, "eval.json"), json.dumps(_jsonable(res), indent=1))
-    md = markdown(_jsonable(res))
+    md = markdown(_jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
     _write(os.path.join(cfg.out, "eval.md"), md)
     res["plots"] = plots(_jsonable(res), cfg.out) if cfg.plots else []
     print(md)
