@@ -79,10 +79,7 @@ def topk_sae(d, m, k, seed):
     """A TopK SAE with zero biases: it encodes an all-zero (masked) position to zero latents, where SAEBench's
     ablation would otherwise add those latents' decoder rows back in (see saebench.py's docstring)."""
     torch.manual_seed(seed)
-    sae = SAE(d, m, "topk", k=k, layer=0)
-    with torch.no_grad():
-        sae.W_enc.mul_(1.0)
-    return sae.requires_grad_(False)
+    return SAE(d, m, "topk", k=k, layer=0).requires_grad_(False)
 
 
 def bld(keys, n, L, d, seed, shift):
