@@ -81,6 +81,7 @@ class EvalConfig:
     bench_limit: int | None = None  # at most this many questions per benchmark
     bench_batch: int = 16  # sequences per forward (benchmarks and steering)
     plots: bool = True  # write PNG figures (needs matplotlib)
+    saebench: bool = False  # SAEBench metrics (Sec. 5.1, Table 6) for the first SAE, base vs adapted (saebench.py)
     autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
     dtype: str = "float32"  # storage of the model weights
     chunk: int = 2048  # tokens per lm_head + log-softmax chunk
@@ -445,10 +446,13 @@ def run(cfg: EvalConfig) -> dict:
             g["steering"] = steering.steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "lora")
             g["steering_compare"] = steering.steering_compare(res["steering"]["base"], g["steering"])
         res["groups"].append(g)
+    if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)
+        import saebench
+        res["saebench"] = saebench.evaluate(model, saes, cfg, d.device, amp)
 
     # -- reports --------------------------------------------------------------------------------------------------------
     common.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(_jsonable(res), indent=1))
-    md = markdown(_jsonable(res))
+    md = markdown(_jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
     common.write_text(os.path.join(cfg.out, "eval.md"), md)
     res["plots"] = plots(_jsonable(res), cfg.out) if cfg.plots else []
     print(md)

@@ -1,0 +1,608 @@
+"""
+SAEBench metrics (Karvonen et al. 2024) for one SAE on a model with and without its LoRA adapter: the paper's Sec. 5.1
+and Table 6. `python eval.py --saebench` runs it (offline on the embedded pipeline); eval.py calls `evaluate`.
+
+Each model setting (base = adapters off, adapted = adapters merged) reads every task's texts once; per text the
+layer-L residual (output of block L) and its SAE latents are mean-pooled over real tokens (BOS / EOS / pad excluded,
+contexts of 128 tokens) and cached; every probe below is then trained in torch on those cached features.
+- core (evals/core): on held-out windows of --data, BOS / EOS / pad left out everywhere (SAEBench's ignore_tokens and
+  exclude_special_tokens_from_reconstruction): L0, explained variance (SAEBench 0.6.0's own formula, which subtracts
+  the squared mean of x^2 rather than |mean x|^2; kept verbatim) and FVU (the standard sum|x-x_hat|^2 /
+  sum|x-mean x|^2), cosine similarity, CE loss score (CE_zero-ablated - CE_sae) / (CE_zero-ablated - CE_clean),
+  KL score 1 - KL_sae / KL_zero-ablated, dead latents (never active) and dense latents (active on > 10% of tokens).
+- sparse probing (evals/sparse_probing): per class, positives vs an equal number of negatives drawn from the other
+  classes; top-k latents by |mean difference| on train; L2 logistic regression (sklearn's objective with C = 1,
+  solved to optimum with Newton's method in float64), test accuracy for k = 1, 2, 5, 10, 20, 50; the full-latent
+  probe is SAEBench's train_probe_gpu (AdamW 1e-2, batch 250, 100 epochs, best test accuracy, patience 10).
+- SCR / TPP (evals/scr_and_tpp): linear probes on the pooled residual (AdamW 1e-3, batch 16, 20 epochs, L1 1e-3);
+  latents ranked by probe attribution (mean latent difference x decoder . probe weight); the top n in
+  (2, 5, 10, 20, 50, 100, 500) are zero-ablated: pooled residual - pooled latents[n] @ W_dec[n], which is SAEBench's
+  decode(f_ablated) + error exactly (the decoder is linear) except that SAEBench also adds the ablated latents that an
+  SAE puts on masked (all-zero) positions. S_SHIFT = (A_abl - A_base) / (A_oracle - A_base) in the direction SAEBench
+  picks; TPP = mean over classes of (own-class accuracy drop - mean other-class drop).
+- absorption (evals/absorption): "{word} has the first letter:" prompts with 10 in-context examples over the
+  tokenizer's letter-only tokens (80/20 vocabulary split), residual at the word token; a 26-way logistic probe
+  (Adam, pos-weighted BCE) is the ground truth; an L1 probe on latents ranks them, k-sparse probes (k <= 10, balanced
+  logistic regression) find split latents (F1 jump >= 0.03); over the probe's true positives the absorption fraction
+  is SAEBench's (cosine >= 0.1 absorbers, <= 3 of them, >= 40% of the probe projection). Mean over letters whose probe
+  F1 > 0.6; SAEBench reports nothing when fewer than 20 letters qualify (`valid` says so). The absorption step reuses
+  the test prompts' activations (SAEBench draws fresh in-context examples for it).
+- autointerp needs an LLM judge (SAEBench asks gpt-4o-mini) and cannot run offline: `autointerp` returns None; a judge
+  would plug in there, reading top-activating contexts from the same cached token batches.
+Stochastic parts (negative sampling, probe minibatch order, probe initialisation) draw from torch's global RNG in
+SAEBench's call order, seeded with --seed (42) at the start of each task, so the same seed gives the same numbers.
+Tasks: offline (embedded stdlib data) or SAEBench's hub datasets, see saebench_data.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+K_VALUES = (1, 2, 5, 10, 20, 50)
+N_VALUES = (2, 5, 10, 20, 50, 100, 500)
+SCR_KEYS = {"male / female": "female_data_only", "professor / nurse": "nurse_data_only",
+            "male_professor / female_nurse": "female_nurse_data_only"}  # SAEBench's PAIRED_CLASS_KEYS
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SIZES = {"offline": (300, 75), "hub": (4000, 1000)}  # probe train / test texts (offline: per class; hub: SAEBench's)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Probes (SAEBench's sparse_probing/probe_training.py, replayed with the same RNG calls)
+
+
+class Probe(nn.Module):
+    def __init__(self, dim: int, dtype=torch.float32):
+        super().__init__()
+        self.net = nn.Linear(dim, 1, bias=True, dtype=dtype)
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def probe_data(acts: dict, cls: str, scr: bool = False):
+    """Positives of `cls` vs as many negatives (SCR: its paired key; else sampled evenly from the other classes)."""
+    pos, n = acts[cls], len(acts[cls])
+    if scr:
+        neg = acts[SCR_KEYS.get(cls) or {v: k for k, v in SCR_KEYS.items()}[cls]]
+    else:
+        others = [k for k in acts if k != cls]
+        per = math.ceil(n / len(others))
+        neg = torch.cat([acts[k][torch.randperm(len(acts[k]))[:per]] for k in others])
+    neg = neg[torch.randperm(len(neg))[:n]]
+    x = torch.cat([pos, neg])
+    y = torch.zeros(len(x), dtype=torch.int)
+    y[:n] = 1
+    perm = torch.randperm(len(x))
+    return x[perm], y[perm]
+
+
+@torch.no_grad()
+def accuracy(probe, x, y) -> float:
+    return ((probe(x) > 0).long() == y).float().mean().item()
+
+
+def train_probe(xtr, ytr, xte, yte, epochs, lr, batch, patience, l1=None):
+    """SAEBench's train_probe_gpu: AdamW on BCE (+ L1 on the weight), keeping the probe of the best test accuracy."""
+    probe = Probe(xtr.shape[1], xtr.dtype).to(xtr.device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
+    best, best_probe, bad = 0.0, None, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(xtr))
+        with torch.enable_grad():
+            for i in range(0, len(xtr), batch):
+                b = order[i:i + batch]
+                loss = F.binary_cross_entropy_with_logits(probe(xtr[b]), ytr[b].to(xtr.dtype))
+                if l1 is not None:
+                    loss = loss + l1 * probe.net.weight.abs().sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        acc = accuracy(probe, xte, yte)
+        if acc > best:
+            best, best_probe, bad = acc, copy.deepcopy(probe), 0
+        else:
+            bad += 1
+        if bad >= patience:
+            break
+    return (best_probe or probe), best
+
+
+def logreg(x, y, C: float = 1.0, balanced: bool = False, iters: int = 50):
+    """sklearn LogisticRegression (L2, intercept unpenalised) at its optimum: Newton steps with backtracking, float64.
+    Minimises sum_i s_i log(1 + exp(-t_i z_i)) + |w|^2 / (2C); s_i = n / (2 n_class) when balanced."""
+    x, y = x.double(), y.double()
+    n = len(y)
+    s = torch.where(y > 0, n / (2 * y.sum()), n / (2 * (n - y.sum()))) if balanced else torch.ones(n, dtype=x.dtype)
+    X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    reg = torch.full((X.shape[1],), 1 / C, dtype=x.dtype)
+    reg[-1] = 0
+    t = torch.zeros(X.shape[1], dtype=x.dtype)
+
+    def obj(t):
+        z = X @ t
+        return (s * (F.softplus(z) - y * z)).sum() + 0.5 * (reg * t * t).sum()
+    f = obj(t)
+    for _ in range(iters):
+        p = torch.sigmoid(X @ t)
+        g = X.T @ (s * (p - y)) + reg * t
+        H = (X * (s * p * (1 - p))[:, None]).T @ X + torch.diag(reg) + 1e-9 * torch.eye(len(t), dtype=x.dtype)
+        step, a = torch.linalg.solve(H, g), 1.0
+        while a > 1e-10:
+            f_new = obj(t - a * step)
+            if f_new <= f - 1e-4 * a * (g @ step):
+                break
+            a /= 2
+        t, f_prev, f = t - a * step, f, f_new
+        if abs(f_prev - f) <= 1e-12 * max(1.0, abs(f)):
+            break
+    return t[:-1].float(), t[-1].float()
+
+
+def probe_accuracies(train: dict, test: dict, k: int | None = None) -> dict[str, float]:
+    """SAEBench's train_probe_on_activations: per class, top-k mean-difference latents + logistic regression (k given)
+    or the full-width AdamW probe (k None)."""
+    out = {}
+    for cls in train:
+        xtr, ytr = probe_data(train, cls)
+        xte, yte = probe_data(test, cls)
+        if k is None:
+            out[cls] = train_probe(xtr, ytr, xte, yte, epochs=100, lr=1e-2, batch=250, patience=10)[1]
+            continue
+        diff = (xtr[ytr == 1].mean(0) - xtr[ytr == 0].mean(0)).abs()
+        keep = torch.argsort(diff, descending=True)[:k].sort().values
+        w, b = logreg(xtr[:, keep], ytr)
+        out[cls] = (((xte[:, keep].double() @ w.double() + b) > 0).int() == yte).float().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SCR and TPP (SAEBench's scr_and_tpp/main.py on pooled features: columns [:d] residual, [d:] latents)
+
+
+def node_effects(W_dec, probe, train: dict, cls: str, d: int, scr: bool):
+    x, y = probe_data(train, cls, scr)
+    diff = x[y == 1, d:].mean(0) - x[y == 0, d:].mean(0)
+    diff = diff if scr else diff.clamp(min=0)  # TPP: only latents more active on the class itself
+    e = diff * (W_dec.float() @ probe.net.weight[0].float())
+    return e.abs() if scr else e
+
+
+def top_n(e, n):
+    mask = torch.zeros_like(e, dtype=torch.bool)
+    k = min(n, int((e != 0).sum()))
+    if k:
+        mask[e.topk(k).indices] = True
+    return mask
+
+
+def test_accuracies(probes, classes, acts, scr):
+    """SAEBench's get_probe_test_accuracy (+ the SCR cross accuracies 'X probe on Y data')."""
+    out = {c: accuracy(probes[c], *probe_data(acts, c, scr)) for c in classes}
+    if scr:
+        for c in classes:
+            x, y = probe_data(acts, c, True)
+            for o in (k for k in SCR_KEYS if k != c):
+                out[f"{o} probe on {c} data"] = accuracy(probes[o], x, y)
+    return out
+
+
+def scr_tpp_task(train: dict, test: dict, W_dec, d: int, scr: bool, ns=N_VALUES, probes=None):
+    """One SAEBench run (a dataset for TPP, a column-1 pair for SCR): (scores, clean accuracies, ablated, probes)."""
+    classes = list(SCR_KEYS) if scr else list(train)
+    res = {k: v[:, :d] for k, v in train.items()}, {k: v[:, :d] for k, v in test.items()}
+    if probes is None:
+        probes = {c: train_probe(*probe_data(res[0], c, scr), *probe_data(res[1], c, scr), epochs=20, lr=1e-3,
+                                 batch=16, patience=20, l1=1e-3)[0] for c in classes}
+    clean = test_accuracies(probes, classes, res[1], scr)
+    effects = {c: node_effects(W_dec, probes[c], train, c, d, scr) for c in classes}
+    ablated = {}
+    for c in classes:
+        ablated[c] = {}
+        for n in ns:
+            m = top_n(effects[c], n)
+            acts = {k: v[:, :d] - v[:, d:][:, m] @ W_dec.float()[m] for k, v in test.items()}
+            ablated[c][n] = test_accuracies(probes, classes, acts, scr)
+    return (scr_scores(ablated, clean) if scr else tpp_scores(ablated, clean)), clean, ablated, probes
+
+
+def scr_scores(ablated, clean) -> dict:
+    """SAEBench's get_scr_plotting_dict: S_SHIFT per direction; the metric takes the direction whose biased probe is
+    worse on that concept."""
+    biased, out = "male_professor / female_nurse", {}
+    d1, d2 = clean[f"{biased} probe on professor / nurse data"], clean[f"{biased} probe on male / female data"]
+    for direction, (abl, data) in enumerate((("male / female", "professor / nurse"),
+                                             ("professor / nurse", "male / female")), 1):
+        for n, accs in ablated[abl].items():
+            base, oracle = clean[f"{biased} probe on {data} data"], clean[data]
+            score = 0 if oracle - base < 0.001 else (accs[f"{biased} probe on {data} data"] - base) / (oracle - base)
+            out[f"scr_dir{direction}_threshold_{n}"] = score
+            if (d1 < d2 and direction == 1) or (d1 > d2 and direction == 2):
+                out[f"scr_metric_threshold_{n}"] = score
+    return out
+
+
+def tpp_scores(ablated, clean) -> dict:
+    """SAEBench's create_tpp_plotting_dict (averaged over classes)."""
+    per = {}
+    for c in clean:
+        for n, accs in ablated[c].items():
+            intended = clean[c] - accs[c]
+            others = [clean[o] - accs[o] for o in clean if o != c]
+            per.setdefault(f"tpp_threshold_{n}_total_metric", []).append(intended - sum(others) / len(others))
+            per.setdefault(f"tpp_threshold_{n}_intended_diff_only", []).append(intended)
+            per.setdefault(f"tpp_threshold_{n}_unintended_diff_only", []).append(sum(others) / len(others))
+    return {k: sum(v) / len(v) for k, v in per.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Absorption (SAEBench's absorption/: probing.py, k_sparse_probing.py, feature_absorption_calculator.py)
+
+
+def train_multi_probe(x, y_onehot, epochs=50, lr=1e-2, end_lr=1e-5, weight_decay=1e-6, batch=4096, l1=None):
+    """One-vs-rest logistic probes: Adam, BCE with pos_weight = negatives / positives, exponential lr decay to end_lr."""
+    y = y_onehot.to(x.dtype)
+    probe = nn.Linear(x.shape[1], y.shape[1]).to(x.device, x.dtype)
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(end_lr / lr) / epochs))
+    pos_weight = (len(y) - y.sum(0)) / y.sum(0).clamp_min(1)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for b in torch.randperm(len(x)).split(batch):
+                loss = F.binary_cross_entropy_with_logits(probe(x[b]), y[b], pos_weight=pos_weight)
+                if l1 is not None:
+                    loss = loss + l1 * probe.weight.abs().sum(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+    return probe.requires_grad_(False)
+
+
+def f1(truth, pred) -> float:
+    tp = (truth & pred).sum().item()
+    return 2 * tp / max(truth.sum().item() + pred.sum().item(), 1)
+
+
+def split_features(f1s: list[float], feats: list[list[int]], jump: float = 0.03) -> list[int]:
+    """SAEBench's add_feature_splits_to_metrics_df: grow k while F1 rises by more than `jump`."""
+    best, split = -100.0, []
+    for score, fs in zip(f1s, feats):
+        if score > best + jump:
+            best, split = score, fs
+        else:
+            break
+    return split
+
+
+def absorption_fractions(x, latents, probe_dir, W_dec, main: list[int]):
+    """Per row: (absorption fraction, full absorption) as FeatureAbsorptionCalculator.calculate_absorption."""
+    u = probe_dir / probe_dir.norm()
+    cos = F.cosine_similarity(u[None].to(W_dec), W_dec, dim=-1).float()
+    proj, act = latents.float() * cos, x.float() @ u.float()
+    main_t = torch.tensor(main, dtype=torch.long)
+    main_proj = proj[:, main_t].sum(1)
+    cand = proj.clone()
+    cand[:, main_t] = 0
+    cand = torch.where((cos >= 0.1) & (cand > 0), cand, torch.zeros_like(cand))
+    absorb = cand.topk(min(3, cand.shape[1]), dim=1).values.sum(1)
+    frac = torch.minimum(absorb, act - main_proj) / (torch.minimum(absorb, act - main_proj) + main_proj)
+    frac = torch.where(main_proj <= 0, torch.ones_like(frac), frac.clamp(0, 1))
+    frac = torch.where((main_proj >= act) | (absorb / act < 0.4), torch.zeros_like(frac), frac)
+    top = proj.topk(1, dim=1).indices[:, 0]
+    full = ((latents[:, main_t] < 1e-8).all(1) & (cos[top] >= 0.025) & (act >= 0) & (proj[torch.arange(len(top)), top] / act >= 0.4))
+    return frac, full
+
+
+def absorption(xtr, ytr, xte, yte, ftr, fte, W_dec, max_k=10, min_f1=0.6, min_letters=20) -> dict:
+    """xtr / xte: residuals at the word token; ytr / yte: letter index; ftr / fte: their SAE latents."""
+    probe = train_multi_probe(xtr, F.one_hot(ytr, 26), weight_decay=1e-4)
+    l1 = train_multi_probe(ftr, F.one_hot(ytr, 26), l1=0.01)
+    scores = probe(xte)
+    per = {}
+    for li in sorted(set(ytr.tolist())):
+        truth = yte == li
+        f1_probe = f1(truth, scores[:, li] > 0)
+        f1s, feats = [], []
+        for k in range(1, max_k + 1):
+            ids = l1.weight[li].topk(k).indices
+            w, b = logreg(ftr[:, ids], (ytr == li).int(), balanced=True, iters=100)
+            f1s.append(f1(truth, (fte[:, ids].float() @ w + b) > 0))
+            feats.append(ids.tolist())
+        split = split_features(f1s, feats)
+        tp = truth & (scores[:, li] > 0)
+        frac, full = absorption_fractions(xte[tp], fte[tp], probe.weight[li], W_dec, split) if tp.any() else (
+            torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+        n_tp = max(int(tp.sum()), 1)
+        per[LETTERS[li]] = {"f1_probe": f1_probe, "f1_sparse": f1s, "split_feats": split, "probe_tp": int(tp.sum()),
+                            "mean_absorption_fraction": frac.sum().item() / n_tp, "full_absorption_rate":
+                            full.sum().item() / n_tp}
+    good = [v for v in per.values() if v["f1_probe"] > min_f1]
+    def mean(f):
+        return sum(f(v) for v in good) / len(good) if good else float("nan")
+    return {"mean_absorption_fraction": mean(lambda v: v["mean_absorption_fraction"]),
+            "mean_full_absorption": mean(lambda v: v["full_absorption_rate"]),
+            "mean_num_split_features": mean(lambda v: len(v["split_feats"])),
+            "letters_evaluated": len(good), "valid": len(good) >= min_letters, "per_letter": per}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model side: cached pooled features, first-letter activations, core metrics
+
+
+def _batches(seqs, batch, pad, device):
+    for i in range(0, len(seqs), batch):
+        part = seqs[i:i + batch]
+        idx = torch.full((len(part), max(map(len, part))), pad, dtype=torch.long)
+        for j, s in enumerate(part):  # right padding: a causal model's earlier positions never see it
+            idx[j, :len(s)] = torch.tensor(s)
+        yield i, idx.to(device), torch.tensor([len(s) for s in part], device=device)
+
+
+def _latents(sae, x):
+    return sae.encode(x).float()
+
+
+@torch.no_grad()
+def pooled(model, sae, layer, seqs, specials, amp, batch=32) -> torch.Tensor:
+    """(N, d_model + d_sae) float32 on CPU: residual after block `layer` and its SAE latents, each averaged over the
+    non-special tokens of a sequence (SAEBench's create_meaned_model_activations / get_sae_meaned_activations)."""
+    dev = next(model.parameters()).device
+    out = torch.zeros(len(seqs), model.cfg.d_model + sae.d_sae)
+    for i, idx, lens in _batches(seqs, batch, specials[0], dev):
+        keep = (torch.arange(idx.shape[1], device=dev)[None] < lens[:, None]) & ~torch.isin(idx, specials.to(dev))
+        with amp:
+            x = model.blocks(model.embed(idx), 0, layer)
+        x, w = x.float(), keep.float()[..., None]
+        n = w.sum(1).clamp_min(1)
+        out[i:i + len(idx)] = torch.cat([(x * w).sum(1) / n, (_latents(sae, x) * w).sum(1) / n], 1).cpu()
+    return out
+
+
+@torch.no_grad()
+def word_acts(model, sae, layer, seqs, pos, amp, batch=64):
+    """Residual and latents at position len + pos (pos < 0) of each sequence."""
+    dev = next(model.parameters()).device
+    xs = []
+    for _, idx, lens in _batches(seqs, batch, 0, dev):
+        with amp:
+            x = model.blocks(model.embed(idx), 0, layer)
+        xs.append(x[torch.arange(len(idx), device=dev), lens + pos].float())
+    x = torch.cat(xs)
+    return x.cpu(), _latents(sae, x).cpu()
+
+
+def first_letter_prompts(tok, seed, n_icl=10, template="{word} has the first letter:"):
+    """SAEBench's create_dataset_probe_training on the tokenizer's letter-only tokens: (train, test) lists of
+    (token ids with BOS, letter index); prompts whose word token does not survive tokenisation intact are dropped."""
+    from saebench_data import alpha_tokens
+    vocab = dict((s, i) for i, s in alpha_tokens(tok))
+    rng = random.Random(seed)
+    words = rng.sample(sorted(vocab), len(vocab))
+    cut = int(len(words) * 0.8)
+    pos = -len(tok.encode(template.replace("{word}", ""))) - 1  # the word token (SAEBench: -6 for Gemma)
+    out = []
+    for part in (words[:cut], words[cut:]):
+        rows = []
+        for w in part:
+            ex = rng.sample(part, min(n_icl, len(part) - 1))
+            while w in ex:
+                ex = rng.sample(part, len(ex))
+            lines = [template.format(word=e) + " " + e.strip()[0].upper() for e in ex]
+            ids = [tok.bos_id] + tok.encode("\n" + "\n".join(lines) + "\n" + template.format(word=w))
+            if ids[pos] == vocab[w]:
+                rows.append((ids, LETTERS.index(w.strip()[0].lower())))
+        out.append(rows)
+    return out[0], out[1], pos
+
+
+@torch.no_grad()
+def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
+    """SAEBench core metrics (run_evals) on token batches; specials: BOS / EOS / pad ids."""
+    sums = {k: [] for k in ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "l0", "l1", "cossim")}
+    ms, mad, mr = [], [], []
+    fired = torch.zeros(sae.d_sae, dtype=torch.float64)
+    n_tok, err, sq, s1 = 0, 0.0, 0.0, torch.zeros(sae.d_in, dtype=torch.float64)
+    for idx in batches:
+        keep = ~torch.isin(idx, specials.to(idx.device))
+        with amp:
+            x = model.blocks(model.embed(idx), 0, layer)
+            xf = x[keep].float()
+            f = _latents(sae, xf)
+            xh = sae.decode(f).float()
+            recon = x.clone()
+            recon[keep] = xh.to(x.dtype)
+            h = {s: model.blocks(v, layer + 1) for s, v in (("clean", x), ("sae", recon), ("zero", torch.zeros_like(x)))}
+        T, ids, kp = idx.shape[1], idx.reshape(-1), keep.reshape(-1)
+        flat = {k: v.reshape(-1, v.shape[-1]) for k, v in h.items()}
+        for c in range(0, len(ids), chunk):
+            rows = torch.arange(c, min(c + chunk, len(ids)), device=idx.device)
+            nxt = ids[(rows + 1).clamp(max=len(ids) - 1)]
+            ce_rows = kp[rows] & (rows % T < T - 1)  # SAEBench: CE at t kept when token t is not special
+            with amp:
+                lp = {k: F.log_softmax(model.head(v[c:c + chunk]).float(), -1) for k, v in flat.items()}
+            for k in ("clean", "sae", "zero"):
+                sums[f"ce_{k}"].append(-lp[k].gather(1, nxt[:, None])[:, 0][ce_rows].cpu())
+                if k != "clean":
+                    sums[f"kl_{k}"].append((lp["clean"].exp() * (lp["clean"] - lp[k])).sum(-1)[kp[rows]].cpu())
+        ss = (xf - xh).pow(2).sum(-1).double()
+        sums["l0"].append((f != 0).sum(-1).float().cpu())
+        sums["l1"].append(f.sum(-1).cpu())
+        sums["cossim"].append(F.cosine_similarity(xf, xh, dim=-1, eps=0).cpu())
+        ms.append(xf.pow(2).sum(-1).mean().item())
+        mad.append(xf.pow(2).mean(0).cpu())
+        mr.append(ss.mean().item())
+        fired += (f > 0).sum(0).double().cpu()
+        n_tok += len(xf)
+        err, sq, s1 = err + ss.sum().item(), sq + xf.double().pow(2).sum().item(), s1 + xf.double().sum(0).cpu()
+    m = {k: torch.cat(v).mean().item() for k, v in sums.items()}
+    density = fired / max(n_tok, 1)
+    m.update(ce_loss_score=(m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]),
+             kl_div_score=(m["kl_zero"] - m["kl_sae"]) / m["kl_zero"],
+             explained_variance=1 - float(np.mean(mr)) / (float(np.mean(ms)) - torch.cat(mad).mean().item() ** 2),
+             fvu=err / (sq - (s1.pow(2).sum().item() / max(n_tok, 1))), dead=int((density == 0).sum()),
+             dense=int((density > 0.1).sum()), tokens=n_tok)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run: eval.py --saebench
+
+
+def _tasks(offline: bool, seed: int):
+    import saebench_data as sd
+    tr, te = SIZES["offline" if offline else "hub"]
+    if offline:
+        t = sd.offline_tasks(tr, te, seed)
+        probing = {"stdlib_package": t["package"], "stdlib_kind": t["kind"]}
+        return probing, {"stdlib_package": t["package"]}, {f"stdlib_{a}_{b}": (x, y) for (a, b), x, y in t["scr"]}
+    probing = {n: sd.hub_task(n, tr, te, seed) for n in sd.CLASSES}
+    return (probing, {n: probing[n] for n in ("bias_in_bios_class_set1", "amazon")},
+            {f"{n}_{a}_{b}": sd.hub_scr(n, (a, b), tr, te, seed) for n in sd.SCR_PAIRS for a, b in sd.SCR_PAIRS[n]})
+
+
+def _mean(dicts: list[dict]) -> dict:
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
+
+
+def autointerp(*_):
+    """SAEBench's autointerp scores latent explanations with an LLM judge: not available offline."""
+    return None
+
+
+def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
+    """Table 6 for the first SAE of `saes` [(layer, SAE)]: base model (adapters off) vs adapted (adapters merged),
+    written to cfg.out/saebench.{json,md,png}. Returns the results with the table under 'markdown'."""
+    import json
+    import os
+    import time
+    from data import TokenLoader, load_meta, load_tokenizer
+    from lora import adapters_disabled, lora_modules, merged
+    layer, sae = saes[0]
+    t0 = time.time()
+    meta = load_meta(cfg.data) if cfg.data else {}
+    offline = meta.get("source") == "stdlib"
+    tok = load_tokenizer(cfg.tokenizer or (meta["tokenizer"] if offline else cfg.model))
+    specials = torch.tensor(sorted({i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None}))
+    probing, tpp, scr = _tasks(offline, seed)
+    groups = {}  # every text set once: (task, split, class) -> token ids, BOS + the first 127 tokens (SAEBench)
+    for kind, tasks in (("probing", probing), ("scr", scr)):
+        for name, splits in tasks.items():
+            for split, data in zip(("train", "test"), splits):
+                for c, texts in data.items():
+                    groups[kind, name, split, c] = [[tok.bos_id] + tok.encode(t)[:127] for t in texts]
+    fl_train, fl_test, pos = first_letter_prompts(tok, seed)
+    batches = []
+    if cfg.data:
+        loader = TokenLoader(cfg.data, "val", 8, 128, shuffle=False, device=device)
+        batches = [loader.next_batch() for _ in range(min(32, loader.n_windows // 8))]  # SAEBench core: ctx 128
+    print(f"saebench: {len(groups)} text sets ({sum(map(len, groups.values()))} texts), {len(fl_train)} + "
+          f"{len(fl_test)} first-letter prompts, {len(batches)} core batches ({time.time() - t0:.0f}s)", flush=True)
+    settings = {"base": lambda: adapters_disabled(model)}
+    if lora_modules(model):
+        settings["adapted"] = lambda: merged(model)
+    W_dec, d = sae.W_dec.detach().float().cpu(), model.cfg.d_model
+    res = {"layer": layer, "tasks": "offline (stdlib)" if offline else "hub", "settings": {}}
+    for s, ctx in settings.items():
+        with ctx():
+            feats = {k: pooled(model, sae, layer, v, specials, amp) for k, v in groups.items()}
+            print(f"saebench [{s}]: pooled features cached ({time.time() - t0:.0f}s)", flush=True)
+            m = {"core": core(model, sae, layer, batches, specials, amp)} if batches else {}
+            fl = [word_acts(model, sae, layer, [ids for ids, _ in rows], pos, amp) for rows in (fl_train, fl_test)]
+        print(f"saebench [{s}]: core done ({time.time() - t0:.0f}s)", flush=True)
+        sp = []
+        for name in probing:
+            torch.manual_seed(seed)
+            tr = {c: feats["probing", name, "train", c] for c in probing[name][0]}
+            te = {c: feats["probing", name, "test", c] for c in probing[name][1]}
+            r = {"llm_test_accuracy": probe_accuracies({c: v[:, :d] for c, v in tr.items()},
+                                                       {c: v[:, :d] for c, v in te.items()})}
+            r["sae_test_accuracy"] = probe_accuracies({c: v[:, d:] for c, v in tr.items()}, {c: v[:, d:] for c, v in te.items()})
+            for k in K_VALUES:
+                r[f"sae_top_{k}_test_accuracy"] = probe_accuracies({c: v[:, d:] for c, v in tr.items()},
+                                                                   {c: v[:, d:] for c, v in te.items()}, k)
+            sp.append({k: sum(v.values()) / len(v) for k, v in r.items()})
+        m["sparse_probing"] = _mean(sp)
+        runs = []
+        for name in tpp:
+            torch.manual_seed(seed)
+            runs.append(scr_tpp_task({c: feats["probing", name, "train", c] for c in tpp[name][0]},
+                                     {c: feats["probing", name, "test", c] for c in tpp[name][1]}, W_dec, d, False)[0])
+        m["tpp"] = _mean(runs)
+        runs = []
+        for name in scr:
+            torch.manual_seed(seed)
+            runs.append(scr_tpp_task({c: feats["scr", name, "train", c] for c in scr[name][0]},
+                                     {c: feats["scr", name, "test", c] for c in scr[name][1]}, W_dec, d, True)[0])
+        m["scr"] = _mean(runs)
+        print(f"saebench [{s}]: sparse probing, TPP, SCR done ({time.time() - t0:.0f}s)", flush=True)
+        torch.manual_seed(seed)
+        m["absorption"] = absorption(fl[0][0], torch.tensor([y for _, y in fl_train]), fl[1][0],
+                                     torch.tensor([y for _, y in fl_test]), fl[0][1], fl[1][1], W_dec)
+        m["autointerp"] = autointerp(model, sae)
+        print(f"saebench [{s}]: absorption done ({time.time() - t0:.0f}s)", flush=True)
+        res["settings"][s] = m
+    res["seconds"] = time.time() - t0
+    res["markdown"] = table(res)
+    os.makedirs(cfg.out, exist_ok=True)
+    from eval import _jsonable, _write
+    _write(os.path.join(cfg.out, "saebench.json"), json.dumps(_jsonable(res), indent=1))
+    _write(os.path.join(cfg.out, "saebench.md"), res["markdown"])
+    if cfg.plots:
+        plot(res, os.path.join(cfg.out, "saebench.png"))
+    return res
+
+
+def rows(m: dict) -> list[tuple[str, float | None]]:
+    out = [(f"SCR METRIC @{n}", m["scr"].get(f"scr_metric_threshold_{n}")) for n in N_VALUES]
+    out += [(f"TPP METRIC @{n}", m["tpp"][f"tpp_threshold_{n}_total_metric"]) for n in N_VALUES]
+    out += [(f"SPARSE PROBING (TOP {k})", m["sparse_probing"][f"sae_top_{k}_test_accuracy"]) for k in K_VALUES]
+    out += [("SPARSE PROBING (TEST)", m["sparse_probing"]["sae_test_accuracy"]),
+            ("(LLM probe accuracy)", m["sparse_probing"]["llm_test_accuracy"]),
+            ("AUTOINTERP", m["autointerp"]), ("ABSORPTION", m["absorption"]["mean_absorption_fraction"])]
+    c = m.get("core", {})
+    out += [(name, c.get(key)) for name, key in (("L0", "l0"), ("FVU", "fvu"), ("EXPLAINED VARIANCE (SAEBench)",
+            "explained_variance"), ("COSINE SIMILARITY", "cossim"), ("CE LOSS SCORE", "ce_loss_score"),
+            ("KL SCORE", "kl_div_score"), ("DEAD LATENTS", "dead"), ("DENSE LATENTS (>10%)", "dense"))]
+    return out
+
+
+def table(res: dict) -> str:
+    cols = [s for s in ("adapted", "base") if s in res["settings"]]
+    vals = {s: dict(rows(res["settings"][s])) for s in cols}
+    names = {"adapted": "LORA MODEL", "base": "BASE MODEL"}
+    lines = [f"## SAEBench (layer {res['layer']} SAE, {res['tasks']} tasks; Table 6)", "",
+             "| metric | " + " | ".join(names[s] for s in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, _ in rows(res["settings"]["base"]):
+        cell = [("n/a (needs an LLM judge)" if name == "AUTOINTERP" else "-") if vals[s][name] is None else
+                f"{vals[s][name]:.3f}" if isinstance(vals[s][name], float) else str(vals[s][name]) for s in cols]
+        lines.append(f"| {name} | " + " | ".join(cell) + " |")
+    ab = res["settings"]["base"]["absorption"]
+    lines += ["", f"absorption over {ab['letters_evaluated']} letters with probe F1 > 0.6"
+              + ("" if ab["valid"] else " (SAEBench needs 20 and would report none)")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("saebench plot skipped: matplotlib is not installed; every number is in saebench.json")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    for s, m in res["settings"].items():
+        r = dict(rows(m))
+        for ax, xs, key in ((axes[0], N_VALUES, "SCR METRIC @{}"), (axes[1], N_VALUES, "TPP METRIC @{}"),
+                            (axes[2], K_VALUES, "SPARSE PROBING (TOP {})")):
+            ax.plot(xs, [r[key.format(x)] for x in xs], marker="o", label=s)
+            ax.set_xscale("log"), ax.set_title(key.split(" @")[0].split(" (")[0]), ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
