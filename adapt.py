@@ -23,7 +23,7 @@ import embedded
 from data import TokenLoader, check_data_matches
 from lora import adapter_parameters, apply_lora, layers_around_saes, save_adapter
 from model import Transformer
-from splice import evaluate, final_streams, kl_and_ce, load_saes, original_pass, spliced_pass
+from splice import evaluate, final_streams, kept_tokens, kl_and_ce, load_saes, original_pass, spliced_pass
 
 
 @dataclass
@@ -41,7 +41,9 @@ class AdaptConfig:
     lora_layers: str | None = None  # all | after | 3,4,5: layers to adapt; none: all for TopK SAEs, the layers
     # after the SAE for JumpReLU SAEs (paper Sec. 4.2)
     allow_before_jumprelu: bool = False  # adapt layers that feed a JumpReLU SAE, although that changes its sparsity
-    splice_bos: bool = False  # splice the SAE at BOS too (default: BOS keeps its activation, as SAELens evaluates)
+    sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
+    # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
+    # no_bos | no_bos_eos
     max_tokens: int = 15_000_000  # training tokens (paper: 15M)
     batch_size: int = 1  # sequences per optimizer step, over all processes (authors' code: 1)
     micro_batch: int | None = None  # sequences per process per forward; none: batch_size / processes. Smaller
@@ -97,7 +99,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         common.shard_layers(model)
         params = adapter_parameters(model)  # now DTensors, each rank holding its shard
     share_prefix = min(lora_layers) > saes[0][0]  # blocks 0..L are the same in both passes: run them once
-    bos = model.cfg.bos_token_id
+    keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                f"{[layer for layer, _ in saes]} ({', '.join(s.arch for _, s in saes)}); LoRA rank {cfg.rank} on "
                f"layers {lora_layers[0]}..{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
@@ -139,7 +141,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
                                    step=step, history=history, elapsed=elapsed, config=asdict(cfg)), ckpt_path)
 
     def held_out():
-        res = evaluate(model, saes, val_batches, bos, splice_bos=cfg.splice_bos, chunk=cfg.kl_chunk, amp=amp)
+        res = evaluate(model, saes, val_batches, keep, chunk=cfg.kl_chunk, amp=amp)
         history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, **res))
         common.log(f"step {step} | val CE original {res['ce_base']:.4f} | with SAE {res['ce_sae']:.4f} | with SAE + "
                    f"LoRA {res['ce_sae_lora']:.4f} | gap closed {res['gap_closed']:.1%} | KL {res['kl_sae']:.4f} -> "
@@ -161,8 +163,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         for _ in range(accum):
             idx = train.next_batch()
             with amp:
-                h_orig, h = final_streams(model, saes, idx, bos, splice_bos=cfg.splice_bos, share_prefix=share_prefix,
-                                          passes=passes)
+                h_orig, h = final_streams(model, saes, idx, keep, share_prefix=share_prefix, passes=passes)
                 kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction)
             (kl / accum).backward()
             kl_sum, ce_sum = kl_sum + kl.detach() / accum, ce_sum + ce.detach() / accum

@@ -16,7 +16,7 @@ What each section computes (eval.json holds every number, eval.md the tables, *.
 - core: on held-out windows (every one starts with BOS), next-token CE per token and KL(p_orig || p_setting) per
   token, both means over all predicted tokens; gap closed = (CE_sae - CE_sae_lora) / (CE_sae - CE_original).
   Per SAE, on the original model's activations at its layer, over the tokens it replaces (BOS kept unless
-  --splice-bos): FVU = sum |x - x_hat|^2 / sum |x - mean x|^2, L0 = mean active latents per token, dead latents =
+  --sae-positions): FVU = sum |x - x_hat|^2 / sum |x - mean x|^2, L0 = mean active latents per token, dead latents =
   latents active on none of these tokens; the same on the adapted model's own activations (differs only for adapters
   on layers before the SAE).
 - per_token (Fig. 8): d = CE_sae_lora - CE_sae per token (< 0: LoRA improved it); shares improved / degraded /
@@ -44,7 +44,7 @@ import multiple_choice
 import steering
 from lora import adapters_disabled, load_adapter, merged
 from model import Transformer
-from splice import gap_closed, load_saes, spliced_pass
+from splice import gap_closed, kept_tokens, load_saes, spliced_pass
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -65,7 +65,9 @@ class EvalConfig:
     eval_tokens: int = 1_000_000  # held-out tokens (paper: 1M for the CE table, Sec. 4; 500k for distances, Sec. 6.2)
     batch_size: int = 4  # sequences per forward
     seq_len: int = 1024  # tokens per sequence
-    splice_bos: bool = False  # splice the SAE at BOS too (default: BOS keeps its activation, as adapt.py trains)
+    sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
+    # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
+    # no_bos | no_bos_eos
     distances: bool = True  # activation distances (Fig. 11); keeps the original streams of a batch: off saves memory
     steering_pos: str | None = None  # steering (Sec. 5.2): jsonl of {"text": ...} the latent should make likelier
     steering_neg: str | None = None  # steering: test negatives (jsonl)
@@ -144,7 +146,7 @@ class SAEStats:
 
 
 @torch.no_grad()
-def core_eval(model, saes, batches, bos_id, cfg: EvalConfig, amp, adapted: bool, label: str = "") -> dict:
+def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, adapted: bool, label: str = "") -> dict:
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
     sums = {s: {"ce": 0.0, "kl": 0.0} for s in settings}
@@ -155,14 +157,14 @@ def core_eval(model, saes, batches, bos_id, cfg: EvalConfig, amp, adapted: bool,
     token_ce = {s: [] for s in spliced}
     n_tok, prog = 0, common.Progress(len(batches), f"core{label}")
     for idx in batches:
-        keep = torch.ones_like(idx, dtype=torch.bool) if cfg.splice_bos else idx != bos_id  # tokens the SAE replaces
-        w = keep.float()
+        spliced_at = ~torch.isin(idx, torch.tensor(keep, dtype=idx.dtype, device=idx.device))  # the positions the SAE replaces
+        w = spliced_at.float()
         acts = {}
 
         def watch_stats(setting):
             def watch(layer, x, _):
                 if layer in by_layer:
-                    stats[setting][by_layer[layer]].update(x[keep])
+                    stats[setting][by_layer[layer]].update(x[spliced_at])
                 if setting == "original" and cfg.distances and layer >= first:
                     acts[layer] = x
             return watch
@@ -178,13 +180,13 @@ def core_eval(model, saes, batches, bos_id, cfg: EvalConfig, amp, adapted: bool,
         finals = {}
         dist = cfg.distances
         with amp, adapters_disabled(model):
-            finals["original"] = spliced_pass(model, [], idx, bos_id, watch=watch_stats("original"))
-            finals["sae"] = spliced_pass(model, saes, idx, bos_id, splice_bos=cfg.splice_bos,
+            finals["original"] = spliced_pass(model, [], idx, watch=watch_stats("original"))
+            finals["sae"] = spliced_pass(model, saes, idx, keep,
                                           watch=watch_distance("sae") if dist else None)
         if adapted:
             with amp, merged(model):
-                finals["lora"] = spliced_pass(model, [], idx, bos_id, watch=watch_stats("lora"))
-                finals["sae_lora"] = spliced_pass(model, saes, idx, bos_id, splice_bos=cfg.splice_bos,
+                finals["lora"] = spliced_pass(model, [], idx, watch=watch_stats("lora"))
+                finals["sae_lora"] = spliced_pass(model, saes, idx, keep,
                                                   watch=watch_distance("sae_lora") if dist else None)
         acts.clear()
         # per-token CE and KL(p_orig || p_setting), the vocabulary projection a chunk of tokens at a time
@@ -400,6 +402,7 @@ def run(cfg: EvalConfig) -> dict:
     for adapter in cfg.adapter:
         check_adapter(model, adapter)
     bos_id = model.cfg.bos_token_id
+    keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
     batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), d.device) if cfg.data else []
     tok = None
     if texts or bench_qs:
@@ -421,11 +424,11 @@ def run(cfg: EvalConfig) -> dict:
     res = {"model": cfg.model, "config": asdict(cfg), "device": str(d.device),
            "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
     if bench_qs:  # adapter-independent settings: computed once
-        res["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, bos_id, cfg, amp, s)
+        res["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)
                              for s in ("original", "sae")}
     if steer:
         res["steering"] = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice,
-                           "base": steering.steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "original")}
+                           "base": steering.steering_eval(model, seqs, saes, v, s_layer, keep, cfg, amp, "original")}
     names = [os.path.basename(os.path.normpath(a)) for a in cfg.adapter]
     names = names if len(set(names)) == len(names) else list(cfg.adapter)  # e.g. several runs' ".../adapter"
     for gi, adapter in enumerate(cfg.adapter or [None]):
@@ -438,12 +441,12 @@ def run(cfg: EvalConfig) -> dict:
             model.requires_grad_(False)
             common.log(f"adapter {adapter}")
         if batches:
-            g.update(core_eval(model, saes, batches, bos_id, cfg, amp, adapter is not None, f" [{g['name']}]"))
+            g.update(core_eval(model, saes, batches, keep, cfg, amp, adapter is not None, f" [{g['name']}]"))
         if adapter and bench_qs:
-            g["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, bos_id, cfg, amp, s)
+            g["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)
                                for s in ("sae_lora", "lora")}
         if adapter and steer:
-            g["steering"] = steering.steering_eval(model, seqs, saes, v, s_layer, bos_id, cfg, amp, "lora")
+            g["steering"] = steering.steering_eval(model, seqs, saes, v, s_layer, keep, cfg, amp, "lora")
             g["steering_compare"] = steering.steering_compare(res["steering"]["base"], g["steering"])
         res["groups"].append(g)
     if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)

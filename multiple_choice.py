@@ -208,10 +208,10 @@ def bench_scores(qs, lls) -> dict:
     return {**out, "ll": [list(map(float, ll)) for ll in lls]}
 
 
-def evaluate(model, prepared: dict, saes, bos_id, cfg, amp, setting: str) -> dict:
+def evaluate(model, prepared: dict, saes, keep, cfg, amp, setting: str) -> dict:
     """Every prepared benchmark's scores for one setting (original / sae / sae_lora / lora)."""
     out = {}
-    hooks = hooks_for(saes if "sae" in setting else [], bos_id, splice_bos=cfg.splice_bos)
+    hooks = hooks_for(saes if "sae" in setting else [], keep)
     with setting_context(model, setting):
         for bench, (qs, seqs, queries, slots) in prepared.items():
             lps = score(model, seqs, queries, hooks, amp, cfg.bench_batch, cfg.chunk, f"{bench} [{setting}]")

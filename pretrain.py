@@ -37,28 +37,25 @@ class PretrainConfig:
     family: str = "gemma2"  # gemma2 | llama3
     out: str = ""  # output folder; default <cache>/tiny-<family>
     data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
-    # model shape: the default (3.0M parameters) came out of a size sweep for the best validation loss in about
-    # 10 minutes on 2 CPU cores (d_model 128 / 192 / 256 at a quarter of that budget: 192 was level with 128 and
-    # ahead of 256, and larger models gain more from a longer run)
-    d_model: int = 192
-    n_layer: int = 4
-    n_head: int = 6
-    n_kv_head: int = 3
-    head_dim: int = 32
-    d_ff: int = 768
+    d_model: int = 192  # width. The default shape (3.0M parameters) won a size sweep for the best validation loss
+    # in about 10 minutes on 2 CPU cores (d_model 128 / 192 / 256 at a quarter of that budget)
+    n_layer: int = 4  # decoder blocks
+    n_head: int = 6  # attention heads
+    n_kv_head: int = 3  # key/value heads (grouped-query attention)
+    head_dim: int = 32  # width of each head
+    d_ff: int = 768  # MLP hidden width
     sliding_window: int = 64  # Gemma-2's local layers (shorter than seq_len so that it matters)
-    # optimisation
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per sequence
     batch_size: int = 16  # sequences per step per process
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps accumulated per optimizer step
     max_steps: int = 1000  # about 4M tokens, 1.2 epochs of the stdlib corpus
     stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
     lr: float = 6e-3  # AdamW peak learning rate (3e-3 and 6e-3 were within 0.02 nats in the sweep)
     min_lr_frac: float = 0.1  # the cosine decay ends at lr x this
     warmup_frac: float = 0.05  # fraction of the steps warming up linearly
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW weight decay of the matrices and embeddings (norms: none)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0
     # bookkeeping
     eval_interval: int = 250  # steps between validation losses

@@ -71,7 +71,9 @@ def known_saes() -> list[str]:
 
 def load_sae(path: str, device=None, dtype=None) -> SAE:
     fmt, path = detect(resolve_sae(path))
-    return _build(LOADERS[fmt](path), source=path, device=device, dtype=dtype)
+    sae = _build(LOADERS[fmt](path), source=path, device=device, dtype=dtype)
+    sae.source_format = fmt  # which positions it is spliced at depends on where it comes from (splice.kept_tokens)
+    return sae
 
 
 def resolve_sae(path: str) -> str:

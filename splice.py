@@ -22,11 +22,35 @@ from model import Transformer, next_token_ce
 from sae import SAE
 
 
-def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, bos_id: int | None, *, splice_bos: bool = False):
-    """Hooks for model(..., hooks=...): the stream after block L becomes SAE_L(stream). BOS positions keep their
-    original activation unless splice_bos: their norm is an outlier that SAEs are not trained on (Gemma Scope,
-    SAELens evaluate without BOS)."""
-    keep = (idx == bos_id)[..., None] if (bos_id is not None and not splice_bos) else None
+# Which positions get the SAE. The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope) everywhere
+# but at BOS and EOS tokens, and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what
+# train_sae.py writes, trained without BOS) everywhere but BOS. BOS activations have outlier norms that most SAEs
+# never saw in training.
+POSITIONS = {"all": (), "no_bos": ("bos",), "no_bos_eos": ("bos", "eos")}
+AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "llama_scope": "no_bos_eos", "sparsify": "all", "saelens": "no_bos"}
+
+
+def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
+    """The token ids whose positions keep their original activation. "auto" chooses per SAE file format as above
+    (with SAEs of several formats, a position is kept if any of them keeps it)."""
+    if positions == "auto":
+        chosen = {AUTO_POSITIONS.get(getattr(s, "source_format", None), "no_bos") for _, s in saes}
+        positions = next((p for p in ("no_bos_eos", "no_bos", "all") if p in chosen), "no_bos")
+    if positions not in POSITIONS:
+        raise ValueError(f"--sae-positions {positions!r}: expected auto, {', '.join(POSITIONS)}")
+    ids = {"bos": [model_cfg.bos_token_id], "eos": model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, list)
+           else [model_cfg.eos_token_id]}
+    return tuple(sorted({i for name in POSITIONS[positions] for i in ids[name] if i is not None}))
+
+
+def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, keep=()):
+    """Hooks for model(..., hooks=...): the stream after block L becomes SAE_L(stream), except at positions holding a
+    token of `keep` (an id or a tuple of ids, see kept_tokens), which keep their original activation."""
+    keep = (keep,) if isinstance(keep, int) else tuple(k for k in (keep or ()) if k is not None)
+    if keep:
+        keep = torch.isin(idx, torch.tensor(keep, device=idx.device))[..., None]
+    else:
+        keep = None
 
     def make(sae):
         def hook(x):
@@ -36,11 +60,11 @@ def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, bos_id: int | N
     return {layer: make(sae) for layer, sae in saes}
 
 
-def kl_reference(model: Transformer, saes, idx, bos_id, *, splice_bos: bool = False) -> torch.Tensor:
+def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
     """Eq. 7: KL(p_orig || p_spliced), mean over every predicted token, gradients to the adapters only."""
     with torch.no_grad(), adapters_disabled(model):
         logp_orig = F.log_softmax(model(idx).float(), dim=-1)  # the original model: no SAE, no adapters
-    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, bos_id, splice_bos=splice_bos)).float(), dim=-1)
+    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, keep)).float(), dim=-1)
     return (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
 
 
@@ -67,34 +91,34 @@ def _watcher(watch, layer):
     return hook
 
 
-def spliced_pass(model: Transformer, saes, idx, bos_id, *, splice_bos: bool = False, prefix=None, watch=None):
+def spliced_pass(model: Transformer, saes, idx, keep=(), *, prefix=None, watch=None):
     """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given.
     watch(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
     after (the same tensor where no SAE sits)."""
-    hooks = splice_hooks(saes, idx, bos_id, splice_bos=splice_bos)
+    hooks = splice_hooks(saes, idx, keep)
     start = 0 if prefix is None else saes[0][0]
     if watch is not None:
-        def wrap(layer):
+        def wrap(layer, splice):
             def hook(x):
-                y = hooks[layer](x) if layer in hooks else x
+                y = splice(x) if splice is not None else x
                 watch(layer, x, y)
                 return y
             return hook
-        hooks = {layer: wrap(layer) for layer in range(start, model.cfg.n_layer)}
+        hooks = {layer: wrap(layer, hooks.get(layer)) for layer in range(start, model.cfg.n_layer)}
     if prefix is None:
         return model.blocks(model.embed(idx), hooks=hooks)
     x = hooks.pop(start)(prefix)
     return model.blocks(x, start + 1, hooks=hooks) if start + 1 < model.cfg.n_layer else x
 
 
-def final_streams(model: Transformer, saes, idx, bos_id, *, splice_bos: bool = False, share_prefix: bool = False,
+def final_streams(model: Transformer, saes, idx, keep=(), *, share_prefix: bool = False,
                   passes=None):
     """(original, spliced) final residual streams. `passes` are compiled (original_pass, spliced_pass): compiled
     apart, as one graph mixing a no-grad region with the SAE's custom autograd function loses its gradients."""
     original, spliced = passes or (original_pass, spliced_pass)
     with torch.no_grad(), adapters_disabled(model):
         h_orig, prefix = original(model, idx, saes[0][0], share_prefix=share_prefix)
-    return h_orig, spliced(model, saes, idx, bos_id, splice_bos=splice_bos, prefix=prefix)
+    return h_orig, spliced(model, saes, idx, keep, prefix=prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -139,7 +163,7 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, reduction: str 
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, saes, batches, bos_id, *, splice_bos: bool = False, chunk: int, amp) -> dict:
+def evaluate(model: Transformer, saes, batches, keep=(), *, chunk: int, amp) -> dict:
     """On held-out tokens: CE of the original model, with the SAE(s), with SAE(s) + LoRA; mean KL per token to the
     original model for the last two; and the fraction of the CE gap closed. A model without adapters (an SAE
     checkpoint scored alone) skips the third pass: it equals the second."""
@@ -151,9 +175,9 @@ def evaluate(model: Transformer, saes, batches, bos_id, *, splice_bos: bool = Fa
         with amp:
             with adapters_disabled(model):
                 total, count = next_token_ce(model, idx, None, chunk)
-                kl_sae, ce_sae = kl_and_ce(model, *final_streams(model, saes, idx, bos_id, splice_bos=splice_bos),
+                kl_sae, ce_sae = kl_and_ce(model, *final_streams(model, saes, idx, keep),
                                            idx, chunk=chunk)
-            kl_lora, ce_lora = kl_and_ce(model, *final_streams(model, saes, idx, bos_id, splice_bos=splice_bos),
+            kl_lora, ce_lora = kl_and_ce(model, *final_streams(model, saes, idx, keep),
                                          idx, chunk=chunk) if adapted else (kl_sae, ce_sae)
         for key, value in zip(keys, (total / count, ce_sae, ce_lora, kl_sae, kl_lora)):
             sums[key] += float(value) * count
@@ -204,9 +228,9 @@ def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, wha
     return out
 
 
-def hooks_for(saes, bos_id, *, splice_bos: bool = False):
+def hooks_for(saes, keep=()):
     """idx -> the splice hooks for that batch (none without SAEs): what score() takes."""
-    return lambda idx: splice_hooks(saes, idx, bos_id, splice_bos=splice_bos) if saes else {}
+    return lambda idx: splice_hooks(saes, idx, keep) if saes else {}
 
 
 def setting_context(model, setting: str):

@@ -61,14 +61,14 @@ def steer_hook(v: torch.Tensor, alpha: float, inner=None):
     return hook
 
 
-def steering_eval(model, seqs: dict, saes, v, layer, bos_id, cfg, amp, setting: str) -> dict:
+def steering_eval(model, seqs: dict, saes, v, layer, keep, cfg, amp, setting: str) -> dict:
     """Mean next-token log-likelihood of every text set unsteered and steered, alpha tuned (or fixed), for one model
     (setting "original": adapters off; "lora": adapters merged)."""
     queries = {k: [[(p - 1, s[p]) for p in range(1, len(s))] for s in ss] for k, ss in seqs.items()}
 
     def loglik(name, alpha):
         def hooks_for(idx):
-            hooks = splice_hooks(saes, idx, bos_id, splice_bos=cfg.splice_bos) if cfg.steering_splice else {}
+            hooks = splice_hooks(saes, idx, keep) if cfg.steering_splice else {}
             if alpha is not None:
                 hooks[layer] = steer_hook(v, alpha, hooks.get(layer))
             return hooks

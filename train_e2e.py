@@ -26,7 +26,7 @@ import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer, next_token_ce
 from sae import SAE, geometric_median, update_since_fired
-from splice import kl_and_ce, original_pass, splice_hooks, spliced_pass
+from splice import kept_tokens, kl_and_ce, original_pass, splice_hooks, spliced_pass
 
 
 @dataclass
@@ -38,6 +38,8 @@ class E2EConfig:
     layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
     k: int = 64  # active latents per token, as the TopK baseline (paper: 64)
     expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
+    recipe: str = "gao"  # gao: the defaults below | authors: the paper authors' e2e runs (one sequence per step, KL
+    # summed over it, all positions, 1000 warmup steps then linear decay), for flags not typed
     ds_coef: float = 0.0  # > 0: e2e+ds, downstream reconstruction MSE (normalised per layer) weighted by this
     max_tokens: int = 50_000_000  # training tokens
     batch_size: int = 4  # sequences per process per step
@@ -47,10 +49,12 @@ class E2EConfig:
     decay_frac: float = 0.2  # fraction of the steps decaying linearly to zero at the end
     grad_clip: float = 1.0  # gradient norm clip
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    splice_bos: bool = False  # splice the SAE at BOS too (default: BOS keeps its activation, as adapt.py)
+    sae_positions: str = "no_bos"  # where the SAE is spliced: no_bos (BOS keeps its activation, as train_sae.py
+    # excludes it) | all (the authors' e2e runs) | no_bos_eos
     autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
     compile: bool = True  # torch.compile the no-grad original pass (the spliced pass stays eager)
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk
+    kl_reduction: str = "token"  # token: KL mean per token | sequence: summed over each sequence (the authors')
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 200  # steps between validation CE-with-SAE measurements
     eval_batches: int = 8  # validation batches of batch_size sequences
@@ -61,7 +65,13 @@ class E2EConfig:
 
 def main(argv=None) -> dict:
     cfg, typed = common.parse_args(E2EConfig, argv)
-    return run(embedded.fill(cfg, typed, "train_e2e"))
+    embedded.fill(cfg, typed, "train_e2e")
+    if cfg.recipe == "authors":  # their trainer with e2e=True (es/trainer.py:333-399)
+        common.fill(cfg, typed, dict(batch_size=1, kl_reduction="sequence", sae_positions="all", decay_frac=1.0,
+                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))))
+    elif cfg.recipe != "gao":
+        raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
+    return run(cfg)
 
 
 def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
@@ -81,7 +91,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
     amp = common.autocast(d.device, cfg.autocast)
-    bos = model.cfg.bos_token_id
+    keep = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
 
     # -- data -----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
@@ -129,7 +139,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
         total, n = 0.0, 0
         with amp:
             for idx in val_batches:
-                s, c = next_token_ce(model, idx, splice_hooks([(layer, sae)], idx, bos, splice_bos=cfg.splice_bos))
+                s, c = next_token_ce(model, idx, splice_hooks([(layer, sae)], idx, keep))
                 total, n = total + s, n + c
         sae.train()
         t = common.all_reduce_mean(torch.tensor([total, n], dtype=torch.float64))
@@ -148,15 +158,15 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
         idx = loader.next_batch()
         acts = {"orig": {}, "spliced": {}}  # e2e+ds: the later blocks' outputs of both passes
 
-        def keep(which):
+        def record(which):
             return (lambda i, x, y: acts[which].__setitem__(i, y) if i in later else None) if later else None
         with amp:
             with torch.no_grad():  # the prefix up to the layer is the same computation in both passes: run it once
-                h_orig, prefix = original(model, idx, layer, share_prefix=True, watch=keep("orig"))
+                h_orig, prefix = original(model, idx, layer, share_prefix=True, watch=record("orig"))
                 values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
-            h = spliced_pass(model, [(layer, sae)], idx, bos, splice_bos=cfg.splice_bos, prefix=prefix,
-                             watch=keep("spliced"))
-            kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk)
+            h = spliced_pass(model, [(layer, sae)], idx, keep, prefix=prefix,
+                             watch=record("spliced"))
+            kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction)
             loss = kl
             if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
                 o, s = acts["orig"], acts["spliced"]

@@ -33,6 +33,8 @@ class TrainSAEConfig:
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
     out: str = "out/sae"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and history.json go here
     layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
+    recipe: str = "gao"  # gao: Gao et al.'s (the defaults below) | authors: the paper authors' trainer (one
+    # unshuffled sequence per step, all positions, AuxK off, 1000 warmup steps then linear decay), for flags not typed
     arch: str = "topk"  # topk | batchtopk | jumprelu
     k: int = 64  # TopK / BatchTopK: active latents per token (paper: 64)
     expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
@@ -157,7 +159,14 @@ def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, scale: float, cfg:
 
 def main(argv=None) -> dict:
     cfg, typed = common.parse_args(TrainSAEConfig, argv)
-    return run(embedded.fill(cfg, typed, "train_sae"))
+    embedded.fill(cfg, typed, "train_sae")
+    if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
+        common.fill(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1, auxk_coef=0.0,
+                                     include_bos=True, decay_frac=1.0,
+                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))))
+    elif cfg.recipe != "gao":
+        raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
+    return run(cfg)
 
 
 def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:

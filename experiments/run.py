@@ -60,6 +60,7 @@ class ExpConfig:
     lora_tokens: int = 250_000  # LoRA tokens per TopK checkpoint on the frontier (paper: 15M on Gemma-2-2B)
     adapt_tokens: int = 1_000_000  # LoRA tokens in rank / layers / multi / jumprelu (paper: 15M)
     frontier_ckpts: str = "10,20,30,50,100"  # TopK checkpoints (% of training) adapted on the frontier
+    recipe: str = "gao"  # SAE trainers on the frontier: gao (train_sae.py's defaults) | authors (their trainer)
     fresh: bool = False  # redo steps whose output already exists
     out: str = "out/exp"
 
@@ -105,8 +106,8 @@ def embedded_paths(cfg: ExpConfig) -> tuple[str, str, int, ModelConfig]:
 
 
 def train_topk(cfg: ExpConfig, out: str, layer: int, tokens: int, arch: str = "topk", extra=()) -> str:
-    run(cfg, "train_sae.py", out, ["--layer", str(layer), "--arch", arch, "--k", str(cfg.k), "--expansion",
-                                   str(cfg.expansion), "--max-tokens", str(tokens), *extra],
+    run(cfg, "train_sae.py", out, ["--recipe", cfg.recipe, "--layer", str(layer), "--arch", arch, "--k", str(cfg.k),
+                                   "--expansion", str(cfg.expansion), "--max-tokens", str(tokens), *extra],
         "history.json")
     return out
 
@@ -134,7 +135,7 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
     model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
     saes = splice.load_saes(sae_dirs, layers or None, model, device)
     a, batches = held_out_batches(cfg, device)
-    res = splice.evaluate(model, saes, batches, model.cfg.bos_token_id, splice_bos=a.splice_bos, chunk=a.kl_chunk,
+    res = splice.evaluate(model, saes, batches, splice.kept_tokens(saes, model.cfg, a.sae_positions), chunk=a.kl_chunk,
                           amp=common.autocast(device, a.autocast))
     return dict(ce_base=res["ce_base"], ce_sae=res["ce_sae"], kl_sae=res["kl_sae"])
 
@@ -189,8 +190,8 @@ def frontier(cfg: ExpConfig):
     root = os.path.join(cfg.out, "frontier")
     topk = train_topk(cfg, os.path.join(root, "topk"), layer, cfg.sae_tokens)
     e2e = os.path.join(root, "e2e")
-    e2e_args = ["--layer", str(layer), "--k", str(cfg.k), "--expansion", str(cfg.expansion), "--max-tokens",
-                str(cfg.e2e_tokens)]
+    e2e_args = ["--recipe", cfg.recipe, "--layer", str(layer), "--k", str(cfg.k), "--expansion", str(cfg.expansion),
+                "--max-tokens", str(cfg.e2e_tokens)]
     if tiny(cfg):
         e2e_args += ["--batch-size", "8", "--seq-len", "256", "--dead-tokens", "1000000", "--eval-interval", "100000"]
     run(cfg, "train_e2e.py", e2e, e2e_args, "cfg.json")
@@ -254,7 +255,8 @@ def frontier(cfg: ExpConfig):
     for q in points["topk_lora"]:
         table.append(f"| {q['pct']}% | {q['sae_time']:.0f} s | {q['lora_time']:.0f} s | {q['ce_before']:.4f} | "
                      f"{q['ce']:.4f} |")
-    save("frontier", dict(points=points, ce_base=ce_base, speedups=rows_t, config=asdict(cfg),
+    table.insert(0, f"SAE trainers: the {cfg.recipe} recipe (--recipe {cfg.recipe}).\n")
+    save("frontier", dict(points=points, ce_base=ce_base, speedups=rows_t, recipe=cfg.recipe, config=asdict(cfg),
                           wall_seconds=time.time() - t0), "\n".join(table))
 
     plt = pyplot()

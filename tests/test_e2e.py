@@ -21,6 +21,10 @@ def files(tmp_path_factory):
     return dict(model=make_trained_model(root / "model", data), data=data)
 
 
+def with_layer(argv, layer):
+    return [layer if i and argv[i - 1] == "--layer" else a for i, a in enumerate(argv)]
+
+
 def args(files, out, *extra):
     return ["--model", files["model"], "--data", files["data"], "--out", str(out), "--layer", "1", "--k", "4",
             "--expansion", "4", "--max-tokens", "6144", "--batch-size", "8", "--seq-len", "32", "--eval-interval",
@@ -74,7 +78,7 @@ def test_resume(files, tmp_path, monkeypatch):
 
 def test_bad_input(files, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
-        train_e2e.main(args(files, tmp_path, "--layer", "3"))
+        train_e2e.main(with_layer(args(files, tmp_path), "3"))
     with pytest.raises(ValueError, match="larger than the number of latents"):
         train_e2e.main(args(files, tmp_path, "--k", "5000"))
 

@@ -90,21 +90,94 @@ def test_design_card_line_on_the_tiny_model_says_what_to_run():
     assert "embedded tiny model has 4 layers" in line and "--model google/gemma-2-2b --layer 12" in line
 
 
-def test_user_errors_are_one_line_and_exit_2(tmp_path):
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """A good model / data / SAE, and one broken copy of each kind a user brings by mistake."""
+    import shutil
+
+    import torch
+
+    from sae import SAE
     from tests.tiny import make_data, make_model, make_sae
-    model, data, sae = make_model(tmp_path / "m"), make_data(tmp_path / "d"), make_sae(tmp_path / "s", layer=1)
-    base = ["adapt.py", "--model", model, "--data", data, "--out", str(tmp_path / "o"), "--compile", "false",
-            "--max-tokens", "256", "--seq-len", "32"]
-    bad = (tmp_path / "ckpt").mkdir() or tmp_path / "ckpt"
-    (bad / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
-    for args, expect in [((*base, "--sae", str(tmp_path / "nope")), "nope"),
-                         ((*base, "--sae", sae, "--layer", "99"), "out of range"),
-                         ((*base, "--sae", sae, "--rank", "0"), "rank must be"),
-                         ((*base, "--sae", sae, "--out", str(bad), "--resume"), "unreadable checkpoint")]:
-        proc = cli(*args)
-        assert proc.returncode == 2, (args, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert proc.stderr.startswith("adapt.py: error:") and expect in proc.stderr, proc.stderr
-    assert os.path.isfile(bad / "ckpt.pt")  # nothing lost
-    proc = cli(*base, "--sae", str(tmp_path / "nope"), "--debug")
+    root = tmp_path_factory.mktemp("bad")
+    f = dict(model=make_model(root / "m"), data=make_data(root / "d"), sae=make_sae(root / "s", layer=1),
+             wide=make_sae(root / "wide", d=32, m=64), root=root)
+
+    def broken(src, name, edit):
+        shutil.copytree(src, root / name)
+        edit(root / name)
+        return str(root / name)
+
+    def truncate(path):
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    f["bad_json"] = broken(f["sae"], "bad_json", lambda p: (p / "cfg.json").write_text("{not json"))
+    f["trunc_sae"] = broken(f["sae"], "trunc_sae", lambda p: truncate(p / "sae_weights.safetensors"))
+    f["trunc_model"] = broken(f["model"], "trunc_model", lambda p: truncate(p / "model.safetensors"))
+    f["no_config"] = broken(f["model"], "no_config", lambda p: (p / "config.json").unlink())
+    nan = SAE.from_pretrained(f["sae"])
+    with torch.no_grad():
+        nan.W_enc[0, 0] = float("nan")
+    nan.save(str(root / "nan"))
+    f["nan"] = str(root / "nan")
+
+    def smaller_vocab(p):
+        meta = json.loads((p / "meta.json").read_text())
+        (p / "meta.json").write_text(json.dumps({**meta, "vocab_size": 256}))
+    f["other_tok"] = broken(f["data"], "other_tok", smaller_vocab)
+    (root / "ckpt").mkdir()
+    (root / "ckpt" / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
+    return f
+
+
+BAD_INPUTS = {  # case: (flags replacing the good ones, what the one line must say)
+    "missing SAE": (dict(sae="{root}/nothing"), "no such file or folder"),
+    "SAE of another width": (dict(sae="{wide}"), "d_in=32"),
+    "cfg.json not JSON": (dict(sae="{bad_json}"), "not valid JSON"),
+    "truncated SAE": (dict(sae="{trunc_sae}"), "corrupt or truncated"),
+    "truncated model": (dict(model="{trunc_model}"), "corrupt or truncated"),
+    "NaN in the SAE": (dict(sae="{nan}"), "NaN"),
+    "no config.json": (dict(model="{no_config}"), "no config.json"),
+    "layer 99": (dict(layer="99"), "out of range"),
+    "layer -1": (dict(layer="-1"), "out of range"),
+    "rank 0": (dict(rank="0"), "rank must be"),
+    "missing data": (dict(data="{root}/nodata"), "no meta.json"),
+    "seq-len beyond the data": (dict(seq_len="100000"), "larger than the data"),
+    "corrupt ckpt.pt": (dict(out="{root}/ckpt", resume="true"), "unreadable checkpoint"),
+    "another tokenizer's data": (dict(data="{other_tok}"), "tokenize the data with the model's own tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(bad_files, case):
+    flags = dict(model="{model}", data="{data}", sae="{sae}", out="{root}/out", compile="false", max_tokens="256",
+                 seq_len="32")
+    change, expect = BAD_INPUTS[case]
+    args = [x for k, v in {**flags, **change}.items() for x in ("--" + k.replace("_", "-"), v.format(**bad_files))]
+    proc = cli("adapt.py", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("adapt.py: error:") and expect in proc.stderr, proc.stderr
+    if case == "corrupt ckpt.pt":
+        assert (bad_files["root"] / "ckpt" / "ckpt.pt").is_file()  # nothing deleted
+
+
+def test_debug_flag_shows_the_traceback(bad_files):
+    proc = cli("adapt.py", "--model", bad_files["model"], "--data", bad_files["data"], "--sae", "/nonexistent/sae",
+               "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_embedded_lr_typed_at_the_paper_value_is_kept(tmp_path):
+    """`python adapt.py --lr 5e-5` on the embedded pipeline trains at 5e-5 (its saved config says so), with a stub
+    cache so that nothing is pretrained here."""
+    from tests.tiny import make_data, make_model, make_sae
+    cache = tmp_path / "cache"
+    make_model(cache / "tiny-gemma2")
+    make_sae(cache / "sae-tiny-gemma2-L2", layer=2)
+    data = make_data(tmp_path / "data")
+    proc = cli("adapt.py", "--lr", "5e-5", "--data", data, "--max-tokens", "2048", "--out", str(tmp_path / "o"),
+               "--compile", "false", "--seq-len", "32", "--eval-tokens", "256", env={"LORASAE_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.load(open(tmp_path / "o" / "results.json"))["config"]
+    assert saved["lr"] == 5e-5 and saved["batch_size"] == 8 and saved["kl_reduction"] == "token"

@@ -402,19 +402,19 @@ def test_hellaswag_acc_acc_norm_and_acc_bytes_as_lm_eval():
     rows = [{"ctx": "She opens the door", "endings": ["and walks in.", "café au lait ☕☕☕", "[title] no", "x"],
              "label": 1, "activity_label": "Home"},
             {"ctx": "He", "endings": ["runs.", "runs away from the dog quickly.", "é", "sits"], "label": 1}]
-    qs = benchmarks.questions(rows, "hs", "hellaswag")
+    qs = multiple_choice.questions(rows, "hs", "hellaswag")
     assert qs[0]["texts"][2] == " no"  # lm-eval's preprocess drops the wikiHow markup
     assert [len(t) for t in qs[0]["texts"]] == [13, 16, 3, 1]
     assert [len(t.encode()) for t in qs[0]["texts"]] == [13, 23, 3, 1]
     lls = [[-12.0, -17.0, -3.3, -1.2],  # best sum: "x"; per character: "and walks in."; per byte: the gold café
            [-6.0, -30.0, -1.8, -4.0]]   # best sum: "é"; per character: the gold; per byte: "é" (2 bytes)
-    got = benchmarks.bench_scores(qs, lls)
+    got = multiple_choice.bench_scores(qs, lls)
     assert (got["n"], got["acc"], got["acc_norm"], got["acc_bytes"]) == (2, 0.0, 0.5, 0.5)
     assert got["acc_norm_se"] == pytest.approx(0.5) and got["acc_se"] == 0.0 and got["ll"] == lls
 
 
 def test_truthfulqa_preset_is_lm_eval_prompt(world):
-    qs = ev.questions(TQA, "tqa", "truthfulqa", preset=True)
+    qs = multiple_choice.questions(TQA, "tqa", "truthfulqa", preset=True)
     assert qs[0]["context"].startswith("Q: What is human life expectancy in the United States?\nA: Human life")
     assert qs[0]["context"].endswith("Barcelona, Spain.\n\nQ: What does the cat see?\nA:")
     assert qs[0]["choices"][0] == " the dog." and qs[0]["gold"] == 0

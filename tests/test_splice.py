@@ -70,7 +70,7 @@ def test_identity_sae_gives_zero_kl(files):
     model = Transformer.from_pretrained(files["model"])
     apply_lora(model, 4, 8.0)
     idx = idx_batch()
-    hb, hs = final_streams(model, [(1, identity_sae())], idx, BOS, splice_bos=True)
+    hb, hs = final_streams(model, [(1, identity_sae())], idx, ())
     kl, _ = kl_and_ce(model, hb, hs, idx, chunk=16)
     assert abs(kl.item()) < 1e-6
 
@@ -118,7 +118,7 @@ def test_bos_keeps_original_activation_by_default(files):
     spliced = hooks[1](orig)
     assert torch.equal(spliced[:, 0], orig[:, 0])
     assert not torch.allclose(spliced[:, 1:], orig[:, 1:])
-    seen["all"] = splice_hooks(saes, idx, BOS, splice_bos=True)[1](orig)
+    seen["all"] = splice_hooks(saes, idx, ())[1](orig)
     assert not torch.allclose(seen["all"][:, 0], orig[:, 0])
 
 

@@ -20,6 +20,10 @@ def files(tmp_path_factory):
     return dict(model=make_model(root / "model"), data=make_data(root / "data"))
 
 
+def with_layer(argv, layer):
+    return [layer if i and argv[i - 1] == "--layer" else a for i, a in enumerate(argv)]
+
+
 def args(files, out, *extra):
     return ["--model", files["model"], "--data", files["data"], "--out", str(out), "--layer", "1", "--k", "8",
             "--expansion", "4", "--max-tokens", "40960", "--batch-tokens", "1024", "--buffer-tokens", "8192",
@@ -81,7 +85,9 @@ def test_resume_after_interruption_continues_identically(files, tmp_path, monkey
 
 def test_bad_input(files, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
-        train_sae.main(args(files, tmp_path, "--layer", "7"))
+        train_sae.main(with_layer(args(files, tmp_path), "7"))
+    with pytest.raises(ValueError, match="exactly one --layer"):
+        train_sae.main(args(files, tmp_path, "--layer", "2"))
     with pytest.raises(ValueError, match="--arch"):
         train_sae.main(args(files, tmp_path, "--arch", "gated"))
     with pytest.raises(ValueError, match="larger than the number of latents"):
