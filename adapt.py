@@ -58,7 +58,8 @@ class AdaptConfig:
     grad_clip: float = 1.0  # gradient norm clip (authors' code: 1.0)
     kl_reduction: str = "sequence"  # sequence: KL summed over each sequence's tokens, mean over sequences (the
     # authors' kl_div batchmean on one sequence, the scale their clipping sees); token: mean over tokens
-    autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
+    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
+    # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the frozen weights (bfloat16 halves memory); adapters stay float32
     fsdp: bool = False  # under torchrun: shard every decoder layer across the processes (models too big for one)
     compile: bool = True  # torch.compile the two passes
@@ -116,6 +117,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     # -- optimiser, compile, resume -------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     passes = (torch.compile(original_pass), torch.compile(spliced_pass)) if cfg.compile and not cfg.fsdp else None
+    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0

@@ -254,13 +254,13 @@ def bench_adapt(b: BenchConfig, dev):
 def bench_sae(b: BenchConfig, dev):
     """SAE-training throughput: train_sae.py's loop (forward stops at the layer, bf16, one SAE step per 4096 tokens)
     against the paper's (full-model fp32 forward per 1024-token sequence, one SAE step per sequence)."""
-    import train_sae
     from model import Transformer
     from sae import SAE
     folder = os.path.join(tempfile.gettempdir(), f"lorasae-bench-{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
     if not b.model:
         build_files(b, folder)
-    L, cfg = (b.layer or [3])[0], train_sae.TrainSAEConfig()
+    from sae import training_loss
+    L = (b.layer or [3])[0]
     results = {}
     for name, seqs, amp_dtype, stop, seq_len in (("ours: stop_at layer, bf16, 4096-token SAE batches", 4, "bfloat16",
                                                   True, 1024),
@@ -289,7 +289,7 @@ def bench_sae(b: BenchConfig, dev):
                     model(idx, hooks={L: lambda h: seen.setdefault("x", h)})
                     x = seen["x"]
             with amp:
-                loss, _, _ = train_sae.sae_losses(sae, x.reshape(-1, d).float(), dead, 1.0, cfg)
+                loss, _, _ = training_loss(sae, x.reshape(-1, d).float(), dead, 1.0)
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -158,8 +158,32 @@ def log(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def autocast(device: torch.device, dtype: str = "bfloat16"):
-    """bf16 autocast on CPU too: this CPU family runs bf16 matmuls several times faster than fp32."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware: a CUDA GPU that supports them, a CPU with AVX512-BF16 or AMX. Elsewhere
+    PyTorch emulates them (an AVX2-only CPU measured 1 GFLOP/s in bf16 against 59 in fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_autocast(device: torch.device, dtype: str) -> str:
+    """--autocast auto: bfloat16 where the hardware runs it natively, else float32 (autocast off)."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"--autocast {dtype!r}: expected auto, bfloat16, float16 or float32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: str = "auto"):
+    """The activation precision of every script: bf16 autocast (on CPUs with native bf16 too, several times faster
+    than fp32 there), or none."""
+    dtype = resolve_autocast(device, dtype)
     if dtype == "float32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=getattr(torch, dtype))

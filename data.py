@@ -7,12 +7,10 @@ Tokenizers, corpora, token shards and the batch loader.
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
     check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
 
-Offline, `embedded_dataset()` builds the default corpus: the Python standard library's own source files, a
-4096-token BPE trained on them, and token shards under out/cache/ (or $LORASAE_CACHE); `embedded_dataset(tokenizer=
-load_tokenizer("google/gemma-2-2b"))` tokenizes the same corpus with a model's own tokenizer instead.
+The offline corpus (the Python standard library's own sources) is built by embedded.py with this module's prepare.
 
 On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids) and meta.json saying how to read
-them. Two layouts (meta["layout"]):
+them. Two layouts (meta["layout"]; prepare's default is "authors", the embedded corpus uses "bos_chunks"):
   "bos_chunks": each document written as BOS doc EOS, documents in a seeded random order, whole documents in val;
                 TokenLoader cuts the stream into spans of seq_len - 1 and puts BOS before each.
   "authors":    the windows of the authors' code, stored as rows of seq_len tokens (chunk_and_tokenize in
@@ -397,7 +395,7 @@ def authors_windows(doc_ids: list[list[int]], bos_id: int, eos_id: int, seq_len:
 
 def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: int | None = None,
             val_tokens: int = 1_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True,
-            layout: str = "bos_chunks", seq_len: int = 1024, group_docs: int = AUTHORS_GROUP_DOCS) -> dict:
+            layout: str = "authors", seq_len: int = 1024, group_docs: int = AUTHORS_GROUP_DOCS) -> dict:
     """Tokenize `source` into out_dir/{val,train}.bin + meta.json and return the meta.
 
     layout "bos_chunks": documents (BOS doc EOS each) fill val.bin first, whole documents, until it holds at least
@@ -666,48 +664,3 @@ class TokenLoader:
                 raise ValueError(f"cannot resume the data position: checkpoint has {k}={d[k]}, this run "
                                  f"{getattr(self, k)} (same data, layout, seq_len, seed and process count needed)")
         self.epoch, self.pos = d["epoch"], d["pos"]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The embedded default
-
-
-EMBEDDED_VOCAB = 4096
-EMBEDDED_VAL_TOKENS = 200_000  # about 6% of the corpus, whole files never seen in training
-
-
-def embedded_dataset(cache_dir: str | None = None, tokenizer: Tokenizer | str | None = None) -> tuple[str, str]:
-    """Build once and cache the offline default: the stdlib corpus as token shards. Returns (data_dir, tokenizer_path);
-    later calls return at once. Without a tokenizer: a 4096-token BPE trained on the corpus (cache/stdlib). With one
-    (a model's own: a Tokenizer, file, model folder or hub id), the corpus tokenized by it, cached per tokenizer file
-    (cache/stdlib-<sha256 prefix>): a hub model runs without --data, offline once its files are cached."""
-    cache = cache_dir or default_cache_dir()
-    if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-        sha = _sha256(tok.path)
-        root = os.path.join(cache, f"stdlib-{sha[:16]}")
-        if not _cached_for(root, sha):
-            print(f"embedded corpus: tokenizing the Python standard library with {tok.path}...", flush=True)
-            prepare("stdlib", root, tok, val_tokens=EMBEDDED_VAL_TOKENS, seed=0)
-        return root, tok.path
-    root = os.path.join(cache, "stdlib")
-    tok_path = os.path.join(root, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        files = stdlib_files()
-        t0 = time.time()
-        print(f"embedded corpus: training a {EMBEDDED_VOCAB}-token BPE tokenizer on {len(files)} stdlib files "
-              f"({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB)...", flush=True)
-        train_tokenizer(files, tok_path, EMBEDDED_VOCAB)
-        print(f"embedded corpus: tokenizer written to {tok_path} ({time.time() - t0:.0f}s)", flush=True)
-    if not _cached_for(root, _sha256(tok_path)):
-        print("embedded corpus: tokenizing the Python standard library...", flush=True)
-        prepare("stdlib", root, tok_path, val_tokens=EMBEDDED_VAL_TOKENS, seed=0)
-    return root, tok_path
-
-
-def _cached_for(root: str, tokenizer_sha256: str) -> bool:
-    meta_path = os.path.join(root, "meta.json")
-    if not os.path.isfile(meta_path):
-        return False
-    with open(meta_path) as f:
-        return json.load(f).get("tokenizer_sha256") == tokenizer_sha256

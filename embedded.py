@@ -1,7 +1,7 @@
 """
 The offline pipeline: what every script uses when no --model is given, built on first use and cached.
 
-    corpus     the Python standard library's source, a 4096-token BPE trained on it      (data.embedded_dataset)
+    corpus     the Python standard library's source, a 4096-token BPE trained on it      (corpus_and_tokenizer below)
     model      a 3.0M-parameter Gemma-2-architecture model pretrained on that corpus       (pretrain.py)
     SAE        a TopK SAE on the middle layer's residual stream                            (train_sae.py)
 
@@ -11,6 +11,7 @@ The cache lives in out/cache (LORASAE_CACHE overrides); each artefact's folder i
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -51,8 +52,8 @@ def cache_dir() -> str:
 
 
 def corpus() -> str:
-    """The token folder of the stdlib corpus (built once)."""
-    return data.embedded_dataset(cache_dir())[0]
+    """The token folder of the stdlib corpus in the tiny model's tokens (built once)."""
+    return corpus_and_tokenizer()[0]
 
 
 def model() -> str:
@@ -123,7 +124,7 @@ def fill(cfg, typed: set[str], script: str, *, need_data: bool = True):
 
 def corpus_for(model_id: str) -> str:
     """The stdlib corpus tokenized by a real model's own tokenizer (cached per tokenizer)."""
-    return data.embedded_dataset(cache_dir(), tokenizer=model_id)[0]
+    return corpus_and_tokenizer(tokenizer=model_id)[0]
 
 
 def default_saes(model_id: str, layers: list[int]) -> list[str]:
@@ -133,3 +134,48 @@ def default_saes(model_id: str, layers: list[int]) -> list[str]:
         raise ValueError(f"no --sae given{' and no --layer' if not layers else ''}: pass --sae FOLDER_OR_HUB_PATH "
                          f"(defaults exist only for {', '.join(KNOWN_MODELS)} with --layer L)")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The corpus: the Python standard library's sources (offline and the same for the same Python)
+
+
+CORPUS_VOCAB = 4096
+CORPUS_VAL_TOKENS = 200_000  # about 6% of the corpus, whole files never seen in training
+
+
+def corpus_and_tokenizer(cache: str | None = None, tokenizer=None) -> tuple[str, str]:
+    """Build once and cache the offline default: the stdlib corpus as token shards. Returns (data_dir, tokenizer_path);
+    later calls return at once. Without a tokenizer: a 4096-token BPE trained on the corpus (cache/stdlib). With one
+    (a model's own: a Tokenizer, file, model folder or hub id), the corpus tokenized by it, cached per tokenizer file
+    (cache/stdlib-<sha256 prefix>): a hub model runs without --data, offline once its files are cached."""
+    cache = cache or cache_dir()
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, data.Tokenizer) else data.load_tokenizer(tokenizer)
+        sha = data._sha256(tok.path)
+        root = os.path.join(cache, f"stdlib-{sha[:16]}")
+        if not _cached_for(root, sha):
+            print(f"embedded corpus: tokenizing the Python standard library with {tok.path}...", flush=True)
+            data.prepare("stdlib", root, tok, val_tokens=CORPUS_VAL_TOKENS, seed=0, layout="bos_chunks")
+        return root, tok.path
+    root = os.path.join(cache, "stdlib")
+    tok_path = os.path.join(root, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        files = data.stdlib_files()
+        t0 = time.time()
+        print(f"embedded corpus: training a {CORPUS_VOCAB}-token BPE tokenizer on {len(files)} stdlib files "
+              f"({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB)...", flush=True)
+        data.train_tokenizer(files, tok_path, CORPUS_VOCAB)
+        print(f"embedded corpus: tokenizer written to {tok_path} ({time.time() - t0:.0f}s)", flush=True)
+    if not _cached_for(root, data._sha256(tok_path)):
+        print("embedded corpus: tokenizing the Python standard library...", flush=True)
+        data.prepare("stdlib", root, tok_path, val_tokens=CORPUS_VAL_TOKENS, seed=0, layout="bos_chunks")
+    return root, tok_path
+
+
+def _cached_for(root: str, tokenizer_sha256: str) -> bool:
+    meta_path = os.path.join(root, "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    with open(meta_path) as f:
+        return json.load(f).get("tokenizer_sha256") == tokenizer_sha256

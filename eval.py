@@ -84,7 +84,8 @@ class EvalConfig:
     bench_batch: int = 16  # sequences per forward (benchmarks and steering)
     plots: bool = True  # write PNG figures (needs matplotlib)
     saebench: bool = False  # SAEBench metrics (Sec. 5.1, Table 6) for the first SAE, base vs adapted (saebench.py)
-    autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
+    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
+    # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the model weights
     chunk: int = 2048  # tokens per lm_head + log-softmax chunk
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -389,6 +390,7 @@ def run(cfg: EvalConfig) -> dict:
 
     # -- model, SAEs, held-out tokens -------------------------------------------------------------------------------------
     d = common.setup(cfg.device)
+    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
     dtype = getattr(torch, cfg.dtype)
     model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=d.device).requires_grad_(False)

@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
-from data import TokenLoader, default_cache_dir, embedded_dataset, load_meta, load_tokenizer
+import embedded
+from data import TokenLoader, default_cache_dir, load_meta, load_tokenizer
 from model import ModelConfig, Transformer
 
 
@@ -64,7 +65,8 @@ class PretrainConfig:
     ckpt_interval: int = 250  # steps between checkpoints (train_state.pt)
     resume: bool = False  # continue from --out/train_state.pt
     compile: bool = True  # torch.compile the model
-    autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
+    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
+    # float32) | bfloat16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # initialisation and data order
 
@@ -111,14 +113,15 @@ def _barrier(d: common.Dist):
 
 
 def train(cfg: PretrainConfig, d: common.Dist) -> dict:
+    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     # -- data ----------------------------------------------------------------------------------------------------------
     if cfg.data:
         data_dir = cfg.data
     else:  # build the embedded corpus once (rank 0), the others wait and then read the cache
         if d.master:
-            embedded_dataset()
+            embedded.corpus()
         _barrier(d)
-        data_dir, _ = embedded_dataset()
+        data_dir = embedded.corpus()
     meta = load_meta(data_dir)
     tok = load_tokenizer(meta["tokenizer"])
     out = cfg.out or os.path.join(default_cache_dir(), f"tiny-{cfg.family}")

@@ -303,7 +303,48 @@ class SAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training helpers shared by train_sae.py and train_e2e.py
+# Training: the loss of train_sae.py, and what train_sae.py and train_e2e.py share
+
+
+def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float, *, l0_coef: float = 1e-3,
+                  auxk_coef: float = 1 / 32):
+    """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired).
+
+    The MSE is divided by a fixed `scale` (the activations' variance, measured once at the start) rather than by each
+    batch's own variance: the loss then decomposes over tokens, so a DDP run with the same global batch computes
+    exactly the single-process gradient."""
+    pre = sae.pre_acts(x)
+    if sae.arch == "topk":  # sparse decode: k rows of W_dec per token instead of a dense (tokens, m) @ (m, d)
+        values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+        values = values.relu()
+        recon = sae.decode_sparse(values, indices)
+        l0 = (values > 0).float().sum(-1).mean()
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+        fired[indices[values > 0]] = True
+    else:
+        z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
+        recon, l0, fired = sae.decode(z), (z != 0).float().sum(-1).mean(), (z != 0).any(0)
+    err = x - recon
+    mse = err.pow(2).sum(-1).mean()
+    loss = mse / scale  # normalised MSE: the loss scale does not depend on the activation norm
+    with torch.no_grad():
+        fvu = (mse / (x - x.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
+    stats = dict(fvu=fvu, l0=l0.item())
+    if sae.arch == "jumprelu":
+        l0 = step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
+        loss = loss + l0_coef * l0
+    elif auxk_coef > 0 and bool(dead.any()):
+        # AuxK (Gao et al.): the k_aux most active dead latents reconstruct the residual error; their gradient
+        # revives them. Normalised by the error's own variance, as in the reference implementation.
+        k_aux = min(int(dead.sum()), x.shape[-1] // 2)
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        v, i = aux_pre.topk(k_aux, dim=-1, sorted=False)
+        aux_recon = torch.zeros_like(pre).scatter(-1, i, v.relu()) @ sae.W_dec
+        e = err.detach()
+        aux = (e - aux_recon).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        loss = loss + auxk_coef * torch.nan_to_num(aux, nan=0.0)
+        stats["auxk"] = aux.item()
+    return loss, stats, fired
 
 
 def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):

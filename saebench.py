@@ -38,18 +38,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import random
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import saebench_data as sd
+
 K_VALUES = (1, 2, 5, 10, 20, 50)
 N_VALUES = (2, 5, 10, 20, 50, 100, 500)
 SCR_KEYS = {"male / female": "female_data_only", "professor / nurse": "nurse_data_only",
             "male_professor / female_nurse": "female_nurse_data_only"}  # SAEBench's PAIRED_CLASS_KEYS
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
+LETTERS = sd.LETTERS
 SIZES = {"offline": (300, 75), "hub": (4000, 1000)}  # probe train / test texts (offline: per class; hub: SAEBench's)
 
 
@@ -378,30 +379,6 @@ def word_acts(model, sae, layer, seqs, pos, amp, batch=64):
     return x.cpu(), _latents(sae, x).cpu()
 
 
-def first_letter_prompts(tok, seed, n_icl=10, template="{word} has the first letter:"):
-    """SAEBench's create_dataset_probe_training on the tokenizer's letter-only tokens: (train, test) lists of
-    (token ids with BOS, letter index); prompts whose word token does not survive tokenisation intact are dropped."""
-    from saebench_data import alpha_tokens
-    vocab = dict((s, i) for i, s in alpha_tokens(tok))
-    rng = random.Random(seed)
-    words = rng.sample(sorted(vocab), len(vocab))
-    cut = int(len(words) * 0.8)
-    pos = -len(tok.encode(template.replace("{word}", ""))) - 1  # the word token (SAEBench: -6 for Gemma)
-    out = []
-    for part in (words[:cut], words[cut:]):
-        rows = []
-        for w in part:
-            ex = rng.sample(part, min(n_icl, len(part) - 1))
-            while w in ex:
-                ex = rng.sample(part, len(ex))
-            lines = [template.format(word=e) + " " + e.strip()[0].upper() for e in ex]
-            ids = [tok.bos_id] + tok.encode("\n" + "\n".join(lines) + "\n" + template.format(word=w))
-            if ids[pos] == vocab[w]:
-                rows.append((ids, LETTERS.index(w.strip()[0].lower())))
-        out.append(rows)
-    return out[0], out[1], pos
-
-
 @torch.no_grad()
 def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
     """SAEBench core metrics (run_evals) on token batches; specials: BOS / EOS / pad ids."""
@@ -456,7 +433,6 @@ def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
 
 
 def _tasks(offline: bool, seed: int):
-    import saebench_data as sd
     tr, te = SIZES["offline" if offline else "hub"]
     if offline:
         t = sd.offline_tasks(tr, te, seed)
@@ -497,7 +473,7 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
             for split, data in zip(("train", "test"), splits):
                 for c, texts in data.items():
                     groups[kind, name, split, c] = [[tok.bos_id] + tok.encode(t)[:127] for t in texts]
-    fl_train, fl_test, pos = first_letter_prompts(tok, seed)
+    fl_train, fl_test, pos = sd.first_letter_prompts(tok, seed)
     batches = []
     if cfg.data:
         loader = TokenLoader(cfg.data, "val", 8, 128, shuffle=False, device=device)

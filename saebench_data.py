@@ -271,3 +271,29 @@ def alpha_tokens(tok) -> list[tuple[int, str]]:
         if w and all(c in letters for c in w):
             out.append((i, s))
     return out
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def first_letter_prompts(tok, seed, n_icl=10, template="{word} has the first letter:"):
+    """SAEBench's create_dataset_probe_training on the tokenizer's letter-only tokens: (train, test) lists of
+    (token ids with BOS, letter index); prompts whose word token does not survive tokenisation intact are dropped."""
+    vocab = dict((s, i) for i, s in alpha_tokens(tok))
+    rng = random.Random(seed)
+    words = rng.sample(sorted(vocab), len(vocab))
+    cut = int(len(words) * 0.8)
+    pos = -len(tok.encode(template.replace("{word}", ""))) - 1  # the word token (SAEBench: -6 for Gemma)
+    out = []
+    for part in (words[:cut], words[cut:]):
+        rows = []
+        for w in part:
+            ex = rng.sample(part, min(n_icl, len(part) - 1))
+            while w in ex:
+                ex = rng.sample(part, len(ex))
+            lines = [template.format(word=e) + " " + e.strip()[0].upper() for e in ex]
+            ids = [tok.bos_id] + tok.encode("\n" + "\n".join(lines) + "\n" + template.format(word=w))
+            if ids[pos] == vocab[w]:
+                rows.append((ids, LETTERS.index(w.strip()[0].lower())))
+        out.append(rows)
+    return out[0], out[1], pos

@@ -51,7 +51,8 @@ class E2EConfig:
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     sae_positions: str = "no_bos"  # where the SAE is spliced: no_bos (BOS keeps its activation, as train_sae.py
     # excludes it) | all (the authors' e2e runs) | no_bos_eos
-    autocast: str = "bfloat16"  # activation precision; float32 turns autocast off
+    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
+    # float32) | bfloat16 | float32
     compile: bool = True  # torch.compile the no-grad original pass (the spliced pass stays eager)
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk
     kl_reduction: str = "token"  # token: KL mean per token | sequence: summed over each sequence (the authors')
@@ -90,6 +91,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     sae = SAE(dm, m, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=d.device)
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
+    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
     keep = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
 

@@ -22,7 +22,7 @@ import common
 import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer, next_token_ce
-from sae import SAE, geometric_median, step as l0_step, update_since_fired
+from sae import SAE, geometric_median, training_loss, update_since_fired
 from splice import splice_hooks
 
 
@@ -52,7 +52,8 @@ class TrainSAEConfig:
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     grad_clip: float = 1.0  # gradient norm clip
     include_bos: bool = False  # train on BOS activations too (their norm dwarfs the rest: excluded by default)
-    autocast: str = "bfloat16"  # activation precision of the frozen model; float32 turns autocast off
+    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
+    # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the frozen weights (bfloat16 skips the per-step weight casts)
     compile: bool = True  # torch.compile the frozen forward up to the layer
     log_interval: int = 50  # steps between log lines
@@ -114,46 +115,6 @@ class ActivationBuffer:
             self.pos = state["pos"]
 
 
-def sae_losses(sae: SAE, x: torch.Tensor, dead: torch.Tensor, scale: float, cfg: TrainSAEConfig):
-    """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired).
-
-    The MSE is divided by a fixed `scale` (the activations' variance, measured once at the start) rather than by each
-    batch's own variance: the loss then decomposes over tokens, so a DDP run with the same global batch computes
-    exactly the single-process gradient."""
-    pre = sae.pre_acts(x)
-    if sae.arch == "topk":  # sparse decode: k rows of W_dec per token instead of a dense (tokens, m) @ (m, d)
-        values, indices = pre.topk(sae.k, dim=-1, sorted=False)
-        values = values.relu()
-        recon = sae.decode_sparse(values, indices)
-        l0 = (values > 0).float().sum(-1).mean()
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[values > 0]] = True
-    else:
-        z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
-        recon, l0, fired = sae.decode(z), (z != 0).float().sum(-1).mean(), (z != 0).any(0)
-    err = x - recon
-    mse = err.pow(2).sum(-1).mean()
-    loss = mse / scale  # normalised MSE: the loss scale does not depend on the activation norm
-    with torch.no_grad():
-        fvu = (mse / (x - x.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
-    stats = dict(fvu=fvu, l0=l0.item())
-    if sae.arch == "jumprelu":
-        l0 = l0_step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
-        loss = loss + cfg.l0_coef * l0
-    elif cfg.auxk_coef > 0 and bool(dead.any()):
-        # AuxK (Gao et al.): the k_aux most active dead latents reconstruct the residual error; their gradient
-        # revives them. Normalised by the error's own variance, as in the reference implementation.
-        k_aux = min(int(dead.sum()), x.shape[-1] // 2)
-        aux_pre = pre.masked_fill(~dead, float("-inf"))
-        v, i = aux_pre.topk(k_aux, dim=-1, sorted=False)
-        aux_recon = torch.zeros_like(pre).scatter(-1, i, v.relu()) @ sae.W_dec
-        e = err.detach()
-        aux = (e - aux_recon).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        loss = loss + cfg.auxk_coef * torch.nan_to_num(aux, nan=0.0)
-        stats["auxk"] = aux.item()
-    return loss, stats, fired
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -191,6 +152,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     sae.bandwidth = cfg.bandwidth
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
 
     # -- data: activations of the layer in a shuffled buffer -------------------------------------------------------------
@@ -266,7 +228,8 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
         with amp:
-            loss, stats, fired = sae_losses(sae, x, since_fired >= cfg.dead_tokens, scale, cfg)
+            loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
+                                               auxk_coef=cfg.auxk_coef)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"SAE loss is {loss.item()} at step {step}; last good state: {state_path} "
                                      f"(lower --lr, then --resume)")

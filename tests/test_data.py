@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import data
-from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, embedded_dataset, load_meta, load_tokenizer,
+import embedded
+from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer,
                   load_tokens, prepare, stdlib_files, token_dtype, train_tokenizer)
 
 UNICODE_DOC = "naïve café — 東京 🚀\n\tdef f(x):\n        return x  +  1   # spaces  kept\n\n\n"
@@ -148,7 +149,7 @@ def split_documents(tokens, bos, eos):
 def test_prepare_writes_shards_that_decode_to_the_input(sp_model, tmp_path):
     docs = write_corpus(tmp_path / "corpus", n_jsonl=40)
     tok = load_tokenizer(str(sp_model / "gemma"))
-    meta = prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=200, seed=3, verbose=False)
+    meta = prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=200, seed=3, verbose=False, layout="bos_chunks")
     assert meta["dtype"] == "uint16" and meta["val_tokens"] >= 200 and meta["train_tokens"] > 0
     assert 0 < meta["unigram_entropy"] < np.log(tok.vocab_size)
     decoded = []
@@ -161,14 +162,14 @@ def test_prepare_writes_shards_that_decode_to_the_input(sp_model, tmp_path):
         decoded += [tok.decode(p) for p in pieces]
     assert sorted(decoded) == sorted(docs)  # every document exactly once, byte for byte, val and train disjoint
     # deterministic for a seed; another seed changes the document order
-    again = prepare(str(tmp_path / "corpus"), str(tmp_path / "ds2"), tok, val_tokens=200, seed=3, verbose=False)
+    again = prepare(str(tmp_path / "corpus"), str(tmp_path / "ds2"), tok, val_tokens=200, seed=3, verbose=False, layout="bos_chunks")
     assert again == meta
     assert (tmp_path / "ds" / "train.bin").read_bytes() == (tmp_path / "ds2" / "train.bin").read_bytes()
-    prepare(str(tmp_path / "corpus"), str(tmp_path / "ds3"), tok, val_tokens=200, seed=4, verbose=False)
+    prepare(str(tmp_path / "corpus"), str(tmp_path / "ds3"), tok, val_tokens=200, seed=4, verbose=False, layout="bos_chunks")
     assert (tmp_path / "ds" / "train.bin").read_bytes() != (tmp_path / "ds3" / "train.bin").read_bytes()
     # max_tokens cuts train exactly; uint32 on request
     capped = prepare(str(tmp_path / "corpus"), str(tmp_path / "ds4"), tok, max_tokens=123, val_tokens=0,
-                     dtype="uint32", verbose=False)
+                     dtype="uint32", verbose=False, layout="bos_chunks")
     assert capped["train_tokens"] == 123 and load_tokens(str(tmp_path / "ds4"), "train").dtype == np.uint32
 
 
@@ -178,28 +179,28 @@ def test_prepare_bad_input(sp_model, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("\n\n  ")
     with pytest.raises(ValueError, match="empty corpus"):
-        prepare(str(tmp_path / "empty"), out, tok, verbose=False)
+        prepare(str(tmp_path / "empty"), out, tok, verbose=False, layout="bos_chunks")
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ValueError, match="empty corpus"):
-        prepare(str(tmp_path / "nothing"), out, tok, verbose=False)
+        prepare(str(tmp_path / "nothing"), out, tok, verbose=False, layout="bos_chunks")
     with pytest.raises(ValueError, match="unknown source 'wikipedia'"):
-        prepare("wikipedia", out, tok, verbose=False)
+        prepare("wikipedia", out, tok, verbose=False, layout="bos_chunks")
     with pytest.raises(ValueError, match="does not fit dtype uint8"):
-        prepare(str(tmp_path / "empty"), out, tok, dtype="uint8", verbose=False)
+        prepare(str(tmp_path / "empty"), out, tok, dtype="uint8", verbose=False, layout="bos_chunks")
     with pytest.raises(ValueError, match="128256 tokens does not fit dtype uint16"):
         token_dtype(128256, "uint16")  # Llama-3's vocabulary
     assert token_dtype(128256) == np.uint32 and token_dtype(65536) == np.uint16
     with pytest.raises(ValueError, match="give max_tokens"):
-        prepare("pile", out, tok, verbose=False)
+        prepare("pile", out, tok, verbose=False, layout="bos_chunks")
     with pytest.raises(FileNotFoundError, match="no such tokenizer"):
-        prepare(str(tmp_path / "empty"), out, str(tmp_path / "nope.model"), verbose=False)
+        prepare(str(tmp_path / "empty"), out, str(tmp_path / "nope.model"), verbose=False, layout="bos_chunks")
     assert not os.path.exists(out) or not os.listdir(out)
 
 
 def test_pile_without_zstandard_is_a_clear_error(monkeypatch, sp_model, tmp_path):
     monkeypatch.setitem(sys.modules, "zstandard", None)  # makes `import zstandard` fail even where it is installed
     with pytest.raises(ImportError, match="pip install zstandard"):
-        prepare("pile", str(tmp_path / "ds"), str(sp_model / "gemma"), max_tokens=1000, verbose=False)
+        prepare("pile", str(tmp_path / "ds"), str(sp_model / "gemma"), max_tokens=1000, verbose=False, layout="bos_chunks")
 
 
 def test_interrupted_prepare_leaves_no_shard(monkeypatch, sp_model, tmp_path):
@@ -216,16 +217,16 @@ def test_interrupted_prepare_leaves_no_shard(monkeypatch, sp_model, tmp_path):
 
     monkeypatch.setattr(tok, "encode_batch", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=100, verbose=False)
+        prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=100, verbose=False, layout="bos_chunks")
     assert os.listdir(tmp_path / "ds") == []  # neither shards nor temporary files nor meta
     # interrupting a rebuild keeps the previous complete dataset intact
     monkeypatch.setattr(tok, "encode_batch", real)
-    meta = prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=100, verbose=False)
+    meta = prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=100, verbose=False, layout="bos_chunks")
     before = (tmp_path / "ds" / "train.bin").read_bytes()
     calls["n"] = 0
     monkeypatch.setattr(tok, "encode_batch", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=100, seed=9, verbose=False)
+        prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), tok, val_tokens=100, seed=9, verbose=False, layout="bos_chunks")
     assert sorted(os.listdir(tmp_path / "ds")) == ["meta.json", "train.bin", "val.bin"]
     assert (tmp_path / "ds" / "train.bin").read_bytes() == before and load_meta(str(tmp_path / "ds")) == meta
 
@@ -234,7 +235,7 @@ def test_load_tokens_bad_input(sp_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         load_tokens(str(tmp_path), "train")
     write_corpus(tmp_path / "corpus")
-    prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), str(sp_model / "gemma"), val_tokens=10, verbose=False)
+    prepare(str(tmp_path / "corpus"), str(tmp_path / "ds"), str(sp_model / "gemma"), val_tokens=10, verbose=False, layout="bos_chunks")
     with pytest.raises(ValueError, match="unknown split"):
         load_tokens(str(tmp_path / "ds"), "test")
     meta = load_meta(str(tmp_path / "ds"))
@@ -344,33 +345,33 @@ def test_stdlib_files_are_deterministic_library_sources():
 
 
 def test_embedded_dataset_is_built_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "EMBEDDED_VAL_TOKENS", 20_000)
+    monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 20_000)
     real_files = data.stdlib_files()
     monkeypatch.setattr(data, "stdlib_files", lambda: real_files[:40])  # a slice keeps the test to seconds
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path / "c"))
-    data_dir, tok_path = embedded_dataset()
+    data_dir, tok_path = embedded.corpus_and_tokenizer()
     assert data_dir.startswith(str(tmp_path / "c"))
     meta = load_meta(data_dir)
     assert meta["source"] == "stdlib" and meta["vocab_size"] == 4096 and meta["val_tokens"] >= 20_000
     assert load_tokenizer(tok_path).vocab_size == 4096
     stamp = os.path.getmtime(os.path.join(data_dir, "train.bin"))
-    assert embedded_dataset() == (data_dir, tok_path)
+    assert embedded.corpus_and_tokenizer() == (data_dir, tok_path)
     assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == stamp  # cached, not rebuilt
 
 
 def test_embedded_dataset_with_a_models_tokenizer_is_cached_per_tokenizer(tmp_path, monkeypatch, sp_model):
     from model import ModelConfig
-    monkeypatch.setattr(data, "EMBEDDED_VAL_TOKENS", 5_000)
+    monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 5_000)
     real_files = data.stdlib_files()
     monkeypatch.setattr(data, "stdlib_files", lambda: real_files[:20])
     model_dir = gemma_folder(tmp_path / "model", sp_model, ModelConfig.from_name("tiny-gemma2"))
-    data_dir, tok_path = embedded_dataset(str(tmp_path / "c"), tokenizer=str(model_dir))  # a model folder
+    data_dir, tok_path = embedded.corpus_and_tokenizer(str(tmp_path / "c"), tokenizer=str(model_dir))  # a model folder
     sha = data._sha256(str(sp_model / "gemma" / "tokenizer.model"))
     assert data_dir == str(tmp_path / "c" / f"stdlib-{sha[:16]}") and tok_path == str(model_dir / "tokenizer.model")
     meta = load_meta(data_dir)
     assert (meta["vocab_size"], meta["tokenizer_sha256"], meta["source"]) == (400, sha, "stdlib")
     stamp = os.path.getmtime(os.path.join(data_dir, "train.bin"))
-    assert embedded_dataset(str(tmp_path / "c"), tokenizer=load_tokenizer(tok_path)) == (data_dir, tok_path)
+    assert embedded.corpus_and_tokenizer(str(tmp_path / "c"), tokenizer=load_tokenizer(tok_path)) == (data_dir, tok_path)
     assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == stamp  # cached, not rebuilt
     assert check_data_matches(data_dir, str(model_dir))["vocab_size"] == 400
     assert not os.path.exists(tmp_path / "c" / "stdlib")  # the default BPE is not trained for a model's tokenizer
@@ -390,7 +391,7 @@ def test_check_data_matches_one_line_per_mismatch(tmp_path, sp_model):
     from model import ModelConfig
     write_corpus(tmp_path / "corpus")
     d = str(tmp_path / "ds")
-    prepare(str(tmp_path / "corpus"), d, load_tokenizer(str(sp_model / "gemma")), val_tokens=200, verbose=False)
+    prepare(str(tmp_path / "corpus"), d, load_tokenizer(str(sp_model / "gemma")), val_tokens=200, verbose=False, layout="bos_chunks")
     cfg = lambda **kw: ModelConfig(**{**ModelConfig.from_name("tiny-gemma2").__dict__, "vocab_size": 400, **kw})  # noqa
     assert check_data_matches(d, cfg())["vocab_size"] == 400
     assert check_data_matches(d, cfg(eos_token_id=[7, 1]), tokenizer=str(sp_model / "gemma"))
@@ -452,7 +453,7 @@ def test_redpajama_streams_and_mixes_files_through_hffilesystem(monkeypatch, sp_
     monkeypatch.setattr(huggingface_hub, "HfApi", LocalHubApi)
     monkeypatch.setattr(huggingface_hub, "HfFileSystem", LocalHubFS)
     tok = load_tokenizer(str(sp_model / "gemma"))
-    meta = prepare("redpajama", str(tmp_path / "ds"), tok, max_tokens=5000, val_tokens=500, verbose=False)
+    meta = prepare("redpajama", str(tmp_path / "ds"), tok, max_tokens=5000, val_tokens=500, verbose=False, layout="bos_chunks")
     assert meta["train_tokens"] == 5000 and meta["source"] == "redpajama"
     text = tok.decode([t for t in load_tokens(str(tmp_path / "ds"), "train").tolist()])
     counts = {name: text.count(f"{name} document") for name in sources}

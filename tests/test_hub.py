@@ -307,10 +307,10 @@ def test_redpajama_from_the_cache_offline(cache, sp_file, tmp_path):
     files["README.md"] = b"not a jsonl"
     put(cache, "togethercomputer/RedPajama-Data-1T-Sample", files, repo_type="dataset")
     meta = prepare("redpajama", str(tmp_path / "ds"), load_tokenizer(sp_file), max_tokens=2000, val_tokens=200,
-                   verbose=False)
+                   verbose=False, layout="bos_chunks")
     assert meta["train_tokens"] == 2000
     import shutil
     shutil.rmtree(cache / "datasets--togethercomputer--RedPajama-Data-1T-Sample")
     with pytest.raises(FileNotFoundError, match="dataset togethercomputer/RedPajama-Data-1T-Sample is not in the "
                                                 "local hub cache"):
-        prepare("redpajama", str(tmp_path / "p"), load_tokenizer(sp_file), max_tokens=100)
+        prepare("redpajama", str(tmp_path / "p"), load_tokenizer(sp_file), max_tokens=100, layout="bos_chunks")

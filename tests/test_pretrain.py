@@ -23,7 +23,7 @@ def dataset(tmp_path_factory):
     write_corpus(folder / "corpus", n_jsonl=200)
     files = sorted(str(p) for p in (folder / "corpus").iterdir())
     tok = train_tokenizer(files, str(folder / "tokenizer.model"), vocab_size=400)
-    prepare(str(folder / "corpus"), str(folder / "ds"), tok, val_tokens=600, verbose=False)
+    prepare(str(folder / "corpus"), str(folder / "ds"), tok, val_tokens=600, verbose=False, layout="bos_chunks")
     return str(folder / "ds")
 
 

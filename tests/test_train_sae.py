@@ -67,17 +67,17 @@ def test_dead_latent_accounting():
 
 def test_resume_after_interruption_continues_identically(files, tmp_path, monkeypatch):
     a = train_sae.main(args(files, tmp_path / "a"))
-    real, calls = train_sae.sae_losses, {"n": 0}
+    real, calls = train_sae.training_loss, {"n": 0}
 
-    def crash(*xs):
+    def crash(*xs, **kw):
         calls["n"] += 1
         if calls["n"] == 7:  # the state is saved at every 10% (4 steps); step 7 dies
             raise KeyboardInterrupt
-        return real(*xs)
-    monkeypatch.setattr(train_sae, "sae_losses", crash)
+        return real(*xs, **kw)
+    monkeypatch.setattr(train_sae, "training_loss", crash)
     with pytest.raises(KeyboardInterrupt):
         train_sae.main(args(files, tmp_path / "b"))
-    monkeypatch.setattr(train_sae, "sae_losses", real)
+    monkeypatch.setattr(train_sae, "training_loss", real)
     b = train_sae.main(args(files, tmp_path / "b", "--resume"))
     for x, y in zip(a["sae"].state_dict().values(), b["sae"].state_dict().values()):
         assert torch.equal(x, y)

@@ -1,0 +1,22 @@
+"""bench.py as a user types it, on model and SAE folders (not only its random-weights default)."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.tiny import make_model, make_sae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_adapt_with_model_and_sae_folders(tmp_path):
+    model = make_model(tmp_path / "model", family="gemma2")
+    sae = make_sae(tmp_path / "sae", layer=1)
+    proc = subprocess.run([sys.executable, "bench.py", "adapt", "--model", model, "--sae", sae, "--layer", "2",
+                           "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--steps", "1", "--warmup", "1"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "failed" not in proc.stdout, proc.stdout
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # ours and transformers + peft, side by side
+    assert summary["ours_tokens_per_s"] > 0 and summary["reference_tokens_per_s"] > 0 and summary["ratio"] > 0
