@@ -46,7 +46,10 @@ class BenchConfig:
     expansion: int = 8  # random SAE: width = expansion x d_model
     k: int = 32  # random SAE: active latents per token
     kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
+    compile: bool = True  # bench.py adapt: also time ours compiled (adapt.py's default); false skips that row
     compile_sae: bool = True  # bench.py sae: compile our forward to the layer, as train_sae.py does by default
+    autocast: str = "auto"  # precision of ours and of the matched reference row: auto (bf16 where the hardware runs
+    # it natively, else fp32) | bfloat16 | float32; the last reference row is always fp32, as the paper's code ran
     steps: int = 5  # timed steps
     warmup: int = 2  # untimed steps before them (compilation happens here)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -82,15 +85,15 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     import splice
     from lora import adapter_parameters, apply_lora
     from model import Transformer
-    # frozen base weights stored in bf16 (adapt.py --dtype bfloat16): no per-step fp32 -> bf16 weight casts
-    model = Transformer.from_pretrained(paths(b, folder)[0], device=dev, dtype=torch.bfloat16)
+    # under bf16 autocast the frozen base weights are stored in bf16 (adapt.py --dtype bfloat16): no per-step casts
+    model = Transformer.from_pretrained(paths(b, folder)[0], device=dev, dtype=getattr(torch, b.autocast))
     model.requires_grad_(False)
     saes = splice.load_saes([paths(b, folder)[1]], b.layer or None, model, dev)
     apply_lora(model, b.rank, 32.0, 0.0, "all")
     params = adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-5)
     passes = (torch.compile(splice.original_pass), torch.compile(splice.spliced_pass)) if compile_ else None
-    amp = common.autocast(dev, "bfloat16")
+    amp = common.autocast(dev, b.autocast)
     idx = batch(b, model.cfg.vocab_size, dev)
 
     def step():
@@ -104,7 +107,7 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     return timed(step, b, dev)
 
 
-def run_reference(b: BenchConfig, folder: str, bf16: bool, dev: torch.device) -> float:
+def run_reference(b: BenchConfig, folder: str, matched: bool, dev: torch.device) -> float:
     """The paper's loop (matchten/LoRA-Models-for-SAEs utils.train_model): peft model, SAE in a forward hook on the
     decoder layer, base pass under disable_adapter, full softmax over the vocabulary, kl_div."""
     import torch.nn.functional as F
@@ -132,7 +135,7 @@ def run_reference(b: BenchConfig, folder: str, bf16: bool, dev: torch.device) ->
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     idx = batch(b, model.config.vocab_size, dev)
-    amp = common.autocast(dev, "bfloat16" if bf16 else "float32")
+    amp = common.autocast(dev, b.autocast if matched else "float32")
 
     def step():
         with amp:
@@ -181,9 +184,9 @@ def peak_memory_gb(dev) -> float:
 
 
 CONFIGS = {
-    "ours (bf16 autocast, compiled)": ("ours", True),
-    "ours (bf16 autocast, eager)": ("ours", False),
-    "transformers + peft (bf16 autocast)": ("ref", True),
+    "ours (compiled)": ("ours", True),
+    "ours (eager)": ("ours", False),
+    "transformers + peft (same precision)": ("ref", True),
     "transformers + peft (fp32, as the paper's code)": ("ref", False),
 }
 
@@ -213,8 +216,8 @@ def bench_adapt(b: BenchConfig, dev):
             sub = BenchConfig(**{**asdict(b), "vocab": v, "vocab_sweep": None, "steps": 1, "warmup": 1})
             build_files(sub, os.path.join(tempfile.gettempdir(), f"lorasae-bench-{b.family}-{b.d_model}-"
                                                                f"{b.n_layer}-{v}"))
-            ours = run_config(sub, "ours (bf16 autocast, eager)")
-            ref = run_config(sub, "transformers + peft (bf16 autocast)")
+            ours = run_config(sub, "ours (eager)")
+            ref = run_config(sub, "transformers + peft (same precision)")
             tok = sub.batch_size * sub.seq_len
             print(f"{v:8d} {ours['peak_gb'] if ours else float('nan'):13.2f} "
                   f"{ref['peak_gb'] if ref else float('nan'):18.2f} "
@@ -229,21 +232,23 @@ def bench_adapt(b: BenchConfig, dev):
     tokens = b.batch_size * b.seq_len
     # forward of the base pass + forward and backward of the spliced pass (~3 forwards); SAE encoder fwd + bwd
     flops = tokens * (3 * mc.flops_per_token(b.seq_len) + 4 * mc.d_model * m)
-    peak = common.peak_flops(dev, "bfloat16")
+    peak = common.peak_flops(dev, b.autocast)
     print(f"device {dev} | {mc.model_type} d_model {mc.d_model} layers {mc.n_layer} vocab {mc.vocab_size} "
           f"({mc.n_params() / 1e6:.0f}M parameters) | batch {b.batch_size} x {b.seq_len} | LoRA rank {b.rank} on all "
-          f"layers | {b.steps} timed steps after {b.warmup} warm-up")
+          f"layers | {b.autocast} | {b.steps} timed steps after {b.warmup} warm-up")
     print(f"{'configuration':50s} {'tokens/s':>10s} {'MFU':>7s} {'peak mem GB':>12s}")
     rows = {}
     for name in CONFIGS:
+        if name == "ours (compiled)" and not b.compile:
+            continue
         r = run_config(b, name)
         if r is None:
             continue
         rows[name] = r
         tps = tokens / r["seconds"]
         print(f"{name:50s} {tps:10,.0f} {tps * flops / tokens / peak:7.1%} {r['peak_gb']:12.2f}")
-    ours = rows.get("ours (bf16 autocast, compiled)") or rows.get("ours (bf16 autocast, eager)")
-    ref = rows.get("transformers + peft (bf16 autocast)")
+    ours = rows.get("ours (compiled)") or rows.get("ours (eager)")
+    ref = rows.get("transformers + peft (same precision)")
     if ours and ref:
         print(json.dumps(dict(ours_tokens_per_s=tokens / ours["seconds"], reference_tokens_per_s=tokens / ref["seconds"],
                               ratio=ref["seconds"] / ours["seconds"], ours_peak_mb=ours["peak_gb"] * 1024,
@@ -434,6 +439,7 @@ def main(argv=None):
         return bench_sae_module(argv)
     b, _ = common.parse_args(BenchConfig, argv)
     dev = common.setup(b.device).device
+    b.autocast = common.resolve_autocast(dev, b.autocast)
     return bench_adapt(b, dev) if what == "adapt" else bench_sae(b, dev)
 
 

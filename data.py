@@ -646,12 +646,6 @@ class TokenLoader:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        return self.next_batch()
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
                 "world_size": self.world_size, "n_windows": self.n_windows, "shuffle": self.shuffle,

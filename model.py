@@ -430,24 +430,6 @@ class Transformer(nn.Module):
     # -- sampling (no KV cache: this is for sanity checks and teaching) -------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 hooks: dict[int, Hook] | None = None) -> torch.Tensor:
-        """temperature 0 is greedy; otherwise sample from the top_k (all if None) tempered logits."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.max_seq_len:], hooks=hooks)[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
-            idx = torch.cat((idx, nxt), dim=1)
-        return idx
-
-    # -- initialisation (for pretraining from scratch) -------------------------------------------------------------------
-
     def init_weights(self, seed: int | None = None):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():

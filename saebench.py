@@ -499,24 +499,21 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
             te = {c: feats["probing", name, "test", c] for c in probing[name][1]}
             r = {"llm_test_accuracy": probe_accuracies({c: v[:, :d] for c, v in tr.items()},
                                                        {c: v[:, :d] for c, v in te.items()})}
-            r["sae_test_accuracy"] = probe_accuracies({c: v[:, d:] for c, v in tr.items()}, {c: v[:, d:] for c, v in te.items()})
+            r["sae_test_accuracy"] = probe_accuracies({c: v[:, d:] for c, v in tr.items()},
+                                                      {c: v[:, d:] for c, v in te.items()})
             for k in K_VALUES:
                 r[f"sae_top_{k}_test_accuracy"] = probe_accuracies({c: v[:, d:] for c, v in tr.items()},
                                                                    {c: v[:, d:] for c, v in te.items()}, k)
             sp.append({k: sum(v.values()) / len(v) for k, v in r.items()})
         m["sparse_probing"] = _mean(sp)
-        runs = []
-        for name in tpp:
-            torch.manual_seed(seed)
-            runs.append(scr_tpp_task({c: feats["probing", name, "train", c] for c in tpp[name][0]},
-                                     {c: feats["probing", name, "test", c] for c in tpp[name][1]}, W_dec, d, False)[0])
-        m["tpp"] = _mean(runs)
-        runs = []
-        for name in scr:
-            torch.manual_seed(seed)
-            runs.append(scr_tpp_task({c: feats["scr", name, "train", c] for c in scr[name][0]},
-                                     {c: feats["scr", name, "test", c] for c in scr[name][1]}, W_dec, d, True)[0])
-        m["scr"] = _mean(runs)
+        for key, tasks, group in (("tpp", tpp, "probing"), ("scr", scr, "scr")):
+            runs = []
+            for name in tasks:
+                torch.manual_seed(seed)
+                runs.append(scr_tpp_task({c: feats[group, name, "train", c] for c in tasks[name][0]},
+                                         {c: feats[group, name, "test", c] for c in tasks[name][1]}, W_dec, d,
+                                         key == "scr")[0])
+            m[key] = _mean(runs)
         print(f"saebench [{s}]: sparse probing, TPP, SCR done ({time.time() - t0:.0f}s)", flush=True)
         torch.manual_seed(seed)
         m["absorption"] = absorption(fl[0][0], torch.tensor([y for _, y in fl_train]), fl[1][0],

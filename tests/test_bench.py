@@ -13,7 +13,7 @@ def test_bench_adapt_with_model_and_sae_folders(tmp_path):
     model = make_model(tmp_path / "model", family="gemma2")
     sae = make_sae(tmp_path / "sae", layer=1)
     proc = subprocess.run([sys.executable, "bench.py", "adapt", "--model", model, "--sae", sae, "--layer", "2",
-                           "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--steps", "1", "--warmup", "1"],
+                           "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--steps", "1", "--warmup", "1", "--compile", "false"],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

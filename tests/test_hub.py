@@ -314,3 +314,42 @@ def test_redpajama_from_the_cache_offline(cache, sp_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset togethercomputer/RedPajama-Data-1T-Sample is not in the "
                                                 "local hub cache"):
         prepare("redpajama", str(tmp_path / "p"), load_tokenizer(sp_file), max_tokens=100, layout="bos_chunks")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# adapt.py as a cluster user types it: hub ids, a filled cache, HF_HUB_OFFLINE=1
+
+
+def test_adapt_from_hub_ids_offline_with_and_without_data(tmp_path, sp_file):
+    root = tmp_path / "hf" / "hub"
+    _, files = tiny_model_repo(tmp_path, "gemma2", sp_file)
+    put(root, "google/tiny-gemma-2", files)
+    g = torch.Generator().manual_seed(0)
+    params = {k: (torch.randn(*s, generator=g) * 0.1).numpy() for k, s in
+              (("W_enc", (64, 128)), ("W_dec", (128, 64)), ("b_enc", (128,)), ("b_dec", (64,)))}
+    params["threshold"] = np.full(128, 0.05, dtype=np.float32)
+    np.savez(tmp_path / "params.npz", **params)
+    sae = "google/gemma-scope-tiny-pt-res/layer_1/width_16k/average_l0_10"
+    put(root, "google/gemma-scope-tiny-pt-res",
+        {"layer_1/width_16k/average_l0_10/params.npz": str(tmp_path / "params.npz")})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("textwrap.py", "argparse.py", "bisect.py", "shlex.py"):
+        (corpus / name).write_text(open(os.path.join(os.path.dirname(os.__file__), name)).read())
+    prepare(str(corpus), str(tmp_path / "data"), sp_file, val_tokens=2000, verbose=False, layout="bos_chunks")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root), "OMP_NUM_THREADS": "1",
+           "LORASAE_CACHE": str(tmp_path / "cache")}
+    base = ["adapt.py", "--model", "google/tiny-gemma-2", "--sae", sae, "--max-tokens", "512", "--seq-len", "32",
+            "--eval-tokens", "256", "--compile", "false", "--rank", "4"]
+    for extra, out in (([f"--data={tmp_path / 'data'}"], "with-data"), ([], "no-data")):
+        proc = subprocess.run([sys.executable, *base, *extra, "--out", str(tmp_path / out)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.load(open(tmp_path / out / "results.json"))
+        assert res["sae_layers"] == [1] and res["lora_layers"] == [2, 3]  # JumpReLU: only the layers after it
+        assert res["config"]["data"] == (str(tmp_path / "data") if extra else res["config"]["data"])
+    assert os.path.basename(res["config"]["data"]).startswith("stdlib-")  # the corpus in this model's own tokens
+    proc = subprocess.run([sys.executable, *base[:2], "google/not-cached", *base[3:]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "google/not-cached" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
