@@ -84,6 +84,10 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     d = d or common.setup(cfg.device)
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
     micro = cfg.micro_batch or cfg.batch_size // d.world_size
+    if cfg.batch_size < d.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} (sequences per optimizer step, all processes together) cannot "
+                         f"be split over {d.world_size} processes: give --batch-size {d.world_size} or a multiple (the "
+                         f"paper's run is one sequence per step on one process)")
     if micro < 1 or cfg.batch_size % (micro * d.world_size):
         raise ValueError(f"--batch-size {cfg.batch_size} (sequences per step, all processes together) is not a "
                          f"multiple of --micro-batch {micro} x {d.world_size} processes: change one of them")
@@ -105,7 +109,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
                f"{[layer for layer, _ in saes]} ({', '.join(s.arch for _, s in saes)}); LoRA rank {cfg.rank} on "
                f"layers {lora_layers[0]}..{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
 
-    # -- data -----------------------------------------------------------------------------------------------------------
+    # -- data ----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     train = TokenLoader(cfg.data, "train", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, device=d.device)
     val = TokenLoader(cfg.data, "val", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
@@ -114,7 +118,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
 
-    # -- optimiser, compile, resume -------------------------------------------------------------------------------------
+    # -- optimiser, compile, resume ------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     passes = (torch.compile(original_pass), torch.compile(spliced_pass)) if cfg.compile and not cfg.fsdp else None
     cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
@@ -152,7 +156,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     if step == 0:
         held_out()
 
-    # -- the loop -------------------------------------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------------------------------
     model.train()
     mfu_per_token = step_flops(model, saes, cfg.seq_len, share_prefix) / common.peak_flops(d.device, cfg.autocast)
     window = [0, 0.0]  # tokens, seconds since the last log line
@@ -188,15 +192,15 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
             common.log(f"step {step}/{total_steps} | KL {kl_log:.4f} | train CE w/ SAE {ce_log:.4f} | lr {lr:.2e} | "
                        f"{tps:,.0f} tok/s | MFU {tps * mfu_per_token:.1%} | "
                        f"ETA {(total_steps - step) * tokens_per_step / tps / 60:.1f} min")
-            history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, kl=kl_log, train_ce=ce_log,
-                                tokens_per_s=tps))
+            history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, lr=lr, kl=kl_log,
+                                train_ce=ce_log, tokens_per_s=tps))
             window = [0, 0.0]
         if step % cfg.eval_interval == 0 or step == total_steps:
             held_out()
         if step % cfg.ckpt_interval == 0 or step == total_steps:
             save_checkpoint()
 
-    # -- results --------------------------------------------------------------------------------------------------------
+    # -- results -------------------------------------------------------------------------------------------------------
     final = next(h for h in reversed(history) if "ce_sae_lora" in h)
     results = dict({k: final[k] for k in ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora")},
                    tokens_per_s=step * tokens_per_step / max(elapsed, 1e-9), train_tokens=step * tokens_per_step,

@@ -90,7 +90,7 @@ def _parse_optional(base):
 # Bad input (a missing file, a flag out of range, a corrupt checkpoint) raises one of these with a message that says
 # what is wrong and what to do; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               FloatingPointError, ImportError)
+               FloatingPointError, ModuleNotFoundError)  # the last: an optional package is not installed
 
 
 def cli(main):
@@ -225,6 +225,20 @@ def mean_ci(x) -> dict:
     se = x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
     m = float(x.mean()) if len(x) else float("nan")
     return {"mean": m, "lo": m - 1.645 * se, "hi": m + 1.645 * se, "n": len(x)}
+
+
+def jsonable(o):
+    """numpy scalars as Python numbers, NaN (an undefined ratio) as null: what json.dumps can write."""
+    import numpy as np
+    if isinstance(o, dict):
+        return {k: jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
 
 
 def fmt_num(x, spec: str) -> str:

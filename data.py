@@ -34,20 +34,13 @@ import time
 import numpy as np
 import torch
 
+import common
 import hub
 
 
 def default_cache_dir() -> str:
     """Where the embedded pipeline caches what it builds (under out/, with every other output)."""
     return os.environ.get("LORASAE_CACHE") or os.path.join("out", "cache")
-
-
-def _atomic_write_bytes(path: str, data: bytes):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,7 +202,8 @@ def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096
     except RuntimeError as e:
         raise ValueError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
                          f"{str(e).strip().splitlines()[-1]}") from None
-    _atomic_write_bytes(out_path, model.getvalue())
+    with common.atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+        f.write(model.getvalue())
     return Tokenizer(out_path)
 
 
@@ -325,7 +319,7 @@ def iter_documents(source: str, seed: int = 0):
             try:
                 import zstandard  # noqa: F401
             except ImportError:
-                raise ImportError("reading The Pile (.jsonl.zst) needs the optional package zstandard: "
+                raise ModuleNotFoundError("reading The Pile (.jsonl.zst) needs the optional package zstandard: "
                                   "pip install zstandard") from None
         return _hub_documents(source, seed)
     if source == "stdlib":
@@ -471,7 +465,7 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
             os.remove(os.path.join(out_dir, "meta.json"))
         for s in final:
             os.replace(tmp[s], final[s])
-        _atomic_write_bytes(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2).encode())
+        common.write_json(os.path.join(out_dir, "meta.json"), meta)
     finally:
         if hasattr(docs, "close"):  # a hub stream stopped early: close its connections now
             docs.close()

@@ -92,22 +92,6 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return float(o) if math.isfinite(o) else None  # NaN (an undefined ratio) is written as null
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Core table (Sec. 4), per-token breakdown (Sec. 6.1), activation distances (Sec. 6.2)
 
 
@@ -147,7 +131,7 @@ class SAEStats:
 
 
 @torch.no_grad()
-def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, adapted: bool, label: str = "") -> dict:
+def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool, label: str = "") -> dict:
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
     sums = {s: {"ce": 0.0, "kl": 0.0} for s in settings}
@@ -388,7 +372,7 @@ def run(cfg: EvalConfig) -> dict:
     bench_qs = {b: multiple_choice.questions(r[:cfg.bench_limit] if cfg.bench_limit else r, where, b,
                                              cfg.truthfulqa_preset) for b, (r, where) in rows.items()}
 
-    # -- model, SAEs, held-out tokens -------------------------------------------------------------------------------------
+    # -- model, SAEs, held-out tokens ----------------------------------------------------------------------------------
     d = common.setup(cfg.device)
     cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
@@ -422,7 +406,7 @@ def run(cfg: EvalConfig) -> dict:
         v = v / v.norm().clamp_min(1e-12)
         seqs = {k: [([bos_id] + tok.encode(t))[:model.cfg.max_seq_len] for t in ts] for k, ts in texts.items()}
 
-    # -- the settings, adapter by adapter ---------------------------------------------------------------------------------
+    # -- the settings, adapter by adapter ------------------------------------------------------------------------------
     res = {"model": cfg.model, "config": asdict(cfg), "device": str(d.device),
            "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
     if bench_qs:  # adapter-independent settings: computed once
@@ -443,7 +427,8 @@ def run(cfg: EvalConfig) -> dict:
             model.requires_grad_(False)
             common.log(f"adapter {adapter}")
         if batches:
-            g.update(core_eval(model, saes, batches, keep, cfg, amp, adapter is not None, f" [{g['name']}]"))
+            g.update(core_eval(model, saes, batches, keep, cfg, amp, adapted=adapter is not None,
+                               label=f" [{g['name']}]"))
         if adapter and bench_qs:
             g["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)
                                for s in ("sae_lora", "lora")}
@@ -455,11 +440,11 @@ def run(cfg: EvalConfig) -> dict:
         import saebench
         res["saebench"] = saebench.evaluate(model, saes, cfg, d.device, amp)
 
-    # -- reports --------------------------------------------------------------------------------------------------------
-    common.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(_jsonable(res), indent=1))
-    md = markdown(_jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
+    # -- reports -------------------------------------------------------------------------------------------------------
+    common.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(common.jsonable(res), indent=1))
+    md = markdown(common.jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
     common.write_text(os.path.join(cfg.out, "eval.md"), md)
-    res["plots"] = plots(_jsonable(res), cfg.out) if cfg.plots else []
+    res["plots"] = plots(common.jsonable(res), cfg.out) if cfg.plots else []
     print(md)
     common.log(f"wrote {os.path.join(cfg.out, 'eval.json')}, eval.md" +
                (f" and {len(res['plots'])} plots" if res["plots"] else ""))

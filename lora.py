@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
@@ -246,13 +248,9 @@ def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = "
     if sharded and torch.distributed.get_rank() != 0:
         return
     os.makedirs(folder, exist_ok=True)  # each file written under a temp name, then renamed: never half-written
-    path = os.path.join(folder, WEIGHTS_NAME)
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-    path = os.path.join(folder, CONFIG_NAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(path + ".tmp", path)
+    with common.atomic_path(os.path.join(folder, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    common.write_json(os.path.join(folder, CONFIG_NAME), config)
 
 
 def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:

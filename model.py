@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import hub
 
 
@@ -465,13 +466,9 @@ class Transformer(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         hf = self.cfg.to_hf()
         hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        tmp = os.path.join(folder, "model.safetensors.tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(folder, "model.safetensors"))
-        tmp = os.path.join(folder, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(hf, f, indent=2)
-        os.replace(tmp, os.path.join(folder, "config.json"))
+        with common.atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        common.write_json(os.path.join(folder, "config.json"), hf)
 
 
 @torch.no_grad()

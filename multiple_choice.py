@@ -72,7 +72,7 @@ def _parquet_rows(paths):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("reading parquet benchmark files needs the optional package pyarrow: pip install pyarrow "
+        raise ModuleNotFoundError("reading parquet benchmark files needs the optional package pyarrow: pip install pyarrow "
                           "(or pass a .jsonl file)") from None
     return [row for p in paths for row in pq.read_table(p).to_pylist()]
 

@@ -23,6 +23,7 @@ import re
 import numpy as np
 import torch
 
+import common
 import hub
 from sae import ARCHS, SAE
 
@@ -366,10 +367,7 @@ def save_saelens(sae: SAE, folder: str):
                              hook_head_index=None, sae_lens_version="6.0.0", sae_lens_training_version="6.0.0"))
     if sae.k is not None:
         cfg["k"] = sae.k
-    tmp = os.path.join(folder, f"sae_weights.safetensors.tmp{os.getpid()}")  # temp names, then rename: a crash
-    save_file(tensors, tmp, {"format": "pt"})                                 # never leaves a truncated file
-    os.replace(tmp, os.path.join(folder, "sae_weights.safetensors"))
-    with open(tmp := os.path.join(folder, f"cfg.json.tmp{os.getpid()}"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "cfg.json"))
+    with common.atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:
+        save_file(tensors, tmp, {"format": "pt"})
+    common.write_json(os.path.join(folder, "cfg.json"), cfg)
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import saebench_data as sd
 
 K_VALUES = (1, 2, 5, 10, 20, 50)
@@ -524,9 +525,8 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     res["seconds"] = time.time() - t0
     res["markdown"] = table(res)
     os.makedirs(cfg.out, exist_ok=True)
-    from eval import _jsonable, _write
-    _write(os.path.join(cfg.out, "saebench.json"), json.dumps(_jsonable(res), indent=1))
-    _write(os.path.join(cfg.out, "saebench.md"), res["markdown"])
+    common.write_text(os.path.join(cfg.out, "saebench.json"), json.dumps(common.jsonable(res), indent=1))
+    common.write_text(os.path.join(cfg.out, "saebench.md"), res["markdown"])
     if cfg.plots:
         plot(res, os.path.join(cfg.out, "saebench.png"))
     return res

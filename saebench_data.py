@@ -82,7 +82,7 @@ def read_table(source: str, split: str = "train", max_files: int | None = None) 
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{f} is parquet: reading it needs pyarrow (pip install pyarrow), or give a .jsonl") from None
+            raise ModuleNotFoundError(f"{f} is parquet: reading it needs pyarrow (pip install pyarrow), or give a .jsonl") from None
         rows += pq.read_table(f).to_pylist()
     return rows
 

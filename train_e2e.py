@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
 
 
 def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
-    # -- setup, frozen model, SAE ---------------------------------------------------------------------------------------
+    # -- setup, frozen model, SAE --------------------------------------------------------------------------------------
     if len(cfg.layer) != 1:
         raise ValueError(f"train_e2e.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
     layer = cfg.layer[0]
@@ -95,7 +95,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     amp = common.autocast(d.device, cfg.autocast)
     keep = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
 
-    # -- data -----------------------------------------------------------------------------------------------------------
+    # -- data ----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed,
                          device=d.device)
@@ -147,7 +147,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
         t = common.all_reduce_mean(torch.tensor([total, n], dtype=torch.float64))
         return (t[0] / t[1]).item()
 
-    # -- the loop -------------------------------------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------------------------------
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
     original = torch.compile(original_pass) if cfg.compile else original_pass
     later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match

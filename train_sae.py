@@ -141,7 +141,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     d = d or common.setup(cfg.device)
     torch.manual_seed(cfg.seed)  # same SAE init on every rank
 
-    # -- frozen model, SAE, optimiser -----------------------------------------------------------------------------------
+    # -- frozen model, SAE, optimiser ----------------------------------------------------------------------------------
     model = Transformer.from_pretrained(cfg.model, device=d.device, dtype=getattr(torch, cfg.dtype))
     model.requires_grad_(False)
     if not 0 <= layer < model.cfg.n_layer:
@@ -155,7 +155,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
 
-    # -- data: activations of the layer in a shuffled buffer -------------------------------------------------------------
+    # -- data: activations of the layer in a shuffled buffer -----------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed,
                          device=d.device)
@@ -217,7 +217,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
         t = common.all_reduce_mean(torch.tensor([base, spliced, n], dtype=torch.float64))
         return (t[0] / t[2]).item(), (t[1] / t[2]).item()
 
-    # -- the loop -------------------------------------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------------------------------
     sae.train()
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}  # the frontier's points
     window = [0, 0.0]
@@ -264,7 +264,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
             save_sae(os.path.join(cfg.out, checkpoints[step]))
             save_state()
 
-    # -- save -----------------------------------------------------------------------------------------------------------
+    # -- save ----------------------------------------------------------------------------------------------------------
     save_sae(cfg.out)
     if d.master:
         common.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg), history=history))

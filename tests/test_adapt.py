@@ -197,3 +197,28 @@ def test_fsdp2_equals_one_process_and_resumes_exactly(files, tmp_path):
     model = Transformer.from_pretrained(files["model"])
     for p, saved in zip(load_adapter(model, str(tmp_path / "a" / "adapter")), a["adapter"]):
         assert torch.equal(p.detach(), saved)
+
+
+def test_default_flags_step_count_and_lr_are_the_authors_loop(files, tmp_path):
+    # train_lora.py / utils.train_model: one 1024-token sequence per optimizer step, AdamW at a constant 5e-5, so a
+    # budget of N sequences is N steps at 5e-5 each
+    base = ["--model", files["model"], "--data", files["data"], "--sae", files["sae"], "--max-tokens", str(4 * 1024),
+            "--eval-tokens", "1024", "--compile", "false", "--log-interval", "1", "--eval-interval", "100"]
+    res = adapt.main([*base, "--out", str(tmp_path / "one")])
+    logs = [h for h in res["history"] if "lr" in h]
+    assert res["steps"] == 4 and res["train_tokens"] == 4 * 1024 and [h["lr"] for h in logs] == [5e-5] * 4
+    cfg = res["config"]
+    assert (cfg["batch_size"], cfg["seq_len"], cfg["dropout"], cfg["weight_decay"], cfg["kl_reduction"]) == \
+        (1, 1024, 0.1, 0.01, "sequence")
+    # the batch is global: 2 processes with --batch-size 2 take the steps of one process with --batch-size 2 (no
+    # more, no fewer), and the paper's batch of one sequence cannot be split over 2 processes: one line says so
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29547"]
+    proc = subprocess.run([*torchrun, "adapt.py", *base, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "results.json"))
+    assert two["steps"] == 2 and all(h["lr"] == 5e-5 for h in two["history"] if "lr" in h)
+    proc = subprocess.run([*torchrun, "adapt.py", *base, "--out", str(tmp_path / "three")], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "adapt.py: error: --batch-size 1 (sequences per optimizer step" in proc.stderr

@@ -314,7 +314,7 @@ def test_loader_resume_continues_at_saved_position(tmp_path):
     expected = [a.next_batch() for _ in range(10)]
     b = TokenLoader(d, "train", 4, 10, seed=3)
     b.load_state_dict(state)
-    assert all(torch.equal(x, next(b)) for x in expected)
+    assert all(torch.equal(x, b.next_batch()) for x in expected)
     fresh = TokenLoader(d, "train", 4, 10, seed=3)
     assert not torch.equal(fresh.next_batch(), expected[0])
     with pytest.raises(ValueError, match="seq_len=10"):

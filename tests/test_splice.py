@@ -150,3 +150,25 @@ def test_fresh_adapter_reproduces_spliced_logits_and_base_pass_is_the_bare_model
         hb, hs = final_streams(model, saes, idx, BOS)
         assert torch.equal(hs, spliced_ref)
         assert torch.equal(hb, bare.blocks(bare.embed(idx)))
+
+
+def test_positions_spliced_per_sae_source_as_the_authors(files):
+    # utils.get_sae_hook: hub SAEs (Gemma Scope, Llama Scope) skip BOS and EOS tokens, their TopK SAEs (sparsify
+    # format) splice every position; SAELens files (train_sae.py's) skip BOS, as they are trained without it
+    from model import ModelConfig
+    cfg = ModelConfig.from_name("tiny-gemma2")
+    cfg.bos_token_id, cfg.eos_token_id = 2, 1
+    sae = load_saes([files["sae"]], None, Transformer.from_pretrained(files["model"]), "cpu")
+    assert sae[0][1].source_format == "saelens" and splice.kept_tokens(sae, cfg) == (2,)
+    for fmt, kept in (("gemma_scope", (1, 2)), ("llama_scope", (1, 2)), ("sparsify", ()), ("saelens", (2,))):
+        sae[0][1].source_format = fmt
+        assert splice.kept_tokens(sae, cfg) == kept, fmt
+    assert splice.kept_tokens(sae, cfg, "no_bos_eos") == (1, 2) and splice.kept_tokens(sae, cfg, "all") == ()
+    cfg.eos_token_id = [1, 107]  # Gemma-2-it / Llama-3-instruct list several EOS ids
+    assert splice.kept_tokens(sae, cfg, "no_bos_eos") == (1, 2, 107)
+    with pytest.raises(ValueError, match="--sae-positions"):
+        splice.kept_tokens(sae, cfg, "no_pad")
+    idx = torch.tensor([[2, 5, 1, 7]])
+    x = torch.randn(1, 4, 64)
+    out = splice_hooks(sae, idx, (1, 2))[1](x)
+    assert torch.equal(out[0, [0, 2]], x[0, [0, 2]]) and not torch.allclose(out[0, [1, 3]], x[0, [1, 3]])
