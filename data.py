@@ -320,7 +320,7 @@ def iter_documents(source: str, seed: int = 0):
                 import zstandard  # noqa: F401
             except ImportError:
                 raise ModuleNotFoundError("reading The Pile (.jsonl.zst) needs the optional package zstandard: "
-                                  "pip install zstandard") from None
+                                          "pip install zstandard") from None
         return _hub_documents(source, seed)
     if source == "stdlib":
         files = stdlib_files()
@@ -537,7 +537,8 @@ def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None =
     meta, model_dir = load_meta(data_dir), None
     cfg = getattr(model, "cfg", model)
     if isinstance(cfg, (str, os.PathLike)):
-        from model import ModelConfig, resolve_model_dir
+        from checkpoint import resolve_model_dir
+        from model import ModelConfig
         model_dir = resolve_model_dir(str(cfg))
         with open(os.path.join(model_dir, "config.json")) as f:
             cfg = ModelConfig.from_hf(json.load(f))

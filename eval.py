@@ -30,7 +30,6 @@ What each section computes (eval.json holds every number, eval.md the tables, *.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 

@@ -15,8 +15,6 @@ a unigram entropy of 6.44, in 12 minutes on 2 CPU cores shared with other jobs (
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
 import time

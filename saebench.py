@@ -35,7 +35,6 @@ Tasks: offline (embedded stdlib data) or SAEBench's hub datasets, see saebench_d
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 

@@ -16,6 +16,7 @@ import json
 import os
 
 import numpy as np
+import torch
 
 import common
 from splice import score, setting_context, splice_hooks

@@ -39,7 +39,8 @@ import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
 import common  # noqa: E402
 import embedded  # noqa: E402
 import splice  # noqa: E402
-from model import ModelConfig, Transformer, resolve_model_dir  # noqa: E402
+from checkpoint import resolve_model_dir  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 from sae import SAE  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
