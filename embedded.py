@@ -19,6 +19,7 @@ import torch
 
 import common
 import data
+from corpus import stdlib_files
 from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
@@ -161,7 +162,7 @@ def corpus_and_tokenizer(cache: str | None = None, tokenizer=None) -> tuple[str,
     root = os.path.join(cache, "stdlib")
     tok_path = os.path.join(root, "tokenizer.model")
     if not os.path.isfile(tok_path):
-        files = data.stdlib_files()
+        files = stdlib_files()
         t0 = time.time()
         print(f"embedded corpus: training a {CORPUS_VOCAB}-token BPE tokenizer on {len(files)} stdlib files "
               f"({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB)...", flush=True)

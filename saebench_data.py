@@ -200,12 +200,12 @@ def _snippets(parts: list[str], chars: int, sep: str) -> list[str]:
 def stdlib_snippets(chars: int = 400) -> dict:
     """{(package, kind): [snippet]} over STDLIB_PACKAGES; kind: code / docstring / comment (half-length snippets, these
     are short) or file (consecutive raw text of a file)."""
-    from data import _read_text, stdlib_files
+    from corpus import read_text, stdlib_files
     root = sysconfig.get_paths()["stdlib"]
     out = {}
     for path in stdlib_files():
         rel = os.path.relpath(path, root).split(os.sep)
-        src = _read_text(path) if len(rel) > 1 and rel[0] in STDLIB_PACKAGES else None
+        src = read_text(path) if len(rel) > 1 and rel[0] in STDLIB_PACKAGES else None
         if not src:
             continue
         kinds, short = _pieces(src), chars // 2

@@ -12,13 +12,13 @@ of the LoRA model minus that of the base model, mean with a 90% normal CI.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 
 import common
+from corpus import jsonl_texts
 from splice import score, setting_context, splice_hooks
 
 
@@ -36,19 +36,8 @@ def read_inputs(cfg) -> dict[str, list[str]]:
 def read_texts(path: str, what: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path}: no such file")
-    texts = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not valid JSON (expected one {{\"text\": ...}} per line)") from None
-            text = obj.get("text") if isinstance(obj, dict) else obj
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty 'text' string")
-            texts.append(text)
+        texts = [t for t in jsonl_texts(f, path) if t.strip()]
     if len(texts) < 2:  # the 0..100 normalisation needs a spread of likelihoods
         raise ValueError(f"{what} {path}: {len(texts)} texts; steering needs at least 2")
     return texts

@@ -11,8 +11,9 @@ import torch
 
 import data
 import embedded
+from corpus import iter_documents, stdlib_files
 from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer,
-                  load_tokens, prepare, stdlib_files, token_dtype, train_tokenizer)
+                  load_tokens, prepare, token_dtype, train_tokenizer)
 
 UNICODE_DOC = "naïve café — 東京 🚀\n\tdef f(x):\n        return x  +  1   # spaces  kept\n\n\n"
 
@@ -346,8 +347,8 @@ def test_stdlib_files_are_deterministic_library_sources():
 
 def test_embedded_dataset_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 20_000)
-    real_files = data.stdlib_files()
-    monkeypatch.setattr(data, "stdlib_files", lambda: real_files[:40])  # a slice keeps the test to seconds
+    real_files = stdlib_files()
+    monkeypatch.setattr(embedded, "stdlib_files", lambda: real_files[:40])  # a slice keeps the test to seconds
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path / "c"))
     data_dir, tok_path = embedded.corpus_and_tokenizer()
     assert data_dir.startswith(str(tmp_path / "c"))
@@ -362,8 +363,8 @@ def test_embedded_dataset_is_built_once(tmp_path, monkeypatch):
 def test_embedded_dataset_with_a_models_tokenizer_is_cached_per_tokenizer(tmp_path, monkeypatch, sp_model):
     from model import ModelConfig
     monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 5_000)
-    real_files = data.stdlib_files()
-    monkeypatch.setattr(data, "stdlib_files", lambda: real_files[:20])
+    real_files = stdlib_files()
+    monkeypatch.setattr(embedded, "stdlib_files", lambda: real_files[:20])
     model_dir = gemma_folder(tmp_path / "model", sp_model, ModelConfig.from_name("tiny-gemma2"))
     data_dir, tok_path = embedded.corpus_and_tokenizer(str(tmp_path / "c"), tokenizer=str(model_dir))  # a model folder
     sha = data._sha256(str(sp_model / "gemma" / "tokenizer.model"))
@@ -525,7 +526,7 @@ def test_authors_layout_matches_chunk_and_tokenize_token_by_token(tmp_path):
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     meta = prepare(str(corpus), str(tmp_path / "ds"), ours, val_tokens=100, seed=5, verbose=False, layout="authors",
                    seq_len=16, group_docs=7)
-    order = list(data.iter_documents(str(corpus), 5))
+    order = list(iter_documents(str(corpus), 5))
     ref = [row for i in range(0, len(order), 7) for row in chunk_and_tokenize_batch(hf, order[i:i + 7], 16)]
     n_val = -(-100 // 16)
     assert (meta["layout"], meta["seq_len"], meta["val_tokens"]) == ("authors", 16, n_val * 16)
@@ -548,7 +549,7 @@ def test_authors_layout_round_trips_the_documents(sp_model, tmp_path):
     assert stream[0] == tok.eos_id
     cuts = [i for i, t in enumerate(stream) if t == tok.eos_id] + [len(stream)]
     decoded = [tok.decode(stream[a + 1:b]) for a, b in zip(cuts, cuts[1:])]
-    order = list(data.iter_documents(str(tmp_path / "corpus"), 0))
+    order = list(iter_documents(str(tmp_path / "corpus"), 0))
     assert sorted(order) == sorted(docs)
     assert decoded[:-1] == order[:len(decoded) - 1]  # whole documents in order; the last one is cut by the window
     assert meta["val_docs"] + meta["train_docs"] == len(decoded)
