@@ -334,49 +334,7 @@ def absorption(xtr, ytr, xte, yte, ftr, fte, W_dec, max_k=10, min_f1=0.6, min_le
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model side: cached pooled features, first-letter activations, core metrics
-
-
-def _batches(seqs, batch, pad, device):
-    for i in range(0, len(seqs), batch):
-        part = seqs[i:i + batch]
-        idx = torch.full((len(part), max(map(len, part))), pad, dtype=torch.long)
-        for j, s in enumerate(part):  # right padding: a causal model's earlier positions never see it
-            idx[j, :len(s)] = torch.tensor(s)
-        yield i, idx.to(device), torch.tensor([len(s) for s in part], device=device)
-
-
-def _latents(sae, x):
-    return sae.encode(x).float()
-
-
-@torch.no_grad()
-def pooled(model, sae, layer, seqs, specials, amp, batch=32) -> torch.Tensor:
-    """(N, d_model + d_sae) float32 on CPU: residual after block `layer` and its SAE latents, each averaged over the
-    non-special tokens of a sequence (SAEBench's create_meaned_model_activations / get_sae_meaned_activations)."""
-    dev = next(model.parameters()).device
-    out = torch.zeros(len(seqs), model.cfg.d_model + sae.d_sae)
-    for i, idx, lens in _batches(seqs, batch, specials[0], dev):
-        keep = (torch.arange(idx.shape[1], device=dev)[None] < lens[:, None]) & ~torch.isin(idx, specials.to(dev))
-        with amp:
-            x = model.blocks(model.embed(idx), 0, layer)
-        x, w = x.float(), keep.float()[..., None]
-        n = w.sum(1).clamp_min(1)
-        out[i:i + len(idx)] = torch.cat([(x * w).sum(1) / n, (_latents(sae, x) * w).sum(1) / n], 1).cpu()
-    return out
-
-
-@torch.no_grad()
-def word_acts(model, sae, layer, seqs, pos, amp, batch=64):
-    """Residual and latents at position len + pos (pos < 0) of each sequence."""
-    dev = next(model.parameters()).device
-    xs = []
-    for _, idx, lens in _batches(seqs, batch, 0, dev):
-        with amp:
-            x = model.blocks(model.embed(idx), 0, layer)
-        xs.append(x[torch.arange(len(idx), device=dev), lens + pos].float())
-    x = torch.cat(xs)
-    return x.cpu(), _latents(sae, x).cpu()
+# Core metrics (the cached features the probes read are made in saebench_data.py)
 
 
 @torch.no_grad()
@@ -391,7 +349,7 @@ def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
         with amp:
             x = model.blocks(model.embed(idx), 0, layer)
             xf = x[keep].float()
-            f = _latents(sae, xf)
+            f = sd.latents(sae, xf)
             xh = sae.decode(f).float()
             recon = x.clone()
             recon[keep] = xh.to(x.dtype)
@@ -487,10 +445,10 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     res = {"layer": layer, "tasks": "offline (stdlib)" if offline else "hub", "settings": {}}
     for s, ctx in settings.items():
         with ctx():
-            feats = {k: pooled(model, sae, layer, v, specials, amp) for k, v in groups.items()}
+            feats = {k: sd.pooled(model, sae, layer, v, specials, amp) for k, v in groups.items()}
             print(f"saebench [{s}]: pooled features cached ({time.time() - t0:.0f}s)", flush=True)
             m = {"core": core(model, sae, layer, batches, specials, amp)} if batches else {}
-            fl = [word_acts(model, sae, layer, [ids for ids, _ in rows], pos, amp) for rows in (fl_train, fl_test)]
+            fl = [sd.word_acts(model, sae, layer, [ids for ids, _ in rows], pos, amp) for rows in (fl_train, fl_test)]
         print(f"saebench [{s}]: core done ({time.time() - t0:.0f}s)", flush=True)
         sp = []
         for name in probing:

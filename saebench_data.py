@@ -34,6 +34,7 @@ import sysconfig
 import tokenize
 
 import numpy as np
+import torch
 
 # SAEBench's class subsets (sae_bench_utils/dataset_info.py): bias_in_bios professions, amazon categories (ids)
 HUB = {  # name: (repo, config folder or None, text column, label column, second column for SCR)
@@ -297,3 +298,50 @@ def first_letter_prompts(tok, seed, n_icl=10, template="{word} has the first let
                 rows.append((ids, LETTERS.index(w.strip()[0].lower())))
         out.append(rows)
     return out[0], out[1], pos
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cached activations: every text read once per model setting; the probes train on these
+
+
+def _batches(seqs, batch, pad, device):
+    for i in range(0, len(seqs), batch):
+        part = seqs[i:i + batch]
+        idx = torch.full((len(part), max(map(len, part))), pad, dtype=torch.long)
+        for j, s in enumerate(part):  # right padding: a causal model's earlier positions never see it
+            idx[j, :len(s)] = torch.tensor(s)
+        yield i, idx.to(device), torch.tensor([len(s) for s in part], device=device)
+
+
+def latents(sae, x):
+    """The SAE's codes in fp32 (what every probe reads)."""
+    return sae.encode(x).float()
+
+
+@torch.no_grad()
+def pooled(model, sae, layer, seqs, specials, amp, batch=32) -> torch.Tensor:
+    """(N, d_model + d_sae) float32 on CPU: residual after block `layer` and its SAE latents, each averaged over the
+    non-special tokens of a sequence (SAEBench's create_meaned_model_activations / get_sae_meaned_activations)."""
+    dev = next(model.parameters()).device
+    out = torch.zeros(len(seqs), model.cfg.d_model + sae.d_sae)
+    for i, idx, lens in _batches(seqs, batch, specials[0], dev):
+        keep = (torch.arange(idx.shape[1], device=dev)[None] < lens[:, None]) & ~torch.isin(idx, specials.to(dev))
+        with amp:
+            x = model(idx, stop_at=layer)
+        x, w = x.float(), keep.float()[..., None]
+        n = w.sum(1).clamp_min(1)
+        out[i:i + len(idx)] = torch.cat([(x * w).sum(1) / n, (latents(sae, x) * w).sum(1) / n], 1).cpu()
+    return out
+
+
+@torch.no_grad()
+def word_acts(model, sae, layer, seqs, pos, amp, batch=64):
+    """Residual and latents at position len + pos (pos < 0) of each sequence."""
+    dev = next(model.parameters()).device
+    xs = []
+    for _, idx, lens in _batches(seqs, batch, 0, dev):
+        with amp:
+            x = model(idx, stop_at=layer)
+        xs.append(x[torch.arange(len(idx), device=dev), lens + pos].float())
+    x = torch.cat(xs)
+    return x.cpu(), latents(sae, x).cpu()
