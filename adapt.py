@@ -74,8 +74,11 @@ class AdaptConfig:
 
 
 def main(argv=None) -> dict:
+    t0 = time.time()
     cfg, typed = common.parse_args(AdaptConfig, argv, epilog=embedded.DEFAULT_SAES_HELP)
-    return run(embedded.fill(cfg, typed, "adapt"))
+    results = run(embedded.fill(cfg, typed, "adapt"))
+    common.log(f"adapt.py: {time.time() - t0:.0f}s in all")
+    return results
 
 
 def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:

@@ -7,13 +7,17 @@ The offline pipeline: what every script uses when no --model is given, built on 
 
 Each script has a preset below: the settings that replace the paper's values (sized for minutes on 2 CPU cores, not
 hours on a GPU). A preset fills only the flags the user did not type, so `python adapt.py --lr 5e-5` trains at 5e-5.
-The cache lives in out/cache (LORASAE_CACHE overrides); each artefact's folder is named by what built it.
+The cache lives in out/cache (LORASAE_CACHE overrides); each artefact's folder is named by a hash of the settings
+that build it (tiny-gemma2-<hash>, sae-tiny-gemma2-<hash>-L2-<hash>), so a changed recipe builds anew beside the old.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -57,43 +61,66 @@ def corpus() -> str:
     return corpus_and_tokenizer()[0]
 
 
+def model_dir(cfg=None) -> str:
+    """The tiny model's cache folder, named by what builds it: pretrain.py's settings (`cfg`, default its defaults)
+    and the corpus recipe."""
+    import pretrain
+    recipe = {k: v for k, v in asdict(cfg or pretrain.PretrainConfig()).items() if k not in BOOKKEEPING}
+    recipe.update(corpus_vocab=CORPUS_VOCAB, corpus_val_tokens=CORPUS_VAL_TOKENS, python=sys.version_info[:2])
+    return os.path.join(cache_dir(), f"tiny-{recipe['family']}-{_key(recipe)}")
+
+
+def sae_dir(layer: int = SAE_LAYER) -> str:
+    """The embedded SAE's cache folder: the model it reads and the SAE recipe above."""
+    return os.path.join(cache_dir(), f"sae-{os.path.basename(model_dir())}-L{layer}-{_key(SAE)}")
+
+
 def model() -> str:
     """The tiny model's folder, pretrained with pretrain.py's defaults on first use."""
-    out = os.path.join(cache_dir(), "tiny-gemma2")
+    out = model_dir()
 
     def build():
         import pretrain
         common.log(f"embedded model: pretraining a tiny Gemma-2 in {out} (first run only)")
         pretrain.run(pretrain.PretrainConfig(out=out, data=corpus()), d=_one_process())
-    return _once(out, "model.safetensors", build)
+    return _once(out, "model.safetensors", build, "pretraining")
 
 
 def sae(layer: int = SAE_LAYER) -> str:
     """The embedded TopK SAE at `layer` of the tiny model, trained with the SAE recipe above on first use."""
-    model_dir, data_dir = model(), corpus()
-    out = os.path.join(cache_dir(), f"sae-{os.path.basename(model_dir)}-L{layer}")
+    model_path, out = model(), sae_dir(layer)
 
     def build():
         import train_sae
         common.log(f"embedded SAE: training a TopK SAE on layer {layer} in {out} (first run only)")
-        cfg = train_sae.TrainSAEConfig(**dict(SAE, model=model_dir, data=data_dir, out=out, layer=[layer]))
+        cfg = train_sae.TrainSAEConfig(**dict(SAE, model=model_path, data=corpus(), out=out, layer=[layer]))
         train_sae.run(cfg, d=_one_process())
-    return _once(out, "cfg.json", build)
+    return _once(out, "cfg.json", build, f"SAE training (layer {layer})")
+
+
+BOOKKEEPING = ("out", "data", "resume", "stop_after", "device", "log_interval", "eval_interval", "eval_batches",
+               "ckpt_interval")  # settings that do not change what pretraining produces
+
+
+def _key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _one_process() -> common.Dist:
     return common.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _once(folder: str, marker: str, build) -> str:
-    """Build `folder` unless its `marker` file exists. Under torchrun (before the process group is up) rank 0 builds
-    it in one process and the other ranks wait for the marker."""
+def _once(folder: str, marker: str, build, stage: str) -> str:
+    """Build `folder` unless its `marker` file exists, and say how long that took. Under torchrun (before the process
+    group is up) rank 0 builds it in one process and the other ranks wait for the marker."""
     path = os.path.join(folder, marker)
     if not os.path.isfile(path):
+        t0 = time.time()
         if int(os.environ.get("RANK", "0")) == 0:
             build()
         while not os.path.isfile(path):
             time.sleep(5)
+        common.log(f"embedded pipeline: {stage} done in {time.time() - t0:.0f}s; cached in {folder}")
     return folder
 
 

@@ -1,10 +1,10 @@
 """
 Pretrain a tiny Gemma-2 (or Llama-3) architecture model from scratch, so the whole pipeline runs offline.
 
-    python pretrain.py                                  # embedded default: stdlib corpus -> cache/tiny-gemma2
+    python pretrain.py                                  # embedded default: stdlib corpus -> cache/tiny-gemma2-<hash>
     python pretrain.py --family llama3 --max-steps 500
     torchrun --nproc_per_node 2 pretrain.py             # DDP (gloo on CPU, nccl on CUDA)
-    python pretrain.py --resume                         # continue from cache/tiny-gemma2/train_state.pt
+    python pretrain.py --resume                         # continue from cache/tiny-gemma2-<hash>/train_state.pt
 
 The output folder is laid out like a hub checkpoint (config.json, model.safetensors, tokenizer.model), so every
 other script - and transformers - loads it exactly as it would load google/gemma-2-2b.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import common
 import embedded
-from data import TokenLoader, default_cache_dir, load_meta, load_tokenizer
+from data import TokenLoader, load_meta, load_tokenizer
 from model import ModelConfig, Transformer
 
 
@@ -34,7 +34,7 @@ from model import ModelConfig, Transformer
 class PretrainConfig:
     """Pretrain a tiny Gemma-2 / Llama-3 architecture model from scratch (defaults: the embedded offline model)."""
     family: str = "gemma2"  # gemma2 | llama3
-    out: str = ""  # output folder; default <cache>/tiny-<family>
+    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of these settings> (embedded.model_dir)
     data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
     d_model: int = 192  # width. The default shape (3.0M parameters) won a size sweep for the best validation loss
     # in about 10 minutes on 2 CPU cores (d_model 128 / 192 / 256 at a quarter of that budget)
@@ -122,7 +122,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         data_dir = embedded.corpus()
     meta = load_meta(data_dir)
     tok = load_tokenizer(meta["tokenizer"])
-    out = cfg.out or os.path.join(default_cache_dir(), f"tiny-{cfg.family}")
+    out = cfg.out or embedded.model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses
     state_path = os.path.join(out, "train_state.pt")
     loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, seed=cfg.seed,
                          device=d.device)
@@ -190,9 +190,10 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         if d.master and (step % cfg.log_interval == 0 or step == last_step):
             rate = tokens_per_step * cfg.log_interval / (time.time() - t_log) if step % cfg.log_interval == 0 else 0
             t_log = time.time()
-            print(f"step {step:5d} | loss {loss.item() * cfg.grad_accum:.3f} | lr {lr:.2e} | grad norm "
+            eta = (last_step - step) * tokens_per_step / rate / 60 if rate else 0.0
+            print(f"step {step:5d}/{last_step} | loss {loss.item() * cfg.grad_accum:.3f} | lr {lr:.2e} | grad norm "
                   f"{gnorm.item():.2f} | {rate:,.0f} tok/s | {elapsed_before + t_log - t0:.0f}s "
-                  f"({time.process_time() - cpu0:.0f}s cpu)", flush=True)
+                  f"({time.process_time() - cpu0:.0f}s cpu) | ETA {eta:.1f} min", flush=True)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = evaluate(model, data_dir, cfg, d)
             history.append({"step": step, "val_loss": val, "elapsed_s": elapsed_before + time.time() - t0})

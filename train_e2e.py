@@ -2,7 +2,7 @@
 End-to-end SAEs (Braun et al. 2024), the paper's baseline (Sec. 3.2): the SAE is spliced into the frozen model and
 trained to minimise KL(p_orig || p_spliced) through every later layer, instead of its reconstruction error.
 
-    python train_e2e.py --model cache/tiny-gemma2 --layer 2 --k 16
+    python train_e2e.py --model out/cache/tiny-gemma2-<hash> --layer 2 --k 16
     torchrun --nproc_per_node 8 train_e2e.py --model meta-llama/Llama-3.2-1B --layer 12 --k 64 --data data/redpajama
 
 Same TopK activation and k as the TopK baseline (as in the paper), same decoder-norm handling and learning-rate rule

@@ -60,13 +60,27 @@ def test_real_model_without_sae_uses_the_paper_sae_or_says_what_to_pass(stub_pip
 
 def test_cached_artefacts_are_not_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
-    (tmp_path / "tiny-gemma2").mkdir()
-    (tmp_path / "tiny-gemma2" / "model.safetensors").write_bytes(b"")
-    (tmp_path / "sae-tiny-gemma2-L1").mkdir()
-    (tmp_path / "sae-tiny-gemma2-L1" / "cfg.json").write_text("{}")
+    model, sae = embedded.model_dir(), embedded.sae_dir(1)
+    assert os.path.dirname(model) == os.path.dirname(sae) == str(tmp_path)
+    os.makedirs(model)
+    open(os.path.join(model, "model.safetensors"), "wb").close()
+    os.makedirs(sae)
+    open(os.path.join(sae, "cfg.json"), "w").write("{}")
     monkeypatch.setattr(embedded, "corpus", lambda: "CORPUS")
-    assert embedded.model() == str(tmp_path / "tiny-gemma2")
-    assert embedded.sae(1) == str(tmp_path / "sae-tiny-gemma2-L1")
+    assert embedded.model() == model and embedded.sae(1) == sae
+
+
+def test_cache_folders_are_keyed_by_the_recipe(monkeypatch, tmp_path):
+    """A changed recipe builds beside the old artefact instead of reusing it (issue 19: keyed by what built it)."""
+    import pretrain
+    monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
+    model, sae = embedded.model_dir(), embedded.sae_dir(2)
+    assert embedded.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
+    assert embedded.model_dir(pretrain.PretrainConfig(log_interval=1, out="x")) == model  # bookkeeping: same model
+    assert embedded.model_dir(pretrain.PretrainConfig(max_steps=10)) != model
+    assert embedded.sae_dir(1) != sae
+    monkeypatch.setitem(embedded.SAE, "k", 32)
+    assert embedded.sae_dir(2) != sae
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -168,13 +182,14 @@ def test_debug_flag_shows_the_traceback(bad_files):
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 
-def test_embedded_lr_typed_at_the_paper_value_is_kept(tmp_path):
+def test_embedded_lr_typed_at_the_paper_value_is_kept(tmp_path, monkeypatch):
     """`python adapt.py --lr 5e-5` on the embedded pipeline trains at 5e-5 (its saved config says so), with a stub
     cache so that nothing is pretrained here."""
     from tests.tiny import make_data, make_model, make_sae
     cache = tmp_path / "cache"
-    make_model(cache / "tiny-gemma2")
-    make_sae(cache / "sae-tiny-gemma2-L2", layer=2)
+    monkeypatch.setenv("LORASAE_CACHE", str(cache))  # the folder names the subprocess will look for
+    make_model(embedded.model_dir())
+    make_sae(embedded.sae_dir(2), layer=2)
     data = make_data(tmp_path / "data")
     proc = cli("adapt.py", "--lr", "5e-5", "--data", data, "--max-tokens", "2048", "--out", str(tmp_path / "o"),
                "--compile", "false", "--seq-len", "32", "--eval-tokens", "256", env={"LORASAE_CACHE": str(cache)})
