@@ -6,7 +6,9 @@ spliced with a forward hook, full-vocabulary softmax KL), side by side, same mod
     python bench.py adapt --model DIR --sae DIR --layer L --rank R --batch_size B --seq_len T --steps N
     python bench.py adapt --vocab-sweep 16384,65536,262144   # peak memory against the vocabulary size
     python bench.py sae                                 # SAE training: our loop against the paper's per-sequence loop
-    python bench.py sae-module                          # the fused TopK SAE module against the dense one
+    python bench.py adapt --profile                     # where ours spends one step: phase x op family
+    python bench.py sae-module                          # the fused TopK SAE module against the dense one, and what
+                                                        # its fp32 encoder costs against a bf16 one
 
 Each configuration runs in its own subprocess so that peak memory (CUDA: max_memory_allocated; CPU: the process's
 peak RSS) belongs to it alone. Reports tokens/s, MFU against the device's peak and peak memory. Needs the test
@@ -47,6 +49,8 @@ class BenchConfig:
     k: int = 32  # random SAE: active latents per token
     kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
     compile: bool = True  # bench.py adapt: also time ours compiled (adapt.py's default); false skips that row
+    profile: bool = False  # bench.py adapt: instead of the comparison, profile ours (compiled unless --compile
+    # false) and print where a step's time goes, by phase and op family
     compile_sae: bool = True  # bench.py sae: compile our forward to the layer, as train_sae.py does by default
     autocast: str = "auto"  # precision of ours and of the matched reference row: auto (bf16 where the hardware runs
     # it natively, else fp32) | bfloat16 | float32; the last reference row is always fp32, as the paper's code ran
@@ -96,15 +100,24 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     amp = common.autocast(dev, b.autocast)
     idx = batch(b, model.cfg.vocab_size, dev)
 
+    original, spliced = passes or (splice.original_pass, splice.spliced_pass)
+    label = torch.profiler.record_function  # the phases of PHASES, for --profile (no cost otherwise)
+
     def step():
         with amp:
-            h_orig, h = splice.final_streams(model, saes, idx, model.cfg.bos_token_id, passes=passes)
-            kl, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk)
-        kl.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return timed(step, b, dev)
+            with label("original forward"), torch.no_grad(), splice.adapters_disabled(model):
+                h_orig, _ = original(model, idx, saes[0][0], share_prefix=False)
+            with label("spliced forward"):
+                h = spliced(model, saes, idx, model.cfg.bos_token_id)
+            with label("KL + CE forward"):
+                kl, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk)
+        with label("backward"):
+            kl.backward()
+        with label("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return profiled(step, b, dev) if b.profile else timed(step, b, dev)
 
 
 def run_reference(b: BenchConfig, folder: str, matched: bool, dev: torch.device) -> float:
@@ -177,6 +190,72 @@ def timed(step, b: BenchConfig, dev) -> float:
     return (time.perf_counter() - t0) / b.steps
 
 
+PHASES = ("original forward", "spliced forward", "KL + CE forward", "backward", "optimizer")
+FAMILIES = (  # op-name patterns -> family, first match wins
+    ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "mkldnn", "mkl_linear", "embedding_bag", "baddbmm")),
+    ("attention", ("flex_attention", "scaled_dot_product", "flash", "efficient_attention", "sdpa")),
+    ("vocabulary softmax / KL", ("softmax", "log_softmax", "logsumexp", "kl_div", "nll_loss", "tanh", "exp", "log")),
+    ("top-k / gather", ("topk", "gather", "scatter", "index")),
+    ("compiled fused kernels", ("compiled", "cpp_fused", "triton", "graph_", "inductor")),
+    ("copies / casts", ("copy_", "to", "_to_copy", "clone", "contiguous", "cat", "fill_", "zero_")),
+)
+
+
+def family(name: str) -> str:
+    n = name.lower().removeprefix("aten::")
+    for fam, keys in FAMILIES:
+        if any(n == k or n.startswith(k + "_") or (len(k) > 5 and k in n) for k in keys):
+            return fam
+    return "other elementwise / bookkeeping"
+
+
+def profiled(step, b: BenchConfig, dev) -> float:
+    """Run the steps under torch.profiler; print the self time of every op by (phase, op family); return s/step."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(b.warmup):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(b.steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / b.steps
+    table, total, other = {}, 0.0, {}
+    for e in prof.events():
+        if e.name in PHASES or e.name.startswith("ProfilerStep"):
+            continue
+        t = e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total
+        if t <= 0:
+            continue
+        phase, p = "(outside the phases)", e.cpu_parent
+        while p is not None:
+            if p.name in PHASES:
+                phase = p.name
+                break
+            p = p.cpu_parent
+        key = (phase, family(e.name))
+        table[key] = table.get(key, 0.0) + t / 1e6 / b.steps
+        total += t / 1e6 / b.steps
+        if key[1].startswith("other"):
+            other[e.name] = other.get(e.name, 0.0) + t / 1e6 / b.steps
+    fams = [f for f, _ in FAMILIES] + ["other elementwise / bookkeeping"]
+    phases = [p for p in PHASES + ("(outside the phases)",) if any(k[0] == p for k in table)]
+    print(f"\nwhere one step's {'GPU' if dev.type == 'cuda' else 'CPU'} time goes (ms per step, self time of each op; "
+          f"{wall * 1e3:.0f} ms wall per step under the profiler)")
+    print("| phase | " + " | ".join(fams) + " | total |")
+    print("|---" * (len(fams) + 2) + "|")
+    for ph in phases + ["all"]:
+        cells = [sum(v for (p, f), v in table.items() if f == fam and (ph == "all" or p == ph)) for fam in fams]
+        print(f"| {ph} | " + " | ".join(f"{c * 1e3:.0f}" for c in cells) + f" | {sum(cells) * 1e3:.0f} |")
+    share = {fam: sum(v for (p, f), v in table.items() if f == fam) / max(total, 1e-12) for fam in fams}
+    print("share of the time: " + ", ".join(f"{fam} {x:.0%}" for fam, x in share.items() if x >= 0.005))
+    print("largest in 'other': " + ", ".join(f"{n} {v * 1e3:.0f} ms" for n, v in
+                                             sorted(other.items(), key=lambda kv: -kv[1])[:8]))
+    return wall
+
+
 def peak_memory_gb(dev) -> float:
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 30
@@ -225,6 +304,8 @@ def bench_adapt(b: BenchConfig, dev):
         return None
     if not b.model:
         build_files(b, folder)
+    if b.profile:  # in this process: the table is printed by profiled()
+        return run_ours(b, folder, b.compile, dev)
     from model import ModelConfig
     with open(os.path.join(paths(b, folder)[0], "config.json")) as f:
         mc = ModelConfig.from_hf(json.load(f))
@@ -324,7 +405,10 @@ class SAEModuleConfig:
     widths: list[int] = field(default_factory=lambda: [16384, 65536])  # SAE widths to measure
     iters: int = 1  # timed steps per configuration
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    autocast: bool = False  # bf16 autocast around the forward
+    autocast: str = "bfloat16"  # activation precision around the forward: auto | bfloat16 | float32
+    paths: list[str] = field(default_factory=lambda: ["fused", "dense", "fused-bf16-encoder"])  # fused: sae(x), the
+    # encoder in fp32 as always; dense: decode(encode(x)); fused-bf16-encoder: sae(x) with the encoder matmul left to
+    # autocast (bf16 operands): what keeping the SAE maths in fp32 costs
     threads: int = 0  # torch.set_num_threads; 0 keeps the default
     child: str = ""  # internal: "width,path" runs one configuration and prints one JSON line
 
@@ -334,7 +418,12 @@ def rss_kb(field: str) -> int:
 
 
 def sae_module_one(cfg: SAEModuleConfig, width: int, path: str) -> dict:
+    import contextlib
+
+    import sae as sae_module
     from sae import SAE
+    if path == "fused-bf16-encoder":  # for this measurement only: the encoder's matmul follows autocast
+        sae_module.fp32_region = lambda x: contextlib.nullcontext()
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     sae = SAE(cfg.d_in, width, "topk", k=cfg.k, device=device).eval().requires_grad_(False)
@@ -353,12 +442,10 @@ def sae_module_one(cfg: SAEModuleConfig, width: int, path: str) -> dict:
         return t
 
     def step(measure_saved=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-            if measure_saved:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    y = sae(x) if path == "fused" else sae.decode(sae.encode(x))
-            else:
-                y = sae(x) if path == "fused" else sae.decode(sae.encode(x))
+        with common.autocast(device, cfg.autocast):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure_saved else \
+                    contextlib.nullcontext():
+                y = sae.decode(sae.encode(x)) if path == "dense" else sae(x)
         y.backward(grad_out)
         x.grad = None
 
@@ -396,18 +483,19 @@ def bench_sae_module(argv):
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    cfg.autocast = common.resolve_autocast(torch.device(cfg.device), cfg.autocast)
     if cfg.child:
         width, path = cfg.child.split(",")
         print(json.dumps(sae_module_one(cfg, int(width), path)))
         return
     dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"frozen TopK SAE, forward + backward to the input: tokens {cfg.tokens}, d_in {cfg.d_in}, k {cfg.k}, "
-          f"{'bf16 autocast' if cfg.autocast else 'fp32'}, {dev}, torch {torch.__version__}")
+          f"{cfg.autocast} autocast, {dev}, torch {torch.__version__}")
     rows = []
     for width in cfg.widths:
-        for path in ("fused", "dense"):
+        for path in cfg.paths:
             argv = [os.path.abspath(__file__), "sae-module", "--tokens", str(cfg.tokens), "--d-in", str(cfg.d_in), "--k", str(cfg.k),
-                    "--iters", str(cfg.iters), "--device", cfg.device, "--autocast", str(cfg.autocast),
+                    "--iters", str(cfg.iters), "--device", cfg.device, "--autocast", cfg.autocast,
                     "--threads", str(cfg.threads), "--child", f"{width},{path}"]
             out = subprocess.run([sys.executable] + argv, capture_output=True, text=True,
                                  cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -423,10 +511,15 @@ def bench_sae_module(argv):
               f"| {r['peak_mb']:>7.0f} | {r['saved_mb']:>8.1f} |")
     print()
     for width in cfg.widths:
-        f, d = (next(r for r in rows if r["width"] == width and r["path"] == p) for p in ("fused", "dense"))
-        print(f"d_sae {width}: fused is {f['tokens_per_s'] / d['tokens_per_s']:.1f}x faster, peak memory "
-              f"{d['peak_mb'] / max(f['peak_mb'], 1e-9):.1f}x smaller, saved tensors "
-              f"{d['saved_mb'] / max(f['saved_mb'], 1e-9):.1f}x smaller")
+        r = {x["path"]: x for x in rows if x["width"] == width}
+        f, d, b = r.get("fused"), r.get("dense"), r.get("fused-bf16-encoder")
+        if f and d:
+            print(f"d_sae {width}: fused is {f['tokens_per_s'] / d['tokens_per_s']:.1f}x faster, peak memory "
+                  f"{d['peak_mb'] / max(f['peak_mb'], 1e-9):.1f}x smaller, saved tensors "
+                  f"{d['saved_mb'] / max(f['saved_mb'], 1e-9):.1f}x smaller")
+        if f and b:
+            print(f"d_sae {width}: the fp32 encoder costs {b['tokens_per_s'] / f['tokens_per_s'] - 1:+.0%} time per "
+                  f"step against a bf16 one under {cfg.autocast} autocast ({f['step_s']:.3f} vs {b['step_s']:.3f} s)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
