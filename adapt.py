@@ -34,6 +34,7 @@ class AdaptConfig:
     # none: Gemma Scope's canonical 16k residual SAE at --layer for Gemma-2 2B/9B, the embedded SAE for the tiny model
     layer: list[int] = field(default_factory=list)  # the SAE layer, one per --sae; none: what the SAE files say
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
+    # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
     out: str = "out/adapt"  # the adapter (PEFT format), ckpt.pt and results.json go here
     rank: int = 64  # LoRA rank (paper: 64)
     alpha: float = 32.0  # LoRA alpha (paper: 32)

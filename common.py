@@ -90,7 +90,8 @@ def _parse_optional(base):
 # Bad input (a missing file, a flag out of range, a corrupt checkpoint) raises one of these with a message that says
 # what is wrong and what to do; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               FloatingPointError, ModuleNotFoundError)  # the last: an optional package is not installed
+               FloatingPointError, ModuleNotFoundError,  # an optional package is not installed
+               ConnectionError)  # a server that holds the data cannot be reached (the message says what to do)
 
 
 def cli(main):

@@ -1,18 +1,39 @@
 """
 Corpora: where documents come from. Each source is a stream of strings that data.prepare tokenizes.
 
-    stdlib      the Python standard library's own sources (offline, identical for the same Python)
-    a path      a .txt / .md / .py file or a .jsonl of {"text": ...} lines, or a folder of them
-    pile        monology/pile-uncopyrighted, streamed from the hub (needs zstandard)
-    redpajama   togethercomputer/RedPajama-Data-1T-Sample, streamed from the hub, its sources interleaved
+    stdlib        the Python standard library's own sources (offline, identical for the same Python)
+    a path        a .txt / .md / .py file or a .jsonl of {"text": ...} lines, or a folder of them
+    pile          monology/pile-uncopyrighted, streamed from the hub (needs zstandard)
+    redpajama     togethercomputer/RedPajama-Data-1T-Sample, streamed from the hub, its sources interleaved
+    redpajama-v2  togethercomputer/RedPajama-Data-V2, config sample-10B, field raw_content: the paper's training data
+
+redpajama-v2 is what the hub's loading script RedPajama-Data-V2.py (_split_generators_full, _generate_examples,
+handle_record) yields for sample-10B. No listing file names its files: they are shard 0000 of each head and middle
+file, `for lang in en de fr es it: for snapshot in _CC_SNAPSHOT_IDS (84, 2014-15 .. 2023-14): for part in head
+middle`, 840 files documents/<snapshot>/0000/<lang>_<part>.json.gz under https://data.together.xyz/redpajama-data-v2/
+v1.0.0 (not on the hub), less those whose URL the hub repo's urls/missing-documents.txt lists. A file is gzip'd JSON
+lines with url, language, source_domain, date_download, digest, raw_content; rows come in file order, a row that is not
+JSON or lacks one of those keys is skipped, and so is the rest of a file that is not gzip. (The script zips each
+file's rows with its quality-signals file; one signals row per document is assumed, so those are not read.) That is
+the order of load_dataset(..., "sample-10B", streaming=True) and of the downloaded table's rows. The authors download
+the table and call dataset.shuffle(seed=42) (their train_sae.py:35-42, utils.py:203-210): a permutation of every
+document, which needs the whole download and is not reproduced here; a prefix of this stream is English 2014-15.
+LORASAE_RPV2_URL replaces the documents' base URL with a mirror (a folder, file:// or http://); the missing list
+comes from the hub, or its cache with HF_HUB_OFFLINE=1.
 """
 from __future__ import annotations
 
 import fnmatch
+import gzip
+import http.client
 import io
 import json
 import os
+import pathlib
+import sys
 import sysconfig
+import urllib.error
+import urllib.request
 
 import numpy as np
 
@@ -22,7 +43,20 @@ TEXT_EXTS = (".txt", ".md", ".py")  # read whole, one document per file; .jsonl:
 HUB_DATASETS = {  # name: (repo, file glob). The Pile is shuffled already; RedPajama's sample is one file per source
     "pile": ("monology/pile-uncopyrighted", "train/*.jsonl.zst"),
     "redpajama": ("togethercomputer/RedPajama-Data-1T-Sample", "*.jsonl"),
+    "redpajama-v2": ("togethercomputer/RedPajama-Data-V2", "urls/missing-documents.txt"),  # documents: RPV2_URL
 }
+RPV2_URL = "https://data.together.xyz/redpajama-data-v2/v1.0.0"  # the loading script's _URL_BASE
+RPV2_URL_ENV = "LORASAE_RPV2_URL"
+RPV2_LANGUAGES = ("en", "de", "fr", "es", "it")
+RPV2_SNAPSHOTS = tuple((  # the loading script's _CC_SNAPSHOT_IDS, in its order
+    "2014-15 2014-23 2014-35 2014-41 2014-42 2014-49 2014-52 2015-14 2015-22 2015-27 2015-32 2015-35 2015-40 2015-48 "
+    "2016-07 2016-18 2016-22 2016-26 2016-30 2016-36 2016-40 2016-44 2016-50 2017-04 2017-09 2017-17 2017-22 2017-26 "
+    "2017-30 2017-34 2017-39 2017-43 2017-47 2017-51 2018-05 2018-09 2018-13 2018-17 2018-22 2018-26 2018-30 2018-34 "
+    "2018-39 2018-43 2018-47 2018-51 2019-04 2019-09 2019-13 2019-18 2019-22 2019-26 2019-30 2019-35 2019-39 2019-43 "
+    "2019-47 2019-51 2020-05 2020-10 2020-16 2020-24 2020-29 2020-34 2020-40 2020-45 2020-50 2021-04 2021-10 2021-17 "
+    "2021-21 2021-25 2021-31 2021-39 2021-43 2021-49 2022-05 2022-21 2022-27 2022-33 2022-40 2022-49 2023-06 2023-14"
+).split())
+RPV2_KEYS = ("url", "language", "source_domain", "date_download", "digest", "raw_content")  # handle_record reads all
 
 
 def stdlib_files() -> list[str]:
@@ -119,9 +153,100 @@ def _hub_stream(name, listing, files, seed):
             h.close()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# RedPajama-V2 sample-10B: the file list from the loading script's loops, the documents over HTTP
+
+
+def rpv2_tags() -> list[str]:
+    """sample-10B's 840 base tags in the loading script's order (_SUBSAMPLE_FILE_COUNTS["sample-10B"] = 1 shard)."""
+    return [f"{snap}/0000/{lang}_{part}" for lang in RPV2_LANGUAGES for snap in RPV2_SNAPSHOTS
+            for part in ("head", "middle")]
+
+
+def rpv2_base_url() -> str:
+    base = os.environ.get(RPV2_URL_ENV) or RPV2_URL
+    if "://" not in base:  # a local folder holding documents/...
+        base = pathlib.Path(os.path.abspath(base)).as_uri()
+    return base.rstrip("/")
+
+
+def _rpv2_hint(url: str) -> str:
+    if not url.startswith(RPV2_URL):
+        return f"check {RPV2_URL_ENV} ({os.environ.get(RPV2_URL_ENV)})"
+    offline = "; HF_HUB_OFFLINE=1 covers only the hub's files" if hub.offline() else ""
+    return (f"the documents are served by {RPV2_URL.split('/')[2]}, not the hub: connect to it, or set {RPV2_URL_ENV} "
+            f"to a mirror (a folder or URL holding documents/<snapshot>/0000/<lang>_<part>.json.gz){offline}")
+
+
+def _rpv2_open(url: str):
+    """The response for url (HTTP or file://), or one line: FileNotFoundError for a file the server lacks,
+    ConnectionError for a server that cannot be reached, ValueError for a URL urllib cannot read."""
+    try:
+        return urllib.request.urlopen(url, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(f"redpajama-v2: {url}: not found (HTTP 404); {_rpv2_hint(url)}") from None
+        raise ConnectionError(f"redpajama-v2: {url}: HTTP {e.code} {e.reason}; {_rpv2_hint(url)}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, FileNotFoundError) or url.startswith("file:"):
+            raise FileNotFoundError(f"redpajama-v2: no such file {url}; {_rpv2_hint(url)}") from None
+        if str(e.reason).startswith("unknown url type"):
+            raise ValueError(f"redpajama-v2: {url}: {e.reason}; {_rpv2_hint(url)}") from None
+        raise ConnectionError(f"redpajama-v2: cannot reach {url} ({e.reason}); {_rpv2_hint(url)}") from None
+    except (OSError, http.client.HTTPException) as e:  # a timeout, a reset connection
+        raise ConnectionError(f"redpajama-v2: {url}: {type(e).__name__}: {e}; {_rpv2_hint(url)}") from None
+
+
+def _rpv2_documents():
+    """Resolve the file list now (the missing list from the hub or its cache, the first file opened once, so that
+    errors come before any work) and return the stream of raw_content strings."""
+    repo, listed = HUB_DATASETS["redpajama-v2"]
+    folder, name = listed.rsplit("/", 1)
+    listing = hub.list_files(repo, folder, repo_type="dataset")
+    if name not in listing.files:
+        raise FileNotFoundError(f"hub dataset {repo}: no {listed} {listing.where}")
+    with io.TextIOWrapper(hub.open_file(listing, name), encoding="utf-8") as f:
+        missing = {line.strip() for line in f}  # the canonical URLs, whatever mirror serves the files
+    tags = [t for t in rpv2_tags() if f"{RPV2_URL}/documents/{t}.json.gz" not in missing]
+    if not tags:
+        raise ValueError(f"redpajama-v2: {listed} {listing.where} names every sample-10B file as missing")
+    base = rpv2_base_url()
+    _rpv2_open(f"{base}/documents/{tags[0]}.json.gz").close()
+    return _rpv2_stream(base, tags)
+
+
+def _rpv2_stream(base: str, tags: list[str]):
+    for tag in tags:
+        url = f"{base}/documents/{tag}.json.gz"
+        # gzip over the response: a file is decompressed as it arrives and never held whole
+        with _rpv2_open(url) as resp, io.TextIOWrapper(gzip.GzipFile(fileobj=resp), encoding="utf-8") as lines:
+            try:
+                for row, line in enumerate(lines):
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        doc = None
+                    if isinstance(doc, dict) and all(k in doc for k in RPV2_KEYS) \
+                            and isinstance(doc["raw_content"], str):
+                        yield doc["raw_content"]
+                    else:  # the loading script logs the row and goes on
+                        print(f"redpajama-v2: skipped row {row} of {tag}: not a document record", file=sys.stderr)
+            except gzip.BadGzipFile as e:  # the loading script skips the rest of a broken file
+                print(f"redpajama-v2: skipped the rest of {tag}: {e}", file=sys.stderr)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"redpajama-v2: {url} is not UTF-8 ({e})") from None
+            except (EOFError, OSError, http.client.HTTPException) as e:  # the loading script stops here too
+                if url.startswith("file:"):
+                    raise ValueError(f"redpajama-v2: {url} is truncated or corrupt ({e}): fetch it again") from None
+                raise ConnectionError(f"redpajama-v2: reading {url} stopped ({type(e).__name__}: {e}); run again, "
+                                      f"or use a local mirror ({RPV2_URL_ENV})") from None
+
+
 def iter_documents(source: str, seed: int = 0):
     """Validate `source` now (errors before any work) and return an iterator over its documents. Local sources and
     the stdlib are shuffled by document with `seed`; hub streams keep their order (the Pile is shuffled already)."""
+    if source == "redpajama-v2":
+        return _rpv2_documents()
     if source in HUB_DATASETS:
         if source == "pile":
             try:
@@ -141,5 +266,5 @@ def iter_documents(source: str, seed: int = 0):
         if not docs:
             raise ValueError(f"empty corpus: {source} holds no text")
         return (docs[i] for i in np.random.default_rng(seed).permutation(len(docs)))
-    raise ValueError(f"unknown source {source!r}: expected 'stdlib', 'pile', 'redpajama', or an existing "
-                     f".txt/.jsonl file or folder")
+    raise ValueError(f"unknown source {source!r}: expected 'stdlib', 'pile', 'redpajama', 'redpajama-v2', or an "
+                     f"existing .txt/.jsonl file or folder")

@@ -3,6 +3,7 @@ Tokenizers, corpora, token shards and the batch loader.
 
     tok = load_tokenizer("google/gemma-2-2b")                     # a model folder, a tokenizer file or a hub id
     prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out
+    python data.py --source redpajama-v2 --out data/rpv2 --tokenizer google/gemma-2-2b --max-tokens 15360000
     loader = TokenLoader("data/pile", "train", batch_size=8, seq_len=1024)
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
     check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
@@ -28,6 +29,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -522,3 +524,33 @@ class TokenLoader:
                 raise ValueError(f"cannot resume the data position: checkpoint has {k}={d[k]}, this run "
                                  f"{getattr(self, k)} (same data, layout, seq_len, seed and process count needed)")
         self.epoch, self.pos = d["epoch"], d["pos"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: prepare as a script
+
+
+@dataclass
+class PrepareConfig:
+    """Tokenize a corpus into a token folder (train.bin, val.bin, meta.json), the --data of every script."""
+    source: str = "stdlib"  # stdlib | pile | redpajama (RedPajama-1T-Sample) | redpajama-v2 (the paper's: V2
+    # sample-10B, from data.together.xyz or LORASAE_RPV2_URL) | a .txt/.jsonl file or a folder of them
+    out: str = ""  # the token folder to write (required)
+    tokenizer: str = ""  # the model's tokenizer: a model folder, a tokenizer file or a hub id (required)
+    max_tokens: int | None = None  # train tokens (required for hub sources; train_lora.py: 15000 x 1024)
+    val_tokens: int = 1_000_000  # held-out tokens, written first (the authors hold out 1M)
+    layout: str = "authors"  # authors (their windows, token by token) | bos_chunks
+    seq_len: int = 1024  # window length of the authors layout
+    seed: int = 0  # document order of the stdlib and local sources (hub streams keep theirs)
+
+
+def main(argv=None) -> dict:
+    cfg, _ = common.parse_args(PrepareConfig, argv)
+    if not cfg.out or not cfg.tokenizer:
+        raise ValueError("--out and --tokenizer are required (the token folder to write, the model's tokenizer)")
+    return prepare(cfg.source, cfg.out, cfg.tokenizer, cfg.max_tokens, cfg.val_tokens, cfg.seed, layout=cfg.layout,
+                   seq_len=cfg.seq_len)
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -34,6 +34,7 @@ class E2EConfig:
     """Train an end-to-end TopK SAE through the frozen model: minimise KL(p_orig || p_spliced) (Braun et al. 2024)."""
     model: str | None = None  # HF folder or hub id; none: the embedded tiny model
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
+    # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
     out: str = "out/e2e"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and log.csv go here
     layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
     k: int = 64  # active latents per token, as the TopK baseline (paper: 64)

@@ -31,6 +31,7 @@ class TrainSAEConfig:
     """Train a TopK, BatchTopK or JumpReLU SAE on one layer's residual stream (Gao et al.'s recipe)."""
     model: str | None = None  # HF folder or hub id; none: the embedded tiny model
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
+    # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
     out: str = "out/sae"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and history.json go here
     layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
     recipe: str = "gao"  # gao: Gao et al.'s (the defaults below) | authors: the paper authors' trainer (one
