@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -291,7 +292,8 @@ class Attention(nn.Module):
         # On CPU, torch 2.13's compiled flex kernel gives wrong outputs for some lengths that are not a multiple of
         # its 128-token block with a sliding window (T = 40, 56, 120 found wrong, 64, 256 right): use it only on whole
         # blocks there.
-        if torch.compiler.is_compiling() and (q.is_cuda or (not torch.is_grad_enabled() and T % 128 == 0)):
+        if torch.compiler.is_compiling() and (flex_fits(q.device, self.head_dim, torch.is_grad_enabled()) if q.is_cuda
+                                              else not torch.is_grad_enabled() and T % 128 == 0):
             return self._flex_attention(q, k, v, T)
         rep = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -319,6 +321,29 @@ class Attention(nn.Module):
         block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale,
                               enable_gqa=self.n_kv_head != self.n_head)
+
+
+FLEX_BACKWARD_SMEM = 160 * 1024  # bytes of shared memory per block flex_attention's backward needs at head_dim 256
+
+
+def flex_fits(device: torch.device, head_dim: int, grad: bool, smem: int | None = None) -> bool:
+    """Whether the fused flex_attention kernel compiles here. Its backward at Gemma-2's head_dim 256 needs more shared
+    memory per block than GPUs with ~100 KB (RTX 30/40-series, sm_12x) have (pytorch/pytorch issues 133254, 198224):
+    there the math path runs instead, with one warning. H100 / A100 (227 / 163 KB) keep the fused kernel."""
+    if not grad or head_dim <= 128:
+        return True
+    if smem is None:
+        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    if smem >= FLEX_BACKWARD_SMEM:
+        return True
+    _warn_unfused(head_dim, smem)
+    return False
+
+
+@torch.compiler.disable  # called while tracing: a warning is a side effect dynamo would not replay
+def _warn_unfused(head_dim: int, smem: int):
+    warnings.warn(f"flex_attention's backward at head_dim {head_dim} does not fit this GPU's {smem // 1024} KB of shared "
+                  f"memory per block: Gemma-2's attention runs unfused (slower, same result)", stacklevel=3)
 
 
 class MLP(nn.Module):

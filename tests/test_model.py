@@ -248,3 +248,15 @@ def test_bf16_load_of_fp32_shards_peaks_at_final_size_plus_largest_tensor(tmp_pa
     got = run(MEASURE)
     assert got["rss_increase_mb"] > 0.9 * bf16_mb  # the model is really there
     assert got["increase_mb"] < bf16_mb + largest_mb + 40, (got, bf16_mb, largest_mb, fp32_mb)
+
+
+def test_flex_attention_falls_back_where_its_backward_does_not_fit(recwarn):
+    """Gemma-2's head_dim 256 backward needs ~160 KB of shared memory per block (pytorch issues 133254, 198224): an
+    RTX 4090 / sm_120 (99 KB) gets the math path with a warning (Python's once-per-place rule), an H100 (227 KB) the kernel."""
+    from model import flex_fits
+    cuda = torch.device("cuda")
+    assert flex_fits(cuda, 256, True, smem=227 * 1024) and flex_fits(cuda, 256, False, smem=99 * 1024)
+    assert flex_fits(cuda, 128, True, smem=99 * 1024)  # smaller heads fit
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="head_dim 256 does not fit this GPU's 99 KB"):
+        assert not flex_fits(cuda, 256, True, smem=99 * 1024)
