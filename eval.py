@@ -4,7 +4,8 @@ Did adapting help, and what did it cost? The paper's evaluations (Secs. 4-6) for
     python eval.py                        # embedded tiny pipeline (+ adapt.py's out/adapt-tiny/adapter if present)
     python eval.py --model google/gemma-2-2b --layer 12 --adapter out/adapt/adapter --data data/pile \
         --mmlu cais/mmlu --hellaswag Rowan/hellaswag --truthfulqa truthfulqa/truthful_qa \
-        --steering-pos pos.jsonl --steering-neg neg.jsonl --steering-neg-val negval.jsonl --latent 13677
+        --steering-pos pos.jsonl --steering-neg law.json --steering-neg arabic.json --steering-neg-val biology.json \
+        --latent 13677
 
 The four settings of Sec. 5.3: original (adapters off, no SAE), sae (adapters off, SAE spliced), sae_lora (adapters
 merged into the weights, SAE spliced), lora (adapters merged, no SAE). Several --sae are spliced together: the sae
@@ -23,9 +24,12 @@ What each section computes (eval.json holds every number, eval.md the tables, *.
   unchanged (|d| <= 1e-6), and |d| histograms of improved and degraded tokens on log-spaced bins (values outside
   the bin range are counted in the end bins, so improved + degraded + unchanged counts = the token count).
 - distances (Fig. 11): for each layer from the (first) SAE's on, cosine similarity and L2 distance between the original
-  model's residual stream and the spliced one, base model (sae) and adapted model (sae_lora), averaged over non-BOS
-  tokens per sequence; mean over sequences with a 90% normal-approximation CI (mean +- 1.645 sd / sqrt(n)), and the
-  paired per-sequence change adapted - base, as the authors' code does.
+  model's residual stream and the spliced one, base model (sae) and adapted model (sae_lora), averaged per sequence
+  two ways, both reported: "distances" (ours) over the positions the SAE replaces (non-BOS by default);
+  "distances_authors" over all positions, BOS included, as activation_distances.py:118-125 (equal under
+  --sae-positions all, the authors' splice for their sparsify SAEs). Each: mean over sequences with a 90%
+  normal-approximation CI (mean +- 1.645 sd / sqrt(n)) and the paired per-sequence change adapted - base, as their
+  plot_metrics. (Their run: fp32 model, no autocast: --autocast float32; 500 Pile documents of >= 1024 tokens.)
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import multiple_choice
 import steering
 from lora import adapters_disabled, load_adapter, merged
 from model import Transformer
-from splice import gap_closed, kept_tokens, load_saes, spliced_pass
+from splice import DISTANCES, distance_summary, gap_closed, kept_tokens, load_saes, spliced_pass, stream_distances
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -68,9 +72,10 @@ class EvalConfig:
     # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
     # no_bos | no_bos_eos
     distances: bool = True  # activation distances (Fig. 11); keeps the original streams of a batch: off saves memory
-    steering_pos: str | None = None  # steering (Sec. 5.2): jsonl of {"text": ...} the latent should make likelier
-    steering_neg: str | None = None  # steering: test negatives (jsonl)
-    steering_neg_val: str | None = None  # steering: validation negatives for tuning alpha (jsonl)
+    steering_pos: str | None = None  # steering (Sec. 5.2): texts the latent should make likelier (jsonl or .json)
+    steering_neg: list[str] = field(default_factory=list)  # steering: test negatives (jsonl, or the authors' .json
+    # {"examples": [...]}), one file per dataset (their law, arabic, shakespeare, recipes)
+    steering_neg_val: str | None = None  # steering: validation negatives for tuning alpha (jsonl or .json)
     latent: int | None = None  # steering: the SAE latent whose decoder row is the direction
     alphas: str = "0,1,2,4,8,16,32"  # steering: the grid alpha is tuned on
     alpha: float | None = None  # steering: a fixed alpha (no tuning)
@@ -137,12 +142,12 @@ def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool
     by_layer = {layer: i for i, (layer, _) in enumerate(saes)}
     stats = {s: [SAEStats(sae) for _, sae in saes] for s in (("original", "lora") if adapted else ("original",))}
     spliced = [s for s in settings if "sae" in s]
-    seq = {s: {layer: {"cos": [], "l2": []} for layer in range(first, n_layer)} for s in spliced}
+    seq = {f: {s: {layer: {"cos": [], "l2": []} for layer in range(first, n_layer)} for s in spliced}
+           for f in DISTANCES}  # formulation -> setting -> layer -> per-sequence values
     token_ce = {s: [] for s in spliced}
     n_tok, prog = 0, common.Progress(len(batches), f"core{label}")
     for idx in batches:
         spliced_at = ~torch.isin(idx, torch.tensor(keep, dtype=idx.dtype, device=idx.device))  # the positions the SAE replaces
-        w = spliced_at.float()
         acts = {}
 
         def watch_stats(setting):
@@ -155,10 +160,9 @@ def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool
 
         def watch_distance(setting):
             def watch(layer, _, y):
-                if layer >= first:
-                    a, b = acts[layer].float(), y.float()
-                    for name, v in (("cos", F.cosine_similarity(a, b, dim=-1)), ("l2", (a - b).norm(dim=-1))):
-                        seq[setting][layer][name].append(((v * w).sum(1) / w.sum(1).clamp_min(1)).cpu().numpy())
+                if layer >= first:  # both formulations (splice.DISTANCES) from the same streams
+                    for (f, name), v in stream_distances(acts[layer], y, spliced_at).items():
+                        seq[f][setting][layer][name].append(v.cpu().numpy())
             return watch
 
         finals = {}
@@ -207,7 +211,8 @@ def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool
         for i, r in enumerate(res["sae_stats"]):
             r.update({f"{k}_lora": v for k, v in stats["lora"][i].result().items() if k != "tokens"})
     if cfg.distances:
-        res["distances"] = distance_summary(seq, first)
+        res["distances"] = distance_summary(seq["ours"], first, "ours")
+        res["distances_authors"] = distance_summary(seq["authors"], first, "authors")
     return res
 
 
@@ -231,21 +236,6 @@ def token_breakdown(ce_sae: np.ndarray, ce_sae_lora: np.ndarray, per_decade: int
             "hist_degraded": hist(d[deg]).tolist(),
             "nats_improved_per_bin": hist(-d[imp], -d[imp]).tolist(),
             "nats_degraded_per_bin": hist(d[deg], d[deg]).tolist()}
-
-
-def distance_summary(seq: dict, first: int) -> dict:
-    out = {"first_layer": first, "ci": "90% normal approximation over sequences", "layers": []}
-    for layer in seq["sae"]:
-        row = {"layer": layer, "after_sae": layer - first}
-        for name in ("cos", "l2"):
-            base = np.concatenate(seq["sae"][layer][name])
-            row[f"{name}_sae"] = common.mean_ci(base)
-            if "sae_lora" in seq:
-                lora = np.concatenate(seq["sae_lora"][layer][name])
-                row[f"{name}_sae_lora"] = common.mean_ci(lora)
-                row[f"{name}_change"] = common.mean_ci(lora - base)  # paired by sequence
-        out["layers"].append(row)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,14 +279,18 @@ def markdown(res: dict) -> str:
                          f"{p['share_unchanged']:.1%} | {p['mean_change']:+.4f} | {p['nats_improved']:.1f} | "
                          f"{p['nats_degraded']:.1f} |")
     if any("distances" in g for g in groups):
-        L += ["", "## Distance to the original model's activations (90% CI over sequences)", "",
-              "| adapter | layer (after SAE) | cos SAE | cos SAE + LoRA | L2 SAE | L2 SAE + LoRA |",
-              "| --- | --- | --- | --- | --- | --- |"]
+        L += ["", "## Distance to the original model's activations (90% CI over sequences; change = LoRA - base, "
+              "paired by sequence)", ""] + [f"- {f}: {how}" for f, how in DISTANCES.items()]
+        L += ["", "| adapter | averaged | layer (after SAE) | cos SAE | cos SAE + LoRA | cos change | L2 SAE | "
+              "L2 SAE + LoRA | L2 change |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for g in groups:
-            for r in g.get("distances", {}).get("layers", []):
-                L.append(f"| {g['name']} | {r['layer']} (+{r['after_sae']}) | {common.fmt_ci(r['cos_sae'])} | "
-                         f"{common.fmt_ci(r.get('cos_sae_lora'))} | {common.fmt_ci(r['l2_sae'], 3)} | "
-                         f"{common.fmt_ci(r.get('l2_sae_lora'), 3)} |")
+            for f in DISTANCES:
+                for r in g.get("distances" if f == "ours" else f"distances_{f}", {}).get("layers", []):
+                    L.append(f"| {g['name']} | {f} | {r['layer']} (+{r['after_sae']}) | "
+                             f"{common.fmt_ci(r['cos_sae'])} | {common.fmt_ci(r.get('cos_sae_lora'))} | "
+                             f"{common.fmt_ci(r.get('cos_change'))} | "
+                             f"{common.fmt_ci(r['l2_sae'], 3)} | {common.fmt_ci(r.get('l2_sae_lora'), 3)} | "
+                             f"{common.fmt_ci(r.get('l2_change'), 3)} |")
     if "steering" in res:
         L += steering.markdown(res)
     if "benchmarks" in res:
@@ -354,7 +348,7 @@ def plots(res: dict, out: str) -> list[str]:
 
 def main(argv=None) -> dict:
     cfg, typed = common.parse_args(EvalConfig, argv)
-    steer = any(p is not None for p in (cfg.steering_pos, cfg.steering_neg, cfg.steering_neg_val))
+    steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
         cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
@@ -364,7 +358,7 @@ def main(argv=None) -> dict:
 
 def run(cfg: EvalConfig) -> dict:
     # -- read every input before any model work: bad files fail in a second, not after an hour -----------------------
-    steer = any(p is not None for p in (cfg.steering_pos, cfg.steering_neg, cfg.steering_neg_val))
+    steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     texts = steering.read_inputs(cfg) if steer else {}
     rows = {b: multiple_choice.read_rows(src, b) for b, src in benches.items()}
@@ -401,8 +395,7 @@ def run(cfg: EvalConfig) -> dict:
         s_layer, s_sae = saes[0]
         if not 0 <= cfg.latent < s_sae.d_sae:
             raise ValueError(f"--latent {cfg.latent} is out of range: the SAE at layer {s_layer} has {s_sae.d_sae}")
-        v = s_sae.W_dec[cfg.latent].detach().float()
-        v = v / v.norm().clamp_min(1e-12)
+        direction = s_sae.W_dec[cfg.latent].detach().float()  # the raw decoder row (steering.py normalises it)
         seqs = {k: [([bos_id] + tok.encode(t))[:model.cfg.max_seq_len] for t in ts] for k, ts in texts.items()}
 
     # -- the settings, adapter by adapter ------------------------------------------------------------------------------
@@ -411,9 +404,11 @@ def run(cfg: EvalConfig) -> dict:
     if bench_qs:  # adapter-independent settings: computed once
         res["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)
                              for s in ("original", "sae")}
-    if steer:
-        res["steering"] = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice,
-                           "base": steering.steering_eval(model, seqs, saes, v, s_layer, keep, cfg, amp, "original")}
+    if steer:  # both formulations (steering.py), each with the base model's numbers
+        head = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice}
+        ours, authors = steering.steering_eval(model, seqs, saes, direction, s_layer, keep, cfg, amp, "original")
+        res["steering"] = {**head, "formulation": steering.OURS, "base": ours}
+        res["steering_authors"] = {**head, "formulation": steering.AUTHORS, "base": authors}
     names = [os.path.basename(os.path.normpath(a)) for a in cfg.adapter]
     names = names if len(set(names)) == len(names) else list(cfg.adapter)  # e.g. several runs' ".../adapter"
     for gi, adapter in enumerate(cfg.adapter or [None]):
@@ -432,8 +427,12 @@ def run(cfg: EvalConfig) -> dict:
             g["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)
                                for s in ("sae_lora", "lora")}
         if adapter and steer:
-            g["steering"] = steering.steering_eval(model, seqs, saes, v, s_layer, keep, cfg, amp, "lora")
+            g["steering"], g["steering_authors"] = steering.steering_eval(
+                model, seqs, saes, direction, s_layer, keep, cfg, amp, "lora",
+                authors_alpha=res["steering_authors"]["base"]["alpha"])  # the authors: one alpha for both models
             g["steering_compare"] = steering.steering_compare(res["steering"]["base"], g["steering"])
+            g["steering_authors_compare"] = steering.authors_compare(res["steering_authors"]["base"],
+                                                                     g["steering_authors"])
         res["groups"].append(g)
     if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)
         import saebench
