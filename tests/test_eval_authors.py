@@ -168,7 +168,6 @@ def test_steering_authors_equal_run_steering_py(world, tmp_path):
     """run_steering.py end to end: LL off by one (56-70), raw decoder row (107, 127-131), normalisation per dataset
     (72-82, 162), rank order (190), one alpha for both models (341-348), pooled negatives (364-367), t CI (216-234).
     The latent's decoder row is scaled by 2, so their --alpha is ours / 4."""
-    pytest.importorskip("scipy")
     rng = random.Random(5)
     sae = SAE.from_pretrained(world["sae"]["crude"])
     with torch.no_grad():
@@ -267,7 +266,7 @@ def test_steering_formulations_differ_where_they_should(world):
 
 
 def test_t_quantile_is_scipy_t_ppf():
-    stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as stats
     for df in (1, 2, 3, 4, 7, 10, 99, 499, 3000):
         assert common.t_quantile(0.9, df) == pytest.approx(stats.t.ppf(0.95, df), rel=1e-12)
     assert common.mean_ci([1.0, 2.0, 4.0], t=True)["hi"] == pytest.approx(
