@@ -23,7 +23,8 @@ import embedded
 from data import TokenLoader, check_data_matches
 from lora import adapter_parameters, apply_lora, layers_around_saes, save_adapter
 from model import Transformer
-from splice import evaluate, final_streams, kept_tokens, kl_and_ce, load_saes, original_pass, spliced_pass
+from splice import (chunk_losses, evaluate, final_streams, kept_tokens, kl_and_ce, load_saes, original_pass,
+                    spliced_pass)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class AdaptConfig:
     # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the frozen weights (bfloat16 halves memory); adapters stay float32
     fsdp: bool = False  # under torchrun: shard every decoder layer across the processes (models too big for one)
-    compile: bool = True  # torch.compile the two passes
+    compile: bool = True  # torch.compile the two passes and the KL chunk
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk: never a whole (tokens, vocab) fp32 tensor
     eval_tokens: int = 1_000_000  # held-out tokens for the CE / KL table (paper: 1M)
     eval_interval: int = 200  # steps between held-out evaluations
@@ -124,7 +125,9 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
 
     # -- optimiser, compile, resume ------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    passes = (torch.compile(original_pass), torch.compile(spliced_pass)) if cfg.compile and not cfg.fsdp else None
+    compiled = cfg.compile and not cfg.fsdp
+    passes = (torch.compile(original_pass), torch.compile(spliced_pass)) if compiled else None
+    losses = torch.compile(chunk_losses) if compiled else None  # the KL chunk as one fused graph
     cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
@@ -174,7 +177,8 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
             idx = train.next_batch()
             with amp:
                 h_orig, h = final_streams(model, saes, idx, keep, share_prefix=share_prefix, passes=passes)
-                kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction)
+                kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction,
+                                   losses=losses)
             (kl / accum).backward()
             kl_sum, ce_sum = kl_sum + kl.detach() / accum, ce_sum + ce.detach() / accum
         if not cfg.fsdp:  # FSDP2 has reduce-scattered them already

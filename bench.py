@@ -6,6 +6,7 @@ spliced with a forward hook, full-vocabulary softmax KL), side by side, same mod
     python bench.py adapt --model DIR --sae DIR --layer L --rank R --batch_size B --seq_len T --steps N
     python bench.py adapt --vocab-sweep 16384,65536,262144   # peak memory against the vocabulary size
     python bench.py sae                                 # SAE training: our loop against the paper's per-sequence loop
+    python bench.py adapt --shape gemma-2-2b --layer 12 --seq-len 1024 --batch-size 1 --kl-chunk 1024   # GPU: the paper's
     python bench.py adapt --profile                     # where ours spends one step: phase x op family
     python bench.py sae-module                          # the fused TopK SAE module against the dense one, and what
                                                         # its fp32 encoder costs against a bf16 one
@@ -37,6 +38,8 @@ class BenchConfig:
     model: str | None = None  # HF model folder or hub id; none: a random model of the shape below
     sae: str | None = None  # SAE folder or hub path; none: a random TopK SAE
     layer: list[int] = field(default_factory=list)  # the SAE layer; none: what the SAE files say (3 for a random SAE)
+    shape: str | None = None  # random model of a real model's shape (model.py's presets: gemma-2-2b, llama-3.2-1b,
+    # ...; its own vocabulary); none: the small shape below
     family: str = "gemma2"  # random model: gemma2 | llama3
     d_model: int = 512  # random model: width
     n_layer: int = 8  # random model: depth
@@ -49,6 +52,7 @@ class BenchConfig:
     k: int = 32  # random SAE: active latents per token
     kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
     compile: bool = True  # bench.py adapt: also time ours compiled (adapt.py's default); false skips that row
+    compile_loss: bool = True  # bench.py adapt, compiled row: also compile the KL chunk (adapt.py does)
     profile: bool = False  # bench.py adapt: instead of the comparison, profile ours (compiled unless --compile
     # false) and print where a step's time goes, by phase and op family
     compile_sae: bool = True  # bench.py sae: compile our forward to the layer, as train_sae.py does by default
@@ -62,17 +66,22 @@ class BenchConfig:
 
 def model_config(b: BenchConfig):
     from model import ModelConfig
-    name = "tiny-gemma2" if b.family == "gemma2" else "tiny-llama3"
-    c = ModelConfig.from_name(name)
+    if b.shape:
+        return ModelConfig.from_name(b.shape)
+    c = ModelConfig.from_name("tiny-gemma2" if b.family == "gemma2" else "tiny-llama3")
     c.d_model, c.n_layer, c.vocab_size = b.d_model, b.n_layer, b.vocab
     c.n_head, c.n_kv_head, c.head_dim, c.d_ff = max(1, b.d_model // 64), max(1, b.d_model // 128), 64, 4 * b.d_model
-    c.query_pre_attn_scalar = 64 if b.family == "gemma2" else None
-    c.sliding_window = 4096 if b.family == "gemma2" else None
-    c.layer_types = (["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(b.n_layer)]
-                     if b.family == "gemma2" else None)
+    gemma = b.family == "gemma2"
+    c.query_pre_attn_scalar, c.sliding_window = (64, 4096) if gemma else (None, None)
+    c.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(b.n_layer)] if gemma else None
     c.max_seq_len, c.bos_token_id = max(b.seq_len, 8192), 1
     c.__post_init__()
     return c
+
+
+def bench_folder(b: BenchConfig) -> str:
+    name = b.shape or f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}"
+    return os.path.join(tempfile.gettempdir(), f"lorasae-bench-{name}")
 
 
 def build_files(b: BenchConfig, folder: str):
@@ -80,8 +89,9 @@ def build_files(b: BenchConfig, folder: str):
     from model import Transformer
     from sae import SAE
     torch.manual_seed(0)
-    Transformer(model_config(b)).init_weights(0).save_pretrained(os.path.join(folder, "model"))
-    sae = SAE(b.d_model, b.expansion * b.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
+    mc = model_config(b)
+    Transformer(mc).init_weights(0).save_pretrained(os.path.join(folder, "model"))
+    sae = SAE(mc.d_model, b.expansion * mc.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
     sae.save(os.path.join(folder, "sae"))
 
 
@@ -101,6 +111,7 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     idx = batch(b, model.cfg.vocab_size, dev)
 
     original, spliced = passes or (splice.original_pass, splice.spliced_pass)
+    losses = torch.compile(splice.chunk_losses) if compile_ and b.compile_loss else None
     label = torch.profiler.record_function  # the phases of PHASES, for --profile (no cost otherwise)
 
     def step():
@@ -110,7 +121,7 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
             with label("spliced forward"):
                 h = spliced(model, saes, idx, model.cfg.bos_token_id)
             with label("KL + CE forward"):
-                kl, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk)
+                kl, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk, losses=losses)
         with label("backward"):
             kl.backward()
         with label("optimizer"):
@@ -283,7 +294,7 @@ def run_config(b: BenchConfig, name: str) -> dict | None:
 
 
 def bench_adapt(b: BenchConfig, dev):
-    folder = os.path.join(tempfile.gettempdir(), f"lorasae-bench-{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
+    folder = bench_folder(b)
     if b.only is not None:  # child process: one configuration
         kind, flag = CONFIGS[b.only]
         sec = run_ours(b, folder, flag, dev) if kind == "ours" else run_reference(b, folder, flag, dev)
@@ -293,8 +304,7 @@ def bench_adapt(b: BenchConfig, dev):
         print(f"{'vocab':>8s} {'ours peak GB':>13s} {'reference peak GB':>18s} {'ours tok/s':>11s} {'ref tok/s':>10s}")
         for v in (int(x) for x in b.vocab_sweep.split(",")):
             sub = BenchConfig(**{**asdict(b), "vocab": v, "vocab_sweep": None, "steps": 1, "warmup": 1})
-            build_files(sub, os.path.join(tempfile.gettempdir(), f"lorasae-bench-{b.family}-{b.d_model}-"
-                                                               f"{b.n_layer}-{v}"))
+            build_files(sub, bench_folder(sub))
             ours = run_config(sub, "ours (eager)")
             ref = run_config(sub, "transformers + peft (same precision)")
             tok = sub.batch_size * sub.seq_len
@@ -317,6 +327,8 @@ def bench_adapt(b: BenchConfig, dev):
     print(f"device {dev} | {mc.model_type} d_model {mc.d_model} layers {mc.n_layer} vocab {mc.vocab_size} "
           f"({mc.n_params() / 1e6:.0f}M parameters) | batch {b.batch_size} x {b.seq_len} | LoRA rank {b.rank} on all "
           f"layers | {b.autocast} | {b.steps} timed steps after {b.warmup} warm-up")
+    print(f"MFU against {peak / 1e12:.3g} TFLOP/s ({'measured 1024^3 matmul' if dev.type == 'cpu' else 'datasheet'}"
+          f", {b.autocast}); LORASAE_PEAK_FLOPS overrides")
     print(f"{'configuration':50s} {'tokens/s':>10s} {'MFU':>7s} {'peak mem GB':>12s}")
     rows = {}
     for name in CONFIGS:
@@ -342,7 +354,7 @@ def bench_sae(b: BenchConfig, dev):
     against the paper's (full-model fp32 forward per 1024-token sequence, one SAE step per sequence)."""
     from model import Transformer
     from sae import SAE
-    folder = os.path.join(tempfile.gettempdir(), f"lorasae-bench-{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
+    folder = bench_folder(b)
     if not b.model:
         build_files(b, folder)
     from sae import training_loss

@@ -125,8 +125,10 @@ def final_streams(model: Transformer, saes, idx, keep=(), *, share_prefix: bool 
 # Eq. 7 a chunk of tokens at a time
 
 
-def _chunk_losses(model: Transformer, h_orig, h, targets):
-    # Eq. 7: KL(p_orig || p_spliced) summed over the chunk's tokens; CE of the spliced model for the log
+def chunk_losses(model: Transformer, h_orig, h, targets):
+    """Eq. 7 on one chunk: KL(p_orig || p_spliced) summed over its tokens, and the spliced model's summed CE (no
+    grad). torch.compile(chunk_losses) fuses norm, soft-cap, both log-softmaxes, KL and CE into a few kernels, with
+    no extra (chunk, vocab) fp32 copies; kl_and_ce takes it as `losses`."""
     with torch.no_grad():
         logp_orig = F.log_softmax(model.head(h_orig).float(), dim=-1)
     logp = F.log_softmax(model.head(h).float(), dim=-1)
@@ -136,13 +138,15 @@ def _chunk_losses(model: Transformer, h_orig, h, targets):
     return kl, ce
 
 
-def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, reduction: str = "token"):
+def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, reduction: str = "token", losses=None):
     """KL(p_orig || p_spliced) with grad, and the spliced model's mean next-token CE (no grad).
 
     reduction "token": the KL's mean over tokens; "sequence": summed over each sequence's tokens, mean over sequences
     (the authors' kl_div(batchmean) on one sequence per step: the gradient scale that their clipping at 1.0 sees).
     With several chunks each runs under activation checkpointing, so its (chunk, vocab) logits are recomputed in the
-    backward instead of all chunks' logits being kept alive at once; a single chunk skips the recomputation."""
+    backward instead of all chunks' logits being kept alive at once; a single chunk skips the recomputation.
+    `losses`: chunk_losses or a compiled copy of it."""
+    losses = losses or chunk_losses
     d = h_orig.shape[-1]
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1).reshape(-1)  # last position: none
     ho, hs = h_orig.reshape(-1, d), h.reshape(-1, d)
@@ -150,7 +154,7 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, reduction: str 
     recompute = hs.requires_grad and ho.shape[0] > chunk
     for s in range(0, ho.shape[0], chunk):
         args = (model, ho[s:s + chunk], hs[s:s + chunk], targets[s:s + chunk])
-        kl, ce = checkpoint(_chunk_losses, *args, use_reentrant=False) if recompute else _chunk_losses(*args)
+        kl, ce = checkpoint(losses, *args, use_reentrant=False) if recompute else losses(*args)
         kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
     if reduction not in ("token", "sequence"):
         raise ValueError(f"unknown KL reduction {reduction!r} (expected token or sequence)")

@@ -26,7 +26,7 @@ import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer, next_token_ce
 from sae import SAE, geometric_median, update_since_fired
-from splice import kept_tokens, kl_and_ce, original_pass, splice_hooks, spliced_pass
+from splice import chunk_losses, kept_tokens, kl_and_ce, original_pass, splice_hooks, spliced_pass
 
 
 @dataclass
@@ -54,7 +54,7 @@ class E2EConfig:
     # excludes it) | all (the authors' e2e runs) | no_bos_eos
     autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
     # float32) | bfloat16 | float32
-    compile: bool = True  # torch.compile the no-grad original pass (the spliced pass stays eager)
+    compile: bool = True  # torch.compile the no-grad original pass and the KL chunk (the spliced pass stays eager)
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk
     kl_reduction: str = "token"  # token: KL mean per token | sequence: summed over each sequence (the authors')
     log_interval: int = 10  # steps between log lines
@@ -151,6 +151,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     # -- the loop ------------------------------------------------------------------------------------------------------
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
     original = torch.compile(original_pass) if cfg.compile else original_pass
+    losses = torch.compile(chunk_losses) if cfg.compile else None  # the KL chunk as one fused graph
     later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match
     sae.train()
     while step < total_steps:
@@ -169,7 +170,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
                 values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
             h = spliced_pass(model, [(layer, sae)], idx, keep, prefix=prefix,
                              watch=record("spliced"))
-            kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction)
+            kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction, losses=losses)
             loss = kl
             if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
                 o, s = acts["orig"], acts["spliced"]

@@ -172,3 +172,25 @@ def test_positions_spliced_per_sae_source_as_the_authors(files):
     x = torch.randn(1, 4, 64)
     out = splice_hooks(sae, idx, (1, 2))[1](x)
     assert torch.equal(out[0, [0, 2]], x[0, [0, 2]]) and not torch.allclose(out[0, [1, 3]], x[0, [1, 3]])
+
+
+def test_compiled_chunk_losses_equal_eq7_with_no_graph_break(files):
+    """The whole KL chunk as one compiled function (adapt.py's default with --compile): equal to Eq. 7 as written in
+    value and gradient, chunked (under activation checkpointing) or not, and traced as a single graph."""
+    model, params = adapted(files)
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    ref = kl_reference(model, saes, idx, BOS)
+    g_ref = torch.autograd.grad(ref, params)
+    h_orig, h = final_streams(model, saes, idx, BOS)
+    targets = idx[:, 1:].reshape(-1)[:16]
+    explanation = torch._dynamo.explain(splice.chunk_losses)(model, h_orig.reshape(-1, 64)[:16],
+                                                             h.reshape(-1, 64)[:16], targets)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(splice.chunk_losses)
+    for chunk in (48, 16):  # one chunk; three chunks recomputed in the backward
+        kl, ce = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk, losses=compiled)
+        g = torch.autograd.grad(kl, params)
+        _, ce_eager = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk)
+        assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7) and torch.allclose(ce, ce_eager, rtol=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
