@@ -20,3 +20,22 @@ def test_bench_adapt_with_model_and_sae_folders(tmp_path):
     assert "failed" not in proc.stdout, proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # ours and transformers + peft, side by side
     assert summary["ours_tokens_per_s"] > 0 and summary["reference_tokens_per_s"] > 0 and summary["ratio"] > 0
+
+
+def test_bench_shape_is_the_named_models_shape():
+    """--shape gemma-2-2b: random weights of exactly the paper's model shape (head_dim 256, vocabulary 256k)."""
+    from bench import BenchConfig, model_config
+    from model import ModelConfig
+    assert model_config(BenchConfig(shape="gemma-2-2b")) == ModelConfig.from_name("gemma-2-2b")
+
+
+def test_bench_profile_prints_where_the_step_goes():
+    proc = subprocess.run([sys.executable, "bench.py", "adapt", "--profile", "--d-model", "64", "--n-layer", "2",
+                           "--vocab", "512", "--layer", "0", "--seq-len", "32", "--batch-size", "2", "--rank", "4",
+                           "--steps", "1", "--warmup", "1", "--compile", "false"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert {"original forward", "spliced forward", "KL + CE forward", "backward", "all"} <= set(rows)
+    assert "matmul" in rows["phase"] and "share of the time: matmul" in proc.stdout
