@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import eval as ev
 import multiple_choice
-from data import TokenLoader, load_tokenizer, train_tokenizer
+from data import TokenLoader
+from embedded import train_tokenizer
 from lora import adapters_disabled, apply_lora, load_adapter, lora_modules, merged, save_adapter
 from model import ModelConfig, Transformer
 from sae import SAE
