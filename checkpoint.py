@@ -2,7 +2,7 @@
 Hugging Face checkpoint files: a model folder or hub id resolved to local files (hub.py), safetensors headers read
 without loading, and a streaming load that reads, casts and places one tensor at a time, so that a bf16 load of
 fp32 files peaks at the bf16 size plus the largest tensor (Gemma-2-9B's 37 GB of fp32 loads in bf16 on a machine with
-well under 55 GB). model.py's Transformer.from_pretrained is the caller.
+well under 55 GB); and the same layout written back. model.py's Transformer.from_pretrained / save_pretrained call them.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import re
 import torch
 import torch.nn as nn
 
+import common
 import hub
 
 _WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
@@ -30,6 +31,15 @@ def resolve_model_dir(path_or_repo_id: str) -> str:
     if not hub.is_hub_path(path, sub_folders=False):
         raise FileNotFoundError(f"{path}: no such model folder (and not a hub id like 'google/gemma-2-2b')")
     return hub.resolve(path, _choose_model_files)
+
+
+def read_config(folder: str) -> dict:
+    """A model folder's config.json (ModelConfig.from_hf reads it)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    with open(path) as f:
+        return json.load(f)
 
 
 def _choose_model_files(files: dict[str, int]) -> list[str]:
@@ -162,3 +172,15 @@ def check_state_dict(model: nn.Module, state: dict, source: str):
         got = tuple(getattr(state[k], "shape", state[k]))
         if got != tuple(shape):
             raise ValueError(f"{source}: tensor {k} has shape {got}, config.json implies {tuple(shape)}")
+
+
+def save_checkpoint(state: dict, folder: str, config: dict):
+    """Write model.safetensors + config.json in HF layout, atomically (temp names, then rename); config.json's
+    torch_dtype is the weights' own."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    config = {**config, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
+    with common.atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    common.write_json(os.path.join(folder, "config.json"), config)

@@ -1,5 +1,5 @@
 """
-Tokenizers, corpora, token shards and the batch loader.
+Tokenizers, token shards and the batch loader.
 
     tok = load_tokenizer("google/gemma-2-2b")                     # a model folder, a tokenizer file or a hub id
     prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out
@@ -8,7 +8,7 @@ Tokenizers, corpora, token shards and the batch loader.
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
     check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
 
-The offline corpus (the Python standard library's own sources) is built by embedded.py with this module's prepare.
+The offline corpus (the Python standard library's own sources) and its BPE are built by embedded.py with prepare.
 
 On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids) and meta.json saying how to read
 them. Two layouts (meta["layout"]; prepare's default is "authors", the embedded corpus uses "bos_chunks"):
@@ -23,7 +23,7 @@ them. Two layouts (meta["layout"]; prepare's default is "authors", the embedded 
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import json
 import os
 import re
@@ -36,12 +36,7 @@ import torch
 
 import common
 import hub
-from corpus import HUB_DATASETS, iter_documents, read_text
-
-
-def default_cache_dir() -> str:
-    """Where the embedded pipeline caches what it builds (under out/, with every other output)."""
-    return os.environ.get("LORASAE_CACHE") or os.path.join("out", "cache")
+from corpus import HUB_DATASETS, iter_documents
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -57,6 +52,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"] + \
                   [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+$")
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model")  # Gemma keeps it at the top, Llama-3 in original/
 
 
 class Tokenizer:
@@ -154,58 +150,14 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def _tokenizer_file(folder: str) -> str | None:
-    for rel in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        if os.path.isfile(os.path.join(folder, rel)):
-            return os.path.join(folder, rel)
-    return None
+    return next((os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))), None)
 
 
 def _choose_tokenizer_file(files: dict[str, int]) -> list[str]:
-    for rel in ("tokenizer.model", "original/tokenizer.model"):  # Gemma keeps it at the top, Llama-3 in original/
+    for rel in TOKENIZER_FILES:
         if rel in files:
             return [rel]
     raise FileNotFoundError("neither tokenizer.model nor original/tokenizer.model in this repo")
-
-
-def _chunks_for_sentencepiece(texts, max_chars=2000):
-    # sentencepiece trains on "sentences" of bounded length (longer ones are dropped): cut each document at line
-    # breaks into pieces of about max_chars, keeping the newlines so that code indentation pieces are learnt
-    for text in texts:
-        buf = ""
-        for line in text.splitlines(keepends=True):
-            while len(line) > max_chars:
-                yield line[:max_chars]
-                line = line[max_chars:]
-            if buf and len(buf) + len(line) > max_chars:
-                yield buf
-                buf = ""
-            buf += line
-        if buf:
-            yield buf
-
-
-def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096) -> Tokenizer:
-    """A byte-fallback BPE sentencepiece model laid out like Gemma's (pad 0, eos 1, bos 2, unk 3; no normalisation,
-    digits split, whitespace runs as pieces), trained single-threaded on the files in the given order: deterministic."""
-    import sentencepiece as spm
-    texts = [read_text(f) for f in text_files]
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise ValueError(f"empty corpus: the {len(text_files)} files given to train_tokenizer hold no text")
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_chunks_for_sentencepiece(texts), model_writer=model, model_type="bpe",
-            vocab_size=vocab_size, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-            add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-            pad_id=0, eos_id=1, bos_id=2, unk_id=3, character_coverage=0.9995, max_sentence_length=1 << 16,
-            input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
-    except RuntimeError as e:
-        raise ValueError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
-                         f"{str(e).strip().splitlines()[-1]}") from None
-    with common.atomic_path(out_path) as tmp, open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    return Tokenizer(out_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,13 +179,8 @@ def _sha256(path: str) -> str:
 
 
 def _batched(it, n):
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
         yield batch
 
 
@@ -293,23 +240,20 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
                 _write_authors_windows(docs, tok, dt, fv, ft, count, n_docs, val_tokens, max_tokens, seq_len,
                                        group_docs, source if verbose else None)
             else:
-                for batch in _batched(docs, 64):
-                    for ids in tok.encode_batch(batch, bos=True, eos=True):
-                        split = "val" if count["val"] < val_tokens else "train"
-                        if split == "train" and max_tokens is not None:
-                            ids = ids[:max_tokens - count["train"]]
-                        (fv if split == "val" else ft).write(np.asarray(ids, dtype=dt).tobytes())
-                        count[split] += len(ids)
-                        n_docs[split] += 1
-                        if max_tokens is not None and count["train"] >= max_tokens:
-                            break
+                for ids in (d for batch in _batched(docs, 64) for d in tok.encode_batch(batch, bos=True, eos=True)):
+                    split = "val" if count["val"] < val_tokens else "train"
+                    if split == "train" and max_tokens is not None:
+                        ids = ids[:max_tokens - count["train"]]
+                    (fv if split == "val" else ft).write(np.asarray(ids, dtype=dt).tobytes())
+                    count[split] += len(ids)
+                    n_docs[split] += 1
+                    if max_tokens is not None and count["train"] >= max_tokens:
+                        break
                     if verbose and (time.time() - last > 5):
                         last = time.time()
                         total = count["val"] + count["train"]
                         print(f"prepare {source}: {sum(n_docs.values())} docs, {total:,} tokens "
                               f"({total / (last - t0):,.0f} tok/s)", flush=True)
-                    if max_tokens is not None and count["train"] >= max_tokens:
-                        break
         if count["val"] + count["train"] == 0:
             raise ValueError(f"empty corpus: {source} produced no tokens")
         if count["train"] == 0:
@@ -344,9 +288,8 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
             if os.path.exists(p):
                 os.remove(p)
     if verbose:
-        dt_s = time.time() - t0
         print(f"prepare {source}: wrote {out_dir}: {meta['val_tokens']:,} val + {meta['train_tokens']:,} train tokens "
-              f"({meta['val_docs'] + meta['train_docs']} docs) in {dt_s:.1f}s", flush=True)
+              f"({meta['val_docs'] + meta['train_docs']} docs) in {time.time() - t0:.1f}s", flush=True)
     return meta
 
 
@@ -354,24 +297,21 @@ def _write_authors_windows(docs, tok, dt, fv, ft, count, n_docs, val_tokens, max
                            source):
     """prepare's "authors" layout: windows of each group of documents, val first, then train (whole windows)."""
     n_val = -(-val_tokens // seq_len)
-    n_train = -(-max_tokens // seq_len) if max_tokens is not None else None
-    rows_done = {"val": 0, "train": 0}
+    n_train = -(-max_tokens // seq_len) if max_tokens is not None else float("inf")
     t0 = last = time.time()
-    for group in _batched(docs, group_docs):
+    for group in _batched(docs, group_docs):  # count[split] is always whole rows of seq_len tokens
         rows = authors_windows(tok.encode_batch(group), tok.bos_id, tok.eos_id, seq_len)
-        take_val = min(len(rows), n_val - rows_done["val"])
-        take_train = len(rows) - take_val if n_train is None else min(len(rows) - take_val,
-                                                                      n_train - rows_done["train"])
+        take_val = min(len(rows), n_val - count["val"] // seq_len)
+        take_train = min(len(rows) - take_val, n_train - count["train"] // seq_len)
         for split, part, f in (("val", rows[:take_val], fv), ("train", rows[take_val:take_val + take_train], ft)):
             f.write(part.astype(dt).tobytes())
-            rows_done[split] += len(part)
             count[split] += part.size
             n_docs[split] += int((part == tok.eos_id).sum())  # documents that start inside the split's windows
         if source and time.time() - last > 5:
             last = time.time()
             total = count["val"] + count["train"]
             print(f"prepare {source}: {total:,} tokens in windows ({total / (last - t0):,.0f} tok/s)", flush=True)
-        if n_train is not None and rows_done["train"] >= n_train:
+        if count["train"] // seq_len >= n_train:
             break
 
 
@@ -408,11 +348,10 @@ def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None =
     meta, model_dir = load_meta(data_dir), None
     cfg = getattr(model, "cfg", model)
     if isinstance(cfg, (str, os.PathLike)):
-        from checkpoint import resolve_model_dir
+        from checkpoint import read_config, resolve_model_dir
         from model import ModelConfig
         model_dir = resolve_model_dir(str(cfg))
-        with open(os.path.join(model_dir, "config.json")) as f:
-            cfg = ModelConfig.from_hf(json.load(f))
+        cfg = ModelConfig.from_hf(read_config(model_dir))
     name = model_dir or "the model"
     if meta["vocab_size"] != cfg.vocab_size:
         raise ValueError(f"{data_dir}: tokens of a {meta['vocab_size']}-token vocabulary, but {name} has "

@@ -13,6 +13,7 @@ that build it (tiny-gemma2-<hash>, sae-tiny-gemma2-<hash>-L2-<hash>), so a chang
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import torch
 
 import common
 import data
-from corpus import stdlib_files
+from corpus import read_text, stdlib_files
 from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
@@ -53,7 +54,8 @@ DEFAULT_SAES_HELP = ("SAE defaults when --sae is not given (the paper's SAEs, on
 
 
 def cache_dir() -> str:
-    return data.default_cache_dir()
+    """Where the embedded pipeline caches what it builds (under out/, with every other output)."""
+    return os.environ.get("LORASAE_CACHE") or os.path.join("out", "cache")
 
 
 def corpus() -> str:
@@ -193,7 +195,7 @@ def corpus_and_tokenizer(cache: str | None = None, tokenizer=None) -> tuple[str,
         t0 = time.time()
         print(f"embedded corpus: training a {CORPUS_VOCAB}-token BPE tokenizer on {len(files)} stdlib files "
               f"({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB)...", flush=True)
-        data.train_tokenizer(files, tok_path, CORPUS_VOCAB)
+        train_tokenizer(files, tok_path, CORPUS_VOCAB)
         print(f"embedded corpus: tokenizer written to {tok_path} ({time.time() - t0:.0f}s)", flush=True)
     if not _cached_for(root, data._sha256(tok_path)):
         print("embedded corpus: tokenizing the Python standard library...", flush=True)
@@ -207,3 +209,44 @@ def _cached_for(root: str, tokenizer_sha256: str) -> bool:
         return False
     with open(meta_path) as f:
         return json.load(f).get("tokenizer_sha256") == tokenizer_sha256
+
+
+def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096) -> data.Tokenizer:
+    """A byte-fallback BPE sentencepiece model laid out like Gemma's (pad 0, eos 1, bos 2, unk 3; no normalisation,
+    digits split, whitespace runs as pieces), trained single-threaded on the files in the given order: deterministic."""
+    import sentencepiece as spm
+    texts = [read_text(f) for f in text_files]
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError(f"empty corpus: the {len(text_files)} files given to train_tokenizer hold no text")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_chunks_for_sentencepiece(texts), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+            add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3, character_coverage=0.9995, max_sentence_length=1 << 16,
+            input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
+    with common.atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    return data.Tokenizer(out_path)
+
+
+def _chunks_for_sentencepiece(texts, max_chars=2000):
+    # sentencepiece trains on "sentences" of bounded length (longer ones are dropped): cut each document at line
+    # breaks into pieces of about max_chars, keeping the newlines so that code indentation pieces are learnt
+    for text in texts:
+        buf = ""
+        for line in text.splitlines(keepends=True):
+            while len(line) > max_chars:
+                yield line[:max_chars]
+                line = line[max_chars:]
+            if buf and len(buf) + len(line) > max_chars:
+                yield buf
+                buf = ""
+            buf += line
+        if buf:
+            yield buf

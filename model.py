@@ -13,9 +13,7 @@ parameter names identical to Hugging Face's, so a hub checkpoint loads with a pl
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -24,8 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from checkpoint import load_checkpoint, resolve_model_dir
+from checkpoint import load_checkpoint, read_config, resolve_model_dir, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -452,7 +449,7 @@ class Transformer(nn.Module):
             if not isinstance(layer, int) or not 0 <= layer < n:
                 raise ValueError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
 
-    # -- sampling (no KV cache: this is for sanity checks and teaching) -------------------------------------------------
+    # -- initialisation -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
@@ -473,11 +470,7 @@ class Transformer(nn.Module):
         """Load a local HF folder or hub id (config.json + single or sharded safetensors). dtype None keeps the file's.
         Tensors are read, cast and placed one at a time: the peak is the loaded model plus its largest tensor."""
         folder = resolve_model_dir(path_or_repo_id)
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-        with open(cfg_path) as f:
-            cfg = ModelConfig.from_hf(json.load(f))
+        cfg = ModelConfig.from_hf(read_config(folder))
         with torch.device("meta"):
             model = Transformer(cfg)
         load_checkpoint(model, folder, dtype=dtype, device=device)
@@ -485,27 +478,7 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors in HF layout, atomically (temp names, then rename)."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        hf = self.cfg.to_hf()
-        hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        with common.atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
-        common.write_json(os.path.join(folder, "config.json"), hf)
-
-
-@torch.no_grad()
-def next_token_ce(model: Transformer, idx: torch.Tensor, hooks: dict[int, Hook] | None = None,
-                  chunk: int = 2048) -> tuple[float, int]:
-    """Summed next-token cross-entropy and the token count. The vocabulary projection runs `chunk` tokens at a time,
-    so a 256k vocabulary never materialises a full (B, T, vocab) fp32 logits tensor."""
-    h = model.blocks(model.embed(idx), hooks=hooks)
-    h, targets = h[:, :-1].reshape(-1, h.shape[-1]), idx[:, 1:].reshape(-1)
-    total = 0.0
-    for s in range(0, h.shape[0], chunk):
-        total += F.cross_entropy(model.head(h[s:s + chunk]).float(), targets[s:s + chunk], reduction="sum").item()
-    return total, targets.numel()
+        save_checkpoint(self.state_dict(), folder, self.cfg.to_hf())
 
 
 def _check_tokens(idx: torch.Tensor, vocab_size: int):

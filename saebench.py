@@ -48,10 +48,7 @@ import saebench_data as sd
 
 K_VALUES = (1, 2, 5, 10, 20, 50)
 N_VALUES = (2, 5, 10, 20, 50, 100, 500)
-SCR_KEYS = {"male / female": "female_data_only", "professor / nurse": "nurse_data_only",
-            "male_professor / female_nurse": "female_nurse_data_only"}  # SAEBench's PAIRED_CLASS_KEYS
 LETTERS = sd.LETTERS
-SIZES = {"offline": (300, 75), "hub": (4000, 1000)}  # probe train / test texts (offline: per class; hub: SAEBench's)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -65,23 +62,6 @@ class Probe(nn.Module):
 
     def forward(self, x):
         return self.net(x).squeeze(-1)
-
-
-def probe_data(acts: dict, cls: str, scr: bool = False):
-    """Positives of `cls` vs as many negatives (SCR: its paired key; else sampled evenly from the other classes)."""
-    pos, n = acts[cls], len(acts[cls])
-    if scr:
-        neg = acts[SCR_KEYS.get(cls) or {v: k for k, v in SCR_KEYS.items()}[cls]]
-    else:
-        others = [k for k in acts if k != cls]
-        per = math.ceil(n / len(others))
-        neg = torch.cat([acts[k][torch.randperm(len(acts[k]))[:per]] for k in others])
-    neg = neg[torch.randperm(len(neg))[:n]]
-    x = torch.cat([pos, neg])
-    y = torch.zeros(len(x), dtype=torch.int)
-    y[:n] = 1
-    perm = torch.randperm(len(x))
-    return x[perm], y[perm]
 
 
 @torch.no_grad()
@@ -151,8 +131,8 @@ def probe_accuracies(train: dict, test: dict, k: int | None = None) -> dict[str,
     or the full-width AdamW probe (k None)."""
     out = {}
     for cls in train:
-        xtr, ytr = probe_data(train, cls)
-        xte, yte = probe_data(test, cls)
+        xtr, ytr = sd.probe_data(train, cls)
+        xte, yte = sd.probe_data(test, cls)
         if k is None:
             out[cls] = train_probe(xtr, ytr, xte, yte, epochs=100, lr=1e-2, batch=250, patience=10)[1]
             continue
@@ -168,7 +148,7 @@ def probe_accuracies(train: dict, test: dict, k: int | None = None) -> dict[str,
 
 
 def node_effects(W_dec, probe, train: dict, cls: str, d: int, scr: bool):
-    x, y = probe_data(train, cls, scr)
+    x, y = sd.probe_data(train, cls, scr)
     diff = x[y == 1, d:].mean(0) - x[y == 0, d:].mean(0)
     diff = diff if scr else diff.clamp(min=0)  # TPP: only latents more active on the class itself
     e = diff * (W_dec.float() @ probe.net.weight[0].float())
@@ -185,21 +165,21 @@ def top_n(e, n):
 
 def test_accuracies(probes, classes, acts, scr):
     """SAEBench's get_probe_test_accuracy (+ the SCR cross accuracies 'X probe on Y data')."""
-    out = {c: accuracy(probes[c], *probe_data(acts, c, scr)) for c in classes}
+    out = {c: accuracy(probes[c], *sd.probe_data(acts, c, scr)) for c in classes}
     if scr:
         for c in classes:
-            x, y = probe_data(acts, c, True)
-            for o in (k for k in SCR_KEYS if k != c):
+            x, y = sd.probe_data(acts, c, True)
+            for o in (k for k in sd.SCR_KEYS if k != c):
                 out[f"{o} probe on {c} data"] = accuracy(probes[o], x, y)
     return out
 
 
 def scr_tpp_task(train: dict, test: dict, W_dec, d: int, scr: bool, ns=N_VALUES, probes=None):
     """One SAEBench run (a dataset for TPP, a column-1 pair for SCR): (scores, clean accuracies, ablated, probes)."""
-    classes = list(SCR_KEYS) if scr else list(train)
+    classes = list(sd.SCR_KEYS) if scr else list(train)
     res = {k: v[:, :d] for k, v in train.items()}, {k: v[:, :d] for k, v in test.items()}
     if probes is None:
-        probes = {c: train_probe(*probe_data(res[0], c, scr), *probe_data(res[1], c, scr), epochs=20, lr=1e-3,
+        probes = {c: train_probe(*sd.probe_data(res[0], c, scr), *sd.probe_data(res[1], c, scr), epochs=20, lr=1e-3,
                                  batch=16, patience=20, l1=1e-3)[0] for c in classes}
     clean = test_accuracies(probes, classes, res[1], scr)
     effects = {c: node_effects(W_dec, probes[c], train, c, d, scr) for c in classes}
@@ -390,17 +370,6 @@ def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
 # The run: eval.py --saebench
 
 
-def _tasks(offline: bool, seed: int):
-    tr, te = SIZES["offline" if offline else "hub"]
-    if offline:
-        t = sd.offline_tasks(tr, te, seed)
-        probing = {"stdlib_package": t["package"], "stdlib_kind": t["kind"]}
-        return probing, {"stdlib_package": t["package"]}, {f"stdlib_{a}_{b}": (x, y) for (a, b), x, y in t["scr"]}
-    probing = {n: sd.hub_task(n, tr, te, seed) for n in sd.CLASSES}
-    return (probing, {n: probing[n] for n in ("bias_in_bios_class_set1", "amazon")},
-            {f"{n}_{a}_{b}": sd.hub_scr(n, (a, b), tr, te, seed) for n in sd.SCR_PAIRS for a, b in sd.SCR_PAIRS[n]})
-
-
 def _mean(dicts: list[dict]) -> dict:
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
 
@@ -413,10 +382,9 @@ def autointerp(*_):
 def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     """Table 6 for the first SAE of `saes` [(layer, SAE)]: base model (adapters off) vs adapted (adapters merged),
     written to cfg.out/saebench.{json,md,png}. Returns the results with the table under 'markdown'."""
-    import json
     import os
     import time
-    from data import TokenLoader, load_meta, load_tokenizer
+    from data import load_meta, load_tokenizer
     from lora import adapters_disabled, lora_modules, merged
     layer, sae = saes[0]
     t0 = time.time()
@@ -424,18 +392,10 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     offline = meta.get("source") == "stdlib"
     tok = load_tokenizer(cfg.tokenizer or (meta["tokenizer"] if offline else cfg.model))
     specials = torch.tensor(sorted({i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None}))
-    probing, tpp, scr = _tasks(offline, seed)
-    groups = {}  # every text set once: (task, split, class) -> token ids, BOS + the first 127 tokens (SAEBench)
-    for kind, tasks in (("probing", probing), ("scr", scr)):
-        for name, splits in tasks.items():
-            for split, data in zip(("train", "test"), splits):
-                for c, texts in data.items():
-                    groups[kind, name, split, c] = [[tok.bos_id] + tok.encode(t)[:127] for t in texts]
+    probing, tpp, scr = sd.tasks(offline, seed)
+    groups = sd.token_sets(tok, {"probing": probing, "scr": scr})
     fl_train, fl_test, pos = sd.first_letter_prompts(tok, seed)
-    batches = []
-    if cfg.data:
-        loader = TokenLoader(cfg.data, "val", 8, 128, shuffle=False, device=device)
-        batches = [loader.next_batch() for _ in range(min(32, loader.n_windows // 8))]  # SAEBench core: ctx 128
+    batches = sd.core_batches(cfg.data, device)
     print(f"saebench: {len(groups)} text sets ({sum(map(len, groups.values()))} texts), {len(fl_train)} + "
           f"{len(fl_test)} first-letter prompts, {len(batches)} core batches ({time.time() - t0:.0f}s)", flush=True)
     settings = {"base": lambda: adapters_disabled(model)}
@@ -451,26 +411,18 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
             fl = [sd.word_acts(model, sae, layer, [ids for ids, _ in rows], pos, amp) for rows in (fl_train, fl_test)]
         print(f"saebench [{s}]: core done ({time.time() - t0:.0f}s)", flush=True)
         sp = []
-        for name in probing:
+        for name, task in probing.items():  # columns [:d] residual (the LLM probe), [d:] latents
             torch.manual_seed(seed)
-            tr = {c: feats["probing", name, "train", c] for c in probing[name][0]}
-            te = {c: feats["probing", name, "test", c] for c in probing[name][1]}
-            r = {"llm_test_accuracy": probe_accuracies({c: v[:, :d] for c, v in tr.items()},
-                                                       {c: v[:, :d] for c, v in te.items()})}
-            r["sae_test_accuracy"] = probe_accuracies({c: v[:, d:] for c, v in tr.items()},
-                                                      {c: v[:, d:] for c, v in te.items()})
-            for k in K_VALUES:
-                r[f"sae_top_{k}_test_accuracy"] = probe_accuracies({c: v[:, d:] for c, v in tr.items()},
-                                                                   {c: v[:, d:] for c, v in te.items()}, k)
+            resid, lat = (sd.task_features(feats, "probing", name, task, c) for c in (slice(None, d), slice(d, None)))
+            r = {"llm_test_accuracy": probe_accuracies(*resid), "sae_test_accuracy": probe_accuracies(*lat)}
+            r.update({f"sae_top_{k}_test_accuracy": probe_accuracies(*lat, k) for k in K_VALUES})
             sp.append({k: sum(v.values()) / len(v) for k, v in r.items()})
         m["sparse_probing"] = _mean(sp)
         for key, tasks, group in (("tpp", tpp, "probing"), ("scr", scr, "scr")):
             runs = []
-            for name in tasks:
+            for name, task in tasks.items():
                 torch.manual_seed(seed)
-                runs.append(scr_tpp_task({c: feats[group, name, "train", c] for c in tasks[name][0]},
-                                         {c: feats[group, name, "test", c] for c in tasks[name][1]}, W_dec, d,
-                                         key == "scr")[0])
+                runs.append(scr_tpp_task(*sd.task_features(feats, group, name, task), W_dec, d, key == "scr")[0])
             m[key] = _mean(runs)
         print(f"saebench [{s}]: sparse probing, TPP, SCR done ({time.time() - t0:.0f}s)", flush=True)
         torch.manual_seed(seed)
@@ -482,7 +434,7 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     res["seconds"] = time.time() - t0
     res["markdown"] = table(res)
     os.makedirs(cfg.out, exist_ok=True)
-    common.write_text(os.path.join(cfg.out, "saebench.json"), json.dumps(common.jsonable(res), indent=1))
+    common.write_json(os.path.join(cfg.out, "saebench.json"), common.jsonable(res), indent=1)
     common.write_text(os.path.join(cfg.out, "saebench.md"), res["markdown"])
     if cfg.plots:
         plot(res, os.path.join(cfg.out, "saebench.png"))

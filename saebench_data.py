@@ -21,6 +21,7 @@ Offline (the embedded pipeline; every label is a fact about the Python standard 
     first-letter (absorption) - the tokenizer's own vocabulary: tokens that are letters only (optionally one leading
                space), labelled by their first letter, as SAEBench's `get_alpha_tokens`.
 Offline train and test snippets are disjoint text (each (package, kind) pool is shuffled and cut 80/20).
+Then a run's inputs (tasks, token sets, core batches) and the cached activations its probes read.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import ast
 import fnmatch
 import io
 import json
+import math
 import os
 import random
 import sysconfig
@@ -53,6 +55,8 @@ EUROPARL_PAIRS = {"en": "en-fr", "fr": "fr-it", "de": "de-en", "es": "es-fr", "n
 SCR_PAIRS = {"bias_in_bios": [(21, 13), (1, 11), (25, 22), (2, 26)],  # professor/nurse, architect/journalist, ...
              "amazon": [(24, 26), (30, 6), (18, 11), (3, 1)]}  # Books/CDs, Software/Electronics, ...
 SCR_COLUMN2 = {"bias_in_bios": (0, 1), "amazon": (1.0, 5.0)}  # (male, female), (1-star, 5-star)
+SCR_KEYS = {"male / female": "female_data_only", "professor / nurse": "nurse_data_only",
+            "male_professor / female_nurse": "female_nurse_data_only"}  # SAEBench's PAIRED_CLASS_KEYS
 STDLIB_PACKAGES = ["email", "asyncio", "xml", "multiprocessing", "idlelib"]
 
 
@@ -301,6 +305,41 @@ def first_letter_prompts(tok, seed, n_icl=10, template="{word} has the first let
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# A run's inputs: its tasks, their texts tokenized once, the core metrics' token batches
+
+SIZES = {"offline": (300, 75), "hub": (4000, 1000)}  # probe train / test texts (offline: per class; hub: SAEBench's)
+
+
+def tasks(offline: bool, seed: int) -> tuple[dict, dict, dict]:
+    """(sparse probing, TPP, SCR) tasks, each {name: (train, test)} of {class: [text]} (SCR: per SAEBench key)."""
+    tr, te = SIZES["offline" if offline else "hub"]
+    if offline:
+        t = offline_tasks(tr, te, seed)
+        probing = {"stdlib_package": t["package"], "stdlib_kind": t["kind"]}
+        return probing, {"stdlib_package": t["package"]}, {f"stdlib_{a}_{b}": (x, y) for (a, b), x, y in t["scr"]}
+    probing = {n: hub_task(n, tr, te, seed) for n in CLASSES}
+    return (probing, {n: probing[n] for n in ("bias_in_bios_class_set1", "amazon")},
+            {f"{n}_{a}_{b}": hub_scr(n, (a, b), tr, te, seed) for n in SCR_PAIRS for a, b in SCR_PAIRS[n]})
+
+
+def token_sets(tok, kinds: dict) -> dict:
+    """Every text set once: (kind, task, split, class) -> token ids, BOS + the first 127 tokens (SAEBench's contexts
+    of 128)."""
+    return {(kind, name, split, c): [[tok.bos_id] + tok.encode(t)[:127] for t in texts]
+            for kind, named in kinds.items() for name, splits in named.items()
+            for split, data in zip(("train", "test"), splits) for c, texts in data.items()}
+
+
+def core_batches(data_dir: str | None, device, n: int = 32) -> list[torch.Tensor]:
+    """The core metrics' tokens: up to n batches of 8 held-out windows of 128 tokens (SAEBench core's context)."""
+    if not data_dir:
+        return []
+    from data import TokenLoader
+    loader = TokenLoader(data_dir, "val", 8, 128, shuffle=False, device=device)
+    return [loader.next_batch() for _ in range(min(n, loader.n_windows // 8))]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Cached activations: every text read once per model setting; the probes train on these
 
 
@@ -345,3 +384,27 @@ def word_acts(model, sae, layer, seqs, pos, amp, batch=64):
         xs.append(x[torch.arange(len(idx), device=dev), lens + pos].float())
     x = torch.cat(xs)
     return x.cpu(), latents(sae, x).cpu()
+
+
+def task_features(feats: dict, group: str, name: str, task: tuple, cols=slice(None)) -> tuple[dict, dict]:
+    """A task's cached features, keyed as token_sets keys them, as (train, test) {class: features[:, cols]}."""
+    return tuple({c: feats[group, name, split, c][:, cols] for c in classes}
+                 for split, classes in zip(("train", "test"), task))
+
+
+def probe_data(acts: dict, cls: str, scr: bool = False):
+    """Positives of `cls` vs as many negatives (SCR: its paired key; else sampled evenly from the other classes), in
+    SAEBench's order of RNG calls (probe_training.py)."""
+    pos, n = acts[cls], len(acts[cls])
+    if scr:
+        neg = acts[SCR_KEYS.get(cls) or {v: k for k, v in SCR_KEYS.items()}[cls]]
+    else:
+        others = [k for k in acts if k != cls]
+        per = math.ceil(n / len(others))
+        neg = torch.cat([acts[k][torch.randperm(len(acts[k]))[:per]] for k in others])
+    neg = neg[torch.randperm(len(neg))[:n]]
+    x = torch.cat([pos, neg])
+    y = torch.zeros(len(x), dtype=torch.int)
+    y[:n] = 1
+    perm = torch.randperm(len(x))
+    return x[perm], y[perm]

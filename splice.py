@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import common
 from lora import adapters_disabled, lora_modules, merged
-from model import Transformer, next_token_ce
+from model import Hook, Transformer
 from sae import SAE
 
 
@@ -164,6 +164,19 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, reduction: str 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Held-out evaluation
+
+
+@torch.no_grad()
+def next_token_ce(model: Transformer, idx: torch.Tensor, hooks: dict[int, Hook] | None = None,
+                  chunk: int = 2048) -> tuple[float, int]:
+    """Summed next-token cross-entropy and the token count. The vocabulary projection runs `chunk` tokens at a time,
+    so a 256k vocabulary never materialises a full (B, T, vocab) fp32 logits tensor."""
+    h = model.blocks(model.embed(idx), hooks=hooks)
+    h, targets = h[:, :-1].reshape(-1, h.shape[-1]), idx[:, 1:].reshape(-1)
+    total = 0.0
+    for s in range(0, h.shape[0], chunk):
+        total += F.cross_entropy(model.head(h[s:s + chunk]).float(), targets[s:s + chunk], reduction="sum").item()
+    return total, targets.numel()
 
 
 @torch.no_grad()

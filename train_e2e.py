@@ -24,9 +24,9 @@ import torch
 import common
 import embedded
 from data import TokenLoader, check_data_matches
-from model import Transformer, next_token_ce
+from model import Transformer
 from sae import SAE, geometric_median, update_since_fired
-from splice import chunk_losses, kept_tokens, kl_and_ce, original_pass, splice_hooks, spliced_pass
+from splice import chunk_losses, kept_tokens, kl_and_ce, next_token_ce, original_pass, splice_hooks, spliced_pass
 
 
 @dataclass

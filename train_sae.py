@@ -21,9 +21,9 @@ import torch
 import common
 import embedded
 from data import TokenLoader, check_data_matches
-from model import Transformer, next_token_ce
+from model import Transformer
 from sae import SAE, geometric_median, training_loss, update_since_fired
-from splice import splice_hooks
+from splice import next_token_ce, splice_hooks
 
 
 @dataclass

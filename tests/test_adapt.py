@@ -9,8 +9,8 @@ import torch
 
 import adapt
 from lora import layers_around_saes
-from model import Transformer, next_token_ce
-from splice import load_saes, splice_hooks
+from model import Transformer
+from splice import load_saes, next_token_ce, splice_hooks
 from tests.tiny import BOS, make_data, make_model, make_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,9 @@ import torch
 import data
 import embedded
 from corpus import iter_documents, stdlib_files
-from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer,
-                  load_tokens, prepare, token_dtype, train_tokenizer)
+from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer, load_tokens, prepare,
+                  token_dtype)
+from embedded import train_tokenizer
 
 UNICODE_DOC = "naïve café — 東京 🚀\n\tdef f(x):\n        return x  +  1   # spaces  kept\n\n\n"
 

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import eval as ev
 import multiple_choice
-from data import TokenLoader, load_tokenizer, train_tokenizer
+from data import TokenLoader
+from embedded import train_tokenizer
 from lora import adapters_disabled, apply_lora, load_adapter, lora_modules, merged, save_adapter
-from model import ModelConfig, Transformer, next_token_ce
+from model import ModelConfig, Transformer
 from sae import SAE
-from splice import evaluate, splice_hooks
+from splice import evaluate, next_token_ce, splice_hooks
 
 SAE_LAYER, SEQ = 1, 48
 NOUNS = "cat dog bird fish horse cow mouse lion tiger bear".split()

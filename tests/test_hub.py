@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 import corpus
 import hub
-from data import load_tokenizer, load_tokens, prepare, train_tokenizer
+from data import load_tokenizer, load_tokens, prepare
+from embedded import train_tokenizer
 from model import ModelConfig, Transformer
 from sae import SAE
 

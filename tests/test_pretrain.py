@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from data import load_tokenizer, prepare, train_tokenizer
+from data import load_tokenizer, prepare
+from embedded import train_tokenizer
 from model import Transformer
 from pretrain import main
 from tests.hf_refs import rel_err

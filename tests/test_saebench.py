@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import saebench as sb
+import saebench_data as sd
 from model import ModelConfig, Transformer
 from sae import SAE
 
@@ -108,11 +109,11 @@ def test_scr_tpp_match_saebench(ref, scr):
     """Same probes, same cached activations, same seed: SAEBench's clean / ablated accuracies and SCR / TPP scores are
     reproduced exactly (1e-6) from pooled features, the ablation done as a linear correction of the pooled residual."""
     d, m, ns = 8, 32, [1, 2, 5, 20]
-    keys = list(sb.SCR_KEYS) + list(sb.SCR_KEYS.values()) if scr else ["0", "1", "2", "3"]
+    keys = list(sd.SCR_KEYS) + list(sd.SCR_KEYS.values()) if scr else ["0", "1", "2", "3"]
     shift = [torch.linspace(-1, 1, d) * s for s in (1.0, -1.0, 0.5, -0.5, 0.2, -0.2)]
     train, test = bld(keys, 48, 5, d, 0, shift), bld(keys, 24, 5, d, 1, shift)
     sae = topk_sae(d, m, 4, 0)
-    classes = list(sb.SCR_KEYS) if scr else keys
+    classes = list(sd.SCR_KEYS) if scr else keys
     torch.manual_seed(0)
     probes = ref.pt.train_probe_on_activations(
         ref.scr.activation_collection.create_meaned_model_activations(train),
