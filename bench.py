@@ -210,6 +210,7 @@ FAMILIES = (  # op-name patterns -> family, first match wins
     ("compiled fused kernels", ("compiled", "cpp_fused", "triton", "graph_", "inductor")),
     ("copies / casts", ("copy_", "to", "_to_copy", "clone", "contiguous", "cat", "fill_", "zero_")),
 )
+OTHER = "other elementwise / bookkeeping"
 
 
 def family(name: str) -> str:
@@ -217,7 +218,7 @@ def family(name: str) -> str:
     for fam, keys in FAMILIES:
         if any(n == k or n.startswith(k + "_") or (len(k) > 5 and k in n) for k in keys):
             return fam
-    return "other elementwise / bookkeeping"
+    return OTHER
 
 
 def profiled(step, b: BenchConfig, dev) -> float:
@@ -249,9 +250,9 @@ def profiled(step, b: BenchConfig, dev) -> float:
         key = (phase, family(e.name))
         table[key] = table.get(key, 0.0) + t / 1e6 / b.steps
         total += t / 1e6 / b.steps
-        if key[1].startswith("other"):
+        if key[1] == OTHER:
             other[e.name] = other.get(e.name, 0.0) + t / 1e6 / b.steps
-    fams = [f for f, _ in FAMILIES] + ["other elementwise / bookkeeping"]
+    fams = [f for f, _ in FAMILIES] + [OTHER]
     phases = [p for p in PHASES + ("(outside the phases)",) if any(k[0] == p for k in table)]
     print(f"\nwhere one step's {'GPU' if dev.type == 'cuda' else 'CPU'} time goes (ms per step, self time of each op; "
           f"{wall * 1e3:.0f} ms wall per step under the profiler)")
@@ -316,9 +317,9 @@ def bench_adapt(b: BenchConfig, dev):
         build_files(b, folder)
     if b.profile:  # in this process: the table is printed by profiled()
         return run_ours(b, folder, b.compile, dev)
+    from checkpoint import read_config
     from model import ModelConfig
-    with open(os.path.join(paths(b, folder)[0], "config.json")) as f:
-        mc = ModelConfig.from_hf(json.load(f))
+    mc = ModelConfig.from_hf(read_config(paths(b, folder)[0]))
     m = b.expansion * mc.d_model
     tokens = b.batch_size * b.seq_len
     # forward of the base pass + forward and backward of the spliced pass (~3 forwards); SAE encoder fwd + bwd
@@ -465,8 +466,7 @@ def sae_module_one(cfg: SAEModuleConfig, width: int, path: str) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # step 1: memory (it also warms up)
-    sync()
+    sync()  # step 1: memory (it also warms up)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -477,14 +477,11 @@ def sae_module_one(cfg: SAEModuleConfig, width: int, path: str) -> dict:
     step(measure_saved=True)
     sync()
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kb("VmHWM") * 1024
-    times = []
+    t0 = time.perf_counter()
     for _ in range(cfg.iters):
-        sync()
-        t0 = time.perf_counter()
         step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    dt = sum(times) / len(times)
+    sync()
+    dt = (time.perf_counter() - t0) / cfg.iters
     return dict(width=width, path=path, step_s=dt, tokens_per_s=cfg.tokens / dt, peak_mb=(peak - before) / 2**20,
                 saved_mb=sum(saved.values()) / 2**20)
 
@@ -506,16 +503,13 @@ def bench_sae_module(argv):
     rows = []
     for width in cfg.widths:
         for path in cfg.paths:
-            argv = [os.path.abspath(__file__), "sae-module", "--tokens", str(cfg.tokens), "--d-in", str(cfg.d_in), "--k", str(cfg.k),
-                    "--iters", str(cfg.iters), "--device", cfg.device, "--autocast", cfg.autocast,
-                    "--threads", str(cfg.threads), "--child", f"{width},{path}"]
-            out = subprocess.run([sys.executable] + argv, capture_output=True, text=True,
-                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            argv = [f"--{k}={v}" for k, v in asdict(cfg).items() if k not in ("widths", "paths", "child")]
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "sae-module", *argv,
+                                  f"--child={width},{path}"], capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"width {width} {path} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"  ran width {width:>6} {path:<5}: {r['step_s']:.2f} s/step", flush=True)
+            print(f"  ran width {width:>6} {path:<5}: {rows[-1]['step_s']:.2f} s/step", flush=True)
     print("\n| d_sae  | path  | tokens/s | s/step | peak MB | saved MB |")
     print("|--------|-------|---------:|-------:|--------:|---------:|")
     for r in rows:
