@@ -4,7 +4,7 @@ spliced with a forward hook, full-vocabulary softmax KL), side by side, same mod
 
     python bench.py adapt                               # a ~40M-parameter Gemma-2-shaped model, 16k vocabulary
     python bench.py adapt --model DIR --sae DIR --layer L --rank R --batch_size B --seq_len T --steps N
-    python bench.py adapt --vocab-sweep 16384,65536,262144   # peak memory against the vocabulary size
+    for v in 16384 65536 262144; do python bench.py adapt --vocab $v; done   # peak memory against the vocabulary
     python bench.py sae                                 # SAE training: our loop against the paper's per-sequence loop
     python bench.py adapt --shape gemma-2-2b --layer 12 --seq-len 1024 --batch-size 1 --kl-chunk 1024   # GPU: the paper's
     python bench.py adapt --profile                     # where ours spends one step: phase x op family
@@ -44,7 +44,6 @@ class BenchConfig:
     d_model: int = 512  # random model: width
     n_layer: int = 8  # random model: depth
     vocab: int = 16384  # random model: vocabulary size
-    vocab_sweep: str | None = None  # e.g. "16384,65536,262144": peak memory per vocabulary size
     seq_len: int = 256  # tokens per sequence
     batch_size: int = 4  # sequences per step
     rank: int = 64  # LoRA rank on every layer
@@ -106,11 +105,10 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     apply_lora(model, b.rank, 32.0, 0.0, "all")
     params = adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-5)
-    passes = (torch.compile(splice.original_pass), torch.compile(splice.spliced_pass)) if compile_ else None
+    passes = (splice.original_pass, splice.spliced_pass)
+    original, spliced = (torch.compile(p) for p in passes) if compile_ else passes
     amp = common.autocast(dev, b.autocast)
     idx = batch(b, model.cfg.vocab_size, dev)
-
-    original, spliced = passes or (splice.original_pass, splice.spliced_pass)
     losses = torch.compile(splice.chunk_losses) if compile_ and b.compile_loss else None
     label = torch.profiler.record_function  # the phases of PHASES, for --profile (no cost otherwise)
 
@@ -285,7 +283,7 @@ CONFIGS = {
 def run_config(b: BenchConfig, name: str) -> dict | None:
     """One configuration in a fresh subprocess, so its peak memory is its own."""
     args = [sys.executable, __file__, "adapt"] + [f"--{k}={v}" for k, v in asdict(b).items()
-                                                   if k not in ("only", "vocab_sweep", "layer") and v is not None]
+                                                   if k not in ("only", "layer") and v is not None]
     args += [f"--layer={layer}" for layer in b.layer]
     proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -300,18 +298,6 @@ def bench_adapt(b: BenchConfig, dev):
         kind, flag = CONFIGS[b.only]
         sec = run_ours(b, folder, flag, dev) if kind == "ours" else run_reference(b, folder, flag, dev)
         print(json.dumps(dict(seconds=sec, peak_gb=peak_memory_gb(dev))))
-        return None
-    if b.vocab_sweep:  # peak memory against the vocabulary size: ours (chunked KL) vs the full-softmax reference
-        print(f"{'vocab':>8s} {'ours peak GB':>13s} {'reference peak GB':>18s} {'ours tok/s':>11s} {'ref tok/s':>10s}")
-        for v in (int(x) for x in b.vocab_sweep.split(",")):
-            sub = BenchConfig(**{**asdict(b), "vocab": v, "vocab_sweep": None, "steps": 1, "warmup": 1})
-            build_files(sub, bench_folder(sub))
-            ours = run_config(sub, "ours (eager)")
-            ref = run_config(sub, "transformers + peft (same precision)")
-            tok = sub.batch_size * sub.seq_len
-            print(f"{v:8d} {ours['peak_gb'] if ours else float('nan'):13.2f} "
-                  f"{ref['peak_gb'] if ref else float('nan'):18.2f} "
-                  f"{tok / ours['seconds'] if ours else 0:11,.0f} {tok / ref['seconds'] if ref else 0:10,.0f}")
         return None
     if not b.model:
         build_files(b, folder)
@@ -351,21 +337,18 @@ def bench_adapt(b: BenchConfig, dev):
 
 
 def bench_sae(b: BenchConfig, dev):
-    """SAE-training throughput: train_sae.py's loop (forward stops at the layer, bf16, one SAE step per 4096 tokens)
-    against the paper's (full-model fp32 forward per 1024-token sequence, one SAE step per sequence)."""
+    """SAE-training throughput: train_sae.py's loop (forward stops at the layer, --autocast, one SAE step per 4096
+    tokens) against the paper's (full-model fp32 forward per 1024-token sequence, one SAE step per sequence)."""
     from model import Transformer
-    from sae import SAE
+    from sae import SAE, training_loss
     folder = bench_folder(b)
     if not b.model:
         build_files(b, folder)
-    from sae import training_loss
-    L = (b.layer or [3])[0]
-    results = {}
-    for name, seqs, amp_dtype, stop, seq_len in (("ours: stop_at layer, bf16, 4096-token SAE batches", 4, "bfloat16",
-                                                  True, 1024),
-                                                 ("paper: full fp32 forward, one 1024-token sequence per step", 1,
-                                                  "float32", False, 1024)):
-        # ours holds the frozen model in bf16 (train_sae.py --dtype bfloat16); the paper's ran it in fp32
+    L, results, seq_len = (b.layer or [3])[0], {}, 1024
+    for name, seqs, amp_dtype, stop in ((f"ours: stop_at layer, {b.autocast}, 4096-token SAE batches", 4, b.autocast,
+                                         True), ("paper: full fp32 forward, one 1024-token sequence per step", 1,
+                                                 "float32", False)):
+        # ours holds the frozen model in the activation precision (train_sae.py --dtype); the paper's ran it in fp32
         model = Transformer.from_pretrained(paths(b, folder)[0], device=dev, dtype=getattr(torch, amp_dtype))
         model.requires_grad_(False)
         d = model.cfg.d_model
@@ -400,13 +383,10 @@ def bench_sae(b: BenchConfig, dev):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# bench.py sae-module: a frozen TopK SAE spliced into the residual stream, forward + backward to its input (what LoRA
-# training through the SAE costs), fused sparse path (`sae(x)`: top-k values/indices + embedding_bag, sparse input
-# gradient) against the dense path (`sae.decode(sae.encode(x))`). Each (width, path) runs in a fresh subprocess so
-# that one configuration's allocations cannot hide another's. tokens/s: mean over --iters timed steps after one
-# untimed step; peak MB: extra memory at the step's peak over what was held before it (CPU: VmHWM reset through
-# /proc/self/clear_refs; CUDA: max_memory_allocated); saved MB: the distinct tensors autograd keeps for the backward,
-# the SAE's parameters not counted.
+# bench.py sae-module: a frozen TopK SAE in the residual stream, forward + backward to its input (what LoRA training
+# through the SAE costs), fused sparse path against the dense one, each (width, path) in a fresh subprocess. peak MB:
+# extra memory at the step's peak (CPU: VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated); saved
+# MB: the distinct tensors autograd keeps for the backward, the SAE's parameters not counted.
 
 
 @dataclass
