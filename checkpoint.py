@@ -35,11 +35,8 @@ def resolve_model_dir(path_or_repo_id: str) -> str:
 
 def read_config(folder: str) -> dict:
     """A model folder's config.json (ModelConfig.from_hf reads it)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    with open(path) as f:
-        return json.load(f)
+    return common.read_json(os.path.join(folder, "config.json"),
+                            f"{folder}: no config.json (is this a Hugging Face model folder?)")
 
 
 def _choose_model_files(files: dict[str, int]) -> list[str]:

@@ -336,6 +336,14 @@ def write_json(path: str, obj, indent: int = 2):
     write_text(path, json.dumps(obj, indent=indent))
 
 
+def read_json(path: str, missing: str):
+    """A JSON file's content, or one FileNotFoundError line (`missing`: what the folder is not, what to do)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(missing)
+    with open(path) as f:
+        return json.load(f)
+
+
 def torch_save(obj, path: str):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

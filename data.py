@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import re
 import sys
@@ -316,11 +315,8 @@ def _write_authors_windows(docs, tok, dt, fv, ft, count, n_docs, val_tokens, max
 
 
 def load_meta(data_dir: str) -> dict:
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{data_dir}: no meta.json (not a token dataset; build one with data.prepare)")
-    with open(path) as f:
-        return json.load(f)
+    return common.read_json(os.path.join(data_dir, "meta.json"),
+                            f"{data_dir}: no meta.json (not a token dataset; build one with data.prepare)")
 
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:
