@@ -173,10 +173,9 @@ def next_token_ce(model: Transformer, idx: torch.Tensor, hooks: dict[int, Hook] 
     so a 256k vocabulary never materialises a full (B, T, vocab) fp32 logits tensor."""
     h = model.blocks(model.embed(idx), hooks=hooks)
     h, targets = h[:, :-1].reshape(-1, h.shape[-1]), idx[:, 1:].reshape(-1)
-    total = 0.0
-    for s in range(0, h.shape[0], chunk):
-        total += F.cross_entropy(model.head(h[s:s + chunk]).float(), targets[s:s + chunk], reduction="sum").item()
-    return total, targets.numel()
+    total = sum(F.cross_entropy(model.head(h[s:s + chunk]).float(), targets[s:s + chunk], reduction="sum")
+                for s in range(0, h.shape[0], chunk))
+    return float(total), targets.numel()  # one host sync per batch, not one per chunk
 
 
 @torch.no_grad()
