@@ -39,14 +39,17 @@ class AdaptConfig:
     out: str = "out/adapt"  # the adapter (PEFT format), ckpt.pt and results.json go here
     rank: int = 64  # LoRA rank (paper: 64)
     alpha: float = 32.0  # LoRA alpha (paper: 32)
-    dropout: float = 0.1  # LoRA dropout (authors' code: 0.1)
+    dropout: float = 0.1  # LoRA dropout (authors' code: 0.1), on for every step unless --dropout-steps
+    dropout_steps: int = 0  # train with dropout for this many steps only, then without; 0: every step. The authors'
+    # loop turns it off for good at its first in-loop evaluation (their evaluate() calls model.eval() and training
+    # never calls train() again): --dropout-steps 1000 is their run (one evaluation every 1000 sequences)
     lora_layers: str | None = None  # all | after | 3,4,5: layers to adapt; none: all for TopK SAEs, the layers
     # after the SAE for JumpReLU SAEs (paper Sec. 4.2)
     allow_before_jumprelu: bool = False  # adapt layers that feed a JumpReLU SAE, although that changes its sparsity
     sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
     # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
     # no_bos | no_bos_eos
-    max_tokens: int = 15_000_000  # training tokens (paper: 15M)
+    max_tokens: int = 15_360_000  # training tokens (paper: "15M"; authors' code: 15,000 sequences of 1024)
     batch_size: int = 1  # sequences per optimizer step, over all processes (authors' code: 1)
     micro_batch: int | None = None  # sequences per process per forward; none: batch_size / processes. Smaller
     # values accumulate gradients over several forwards: the step stays the same
@@ -66,7 +69,8 @@ class AdaptConfig:
     fsdp: bool = False  # under torchrun: shard every decoder layer across the processes (models too big for one)
     compile: bool = True  # torch.compile the two passes and the KL chunk
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk: never a whole (tokens, vocab) fp32 tensor
-    eval_tokens: int = 1_000_000  # held-out tokens for the CE / KL table (paper: 1M)
+    eval_tokens: int = 1_000_000  # held-out tokens for the CE / KL table, in whole windows rounded up (paper: 1M;
+    # the authors' utils.py rounds up too: 977 windows of 1024)
     eval_interval: int = 200  # steps between held-out evaluations
     log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 200  # steps between checkpoints (ckpt.pt and the adapter)
@@ -88,15 +92,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
     d = d or common.setup(cfg.device)
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
-    micro = cfg.micro_batch or cfg.batch_size // d.world_size
-    if cfg.batch_size < d.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} (sequences per optimizer step, all processes together) cannot "
-                         f"be split over {d.world_size} processes: give --batch-size {d.world_size} or a multiple (the "
-                         f"paper's run is one sequence per step on one process)")
-    if micro < 1 or cfg.batch_size % (micro * d.world_size):
-        raise ValueError(f"--batch-size {cfg.batch_size} (sequences per step, all processes together) is not a "
-                         f"multiple of --micro-batch {micro} x {d.world_size} processes: change one of them")
-    accum = cfg.batch_size // (micro * d.world_size)
+    micro, accum = common.batch_split(cfg.batch_size, cfg.micro_batch, d.world_size)
 
     # -- model, SAEs, adapters ----------------------------------------------------------------------------------------
     model = Transformer.from_pretrained(cfg.model, device=d.device, dtype=getattr(torch, cfg.dtype))
@@ -119,9 +115,12 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     train = TokenLoader(cfg.data, "train", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, device=d.device)
     val = TokenLoader(cfg.data, "val", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
                       device=d.device)
-    val_batches = [val.next_batch() for _ in range(max(1, cfg.eval_tokens // (micro * cfg.seq_len * d.world_size)))]
+    val_batches = [val.next_batch() for _ in range(math.ceil(cfg.eval_tokens / (micro * cfg.seq_len * d.world_size)))]
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
+    common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x {cfg.seq_len} tokens; held-out "
+               f"{len(val_batches) * micro * d.world_size} windows of {cfg.seq_len}; LoRA dropout {cfg.dropout} "
+               f"{f'for the first {cfg.dropout_steps} steps' if cfg.dropout_steps else 'on every step'}")
 
     # -- optimiser, compile, resume ------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
@@ -164,11 +163,11 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         held_out()
 
     # -- the loop ------------------------------------------------------------------------------------------------------
-    model.train()
     mfu_per_token = step_flops(model, saes, cfg.seq_len, share_prefix) / common.peak_flops(d.device, cfg.autocast)
     window = [0, 0.0]  # tokens, seconds since the last log line
     while step < total_steps:
         t0 = time.time()
+        model.train(cfg.dropout_steps == 0 or step < cfg.dropout_steps)  # LoRA dropout on or off (--dropout-steps)
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup_frac, cfg.decay_frac, cfg.min_lr_frac, cfg.schedule)
         for g in optimizer.param_groups:
             g["lr"] = lr

@@ -148,6 +148,20 @@ def setup(device: str | None = None) -> Dist:
     return Dist(rank=rank, local_rank=local, world_size=world, device=dev)
 
 
+def batch_split(batch_size: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
+    """(sequences per process per forward, forwards accumulated per optimizer step) for a step of `batch_size`
+    sequences over all processes; a batch that does not split is a one-line error."""
+    if batch_size < world_size:
+        raise ValueError(f"--batch-size {batch_size} (sequences per optimizer step, all processes together) cannot "
+                         f"be split over {world_size} processes: give --batch-size {world_size} or a multiple (the "
+                         f"paper's run is one sequence per step on one process)")
+    micro = micro_batch or batch_size // world_size
+    if micro < 1 or batch_size % (micro * world_size):
+        raise ValueError(f"--batch-size {batch_size} (sequences per step, all processes together) is not a multiple "
+                         f"of --micro-batch {micro} x {world_size} processes: change one of them")
+    return micro, batch_size // (micro * world_size)
+
+
 def teardown():
     if dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another is still inside a collective

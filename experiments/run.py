@@ -442,11 +442,16 @@ def multi(cfg: ExpConfig):
 
 EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu)
 
-if __name__ == "__main__":
-    names = [a for a in sys.argv[1:2] if not a.startswith("-")]
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = [a for a in argv[:1] if not a.startswith("-")]
     if not names or names[0] not in (*EXPERIMENTS, "all"):
         sys.exit(f"usage: python experiments/run.py {{{'|'.join(EXPERIMENTS)}|all}} [--flags]; see the docstring")
-    cfg, _ = common.parse_args(ExpConfig, sys.argv[2:])
+    cfg, _ = common.parse_args(ExpConfig, argv[1:])
     for name in (EXPERIMENTS if names[0] == "all" else [names[0]]):
         print(f"== {name}", flush=True)
         EXPERIMENTS[name](cfg)
+
+
+if __name__ == "__main__":
+    main()

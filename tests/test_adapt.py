@@ -222,3 +222,23 @@ def test_default_flags_step_count_and_lr_are_the_authors_loop(files, tmp_path):
     proc = subprocess.run([*torchrun, "adapt.py", *base, "--out", str(tmp_path / "three")], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "adapt.py: error: --batch-size 1 (sequences per optimizer step" in proc.stderr
+
+
+def test_dropout_steps_turns_lora_dropout_off_for_good(files, tmp_path, monkeypatch):
+    """--dropout-steps 2 of 4: LoRA dropout is active in steps 1-2 only (the authors' loop: off for good after its
+    first in-loop evaluation); without it, in every step. Held-out evaluations always run without it."""
+    import re
+    forward = torch.nn.Dropout.forward
+
+    def pattern(*extra):
+        seen = []
+
+        def record(self, x):
+            seen.append("T" if self.training else "F")
+            return forward(self, x)
+        monkeypatch.setattr(torch.nn.Dropout, "forward", record)
+        adapt.main(small_args(files, tmp_path, "--dropout", "0.1", "--max-tokens", str(4 * 4 * 32), *extra))
+        return "".join(seen)
+    every, first_two = pattern(), pattern("--dropout-steps", "2")
+    assert re.fullmatch(r"F+T+F+", every) and re.fullmatch(r"F+T+F+", first_two), (every, first_two)
+    assert every.count("T") == 2 * first_two.count("T") > 0
