@@ -6,8 +6,10 @@ LoRA-adapt a frozen language model around frozen SAEs (the paper's method, Sec. 
 
 The model and the SAE(s) stay frozen; only the adapters learn, to minimise Eq. 7, KL(p_orig || p_spliced): the
 original model's next-token distribution against that of the adapted model with the SAE reconstruction spliced into
-its residual stream (splice.py). The defaults are the authors' run (train_lora.py in their code); the tiny model's
-preset is in embedded.py. Writes the adapter in PEFT's format, a resumable ckpt.pt and results.json to --out.
+its residual stream (splice.py). The defaults are the authors' run (train_lora.py in their code). Without --model
+the tiny model's preset (embedded.py) replaces many of them: the first lines of the log list which, and results.json
+records where each value came from (config_sources: typed, preset or default). Writes the adapter in PEFT's format,
+a resumable ckpt.pt and results.json to --out.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class AdaptConfig:
 
 def main(argv=None) -> dict:
     t0 = time.time()
-    cfg, typed = common.parse_args(AdaptConfig, argv, epilog=embedded.DEFAULT_SAES_HELP)
+    cfg, typed = common.parse_args(AdaptConfig, argv, epilog=embedded.DEFAULT_SAES_HELP + embedded.preset_help("adapt"))
     results = run(embedded.fill(cfg, typed, "adapt"))
     common.log(f"adapt.py: {time.time() - t0:.0f}s in all")
     return results
@@ -213,7 +215,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     results = dict({k: final[k] for k in ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora")},
                    tokens_per_s=step * tokens_per_step / max(elapsed, 1e-9), train_tokens=step * tokens_per_step,
                    train_seconds=elapsed, steps=step, sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers,
-                   config=asdict(cfg), history=history)
+                   config=asdict(cfg), config_sources=common.sources(cfg), history=history)
     if d.master:
         common.write_json(os.path.join(cfg.out, "results.json"), results)
     common.log(f"done: CE {results['ce_base']:.4f} (original) / {results['ce_sae']:.4f} (SAE) / "

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 
@@ -50,7 +51,15 @@ PRESETS = {
 KNOWN_MODELS = sorted(GEMMA_SCOPE_RES_16K)
 DEFAULT_SAES_HELP = ("SAE defaults when --sae is not given (the paper's SAEs, one per --layer L):\n" +
                      "".join(f"  {line}\n" for line in known_saes()) +
-                     "  no --model: the embedded tiny model's TopK SAE at --layer (trained on first use)")
+                     "  no --model: the embedded tiny model's TopK SAE at --layer (trained on first use)\n")
+
+
+def preset_help(script: str) -> str:
+    """--help's last lines: what the tiny model's preset puts in place of the defaults listed above."""
+    flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in PRESETS[script].items())
+    return "\n".join(textwrap.wrap(f"without --model, the tiny model's preset (embedded.PRESETS[{script!r}]) replaces "
+                                    f"these defaults, for the flags not typed: {flags}", 100))
 
 
 def cache_dir() -> str:
@@ -142,7 +151,9 @@ def fill(cfg, typed: set[str], script: str, *, need_data: bool = True):
     SAE on the tiny model, Gemma Scope's canonical SAE at --layer on Gemma-2 2B / 9B, else a one-line error."""
     tiny = cfg.model is None
     if tiny:
-        common.fill(cfg, typed, PRESETS[script])
+        common.fill(cfg, typed, PRESETS[script], "preset")
+        common.log_preset(cfg, "preset", f"{script}.py: no --model, so the tiny model's preset (embedded.PRESETS"
+                                         f"[{script!r}]) replaces these defaults (typed flags win):")
         check_layers(getattr(cfg, "layer", []) or [], f"{script}.py")
         cfg.model = model()
     if getattr(cfg, "data", "") is None and need_data:

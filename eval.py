@@ -347,11 +347,12 @@ def plots(res: dict, out: str) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(EvalConfig, argv)
+    cfg, typed = common.parse_args(EvalConfig, argv, epilog=embedded.preset_help("eval"))
     steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
         cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
+        common.log("eval.py: no --model and no --adapter: evaluating out/adapt-tiny/adapter, what python adapt.py wrote")
     embedded.fill(cfg, typed, "eval", need_data=cfg.model is None or not (steer or benches))
     return run(cfg)
 
@@ -399,7 +400,7 @@ def run(cfg: EvalConfig) -> dict:
         seqs = {k: [([bos_id] + tok.encode(t))[:model.cfg.max_seq_len] for t in ts] for k, ts in texts.items()}
 
     # -- the settings, adapter by adapter ------------------------------------------------------------------------------
-    res = {"model": cfg.model, "config": asdict(cfg), "device": str(d.device),
+    res = {"model": cfg.model, "config": asdict(cfg), "config_sources": common.sources(cfg), "device": str(d.device),
            "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
     if bench_qs:  # adapter-independent settings: computed once
         res["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)

@@ -66,11 +66,12 @@ class E2EConfig:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(E2EConfig, argv)
+    cfg, typed = common.parse_args(E2EConfig, argv, epilog=embedded.preset_help("train_e2e"))
     embedded.fill(cfg, typed, "train_e2e")
     if cfg.recipe == "authors":  # their trainer with e2e=True (es/trainer.py:333-399)
         common.fill(cfg, typed, dict(batch_size=1, kl_reduction="sequence", sae_positions="all", decay_frac=1.0,
-                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))))
+                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")
+        common.log_preset(cfg, "recipe", "train_e2e.py: --recipe authors replaces these values (typed flags win):")
     elif cfg.recipe != "gao":
         raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
     return run(cfg)

@@ -120,12 +120,13 @@ class ActivationBuffer:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(TrainSAEConfig, argv)
+    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae"))
     embedded.fill(cfg, typed, "train_sae")
     if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
         common.fill(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1, auxk_coef=0.0,
                                      include_bos=True, decay_frac=1.0,
-                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))))
+                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")
+        common.log_preset(cfg, "recipe", "train_sae.py: --recipe authors replaces these values (typed flags win):")
     elif cfg.recipe != "gao":
         raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
     return run(cfg)
@@ -268,7 +269,9 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     # -- save ----------------------------------------------------------------------------------------------------------
     save_sae(cfg.out)
     if d.master:
-        common.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg), history=history))
+        common.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
+                                                                       config_sources=common.sources(cfg),
+                                                                       history=history))
     common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
     if own:
         common.teardown()
