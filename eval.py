@@ -47,7 +47,7 @@ import multiple_choice
 import steering
 from lora import adapters_disabled, load_adapter, merged
 from model import Transformer
-from splice import DISTANCES, distance_summary, gap_closed, kept_tokens, load_saes, spliced_pass, stream_distances
+from splice import gap_closed, kept_tokens, load_saes, spliced_pass
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -238,8 +238,42 @@ def token_breakdown(ce_sae: np.ndarray, ce_sae_lora: np.ndarray, per_decade: int
             "nats_degraded_per_bin": hist(d[deg], d[deg]).tolist()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring token sequences (steering and benchmarks)
+# How far the spliced stream is from the original one (Sec. 6.2, Fig. 11), in two formulations
+DISTANCES = {
+    "ours": "per sequence, mean over the positions the SAE replaces (--sae-positions; non-BOS by default)",
+    "authors": "as activation_distances.py:118-125 computes it: per sequence, mean over all positions (BOS included)"}
+
+
+def stream_distances(orig, spliced, replaced) -> dict:
+    """Cosine similarity and L2 distance between the original model's stream and a spliced one, (B, T, d) each, per
+    position, averaged per sequence in each formulation of DISTANCES: {(formulation, "cos" | "l2"): (B,)}. `replaced`
+    (B, T) marks the positions the SAE replaces. The authors' code runs one sequence at a time and takes
+    torch.norm(o - s, p=2, dim=-1).mean() and cosine_similarity(o, s, dim=1).mean() over all its positions."""
+    a, b, w = orig.float(), spliced.float(), replaced.float()
+    out = {}
+    for name, v in (("cos", F.cosine_similarity(a, b, dim=-1)), ("l2", (a - b).norm(dim=-1))):
+        out["ours", name] = (v * w).sum(1) / w.sum(1).clamp_min(1)
+        out["authors", name] = v.mean(1)
+    return out
+
+
+def distance_summary(seq: dict, first: int, formulation: str) -> dict:
+    """seq[setting][layer][name]: per-sequence values (arrays) for "sae" and, with an adapter, "sae_lora". Mean over
+    sequences with a 90% normal CI (mean +- 1.645 sd / sqrt(n)) and the paired per-sequence change sae_lora - sae, as
+    activation_distances.py:200-216 (both formulations)."""
+    out = {"formulation": formulation, "how": DISTANCES[formulation], "first_layer": first,
+           "ci": "90% normal approximation over sequences", "layers": []}
+    for layer in seq["sae"]:
+        row = {"layer": layer, "after_sae": layer - first}
+        for name in ("cos", "l2"):
+            base = np.concatenate(seq["sae"][layer][name])
+            row[f"{name}_sae"] = common.mean_ci(base)
+            if "sae_lora" in seq:
+                lora = np.concatenate(seq["sae_lora"][layer][name])
+                row[f"{name}_sae_lora"] = common.mean_ci(lora)
+                row[f"{name}_change"] = common.mean_ci(lora - base)  # paired by sequence
+        out["layers"].append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,15 +9,12 @@ tensor of a 256k vocabulary is ever whole (tests/test_splice.py checks value and
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from lora import adapters_disabled, lora_modules, merged
+from lora import adapters_disabled, lora_modules
 from model import Hook, Transformer
 from sae import SAE
 
@@ -209,90 +206,6 @@ def gap_closed(res: dict) -> dict:
     gap = res["ce_sae"] - res["ce_base"]
     res["gap_closed"] = (res["ce_sae"] - res["ce_sae_lora"]) / gap if gap > 0 else float("nan")
     return res
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# How far the spliced stream is from the original one (Sec. 6.2, Fig. 11), in two formulations
-
-
-DISTANCES = {
-    "ours": "per sequence, mean over the positions the SAE replaces (--sae-positions; non-BOS by default)",
-    "authors": "as activation_distances.py:118-125 computes it: per sequence, mean over all positions (BOS included)"}
-
-
-def stream_distances(orig, spliced, replaced) -> dict:
-    """Cosine similarity and L2 distance between the original model's stream and a spliced one, (B, T, d) each, per
-    position, averaged per sequence in each formulation of DISTANCES: {(formulation, "cos" | "l2"): (B,)}. `replaced`
-    (B, T) marks the positions the SAE replaces. The authors' code runs one sequence at a time and takes
-    torch.norm(o - s, p=2, dim=-1).mean() and cosine_similarity(o, s, dim=1).mean() over all its positions."""
-    a, b, w = orig.float(), spliced.float(), replaced.float()
-    out = {}
-    for name, v in (("cos", F.cosine_similarity(a, b, dim=-1)), ("l2", (a - b).norm(dim=-1))):
-        out["ours", name] = (v * w).sum(1) / w.sum(1).clamp_min(1)
-        out["authors", name] = v.mean(1)
-    return out
-
-
-def distance_summary(seq: dict, first: int, formulation: str) -> dict:
-    """seq[setting][layer][name]: per-sequence values (arrays) for "sae" and, with an adapter, "sae_lora". Mean over
-    sequences with a 90% normal CI (mean +- 1.645 sd / sqrt(n)) and the paired per-sequence change sae_lora - sae, as
-    activation_distances.py:200-216 (both formulations)."""
-    out = {"formulation": formulation, "how": DISTANCES[formulation], "first_layer": first,
-           "ci": "90% normal approximation over sequences", "layers": []}
-    for layer in seq["sae"]:
-        row = {"layer": layer, "after_sae": layer - first}
-        for name in ("cos", "l2"):
-            base = np.concatenate(seq["sae"][layer][name])
-            row[f"{name}_sae"] = common.mean_ci(base)
-            if "sae_lora" in seq:
-                lora = np.concatenate(seq["sae_lora"][layer][name])
-                row[f"{name}_sae_lora"] = common.mean_ci(lora)
-                row[f"{name}_change"] = common.mean_ci(lora - base)  # paired by sequence
-        out["layers"].append(row)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Log-likelihoods of given tokens (steering and multiple-choice benchmarks)
-
-
-@torch.no_grad()
-def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, what: str = "") -> list[np.ndarray]:
-    """For each sequence (token ids, BOS first) the log-probabilities log p(tok | seq[:pos + 1]) of its queries
-    [(pos, tok), ...]. Sequences are batched by length and padded on the right, which a causal model never sees."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out, dev = [None] * len(seqs), model.model.embed_tokens.weight.device
-    pad = model.cfg.bos_token_id or 0
-    prog = common.Progress(math.ceil(len(seqs) / batch_size), what) if what else None
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        idx = torch.full((len(rows), max(len(seqs[i]) for i in rows)), pad, dtype=torch.long)
-        for r, i in enumerate(rows):
-            idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
-        idx = idx.to(dev)
-        r_of = torch.tensor([r for r, i in enumerate(rows) for _ in queries[i]], device=dev)
-        pos = torch.tensor([p for i in rows for p, _ in queries[i]], dtype=torch.long, device=dev)
-        tok = torch.tensor([t for i in rows for _, t in queries[i]], dtype=torch.long, device=dev)
-        with amp:
-            h = model.blocks(model.embed(idx), hooks=hooks_for(idx))[r_of, pos]  # only the rows that are scored
-            lp = torch.cat([F.log_softmax(model.head(h[c:c + chunk]).float(), -1).gather(1, tok[c:c + chunk, None])
-                            for c in range(0, len(tok), chunk)])[:, 0]
-        lp, k = lp.cpu().double().numpy(), 0
-        for i in rows:
-            out[i], k = lp[k:k + len(queries[i])], k + len(queries[i])
-        if prog:
-            prog.step()
-    return out
-
-
-def hooks_for(saes, keep=()):
-    """idx -> the splice hooks for that batch (none without SAEs): what score() takes."""
-    return lambda idx: splice_hooks(saes, idx, keep) if saes else {}
-
-
-def setting_context(model, setting: str):
-    """The model of a setting (Sec. 5.3): adapters merged into the weights for *lora settings, else turned off."""
-    return merged(model) if "lora" in setting else adapters_disabled(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
