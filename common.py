@@ -190,7 +190,7 @@ def log(*args, **kwargs):
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run in hardware: a CUDA GPU that supports them, a CPU with AVX512-BF16 or AMX. Elsewhere
-    PyTorch emulates them (an AVX2-only CPU measured 1 GFLOP/s in bf16 against 59 in fp32)."""
+    PyTorch emulates them, far slower than fp32 (experiments/README.md has the numbers)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
@@ -211,8 +211,8 @@ def resolve_autocast(device: torch.device, dtype: str) -> str:
 
 
 def autocast(device: torch.device, dtype: str = "auto"):
-    """The activation precision of every script: bf16 autocast (on CPUs with native bf16 too, several times faster
-    than fp32 there), or none."""
+    """The activation precision of every script: bf16 autocast (on CPUs with native bf16 too, where it beats fp32), or
+    none."""
     dtype = resolve_autocast(device, dtype)
     if dtype == "float32":
         return torch.autocast(device.type, enabled=False)
