@@ -6,8 +6,10 @@ LoRA-adapt a frozen language model around frozen SAEs (the paper's method, Sec. 
 
 The model and the SAE(s) stay frozen; only the adapters learn, to minimise Eq. 7, KL(p_orig || p_spliced): the
 original model's next-token distribution against that of the adapted model with the SAE reconstruction spliced into
-its residual stream (splice.py). The defaults are the authors' run (train_lora.py in their code); the tiny model's
-preset is in embedded.py. Writes the adapter in PEFT's format, a resumable ckpt.pt and results.json to --out.
+its residual stream (splice.py defines it, and every number reported here). The defaults are the authors' run
+(train_lora.py in their code). Without --model the tiny model's preset (embedded.py) replaces many of them: the first
+lines of the log list which, and results.json records where each value came from (config_sources: typed, preset or
+default). Writes the adapter in PEFT's format, a resumable ckpt.pt and results.json to --out.
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ import torch
 import common
 import embedded
 from data import TokenLoader, check_data_matches
-from lora import adapter_parameters, apply_lora, layers_around_saes, save_adapter
+from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, save_adapter
 from model import Transformer
-from splice import (chunk_losses, evaluate, final_streams, kept_tokens, kl_and_ce, load_saes, original_pass,
-                    spliced_pass)
+from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, load_saes, original_pass, spliced_pass
 
 
 @dataclass
@@ -61,8 +62,9 @@ class AdaptConfig:
     min_lr_frac: float = 0.0  # the decay ends at lr x this
     weight_decay: float = 0.01  # AdamW weight decay (authors' code: torch's default, 0.01)
     grad_clip: float = 1.0  # gradient norm clip (authors' code: 1.0)
-    kl_reduction: str = "sequence"  # sequence: KL summed over each sequence's tokens, mean over sequences (the
-    # authors' kl_div batchmean on one sequence, the scale their clipping sees); token: mean over tokens
+    kl_reduction: str = "sequence"  # the training loss: sequence: Eq. 7 summed over each sequence's predicted
+    # positions, mean over sequences (the authors' kl_div batchmean on one sequence, the scale their clipping sees);
+    # token: mean over positions
     autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
     # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the frozen weights (bfloat16 halves memory); adapters stay float32
@@ -81,7 +83,7 @@ class AdaptConfig:
 
 def main(argv=None) -> dict:
     t0 = time.time()
-    cfg, typed = common.parse_args(AdaptConfig, argv, epilog=embedded.DEFAULT_SAES_HELP)
+    cfg, typed = common.parse_args(AdaptConfig, argv, epilog=embedded.DEFAULT_SAES_HELP + embedded.preset_help("adapt"))
     results = run(embedded.fill(cfg, typed, "adapt"))
     common.log(f"adapt.py: {time.time() - t0:.0f}s in all")
     return results
@@ -93,6 +95,8 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     d = d or common.setup(cfg.device)
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
     micro, accum = common.batch_split(cfg.batch_size, cfg.micro_batch, d.world_size)
+    if cfg.kl_reduction not in ("sequence", "token"):
+        raise ValueError(f"--kl-reduction {cfg.kl_reduction!r}: expected sequence or token")
 
     # -- model, SAEs, adapters ----------------------------------------------------------------------------------------
     model = Transformer.from_pretrained(cfg.model, device=d.device, dtype=getattr(torch, cfg.dtype))
@@ -124,9 +128,9 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
 
     # -- optimiser, compile, resume ------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    compiled = cfg.compile and not cfg.fsdp
-    passes = (torch.compile(original_pass), torch.compile(spliced_pass)) if compiled else None
-    losses = torch.compile(chunk_losses) if compiled else None  # the KL chunk as one fused graph
+    original, spliced, losses = original_pass, spliced_pass, chunk_losses
+    if cfg.compile and not cfg.fsdp:  # the two passes compiled apart (see original_pass), Eq. 7's chunk as one graph
+        original, spliced, losses = torch.compile(original), torch.compile(spliced), torch.compile(losses)
     cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(d.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
@@ -171,15 +175,18 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup_frac, cfg.decay_frac, cfg.min_lr_frac, cfg.schedule)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        kl_sum, ce_sum = 0.0, 0.0  # stay on the device: no host sync per step
+        loss_sum, kl_sum, ce_sum = 0.0, 0.0, 0.0  # stay on the device: no host sync per step
         for _ in range(accum):
-            idx = train.next_batch()
+            idx = train.next_batch()  # (micro, seq_len) token windows
             with amp:
-                h_orig, h = final_streams(model, saes, idx, keep, share_prefix=share_prefix, passes=passes)
-                kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction,
-                                   losses=losses)
-            (kl / accum).backward()
-            kl_sum, ce_sum = kl_sum + kl.detach() / accum, ce_sum + ce.detach() / accum
+                with torch.no_grad(), adapters_disabled(model):  # p_orig: the original model, no SAE, no adapters
+                    h_orig, prefix = original(model, idx, saes[0][0], share_prefix=share_prefix)
+                h = spliced(model, saes, idx, keep, prefix=prefix)  # p_spliced: adapters on, the SAEs spliced in
+                kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
+            loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))  # per sequence or position
+            (loss / accum).backward()  # only the adapters require grad: the model and the SAEs stay frozen
+            loss_sum = loss_sum + loss.detach() / accum
+            kl_sum, ce_sum = kl_sum + kl.detach().mean() / accum, ce_sum + ce.mean() / accum
         if not cfg.fsdp:  # FSDP2 has reduce-scattered them already
             common.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -190,17 +197,17 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         window = [window[0] + tokens_per_step, window[1] + time.time() - t0]
 
         if step % cfg.log_interval == 0 or step % cfg.ckpt_interval == 0 or step == total_steps:
-            kl_log, ce_log = float(kl_sum), float(ce_sum)  # the only host sync, before any log or checkpoint
-            if not math.isfinite(kl_log):
-                raise FloatingPointError(f"KL is {kl_log} at step {step} (lr {lr:.2e}); the last good checkpoint is "
+            loss_log, kl_log, ce_log = map(float, (loss_sum, kl_sum, ce_sum))  # the only host sync of a step
+            if not math.isfinite(loss_log):
+                raise FloatingPointError(f"KL is {loss_log} at step {step} (lr {lr:.2e}); the last good checkpoint is "
                                          f"{ckpt_path}: lower --lr or use --autocast float32, then --resume")
         if step % cfg.log_interval == 0 or step == total_steps:
             tps = window[0] / window[1]
-            common.log(f"step {step}/{total_steps} | KL {kl_log:.4f} | train CE w/ SAE {ce_log:.4f} | lr {lr:.2e} | "
-                       f"{tps:,.0f} tok/s | MFU {tps * mfu_per_token:.1%} | "
+            common.log(f"step {step}/{total_steps} | loss {loss_log:.4f} | train KL {kl_log:.4f} | train CE with SAE "
+                       f"+ LoRA {ce_log:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {tps * mfu_per_token:.1%} | "
                        f"ETA {(total_steps - step) * tokens_per_step / tps / 60:.1f} min")
-            history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, lr=lr, kl=kl_log,
-                                train_ce=ce_log, tokens_per_s=tps))
+            history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, lr=lr, loss=loss_log,
+                                train_kl=kl_log, train_ce=ce_log, tokens_per_s=tps))
             window = [0, 0.0]
         if step % cfg.eval_interval == 0 or step == total_steps:
             held_out()
@@ -209,12 +216,13 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
 
     # -- results -------------------------------------------------------------------------------------------------------
     final = next(h for h in reversed(history) if "ce_sae_lora" in h)
-    results = dict({k: final[k] for k in ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora")},
-                   tokens_per_s=step * tokens_per_step / max(elapsed, 1e-9), train_tokens=step * tokens_per_step,
-                   train_seconds=elapsed, steps=step, sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers,
-                   config=asdict(cfg), history=history)
+    reported = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "positions")
+    results = dict({k: final[k] for k in reported}, tokens_per_s=step * tokens_per_step / max(elapsed, 1e-9),
+                   train_tokens=step * tokens_per_step, train_seconds=elapsed, steps=step,
+                   sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers, config=asdict(cfg),
+                   config_sources=common.sources(cfg), history=history)
     if d.master:
-        common.write_json(os.path.join(cfg.out, "results.json"), results)
+        common.write_json(os.path.join(cfg.out, "results.json"), common.jsonable(results))  # NaN: null
     common.log(f"done: CE {results['ce_base']:.4f} (original) / {results['ce_sae']:.4f} (SAE) / "
                f"{results['ce_sae_lora']:.4f} (SAE + LoRA): {results['gap_closed']:.1%} of the gap closed; "
                f"adapter in {os.path.join(cfg.out, 'adapter')}")

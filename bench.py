@@ -119,9 +119,10 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
             with label("spliced forward"):
                 h = spliced(model, saes, idx, model.cfg.bos_token_id)
             with label("KL + CE forward"):
-                kl, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk, losses=losses)
+                kl, _, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk, losses=losses)
+                loss = kl.mean()  # adapt.py --kl-reduction token
         with label("backward"):
-            kl.backward()
+            loss.backward()
         with label("optimizer"):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

@@ -1,8 +1,7 @@
 """
 Hugging Face checkpoint files: a model folder or hub id resolved to local files (hub.py), safetensors headers read
 without loading, and a streaming load that reads, casts and places one tensor at a time, so that a bf16 load of
-fp32 files peaks at the bf16 size plus the largest tensor (Gemma-2-9B's 37 GB of fp32 loads in bf16 on a machine with
-well under 55 GB); and the same layout written back. model.py's Transformer.from_pretrained / save_pretrained call them.
+fp32 files peaks at the bf16 size plus the largest tensor, not at the fp32 size; and the same layout written back. model.py's Transformer.from_pretrained / save_pretrained call them.
 """
 from __future__ import annotations
 

@@ -62,15 +62,43 @@ def parse_args(config_cls, argv=None, epilog: str | None = None):
             parser.add_argument(*flags, type=_parse_optional(base), metavar=base.__name__.upper(), help=text,
                                 default=argparse.SUPPRESS)
     given = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    return config_cls(**given), set(given)
+    cfg = config_cls(**given)
+    sources(cfg).update(dict.fromkeys(given, "typed"))
+    return cfg, set(given)
 
 
-def fill(cfg, typed: set[str], preset: dict):
-    """Set every field of `preset` that the user did not type on the command line."""
+def fill(cfg, typed: set[str], preset: dict, source: str = "preset"):
+    """Set every field of `preset` that the user did not type on the command line; sources(cfg) names `source` as
+    where each of them came from."""
     for key, value in preset.items():
         if key not in typed:
             setattr(cfg, key, value)
+            sources(cfg)[key] = source
     return cfg
+
+
+def sources(cfg) -> dict[str, str]:
+    """Where each value of a config came from: "typed" on the command line, a preset ("preset": embedded.py's tiny-model
+    preset; "recipe": --recipe authors), or the dataclass "default". Kept on the config object beside its fields
+    (asdict leaves it out); results files record it as config_sources."""
+    return vars(cfg).setdefault("_sources", {f.name: "default" for f in dataclasses.fields(cfg)})
+
+
+def log_preset(cfg, source: str, header: str):
+    """The header, then one log line per value that `source` set and that differs from the dataclass default (what
+    --help shows)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(cfg, f.name)
+        if sources(cfg)[f.name] == source and value != default:
+            lines.append(f"  --{f.name.replace('_', '-')} {_flag_text(value)} (default {_flag_text(default)})")
+    if lines:
+        log("\n".join([header, *lines]))
+
+
+def _flag_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _parse_bool(s: str) -> bool:
@@ -176,7 +204,7 @@ def log(*args, **kwargs):
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run in hardware: a CUDA GPU that supports them, a CPU with AVX512-BF16 or AMX. Elsewhere
-    PyTorch emulates them (an AVX2-only CPU measured 1 GFLOP/s in bf16 against 59 in fp32)."""
+    PyTorch emulates them, far slower than fp32 (experiments/README.md has the numbers)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
@@ -197,8 +225,8 @@ def resolve_autocast(device: torch.device, dtype: str) -> str:
 
 
 def autocast(device: torch.device, dtype: str = "auto"):
-    """The activation precision of every script: bf16 autocast (on CPUs with native bf16 too, several times faster
-    than fp32 there), or none."""
+    """The activation precision of every script: bf16 autocast (on CPUs with native bf16 too, where it beats fp32), or
+    none."""
     dtype = resolve_autocast(device, dtype)
     if dtype == "float32":
         return torch.autocast(device.type, enabled=False)

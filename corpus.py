@@ -61,7 +61,7 @@ RPV2_KEYS = ("url", "language", "source_domain", "date_download", "digest", "raw
 
 def stdlib_files() -> list[str]:
     """The standard library's .py sources, sorted by their path inside it. Test suites (test/, tests/, idle_test/)
-    are left out: 12 MB (3.4M tokens) of ordinary library code is more than a CPU pretraining run reads, and the
+    are left out: the ordinary library code alone is more than a CPU pretraining run reads, and the
     tests hold generated data and deliberately odd encodings. site-packages (whatever the user installed) too."""
     root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

@@ -14,15 +14,15 @@ fresh copy of the model (Sec. 6.3's single-layer adapters and rank sweeps are ju
 steering.py, the multiple-choice benchmarks in multiple_choice.py.
 
 What each section computes (eval.json holds every number, eval.md the tables, *.png the figures):
-- core: on held-out windows (every one starts with BOS), next-token CE per token and KL(p_orig || p_setting) per
-  token, both means over all predicted tokens; gap closed = (CE_sae - CE_sae_lora) / (CE_sae - CE_original).
-  Per SAE, on the original model's activations at its layer, over the tokens it replaces (BOS kept unless
-  --sae-positions): FVU = sum |x - x_hat|^2 / sum |x - mean x|^2, L0 = mean active latents per token, dead latents =
-  latents active on none of these tokens; the same on the adapted model's own activations (differs only for adapters
-  on layers before the SAE).
-- per_token (Fig. 8): d = CE_sae_lora - CE_sae per token (< 0: LoRA improved it); shares improved / degraded /
-  unchanged (|d| <= 1e-6), and |d| histograms of improved and degraded tokens on log-spaced bins (values outside
-  the bin range are counted in the end bins, so improved + degraded + unchanged counts = the token count).
+- core: on held-out windows (every one starts with BOS), CE and KL(p_orig || p_setting) as splice.py defines them:
+  means over the predicted positions (`positions` counts them), the numbers adapt.py reports as ce_* and kl_*; gap
+  closed = (CE_sae - CE_sae_lora) / (CE_sae - CE_original). Per SAE, on the original model's activations at its
+  layer, over the positions it replaces (`replaced`; BOS kept unless --sae-positions): FVU = sum |x - x_hat|^2 /
+  sum |x - mean x|^2, L0 = mean active latents per token, dead latents = latents active on none of these tokens;
+  the same on the adapted model's own activations (differs only for adapters on layers before the SAE).
+- per_token (Fig. 8): d = CE_sae_lora - CE_sae per predicted position (< 0: LoRA improved it); shares improved /
+  degraded / unchanged (|d| <= 1e-6), and |d| histograms of improved and degraded positions on log-spaced bins
+  (values outside the bin range are counted in the end bins, so improved + degraded + unchanged = `positions`).
 - distances (Fig. 11): for each layer from the (first) SAE's on, cosine similarity and L2 distance between the original
   model's residual stream and the spliced one, base model (sae) and adapted model (sae_lora), averaged per sequence
   two ways, both reported: "distances" (ours) over the positions the SAE replaces (non-BOS by default);
@@ -47,7 +47,7 @@ import multiple_choice
 import steering
 from lora import adapters_disabled, load_adapter, merged
 from model import Transformer
-from splice import DISTANCES, distance_summary, gap_closed, kept_tokens, load_saes, spliced_pass, stream_distances
+from splice import add, gap_closed, kept_tokens, kl_and_ce, load_saes, means, predicted_positions, spliced_pass
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -131,21 +131,21 @@ class SAEStats:
         var = self.sq - (self.sum.pow(2).sum().item() / max(self.n, 1))
         dead = int((~self.fired).sum())
         return {"fvu": self.err / var if var > 0 else float("nan"), "l0": self.l0 / max(self.n, 1),
-                "dead": dead, "dead_frac": dead / self.sae.d_sae, "tokens": self.n}
+                "dead": dead, "dead_frac": dead / self.sae.d_sae, "replaced": self.n}
 
 
 @torch.no_grad()
 def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool, label: str = "") -> dict:
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
-    sums = {s: {"ce": 0.0, "kl": 0.0} for s in settings}
+    sums, n = {}, 0  # per-position CE and KL summed on the device (splice.add): read back once, at the end
     by_layer = {layer: i for i, (layer, _) in enumerate(saes)}
     stats = {s: [SAEStats(sae) for _, sae in saes] for s in (("original", "lora") if adapted else ("original",))}
     spliced = [s for s in settings if "sae" in s]
     seq = {f: {s: {layer: {"cos": [], "l2": []} for layer in range(first, n_layer)} for s in spliced}
            for f in DISTANCES}  # formulation -> setting -> layer -> per-sequence values
     token_ce = {s: [] for s in spliced}
-    n_tok, prog = 0, common.Progress(len(batches), f"core{label}")
+    prog = common.Progress(len(batches), f"core{label}")
     for idx in batches:
         spliced_at = ~torch.isin(idx, torch.tensor(keep, dtype=idx.dtype, device=idx.device))  # the positions the SAE replaces
         acts = {}
@@ -177,39 +177,30 @@ def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool
                 finals["sae_lora"] = spliced_pass(model, saes, idx, keep,
                                                   watch=watch_distance("sae_lora") if dist else None)
         acts.clear()
-        # per-token CE and KL(p_orig || p_setting), the vocabulary projection a chunk of tokens at a time
-        targets = idx[:, 1:].reshape(-1)
-        flat = {s: h[:, :-1].reshape(-1, h.shape[-1]) for s, h in finals.items()}
-        parts = {s: [] for s in spliced}
-        for c in range(0, len(targets), cfg.chunk):
-            t = targets[c:c + cfg.chunk, None]
+        # CE and KL(p_orig || p_setting) at every predicted position, as splice.py defines them (adapt.py's numbers)
+        for s in settings[1:]:
             with amp:
-                logp0 = F.log_softmax(model.head(flat["original"][c:c + cfg.chunk]).float(), dim=-1)
-                p0 = logp0.exp()
-                for s in settings:
-                    logp = logp0 if s == "original" else F.log_softmax(model.head(flat[s][c:c + cfg.chunk]).float(), -1)
-                    ce = -logp.gather(1, t)[:, 0]
-                    sums[s]["ce"] += ce.sum().item()
-                    sums[s]["kl"] += (p0 * (logp0 - logp)).sum().item()
-                    if s in parts:
-                        parts[s].append(ce.cpu().numpy())
-        for s in spliced:
-            token_ce[s].append(np.concatenate(parts[s]))
-        n_tok += len(targets)
+                kl, ce, ce_orig = kl_and_ce(model, finals["original"], finals[s], idx, chunk=cfg.chunk)
+            add(sums, **{f"kl_{s}": kl, f"ce_{s}": ce})
+            if s in token_ce:
+                token_ce[s].append(ce)
+        add(sums, ce_original=ce_orig)  # the same from every setting's call
+        n += predicted_positions(idx)
         prog.step()
 
-    res = {"tokens": n_tok, "settings": {s: {k: v / n_tok for k, v in sums[s].items()} for s in settings}}
+    m = means(sums, n)
+    res = {"positions": m["positions"], "settings": {s: {"ce": m[f"ce_{s}"], "kl": m.get(f"kl_{s}", 0.0)}
+                                                     for s in settings}}
     ce = {s: res["settings"][s]["ce"] for s in settings}
     res["gap"] = ce["sae"] - ce["original"]
     if adapted:
-        res["gap_closed"] = gap_closed(dict(ce_base=ce["original"], ce_sae=ce["sae"],
-                                            ce_sae_lora=ce["sae_lora"]))["gap_closed"]
-        res["per_token"] = token_breakdown(np.concatenate(token_ce["sae"]), np.concatenate(token_ce["sae_lora"]))
+        res["gap_closed"] = gap_closed(ce["original"], ce["sae"], ce["sae_lora"])
+        res["per_token"] = token_breakdown(*(torch.cat(token_ce[s]).cpu().numpy() for s in ("sae", "sae_lora")))
     res["sae_stats"] = [dict(layer=layer, arch=sae.arch, d_sae=sae.d_sae, **stats["original"][i].result())
                         for i, (layer, sae) in enumerate(saes)]
     if adapted:
         for i, r in enumerate(res["sae_stats"]):
-            r.update({f"{k}_lora": v for k, v in stats["lora"][i].result().items() if k != "tokens"})
+            r.update({f"{k}_lora": v for k, v in stats["lora"][i].result().items() if k != "replaced"})
     if cfg.distances:
         res["distances"] = distance_summary(seq["ours"], first, "ours")
         res["distances_authors"] = distance_summary(seq["authors"], first, "authors")
@@ -227,7 +218,7 @@ def token_breakdown(ce_sae: np.ndarray, ce_sae_lora: np.ndarray, per_decade: int
         return np.histogram(np.clip(a, edges[0], np.nextafter(edges[-1], 0)), edges, weights=weights)[0]  # sum is exact
     n = len(d)
     q = [1, 5, 25, 50, 75, 95, 99]
-    return {"tokens": n, "improved": int(imp.sum()), "degraded": int(deg.sum()),
+    return {"positions": n, "improved": int(imp.sum()), "degraded": int(deg.sum()),
             "unchanged": int(n - imp.sum() - deg.sum()), "share_improved": imp.mean(), "share_degraded": deg.mean(),
             "share_unchanged": 1 - imp.mean() - deg.mean(), "mean_change": d.mean(),
             "nats_improved": -d[imp].sum(), "nats_degraded": d[deg].sum(), "unchanged_tol": UNCHANGED_TOL,
@@ -238,8 +229,42 @@ def token_breakdown(ce_sae: np.ndarray, ce_sae_lora: np.ndarray, per_decade: int
             "nats_degraded_per_bin": hist(d[deg], d[deg]).tolist()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring token sequences (steering and benchmarks)
+# How far the spliced stream is from the original one (Sec. 6.2, Fig. 11), in two formulations
+DISTANCES = {
+    "ours": "per sequence, mean over the positions the SAE replaces (--sae-positions; non-BOS by default)",
+    "authors": "as activation_distances.py:118-125 computes it: per sequence, mean over all positions (BOS included)"}
+
+
+def stream_distances(orig, spliced, replaced) -> dict:
+    """Cosine similarity and L2 distance between the original model's stream and a spliced one, (B, T, d) each, per
+    position, averaged per sequence in each formulation of DISTANCES: {(formulation, "cos" | "l2"): (B,)}. `replaced`
+    (B, T) marks the positions the SAE replaces. The authors' code runs one sequence at a time and takes
+    torch.norm(o - s, p=2, dim=-1).mean() and cosine_similarity(o, s, dim=1).mean() over all its positions."""
+    a, b, w = orig.float(), spliced.float(), replaced.float()
+    out = {}
+    for name, v in (("cos", F.cosine_similarity(a, b, dim=-1)), ("l2", (a - b).norm(dim=-1))):
+        out["ours", name] = (v * w).sum(1) / w.sum(1).clamp_min(1)
+        out["authors", name] = v.mean(1)
+    return out
+
+
+def distance_summary(seq: dict, first: int, formulation: str) -> dict:
+    """seq[setting][layer][name]: per-sequence values (arrays) for "sae" and, with an adapter, "sae_lora". Mean over
+    sequences with a 90% normal CI (mean +- 1.645 sd / sqrt(n)) and the paired per-sequence change sae_lora - sae, as
+    activation_distances.py:200-216 (both formulations)."""
+    out = {"formulation": formulation, "how": DISTANCES[formulation], "first_layer": first,
+           "ci": "90% normal approximation over sequences", "layers": []}
+    for layer in seq["sae"]:
+        row = {"layer": layer, "after_sae": layer - first}
+        for name in ("cos", "l2"):
+            base = np.concatenate(seq["sae"][layer][name])
+            row[f"{name}_sae"] = common.mean_ci(base)
+            if "sae_lora" in seq:
+                lora = np.concatenate(seq["sae_lora"][layer][name])
+                row[f"{name}_sae_lora"] = common.mean_ci(lora)
+                row[f"{name}_change"] = common.mean_ci(lora - base)  # paired by sequence
+        out["layers"].append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,7 +278,7 @@ def markdown(res: dict) -> str:
     groups = res["groups"]
     if any("settings" in g for g in groups):
         n_sae = len(res["saes"])
-        L += [f"## Held-out CE and KL to the original model ({groups[0]['tokens']:,} tokens; nats per token"
+        L += [f"## Held-out CE and KL to the original model ({groups[0]['positions']:,} predicted positions; nats per position"
               f"{'; SAE rows are compound: all ' + str(n_sae) + ' SAEs spliced' if n_sae > 1 else ''})", "",
               "| adapter | setting | CE | KL | gap closed |", "| --- | --- | --- | --- | --- |"]
         for g in groups:
@@ -270,12 +295,12 @@ def markdown(res: dict) -> str:
                          f"{common.fmt_num(s.get('l0_lora'), '.1f')} |")
     if any("per_token" in g for g in groups):
         L += ["", "## Per-token change CE(SAE + LoRA) - CE(SAE)", "",
-              "| adapter | tokens | improved | degraded | unchanged | mean change | nats gained | nats lost |",
+              "| adapter | positions | improved | degraded | unchanged | mean change | nats gained | nats lost |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for g in groups:
             if "per_token" in g:
                 p = g["per_token"]
-                L.append(f"| {g['name']} | {p['tokens']:,} | {p['share_improved']:.1%} | {p['share_degraded']:.1%} | "
+                L.append(f"| {g['name']} | {p['positions']:,} | {p['share_improved']:.1%} | {p['share_degraded']:.1%} | "
                          f"{p['share_unchanged']:.1%} | {p['mean_change']:+.4f} | {p['nats_improved']:.1f} | "
                          f"{p['nats_degraded']:.1f} |")
     if any("distances" in g for g in groups):
@@ -347,11 +372,12 @@ def plots(res: dict, out: str) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(EvalConfig, argv)
+    cfg, typed = common.parse_args(EvalConfig, argv, epilog=embedded.preset_help("eval"))
     steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
         cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
+        common.log("eval.py: no --model and no --adapter: evaluating out/adapt-tiny/adapter, what python adapt.py wrote")
     embedded.fill(cfg, typed, "eval", need_data=cfg.model is None or not (steer or benches))
     return run(cfg)
 
@@ -399,7 +425,7 @@ def run(cfg: EvalConfig) -> dict:
         seqs = {k: [([bos_id] + tok.encode(t))[:model.cfg.max_seq_len] for t in ts] for k, ts in texts.items()}
 
     # -- the settings, adapter by adapter ------------------------------------------------------------------------------
-    res = {"model": cfg.model, "config": asdict(cfg), "device": str(d.device),
+    res = {"model": cfg.model, "config": asdict(cfg), "config_sources": common.sources(cfg), "device": str(d.device),
            "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
     if bench_qs:  # adapter-independent settings: computed once
         res["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)

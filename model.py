@@ -192,7 +192,7 @@ PRESETS = {
     "llama-3.2-1b": _llama3(16, 2048, 8192, 32, 8, tie=True),
     "llama-3.2-3b": _llama3(28, 3072, 8192, 24, 8, tie=True),
     "llama-3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, factor=8.0),
-    # tiny presets for tests: every feature switched on, shapes small enough for seconds on a laptop CPU
+    # tiny presets for tests: every feature switched on, shapes small enough for a laptop CPU
     "tiny-gemma2": {**_gemma2(4, 64, 128, 4, 2, head_dim=16, query_pre_attn_scalar=24, vocab=512),
                     "sliding_window": 8, "max_seq_len": 256},
     "tiny-llama3": {**_llama3(4, 64, 128, 4, 2, tie=False), "vocab_size": 512, "max_seq_len": 256,
@@ -284,7 +284,7 @@ class Attention(nn.Module):
     def _capped_attention(self, q, k, v, T):
         # Gemma-2: logits soft-capped before masking; sliding layers see only the last `window` positions.
         # Under torch.compile this becomes one fused flex_attention kernel that also skips blocks outside the
-        # window (measured 2-5x faster than the math below on CPU); flex has no CPU backward, so CPU training
+        # window (faster than the math below, on CPU too); flex has no CPU backward, so CPU training
         # keeps the math path.
         # On CPU, torch 2.13's compiled flex kernel gives wrong outputs for some lengths that are not a multiple of
         # its 128-token block with a sliding window (T = 40, 56, 120 found wrong, 64, 256 right): use it only on whole

@@ -7,7 +7,8 @@ lm-evaluation-harness' zero-shot prompts (MMLU with its subject header and " A".
 and endings, TruthfulQA-MC1 with its six-question QA preset); each choice scored by the summed log-probability of its
 continuation tokens after BOS + prompt; acc = argmax of the sums (MMLU, MC1), acc_norm = argmax of sum / len(choice in
 characters) (HellaSwag's headline metric, as lm-eval); standard error sd(correct, ddof=1) / sqrt(n). SAEs spliced
-from position 1 (BOS keeps its activation).
+from position 1 (BOS keeps its activation). The log-likelihood scoring (`score`) and the four settings of Sec. 5.3
+(`setting_context`) live here; steering.py imports them.
 """
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import os
 import re
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 import common
-from splice import hooks_for, score, setting_context
+from lora import adapters_disabled, merged
+from splice import splice_hooks
 
 
 TQA_PRESET = ("Q: What is human life expectancy in the United States?\n"
@@ -190,6 +194,53 @@ def bench_sequences(qs, tok, max_len: int):
             queries.append([(p - 1, s[p]) for p in range(len(s) - len(c), len(s))])
             slots.append([(qi, ci)] * len(c))
     return seqs, queries, slots
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Log-likelihoods of given tokens (these benchmarks, and steering.py)
+
+
+@torch.no_grad()
+def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, what: str = "") -> list[np.ndarray]:
+    """For each sequence (token ids, BOS first) the log-probabilities log p(tok | seq[:pos + 1]) of its queries
+    [(pos, tok), ...]. Sequences are batched by length and padded on the right, which a causal model never sees."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out, dev = [None] * len(seqs), model.model.embed_tokens.weight.device
+    pad = model.cfg.bos_token_id or 0
+    prog = common.Progress(math.ceil(len(seqs) / batch_size), what) if what else None
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        idx = torch.full((len(rows), max(len(seqs[i]) for i in rows)), pad, dtype=torch.long)
+        for r, i in enumerate(rows):
+            idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
+        idx = idx.to(dev)
+        r_of = torch.tensor([r for r, i in enumerate(rows) for _ in queries[i]], device=dev)
+        pos = torch.tensor([p for i in rows for p, _ in queries[i]], dtype=torch.long, device=dev)
+        tok = torch.tensor([t for i in rows for _, t in queries[i]], dtype=torch.long, device=dev)
+        with amp:
+            h = model.blocks(model.embed(idx), hooks=hooks_for(idx))[r_of, pos]  # only the rows that are scored
+            lp = torch.cat([F.log_softmax(model.head(h[c:c + chunk]).float(), -1).gather(1, tok[c:c + chunk, None])
+                            for c in range(0, len(tok), chunk)])[:, 0]
+        lp, k = lp.cpu().double().numpy(), 0
+        for i in rows:
+            out[i], k = lp[k:k + len(queries[i])], k + len(queries[i])
+        if prog:
+            prog.step()
+    return out
+
+
+def hooks_for(saes, keep=()):
+    """idx -> the splice hooks for that batch (none without SAEs): what score() takes."""
+    return lambda idx: splice_hooks(saes, idx, keep) if saes else {}
+
+
+def setting_context(model, setting: str):
+    """The model of a setting (Sec. 5.3): adapters merged into the weights for *lora settings, else turned off."""
+    return merged(model) if "lora" in setting else adapters_disabled(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Accuracy per setting, and the eval.md table
 
 
 def bench_scores(qs, lls) -> dict:

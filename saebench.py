@@ -317,10 +317,17 @@ def absorption(xtr, ytr, xte, yte, ftr, fte, W_dec, max_k=10, min_f1=0.6, min_le
 # Core metrics (the cached features the probes read are made in saebench_data.py)
 
 
+# SAEBench's own names: its CE and KL count other positions than splice.py's ce_* and kl_* (see core)
+CE_KEY = {"clean": "ce_loss_without_sae", "sae": "ce_loss_with_sae", "zero": "ce_loss_with_ablation"}
+KL_KEY = {"sae": "kl_div_with_sae", "zero": "kl_div_with_ablation"}
+
+
 @torch.no_grad()
 def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
-    """SAEBench core metrics (run_evals) on token batches; specials: BOS / EOS / pad ids."""
-    sums = {k: [] for k in ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "l0", "l1", "cossim")}
+    """SAEBench core metrics (run_evals) on token batches; specials: BOS / EOS / pad ids. CE at position t counts when
+    token t is not special and t is not a window's last position, KL at every position whose token is not special
+    (SAEBench's choice), under SAEBench's names."""
+    sums = {k: [] for k in (*CE_KEY.values(), *KL_KEY.values(), "l0", "l1", "cossim")}  # on the device until the end
     ms, mad, mr = [], [], []
     fired = torch.zeros(sae.d_sae, dtype=torch.float64)
     n_tok, err, sq, s1 = 0, 0.0, 0.0, torch.zeros(sae.d_in, dtype=torch.float64)
@@ -343,13 +350,13 @@ def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
             with amp:
                 lp = {k: F.log_softmax(model.head(v[c:c + chunk]).float(), -1) for k, v in flat.items()}
             for k in ("clean", "sae", "zero"):
-                sums[f"ce_{k}"].append(-lp[k].gather(1, nxt[:, None])[:, 0][ce_rows].cpu())
+                sums[CE_KEY[k]].append(-lp[k].gather(1, nxt[:, None])[:, 0][ce_rows])
                 if k != "clean":
-                    sums[f"kl_{k}"].append((lp["clean"].exp() * (lp["clean"] - lp[k])).sum(-1)[kp[rows]].cpu())
+                    sums[KL_KEY[k]].append((lp["clean"].exp() * (lp["clean"] - lp[k])).sum(-1)[kp[rows]])
         ss = (xf - xh).pow(2).sum(-1).double()
-        sums["l0"].append((f != 0).sum(-1).float().cpu())
-        sums["l1"].append(f.sum(-1).cpu())
-        sums["cossim"].append(F.cosine_similarity(xf, xh, dim=-1, eps=0).cpu())
+        sums["l0"].append((f != 0).sum(-1).float())
+        sums["l1"].append(f.sum(-1))
+        sums["cossim"].append(F.cosine_similarity(xf, xh, dim=-1, eps=0))
         ms.append(xf.pow(2).sum(-1).mean().item())
         mad.append(xf.pow(2).mean(0).cpu())
         mr.append(ss.mean().item())
@@ -358,11 +365,12 @@ def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
         err, sq, s1 = err + ss.sum().item(), sq + xf.double().pow(2).sum().item(), s1 + xf.double().sum(0).cpu()
     m = {k: torch.cat(v).mean().item() for k, v in sums.items()}
     density = fired / max(n_tok, 1)
-    m.update(ce_loss_score=(m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]),
-             kl_div_score=(m["kl_zero"] - m["kl_sae"]) / m["kl_zero"],
+    ce, kl = {k: m[v] for k, v in CE_KEY.items()}, {k: m[v] for k, v in KL_KEY.items()}
+    m.update(ce_loss_score=(ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+             kl_div_score=(kl["zero"] - kl["sae"]) / kl["zero"],
              explained_variance=1 - float(np.mean(mr)) / (float(np.mean(ms)) - torch.cat(mad).mean().item() ** 2),
              fvu=err / (sq - (s1.pow(2).sum().item() / max(n_tok, 1))), dead=int((density == 0).sum()),
-             dense=int((density > 0.1).sum()), tokens=n_tok)
+             dense=int((density > 0.1).sum()), replaced=n_tok)
     return m
 
 

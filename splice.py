@@ -1,31 +1,60 @@
 """
-The paper's objective in one place: splice SAEs into the residual stream, compare the spliced model's next-token
-distribution with the original's (Eq. 7), and measure how much of the CE gap an adapter closes.
+The paper's objective in one place: splice SAEs into the residual stream and compare the spliced model's next-token
+distribution with the original's, KL(p_orig || p_spliced) (Eq. 7), a chunk of positions at a time; and the numbers
+every script reports, each defined once, below.
 
 Read `kl_reference` first: Eq. 7 as written, two full forward passes and full logits. Everything after it computes the
 same numbers with less work: the blocks before the first SAE run once for both passes when no adapter sits there
-(`share_prefix`), and the vocabulary projection runs a chunk of tokens at a time so that no (tokens, vocab) fp32
+(`share_prefix`), and the vocabulary projection runs a chunk of positions at a time so that no (positions, vocab) fp32
 tensor of a 256k vocabulary is ever whole (tests/test_splice.py checks value and gradient against the reference).
+
+What is measured, and on which positions (every script and JSON file uses these names for these numbers only):
+
+- A window of T tokens has T - 1 predicted positions: position t predicts token t + 1; the last position's next token
+  lies outside the window. Positions the SAE does not replace (BOS, see kept_tokens) still count: the paper's L_SAE
+  is the cross-entropy of the whole spliced model on held-out tokens (Sec. 4), and their predictions read spliced
+  positions before them.
+- CE: -log p(token t + 1 | tokens <= t), the mean over every predicted position of every window (summed, then divided
+  by the count: not a mean of per-window means). ce_base: the original model (L_BASE); ce_sae: the SAE(s) spliced in
+  (L_SAE; with several SAEs, the compound CE of Sec. 4.3); ce_sae_lora: the SAE(s) spliced into the adapted model.
+- KL: KL(p_orig || p) at a predicted position, summed over the vocabulary, then the mean over the same positions as
+  CE; p_orig is the original model (no SAE, no adapters). kl_sae, kl_sae_lora.
+- gap_closed: (ce_sae - ce_sae_lora) / (ce_sae - ce_base), the "percentage of CE loss gap closed" of Fig. 3 and
+  Sec. 4.1; undefined (NaN, null in JSON) when the SAE costs no loss.
+- The training objective, `loss` in the training logs: Eq. 7 summed over the predicted positions of a batch, divided
+  by its windows (--kl-reduction sequence: the authors' kl_div(batchmean) on one window per step, the gradient scale
+  their clipping at 1.0 sees) or by its positions (token). `train_kl` and `train_ce` are KL and CE as defined above,
+  on the training batch. The authors' loss also counts each window's last position; here the objective and the
+  reported numbers cover the same positions.
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from lora import adapters_disabled, lora_modules, merged
-from model import Hook, Transformer
+from lora import adapters_disabled, lora_modules
+from model import Transformer
 from sae import SAE
 
 
-# Which positions get the SAE. The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope) everywhere
-# but at BOS and EOS tokens, and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what
-# train_sae.py writes, trained without BOS) everywhere but BOS. BOS activations have outlier norms that most SAEs
-# never saw in training.
+def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
+    """Eq. 7 as written: KL(p_orig || p_spliced), the mean over the predicted positions (all but each window's last),
+    gradients to the adapters only."""
+    with torch.no_grad(), adapters_disabled(model):
+        logp_orig = F.log_softmax(model(idx)[:, :-1].float(), dim=-1)  # the original model: no SAE, no adapters
+    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, keep))[:, :-1].float(), dim=-1)
+    return (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which positions get the SAE
+
+
+# The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope) everywhere but at BOS and EOS tokens,
+# and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what train_sae.py writes, trained without
+# BOS) go everywhere but BOS. BOS activations have outlier norms that most SAEs never saw in training.
 POSITIONS = {"all": (), "no_bos": ("bos",), "no_bos_eos": ("bos", "eos")}
 AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "llama_scope": "no_bos_eos", "sparsify": "all", "saelens": "no_bos"}
 
@@ -45,27 +74,16 @@ def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
 
 def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, keep=()):
     """Hooks for model(..., hooks=...): the stream after block L becomes SAE_L(stream), except at positions holding a
-    token of `keep` (an id or a tuple of ids, see kept_tokens), which keep their original activation."""
+    token of `keep` (token ids: a tuple from kept_tokens, or one id), which keep their original activation."""
     keep = (keep,) if isinstance(keep, int) else tuple(k for k in (keep or ()) if k is not None)
-    if keep:
-        keep = torch.isin(idx, torch.tensor(keep, device=idx.device))[..., None]
-    else:
-        keep = None
+    kept_at = torch.isin(idx, torch.tensor(keep, device=idx.device))[..., None] if keep else None  # (B, T, 1) mask
 
     def make(sae):
         def hook(x):
             recon = sae(x.reshape(-1, x.shape[-1])).view_as(x).to(x.dtype)
-            return recon if keep is None else torch.where(keep, x, recon)
+            return recon if kept_at is None else torch.where(kept_at, x, recon)
         return hook
     return {layer: make(sae) for layer, sae in saes}
-
-
-def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
-    """Eq. 7: KL(p_orig || p_spliced), mean over every predicted token, gradients to the adapters only."""
-    with torch.no_grad(), adapters_disabled(model):
-        logp_orig = F.log_softmax(model(idx).float(), dim=-1)  # the original model: no SAE, no adapters
-    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, keep)).float(), dim=-1)
-    return (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,9 +91,11 @@ def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
 
 
 def original_pass(model: Transformer, idx, first: int, *, share_prefix: bool, watch=None):
-    """The original model's final residual stream (the caller turns adapters and grad off) and, with a shared prefix,
-    the stream after block `first`, from which the spliced pass continues. watch(layer, x, x), if given, sees the
-    stream after every block after `first`."""
+    """The final residual stream of the model as it is (the caller runs this under torch.no_grad() and
+    adapters_disabled(model): the original model) and, with a shared prefix, the stream after block `first`, from
+    which the spliced pass continues. watch(layer, x, x), if given, sees the stream after every block after `first`.
+    The caller's context stays outside: compiled together with the grad-free region, the SAE's custom autograd
+    function in the spliced pass would lose its gradients."""
     hooks = {} if watch is None else {i: _watcher(watch, i) for i in range(first + 1, model.cfg.n_layer)}
     x = model.embed(idx)
     if not share_prefix:
@@ -111,188 +131,100 @@ def spliced_pass(model: Transformer, saes, idx, keep=(), *, prefix=None, watch=N
     return model.blocks(x, start + 1, hooks=hooks) if start + 1 < model.cfg.n_layer else x
 
 
-def final_streams(model: Transformer, saes, idx, keep=(), *, share_prefix: bool = False,
-                  passes=None):
-    """(original, spliced) final residual streams. `passes` are compiled (original_pass, spliced_pass): compiled
-    apart, as one graph mixing a no-grad region with the SAE's custom autograd function loses its gradients."""
-    original, spliced = passes or (original_pass, spliced_pass)
-    with torch.no_grad(), adapters_disabled(model):
-        h_orig, prefix = original(model, idx, saes[0][0], share_prefix=share_prefix)
-    return h_orig, spliced(model, saes, idx, keep, prefix=prefix)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Eq. 7 a chunk of tokens at a time
+# Eq. 7 a chunk of positions at a time
 
 
 def chunk_losses(model: Transformer, h_orig, h, targets):
-    """Eq. 7 on one chunk: KL(p_orig || p_spliced) summed over its tokens, and the spliced model's summed CE (no
-    grad). torch.compile(chunk_losses) fuses norm, soft-cap, both log-softmaxes, KL and CE into a few kernels, with
-    no extra (chunk, vocab) fp32 copies; kl_and_ce takes it as `losses`."""
+    """Per position of one chunk: KL(p_orig || p) with grad, and the CE of p and of p_orig (no grad).
+    torch.compile(chunk_losses) fuses norm, soft-cap, both log-softmaxes, KL and CE into a few kernels, with no extra
+    (chunk, vocab) fp32 copies; kl_and_ce takes it as `losses`."""
     with torch.no_grad():
         logp_orig = F.log_softmax(model.head(h_orig).float(), dim=-1)
+        ce_orig = F.nll_loss(logp_orig, targets, reduction="none")
     logp = F.log_softmax(model.head(h).float(), dim=-1)
-    kl = F.kl_div(logp, logp_orig, log_target=True, reduction="sum")
+    kl = F.kl_div(logp, logp_orig, log_target=True, reduction="none").sum(-1)
     with torch.no_grad():
-        ce = F.nll_loss(logp, targets, ignore_index=-1, reduction="sum")
-    return kl, ce
+        ce = F.nll_loss(logp, targets, reduction="none")
+    return kl, ce, ce_orig
 
 
-def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, reduction: str = "token", losses=None):
-    """KL(p_orig || p_spliced) with grad, and the spliced model's mean next-token CE (no grad).
+def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):
+    """KL(p_orig || p) (with grad where h has it), the CE of p and the CE of p_orig at every predicted position of
+    the final streams h_orig (original model) and h (B, T, d): three (B * (T - 1),) fp32 tensors, still on the device.
 
-    reduction "token": the KL's mean over tokens; "sequence": summed over each sequence's tokens, mean over sequences
-    (the authors' kl_div(batchmean) on one sequence per step: the gradient scale that their clipping at 1.0 sees).
-    With several chunks each runs under activation checkpointing, so its (chunk, vocab) logits are recomputed in the
-    backward instead of all chunks' logits being kept alive at once; a single chunk skips the recomputation.
-    `losses`: chunk_losses or a compiled copy of it."""
+    With several chunks each runs under activation checkpointing when h needs gradients, so its (chunk, vocab) logits
+    are recomputed in the backward instead of all chunks' logits being kept alive at once; a single chunk skips the
+    recomputation. `losses`: chunk_losses or a compiled copy of it."""
     losses = losses or chunk_losses
     d = h_orig.shape[-1]
-    targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1).reshape(-1)  # last position: none
-    ho, hs = h_orig.reshape(-1, d), h.reshape(-1, d)
-    kl_sum, ce_sum = 0.0, 0.0
+    ho, hs = h_orig[:, :-1].reshape(-1, d), h[:, :-1].reshape(-1, d)  # the predicted positions
+    targets = idx[:, 1:].reshape(-1)
     recompute = hs.requires_grad and ho.shape[0] > chunk
+    parts = []
     for s in range(0, ho.shape[0], chunk):
         args = (model, ho[s:s + chunk], hs[s:s + chunk], targets[s:s + chunk])
-        kl, ce = checkpoint(losses, *args, use_reentrant=False) if recompute else losses(*args)
-        kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
-    if reduction not in ("token", "sequence"):
-        raise ValueError(f"unknown KL reduction {reduction!r} (expected token or sequence)")
-    kl = kl_sum / (ho.shape[0] if reduction == "token" else idx.shape[0])
-    return kl, ce_sum / (targets >= 0).sum()
+        parts.append(checkpoint(losses, *args, use_reentrant=False) if recompute else losses(*args))
+    kl, ce, ce_orig = (torch.cat(p) for p in zip(*parts))
+    return kl, ce, ce_orig
+
+
+def predicted_positions(idx: torch.Tensor) -> int:
+    """A batch's predicted positions: all but each window's last."""
+    return idx.shape[0] * (idx.shape[1] - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Held-out evaluation
+# The reported numbers on held-out windows
 
 
 @torch.no_grad()
-def next_token_ce(model: Transformer, idx: torch.Tensor, hooks: dict[int, Hook] | None = None,
-                  chunk: int = 2048) -> tuple[float, int]:
-    """Summed next-token cross-entropy and the token count. The vocabulary projection runs `chunk` tokens at a time,
-    so a 256k vocabulary never materialises a full (B, T, vocab) fp32 logits tensor."""
-    h = model.blocks(model.embed(idx), hooks=hooks)
-    h, targets = h[:, :-1].reshape(-1, h.shape[-1]), idx[:, 1:].reshape(-1)
-    total = sum(F.cross_entropy(model.head(h[s:s + chunk]).float(), targets[s:s + chunk], reduction="sum")
-                for s in range(0, h.shape[0], chunk))
-    return float(total), targets.numel()  # one host sync per batch, not one per chunk
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, saes, batches, keep=(), *, chunk: int, amp) -> dict:
-    """On held-out tokens: CE of the original model, with the SAE(s), with SAE(s) + LoRA; mean KL per token to the
-    original model for the last two; and the fraction of the CE gap closed. A model without adapters (an SAE
-    checkpoint scored alone) skips the third pass: it equals the second."""
-    keys = ("ce_base", "ce_sae", "ce_sae_lora", "kl_sae", "kl_sae_lora")
-    sums, n = dict.fromkeys(keys, 0.0), 0
+def evaluate(model: Transformer, saes, batches, keep=(), *, chunk: int = 2048, amp) -> dict:
+    """ce_base, ce_sae, kl_sae and, for a model with adapters, ce_sae_lora, kl_sae_lora and gap_closed on held-out
+    windows (definitions at the top); `positions`: how many predicted positions they average over. The adapters stay
+    unmerged; eval.py merges them into the weights and gets the same numbers to float precision."""
     adapted, was_training = bool(lora_modules(model)), model.training
     model.eval()
+    sums, n = {}, 0
     for idx in batches:
         with amp:
             with adapters_disabled(model):
-                total, count = next_token_ce(model, idx, None, chunk)
-                kl_sae, ce_sae = kl_and_ce(model, *final_streams(model, saes, idx, keep),
-                                           idx, chunk=chunk)
-            kl_lora, ce_lora = kl_and_ce(model, *final_streams(model, saes, idx, keep),
-                                         idx, chunk=chunk) if adapted else (kl_sae, ce_sae)
-        for key, value in zip(keys, (total / count, ce_sae, ce_lora, kl_sae, kl_lora)):
-            sums[key] += float(value) * count
-        n += count
+                h_orig = spliced_pass(model, [], idx)  # no SAE, no adapters: the original model
+                settings = {"sae": spliced_pass(model, saes, idx, keep)}
+            if adapted:
+                settings["sae_lora"] = spliced_pass(model, saes, idx, keep)
+            for name, h in settings.items():
+                kl, ce, ce_orig = kl_and_ce(model, h_orig, h, idx, chunk=chunk)
+                add(sums, **{f"kl_{name}": kl, f"ce_{name}": ce})
+        add(sums, ce_base=ce_orig)  # the original model's CE: the same from either setting's call
+        n += predicted_positions(idx)
     model.train(was_training)
-    # all-reduce sums and the count together: the ratio is the mean over every process's tokens
-    t = common.all_reduce_mean(torch.tensor([*sums.values(), n], dtype=torch.float64))
-    return gap_closed(dict(zip(keys, (t[:-1] / t[-1]).tolist())))
-
-
-def gap_closed(res: dict) -> dict:
-    """The paper's headline number: (CE_sae - CE_sae_lora) / (CE_sae - CE_original)."""
-    gap = res["ce_sae"] - res["ce_base"]
-    res["gap_closed"] = (res["ce_sae"] - res["ce_sae_lora"]) / gap if gap > 0 else float("nan")
+    res = means(sums, n)
+    if adapted:
+        res["gap_closed"] = gap_closed(res["ce_base"], res["ce_sae"], res["ce_sae_lora"])
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# How far the spliced stream is from the original one (Sec. 6.2, Fig. 11), in two formulations
+def add(sums: dict, **per_position):
+    """sums[key] += the sum of each per-position tensor, kept on the device: no host sync."""
+    for key, v in per_position.items():
+        sums[key] = sums.get(key, 0) + v.double().sum()
 
 
-DISTANCES = {
-    "ours": "per sequence, mean over the positions the SAE replaces (--sae-positions; non-BOS by default)",
-    "authors": "as activation_distances.py:118-125 computes it: per sequence, mean over all positions (BOS included)"}
+def means(sums: dict, n: int) -> dict:
+    """Sums over this process's n predicted positions -> means over every process's positions, read back in one host
+    sync; `positions`: how many that is."""
+    keys = list(sums)
+    t = torch.stack([sums[k] for k in keys] + [sums[keys[0]].new_tensor(float(n))])
+    t = common.all_reduce_mean(t)  # every process's mean sum over the mean count: the mean over all positions
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {**dict(zip(keys, (t[:-1] / t[-1]).tolist())), "positions": round(t[-1].item() * world)}
 
 
-def stream_distances(orig, spliced, replaced) -> dict:
-    """Cosine similarity and L2 distance between the original model's stream and a spliced one, (B, T, d) each, per
-    position, averaged per sequence in each formulation of DISTANCES: {(formulation, "cos" | "l2"): (B,)}. `replaced`
-    (B, T) marks the positions the SAE replaces. The authors' code runs one sequence at a time and takes
-    torch.norm(o - s, p=2, dim=-1).mean() and cosine_similarity(o, s, dim=1).mean() over all its positions."""
-    a, b, w = orig.float(), spliced.float(), replaced.float()
-    out = {}
-    for name, v in (("cos", F.cosine_similarity(a, b, dim=-1)), ("l2", (a - b).norm(dim=-1))):
-        out["ours", name] = (v * w).sum(1) / w.sum(1).clamp_min(1)
-        out["authors", name] = v.mean(1)
-    return out
-
-
-def distance_summary(seq: dict, first: int, formulation: str) -> dict:
-    """seq[setting][layer][name]: per-sequence values (arrays) for "sae" and, with an adapter, "sae_lora". Mean over
-    sequences with a 90% normal CI (mean +- 1.645 sd / sqrt(n)) and the paired per-sequence change sae_lora - sae, as
-    activation_distances.py:200-216 (both formulations)."""
-    out = {"formulation": formulation, "how": DISTANCES[formulation], "first_layer": first,
-           "ci": "90% normal approximation over sequences", "layers": []}
-    for layer in seq["sae"]:
-        row = {"layer": layer, "after_sae": layer - first}
-        for name in ("cos", "l2"):
-            base = np.concatenate(seq["sae"][layer][name])
-            row[f"{name}_sae"] = common.mean_ci(base)
-            if "sae_lora" in seq:
-                lora = np.concatenate(seq["sae_lora"][layer][name])
-                row[f"{name}_sae_lora"] = common.mean_ci(lora)
-                row[f"{name}_change"] = common.mean_ci(lora - base)  # paired by sequence
-        out["layers"].append(row)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Log-likelihoods of given tokens (steering and multiple-choice benchmarks)
-
-
-@torch.no_grad()
-def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, what: str = "") -> list[np.ndarray]:
-    """For each sequence (token ids, BOS first) the log-probabilities log p(tok | seq[:pos + 1]) of its queries
-    [(pos, tok), ...]. Sequences are batched by length and padded on the right, which a causal model never sees."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out, dev = [None] * len(seqs), model.model.embed_tokens.weight.device
-    pad = model.cfg.bos_token_id or 0
-    prog = common.Progress(math.ceil(len(seqs) / batch_size), what) if what else None
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        idx = torch.full((len(rows), max(len(seqs[i]) for i in rows)), pad, dtype=torch.long)
-        for r, i in enumerate(rows):
-            idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
-        idx = idx.to(dev)
-        r_of = torch.tensor([r for r, i in enumerate(rows) for _ in queries[i]], device=dev)
-        pos = torch.tensor([p for i in rows for p, _ in queries[i]], dtype=torch.long, device=dev)
-        tok = torch.tensor([t for i in rows for _, t in queries[i]], dtype=torch.long, device=dev)
-        with amp:
-            h = model.blocks(model.embed(idx), hooks=hooks_for(idx))[r_of, pos]  # only the rows that are scored
-            lp = torch.cat([F.log_softmax(model.head(h[c:c + chunk]).float(), -1).gather(1, tok[c:c + chunk, None])
-                            for c in range(0, len(tok), chunk)])[:, 0]
-        lp, k = lp.cpu().double().numpy(), 0
-        for i in rows:
-            out[i], k = lp[k:k + len(queries[i])], k + len(queries[i])
-        if prog:
-            prog.step()
-    return out
-
-
-def hooks_for(saes, keep=()):
-    """idx -> the splice hooks for that batch (none without SAEs): what score() takes."""
-    return lambda idx: splice_hooks(saes, idx, keep) if saes else {}
-
-
-def setting_context(model, setting: str):
-    """The model of a setting (Sec. 5.3): adapters merged into the weights for *lora settings, else turned off."""
-    return merged(model) if "lora" in setting else adapters_disabled(model)
+def gap_closed(ce_base: float, ce_sae: float, ce_sae_lora: float) -> float:
+    """The paper's headline number: (CE_sae - CE_sae_lora) / (CE_sae - CE_base); NaN without a gap to close."""
+    gap = ce_sae - ce_base
+    return (ce_sae - ce_sae_lora) / gap if gap > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ import torch
 
 import common
 from corpus import jsonl_texts
-from splice import score, setting_context, splice_hooks
+from multiple_choice import score, setting_context
+from splice import splice_hooks
 
 
 OURS = ("ours: next-token log-likelihood, alpha tuned per model, negatives normalised together, texts paired by "

@@ -26,7 +26,7 @@ import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer
 from sae import SAE, geometric_median, update_since_fired
-from splice import chunk_losses, kept_tokens, kl_and_ce, next_token_ce, original_pass, splice_hooks, spliced_pass
+from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass, spliced_pass
 
 
 @dataclass
@@ -56,7 +56,8 @@ class E2EConfig:
     # float32) | bfloat16 | float32
     compile: bool = True  # torch.compile the no-grad original pass and the KL chunk (the spliced pass stays eager)
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk
-    kl_reduction: str = "token"  # token: KL mean per token | sequence: summed over each sequence (the authors')
+    kl_reduction: str = "token"  # the training loss: token: Eq. 7's mean over predicted positions | sequence:
+    # summed over each sequence's, mean over sequences (the authors')
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 200  # steps between validation CE-with-SAE measurements
     eval_batches: int = 8  # validation batches of batch_size sequences
@@ -66,11 +67,12 @@ class E2EConfig:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(E2EConfig, argv)
+    cfg, typed = common.parse_args(E2EConfig, argv, epilog=embedded.preset_help("train_e2e"))
     embedded.fill(cfg, typed, "train_e2e")
     if cfg.recipe == "authors":  # their trainer with e2e=True (es/trainer.py:333-399)
         common.fill(cfg, typed, dict(batch_size=1, kl_reduction="sequence", sae_positions="all", decay_frac=1.0,
-                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))))
+                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")
+        common.log_preset(cfg, "recipe", "train_e2e.py: --recipe authors replaces these values (typed flags win):")
     elif cfg.recipe != "gao":
         raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
     return run(cfg)
@@ -80,6 +82,8 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     # -- setup, frozen model, SAE --------------------------------------------------------------------------------------
     if len(cfg.layer) != 1:
         raise ValueError(f"train_e2e.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
+    if cfg.kl_reduction not in ("sequence", "token"):
+        raise ValueError(f"--kl-reduction {cfg.kl_reduction!r}: expected sequence or token")
     layer = cfg.layer[0]
     own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
     d = d or common.setup(cfg.device)
@@ -136,17 +140,11 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
             writer.writerows(rows)
             common.write_text(csv_path, text.getvalue())
 
-    @torch.no_grad()
-    def validation_ce():
+    def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them
         sae.eval()
-        total, n = 0.0, 0
-        with amp:
-            for idx in val_batches:
-                s, c = next_token_ce(model, idx, splice_hooks([(layer, sae)], idx, keep))
-                total, n = total + s, n + c
+        res = evaluate(model, [(layer, sae)], val_batches, keep, chunk=cfg.kl_chunk, amp=amp)
         sae.train()
-        t = common.all_reduce_mean(torch.tensor([total, n], dtype=torch.float64))
-        return (t[0] / t[1]).item()
+        return res
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
@@ -170,8 +168,8 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
                 values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
             h = spliced_pass(model, [(layer, sae)], idx, keep, prefix=prefix,
                              watch=record("spliced"))
-            kl, ce = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, reduction=cfg.kl_reduction, losses=losses)
-            loss = kl
+            kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
+            loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))
             if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
                 o, s = acts["orig"], acts["spliced"]
                 loss = loss + cfg.ds_coef * sum((s[i].float() - o[i].float()).pow(2).sum(-1).mean()
@@ -194,16 +192,18 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
 
         if step % cfg.log_interval == 0 or step == total_steps:
             dead = (since_fired >= cfg.dead_tokens).float().mean().item()
-            common.log(f"step {step}/{total_steps} | KL {kl.item():.4f} | train CE w/ SAE {ce.item():.4f} | "
-                       f"lr {cur_lr:.2e} | {tokens_per_step * step / max(elapsed, 1e-9):,.0f} tok/s | "
-                       f"ETA {(total_steps - step) * elapsed / step / 60:.1f} min")
+            train_kl, train_ce = kl.mean().item(), ce.mean().item()
+            common.log(f"step {step}/{total_steps} | loss {loss.item():.4f} | train KL {train_kl:.4f} | train CE with "
+                       f"SAE {train_ce:.4f} | lr {cur_lr:.2e} | {tokens_per_step * step / max(elapsed, 1e-9):,.0f} "
+                       f"tok/s | ETA {(total_steps - step) * elapsed / step / 60:.1f} min")
             rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=elapsed, backward_passes=step,
-                             kl=kl.item(), train_ce=ce.item(), l0=(values > 0).float().sum(-1).mean().item(), dead=dead))
+                             loss=loss.item(), train_kl=train_kl, train_ce=train_ce,
+                             l0=(values > 0).float().sum(-1).mean().item(), dead=dead))
         if step % cfg.eval_interval == 0 or step == total_steps:
-            ce_val = validation_ce()
-            rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=elapsed, backward_passes=step,
-                             val_ce_sae=ce_val))
-            common.log(f"step {step} | val CE with SAE {ce_val:.4f} | {elapsed / 60:.1f} min")
+            res = held_out()
+            rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=elapsed, backward_passes=step, **res))
+            common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | KL "
+                       f"{res['kl_sae']:.4f} | {elapsed / 60:.1f} min")
         if step in checkpoints:
             if d.master:
                 sae.save(os.path.join(cfg.out, checkpoints[step]))

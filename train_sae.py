@@ -23,7 +23,7 @@ import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer
 from sae import SAE, geometric_median, training_loss, update_since_fired
-from splice import next_token_ce, splice_hooks
+from splice import evaluate
 
 
 @dataclass
@@ -120,12 +120,13 @@ class ActivationBuffer:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(TrainSAEConfig, argv)
+    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae"))
     embedded.fill(cfg, typed, "train_sae")
     if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
         common.fill(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1, auxk_coef=0.0,
                                      include_bos=True, decay_frac=1.0,
-                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))))
+                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")
+        common.log_preset(cfg, "recipe", "train_sae.py: --recipe authors replaces these values (typed flags win):")
     elif cfg.recipe != "gao":
         raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
     return run(cfg)
@@ -205,18 +206,11 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
         if d.master:
             (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
 
-    @torch.no_grad()
-    def validation_ce():
+    def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as in training)
         sae.eval()
-        base, spliced, n = 0.0, 0.0, 0
-        with amp:
-            for idx in val_batches:
-                b, count = next_token_ce(model, idx)
-                s, _ = next_token_ce(model, idx, splice_hooks([(layer, sae)], idx, model.cfg.bos_token_id))
-                base, spliced, n = base + b, spliced + s, n + count
+        res = evaluate(model, [(layer, sae)], val_batches, model.cfg.bos_token_id, amp=amp)
         sae.train()
-        t = common.all_reduce_mean(torch.tensor([base, spliced, n], dtype=torch.float64))
-        return (t[0] / t[2]).item(), (t[1] / t[2]).item()
+        return res
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     sae.train()
@@ -257,10 +251,10 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
             history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, dead=dead, **stats))
             window = [0, 0.0]
         if step % cfg.eval_interval == 0 or step == total_steps:
-            ce_base, ce_sae = validation_ce()
-            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, ce_base=ce_base,
-                                ce_sae=ce_sae))
-            common.log(f"step {step} | val CE {ce_base:.4f} original, {ce_sae:.4f} with SAE")
+            res = held_out()
+            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, **res))
+            common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | "
+                       f"KL {res['kl_sae']:.4f}")
         if step in checkpoints:
             save_sae(os.path.join(cfg.out, checkpoints[step]))
             save_state()
@@ -268,7 +262,9 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     # -- save ----------------------------------------------------------------------------------------------------------
     save_sae(cfg.out)
     if d.master:
-        common.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg), history=history))
+        common.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
+                                                                       config_sources=common.sources(cfg),
+                                                                       history=history))
     common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
     if own:
         common.teardown()

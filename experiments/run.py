@@ -48,7 +48,7 @@ RESULTS = os.path.join(ROOT, "experiments", "results")
 
 @dataclass
 class ExpConfig:
-    """Settings shared by the experiments; the defaults are the embedded tiny pipeline's (minutes on 2 CPU cores)."""
+    """Settings shared by the experiments; the defaults are the embedded tiny pipeline's (sized for a CPU)."""
     model: str | None = None  # None: the embedded tiny Gemma-2 (4 layers, d_model 192)
     data: str | None = None  # None: the embedded stdlib corpus
     layer: int | None = None  # the SAE layer; None: the middle layer (2 of 0..3 on the tiny model)
@@ -210,7 +210,7 @@ def frontier(cfg: ExpConfig):
     e2e_total = max(steps)
     e2e_time = lambda p: interpolate(steps, secs, round(e2e_total * p / 100))
 
-    # held-out CE of every checkpoint, cached next to them (20 evaluations take minutes on the CPU)
+    # held-out CE of every checkpoint, cached next to them (20 evaluations: worth keeping)
     cache_path = os.path.join(root, "heldout.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) and not cfg.fresh else {}
     for sae_dir in [os.path.join(d, f"ckpt_{p:03d}") for d in (topk, e2e) for p in range(10, 101, 10)]:
@@ -321,8 +321,8 @@ def jumprelu_sae(cfg: ExpConfig) -> tuple[str, int]:
     """A JumpReLU SAE one layer after the first, so several layers lie after it (the layers LoRA may touch)."""
     layer = 0 if tiny(cfg) else (cfg.layer if cfg.layer is not None else 12)
     out = os.path.join(cfg.out, f"sae-jumprelu-L{layer}")
-    # thresholds start at 1e-3 and Adam moves them about lr per step: on a budget of minutes, a larger lr and L0
-    # coefficient bring L0 from ~750 down to a few tens (Gemma Scope's values need billions of tokens)
+    # thresholds start at 1e-3 and Adam moves them about lr per step: on a short budget only a larger lr and L0
+    # coefficient make the SAE sparse (Gemma Scope's values need billions of tokens)
     extra = ["--l0-coef", "0.1", "--lr", "1e-2"] if tiny(cfg) else []
     return train_topk(cfg, out, layer, cfg.jumprelu_tokens, "jumprelu", extra), layer
 

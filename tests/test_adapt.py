@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import adapt
 from lora import layers_around_saes
 from model import Transformer
-from splice import load_saes, next_token_ce, splice_hooks
+from splice import load_saes, splice_hooks
 from tests.tiny import BOS, make_data, make_model, make_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +60,8 @@ def test_bad_input_errors(files, tmp_path):
         adapt.main(small_args(files, tmp_path, sae=wide))
     with pytest.raises(FileNotFoundError):
         adapt.main(small_args(files, tmp_path, sae=str(tmp_path / "nothing-here")))
+    with pytest.raises(ValueError, match="--kl-reduction 'batchmean': expected sequence or token"):
+        adapt.main(small_args(files, tmp_path, "--kl-reduction", "batchmean"))
 
 
 def test_training_lowers_the_kl_and_writes_results(files, tmp_path):
@@ -136,9 +139,10 @@ def test_two_saes_at_once_report_compound_ce(files, tmp_path):
     assert [layer for layer, _ in two] == [1, 2]
     with torch.no_grad():
         idx = idx_batch()
-        ce_one = next_token_ce(model, idx, splice_hooks(one, idx, BOS))[0]
-        ce_two = next_token_ce(model, idx, splice_hooks(two, idx, BOS))[0]
+        ce_one, ce_two = (F.cross_entropy(model(idx, hooks=splice_hooks(s, idx, BOS))[:, :-1].flatten(0, 1),
+                                          idx[:, 1:].flatten()) for s in (one, two))
     assert ce_two != ce_one  # the compound splice is a different, measured model
+    assert res["positions"] == 4 * (512 // (4 * 32)) * 31  # held-out: 4 batches of 4 windows, 31 predicted each
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_path, monkeypatch):
@@ -146,8 +150,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_path, monk
 
     def nan_at_step_6(*args, **kwargs):
         calls["n"] += torch.is_grad_enabled()
-        kl, ce = real(*args, **kwargs)
-        return (kl * float("nan"), ce) if calls["n"] == 6 else (kl, ce)
+        kl, ce, ce_orig = real(*args, **kwargs)
+        return (kl * float("nan") if calls["n"] == 6 else kl), ce, ce_orig
     monkeypatch.setattr(adapt, "kl_and_ce", nan_at_step_6)
     # the loss is read back from the device only at log and checkpoint steps (4, 8): caught at step 8, before the
     # checkpoint of step 8 could overwrite the good one of step 4
@@ -242,3 +246,34 @@ def test_dropout_steps_turns_lora_dropout_off_for_good(files, tmp_path, monkeypa
     every, first_two = pattern(), pattern("--dropout-steps", "2")
     assert re.fullmatch(r"F+T+F+", every) and re.fullmatch(r"F+T+F+", first_two), (every, first_two)
     assert every.count("T") == 2 * first_two.count("T") > 0
+
+
+def test_eval_py_reports_the_numbers_adapt_py_reports(files, tmp_path):
+    """CE, KL and gap closed have one definition (splice.py): adapt.py's results.json and eval.py's eval.json, run as a
+    user types them on the same held-out windows, agree to float precision (adapt.py evaluates with the adapters
+    beside the weights, eval.py with them merged into the weights)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "adapt.py", *small_args(files, tmp_path / "run", "--max-tokens", "1024")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "eval.py", "--model", files["model"], "--data", files["data"], "--sae",
+                           files["sae"], "--adapter", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "eval"),
+                           "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "512", "--autocast", "float32",
+                           "--plots", "false", "--distances", "false"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.load(open(tmp_path / "run" / "results.json"))
+    e = json.load(open(tmp_path / "eval" / "eval.json"))["groups"][0]
+    assert a["positions"] == e["positions"] == 4 * 4 * 31  # 4 batches of 4 windows of 32 tokens: 31 predicted each
+    assert a["kl_sae"] > 0.05 and a["kl_sae_lora"] > 0
+    for setting, key in (("original", "ce_base"), ("sae", "ce_sae"), ("sae_lora", "ce_sae_lora")):
+        assert e["settings"][setting]["ce"] == pytest.approx(a[key], rel=1e-6), setting
+    for setting, key in (("sae", "kl_sae"), ("sae_lora", "kl_sae_lora")):
+        assert e["settings"][setting]["kl"] == pytest.approx(a[key], rel=1e-5), setting
+    if a["gap_closed"] is None:  # no gap to close on this random model: undefined in both
+        assert e["gap_closed"] is None
+    else:
+        assert e["gap_closed"] == pytest.approx(a["gap_closed"], rel=1e-4, abs=1e-6)
+    # where each setting came from: typed on the command line or the dataclass default (no preset with --model)
+    src = a["config_sources"]
+    assert (src["lr"], src["rank"], src["alpha"], src["weight_decay"]) == ("typed", "typed", "default", "default")

@@ -33,10 +33,13 @@ def args(files, out, *extra):
 
 def test_short_run_lowers_validation_ce_with_sae(files, tmp_path):
     out = train_e2e.main(args(files, tmp_path))
-    ce = [r["val_ce_sae"] for r in out["rows"] if "val_ce_sae" in r]
+    held_out = [r for r in out["rows"] if "ce_sae" in r]  # splice.evaluate's numbers, as adapt.py reports them
+    ce = [r["ce_sae"] for r in held_out]
     assert ce[-1] < ce[0] - 0.05, ce
+    assert held_out[-1]["kl_sae"] < held_out[0]["kl_sae"] and held_out[-1]["positions"] == 2 * 8 * 31
     assert os.path.isfile(tmp_path / "log.csv") and os.path.isfile(tmp_path / "ckpt_100" / "cfg.json")
-    rows = [r for r in out["rows"] if "kl" in r]
+    rows = [r for r in out["rows"] if "loss" in r]
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["train_kl"])  # --kl-reduction token: the mean KL
     assert rows[-1]["backward_passes"] == 24 and 0 < rows[-1]["l0"] <= 4  # TopK: at most k latents active
 
 

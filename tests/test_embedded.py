@@ -49,6 +49,36 @@ def test_presets_fill_only_untyped_flags(stub_pipeline):
     assert (cfg.lr, cfg.batch_size, cfg.seq_len, cfg.dropout, cfg.weight_decay) == (5e-5, 1, 1024, 0.1, 0.01)
 
 
+def test_presets_are_logged_first_and_recorded(stub_pipeline, capsys):
+    """A plain `python adapt.py` trains with the tiny preset, not the defaults --help lists: the first log lines say
+    so, value by value, and config_sources records where each value came from."""
+    cfg = adapt.main(["--lr", "1e-4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "adapt.py: no --model, so the tiny model's preset (embedded.PRESETS['adapt']) replaces these " \
+                       "defaults (typed flags win):"
+    listed = [line.strip() for line in lines[1:] if line.startswith("  --")]
+    for flag in ("--schedule cosine (default linear)", "--weight-decay 0.0 (default 0.01)", "--dropout 0.0 (default 0.1)",
+                 "--kl-reduction token (default sequence)", "--seq-len 256 (default 1024)", "--decay-frac 1.0 (default "
+                 "0.0)"):
+        assert flag in listed, (flag, listed)
+    changed = {k for k, v in embedded.PRESETS["adapt"].items() if v != getattr(adapt.AdaptConfig(), k) and k != "lr"}
+    assert len(listed) == len(changed)  # every value the preset changed, and only those
+    assert not any(x.startswith("--lr") for x in listed)  # typed: the user's value
+    src = common.sources(cfg)
+    assert (src["lr"], src["schedule"], src["rank"]) == ("typed", "preset", "default")
+    assert src["log_interval"] == "preset"  # a preset value equal to the default is the preset's, and not listed
+    assert cfg.lr == 1e-4 and cfg.schedule == "cosine"
+    # train_sae.py --recipe authors: its values listed and recorded as the recipe's, over the tiny preset's
+    cfg = train_sae.main(["--recipe", "authors"])
+    out = capsys.readouterr().out
+    assert "train_sae.py: --recipe authors replaces these values (typed flags win):\n  --batch-tokens 256 (default " \
+           "4096)" in out
+    assert common.sources(cfg)["batch_tokens"] == "recipe" and common.sources(cfg)["k"] == "preset"
+    # --help ends with the preset's values
+    help_text = cli("adapt.py", "--help").stdout
+    assert "embedded.PRESETS['adapt']" in help_text and "--lr 0.003" in help_text
+
+
 def test_real_model_without_sae_uses_the_paper_sae_or_says_what_to_pass(stub_pipeline):
     cfg = adapt.main(["--model", "google/gemma-2-2b", "--layer", "12", "--data", "d"])
     assert cfg.sae == ["google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"]  # the paper's SAE

@@ -18,7 +18,7 @@ from embedded import train_tokenizer
 from lora import adapters_disabled, apply_lora, load_adapter, lora_modules, merged, save_adapter
 from model import ModelConfig, Transformer
 from sae import SAE
-from splice import evaluate, next_token_ce, splice_hooks
+from splice import evaluate, splice_hooks
 
 SAE_LAYER, SEQ = 1, 48
 NOUNS = "cat dog bird fish horse cow mouse lion tiger bear".split()
@@ -148,35 +148,37 @@ def test_core_table_matches_a_plain_recomputation(world):
                                                                  (world["sae"]["crude2"], SAE_LAYER + 1)]
     g = saved["groups"][0]
     s = {k: v["ce"] for k, v in g["settings"].items()}
-    assert g["tokens"] == 4 * 4 * (SEQ - 1)
+    assert g["positions"] == 4 * 4 * (SEQ - 1)  # 4 batches of 4 windows: SEQ - 1 predicted positions each
     assert s["original"] < s["sae"]  # a crude SAE (compound of two) costs loss
     assert g["settings"]["original"]["kl"] == 0 and all(g["settings"][k]["kl"] > 0 for k in ("sae", "sae_lora", "lora"))
 
-    # the same numbers from splice.evaluate (an independent implementation of three of the settings) and plain calls
+    # the same numbers from plain model calls (full logits, F.cross_entropy and F.kl_div over the predicted
+    # positions), and from splice.evaluate, which adapt.py reports (adapters beside the weights instead of merged)
     model = load(world, "rand")
     saes = [(SAE_LAYER, SAE.from_pretrained(world["sae"]["crude"])),
             (SAE_LAYER + 1, SAE.from_pretrained(world["sae"]["crude2"]))]
     batches = val_batches(world)
-    ref = evaluate(model, saes, batches, world["tok"].bos_id, chunk=1024, amp=torch.autocast("cpu", enabled=False))
-    for mine, theirs in (("original", "ce_base"), ("sae", "ce_sae"), ("sae_lora", "ce_sae_lora")):
-        assert s[mine] == pytest.approx(ref[theirs], rel=1e-5)
-    assert g["gap_closed"] == pytest.approx(ref["gap_closed"], rel=1e-4, abs=1e-6)
-    kl = {"lora": 0.0, "sae": 0.0}
+    ce, kl = dict.fromkeys(s, 0.0), dict.fromkeys(s, 0.0)
     with torch.no_grad():
         for idx in batches:
             hooks = splice_hooks(saes, idx, world["tok"].bos_id)
             with adapters_disabled(model):
-                logp0 = F.log_softmax(model(idx)[:, :-1], -1)
-                kl["sae"] += F.kl_div(F.log_softmax(model(idx, hooks)[:, :-1], -1), logp0, log_target=True,
-                                      reduction="sum").item()
+                logits = {"original": model(idx), "sae": model(idx, hooks)}
             with merged(model):
-                kl["lora"] += F.kl_div(F.log_softmax(model(idx)[:, :-1], -1), logp0, log_target=True,
-                                       reduction="sum").item()
-        with merged(model):
-            lora_ce = sum(next_token_ce(model, idx)[0] for idx in batches) / g["tokens"]
-    assert s["lora"] == pytest.approx(lora_ce, rel=1e-5)
-    for k in kl:
-        assert g["settings"][k]["kl"] == pytest.approx(kl[k] / g["tokens"], rel=1e-4)
+                logits.update(lora=model(idx), sae_lora=model(idx, hooks))
+            logp0 = F.log_softmax(logits["original"][:, :-1], -1)
+            for k, v in logits.items():
+                ce[k] += F.cross_entropy(v[:, :-1].flatten(0, 1), idx[:, 1:].flatten(), reduction="sum").item()
+                kl[k] += F.kl_div(F.log_softmax(v[:, :-1], -1), logp0, log_target=True, reduction="sum").item()
+    for k in s:
+        assert s[k] == pytest.approx(ce[k] / g["positions"], rel=1e-5), k
+        assert g["settings"][k]["kl"] == pytest.approx(kl[k] / g["positions"], rel=1e-4, abs=1e-7), k
+    ref = evaluate(model, saes, batches, world["tok"].bos_id, chunk=1024, amp=torch.autocast("cpu", enabled=False))
+    for mine, theirs in (("original", "ce_base"), ("sae", "ce_sae"), ("sae_lora", "ce_sae_lora")):
+        assert s[mine] == pytest.approx(ref[theirs], rel=1e-6)
+        assert g["settings"][mine]["kl"] == pytest.approx(ref.get(f"kl_{theirs[3:]}", 0.0), rel=1e-5)
+    assert g["gap_closed"] == pytest.approx(ref["gap_closed"], rel=1e-4, abs=1e-6)
+    assert ref["positions"] == g["positions"]
 
     # SAE statistics on the original model's activations, over the non-BOS tokens the SAE replaces
     sae = saes[0][1]
@@ -192,11 +194,11 @@ def test_core_table_matches_a_plain_recomputation(world):
 
     # per-token breakdown (Fig. 8): every token in exactly one bin or unchanged
     p = g["per_token"]
-    assert p["tokens"] == g["tokens"] == p["improved"] + p["degraded"] + p["unchanged"]
+    assert p["positions"] == g["positions"] == p["improved"] + p["degraded"] + p["unchanged"]
     assert sum(p["hist_improved"]) == p["improved"] and sum(p["hist_degraded"]) == p["degraded"]
     assert p["improved"] > 0 and p["degraded"] > 0
     assert p["mean_change"] == pytest.approx(s["sae_lora"] - s["sae"], abs=1e-5)
-    assert p["nats_improved"] - p["nats_degraded"] == pytest.approx(-p["mean_change"] * p["tokens"], rel=1e-6)
+    assert p["nats_improved"] - p["nats_degraded"] == pytest.approx(-p["mean_change"] * p["positions"], rel=1e-6)
     assert sum(p["nats_improved_per_bin"]) == pytest.approx(p["nats_improved"])
 
     # distances from the first SAE layer on, both models, with CIs around the mean
@@ -235,8 +237,8 @@ def test_identity_sae_gives_zero_gap_and_zero_distance(world):
             assert r["l2_sae"]["mean"] < 1e-5 and abs(r["cos_sae"]["mean"] - 1) < 1e-5
     # a zero adapter changes nothing either; the random one does
     assert zero["settings"]["lora"]["ce"] == zero["settings"]["original"]["ce"]
-    assert zero["per_token"]["unchanged"] == zero["tokens"]
-    assert rand["settings"]["lora"]["kl"] > 1e-6 and rand["per_token"]["unchanged"] < rand["tokens"]
+    assert zero["per_token"]["unchanged"] == zero["positions"]
+    assert rand["settings"]["lora"]["kl"] > 1e-6 and rand["per_token"]["unchanged"] < rand["positions"]
     assert rand["distances"]["layers"][-1]["l2_sae_lora"]["mean"] > 1e-3
     assert rand["settings"]["original"] == zero["settings"]["original"]  # one row group per adapter, same baseline
 

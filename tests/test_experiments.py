@@ -1,4 +1,4 @@
-"""experiments/run.py: the time-to-CE bookkeeping behind the frontier tables (the runs themselves take minutes)."""
+"""experiments/run.py: the time-to-CE bookkeeping behind the frontier tables (not the runs themselves: too long)."""
 import importlib.util
 import os
 import subprocess

@@ -5,7 +5,8 @@ import torch
 import splice
 from lora import apply_lora
 from model import Transformer
-from splice import final_streams, kl_and_ce, kl_reference, load_saes, splice_hooks
+from lora import adapters_disabled
+from splice import kl_and_ce, kl_reference, load_saes, original_pass, splice_hooks, spliced_pass
 from tests.tiny import BOS, identity_sae, make_model, make_sae
 
 
@@ -21,6 +22,21 @@ def idx_batch(B=2, T=24, seed=0):
     idx = torch.randint(3, 512, (B, T), generator=g)
     idx[:, 0] = BOS
     return idx
+
+
+def final_streams(model, saes, idx, keep=(), *, share_prefix=False, passes=(original_pass, spliced_pass)):
+    """The two passes as adapt.py's loop runs them: (original model's final stream, spliced model's)."""
+    original, spliced = passes
+    with torch.no_grad(), adapters_disabled(model):
+        h_orig, prefix = original(model, idx, saes[0][0], share_prefix=share_prefix)
+    return h_orig, spliced(model, saes, idx, keep, prefix=prefix)
+
+
+def mean_kl(model, h_orig, h, idx, **kw):
+    """Eq. 7 as adapt.py --kl-reduction token optimises it: the mean over the predicted positions."""
+    kl, _, _ = kl_and_ce(model, h_orig, h, idx, **kw)
+    assert kl.shape == (idx.shape[0] * (idx.shape[1] - 1),)  # one value per predicted position
+    return kl.mean()
 
 
 def adapted(files, layers=None):
@@ -41,29 +57,43 @@ def test_optimised_objective_equals_eq7_reference_in_value_and_gradient(files, s
     idx = idx_batch()
     ref = kl_reference(model, saes, idx, BOS)
     g_ref = torch.autograd.grad(ref, params)
-    kl, _ = kl_and_ce(model, *final_streams(model, saes, idx, BOS, share_prefix=share_prefix), idx, chunk=chunk)
+    kl = mean_kl(model, *final_streams(model, saes, idx, BOS, share_prefix=share_prefix), idx, chunk=chunk)
     g = torch.autograd.grad(kl, params)
     assert ref.item() > 1e-3
     assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
 
 
-def test_sequence_reduction_is_the_per_sequence_sum(files):
-    # the authors' kl_div(..., reduction="batchmean") on one (1, T, V) sequence sums the KL over its tokens
+def test_sequence_loss_is_the_authors_batchmean_over_the_predicted_positions(files):
+    # the authors' kl_div(..., reduction="batchmean") on one (1, T, V) sequence sums the KL over its positions; adapt.py
+    # --kl-reduction sequence is that sum over the T - 1 positions that predict a token of the window
     model, params = adapted(files)
     saes = load_saes([files["sae"]], None, model, "cpu")
     idx = idx_batch(B=1, T=32)
     h_orig, h = final_streams(model, saes, idx, BOS)
-    kl, _ = kl_and_ce(model, h_orig, h, idx, chunk=16, reduction="sequence")
-    logp = torch.log_softmax(model.head(h).float(), -1)
+    kl, _, _ = kl_and_ce(model, h_orig, h, idx, chunk=16)
+    logp = torch.log_softmax(model.head(h[:, :-1]).float(), -1)
     with torch.no_grad():
-        p_orig = torch.softmax(model.head(h_orig).float(), -1)
-    authors = torch.nn.functional.kl_div(logp, p_orig, reduction="batchmean")  # input (1, T, V): divides by 1
-    assert torch.allclose(kl, authors, rtol=1e-5)
-    token, _ = kl_and_ce(model, h_orig, h, idx, chunk=16, reduction="token")
-    assert torch.allclose(kl, token * idx.shape[1], rtol=1e-5)
-    with pytest.raises(ValueError, match="unknown KL reduction"):
-        kl_and_ce(model, h_orig, h, idx, chunk=16, reduction="batchmean")
+        p_orig = torch.softmax(model.head(h_orig[:, :-1]).float(), -1)
+    authors = torch.nn.functional.kl_div(logp, p_orig, reduction="batchmean")  # input (1, T - 1, V): divides by 1
+    assert torch.allclose(kl.sum() / len(idx), authors, rtol=1e-5)
+
+
+def test_ce_is_the_next_token_cross_entropy_of_either_model(files):
+    # the CE at predicted position t is -log p(token t + 1): F.cross_entropy on the full logits, the last position
+    # (whose next token lies outside the window) left out
+    model, _ = adapted(files)
+    saes = load_saes([files["sae"]], None, model, "cpu")
+    idx = idx_batch()
+    h_orig, h = final_streams(model, saes, idx, BOS)
+    with torch.no_grad():
+        _, ce, ce_orig = kl_and_ce(model, h_orig, h, idx, chunk=7)
+        spliced = model(idx, hooks=splice_hooks(saes, idx, BOS))
+        with adapters_disabled(model):
+            plain = model(idx)
+    for got, logits in ((ce, spliced), (ce_orig, plain)):
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_identity_sae_gives_zero_kl(files):
@@ -71,7 +101,7 @@ def test_identity_sae_gives_zero_kl(files):
     apply_lora(model, 4, 8.0)
     idx = idx_batch()
     hb, hs = final_streams(model, [(1, identity_sae())], idx, ())
-    kl, _ = kl_and_ce(model, hb, hs, idx, chunk=16)
+    kl = mean_kl(model, hb, hs, idx, chunk=16)
     assert abs(kl.item()) < 1e-6
 
 
@@ -84,13 +114,13 @@ def test_chunked_kl_equals_full_kl_values_and_grads(files):
     saes = load_saes([files["sae"]], None, model, "cpu")
     idx = idx_batch()
     hb, hs = final_streams(model, saes, idx, BOS)
-    # reference: the whole (B, T, V) distribution at once
-    logp = torch.log_softmax(model.head(hs), -1)
-    ref = torch.nn.functional.kl_div(logp, torch.log_softmax(model.head(hb), -1), log_target=True,
-                                     reduction="sum") / idx.numel()
+    # reference: the whole (B, T - 1, V) distribution of the predicted positions at once
+    logp = torch.log_softmax(model.head(hs[:, :-1]), -1)
+    ref = torch.nn.functional.kl_div(logp, torch.log_softmax(model.head(hb[:, :-1]), -1), log_target=True,
+                                     reduction="sum") / (idx.shape[0] * (idx.shape[1] - 1))
     g_ref = torch.autograd.grad(ref, params, retain_graph=True)
-    for chunk in (7, 48, 4096):
-        kl, _ = kl_and_ce(model, hb, hs, idx, chunk=chunk)
+    for chunk in (7, 46, 4096):
+        kl = mean_kl(model, hb, hs, idx, chunk=chunk)
         g = torch.autograd.grad(kl, params, retain_graph=True)
         assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
@@ -188,9 +218,10 @@ def test_compiled_chunk_losses_equal_eq7_with_no_graph_break(files):
                                                              h.reshape(-1, 64)[:16], targets)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(splice.chunk_losses)
-    for chunk in (48, 16):  # one chunk; three chunks recomputed in the backward
-        kl, ce = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk, losses=compiled)
-        g = torch.autograd.grad(kl, params)
-        _, ce_eager = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk)
-        assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7) and torch.allclose(ce, ce_eager, rtol=1e-6)
+    for chunk in (46, 16):  # one chunk; three chunks recomputed in the backward
+        kl, ce, ce_orig = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk, losses=compiled)
+        g = torch.autograd.grad(kl.mean(), params)
+        _, ce_eager, ce_orig_eager = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk)
+        assert torch.allclose(kl.mean(), ref, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(ce, ce_eager, rtol=1e-6) and torch.allclose(ce_orig, ce_orig_eager, rtol=1e-6)
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
