@@ -108,6 +108,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     if cfg.fsdp:
         common.shard_layers(model)
         params = adapter_parameters(model)  # now DTensors, each rank holding its shard
+    common.seed_per_rank(cfg.seed, d.rank)  # dropout: a mask of its own for every sequence of the global batch
     share_prefix = min(lora_layers) > saes[0][0]  # blocks 0..L are the same in both passes: run them once
     keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
@@ -141,19 +142,19 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
             p.data.copy_(common.shard_like(p, saved))
         common.optimizer_state(optimizer, params, load=state["optimizer"])
         train.load_state_dict(state["loader"][d.rank])
-        torch.set_rng_state(state["rng"])
+        common.set_rng_state(state["rng"], d.rank)  # the dropout stream of this rank, where its step left it
         step, history, elapsed = state["step"], state["history"], state["elapsed"]
         common.log(f"resumed from {ckpt_path} at step {step}")
     elif cfg.resume:
         common.log(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
 
     def save_checkpoint():  # every rank takes part in the gathers; rank 0 writes
-        loaders = common.gather_objects(train.state_dict())
+        loaders, rngs = common.gather_objects(train.state_dict()), common.gather_objects(common.rng_state())
         adapter, optim = [common.whole(p) for p in params], common.optimizer_state(optimizer, params)
         if cfg.fsdp or d.master:
             save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.model)
         if d.master:
-            common.torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=torch.get_rng_state(),
+            common.torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs,
                                    step=step, history=history, elapsed=elapsed, config=asdict(cfg)), ckpt_path)
 
     def held_out():

@@ -250,7 +250,8 @@ def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_matmul_flops(dtype: str, n: int = 1024, reps: int = 2) -> float:
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    # its own generator, not the training stream: a resumed run measures again, and must draw the same masks
+    a = torch.randn(n, n, dtype=getattr(torch, dtype), generator=torch.Generator().manual_seed(0))
     a @ a  # warm-up: thread pool, packing buffers
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -398,6 +399,41 @@ def torch_load(path: str, device, what: str = "checkpoint"):
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable {what} ({str(e).splitlines()[0]}); delete it to start over, or restore "
                          f"a good copy") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Random state of a training step (LoRA dropout). On CPU dropout draws from torch's default generator, under
+# torch.compile too (the compiled kernels take fresh seeds from it on every call); on a GPU from the device's generator.
+# Each rank has its own stream, so a checkpoint keeps every rank's state, gathered like the loaders' positions.
+
+
+def seed_per_rank(seed: int, rank: int):
+    """Seed the random draws of training on this rank (after the weights are initialised, identically on every rank):
+    each rank its own stream, as each sequence of one process's batch gets its own dropout mask, and none of them
+    the stream that `seed` initialised the weights from. Hashed to 32 bits: the CPU generator (a Mersenne twister)
+    keeps only the low 32 bits of a seed."""
+    import numpy as np
+    torch.manual_seed(int(np.random.SeedSequence((seed, rank)).generate_state(1)[0]))
+
+
+def rng_state() -> dict:
+    """This process's random state: torch's CPU generator and, once CUDA is in use, the current device's."""
+    state = dict(cpu=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(saved, rank: int = 0):
+    """Restore this rank's rng_state() from a checkpoint's list of every rank's (loaded onto any device: torch takes
+    the states back as CPU tensors). A bare CPU state, what a checkpoint that kept rank 0's alone holds, serves
+    every rank; a checkpoint without any (None) leaves the state as it is."""
+    if saved is None:
+        return
+    state = dict(cpu=saved) if torch.is_tensor(saved) else saved[rank]
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         opt.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"])
         step, elapsed_before, history = st["step"], st["elapsed_s"], st["history"]
-        torch.set_rng_state(st["rng"])
+        common.set_rng_state(st["rng"])  # a CPU tensor again, whatever device map_location put it on
     model = torch.compile(raw) if cfg.compile else raw
     if d.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda"

@@ -118,6 +118,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"][d.rank])
+        common.set_rng_state(st.get("rng"), d.rank)  # torch's stream, for whatever a step draws from it
         since_fired, step, elapsed, rows = st["since_fired"], st["step"], st["elapsed"], st["rows"]
         common.log(f"resumed from {state_path} at step {step}")
     else:  # b_dec at the geometric median of the layer's activations (from every rank), as for the TopK baseline
@@ -129,9 +130,9 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
                f"lr {lr:.2e}; {total_steps} steps of {tokens_per_step} tokens")
 
     def save_state():
-        loaders = common.gather_objects(loader.state_dict())
+        loaders, rngs = common.gather_objects(loader.state_dict()), common.gather_objects(common.rng_state())
         if d.master:
-            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders,
+            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders, rng=rngs,
                                    since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
                                    config=asdict(cfg)), state_path)
             text = io.StringIO()

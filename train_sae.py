@@ -179,6 +179,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
         buffer.load_state_dict(st["buffer"][d.rank])
+        common.set_rng_state(st.get("rng"), d.rank)  # torch's stream, for whatever a step draws from it
         since_fired, step, elapsed, history, scale = (st[k] for k in ("since_fired", "step", "elapsed", "history",
                                                                        "scale"))
         common.log(f"resumed from {state_path} at step {step}")
@@ -196,9 +197,9 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
                f"of {cfg.batch_tokens} tokens on {d.world_size} process(es)")
 
     def save_state():
-        buffers = common.gather_objects(buffer.state_dict())
+        buffers, rngs = common.gather_objects(buffer.state_dict()), common.gather_objects(common.rng_state())
         if d.master:
-            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
+            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers, rng=rngs,
                                    since_fired=since_fired, scale=scale, step=step, elapsed=elapsed, history=history,
                                    config=asdict(cfg)), state_path)
 

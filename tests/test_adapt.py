@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import adapt
+import common
 from lora import layers_around_saes
 from model import Transformer
 from splice import load_saes, splice_hooks
@@ -77,7 +78,10 @@ def test_training_lowers_the_kl_and_writes_results(files, tmp_path):
 
 
 def test_resume_continues_exactly(files, tmp_path, monkeypatch):
-    straight = adapt.main(small_args(files, tmp_path / "a", "--max-tokens", "1024"))
+    # with the default LoRA dropout (0.1), whose masks draw from torch's generator at every step: the resumed run, a
+    # fresh process as after a real crash, must continue the stream exactly where the checkpoint's step left it
+    argv = small_args(files, tmp_path / "a", "--max-tokens", "1024", "--dropout", "0.1")
+    straight = adapt.main(argv)
     # the same run, interrupted during step 6 (after the checkpoint of step 4), then resumed
     real, calls = adapt.kl_and_ce, {"n": 0}
 
@@ -87,17 +91,19 @@ def test_resume_continues_exactly(files, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(adapt, "kl_and_ce", crash_at_step_6)
+    b = [str(tmp_path / "b") if x == str(tmp_path / "a") else x for x in argv]
     with pytest.raises(KeyboardInterrupt):
-        adapt.main(small_args(files, tmp_path / "b", "--max-tokens", "1024"))
+        adapt.main(b)
     monkeypatch.setattr(adapt, "kl_and_ce", real)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 4
-    resumed = adapt.main(small_args(files, tmp_path / "b", "--max-tokens", "1024", "--resume"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "adapt.py", *b, "--resume"], cwd=ROOT, env=env, check=True, capture_output=True)
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     assert a["step"] == b["step"] == 8
     for x, y in zip(a["adapter"], b["adapter"]):
         assert torch.equal(x, y)
-    assert straight["ce_sae_lora"] == resumed["ce_sae_lora"]
+    assert straight["ce_sae_lora"] == json.load(open(tmp_path / "b" / "results.json"))["ce_sae_lora"]
 
 
 def test_torchrun_two_processes_match_one(files, tmp_path):
@@ -160,43 +166,84 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_path, monk
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
 
 
-CRASH_AT_STEP_6 = """
-import sys, torch, adapt
+KILL_AT_STEP_6 = """
+import os, signal, sys, torch, adapt
 real, calls = adapt.kl_and_ce, {"n": 0}
-def crash(*args, **kwargs):
-    calls["n"] += torch.is_grad_enabled()  # training steps only
-    if calls["n"] == 6:
-        raise SystemExit(3)
+def kill(*args, **kwargs):  # kill -9 the process of rank KILL_RANK during training step 6
+    calls["n"] += torch.is_grad_enabled()  # training steps only, not the held-out evaluation
+    if calls["n"] == 6 and os.environ.get("RANK", "0") == os.environ["KILL_RANK"]:
+        os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
-adapt.kl_and_ce = crash
+adapt.kl_and_ce = kill
 adapt.main(sys.argv[1:])
 """
 
 
-def test_fsdp2_equals_one_process_and_resumes_exactly(files, tmp_path):
-    # FSDP2 (each layer's weights and adapters sharded over 2 gloo ranks, the global batch of 4 split 2 + 2) must
-    # train the same adapter as one process, and a run killed at step 6 must resume from its step-4 checkpoint to the same end
-    one = adapt.main(small_args(files, tmp_path / "one", "--max-tokens", "1024", "--eval-tokens", "256"))
-    two = small_args(files, tmp_path / "a", "--max-tokens", "1024", "--eval-tokens", "256", "--fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29541"]
-    proc = subprocess.run([*torchrun, "adapt.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[:6000]
-    crash = tmp_path / "crash.py"
-    crash.write_text(CRASH_AT_STEP_6)
-    b = [tmp_path / "b" if x == str(tmp_path / "a") else x for x in two]
-    proc = subprocess.run([*torchrun, str(crash), *map(str, b)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode != 0 and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 4
-    proc = subprocess.run([*torchrun, "adapt.py", *map(str, b), "--resume"], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[:6000]
-    a, b, o = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b", "one"))
-    assert a["step"] == b["step"] == o["step"] == 8
-    for x, y, z in zip(a["adapter"], b["adapter"], o["adapter"]):
+def torchrun(script, argv, port, **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+                           str(port), str(script), *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def killed_and_resumed(argv, out, tmp_path, port, rank):
+    """The run of argv with --out `out`, its process of `rank` killed with SIGKILL during step 6 (the job ends; the
+    checkpoint of step 4 is the last), then resumed under torchrun: the checkpoint it ends with."""
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_STEP_6)
+    argv = [str(out) if prev == "--out" else x for prev, x in zip([None, *argv], argv)]
+    proc = torchrun(script, argv, port, KILL_RANK=str(rank))
+    assert proc.returncode != 0 and "SIGKILL" in proc.stderr, proc.stderr[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 4
+    proc = torchrun("adapt.py", [*argv, "--resume"], port)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    return torch.load(out / "ckpt.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def ddp_dropout(files, tmp_path_factory):
+    """2 gloo processes (DDP: gradients all-reduced), the global batch of 4 split 2 + 2, LoRA dropout 0.1: the
+    arguments and the uninterrupted run's checkpoint and results."""
+    out = tmp_path_factory.mktemp("ddp") / "straight"
+    argv = small_args(files, out, "--max-tokens", "1024", "--eval-tokens", "256", "--dropout", "0.1")
+    proc = torchrun("adapt.py", argv, 29551)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return argv, torch.load(out / "ckpt.pt", weights_only=False), json.load(open(out / "results.json"))
+
+
+def test_torchrun_worker_killed_resumes_exactly(ddp_dropout, tmp_path):
+    # kill -9 of one worker: torchrun ends the job, and --resume from the last checkpoint must end with the adapter
+    # of the uninterrupted run, every rank continuing its own dropout stream
+    argv, straight, _ = ddp_dropout
+    resumed = killed_and_resumed(argv, tmp_path / "b", tmp_path, 29553, rank=1)
+    assert straight["step"] == resumed["step"] == 8
+    for x, y in zip(straight["adapter"], resumed["adapter"]):
         assert torch.equal(x, y)
-        assert torch.allclose(x, z, atol=1e-5, rtol=1e-4)
+    # each rank draws its own masks (one process draws one per sequence of the batch): a state per rank, restored
+    # on that rank (rank 0's on both would have drawn other masks on rank 1)
+    with torch.random.fork_rng():
+        draws = [common.set_rng_state(resumed["rng"], rank) or torch.rand(16) for rank in (0, 1)]
+    assert len(resumed["rng"]) == 2 and not torch.equal(*draws)
+
+
+def test_fsdp2_equals_ddp_and_resumes_exactly(files, ddp_dropout, tmp_path):
+    # FSDP2 (each layer's weights and adapters sharded over 2 gloo ranks, the global batch of 4 split 2 + 2) must
+    # train the adapter that DDP trains, drawing the same dropout masks on each rank; and a run whose rank 0 (the one
+    # that writes checkpoints) is killed at step 6 must resume from its step-4 checkpoint to the same end
+    argv, ddp, ddp_results = ddp_dropout
+    fsdp = [*argv, "--fsdp"]
+    a = tmp_path / "a"
+    proc = torchrun("adapt.py", [str(a) if prev == "--out" else x for prev, x in zip([None, *fsdp], fsdp)], 29541)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    b = killed_and_resumed(fsdp, tmp_path / "b", tmp_path, 29541, rank=0)
+    a = torch.load(a / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == ddp["step"] == 8
+    for x, y, z in zip(a["adapter"], b["adapter"], ddp["adapter"]):
+        assert torch.equal(x, y)
+        # DDP all-reduces gradients, FSDP2 reduce-scatters them: rounding apart, the same adapter
+        assert torch.allclose(x, z, rtol=1e-4, atol=1e-5 * z.abs().max().item())
     res = json.load(open(tmp_path / "a" / "results.json"))
-    assert abs(res["ce_sae_lora"] - one["ce_sae_lora"]) < 1e-4
+    assert res["ce_sae_lora"] == pytest.approx(ddp_results["ce_sae_lora"], rel=1e-5)
     from lora import load_adapter  # the gathered adapter on disk is whole and loads into a plain model
     model = Transformer.from_pretrained(files["model"])
     for p, saved in zip(load_adapter(model, str(tmp_path / "a" / "adapter")), a["adapter"]):

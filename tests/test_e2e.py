@@ -62,18 +62,25 @@ def test_ds_terms_run(files, tmp_path):
 
 
 def test_resume(files, tmp_path, monkeypatch):
-    a = train_e2e.main(args(files, tmp_path / "a"))
-    real, calls = train_e2e.kl_and_ce, {"n": 0}
+    # with a step that draws from torch's generator (dropout on the spliced stream here): the state must hold that
+    # stream where the step left it
+    real = train_e2e.kl_and_ce
 
-    def crash(*xs, **kw):
-        calls["n"] += torch.is_grad_enabled()
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        return real(*xs, **kw)
-    monkeypatch.setattr(train_e2e, "kl_and_ce", crash)
+    def dropout_then_kl(crash_at=None):
+        calls = {"n": 0}
+
+        def kl_and_ce(model, h_orig, h, *xs, **kw):
+            calls["n"] += torch.is_grad_enabled()
+            if calls["n"] == crash_at:
+                raise KeyboardInterrupt
+            return real(model, h_orig, torch.nn.functional.dropout(h, 0.1), *xs, **kw)
+        return kl_and_ce
+    monkeypatch.setattr(train_e2e, "kl_and_ce", dropout_then_kl())
+    a = train_e2e.main(args(files, tmp_path / "a"))
+    monkeypatch.setattr(train_e2e, "kl_and_ce", dropout_then_kl(crash_at=10))
     with pytest.raises(KeyboardInterrupt):
         train_e2e.main(args(files, tmp_path / "b"))
-    monkeypatch.setattr(train_e2e, "kl_and_ce", real)
+    monkeypatch.setattr(train_e2e, "kl_and_ce", dropout_then_kl())
     b = train_e2e.main(args(files, tmp_path / "b", "--resume"))
     for x, y in zip(a["sae"].state_dict().values(), b["sae"].state_dict().values()):
         assert torch.equal(x, y)

@@ -66,18 +66,25 @@ def test_dead_latent_accounting():
 
 
 def test_resume_after_interruption_continues_identically(files, tmp_path, monkeypatch):
-    a = train_sae.main(args(files, tmp_path / "a"))
-    real, calls = train_sae.training_loss, {"n": 0}
+    # with a step that draws from torch's generator too (dropout on the activations here): the state must hold that
+    # stream where the step left it, beside the buffer's own shuffling generator
+    real = train_sae.training_loss
 
-    def crash(*xs, **kw):
-        calls["n"] += 1
-        if calls["n"] == 7:  # the state is saved at every 10% (4 steps); step 7 dies
-            raise KeyboardInterrupt
-        return real(*xs, **kw)
-    monkeypatch.setattr(train_sae, "training_loss", crash)
+    def dropout_then_loss(crash_at=None):
+        calls = {"n": 0}
+
+        def loss(sae, x, *xs, **kw):
+            calls["n"] += 1
+            if calls["n"] == crash_at:  # the state is saved at every 10% (4 steps); step 7 dies
+                raise KeyboardInterrupt
+            return real(sae, torch.nn.functional.dropout(x, 0.1), *xs, **kw)
+        return loss
+    monkeypatch.setattr(train_sae, "training_loss", dropout_then_loss())
+    a = train_sae.main(args(files, tmp_path / "a"))
+    monkeypatch.setattr(train_sae, "training_loss", dropout_then_loss(crash_at=7))
     with pytest.raises(KeyboardInterrupt):
         train_sae.main(args(files, tmp_path / "b"))
-    monkeypatch.setattr(train_sae, "training_loss", real)
+    monkeypatch.setattr(train_sae, "training_loss", dropout_then_loss())
     b = train_sae.main(args(files, tmp_path / "b", "--resume"))
     for x, y in zip(a["sae"].state_dict().values(), b["sae"].state_dict().values()):
         assert torch.equal(x, y)
