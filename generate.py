@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+import common
 from model import Transformer, apply_rope, rope_cos_sin
 
 HooksFor = Callable[[torch.Tensor], dict]  # token ids of the chunk being run -> {layer: hook} (splice.hooks_for)
@@ -222,6 +223,20 @@ def complete_setting(model, tok, prompts, setting: str, saes, keep=(), *, prompt
                         splice_generated=not prompt_only, **kw)
 
 
+def check_args(cfg, max_seq_len: int):
+    """eval.py's generation flags, before any model work: one line for a bad value. --gen-tokens is lowered to half
+    the model's context where it asks for more, so that a prompt keeps the other half."""
+    if cfg.gen_tokens < 1:
+        raise ValueError(f"--gen-tokens {cfg.gen_tokens}: need at least 1")
+    if cfg.gen_tokens > max_seq_len // 2:
+        common.log(f"--gen-tokens {cfg.gen_tokens} lowered to {max_seq_len // 2}: half of the model's {max_seq_len}-"
+                   f"token context, the other half for the prompt")
+        cfg.gen_tokens = max_seq_len // 2
+    if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k < 1):
+        raise ValueError(f"--temperature {cfg.temperature} --top-k {cfg.top_k}: need a temperature >= 0 (0: greedy) "
+                         f"and top-k >= 1")
+
+
 def show(model, tok, prompts, settings, saes, keep, cfg, amp) -> dict:
     """eval.py --generate: what each setting writes after each prompt, printed and returned as {key: [text, ...]}; the
     key is the setting, with "_prompt_only" added for the authors' splice (cfg.authors_splice)."""
@@ -231,7 +246,7 @@ def show(model, tok, prompts, settings, saes, keep, cfg, amp) -> dict:
             key = s + ("_prompt_only" if prompt_only else "")
             gen = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(cfg.seed)  # same draws each
             out[key] = complete_setting(model, tok, prompts, s, saes, keep, prompt_only=prompt_only, amp=amp,
-                                        max_new_tokens=min(cfg.gen_tokens, model.cfg.max_seq_len - 2),
+                                        max_new_tokens=cfg.gen_tokens,
                                         temperature=cfg.temperature, top_k=cfg.top_k, generator=gen,
                                         batch_size=cfg.bench_batch)
             for p, t in zip(prompts, out[key]):
