@@ -159,9 +159,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     cache = KVCache(model, valid, P + max_new_tokens)
     rope = rope_cos_sin(cfg, P + max_new_tokens, dev, torch.float32)
     eos_ids = set(_ids(eos) or _ids(cfg.eos_token_id))
-    if hooks_for is not None:
-        model._check_layers(hooks_for(idx[:, :1]), None)
-    hooks = (lambda chunk: hooks_for(chunk) if hooks_for is not None else {})  # noqa: E731
+    def hooks(chunk):
+        return hooks_for(chunk) if hooks_for is not None else {}
+    model._check_layers(hooks(idx[:, :1]), None)  # a layer the model lacks: one line, not silently unspliced
 
     logits = forward_cached(model, idx, (valid.cumsum(1) - 1).clamp_min(0), cache, rope, hooks(idx))
     out, done, pos = [[] for _ in range(B)], [False] * B, lens.clone()
@@ -200,15 +200,19 @@ def complete(model: Transformer, tok, prompts: Sequence[str], max_new_tokens: in
     ids = [[tok.bos_id] + e[max(0, len(e) - room):] for e in (tok.encode(p) for p in prompts)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     eos = set(_ids(model.cfg.eos_token_id)) | {tok.eos_id}
+    n_text = getattr(tok, "vocab_size", float("inf"))  # ids past the tokenizer's (a padded embedding) have no text
+
+    def decode(new):
+        return tok.decode([t for t in new if t < n_text and t not in eos])
     texts = [""] * len(ids)
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
         with amp or contextlib.nullcontext():
             new = generate(model, [ids[i] for i in rows], max_new_tokens, temperature=temperature, top_k=top_k,
-                           eos=tuple(eos), stop=stop, decode=tok.decode, hooks_for=hooks_for,
+                           eos=tuple(eos), stop=stop, decode=decode, hooks_for=hooks_for,
                            splice_generated=splice_generated, generator=generator)
         for i, n in zip(rows, new):
-            texts[i] = cut_at_stop(tok.decode([t for t in n if t not in eos]), stop)
+            texts[i] = cut_at_stop(decode(n), stop)
         if progress:
             progress.step()
     return texts

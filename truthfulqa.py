@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import itertools
-import json
 import math
 import os
 import unicodedata
@@ -236,7 +235,3 @@ def evaluate(model, tok, qs, saes, keep, cfg, amp, setting: str) -> dict:
         out[key] = summarize(qs, texts)
     return out
 
-
-def write_jsonl(path: str, rows):
-    """Rows as JSON lines (for a question set written out, e.g. the corpus one)."""
-    common.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -119,5 +119,7 @@ def test_bad_generation_flags_are_one_line_errors(world):  # noqa: F811
     with pytest.raises(ValueError, match="not a truthfulqa_gen row"):
         run(world, "--sae", world["sae"]["crude"], "--truthfulqa-gen",
             write(world["root"] / "mc.jsonl", [{"question": "q", "mc1_targets": {}}]), out="badgen3")
+    with pytest.raises(ValueError, match="layout bos_chunks"):  # test_eval's token folder has no whole documents
+        run(world, "--sae", world["sae"]["crude"], "--truthfulqa-gen", "corpus", "--data", world["data"], out="bad4")
     _, saved, _ = run(world, *base, out="gen_default")  # lm-eval's 256 tokens do not fit: half of the 256 context
     assert saved["config"]["gen_tokens"] == 128 and len(saved["generations"]["sae"]) == 1
