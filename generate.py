@@ -60,7 +60,8 @@ class KVCache:
         j = torch.arange(S, device=self.valid.device)[None, :]
         seen = (j <= i) & self.valid[:, None, :S]
         out = {None: seen | (j == i)}
-        for w in {self.cfg.sliding_window} if "sliding_attention" in self.cfg.layer_types else ():
+        w = self.cfg.sliding_window
+        if w is not None and "sliding_attention" in self.cfg.layer_types:
             out[w] = (seen & (j > i - w)) | (j == i)
         return {w: m[:, None] for w, m in out.items()}
 
