@@ -44,7 +44,7 @@ PRESETS = {
     "train_sae": dict(SAE, out="out/sae-tiny"),
     "train_e2e": dict(layer=[SAE_LAYER], k=16, expansion=8, max_tokens=1_500_000, batch_size=8, seq_len=256,
                       dead_tokens=1_000_000, eval_interval=50, log_interval=10, out="out/e2e-tiny"),
-    "eval": dict(seq_len=256, batch_size=8, eval_tokens=65_536, out="out/eval-tiny"),
+    "eval": dict(seq_len=256, batch_size=8, eval_tokens=65_536, gen_tokens=64, out="out/eval-tiny"),
 }
 
 

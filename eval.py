@@ -1,9 +1,11 @@
 """
 Did adapting help, and what did it cost? The paper's evaluations (Secs. 4-6) for any model + SAE(s) + adapter(s).
+TruthfulQA generation (--truthfulqa-gen, Table 5's BLEU / ROUGE) is in truthfulqa.py, text generation in generate.py.
 
     python eval.py                        # embedded tiny pipeline (+ adapt.py's out/adapt-tiny/adapter if present)
     python eval.py --model google/gemma-2-2b --layer 12 --adapter out/adapt/adapter --data data/pile \
         --mmlu cais/mmlu --hellaswag Rowan/hellaswag --truthfulqa truthfulqa/truthful_qa \
+        --truthfulqa-gen truthfulqa/truthful_qa --generate "The capital of France is" \
         --steering-pos pos.jsonl --steering-neg law.json --steering-neg arabic.json --steering-neg-val biology.json \
         --latent 13677
 
@@ -43,8 +45,10 @@ import torch.nn.functional as F
 
 import common
 import embedded
+import generate
 import multiple_choice
 import steering
+import truthfulqa
 from lora import adapters_disabled, load_adapter, merged
 from model import Transformer
 from splice import add, gap_closed, kept_tokens, kl_and_ce, load_saes, means, predicted_positions, spliced_pass
@@ -84,6 +88,14 @@ class EvalConfig:
     hellaswag: str | None = None  # HellaSwag: local file or hub dataset id
     truthfulqa: str | None = None  # TruthfulQA-MC1: local file or hub dataset id
     truthfulqa_preset: bool = True  # lm-eval's six-question QA prompt before each TruthfulQA question
+    truthfulqa_gen: str | None = None  # TruthfulQA generation (Table 5's BLEU, ROUGE-1, ROUGE-2; truthfulqa.py): local
+    # file or hub id (truthfulqa/truthful_qa), or "corpus": questions from --data's held-out documents (offline check)
+    authors_splice: bool = False  # generation also as the authors ran it (labelled): the SAE on prompt tokens only
+    gen_tokens: int = 256  # most tokens generated per answer or --generate prompt (lm-eval's max_gen_toks)
+    generate: list[str] = field(default_factory=list)  # a prompt: print what each setting writes after it
+    temperature: float = 0.0  # --generate: sampling temperature (0: greedy)
+    top_k: int | None = None  # --generate: sample among the k likeliest tokens only
+    seed: int = 0  # --generate: sampling seed
     bench_limit: int | None = None  # at most this many questions per benchmark
     bench_batch: int = 16  # sequences per forward (benchmarks and steering)
     plots: bool = True  # write PNG figures (needs matplotlib)
@@ -320,6 +332,8 @@ def markdown(res: dict) -> str:
         L += steering.markdown(res)
     if "benchmarks" in res:
         L += multiple_choice.markdown(res)
+    if "generations" in res:
+        L += generate.markdown(res)
     return "\n".join(L) + "\n"
 
 
@@ -378,7 +392,8 @@ def main(argv=None) -> dict:
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
         cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
         common.log("eval.py: no --model and no --adapter: evaluating out/adapt-tiny/adapter, what python adapt.py wrote")
-    embedded.fill(cfg, typed, "eval", need_data=cfg.model is None or not (steer or benches))
+    embedded.fill(cfg, typed, "eval", need_data=cfg.model is None or cfg.truthfulqa_gen == "corpus" or
+                  not (steer or benches or cfg.truthfulqa_gen or cfg.generate))
     return run(cfg)
 
 
@@ -390,6 +405,7 @@ def run(cfg: EvalConfig) -> dict:
     rows = {b: multiple_choice.read_rows(src, b) for b, src in benches.items()}
     bench_qs = {b: multiple_choice.questions(r[:cfg.bench_limit] if cfg.bench_limit else r, where, b,
                                              cfg.truthfulqa_preset) for b, (r, where) in rows.items()}
+    gen_qs = truthfulqa.read_questions(cfg.truthfulqa_gen, cfg.bench_limit, cfg.data) if cfg.truthfulqa_gen else []
 
     # -- model, SAEs, held-out tokens ----------------------------------------------------------------------------------
     d = common.setup(cfg.device)
@@ -407,10 +423,12 @@ def run(cfg: EvalConfig) -> dict:
     for adapter in cfg.adapter:
         check_adapter(model, adapter)
     bos_id = model.cfg.bos_token_id
+    if gen_qs or cfg.generate:
+        generate.check_args(cfg, model.cfg.max_seq_len)
     keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
     batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), d.device) if cfg.data else []
     tok = None
-    if texts or bench_qs:
+    if texts or bench_qs or gen_qs or cfg.generate:
         from data import load_tokenizer
         tok = load_tokenizer(cfg.tokenizer or cfg.model)
         if (bos_id is not None and tok.bos_id != bos_id) or tok.vocab_size > model.cfg.vocab_size:
@@ -427,9 +445,14 @@ def run(cfg: EvalConfig) -> dict:
     # -- the settings, adapter by adapter ------------------------------------------------------------------------------
     res = {"model": cfg.model, "config": asdict(cfg), "config_sources": common.sources(cfg), "device": str(d.device),
            "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
-    if bench_qs:  # adapter-independent settings: computed once
-        res["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)
-                             for s in ("original", "sae")}
+
+    def benchmarks(settings):  # multiple choice and TruthfulQA generation
+        return {s: {**multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s),
+                    **truthfulqa.evaluate(model, tok, gen_qs, saes, keep, cfg, amp, s)} for s in settings}
+    if bench_qs or gen_qs:  # adapter-independent settings: computed once
+        res["benchmarks"] = benchmarks(("original", "sae"))
+    if cfg.generate:
+        res["generations"] = generate.show(model, tok, cfg.generate, ("original", "sae"), saes, keep, cfg, amp)
     if steer:  # both formulations (steering.py), each with the base model's numbers
         head = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice}
         ours, authors = steering.steering_eval(model, seqs, saes, direction, s_layer, keep, cfg, amp, "original")
@@ -449,9 +472,10 @@ def run(cfg: EvalConfig) -> dict:
         if batches:
             g.update(core_eval(model, saes, batches, keep, cfg, amp, adapted=adapter is not None,
                                label=f" [{g['name']}]"))
-        if adapter and bench_qs:
-            g["benchmarks"] = {s: multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s)
-                               for s in ("sae_lora", "lora")}
+        if adapter and (bench_qs or gen_qs):
+            g["benchmarks"] = benchmarks(("sae_lora", "lora"))
+        if adapter and cfg.generate:
+            g["generations"] = generate.show(model, tok, cfg.generate, ("sae_lora", "lora"), saes, keep, cfg, amp)
         if adapter and steer:
             g["steering"], g["steering_authors"] = steering.steering_eval(
                 model, seqs, saes, direction, s_layer, keep, cfg, amp, "lora",

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import hub
 from lora import adapters_disabled, merged
 from splice import splice_hooks
 
@@ -36,10 +37,12 @@ TQA_PRESET = ("Q: What is human life expectancy in the United States?\n"
               "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
               "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.")
 # (hub config, split) fetched for a hub id, and the fields that identify each format
-HUB = {"mmlu": ("all", "test"), "hellaswag": (None, "validation"), "truthfulqa": ("multiple_choice", "validation")}
+HUB = {"mmlu": ("all", "test"), "hellaswag": (None, "validation"), "truthfulqa": ("multiple_choice", "validation"),
+       "truthfulqa_gen": ("generation", "validation")}  # truthfulqa_gen: generation, scored in truthfulqa.py
 FIELDS = {"mmlu": "question, choices (list), answer (int): the cais/mmlu format",
           "hellaswag": "ctx (or ctx_a, ctx_b), endings (list), label: the Rowan/hellaswag format",
-          "truthfulqa": "question, mc1_targets {choices, labels}: the truthful_qa multiple_choice format"}
+          "truthfulqa": "question, mc1_targets {choices, labels}: the truthful_qa multiple_choice format",
+          "truthfulqa_gen": "question, correct_answers, incorrect_answers: the truthful_qa generation format"}
 
 
 def read_rows(src: str, bench: str) -> tuple[list[dict], str]:
@@ -83,11 +86,21 @@ def _parquet_rows(paths):
 
 def _hub_rows(repo: str, bench: str) -> list[dict]:
     """The parquet files of the benchmark's config and split, from the repo itself or from the hub's automatic
-    parquet conversion (refs/convert/parquet) for datasets that ship a loading script (Rowan/hellaswag)."""
+    parquet conversion (refs/convert/parquet) for datasets that ship a loading script (Rowan/hellaswag). Offline
+    (HF_HUB_OFFLINE=1): the cached snapshot's files."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.utils import RevisionNotFoundError
     config, split = HUB[bench]
-    for revision in (None, "refs/convert/parquet"):
+
+    def pick(listing):
+        return sorted(f for f in listing if f.endswith(".parquet") and re.search(rf"(^|/|-){split}([-/.]|$)", f)
+                      and (config is None or f.split("/")[0] == config))
+    if hub.offline():
+        cached = hub.list_files(repo, repo_type="dataset")
+        files = pick(cached.files)
+        if files:
+            return _parquet_rows([os.path.join(cached.folder(), *f.split("/")) for f in files])
+    for revision in () if hub.offline() else (None, "refs/convert/parquet"):
         try:
             listing = HfApi().list_repo_files(repo, repo_type="dataset", revision=revision)
         except RevisionNotFoundError:
@@ -95,11 +108,11 @@ def _hub_rows(repo: str, bench: str) -> list[dict]:
         except Exception as e:  # offline, unknown repo, gated: one line
             raise FileNotFoundError(f"--{bench} {repo}: not a local file, and the hub dataset cannot be listed "
                                     f"({type(e).__name__}: {e})") from None
-        files = sorted(f for f in listing if f.endswith(".parquet") and re.search(rf"(^|/|-){split}([-/.]|$)", f)
-                       and (config is None or f.split("/")[0] == config))
+        files = pick(listing)
         if files:
             return _parquet_rows([hf_hub_download(repo, f, repo_type="dataset", revision=revision) for f in files])
-    raise FileNotFoundError(f"hub dataset {repo}: no parquet files for config {config!r}, split {split!r}")
+    raise FileNotFoundError(f"hub dataset {repo}: no parquet files for config {config!r}, split {split!r}"
+                            + (" in the local hub cache (HF_HUB_OFFLINE=1)" if hub.offline() else ""))
 
 
 def _need(row, keys, where, bench):
@@ -274,21 +287,28 @@ def evaluate(model, prepared: dict, saes, keep, cfg, amp, setting: str) -> dict:
     return out
 
 
+# the metrics each benchmark's rows show (default: acc). HellaSwag: the paper's Table 5 reports acc, lm-eval's headline
+# is acc_norm: both. TruthfulQA generation: Table 5's BLEU, ROUGE-1 and ROUGE-2 columns are the _acc numbers.
+TABLE_METRICS = {"hellaswag": ("acc", "acc_norm"), "truthfulqa_gen": ("bleu_acc", "rouge1_acc", "rouge2_acc"),
+                 "truthfulqa_gen_prompt_only": ("bleu_acc", "rouge1_acc", "rouge2_acc")}
+LABELS = {"truthfulqa_gen_prompt_only": "truthfulqa_gen, SAE on the prompt only (the authors' run)"}
+
+
 def markdown(res: dict) -> list[str]:
-    """The benchmark table of eval.md."""
+    """The benchmark table of eval.md: every benchmark and metric, the four settings side by side (Table 5)."""
     L = ["", "## Benchmarks (accuracy % +- standard error)", "",
          "| adapter | benchmark | metric | n | SAE | SAE + LoRA | Original | LoRA |",
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     shared = res["benchmarks"]
     for g in res["groups"]:
+        mine = g.get("benchmarks", {})  # no adapter: the SAE and original settings only
         for bench in shared["original"]:
-            # HellaSwag: the paper's Table 5 reports acc; lm-eval's headline is acc_norm: both
-            for metric in ("acc", "acc_norm") if bench == "hellaswag" else ("acc",):
+            for metric in TABLE_METRICS.get(bench, ("acc",)):
                 def cell(d):
                     se = d[metric + "_se"] and 100 * d[metric + "_se"]
                     return f"{100 * d[metric]:.1f} +- {common.fmt_num(se, '.1f')}"
                 row = {s: cell(shared[s][bench]) for s in ("original", "sae")}
-                row.update({s: cell(g["benchmarks"][s][bench]) for s in ("sae_lora", "lora") if s in g["benchmarks"]})
-                L.append(f"| {g['name']} | {bench} | {metric} | {shared['original'][bench]['n']} | {row['sae']} | "
-                         f"{row.get('sae_lora', '-')} | {row['original']} | {row.get('lora', '-')} |")
+                row.update({s: cell(mine[s][bench]) for s in ("sae_lora", "lora") if s in mine})
+                L.append(f"| {g['name']} | {LABELS.get(bench, bench)} | {metric} | {shared['original'][bench]['n']} | "
+                         f"{row['sae']} | {row.get('sae_lora', '-')} | {row['original']} | {row.get('lora', '-')} |")
     return L
