@@ -83,7 +83,8 @@ class AdaptConfig:
 
 def main(argv=None) -> dict:
     t0 = time.time()
-    cfg, typed = common.parse_args(AdaptConfig, argv, epilog=embedded.DEFAULT_SAES_HELP + embedded.preset_help("adapt"))
+    epilog = embedded.DEFAULT_SAES_HELP + embedded.preset_help("adapt")  # --help: the SAE defaults, the tiny preset
+    cfg, typed = common.parse_args(AdaptConfig, argv, epilog=epilog)
     results = run(embedded.fill(cfg, typed, "adapt"))
     common.log(f"adapt.py: {time.time() - t0:.0f}s in all")
     return results

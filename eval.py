@@ -290,7 +290,8 @@ def markdown(res: dict) -> str:
     groups = res["groups"]
     if any("settings" in g for g in groups):
         n_sae = len(res["saes"])
-        L += [f"## Held-out CE and KL to the original model ({groups[0]['positions']:,} predicted positions; nats per position"
+        L += [f"## Held-out CE and KL to the original model ({groups[0]['positions']:,} predicted positions; nats"
+              f" per position"
               f"{'; SAE rows are compound: all ' + str(n_sae) + ' SAEs spliced' if n_sae > 1 else ''})", "",
               "| adapter | setting | CE | KL | gap closed |", "| --- | --- | --- | --- | --- |"]
         for g in groups:
@@ -391,7 +392,7 @@ def main(argv=None) -> dict:
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
         cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
-        common.log("eval.py: no --model and no --adapter: evaluating out/adapt-tiny/adapter, what python adapt.py wrote")
+        common.log("eval.py: no --model and no --adapter: evaluating out/adapt-tiny/adapter (python adapt.py's)")
     embedded.fill(cfg, typed, "eval", need_data=cfg.model is None or cfg.truthfulqa_gen == "corpus" or
                   not (steer or benches or cfg.truthfulqa_gen or cfg.generate))
     return run(cfg)

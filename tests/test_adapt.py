@@ -324,3 +324,14 @@ def test_eval_py_reports_the_numbers_adapt_py_reports(files, tmp_path):
     # where each setting came from: typed on the command line or the dataclass default (no preset with --model)
     src = a["config_sources"]
     assert (src["lr"], src["rank"], src["alpha"], src["weight_decay"]) == ("typed", "typed", "default", "default")
+
+
+def test_readme_method_snippet_is_the_loop_as_it_runs():
+    """README's "The method in one screen" is adapt.py's training step line for line, not a paraphrase of it."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    snippet = readme.split("## The method in one screen", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    loop = [line.strip() for line in open(os.path.join(ROOT, "adapt.py")).read().splitlines()]
+    lines = [line.strip() for line in snippet.strip().splitlines()]
+    assert len(lines) >= 5 and "adapters_disabled" in lines[0]
+    start = loop.index(lines[0])
+    assert loop[start:start + len(lines)] == lines
