@@ -48,6 +48,7 @@ class BenchConfig:
     batch_size: int = 4  # sequences per step
     rank: int = 64  # LoRA rank on every layer
     expansion: int = 8  # random SAE: width = expansion x d_model
+    sae_width: int | None = None  # random SAE: its width (Gemma Scope's 16k: 16384); none: expansion x d_model
     k: int = 32  # random SAE: active latents per token
     kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
     compile: bool = True  # bench.py adapt: also time ours compiled (adapt.py's default); false skips that row
@@ -90,7 +91,7 @@ def build_files(b: BenchConfig, folder: str):
     torch.manual_seed(0)
     mc = model_config(b)
     Transformer(mc).init_weights(0).save_pretrained(os.path.join(folder, "model"))
-    sae = SAE(mc.d_model, b.expansion * mc.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
+    sae = SAE(mc.d_model, b.sae_width or b.expansion * mc.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
     sae.save(os.path.join(folder, "sae"))
 
 
@@ -130,6 +131,15 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     return profiled(step, b, dev) if b.profile else timed(step, b, dev)
 
 
+def reference_setup(model_type: str, matched: bool, autocast: str) -> tuple[str, str]:
+    """(weight dtype, attention) of a transformers row. The paper's code (train_lora.py:73-77) loads fp32 weights with
+    eager attention; the matched row stores weights as ours does (bf16 under bf16 autocast) and takes sdpa, except on
+    Gemma-2, whose attention soft-capping sdpa cannot do (transformers runs Gemma-2 eager)."""
+    if not matched:
+        return "float32", "eager"
+    return ("bfloat16" if autocast == "bfloat16" else "float32"), ("eager" if model_type == "gemma2" else "sdpa")
+
+
 def run_reference(b: BenchConfig, folder: str, matched: bool, dev: torch.device) -> float:
     """The paper's loop (matchten/LoRA-Models-for-SAEs utils.train_model): peft model, SAE in a forward hook on the
     decoder layer, base pass under disable_adapter, full softmax over the vocabulary, kl_div."""
@@ -137,9 +147,12 @@ def run_reference(b: BenchConfig, folder: str, matched: bool, dev: torch.device)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from checkpoint import read_config
     from sae import SAE
     model_dir, sae_dir = paths(b, folder)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)  # its default attention
+    dtype, attn = reference_setup(read_config(model_dir)["model_type"], matched, b.autocast)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn).to(dev)
     sae = SAE.from_pretrained(sae_dir, device=dev).requires_grad_(False)
     if b.layer:
         sae.layer = b.layer[0]
@@ -281,16 +294,29 @@ CONFIGS = {
 }
 
 
-def run_config(b: BenchConfig, name: str) -> dict | None:
-    """One configuration in a fresh subprocess, so its peak memory is its own."""
-    args = [sys.executable, __file__, "adapt"] + [f"--{k}={v}" for k, v in asdict(b).items()
-                                                   if k not in ("only", "layer") and v is not None]
+def run_config(b: BenchConfig, name: str, timeout: float | None = None) -> dict:
+    """One configuration in a fresh subprocess, so its peak memory is its own: {seconds, peak_gb}, or {error}."""
+    args = [sys.executable, os.path.abspath(__file__), "adapt"] + [
+        f"--{k}={v}" for k, v in asdict(b).items() if k not in ("only", "layer") and v is not None]
     args += [f"--layer={layer}" for layer in b.layer]
-    proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout:.0f} s")
     if proc.returncode != 0:
-        print(f"{name:50s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
-        return None
+        return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def step_flops(b: BenchConfig, folder: str):
+    """(model config, FLOPs of one step): the base pass forward and the spliced pass forward and backward (about three
+    forwards; frozen weights need no weight gradients), plus the SAE encoder forward and backward."""
+    from checkpoint import read_config
+    from model import ModelConfig
+    from sae import SAE
+    mc = ModelConfig.from_hf(read_config(paths(b, folder)[0]))
+    d_sae = SAE.from_pretrained(paths(b, folder)[1]).d_sae
+    return mc, b.batch_size * b.seq_len * (3 * mc.flops_per_token(b.seq_len) + 4 * mc.d_model * d_sae)
 
 
 def bench_adapt(b: BenchConfig, dev):
@@ -304,13 +330,8 @@ def bench_adapt(b: BenchConfig, dev):
         build_files(b, folder)
     if b.profile:  # in this process: the table is printed by profiled()
         return run_ours(b, folder, b.compile, dev)
-    from checkpoint import read_config
-    from model import ModelConfig
-    mc = ModelConfig.from_hf(read_config(paths(b, folder)[0]))
-    m = b.expansion * mc.d_model
+    mc, flops = step_flops(b, folder)
     tokens = b.batch_size * b.seq_len
-    # forward of the base pass + forward and backward of the spliced pass (~3 forwards); SAE encoder fwd + bwd
-    flops = tokens * (3 * mc.flops_per_token(b.seq_len) + 4 * mc.d_model * m)
     peak = common.peak_flops(dev, b.autocast)
     print(f"device {dev} | {mc.model_type} d_model {mc.d_model} layers {mc.n_layer} vocab {mc.vocab_size} "
           f"({mc.n_params() / 1e6:.0f}M parameters) | batch {b.batch_size} x {b.seq_len} | LoRA rank {b.rank} on all "
@@ -323,7 +344,8 @@ def bench_adapt(b: BenchConfig, dev):
         if name == "ours (compiled)" and not b.compile:
             continue
         r = run_config(b, name)
-        if r is None:
+        if "error" in r:
+            print(f"{name:50s} failed: {r['error']}")
             continue
         rows[name] = r
         tps = tokens / r["seconds"]

@@ -64,6 +64,8 @@ def parse_args(config_cls, argv=None, epilog: str | None = None):
     given = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     cfg = config_cls(**given)
     sources(cfg).update(dict.fromkeys(given, "typed"))
+    if isinstance(getattr(cfg, "device", None), str):
+        pick_device(cfg.device)  # a GPU that is not there: one line now, before anything is built
     return cfg, set(given)
 
 
@@ -159,18 +161,15 @@ class Dist:
 
 
 def setup(device: str | None = None) -> Dist:
-    """Read torchrun's env vars (RANK, LOCAL_RANK, WORLD_SIZE); gloo on CPU, nccl on CUDA. Single process otherwise."""
-    if device in (None, "", "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=torch.device(device))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
+    """Read torchrun's env vars (RANK, LOCAL_RANK, WORLD_SIZE); gloo on CPU, nccl on CUDA. A process torchrun started
+    joins its process group even alone (--nproc_per_node 1: NCCL and FSDP2 on one GPU); plain python runs without one.
+    A device that is not there ends in one line (pick_device)."""
+    dev = pick_device(device)
+    if not torchrun():
+        return Dist(device=dev)
+    rank, local, world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"])
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank=rank, local_rank=local, world_size=world, device=dev)
@@ -188,6 +187,47 @@ def batch_split(batch_size: int, micro_batch: int | None, world_size: int) -> tu
         raise ValueError(f"--batch-size {batch_size} (sequences per step, all processes together) is not a multiple "
                          f"of --micro-batch {micro} x {world_size} processes: change one of them")
     return micro, batch_size // (micro * world_size)
+
+
+def torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(device: str | None = "auto", gpus: int | None = None) -> torch.device:
+    """--device as this process will use it, or a ValueError line saying why it cannot: auto is a GPU where CUDA sees
+    one, else the CPU; cuda:N must be a visible GPU; under torchrun each process takes the GPU of its LOCAL_RANK, so a
+    node needs a GPU per process. gpus: how many GPUs CUDA sees (default: ask CUDA)."""
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    spec = (device or "auto").strip().lower()
+    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", spec)
+    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise ValueError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    kind, index = m.group(1), m.group(2)
+    if kind == "auto":
+        kind = "cuda" if gpus else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    visible = f"{gpus} CUDA GPU{'s are' if gpus != 1 else ' is'} visible here"
+    if not gpus:
+        why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else
+               "CUDA sees no GPU here (no driver, or CUDA_VISIBLE_DEVICES hides them)")
+        raise ValueError(f"--device {spec}: {why}; use --device cpu (or auto, which picks the CPU here)")
+    if torchrun():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        if index is not None:
+            raise ValueError(f"--device {spec}: under torchrun each process takes the GPU of its LOCAL_RANK; give "
+                             f"--device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
+        if max(per_node, local + 1) > gpus:
+            raise ValueError(f"torchrun started {max(per_node, local + 1)} processes on this node but only {visible}: "
+                             f"use --nproc_per_node {gpus} (one process per GPU), or --device cpu")
+        return torch.device("cuda", local)
+    if index is not None and int(index) >= gpus:
+        names = "cuda:0" if gpus == 1 else f"cuda:0..cuda:{gpus - 1}"
+        raise ValueError(f"--device {spec}: only {visible} ({names}); pick one of those, or cuda")
+    return torch.device("cuda" if index is None else f"cuda:{index}")
 
 
 def teardown():

@@ -1,0 +1,516 @@
+"""
+Verify the GPU path in one command: numerics against references, the embedded pipeline, the adapt step at the paper's
+shape against transformers + peft, torchrun with NCCL and FSDP2, and SAE training; one JSON and one markdown table.
+
+    python gpu_check.py --out DIR              # one CUDA GPU, within --budget seconds (8 minutes)
+    python gpu_check.py --quick --out DIR      # every part at tiny shapes on the CPU (tests/test_gpu_check.py)
+    python gpu_check.py --parts adapt --budget 300 --out DIR    # one part, with the whole budget
+
+The parts:
+  1 numerics  the model against transformers (Gemma-2 with its sliding window and soft-caps, Llama-3; fp32, bf16); the
+              compiled passes and KL chunk against splice.kl_reference (Eq. 7) in value and gradient; flex_attention
+              against the math path at head_dim 256, forward and backward; no graph breaks; fused TopK SAE vs dense
+  2 pipeline  `python adapt.py` from an empty cache: each stage's time, the gap closed
+  3 adapt     one adaptation step at Gemma-2-2B's shape (bench.py's functions): ours compiled in bf16 against
+              transformers + peft as the authors ran it (fp32, eager) and at its best: tokens/s, MFU, peak memory
+  4 torchrun  `torchrun --nproc_per_node 1 adapt.py`, on NCCL, and with --fsdp: the same adapter
+  5 sae       `bench.py sae`: train_sae.py's loop against the paper's
+
+Each part runs in its own process with its own deadline (a share of --budget, plus what earlier parts left unused);
+a part that fails or runs out of time is recorded with a one-line error and the numbers it had, and the rest still
+run. The JSON and the table are rewritten after every part. Exit code 0 when every part passed, 1 otherwise.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import common
+import gpu_numerics as gn
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class CheckConfig:
+    """Verify the GPU path: numerics, the embedded pipeline, the paper-shape adapt step, torchrun, SAE training."""
+    out: str = "out/gpu-check"  # gpu_check.json, gpu_check.md and gpu_check.log (each part's output) go here
+    quick: bool = False  # every part at tiny shapes, on the CPU unless --device says otherwise (the test suite runs
+    # this, so that the check cannot rot between GPU days)
+    parts: list[str] = field(default_factory=list)  # numerics | pipeline | adapt | torchrun | sae; none: all five
+    budget: float | None = None  # seconds for the whole check, shared among the parts; none: 480 on a GPU, 900 quick
+    device: str = "auto"  # auto | cuda | cuda:N | cpu (the full check needs a GPU)
+    part: str = ""  # internal: run this one part in this process
+    record: str = ""  # internal: the part's JSON record
+    deadline: float = 0.0  # internal: the part's deadline (seconds since the epoch)
+
+
+# name -> (number, what it checks, seconds of a 480 s GPU budget). Run in this order: the pipeline last, with what
+# the others leave unused.
+PARTS = {
+    "numerics": (1, "numerics on the device", 110),
+    "adapt": (3, "adapt step at Gemma-2-2B's shape", 170),
+    "sae": (5, "bench.py sae", 40),
+    "torchrun": (4, "torchrun: NCCL and FSDP2", 50),
+    "pipeline": (2, "python adapt.py from an empty cache", 95),
+}
+MARGIN = 10  # seconds kept for writing the report
+
+
+def main(argv=None):
+    cfg, typed = common.parse_args(CheckConfig, argv)
+    if cfg.quick and "device" not in typed:
+        cfg.device = "cpu"
+    dev = common.pick_device(cfg.device)
+    if cfg.part:
+        return run_part(cfg, dev)
+    if dev.type != "cuda" and not cfg.quick:
+        raise ValueError("the full check runs on a CUDA GPU and none is in use here; --quick runs every part at tiny "
+                         "shapes on the CPU")
+    names = cfg.parts or list(PARTS)
+    for name in names:
+        if name not in PARTS:
+            raise ValueError(f"--parts {name!r}: expected one of {', '.join(PARTS)}")
+    names = [n for n in PARTS if n in names]
+    budget = cfg.budget or (900.0 if cfg.quick else 480.0)
+    scale = (budget - MARGIN) / sum(PARTS[n][2] for n in names)
+    report = dict(command="python " + " ".join([os.path.basename(__file__), *(sys.argv[1:] if argv is None else argv)]),
+                  mode="quick" if cfg.quick else "full", budget_s=budget, environment=environment(dev), parts={})
+    tmp = tempfile.mkdtemp(prefix="lorasae-gpu-check-")
+    t0, log_text = time.time(), []
+    try:
+        share_end = t0
+        for name in names:
+            share_end += PARTS[name][2] * scale
+            deadline = min(share_end, t0 + budget - MARGIN)
+            report["parts"][name] = run_guarded(cfg, dev, name, deadline, tmp, log_text)
+            report["wall_s"] = time.time() - t0
+            report["passed"] = [n for n, p in report["parts"].items() if p["ok"]]
+            report["failed"] = [n for n, p in report["parts"].items() if not p["ok"]]
+            write_report(cfg.out, report, log_text)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"gpu_check: {len(report['passed'])} of {len(names)} parts passed in {report['wall_s']:.0f} s; "
+          f"{os.path.join(cfg.out, 'gpu_check.md')}")
+    sys.exit(0 if not report["failed"] else 1)
+
+
+def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list) -> dict:
+    """One part in a child process, killed with everything it started at its deadline; its record, whatever it had."""
+    record = os.path.join(tmp, f"{name}.json")  # the part works in the folder tmp/name beside it
+    args = [sys.executable, os.path.join(ROOT, "gpu_check.py"), f"--part={name}", f"--record={record}",
+            f"--deadline={deadline}", f"--device={dev}", f"--quick={cfg.quick}"]
+    t0, cpu0 = time.time(), cpu_seconds()
+    print(f"gpu_check: part {PARTS[name][0]} ({name}), {deadline - t0:.0f} s", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cfg.quick:  # tiny shapes: one thread per process (threads on tiny matrices mostly wait for each other)
+        env.setdefault("OMP_NUM_THREADS", "1")
+    proc = run_proc(args, deadline - t0, env=env)
+    rec = json.load(open(record)) if os.path.isfile(record) else {}
+    if proc["timed_out"]:
+        rec.update(ok=False, error=f"timed out after {time.time() - t0:.0f} s (its budget)"
+                   + (f"; {rec['error']}" if rec.get("error") else ""))
+    elif "ok" not in rec:
+        rec.update(ok=False, error=one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
+    rec.update(number=PARTS[name][0], title=PARTS[name][1], seconds=time.time() - t0, budget_s=deadline - t0,
+               cpu_s=cpu_seconds() - cpu0)
+    status = "pass" if rec["ok"] else f"FAIL: {rec['error']}"
+    print(f"gpu_check: part {PARTS[name][0]} ({name}) {status} ({rec['seconds']:.0f} s)", flush=True)
+    log_text.append(f"===== part {PARTS[name][0]} ({name}): {status}\n----- stdout\n{tail(proc['stdout'])}\n"
+                    f"----- stderr\n{tail(proc['stderr'])}\n")
+    return rec
+
+
+def run_proc(args, timeout: float, env=None, cwd=ROOT) -> dict:
+    """Run a command in its own process group; at the timeout the whole group is killed. stdout lines are stamped
+    with the time they arrived (stage times of a pipeline). {rc, stdout, stderr, lines: [(t, line)], timed_out}."""
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                            start_new_session=True)
+    lines = []
+    reader = threading.Thread(target=lambda: [lines.append((time.time(), line)) for line in proc.stdout], daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: torchrun's workers, compile workers, bench children
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    reader.join(timeout=5)
+    err.seek(0)
+    return dict(rc=proc.returncode, stdout="".join(line for _, line in lines), stderr=err.read(), lines=lines,
+                timed_out=timed_out)
+
+
+def one_line_error(text: str) -> str:
+    """The line that says what went wrong: a script's one-line error, else an exception's last line, else the last."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for pattern in (r"\S+\.py: error: .*", r"[\w.]*(Error|Exception|Interrupt)\b.*"):
+        hit = next((line for line in reversed(lines) if re.fullmatch(pattern, line)), None)
+        if hit:
+            return hit[:400]
+    return lines[-1][:400] if lines else ""
+
+
+def cpu_seconds() -> float:
+    """CPU time of the finished child processes (and theirs): what a part cost the host's cores."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def tail(text: str, n: int = 150) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def environment(dev: torch.device) -> dict:
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    env = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda, device=str(dev),
+               **{pkg: version(pkg) for pkg in ("transformers", "peft", "triton")})
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        env.update(device_name=p.name, capability=f"{p.major}.{p.minor}", memory_gb=round(p.total_memory / 2**30, 1),
+                   gpus=torch.cuda.device_count(), bf16_peak_tflops=common.peak_flops(dev, "bfloat16") / 1e12)
+    else:
+        try:
+            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                        if line.startswith("model name"))
+        except (OSError, StopIteration):
+            name = platform.processor() or platform.machine()
+        env.update(device_name=name, threads=torch.get_num_threads())
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inside a part's process
+
+
+class Part:
+    """What a part function gets: the mode, the device, a work folder, the time left, and its record, saved whole
+    after every change so that a part killed at its deadline still reports what it measured."""
+
+    def __init__(self, cfg, dev):
+        self.quick, self.dev, self.path, self.deadline = cfg.quick, dev, cfg.record, cfg.deadline
+        self.tmp = os.path.join(os.path.dirname(os.path.abspath(cfg.record)), cfg.part)  # the runner made it
+        os.makedirs(self.tmp, exist_ok=True)
+        self.rec: dict = {}
+
+    def put(self, **kw):
+        self.rec.update(kw)
+        common.write_json(self.path, common.jsonable(self.rec))
+
+    def left(self) -> float:
+        return self.deadline - time.time() - 3
+
+    def check(self, name: str, fn):
+        """One guarded check: fn returns [(what, error, tolerance), ...] and optionally a dict of details."""
+        checks = self.rec.setdefault("checks", {})
+        t0 = time.time()
+        try:
+            out = fn()
+            triples, details = (out if isinstance(out, tuple) else (out, {}))
+            checks[name] = dict(ok=all(err <= tol for _, err, tol in triples), seconds=time.time() - t0,
+                                errors={w: e for w, e, _ in triples}, tolerances={w: t for w, _, t in triples},
+                                **details)
+        except Exception as e:  # recorded; the other checks still run
+            checks[name] = dict(ok=False, seconds=time.time() - t0, error=f"{type(e).__name__}: {str(e).strip()}"[:400])
+        self.put()
+
+
+def run_part(cfg, dev):
+    if cfg.part not in PARTS:
+        raise ValueError(f"--part {cfg.part!r}: expected one of {', '.join(PARTS)}")
+    p = Part(cfg, dev)
+    torch.manual_seed(0)
+    try:
+        globals()[f"part_{cfg.part}"](p)
+        p.rec["ok"] = True
+    except Exception as e:
+        import traceback
+        traceback.print_exc()
+        p.rec.update(ok=False, error=f"{type(e).__name__}: {' '.join(str(e).split())}"[:400])
+    p.put()
+
+
+def sub(p: Part, args, **kw) -> dict:
+    """A command of a part, with the part's remaining time; a failure raises its one-line error."""
+    t0 = time.time()
+    proc = run_proc(args, p.left(), **kw)
+    if proc["timed_out"]:
+        raise TimeoutError(f"{' '.join(os.path.basename(a) for a in args[1:4])} timed out after "
+                           f"{time.time() - t0:.0f} s")
+    if proc["rc"] != 0:
+        raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
+    return proc
+
+
+def fail_if_any(p: Part):
+    bad = [f"{name}: {c.get('error') or c['errors']}" for name, c in p.rec.get("checks", {}).items() if not c["ok"]]
+    if bad:
+        raise AssertionError(f"{len(bad)} of {len(p.rec['checks'])} checks failed: " + "; ".join(bad))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. numerics
+
+
+def part_numerics(p: Part):
+    try:
+        import transformers  # noqa: F401  (test-only; the library never imports it)
+    except ModuleNotFoundError:
+        transformers = None
+    # on a CPU inductor's C++ builds take minutes: quick mode traces the same graphs with dynamo and runs them as
+    # traced (the eager backend); flex_attention is compiled by inductor in every mode
+    backend = "eager" if p.quick and p.dev.type == "cpu" else "inductor"
+    p.put(ran="tiny Gemma-2 / Llama-3 checkpoints (tests/hf_refs.py), tiny adapted models (tests/tiny.py), "
+              f"Gemma-2-2B attention shapes, a TopK SAE; torch.compile backend {backend}"
+              + ("; transformers not installed: no comparison with it" if transformers is None else ""),
+          transformers_present=transformers is not None)
+    if transformers is not None:
+        for family in ("gemma2", "llama3"):
+            for precision in ("float32", "bfloat16"):
+                p.check(f"model vs transformers: {family} {precision}",
+                        lambda: gn.vs_transformers(p.dev, p.tmp, family, precision))
+    for family, share in (("llama3", False), ("gemma2", True))[p.quick:]:
+        p.check(f"compiled passes + KL chunk vs kl_reference: {family}" + (", shared prefix" if share else ""),
+                lambda: gn.compiled_vs_reference(p.dev, p.tmp, family, share, p.quick, backend))
+    for dtype in ("float32", "bfloat16")[:1 if p.quick else 2]:
+        p.check(f"flex_attention vs math path, head_dim 256: {dtype}", lambda: gn.flex_vs_math(p.dev, dtype, p.quick))
+    p.check("graph breaks", lambda: gn.graph_breaks(p.dev, p.tmp, p.quick, ("gemma2", "llama3")[:1 if p.quick else 2]))
+    for dtype in ("float32", "bfloat16"):
+        p.check(f"fused TopK SAE vs dense: {dtype}", lambda: gn.fused_vs_dense(p.dev, dtype, p.quick))
+    checks = p.rec["checks"]
+    p.put(summary=f"{sum(c['ok'] for c in checks.values())} of {len(checks)} checks pass")
+    fail_if_any(p)
+
+
+def tiny_run_files(p: Part, family: str = "llama3", train_steps: int = 0) -> tuple[str, str, str]:
+    """A tiny model (random, or trained on the tokens: then an SAE opens a CE gap), Markov token shards and a random
+    TopK SAE at layer 1 (tests/tiny.py): what adapt.py runs on in the quick pipeline and under torchrun."""
+    from tests.tiny import make_data, make_model, make_sae, make_trained_model
+    data = make_data(os.path.join(p.tmp, "data"), n_train=20_000, n_val=4_000)
+    model = os.path.join(p.tmp, "model")
+    if train_steps:
+        make_trained_model(model, data, family=family, steps=train_steps)
+    else:
+        make_model(model, family=family)
+    return model, data, make_sae(os.path.join(p.tmp, "sae"), "topk", layer=1, k=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. pipeline
+
+
+# the stages of `python adapt.py` from an empty cache, each ending at the first output line that matches
+STAGES = (("start-up and corpus (tokenizer, token shards)", r"^pretrain \w+: "),
+          ("pretraining", r"^embedded pipeline: pretraining done"),
+          ("SAE", r"^embedded pipeline: SAE training .* done"),
+          ("adaptation", r"^done: CE "))
+
+
+def part_pipeline(p: Part):
+    out = os.path.join(p.tmp, "adapt")
+    if p.quick:  # the embedded recipe takes 45 minutes on a CPU: tests/tiny.py's model, data and SAE instead
+        t0 = time.time()
+        model, data, sae = tiny_run_files(p, train_steps=80)
+        p.put(ran="quick: tests/tiny.py's Markov tokens, a tiny Llama-3 trained 80 steps on them and a random TopK SAE,"
+                  " then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)",
+              stages={"tiny files": time.time() - t0})
+        args = ["--model", model, "--data", data, "--sae", sae, "--seq-len", "32", "--batch-size", "4",
+                "--max-tokens", "1024", "--eval-tokens", "256", "--eval-interval", "8", "--log-interval", "4",
+                "--ckpt-interval", "8", "--lr", "3e-3", "--rank", "8", "--compile", "false", "--dropout", "0"]
+        stages = STAGES[3:]
+    else:
+        p.put(ran="python adapt.py (the embedded pipeline's full recipe) with LORASAE_CACHE an empty folder", stages={})
+        args, stages = [], STAGES
+    t0 = time.time()
+    env = {**os.environ, "LORASAE_CACHE": os.path.join(p.tmp, "cache"), "PYTHONUNBUFFERED": "1"}
+    proc = run_proc([sys.executable, "adapt.py", *args, "--out", out, f"--device={p.dev}"], p.left(), env=env)
+    done, last = {}, t0
+    for stage, pattern in stages:
+        t = next((t for t, line in proc["lines"] if re.search(pattern, line)), None)
+        if t is None:
+            break
+        done[stage], last = t - last, t
+    times = {**p.rec["stages"], **done}
+    p.put(stages=times, total_s=time.time() - t0)
+    if proc["timed_out"]:
+        stage = stages[len(done)][0] if len(done) < len(stages) else "its last lines"
+        raise TimeoutError(f"python adapt.py timed out after {time.time() - t0:.0f} s, in {stage}")
+    if proc["rc"] != 0:
+        raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
+    res = json.load(open(os.path.join(out, "results.json")))
+    keep = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "tokens_per_s", "steps")
+    p.put(results={k: res[k] for k in keep}, summary=f"{res['gap_closed']:.1%} of the CE gap closed "
+          f"({res['ce_sae']:.4f} -> {res['ce_sae_lora']:.4f}, original {res['ce_base']:.4f}); "
+          + ", ".join(f"{s} {t:.0f} s" for s, t in times.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. adapt step at the paper's shape (bench.py adapt's functions)
+
+
+def part_adapt(p: Part):
+    import bench
+    if p.quick:
+        b = bench.BenchConfig(d_model=64, n_layer=2, vocab=512, layer=[0], seq_len=32, batch_size=2, rank=4,
+                              expansion=4, k=4, kl_chunk=64, compile=False, steps=1, warmup=1, device="cpu")
+    else:  # Gemma-2-2B (random weights), one 1024-token sequence, rank 64 on all layers, a 16k SAE at layer 12
+        b = bench.BenchConfig(shape="gemma-2-2b", layer=[12], seq_len=1024, batch_size=1, rank=64, sae_width=16384,
+                              k=64, kl_chunk=1024, steps=5, warmup=2, device=str(p.dev))
+    b.autocast = "bfloat16" if p.dev.type == "cuda" else "float32"
+    folder = os.path.join(p.tmp, "bench")
+    t0 = time.time()
+    bench.build_files(b, folder)
+    b.model, b.sae = bench.paths(b, folder)  # the configurations' processes read these files
+    mc, flops = bench.step_flops(b, folder)
+    peak_dtype = "bfloat16" if p.dev.type == "cuda" else "float32"  # the GPU's bf16 peak; quick rows run fp32
+    peak = common.peak_flops(p.dev, peak_dtype)
+    p.put(ran=f"{b.shape or 'small ' + mc.model_type} shape, random weights: d_model {mc.d_model}, "
+              f"{mc.n_layer} layers, vocabulary {mc.vocab_size}; batch {b.batch_size} x {b.seq_len}; "
+              f"LoRA rank {b.rank} on all layers; "
+              f"TopK SAE of {b.sae_width or b.expansion * mc.d_model} latents (k {b.k}) at layer {b.layer[0]}; "
+              f"{b.steps} timed steps after {b.warmup}", build_s=time.time() - t0, peak_tflops=peak / 1e12,
+          peak_basis=f"{peak_dtype} {'datasheet' if p.dev.type == 'cuda' else 'measured 1024^3 matmul'}", rows={})
+    ours = "ours (compiled)" if b.compile else "ours (eager)"
+    for i, (key, name) in enumerate((("ours", ours), ("authors", "transformers + peft (fp32, as the paper's code)"),
+                                     ("best", "transformers + peft (same precision)"))):
+        if key == "ours":  # bench.run_ours: weights stored in the autocast dtype
+            amp = "no" if b.autocast == "float32" else b.autocast
+            label = f"{ours[:-1]}, {b.autocast} weights, {amp} autocast)"
+        else:
+            dtype, attn = bench.reference_setup(mc.model_type, key == "best", b.autocast)
+            amp = b.autocast if key == "best" and b.autocast != "float32" else "no"
+            label = (f"transformers + peft ({dtype} weights, {attn} attention, {amp} autocast)"
+                     + (": the authors' train_lora.py" if key == "authors" else ""))
+        share = p.left() / (3 - i) * (1.5 if i == 0 else 1)  # ours compiles: a larger share of the time
+        r = dict(label=label, **bench.run_config(b, name, timeout=max(1.0, share)))
+        if "seconds" in r:
+            r.update(tokens_per_s=b.batch_size * b.seq_len / r["seconds"], mfu=flops / r["seconds"] / peak)
+        p.rec["rows"][key] = r
+        p.put()
+    rows = p.rec["rows"]
+    if all("tokens_per_s" in r for r in rows.values()):
+        o = rows["ours"]
+        p.put(speedup={k: o["tokens_per_s"] / rows[k]["tokens_per_s"] for k in ("authors", "best")},
+              summary=f"ours {o['tokens_per_s']:,.0f} tokens/s, MFU {o['mfu']:.1%}, {o['peak_gb']:.2f} GB; "
+                      f"{o['tokens_per_s'] / rows['authors']['tokens_per_s']:.2f}x the authors' setup "
+                      f"({rows['authors']['peak_gb']:.2f} GB), {o['tokens_per_s'] / rows['best']['tokens_per_s']:.2f}x "
+                      f"transformers + peft at its best ({rows['best']['peak_gb']:.2f} GB)")
+    bad = [f"{r['label']}: {r['error']}" for r in rows.values() if "error" in r]
+    if bad:
+        raise RuntimeError("; ".join(bad))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. torchrun
+
+
+def part_torchrun(p: Part):
+    """adapt.py under torchrun with one process: the process group (NCCL on a GPU), then FSDP2 sharding over it. Both
+    run the same fp32 steps uncompiled, so their adapters must agree (tests/test_adapt.py does 2 gloo ranks)."""
+    model, data, sae = tiny_run_files(p, "gemma2")
+    args = ["--model", model, "--data", data, "--sae", sae, "--seq-len", "64", "--batch-size", "4", "--max-tokens",
+            "1024", "--eval-tokens", "256", "--eval-interval", "4", "--log-interval", "2", "--ckpt-interval", "4",
+            "--lr", "3e-3", "--rank", "8", "--compile", "false", "--autocast", "float32", "--dropout", "0",
+            f"--device={p.dev.type}"]
+    backend = "nccl" if p.dev.type == "cuda" else "gloo"
+    p.put(ran=f"torchrun --nproc_per_node 1 adapt.py ({backend}), then with --fsdp: tiny Gemma-2, 4 steps of 4 x 64 "
+              f"tokens, fp32, uncompiled", backend=backend, runs={})
+    for name, extra in ((backend, []), ("fsdp", ["--fsdp"])):
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        t0 = time.time()
+        sub(p, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port", str(port),
+                "adapt.py", *args, "--out", os.path.join(p.tmp, name), *extra])
+        res = json.load(open(os.path.join(p.tmp, name, "results.json")))
+        p.rec["runs"][name] = dict(seconds=time.time() - t0, tokens_per_s=res["tokens_per_s"],
+                                   kl_sae_lora=res["kl_sae_lora"], steps=res["steps"])
+        p.put()
+    a, b = (torch.load(os.path.join(p.tmp, n, "ckpt.pt"), map_location="cpu", weights_only=False)["adapter"]
+            for n in (backend, "fsdp"))
+    diff = max((x - y).abs().max().item() for x, y in zip(a, b))
+    same = all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(a, b))
+    p.put(adapter_max_abs_diff=diff, adapters_agree=same, summary=f"{backend} and FSDP2 adapters agree to {diff:.1e}; "
+          + ", ".join(f"{n} {r['tokens_per_s']:,.0f} tokens/s" for n, r in p.rec["runs"].items()))
+    if not same:
+        raise AssertionError(f"the FSDP2 adapter differs from the {backend} one by up to {diff:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. bench.py sae
+
+
+def part_sae(p: Part):
+    args = ["--d-model", "64", "--n-layer", "2", "--vocab", "512", "--layer", "0", "--expansion", "4", "--k", "4",
+            "--steps", "1", "--warmup", "1", "--compile-sae", "false"] if p.quick else []
+    cmd = ["python", "bench.py", "sae", *args, f"--device={p.dev}"]
+    p.put(ran=" ".join(cmd) + ("" if p.quick else " (a 512-wide, 8-layer Gemma-2 shape, 16k vocabulary)"))
+    proc = sub(p, [sys.executable, *cmd[1:]])
+    res = json.loads(proc["stdout"].strip().splitlines()[-1])
+    p.put(results=res, summary=f"ours {res['ours_tokens_per_s']:,.0f} tokens/s against the paper's loop "
+                               f"{res['paper_tokens_per_s']:,.0f}: {res['ratio']:.1f}x")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def cell(x) -> str:
+    return str(x).replace("|", "/")  # a table cell: an error message may hold a pipe
+
+
+def write_report(folder: str, report: dict, log_text: list):
+    common.write_json(os.path.join(folder, "gpu_check.json"), common.jsonable(report))
+    common.write_text(os.path.join(folder, "gpu_check.log"), "\n".join(log_text))
+    env, parts = report["environment"], report["parts"]
+    lines = [f"# GPU check: {len(report['passed'])} of {len(parts)} parts passed", "",
+             f"`{report['command']}` ({report['mode']}) on {env.get('device_name')} ({env['device']}): torch "
+             f"{env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, peft {env['peft']}; "
+             f"{report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget.", "",
+             "| part | result | time / budget | what ran | numbers |", "| --- | --- | --- | --- | --- |"]
+    for name, r in sorted(parts.items(), key=lambda kv: kv[1]["number"]):
+        result = "pass" if r["ok"] else f"**fail**: {cell(r['error'])}"
+        lines.append(f"| {r['number']}. {r['title']} | {result} | {r['seconds']:.0f} / {r['budget_s']:.0f} s | "
+                     f"{cell(r.get('ran', '-'))} | {cell(r.get('summary', '-'))} |")
+    if "checks" in parts.get("numerics", {}):
+        lines += ["", "## 1. Numerics", "", "| check | result | relative error (tolerance) |", "| --- | --- | --- |"]
+        for name, c in parts["numerics"]["checks"].items():
+            errs = c.get("error") or "; ".join(f"{w}: {e:.1e} ({c['tolerances'][w]:.0e})" if isinstance(e, float) else
+                                               f"{w}: {e} ({c['tolerances'][w]})" for w, e in c["errors"].items())
+            lines.append(f"| {name} | {'pass' if c['ok'] else '**fail**'} | {cell(errs)} |")
+    if parts.get("adapt", {}).get("rows"):
+        a = parts["adapt"]
+        lines += ["", "## 3. Adapt step", "", f"MFU against {a['peak_tflops']:.4g} TFLOP/s ({a['peak_basis']}).", "",
+                  "| configuration | tokens/s | MFU | peak memory (GB) |", "| --- | --- | --- | --- |"]
+        for r in a["rows"].values():
+            lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} |"
+                         if "tokens_per_s" in r else f"| {r['label']} | **fail**: {cell(r.get('error'))} | | |")
+    common.write_text(os.path.join(folder, "gpu_check.md"), "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    common.cli(main)
