@@ -121,6 +121,53 @@ def test_cache_folders_are_keyed_by_the_recipe(monkeypatch, tmp_path):
     assert embedded.sae_dir(2, a) != sae
 
 
+def test_shipped_files_are_used_when_the_recipe_matches(monkeypatch, tmp_path, no_build):
+    """An empty cache: the default recipe's model and SAE come from shipped/ and nothing is built."""
+    monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
+    model = embedded.model()
+    assert model == os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir()))
+    assert embedded.sae() == os.path.join(embedded.SHIPPED, os.path.basename(embedded.sae_dir(2, model)))
+    assert no_build == [] and os.listdir(tmp_path) == []
+
+
+def test_a_changed_recipe_builds_its_own_folder(monkeypatch, tmp_path, no_build):
+    monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
+    monkeypatch.setitem(embedded.SAE, "k", 32)  # the SAE recipe: a new SAE on the shipped model
+    sae = embedded.sae()
+    assert os.path.dirname(sae) == str(tmp_path) and os.path.basename(sae) not in os.listdir(embedded.SHIPPED)
+    (kind, cfg), = no_build
+    assert kind == "train_sae" and cfg.k == 32 and cfg.out == sae
+    assert os.path.dirname(cfg.model) == embedded.SHIPPED  # trained on the shipped model it is keyed by
+    monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 100_000)  # the model's recipe: pretrained anew, then its SAE
+    model = embedded.model()
+    assert os.path.dirname(model) == str(tmp_path) and no_build[1][0] == "pretrain" and no_build[1][1].out == model
+    assert os.path.dirname(embedded.sae()) == str(tmp_path) and no_build[2][1].model == model
+    assert len(no_build) == 3
+
+
+def test_shipped_files_are_what_their_recipe_built():
+    """Each shipped folder holds what the default recipe built: pretrain.json records the model's recipe, history.json
+    the SAE's, and the SAE's folder is keyed by the shipped model's weights. A changed default recipe fails here until
+    shipped/ is rebuilt (shipped/README.md)."""
+    import pretrain
+    model = os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir()))
+    assert os.path.isfile(os.path.join(model, "model.safetensors")), \
+        "the default recipe changed: rebuild shipped/ with the commands in shipped/README.md"
+    recorded = json.load(open(os.path.join(model, "pretrain.json")))["config"]
+    asked = pretrain.PretrainRecipe()
+    for f in dataclasses.fields(pretrain.PretrainRecipe):
+        if f.name == "autocast":  # pretrain.json records what "auto" ran as on the machine that built it
+            assert asked.autocast == "auto" and recorded["autocast"] in ("bfloat16", "float32")
+        else:
+            assert recorded[f.name] == getattr(asked, f.name), f.name
+    assert os.path.isfile(os.path.join(model, "tokenizer.model")) and os.path.isfile(os.path.join(model, "config.json"))
+    sae = os.path.join(embedded.SHIPPED, os.path.basename(embedded.sae_dir(embedded.SAE_LAYER, model)))
+    recorded = json.load(open(os.path.join(sae, "history.json")))["config"]
+    assert {k: recorded[k] for k in embedded.SAE} == embedded.SAE
+    assert os.path.isfile(os.path.join(sae, "sae_weights.safetensors"))
+    assert sorted(os.listdir(embedded.SHIPPED)) == sorted(["README.md", os.path.basename(model), os.path.basename(sae)])
+
+
 def typed_other(value):
     """A command-line value unlike the preset's `value`."""
     if isinstance(value, bool):
