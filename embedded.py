@@ -7,19 +7,33 @@ The offline pipeline: what every script uses when no --model is given, built on 
 
 Each script has a preset below: the settings that replace the paper's values (sized for a few CPU cores, not a GPU
 cluster). A preset fills only the flags the user did not type, so `python adapt.py --lr 5e-5` trains at 5e-5.
-The cache lives in out/cache (LORASAE_CACHE overrides); each artefact's folder is named by a hash of the settings
-that build it (tiny-gemma2-<hash>, sae-tiny-gemma2-<hash>-L2-<hash>), so a changed recipe builds anew beside the old.
+
+Each artefact's folder is named by a hash of its recipe: the model's by pretrain.PretrainRecipe's fields and the
+corpus settings (tiny-gemma2-<hash>), the SAE's by the SAE recipe below, its layer and the sha256 of the weights it
+reads (sae-tiny-gemma2-<hash>-L2-<hash>). A folder of that name is looked for in the cache, out/cache
+(LORASAE_CACHE moves it), then in shipped/, which holds the default recipe's model (with its tokenizer) and SAE as
+the project's own commands built them (shipped/README.md: the commands, the machine, the time, the loss). A changed
+recipe has another name, so it is built in the cache beside the old one; `python pretrain.py` and `python
+train_sae.py --out DIR` build from scratch whatever is shipped.
+
+The stdlib differs between Python versions. The model's name does not include the Python version, so that the
+shipped files serve every Python: the model is used with the local stdlib tokenized by the model's own tokenizer
+(cached per tokenizer), and on a Python other than the one that built it (shipped/README.md) the held-out split may
+hold a few files that the model trained on in their other version.
+
+Layering: this library module calls two scripts' run() (pretrain.py, train_sae.py), imported inside the functions
+that build. It must, so that an artefact built on first use is exactly what its command writes, and so that each
+script keeps its loop and reads top to bottom (nanoGPT style) instead of moving it here.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
-import sys
 import textwrap
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -30,6 +44,7 @@ from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
 SAE_LAYER = TINY_LAYERS // 2
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")  # the default recipe, prebuilt
 
 # The embedded SAE recipe (Gao et al.'s TopK recipe at a small scale); `python train_sae.py` runs the same
 SAE = dict(layer=[SAE_LAYER], k=16, expansion=8, max_tokens=4_000_000, batch_tokens=4096, buffer_tokens=131_072,
@@ -68,38 +83,43 @@ def cache_dir() -> str:
 
 
 def corpus() -> str:
-    """The token folder of the stdlib corpus in the tiny model's tokens (built once)."""
-    return corpus_and_tokenizer()[0]
+    """The token folder of the stdlib corpus in the embedded model's own tokens (built once)."""
+    return corpus_for(model())
 
 
 def model_dir(cfg=None) -> str:
-    """The tiny model's cache folder, named by what builds it: pretrain.py's settings (`cfg`, default its defaults)
-    and the corpus recipe."""
+    """Where the tiny model with pretrain.py's settings `cfg` (default: its defaults) is built: the cache folder
+    named by its recipe, pretrain.PretrainRecipe's fields and the corpus settings."""
     import pretrain
-    recipe = {k: v for k, v in asdict(cfg or pretrain.PretrainConfig()).items() if k not in BOOKKEEPING}
-    recipe.update(corpus_vocab=CORPUS_VOCAB, corpus_val_tokens=CORPUS_VAL_TOKENS, python=sys.version_info[:2])
+    cfg = cfg or pretrain.PretrainConfig()
+    recipe = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(pretrain.PretrainRecipe)}
+    recipe.update(corpus_vocab=CORPUS_VOCAB, corpus_val_tokens=CORPUS_VAL_TOKENS)
     return os.path.join(cache_dir(), f"tiny-{recipe['family']}-{_key(recipe)}")
 
 
-def sae_dir(layer: int = SAE_LAYER) -> str:
-    """The embedded SAE's cache folder: the model it reads and the SAE recipe above."""
-    return os.path.join(cache_dir(), f"sae-{os.path.basename(model_dir())}-L{layer}-{_key(SAE)}")
+def sae_dir(layer: int, model_path: str) -> str:
+    """Where the embedded SAE at `layer` of the model in `model_path` is built: the cache folder named by the SAE
+    recipe above and the sha256 of the weights it reads."""
+    recipe = dict(SAE, layer=[layer], model_sha256=data._sha256(os.path.join(model_path, "model.safetensors")))
+    return os.path.join(cache_dir(), f"sae-{os.path.basename(model_path)}-L{layer}-{_key(recipe)}")
 
 
 def model() -> str:
-    """The tiny model's folder, pretrained with pretrain.py's defaults on first use."""
+    """The tiny model's folder: the cached or shipped one of pretrain.py's default recipe, else pretrained now."""
     out = model_dir()
 
     def build():
         import pretrain
         common.log(f"embedded model: pretraining a tiny Gemma-2 in {out} (first run only)")
-        pretrain.run(pretrain.PretrainConfig(out=out, data=corpus()), d=_one_process())
+        pretrain.run(pretrain.PretrainConfig(out=out, data=corpus_and_tokenizer()[0]), d=_one_process())
     return _once(out, "model.safetensors", build, "pretraining")
 
 
 def sae(layer: int = SAE_LAYER) -> str:
-    """The embedded TopK SAE at `layer` of the tiny model, trained with the SAE recipe above on first use."""
-    model_path, out = model(), sae_dir(layer)
+    """The embedded TopK SAE at `layer` of the tiny model: the cached or shipped one of the SAE recipe above, else
+    trained now."""
+    model_path = model()
+    out = sae_dir(layer, model_path)
 
     def build():
         import train_sae
@@ -107,10 +127,6 @@ def sae(layer: int = SAE_LAYER) -> str:
         cfg = train_sae.TrainSAEConfig(**dict(SAE, model=model_path, data=corpus(), out=out, layer=[layer]))
         train_sae.run(cfg, d=_one_process())
     return _once(out, "cfg.json", build, f"SAE training (layer {layer})")
-
-
-BOOKKEEPING = ("out", "data", "resume", "stop_after", "device", "log_interval", "eval_interval", "eval_batches",
-               "ckpt_interval")  # settings that do not change what pretraining produces
 
 
 def _key(recipe: dict) -> str:
@@ -121,9 +137,20 @@ def _one_process() -> common.Dist:
     return common.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+_SAID = set()
+
+
 def _once(folder: str, marker: str, build, stage: str) -> str:
-    """Build `folder` unless its `marker` file exists, and say how long that took. Under torchrun (before the process
-    group is up) rank 0 builds it in one process and the other ranks wait for the marker."""
+    """`folder` (in the cache) if its `marker` file exists, else the shipped folder of that name, else `folder`
+    built now, saying how long that took. Under torchrun (before the process group is up) rank 0 builds it in one
+    process and the other ranks wait for the marker."""
+    shipped = os.path.join(SHIPPED, os.path.basename(folder))
+    if not os.path.isfile(os.path.join(folder, marker)) and os.path.isfile(os.path.join(shipped, marker)):
+        if shipped not in _SAID:  # once per process: fill, corpus and sae all ask for the model
+            _SAID.add(shipped)
+            common.log(f"embedded pipeline: {stage} skipped, the same recipe is shipped in {shipped} (how it was "
+                       f"built: shipped/README.md)")
+        return shipped
     path = os.path.join(folder, marker)
     if not os.path.isfile(path):
         t0 = time.time()
@@ -194,6 +221,8 @@ def corpus_and_tokenizer(cache: str | None = None, tokenizer=None) -> tuple[str,
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, data.Tokenizer) else data.load_tokenizer(tokenizer)
         sha = data._sha256(tok.path)
+        if _cached_for(os.path.join(cache, "stdlib"), sha):  # the BPE below, as a model folder's copy of it
+            return os.path.join(cache, "stdlib"), tok.path
         root = os.path.join(cache, f"stdlib-{sha[:16]}")
         if not _cached_for(root, sha):
             print(f"embedded corpus: tokenizing the Python standard library with {tok.path}...", flush=True)

@@ -31,11 +31,10 @@ from model import ModelConfig, Transformer
 
 
 @dataclass
-class PretrainConfig:
-    """Pretrain a tiny Gemma-2 / Llama-3 architecture model from scratch (defaults: the embedded offline model)."""
+class PretrainRecipe:
+    """What decides the weights. The embedded pipeline names the model's cache folder by a hash of these fields
+    (embedded.model_dir); PretrainConfig below adds the settings that do not change what is trained."""
     family: str = "gemma2"  # gemma2 | llama3
-    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of these settings> (embedded.model_dir)
-    data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
     d_model: int = 192  # width (the default shape, 3.0M parameters, won a size sweep: experiments/README.md)
     n_layer: int = 4  # decoder blocks
     n_head: int = 6  # attention heads
@@ -47,25 +46,31 @@ class PretrainConfig:
     batch_size: int = 16  # sequences per step per process
     grad_accum: int = 1  # micro-steps accumulated per optimizer step
     max_steps: int = 1000  # about 4M tokens, 1.2 epochs of the stdlib corpus
-    stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
     lr: float = 6e-3  # AdamW peak learning rate
     min_lr_frac: float = 0.1  # the cosine decay ends at lr x this
     warmup_frac: float = 0.05  # fraction of the steps warming up linearly
     weight_decay: float = 0.1  # AdamW weight decay of the matrices and embeddings (norms: none)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0
-    # bookkeeping
+    grad_clip: float = 1.0  # gradient norm clip
+    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
+    # float32) | bfloat16 | float32
+    seed: int = 0  # initialisation and data order
+
+
+@dataclass
+class PretrainConfig(PretrainRecipe):
+    """Pretrain a tiny Gemma-2 / Llama-3 architecture model from scratch (defaults: the embedded offline model)."""
+    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of the recipe above> (embedded.model_dir)
+    data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
+    stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
     eval_interval: int = 250  # steps between validation losses
     eval_batches: int = 25  # validation batches
     log_interval: int = 25  # steps between log lines
     ckpt_interval: int = 250  # steps between checkpoints (train_state.pt)
     resume: bool = False  # continue from --out/train_state.pt
     compile: bool = True  # torch.compile the model
-    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
-    # float32) | bfloat16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0  # initialisation and data order
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int | None) -> ModelConfig:
@@ -116,9 +121,9 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         data_dir = cfg.data
     else:  # build the embedded corpus once (rank 0), the others wait and then read the cache
         if d.master:
-            embedded.corpus()
+            embedded.corpus_and_tokenizer()
         _barrier(d)
-        data_dir = embedded.corpus()
+        data_dir = embedded.corpus_and_tokenizer()[0]
     meta = load_meta(data_dir)
     tok = load_tokenizer(meta["tokenizer"])
     out = cfg.out or embedded.model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses

@@ -88,29 +88,145 @@ def test_real_model_without_sae_uses_the_paper_sae_or_says_what_to_pass(stub_pip
         adapt.main(["--model", "meta-llama/Llama-3.2-1B", "--layer", "8", "--data", "d"])
 
 
-def test_cached_artefacts_are_not_rebuilt(monkeypatch, tmp_path):
+def fake_model(folder, weights=b""):
+    """A model folder as far as the cache keys look: model.safetensors (its bytes are the SAE key's input)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(weights)
+    return folder
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """The builders record what they were asked to build, write only the marker, and train nothing."""
+    import pretrain
+    built = []
+
+    def fake_pretrain(cfg, d=None):
+        built.append(("pretrain", cfg))
+        fake_model(cfg.out, b"weights of a new recipe")
+
+    def fake_train_sae(cfg, d=None):
+        built.append(("train_sae", cfg))
+        os.makedirs(cfg.out, exist_ok=True)
+        open(os.path.join(cfg.out, "cfg.json"), "w").write("{}")
+    monkeypatch.setattr(pretrain, "run", fake_pretrain)
+    monkeypatch.setattr(train_sae, "run", fake_train_sae)
+    monkeypatch.setattr(embedded, "corpus_and_tokenizer", lambda *a, **k: ("CORPUS", "TOKENIZER"))
+    monkeypatch.setattr(embedded, "corpus_for", lambda model: "CORPUS")
+    return built
+
+
+def test_cached_artefacts_are_not_rebuilt(monkeypatch, tmp_path, no_build):
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
-    model, sae = embedded.model_dir(), embedded.sae_dir(1)
+    monkeypatch.setattr(embedded, "SHIPPED", str(tmp_path / "nothing shipped"))
+    model = fake_model(embedded.model_dir())
+    sae = embedded.sae_dir(1, model)
     assert os.path.dirname(model) == os.path.dirname(sae) == str(tmp_path)
-    os.makedirs(model)
-    open(os.path.join(model, "model.safetensors"), "wb").close()
     os.makedirs(sae)
     open(os.path.join(sae, "cfg.json"), "w").write("{}")
-    monkeypatch.setattr(embedded, "corpus", lambda: "CORPUS")
     assert embedded.model() == model and embedded.sae(1) == sae
+    assert no_build == []
 
 
 def test_cache_folders_are_keyed_by_the_recipe(monkeypatch, tmp_path):
-    """A changed recipe builds beside the old artefact instead of reusing it (issue 19: keyed by what built it)."""
+    """A changed recipe builds beside the old artefact instead of reusing it: the model's folder is named by
+    pretrain.PretrainRecipe's fields, the SAE's by its recipe, layer and the weights it reads."""
     import pretrain
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
-    model, sae = embedded.model_dir(), embedded.sae_dir(2)
+    model = embedded.model_dir()
     assert embedded.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
-    assert embedded.model_dir(pretrain.PretrainConfig(log_interval=1, out="x")) == model  # bookkeeping: same model
-    assert embedded.model_dir(pretrain.PretrainConfig(max_steps=10)) != model
-    assert embedded.sae_dir(1) != sae
+    run_only = dict(out="x", data="d", stop_after=3, eval_interval=1, eval_batches=1, log_interval=1, ckpt_interval=1,
+                    resume=True, compile=False, device="cpu")
+    assert {f.name for f in dataclasses.fields(pretrain.PretrainConfig)} - set(run_only) == \
+        {f.name for f in dataclasses.fields(pretrain.PretrainRecipe)}  # every other field is in the recipe
+    assert embedded.model_dir(pretrain.PretrainConfig(**run_only)) == model  # not the recipe: same model
+    for name, value in dict(max_steps=10, lr=1e-3, seed=1, autocast="float32", d_model=128).items():
+        assert embedded.model_dir(pretrain.PretrainConfig(**{name: value})) != model, name
+    a, b = fake_model(tmp_path / "a", b"one model"), fake_model(tmp_path / "b", b"another model")
+    sae = embedded.sae_dir(2, a)
+    assert embedded.sae_dir(1, a) != sae
+    assert os.path.basename(embedded.sae_dir(2, b)) != os.path.basename(sae)  # other weights, same folder name
     monkeypatch.setitem(embedded.SAE, "k", 32)
-    assert embedded.sae_dir(2) != sae
+    assert embedded.sae_dir(2, a) != sae
+
+
+def test_shipped_files_are_used_when_the_recipe_matches(monkeypatch, tmp_path, no_build):
+    """An empty cache: the default recipe's model and SAE come from shipped/ and nothing is built."""
+    monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
+    model = embedded.model()
+    assert model == os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir()))
+    assert embedded.sae() == os.path.join(embedded.SHIPPED, os.path.basename(embedded.sae_dir(2, model)))
+    assert no_build == [] and os.listdir(tmp_path) == []
+
+
+def test_a_changed_recipe_builds_its_own_folder(monkeypatch, tmp_path, no_build):
+    monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
+    monkeypatch.setitem(embedded.SAE, "k", 32)  # the SAE recipe: a new SAE on the shipped model
+    sae = embedded.sae()
+    assert os.path.dirname(sae) == str(tmp_path) and os.path.basename(sae) not in os.listdir(embedded.SHIPPED)
+    (kind, cfg), = no_build
+    assert kind == "train_sae" and cfg.k == 32 and cfg.out == sae
+    assert os.path.dirname(cfg.model) == embedded.SHIPPED  # trained on the shipped model it is keyed by
+    monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 100_000)  # the model's recipe: pretrained anew, then its SAE
+    model = embedded.model()
+    assert os.path.dirname(model) == str(tmp_path) and no_build[1][0] == "pretrain" and no_build[1][1].out == model
+    assert os.path.dirname(embedded.sae()) == str(tmp_path) and no_build[2][1].model == model
+    assert len(no_build) == 3
+
+
+def test_shipped_files_are_what_their_recipe_built():
+    """Each shipped folder holds what the default recipe built: pretrain.json records the model's recipe, history.json
+    the SAE's, and the SAE's folder is keyed by the shipped model's weights. A changed default recipe fails here until
+    shipped/ is rebuilt (shipped/README.md)."""
+    import pretrain
+    model = os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir()))
+    assert os.path.isfile(os.path.join(model, "model.safetensors")), \
+        "the default recipe changed: rebuild shipped/ with the commands in shipped/README.md"
+    recorded = json.load(open(os.path.join(model, "pretrain.json")))["config"]
+    asked = pretrain.PretrainRecipe()
+    for f in dataclasses.fields(pretrain.PretrainRecipe):
+        if f.name == "autocast":  # pretrain.json records what "auto" ran as on the machine that built it
+            assert asked.autocast == "auto" and recorded["autocast"] in ("bfloat16", "float32")
+        else:
+            assert recorded[f.name] == getattr(asked, f.name), f.name
+    assert os.path.isfile(os.path.join(model, "tokenizer.model")) and os.path.isfile(os.path.join(model, "config.json"))
+    sae = os.path.join(embedded.SHIPPED, os.path.basename(embedded.sae_dir(embedded.SAE_LAYER, model)))
+    recorded = json.load(open(os.path.join(sae, "history.json")))["config"]
+    assert {k: recorded[k] for k in embedded.SAE} == embedded.SAE
+    assert os.path.isfile(os.path.join(sae, "sae_weights.safetensors"))
+    assert sorted(os.listdir(embedded.SHIPPED)) == sorted(["README.md", os.path.basename(model), os.path.basename(sae)])
+
+
+def typed_other(value):
+    """A command-line value unlike the preset's `value`."""
+    if isinstance(value, bool):
+        return str(not value)
+    if isinstance(value, list):
+        return [str(value[0] - 1 if value[0] else 1)]
+    if isinstance(value, (int, float)):
+        return str(value * 2 + 1)
+    return f"typed-{value}"
+
+
+@pytest.mark.parametrize("script", sorted(embedded.PRESETS))
+def test_typed_flags_are_never_overridden(stub_pipeline, script):
+    """Every flag of a preset typed with another value keeps the typed value; so do --data and --sae."""
+    module = {"adapt": adapt, "train_sae": train_sae, "train_e2e": train_e2e, "eval": ev}[script]
+    config = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
+                  and v.__module__ == module.__name__)
+    argv, want = [], {}
+    for key, value in embedded.PRESETS[script].items():
+        typed = typed_other(value)
+        for v in typed if isinstance(typed, list) else [typed]:
+            argv += ["--" + key.replace("_", "-"), v]
+        want[key] = typed
+    argv += ["--data", "DATA"] + (["--sae", "S"] if "sae" in {f.name for f in dataclasses.fields(config)} else [])
+    cfg = module.main(argv)
+    for key, typed in want.items():
+        got = getattr(cfg, key)
+        assert (([str(x) for x in got] if isinstance(got, list) else str(got)) == typed), (key, got, typed)
+    assert cfg.data == "DATA" and getattr(cfg, "sae", ["S"]) == ["S"] and cfg.model == "MODEL"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -218,8 +334,7 @@ def test_embedded_lr_typed_at_the_paper_value_is_kept(tmp_path, monkeypatch):
     from tests.tiny import make_data, make_model, make_sae
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORASAE_CACHE", str(cache))  # the folder names the subprocess will look for
-    make_model(embedded.model_dir())
-    make_sae(embedded.sae_dir(2), layer=2)
+    make_sae(embedded.sae_dir(2, make_model(embedded.model_dir())), layer=2)
     data = make_data(tmp_path / "data")
     proc = cli("adapt.py", "--lr", "5e-5", "--data", data, "--max-tokens", "2048", "--out", str(tmp_path / "o"),
                "--compile", "false", "--seq-len", "32", "--eval-tokens", "256", env={"LORASAE_CACHE": str(cache)})
