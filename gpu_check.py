@@ -63,16 +63,17 @@ class CheckConfig:
 # name -> (number, what it checks, seconds of a 480 s GPU budget). Run in this order: the pipeline last, with what
 # the others leave unused.
 PARTS = {
-    "numerics": (1, "numerics on the device", 110),
-    "adapt": (3, "adapt step at Gemma-2-2B's shape", 170),
-    "sae": (5, "bench.py sae", 40),
-    "torchrun": (4, "torchrun: NCCL and FSDP2", 50),
-    "pipeline": (2, "python adapt.py from an empty cache", 95),
+    "numerics": (1, "numerics on the device", 100),
+    "adapt": (3, "adapt step at Gemma-2-2B's shape", 180),
+    "sae": (5, "bench.py sae", 30),
+    "torchrun": (4, "torchrun: NCCL and FSDP2", 40),
+    "pipeline": (2, "python adapt.py from an empty cache", 120),
 }
-MARGIN = 10  # seconds kept for writing the report
+MARGIN = 15  # seconds kept for starting up and writing the report
 
 
 def main(argv=None):
+    t0 = time.time()
     cfg, typed = common.parse_args(CheckConfig, argv)
     if cfg.quick and "device" not in typed:
         cfg.device = "cpu"
@@ -88,11 +89,13 @@ def main(argv=None):
             raise ValueError(f"--parts {name!r}: expected one of {', '.join(PARTS)}")
     names = [n for n in PARTS if n in names]
     budget = cfg.budget or (900.0 if cfg.quick else 480.0)
+    if budget <= MARGIN + len(names):
+        raise ValueError(f"--budget {budget:g}: {MARGIN} s go to starting up and writing the report; give more")
     scale = (budget - MARGIN) / sum(PARTS[n][2] for n in names)
     report = dict(command="python " + " ".join([os.path.basename(__file__), *(sys.argv[1:] if argv is None else argv)]),
                   mode="quick" if cfg.quick else "full", budget_s=budget, environment=environment(dev), parts={})
     tmp = tempfile.mkdtemp(prefix="lorasae-gpu-check-")
-    t0, log_text = time.time(), []
+    log_text = []
     try:
         share_end = t0
         for name in names:
@@ -323,44 +326,71 @@ def tiny_run_files(p: Part, family: str = "llama3", train_steps: int = 0) -> tup
 # 2. pipeline
 
 
-# the stages of `python adapt.py` from an empty cache, each ending at the first output line that matches
+# The stages of `python adapt.py` from an empty cache, each ending at the first output line that matches.
 STAGES = (("start-up and corpus (tokenizer, token shards)", r"^pretrain \w+: "),
           ("pretraining", r"^embedded pipeline: pretraining done"),
           ("SAE", r"^embedded pipeline: SAE training .* done"),
           ("adaptation", r"^done: CE "))
+FULL_PIPELINE_S = 300  # the part's time below which it runs the shortened recipe (a guess until measured on a GPU)
+# the shortened recipe: the embedded pipeline's stages run by their scripts, with fewer steps
+SHORT = dict(pretrain_steps=200, sae_tokens=500_000, adapt_tokens=200_000)
 
 
 def part_pipeline(p: Part):
-    out = os.path.join(p.tmp, "adapt")
-    if p.quick:  # the embedded recipe takes 45 minutes on a CPU: tests/tiny.py's model, data and SAE instead
-        t0 = time.time()
+    """The embedded pipeline from an empty cache (LORASAE_CACHE a new folder): `python adapt.py` with the full recipe
+    when the part has FULL_PIPELINE_S, else its three stages run by their scripts with fewer steps, labelled. Quick:
+    adapt.py on tests/tiny.py's files (the embedded recipe takes 45 minutes on a CPU, its shortened form minutes)."""
+    import embedded
+    from pretrain import PretrainConfig
+    cache, out = os.path.join(p.tmp, "cache"), os.path.join(p.tmp, "adapt")
+    env = {**os.environ, "LORASAE_CACHE": cache, "PYTHONUNBUFFERED": "1"}
+    t0, times = time.time(), {}
+    if p.quick:
         model, data, sae = tiny_run_files(p, train_steps=80)
+        times["tiny files"] = time.time() - t0
         p.put(ran="quick: tests/tiny.py's Markov tokens, a tiny Llama-3 trained 80 steps on them and a random TopK SAE,"
-                  " then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)",
-              stages={"tiny files": time.time() - t0})
-        args = ["--model", model, "--data", data, "--sae", sae, "--seq-len", "32", "--batch-size", "4",
-                "--max-tokens", "1024", "--eval-tokens", "256", "--eval-interval", "8", "--log-interval", "4",
-                "--ckpt-interval", "8", "--lr", "3e-3", "--rank", "8", "--compile", "false", "--dropout", "0"]
-        stages = STAGES[3:]
+                  " then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)", stages=times)
+        sub(p, [sys.executable, "adapt.py", "--model", model, "--data", data, "--sae", sae, "--seq-len", "32",
+                "--batch-size", "4", "--max-tokens", "1024", "--eval-tokens", "256", "--eval-interval", "8",
+                "--log-interval", "4", "--ckpt-interval", "8", "--lr", "3e-3", "--rank", "8", "--compile", "false",
+                "--dropout", "0", "--out", out, f"--device={p.dev}"], env=env)
+        times["adaptation"] = time.time() - t0 - times["tiny files"]
+        p.put(stages=times, total_s=time.time() - t0)
+    elif p.left() >= FULL_PIPELINE_S:
+        p.put(ran="python adapt.py: the embedded pipeline's full recipe, LORASAE_CACHE an empty folder", stages=times)
+        proc = run_proc([sys.executable, "adapt.py", "--out", out, f"--device={p.dev}"], p.left(), env=env)
+        last = t0
+        for stage, pattern in STAGES:
+            t = next((t for t, line in proc["lines"] if re.search(pattern, line)), None)
+            if t is None:
+                break
+            times[stage], last = t - last, t
+        p.put(stages=times, total_s=time.time() - t0)
+        if proc["timed_out"]:
+            stage = STAGES[len(times)][0] if len(times) < len(STAGES) else "its last lines"
+            raise TimeoutError(f"python adapt.py timed out after {time.time() - t0:.0f} s, in {stage}")
+        if proc["rc"] != 0:
+            raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
     else:
-        p.put(ran="python adapt.py (the embedded pipeline's full recipe) with LORASAE_CACHE an empty folder", stages={})
-        args, stages = [], STAGES
-    t0 = time.time()
-    env = {**os.environ, "LORASAE_CACHE": os.path.join(p.tmp, "cache"), "PYTHONUNBUFFERED": "1"}
-    proc = run_proc([sys.executable, "adapt.py", *args, "--out", out, f"--device={p.dev}"], p.left(), env=env)
-    done, last = {}, t0
-    for stage, pattern in stages:
-        t = next((t for t, line in proc["lines"] if re.search(pattern, line)), None)
-        if t is None:
-            break
-        done[stage], last = t - last, t
-    times = {**p.rec["stages"], **done}
-    p.put(stages=times, total_s=time.time() - t0)
-    if proc["timed_out"]:
-        stage = stages[len(done)][0] if len(done) < len(stages) else "its last lines"
-        raise TimeoutError(f"python adapt.py timed out after {time.time() - t0:.0f} s, in {stage}")
-    if proc["rc"] != 0:
-        raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
+        model, sae, data = os.path.join(cache, "model"), os.path.join(cache, "sae"), os.path.join(cache, "stdlib")
+        adapt_preset = {k: v for k, v in embedded.PRESETS["adapt"].items() if k != "out"}
+        full = (PretrainConfig.max_steps, embedded.SAE["max_tokens"], embedded.PRESETS["adapt"]["max_tokens"])
+        commands = (  # (stage, script, flags): each script with the settings the pipeline gives it
+            (f"corpus + pretraining ({SHORT['pretrain_steps']} of {full[0]} steps)", "pretrain.py",
+             dict(out=model, max_steps=SHORT["pretrain_steps"])),
+            (f"SAE ({SHORT['sae_tokens']:,} of {full[1]:,} tokens)", "train_sae.py",
+             dict(embedded.SAE, max_tokens=SHORT["sae_tokens"], model=model, data=data, out=sae)),
+            (f"adaptation ({SHORT['adapt_tokens']:,} of {full[2]:,} tokens)", "adapt.py",
+             dict(adapt_preset, max_tokens=SHORT["adapt_tokens"], model=model, sae=sae, data=data, out=out)))
+        p.put(ran="shortened recipe from an empty cache: the embedded pipeline's stages by their scripts, with its "
+                  "settings and fewer steps (the full recipe: --parts pipeline --budget 480)", stages=times)
+        for stage, script, flags in commands:
+            t = time.time()
+            args = [f"--{k.replace('_', '-')}={x}" for k, v in flags.items()
+                    for x in (v if isinstance(v, list) else [v])]
+            sub(p, [sys.executable, script, *args, f"--device={p.dev}"], env=env)
+            times[stage] = time.time() - t
+            p.put(stages=times, total_s=time.time() - t0)
     res = json.load(open(os.path.join(out, "results.json")))
     keep = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "tokens_per_s", "steps")
     p.put(results={k: res[k] for k in keep}, summary=f"{res['gap_closed']:.1%} of the CE gap closed "
