@@ -118,10 +118,13 @@ def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list) 
     """One part in a child process, killed with everything it started at its deadline; its record, whatever it had."""
     record = os.path.join(tmp, f"{name}.json")  # the part works in the folder tmp/name beside it
     args = [sys.executable, os.path.join(ROOT, "gpu_check.py"), f"--part={name}", f"--record={record}",
-            f"--deadline={deadline}", f"--device={dev}", f"--quick={cfg.quick}"]
+            f"--deadline={deadline}", f"--device={dev.type}", f"--quick={cfg.quick}"]
     t0, cpu0 = time.time(), cpu_seconds()
     print(f"gpu_check: part {PARTS[name][0]} ({name}), {deadline - t0:.0f} s", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if dev.index is not None:  # cuda:N: the part and its scripts (torchrun's too) see that GPU alone, as cuda:0
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[dev.index] if visible else str(dev.index)
     if cfg.quick:  # tiny shapes: one thread per process (threads on tiny matrices mostly wait for each other)
         env.setdefault("OMP_NUM_THREADS", "1")
     proc = run_proc(args, deadline - t0, env=env)
