@@ -10,7 +10,8 @@ The parts:
   1 numerics  the model against transformers (Gemma-2 with its sliding window and soft-caps, Llama-3; fp32, bf16); the
               compiled passes and KL chunk against splice.kl_reference (Eq. 7) in value and gradient; flex_attention
               against the math path at head_dim 256, forward and backward; no graph breaks; fused TopK SAE vs dense
-  2 pipeline  `python adapt.py` from an empty cache: each stage's time, the gap closed
+  2 pipeline  `python adapt.py` from an empty cache: each stage's time, the gap closed (with less time than the
+              full recipe is given, its stages run by their scripts with fewer steps, labelled so)
   3 adapt     one adaptation step at Gemma-2-2B's shape (bench.py's functions): ours compiled in bf16 against
               transformers + peft as the authors ran it (fp32, eager) and at its best: tokens/s, MFU, peak memory
   4 torchrun  `torchrun --nproc_per_node 1 adapt.py`, on NCCL, and with --fsdp: the same adapter
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
-import gpu_numerics as gn
+from gpu_numerics import part_numerics  # noqa: F401  (part 1, run by name)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,16 +64,17 @@ class CheckConfig:
 # name -> (number, what it checks, seconds of a 480 s GPU budget). Run in this order: the pipeline last, with what
 # the others leave unused.
 PARTS = {
-    "numerics": (1, "numerics on the device", 110),
-    "adapt": (3, "adapt step at Gemma-2-2B's shape", 170),
-    "sae": (5, "bench.py sae", 40),
-    "torchrun": (4, "torchrun: NCCL and FSDP2", 50),
-    "pipeline": (2, "python adapt.py from an empty cache", 95),
+    "numerics": (1, "numerics on the device", 100),
+    "adapt": (3, "adapt step at Gemma-2-2B's shape", 190),
+    "sae": (5, "bench.py sae", 30),
+    "torchrun": (4, "torchrun: NCCL and FSDP2", 35),
+    "pipeline": (2, "python adapt.py from an empty cache", 110),
 }
-MARGIN = 10  # seconds kept for writing the report
+MARGIN = 15  # seconds kept for starting up and writing the report
 
 
 def main(argv=None):
+    t0 = time.time()
     cfg, typed = common.parse_args(CheckConfig, argv)
     if cfg.quick and "device" not in typed:
         cfg.device = "cpu"
@@ -88,11 +90,13 @@ def main(argv=None):
             raise ValueError(f"--parts {name!r}: expected one of {', '.join(PARTS)}")
     names = [n for n in PARTS if n in names]
     budget = cfg.budget or (900.0 if cfg.quick else 480.0)
+    if budget <= MARGIN + len(names):
+        raise ValueError(f"--budget {budget:g}: {MARGIN} s go to starting up and writing the report; give more")
     scale = (budget - MARGIN) / sum(PARTS[n][2] for n in names)
     report = dict(command="python " + " ".join([os.path.basename(__file__), *(sys.argv[1:] if argv is None else argv)]),
                   mode="quick" if cfg.quick else "full", budget_s=budget, environment=environment(dev), parts={})
     tmp = tempfile.mkdtemp(prefix="lorasae-gpu-check-")
-    t0, log_text = time.time(), []
+    log_text = []
     try:
         share_end = t0
         for name in names:
@@ -114,10 +118,13 @@ def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list) 
     """One part in a child process, killed with everything it started at its deadline; its record, whatever it had."""
     record = os.path.join(tmp, f"{name}.json")  # the part works in the folder tmp/name beside it
     args = [sys.executable, os.path.join(ROOT, "gpu_check.py"), f"--part={name}", f"--record={record}",
-            f"--deadline={deadline}", f"--device={dev}", f"--quick={cfg.quick}"]
+            f"--deadline={deadline}", f"--device={dev.type}", f"--quick={cfg.quick}"]
     t0, cpu0 = time.time(), cpu_seconds()
     print(f"gpu_check: part {PARTS[name][0]} ({name}), {deadline - t0:.0f} s", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if dev.index is not None:  # cuda:N: the part and its scripts (torchrun's too) see that GPU alone, as cuda:0
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[dev.index] if visible else str(dev.index)
     if cfg.quick:  # tiny shapes: one thread per process (threads on tiny matrices mostly wait for each other)
         env.setdefault("OMP_NUM_THREADS", "1")
     proc = run_proc(args, deadline - t0, env=env)
@@ -175,6 +182,10 @@ def cpu_seconds() -> float:
     """CPU time of the finished child processes (and theirs): what a part cost the host's cores."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+def one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
 
 
 def tail(text: str, n: int = 150) -> str:
@@ -235,7 +246,7 @@ class Part:
                                 errors={w: e for w, e, _ in triples}, tolerances={w: t for w, _, t in triples},
                                 **details)
         except Exception as e:  # recorded; the other checks still run
-            checks[name] = dict(ok=False, seconds=time.time() - t0, error=f"{type(e).__name__}: {str(e).strip()}"[:400])
+            checks[name] = dict(ok=False, seconds=time.time() - t0, error=one_line(e))
         self.put()
 
 
@@ -250,7 +261,7 @@ def run_part(cfg, dev):
     except Exception as e:
         import traceback
         traceback.print_exc()
-        p.rec.update(ok=False, error=f"{type(e).__name__}: {' '.join(str(e).split())}"[:400])
+        p.rec.update(ok=False, error=one_line(e))
     p.put()
 
 
@@ -264,46 +275,6 @@ def sub(p: Part, args, **kw) -> dict:
     if proc["rc"] != 0:
         raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
     return proc
-
-
-def fail_if_any(p: Part):
-    bad = [f"{name}: {c.get('error') or c['errors']}" for name, c in p.rec.get("checks", {}).items() if not c["ok"]]
-    if bad:
-        raise AssertionError(f"{len(bad)} of {len(p.rec['checks'])} checks failed: " + "; ".join(bad))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 1. numerics
-
-
-def part_numerics(p: Part):
-    try:
-        import transformers  # noqa: F401  (test-only; the library never imports it)
-    except ModuleNotFoundError:
-        transformers = None
-    # on a CPU inductor's C++ builds take minutes: quick mode traces the same graphs with dynamo and runs them as
-    # traced (the eager backend); flex_attention is compiled by inductor in every mode
-    backend = "eager" if p.quick and p.dev.type == "cpu" else "inductor"
-    p.put(ran="tiny Gemma-2 / Llama-3 checkpoints (tests/hf_refs.py), tiny adapted models (tests/tiny.py), "
-              f"Gemma-2-2B attention shapes, a TopK SAE; torch.compile backend {backend}"
-              + ("; transformers not installed: no comparison with it" if transformers is None else ""),
-          transformers_present=transformers is not None)
-    if transformers is not None:
-        for family in ("gemma2", "llama3"):
-            for precision in ("float32", "bfloat16"):
-                p.check(f"model vs transformers: {family} {precision}",
-                        lambda: gn.vs_transformers(p.dev, p.tmp, family, precision))
-    for family, share in (("llama3", False), ("gemma2", True))[p.quick:]:
-        p.check(f"compiled passes + KL chunk vs kl_reference: {family}" + (", shared prefix" if share else ""),
-                lambda: gn.compiled_vs_reference(p.dev, p.tmp, family, share, p.quick, backend))
-    for dtype in ("float32", "bfloat16")[:1 if p.quick else 2]:
-        p.check(f"flex_attention vs math path, head_dim 256: {dtype}", lambda: gn.flex_vs_math(p.dev, dtype, p.quick))
-    p.check("graph breaks", lambda: gn.graph_breaks(p.dev, p.tmp, p.quick, ("gemma2", "llama3")[:1 if p.quick else 2]))
-    for dtype in ("float32", "bfloat16"):
-        p.check(f"fused TopK SAE vs dense: {dtype}", lambda: gn.fused_vs_dense(p.dev, dtype, p.quick))
-    checks = p.rec["checks"]
-    p.put(summary=f"{sum(c['ok'] for c in checks.values())} of {len(checks)} checks pass")
-    fail_if_any(p)
 
 
 def tiny_run_files(p: Part, family: str = "llama3", train_steps: int = 0) -> tuple[str, str, str]:
@@ -323,44 +294,71 @@ def tiny_run_files(p: Part, family: str = "llama3", train_steps: int = 0) -> tup
 # 2. pipeline
 
 
-# the stages of `python adapt.py` from an empty cache, each ending at the first output line that matches
+# The stages of `python adapt.py` from an empty cache, each ending at the first output line that matches.
 STAGES = (("start-up and corpus (tokenizer, token shards)", r"^pretrain \w+: "),
           ("pretraining", r"^embedded pipeline: pretraining done"),
           ("SAE", r"^embedded pipeline: SAE training .* done"),
           ("adaptation", r"^done: CE "))
+FULL_PIPELINE_S = 300  # the part's time below which it runs the shortened recipe (a guess until measured on a GPU)
+# the shortened recipe: the embedded pipeline's stages run by their scripts, with fewer steps
+SHORT = dict(pretrain_steps=200, sae_tokens=500_000, adapt_tokens=200_000)
 
 
 def part_pipeline(p: Part):
-    out = os.path.join(p.tmp, "adapt")
-    if p.quick:  # the embedded recipe takes 45 minutes on a CPU: tests/tiny.py's model, data and SAE instead
-        t0 = time.time()
+    """The embedded pipeline from an empty cache (LORASAE_CACHE a new folder): `python adapt.py` with the full recipe
+    when the part has FULL_PIPELINE_S, else its three stages run by their scripts with fewer steps, labelled. Quick:
+    adapt.py on tests/tiny.py's files (the embedded recipe takes 45 minutes on a CPU, its shortened form minutes)."""
+    import embedded
+    from pretrain import PretrainConfig
+    cache, out = os.path.join(p.tmp, "cache"), os.path.join(p.tmp, "adapt")
+    env = {**os.environ, "LORASAE_CACHE": cache, "PYTHONUNBUFFERED": "1"}
+    t0, times = time.time(), {}
+    if p.quick:
         model, data, sae = tiny_run_files(p, train_steps=80)
+        times["tiny files"] = time.time() - t0
         p.put(ran="quick: tests/tiny.py's Markov tokens, a tiny Llama-3 trained 80 steps on them and a random TopK SAE,"
-                  " then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)",
-              stages={"tiny files": time.time() - t0})
-        args = ["--model", model, "--data", data, "--sae", sae, "--seq-len", "32", "--batch-size", "4",
-                "--max-tokens", "1024", "--eval-tokens", "256", "--eval-interval", "8", "--log-interval", "4",
-                "--ckpt-interval", "8", "--lr", "3e-3", "--rank", "8", "--compile", "false", "--dropout", "0"]
-        stages = STAGES[3:]
+                  " then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)", stages=times)
+        sub(p, [sys.executable, "adapt.py", "--model", model, "--data", data, "--sae", sae, "--seq-len", "32",
+                "--batch-size", "4", "--max-tokens", "1024", "--eval-tokens", "256", "--eval-interval", "8",
+                "--log-interval", "4", "--ckpt-interval", "8", "--lr", "3e-3", "--rank", "8", "--compile", "false",
+                "--dropout", "0", "--out", out, f"--device={p.dev}"], env=env)
+        times["adaptation"] = time.time() - t0 - times["tiny files"]
+        p.put(stages=times, total_s=time.time() - t0)
+    elif p.left() >= FULL_PIPELINE_S:
+        p.put(ran="python adapt.py: the embedded pipeline's full recipe, LORASAE_CACHE an empty folder", stages=times)
+        proc = run_proc([sys.executable, "adapt.py", "--out", out, f"--device={p.dev}"], p.left(), env=env)
+        last = t0
+        for stage, pattern in STAGES:
+            t = next((t for t, line in proc["lines"] if re.search(pattern, line)), None)
+            if t is None:
+                break
+            times[stage], last = t - last, t
+        p.put(stages=times, total_s=time.time() - t0)
+        if proc["timed_out"]:
+            stage = STAGES[len(times)][0] if len(times) < len(STAGES) else "its last lines"
+            raise TimeoutError(f"python adapt.py timed out after {time.time() - t0:.0f} s, in {stage}")
+        if proc["rc"] != 0:
+            raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
     else:
-        p.put(ran="python adapt.py (the embedded pipeline's full recipe) with LORASAE_CACHE an empty folder", stages={})
-        args, stages = [], STAGES
-    t0 = time.time()
-    env = {**os.environ, "LORASAE_CACHE": os.path.join(p.tmp, "cache"), "PYTHONUNBUFFERED": "1"}
-    proc = run_proc([sys.executable, "adapt.py", *args, "--out", out, f"--device={p.dev}"], p.left(), env=env)
-    done, last = {}, t0
-    for stage, pattern in stages:
-        t = next((t for t, line in proc["lines"] if re.search(pattern, line)), None)
-        if t is None:
-            break
-        done[stage], last = t - last, t
-    times = {**p.rec["stages"], **done}
-    p.put(stages=times, total_s=time.time() - t0)
-    if proc["timed_out"]:
-        stage = stages[len(done)][0] if len(done) < len(stages) else "its last lines"
-        raise TimeoutError(f"python adapt.py timed out after {time.time() - t0:.0f} s, in {stage}")
-    if proc["rc"] != 0:
-        raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
+        model, sae, data = os.path.join(cache, "model"), os.path.join(cache, "sae"), os.path.join(cache, "stdlib")
+        adapt_preset = {k: v for k, v in embedded.PRESETS["adapt"].items() if k != "out"}
+        full = (PretrainConfig.max_steps, embedded.SAE["max_tokens"], embedded.PRESETS["adapt"]["max_tokens"])
+        commands = (  # (stage, script, flags): each script with the settings the pipeline gives it
+            (f"corpus + pretraining ({SHORT['pretrain_steps']} of {full[0]} steps)", "pretrain.py",
+             dict(out=model, max_steps=SHORT["pretrain_steps"])),
+            (f"SAE ({SHORT['sae_tokens']:,} of {full[1]:,} tokens)", "train_sae.py",
+             dict(embedded.SAE, max_tokens=SHORT["sae_tokens"], model=model, data=data, out=sae)),
+            (f"adaptation ({SHORT['adapt_tokens']:,} of {full[2]:,} tokens)", "adapt.py",
+             dict(adapt_preset, max_tokens=SHORT["adapt_tokens"], model=model, sae=sae, data=data, out=out)))
+        p.put(ran="shortened recipe from an empty cache: the embedded pipeline's stages by their scripts, with its "
+                  "settings and fewer steps (the full recipe: --parts pipeline --budget 480)", stages=times)
+        for stage, script, flags in commands:
+            t = time.time()
+            args = [f"--{k.replace('_', '-')}={x}" for k, v in flags.items()
+                    for x in (v if isinstance(v, list) else [v])]
+            sub(p, [sys.executable, script, *args, f"--device={p.dev}"], env=env)
+            times[stage] = time.time() - t
+            p.put(stages=times, total_s=time.time() - t0)
     res = json.load(open(os.path.join(out, "results.json")))
     keep = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "tokens_per_s", "steps")
     p.put(results={k: res[k] for k in keep}, summary=f"{res['gap_closed']:.1%} of the CE gap closed "
@@ -370,6 +368,9 @@ def part_pipeline(p: Part):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. adapt step at the paper's shape (bench.py adapt's functions)
+
+
+REFERENCE_ROW_S = 40  # what a transformers row is given ahead (a guess until measured on a GPU)
 
 
 def part_adapt(p: Part):
@@ -405,7 +406,8 @@ def part_adapt(p: Part):
             amp = b.autocast if key == "best" and b.autocast != "float32" else "no"
             label = (f"transformers + peft ({dtype} weights, {attn} attention, {amp} autocast)"
                      + (": the authors' train_lora.py" if key == "authors" else ""))
-        share = p.left() / (3 - i) * (1.5 if i == 0 else 1)  # ours compiles: a larger share of the time
+        # ours compiles first: all the time but what the transformers rows are likely to need (at least half)
+        share = p.left() if i == 2 else max(p.left() / 2, p.left() - (2 - i) * REFERENCE_ROW_S)
         r = dict(label=label, **bench.run_config(b, name, timeout=max(1.0, share)))
         if "seconds" in r:
             r.update(tokens_per_s=b.batch_size * b.seq_len / r["seconds"], mfu=flops / r["seconds"] / peak)

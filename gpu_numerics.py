@@ -1,8 +1,9 @@
 """
-The numerics that gpu_check.py verifies on a device, each against a reference that is not the code under test:
+Part 1 of gpu_check.py: the numerics on a device, each against a reference that is not the code under test:
 transformers' models, Eq. 7 written plainly (splice.kl_reference), the unfused attention, the dense SAE. The same
 comparisons as the tests (tests/test_model.py, test_splice.py, test_sae.py), run on the device given, at the shapes
-that matter there. Each returns [(what, relative error, tolerance), ...] and a dict of details.
+that matter there. Each check returns [(what, relative error, tolerance), ...] and a dict of details; part_numerics at
+the end runs them all.
 """
 from __future__ import annotations
 
@@ -178,3 +179,45 @@ def fused_vs_dense(dev, dtype: str, quick: bool):
     (y_f, g_f), (y_d, g_d) = run(sae), run(lambda t: sae.decode(sae.encode(t)))
     tol = 1e-5 if dtype == "float32" else 1e-2
     return [("output", rel(y_f, y_d), tol), ("input gradient", rel(g_f, g_d), tol)], dict(tokens=n, d_sae=m, k=k)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The part
+
+
+def part_numerics(p):
+    """Part 1 of gpu_check.py (p: its Part): every check below on p.dev, each recorded on its own."""
+    try:
+        import transformers  # noqa: F401  (test-only; the library never imports it)
+    except ModuleNotFoundError:
+        transformers = None
+    # on a CPU inductor's C++ builds take minutes: quick mode traces the same graphs with dynamo and runs them as
+    # traced (the eager backend); flex_attention is compiled by inductor in every mode
+    backend = "eager" if p.quick and p.dev.type == "cpu" else "inductor"
+    p.put(ran="tiny Gemma-2 / Llama-3 checkpoints (tests/hf_refs.py), tiny adapted models (tests/tiny.py), "
+              f"Gemma-2-2B attention shapes, a TopK SAE; torch.compile backend {backend}"
+              + ("; transformers not installed: no comparison with it" if transformers is None else ""),
+          transformers_present=transformers is not None)
+    # the cheap checks first: a part stopped at its deadline keeps theirs
+    if transformers is not None:
+        for family in ("gemma2", "llama3"):
+            for precision in ("float32", "bfloat16"):
+                p.check(f"model vs transformers: {family} {precision}",
+                        lambda: vs_transformers(p.dev, p.tmp, family, precision))
+    for dtype in ("float32", "bfloat16"):
+        p.check(f"fused TopK SAE vs dense: {dtype}", lambda: fused_vs_dense(p.dev, dtype, p.quick))
+    p.check("graph breaks", lambda: graph_breaks(p.dev, p.tmp, p.quick, ("gemma2", "llama3")[:1 if p.quick else 2]))
+    for family, share in (("llama3", False), ("gemma2", True))[p.quick:]:
+        p.check(f"compiled passes + KL chunk vs kl_reference: {family}" + (", shared prefix" if share else ""),
+                lambda: compiled_vs_reference(p.dev, p.tmp, family, share, p.quick, backend))
+    for dtype in ("float32", "bfloat16")[:1 if p.quick else 2]:
+        p.check(f"flex_attention vs math path, head_dim 256: {dtype}", lambda: flex_vs_math(p.dev, dtype, p.quick))
+    checks = p.rec["checks"]
+    p.put(summary=f"{sum(c['ok'] for c in checks.values())} of {len(checks)} checks pass")
+    fail_if_any(p)
+
+
+def fail_if_any(p):
+    bad = [f"{name}: {c.get('error') or c['errors']}" for name, c in p.rec.get("checks", {}).items() if not c["ok"]]
+    if bad:
+        raise AssertionError(f"{len(bad)} of {len(p.rec['checks'])} checks failed: " + "; ".join(bad))
