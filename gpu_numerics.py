@@ -86,9 +86,11 @@ def compiled_vs_reference(dev, folder: str, family: str, share_prefix: bool, qui
     ref = splice.kl_reference(model, saes, idx, BOS)
     g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(ref, params)])
     passes = [torch.compile(f, backend=backend) for f in (splice.original_pass, splice.spliced_pass)]
-    h_orig, h = splice.final_streams(model, saes, idx, BOS, share_prefix=share_prefix, passes=passes)
+    with torch.no_grad(), adapters_disabled(model):  # as adapt.py's loop: p_orig without adapters or SAE
+        h_orig, prefix = passes[0](model, idx, saes[0][0], share_prefix=share_prefix)
+    h = passes[1](model, saes, idx, BOS, prefix=prefix)
     losses = torch.compile(splice.chunk_losses, backend=backend)
-    kl, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=128, losses=losses)
+    kl = splice.kl_and_ce(model, h_orig, h, idx, chunk=128, losses=losses)[0].mean()  # Eq. 7, mean per position
     g = torch.cat([g.flatten() for g in torch.autograd.grad(kl, params)])
     return [("KL", rel(kl, ref), 1e-4), ("adapter gradients", rel(g, g_ref), 1e-3)], dict(kl=ref.item(),
                                                                                           backend=backend)
