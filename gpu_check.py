@@ -109,8 +109,10 @@ def main(argv=None):
             write_report(cfg.out, report, log_text)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    with open(os.path.join(cfg.out, "gpu_check.md")) as f:
+        print("\n" + f.read())
     print(f"gpu_check: {len(report['passed'])} of {len(names)} parts passed in {report['wall_s']:.0f} s; "
-          f"{os.path.join(cfg.out, 'gpu_check.md')}")
+          f"{os.path.join(cfg.out, 'gpu_check.json')}")
     sys.exit(0 if not report["failed"] else 1)
 
 
@@ -265,13 +267,13 @@ def run_part(cfg, dev):
     p.put()
 
 
-def sub(p: Part, args, **kw) -> dict:
+def sub(p: Part, args, what: str = "", **kw) -> dict:
     """A command of a part, with the part's remaining time; a failure raises its one-line error."""
     t0 = time.time()
     proc = run_proc(args, p.left(), **kw)
     if proc["timed_out"]:
-        raise TimeoutError(f"{' '.join(os.path.basename(a) for a in args[1:4])} timed out after "
-                           f"{time.time() - t0:.0f} s")
+        what = what or os.path.basename(args[1] if args[1] != "-m" else args[2])
+        raise TimeoutError(f"{what} timed out after {time.time() - t0:.0f} s")
     if proc["rc"] != 0:
         raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
     return proc
@@ -356,7 +358,7 @@ def part_pipeline(p: Part):
             t = time.time()
             args = [f"--{k.replace('_', '-')}={x}" for k, v in flags.items()
                     for x in (v if isinstance(v, list) else [v])]
-            sub(p, [sys.executable, script, *args, f"--device={p.dev}"], env=env)
+            sub(p, [sys.executable, script, *args, f"--device={p.dev}"], f"{script}: {stage}", env=env)
             times[stage] = time.time() - t
             p.put(stages=times, total_s=time.time() - t0)
     res = json.load(open(os.path.join(out, "results.json")))
