@@ -7,6 +7,7 @@ from lora import apply_lora
 from model import Transformer
 from splice import final_streams, kl_and_ce, kl_reference, load_saes, splice_hooks
 from tests.tiny import BOS, identity_sae, make_model, make_sae
+from tests.tol import close
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_optimised_objective_equals_eq7_reference_in_value_and_gradient(files, s
     g = torch.autograd.grad(kl, params)
     assert ref.item() > 1e-3
     assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+    assert all(close(a, b, 1e-4) for a, b in zip(g, g_ref))  # on each gradient's scale: entries near 0 cancel
 
 
 def test_sequence_reduction_is_the_per_sequence_sum(files):
@@ -93,7 +94,7 @@ def test_chunked_kl_equals_full_kl_values_and_grads(files):
         kl, _ = kl_and_ce(model, hb, hs, idx, chunk=chunk)
         g = torch.autograd.grad(kl, params, retain_graph=True)
         assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+        assert all(close(a, b, 1e-4) for a, b in zip(g, g_ref))
 
 
 def test_shared_prefix_equals_two_full_passes(files):
@@ -133,10 +134,10 @@ def test_compiled_passes_match_eager_and_keep_gradients(files):
     hb, hs = final_streams(model, saes, idx, BOS, passes=passes)
     rb, rs = final_streams(model, saes, idx, BOS)
     assert hs.requires_grad and not hb.requires_grad
-    assert torch.allclose(hb, rb, atol=1e-5) and torch.allclose(hs, rs, atol=1e-4)
+    assert close(hb, rb, 2e-5) and close(hs, rs, 2e-5)
     g = torch.autograd.grad(hs.square().sum(), params[0])[0]
     g_ref = torch.autograd.grad(rs.square().sum(), params[0])[0]
-    assert torch.allclose(g, g_ref, rtol=1e-3, atol=1e-6)
+    assert close(g, g_ref, 1e-4)
 
 
 def test_fresh_adapter_reproduces_spliced_logits_and_base_pass_is_the_bare_model(files):
@@ -192,5 +193,5 @@ def test_compiled_chunk_losses_equal_eq7_with_no_graph_break(files):
         kl, ce = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk, losses=compiled)
         g = torch.autograd.grad(kl, params)
         _, ce_eager = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk)
-        assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7) and torch.allclose(ce, ce_eager, rtol=1e-6)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+        assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7) and torch.allclose(ce, ce_eager, rtol=1e-5)
+        assert all(close(a, b, 1e-4) for a, b in zip(g, g_ref))
