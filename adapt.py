@@ -77,7 +77,7 @@ class AdaptConfig:
     log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 200  # steps between checkpoints (ckpt.pt and the adapter)
     resume: bool = False  # continue from --out/ckpt.pt
-    seed: int = 0  # adapter initialisation and data order
+    seed: int = 0  # adapter initialisation, data order and dropout masks (one stream per rank)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 

@@ -14,6 +14,7 @@ from lora import layers_around_saes
 from model import Transformer
 from splice import load_saes, splice_hooks
 from tests.tiny import BOS, make_data, make_model, make_sae
+from tests.tol import close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +120,7 @@ def test_torchrun_two_processes_match_one(files, tmp_path):
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
     for x, y in zip(a["adapter"], b["adapter"]):
-        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+        assert close(x, y, 1e-4)  # on each tensor's scale: summation order differs
 
 
 def test_adapting_a_trained_model_closes_part_of_the_ce_gap(tmp_path):
@@ -241,7 +242,7 @@ def test_fsdp2_equals_ddp_and_resumes_exactly(files, ddp_dropout, tmp_path):
     for x, y, z in zip(a["adapter"], b["adapter"], ddp["adapter"]):
         assert torch.equal(x, y)
         # DDP all-reduces gradients, FSDP2 reduce-scatters them: rounding apart, the same adapter
-        assert torch.allclose(x, z, rtol=1e-4, atol=1e-5 * z.abs().max().item())
+        assert close(x, z, 1e-4)
     res = json.load(open(tmp_path / "a" / "results.json"))
     assert res["ce_sae_lora"] == pytest.approx(ddp_results["ce_sae_lora"], rel=1e-5)
     from lora import load_adapter  # the gathered adapter on disk is whole and loads into a plain model

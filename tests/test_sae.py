@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae import SAE, JumpReLUFn, StepFn, rectangle, step
+from tests.tol import assert_close
 
 D, M, K = 16, 64, 4
 
@@ -56,11 +57,11 @@ def test_fused_topk_matches_dense_values_and_gradients(apply_b_dec, shift, froze
     g = torch.randn(3, 5, D)
     y_f, gx_f, gp_f = grads_of(sae, sae, x, g)
     y_d, gx_d, gp_d = grads_of(lambda t: sae.decode(sae.encode(t)), sae, x, g)
-    torch.testing.assert_close(y_f, y_d, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gx_f, gx_d, rtol=1e-5, atol=1e-5)
+    assert_close(y_f, y_d, 1e-5)
+    assert_close(gx_f, gx_d, 1e-5)
     assert gp_f.keys() == gp_d.keys() == (set() if frozen else {"W_enc", "W_dec", "b_enc", "b_dec"})
     for name in gp_d:
-        torch.testing.assert_close(gp_f[name], gp_d[name], rtol=1e-5, atol=1e-5)
+        assert_close(gp_f[name], gp_d[name], 1e-5)
     assert gx_f.abs().sum() > 0
 
 
@@ -97,9 +98,9 @@ def test_decode_sparse_matches_dense_decode_values_and_gradients():
     dense = torch.zeros(2, 3, M).scatter(-1, idx, vals)
     y2 = sae.decode(dense)
     (y2 * g).sum().backward()
-    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gv, vals.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gW, sae.W_dec.grad, rtol=1e-5, atol=1e-5)
+    assert_close(y, y2, 1e-5)
+    assert_close(gv, vals.grad, 1e-5)
+    assert_close(gW, sae.W_dec.grad, 1e-5)
     torch.testing.assert_close(gb, sae.b_dec.grad)
 
 
@@ -411,7 +412,7 @@ def test_saelens_v6(tmp_path, arch, rescale):
     sae = SAE.from_pretrained(str(tmp_path))
     assert (sae.arch, sae.layer, sae.model_name) == (arch, 5, "gemma-2-2b")
     x = x_in(4, 9)
-    torch.testing.assert_close(sae(x), saelens_reference(t, x, arch, K, rescale=rescale), rtol=1e-5, atol=1e-5)
+    assert_close(sae(x), saelens_reference(t, x, arch, K, rescale=rescale), 1e-5)
 
 
 @pytest.mark.parametrize("act", ["topk", "relu"])
@@ -429,7 +430,7 @@ def test_saelens_pre_v6(tmp_path, act):
     assert sae.arch == ("topk" if act == "topk" else "jumprelu") and not sae.apply_b_dec_to_input
     x = x_in(11)
     ref = saelens_reference(t, x, "topk" if act == "topk" else "relu", K, apply_b_dec=False)
-    torch.testing.assert_close(sae(x), ref, rtol=1e-5, atol=1e-5)
+    assert_close(sae(x), ref, 1e-5)
 
 
 def test_sparsify(tmp_path):
@@ -448,7 +449,7 @@ def test_sparsify(tmp_path):
     pre = F.relu(F.linear(x - t["b_dec"], t["encoder.weight"], t["encoder.bias"]))
     top_acts, top_idx = pre.topk(K, sorted=False)
     ref = (top_acts[..., None] * t["W_dec"][top_idx]).sum(-2) + t["b_dec"]
-    torch.testing.assert_close(sae(x), ref, rtol=1e-5, atol=1e-5)
+    assert_close(sae(x), ref, 1e-5)
 
 
 @pytest.mark.parametrize("pre_encoder_bias,weights_dtype", [(False, torch.float32), (True, torch.float32),
@@ -482,7 +483,7 @@ def test_llama_scope(tmp_path, pre_encoder_bias, weights_dtype):
     ref = ((h * fired) @ W_D.T + b_D) / c
     assert 0 < fired.float().mean() < 0.9
     assert (fired != (h > 0.6)).any()  # the decoder norm matters for this test's weights
-    torch.testing.assert_close(sae(x), ref, rtol=1e-4, atol=1e-4)
+    assert_close(sae(x), ref, 1e-4)
     assert SAE.from_pretrained(str(tmp_path)).W_enc.dtype == weights_dtype  # dtype None keeps the file's
 
 
@@ -510,7 +511,7 @@ def test_save_load_round_trip(tmp_path, arch):
     torch.testing.assert_close(again(x), sae(x), rtol=0, atol=0)
     # and SAELens' own arithmetic agrees with what we wrote
     ref = saelens_reference({k: v.detach() for k, v in sae.named_parameters()}, x, arch, K)
-    torch.testing.assert_close(sae(x), ref, rtol=1e-5, atol=1e-5)
+    assert_close(sae(x), ref, 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from model import Transformer
 from lora import adapters_disabled
 from splice import kl_and_ce, kl_reference, load_saes, original_pass, splice_hooks, spliced_pass
 from tests.tiny import BOS, identity_sae, make_model, make_sae
+from tests.tol import close
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_optimised_objective_equals_eq7_reference_in_value_and_gradient(files, s
     g = torch.autograd.grad(kl, params)
     assert ref.item() > 1e-3
     assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+    assert all(close(a, b, 1e-4) for a, b in zip(g, g_ref))  # on each gradient's scale: entries near 0 cancel
 
 
 def test_sequence_loss_is_the_authors_batchmean_over_the_predicted_positions(files):
@@ -123,7 +124,7 @@ def test_chunked_kl_equals_full_kl_values_and_grads(files):
         kl = mean_kl(model, hb, hs, idx, chunk=chunk)
         g = torch.autograd.grad(kl, params, retain_graph=True)
         assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+        assert all(close(a, b, 1e-4) for a, b in zip(g, g_ref))
 
 
 def test_shared_prefix_equals_two_full_passes(files):
@@ -163,10 +164,10 @@ def test_compiled_passes_match_eager_and_keep_gradients(files):
     hb, hs = final_streams(model, saes, idx, BOS, passes=passes)
     rb, rs = final_streams(model, saes, idx, BOS)
     assert hs.requires_grad and not hb.requires_grad
-    assert torch.allclose(hb, rb, atol=1e-5) and torch.allclose(hs, rs, atol=1e-4)
+    assert close(hb, rb, 2e-5) and close(hs, rs, 2e-5)
     g = torch.autograd.grad(hs.square().sum(), params[0])[0]
     g_ref = torch.autograd.grad(rs.square().sum(), params[0])[0]
-    assert torch.allclose(g, g_ref, rtol=1e-3, atol=1e-6)
+    assert close(g, g_ref, 1e-4)
 
 
 def test_fresh_adapter_reproduces_spliced_logits_and_base_pass_is_the_bare_model(files):
@@ -224,4 +225,4 @@ def test_compiled_chunk_losses_equal_eq7_with_no_graph_break(files):
         _, ce_eager, ce_orig_eager = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk)
         assert torch.allclose(kl.mean(), ref, rtol=1e-5, atol=1e-7)
         assert torch.allclose(ce, ce_eager, rtol=1e-6) and torch.allclose(ce_orig, ce_orig_eager, rtol=1e-6)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(g, g_ref))
+        assert all(close(a, b, 1e-4) for a, b in zip(g, g_ref))
