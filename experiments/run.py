@@ -59,7 +59,7 @@ class ExpConfig:
     jumprelu_tokens: int = 3_000_000  # the JumpReLU SAE of `layers` and `jumprelu` (its thresholds need the steps)
     e2e_tokens: int = 1_500_000  # e2e SAE training tokens (the paper stopped its e2e runs after about a week)
     lora_tokens: int = 250_000  # LoRA tokens per TopK checkpoint on the frontier (paper: 15M on Gemma-2-2B)
-    adapt_tokens: int = 1_000_000  # LoRA tokens in rank / layers / multi / jumprelu (paper: 15M)
+    adapt_tokens: int = 700_000  # LoRA tokens in rank / layers / multi / jumprelu: the tiny adapt preset's (paper: 15M)
     frontier_ckpts: str = "10,20,30,50,100"  # TopK checkpoints (% of training) adapted on the frontier
     recipe: str = "gao"  # SAE trainers on the frontier: gao (train_sae.py's defaults) | authors (their trainer)
     fresh: bool = False  # redo steps whose output already exists
