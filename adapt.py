@@ -23,9 +23,10 @@ import torch
 import common
 import embedded
 from data import TokenLoader, check_data_matches
-from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, save_adapter
+from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, lora_flops, save_adapter
 from model import Transformer
-from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, load_saes, original_pass, spliced_pass
+from sae import splice_flops
+from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, load_saes, original_pass, spliced_pass
 
 
 @dataclass
@@ -169,7 +170,8 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         held_out()
 
     # -- the loop ------------------------------------------------------------------------------------------------------
-    mfu_per_token = step_flops(model, saes, cfg.seq_len, share_prefix) / common.peak_flops(d.device, cfg.autocast)
+    mfu_per_token = (step_flops(model.cfg, saes, lora_layers, cfg.rank, cfg.seq_len, micro, None)
+                     / common.peak_flops(d.device, cfg.autocast))
     window = [0, 0.0]  # tokens, seconds since the last log line
     while step < total_steps:
         t0 = time.time()
@@ -233,12 +235,26 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     return results
 
 
-def step_flops(model: Transformer, saes, seq_len: int, share_prefix: bool) -> float:
-    """FLOPs per token of one training step, for MFU: original forward + spliced forward and backward to the
-    activations (frozen weights need no weight gradients: a backward costs about one forward), plus the SAEs."""
-    frac = (model.cfg.n_layer - saes[0][0] - 1) / model.cfg.n_layer if share_prefix else 1.0
-    sae_flops = sum(2 * 2 * s.d_in * s.d_sae for _, s in saes)  # encoder forward + its backward to the input
-    return model.cfg.flops_per_token(seq_len) * (1 + 2 * frac) + sae_flops
+def step_flops(model_cfg, saes, lora_layers: list[int], rank: int, seq_len: int, micro: int,
+               kl_chunk: int | None) -> float:
+    """FLOPs per token of one training step as the loop computes it, model.py's convention (the model and the SAEs are
+    frozen: their backward is to the activations only; the adapters train):
+
+    - the original pass: every block forward, without grad;
+    - the spliced pass: the blocks after the first SAE when every adapter sits after it (share_prefix), else every
+      block, forward; each SAE with its backward to its input when adapters sit before it (sae.splice_flops);
+    - the backward to the activations of the lowest adapted block and every block after it (the lowest one's input
+      carries no gradient), and the adapters' own matmuls with their gradients (lora.lora_flops);
+    - Eq. 7's two heads on the predicted positions and the spliced one's backward (splice.kl_flops); kl_chunk None
+      leaves out the recomputation of the chunks (model FLOPs, for MFU)."""
+    n, first, lowest = model_cfg.n_layer, saes[0][0], min(lora_layers)
+    block = model_cfg.block_flops(seq_len)
+    spliced = (n - first - 1 if lowest > first else n) * block
+    sae = sum(splice_flops(s.d_in, s.d_sae, s.arch, s.k, grad_input=lowest <= layer) for layer, s in saes)
+    backward = ((n - lowest - 1) * model_cfg.block_flops(seq_len, backward=True)
+                + model_cfg.block_flops(seq_len, backward=True, input_grad=False))
+    return (n * block + spliced + sae + backward + lora_flops(model_cfg, rank, lora_layers)
+            + kl_flops(model_cfg, micro, seq_len, kl_chunk))
 
 
 if __name__ == "__main__":

@@ -309,14 +309,17 @@ def run_config(b: BenchConfig, name: str, timeout: float | None = None) -> dict:
 
 
 def step_flops(b: BenchConfig, folder: str):
-    """(model config, FLOPs of one step): the base pass forward and the spliced pass forward and backward (about three
-    forwards; frozen weights need no weight gradients), plus the SAE encoder forward and backward."""
+    """(model config, FLOPs of one step): adapt.step_flops for the step run_ours times (adapters on every layer, one
+    micro batch), without the KL chunks' recomputation: the work both stacks do."""
+    import adapt
     from checkpoint import read_config
     from model import ModelConfig
     from sae import SAE
     mc = ModelConfig.from_hf(read_config(paths(b, folder)[0]))
-    d_sae = SAE.from_pretrained(paths(b, folder)[1]).d_sae
-    return mc, b.batch_size * b.seq_len * (3 * mc.flops_per_token(b.seq_len) + 4 * mc.d_model * d_sae)
+    sae = SAE.from_pretrained(paths(b, folder)[1])
+    saes = [(b.layer[0] if b.layer else sae.layer, sae)]
+    return mc, b.batch_size * b.seq_len * adapt.step_flops(mc, saes, list(range(mc.n_layer)), b.rank, b.seq_len,
+                                                           b.batch_size, None)
 
 
 def bench_adapt(b: BenchConfig, dev):

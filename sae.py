@@ -347,6 +347,42 @@ def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float,
     return loss, stats, fired
 
 
+def training_flops(d_in: int, d_sae: int, arch: str, k: int | float | None = None, auxk: bool = False) -> float:
+    """FLOPs per token of one training_loss forward and backward (train_sae.py's step; Adam is elementwise), counted as
+    model.py counts (2 per multiply-add) and as the code computes them:
+
+    - encoder: every latent's pre-activation, dense: 2 d m; backward: the W_enc gradient (2 d m) and the gradient to
+      the encoder input x - b_dec, which b_dec needs (2 d m). JumpReLU computes the pre-activations twice (encode
+      runs its own; the first ones feed the L0 penalty): 2 d m more;
+    - TopK decoder: k rows of W_dec per token (decode_sparse: 2 k d); backward: the k kept values' gradient and the
+      gradient of those k rows (2 k d each). BatchTopK / JumpReLU decode densely: 2 m d, backward 4 m d;
+    - AuxK (TopK / BatchTopK, on a step where some latent is dead): the dead latents decode through a dense
+      (tokens, m) @ W_dec: 2 m d, backward 4 m d."""
+    dense = 2 * d_in * d_sae
+    decoder = 3 * (2 * k * d_in if arch == "topk" else dense)
+    return (4 if arch == "jumprelu" else 3) * dense + decoder + (3 * dense if auxk and arch != "jumprelu" else 0)
+
+
+def splice_flops(d_in: int, d_sae: int, arch: str, k: int | float | None = None, *, grad_input: bool = False,
+                 grad_weights: bool = False) -> float:
+    """FLOPs per token of SAE.forward spliced into a model, and of the backward asked for: grad_input (a frozen SAE
+    with trained adapters before it, adapt.py), grad_weights (every parameter, train_e2e.py; b_dec's gradient runs
+    through the encoder input too). Counted as training_flops counts:
+
+    - TopK (encode_topk, decode_sparse): the dense encoder (2 d m) and k rows of W_dec (2 k d); backward: the kept
+      values' gradient (2 k d) and the gradient to the encoder input through the k kept columns of W_enc (2 k d,
+      TopKEncoder's sparse backward); with weights also the k rows of W_dec (2 k d) and W_enc's gradient, dense
+      (TopKEncoder scatters it: 2 d m);
+    - dense (JumpReLU; BatchTopK as saved): encoder and decoder 2 d m each; backward: codes and input 2 d m each, with
+      weights W_dec and W_enc 2 d m each."""
+    dense = 2 * d_in * d_sae
+    if arch == "topk":
+        rows = 2 * k * d_in
+        grads = (2 * rows if grad_input or grad_weights else 0) + (rows + dense if grad_weights else 0)
+        return dense + rows + grads
+    return 2 * dense + (2 * dense if grad_input or grad_weights else 0) + (2 * dense if grad_weights else 0)
+
+
 def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):
     """Dead-latent accounting: tokens since each latent last fired; a latent firing in this batch restarts at 0."""
     since_fired += n_tokens

@@ -169,6 +169,16 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):
     return kl, ce, ce_orig
 
 
+def kl_flops(model_cfg, batch: int, seq_len: int, chunk: int | None) -> float:
+    """FLOPs per token of a (batch, seq_len) batch in one kl_and_ce with gradients (model.py's convention): the
+    lm_head of both passes (2 V d each) and the spliced one's backward to its input (2 V d), on the predicted
+    positions (seq_len - 1 of seq_len). When those span more than one `chunk`, each chunk runs under activation
+    checkpointing and both heads run again in the backward (2 x 2 V d more); chunk None leaves the recomputation out
+    (model FLOPs, as MFU counts them)."""
+    recompute = chunk is not None and batch * (seq_len - 1) > chunk
+    return (3 + (2 if recompute else 0)) * model_cfg.head_flops() * (seq_len - 1) / seq_len
+
+
 def predicted_positions(idx: torch.Tensor) -> int:
     """A batch's predicted positions: all but each window's last."""
     return idx.shape[0] * (idx.shape[1] - 1)
