@@ -39,6 +39,8 @@ import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
 import common  # noqa: E402
 import embedded  # noqa: E402
 import splice  # noqa: E402
+import train_e2e  # noqa: E402  (step_flops)
+import train_sae  # noqa: E402  (run_flops: the frontier's FLOPs axis)
 from checkpoint import resolve_model_dir  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sae import SAE  # noqa: E402
@@ -180,14 +182,37 @@ def interpolate(xs, ys, x):
     return ys[-1] if x > xs[-1] else ys[0]
 
 
-def time_to(curve: list[tuple[float, float]], ce: float) -> float | None:
-    """First training time at which a (time, CE) curve reaches `ce` or lower (None: never, within its budget)."""
-    return next((t for t, c in sorted(curve) if c <= ce + 1e-9), None)
+def reaching(points: list[dict], key: str, ce: float) -> dict | None:
+    """The first point, in order of `key` (time, flops), whose CE is `ce` or lower (None: never, within its budget)."""
+    return next((q for q in sorted(points, key=lambda q: q[key]) if q["ce"] <= ce + 1e-9), None)
+
+
+def speedups(points: dict, thresholds: list[float], key: str, fmt, backward: bool = False):
+    """Tables 1-2 at `key` (time, flops): what each method spends to first reach each CE, e2e's over TopK + LoRA's
+    (None where either never does) and, with `backward`, the backward passes through the model it took there.
+    Returns (rows, markdown lines)."""
+    table = [f"| CE loss reached | TopK + LoRA | TopK | e2e | speedup at matched {key} (e2e / TopK + LoRA) |"
+             + (" backward passes: TopK + LoRA | e2e | e2e / TopK + LoRA |" if backward else ""),
+             "|---" * (8 if backward else 5) + "|"]
+    rows = []
+    for ce in thresholds:
+        hit = {k: reaching(v, key.lower(), ce) for k, v in points.items()}
+        r = dict(ce=ce, **{k: q[key.lower()] if q else None for k, q in hit.items()},
+                 **{k + "_backward": q["backward"] if q else None for k, q in hit.items()})
+        r["speedup"] = r["e2e"] / r["topk_lora"] if r["e2e"] and r["topk_lora"] else None
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else (
+            f"> {max(q[key.lower()] for q in points['e2e']) / r['topk_lora']:.2f}x" if r["topk_lora"] else "-")
+        b, e = r["topk_lora_backward"], r["e2e_backward"]
+        table.append(f"| {ce:.3f} | {fmt(r['topk_lora'])} | {fmt(r['topk'])} | {fmt(r['e2e'])} | {sp} |" + (
+            f" {b if b else '-'} | {e if e else 'not reached'} | {f'{e / b:.1f}x' if b and e else '-'} |"
+            if backward else ""))
+        rows.append(r)
+    return rows, table
 
 
 def frontier(cfg: ExpConfig):
     t0 = time.time()
-    _, _, layer, _ = embedded_paths(cfg)
+    _, _, layer, mcfg = embedded_paths(cfg)
     root = os.path.join(cfg.out, "frontier")
     topk = train_topk(cfg, os.path.join(root, "topk"), layer, cfg.sae_tokens)
     e2e = os.path.join(root, "e2e")
@@ -202,13 +227,23 @@ def frontier(cfg: ExpConfig):
         h = json.load(f)
     log = [r for r in h["history"] if "fvu" in r or "l0" in r]
     total_steps = h["config"]["max_tokens"] // h["config"]["batch_tokens"]
-    topk_time = lambda p: interpolate([0] + [r["step"] for r in log], [0.0] + [r["time"] for r in log],
-                                      round(total_steps * p / 100))
+    topk_step = lambda p: round(total_steps * p / 100)
+    topk_time = lambda p: interpolate([0] + [r["step"] for r in log], [0.0] + [r["time"] for r in log], topk_step(p))
     with open(os.path.join(e2e, "log.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("seconds")]
     steps, secs = [0] + [int(r["step"]) for r in rows], [0.0] + [float(r["seconds"]) for r in rows]
     e2e_total = max(steps)
     e2e_time = lambda p: interpolate(steps, secs, round(e2e_total * p / 100))
+
+    # training FLOPs of each checkpoint from each run's saved config and step counts (each script's formula), and
+    # backward passes through the model as Sec. 4.2 counts them ("130x fewer" on Gemma-2-2B: 2B e2e tokens against
+    # 15M LoRA tokens, in sequences of 1024): optimizer steps x sequences per step. TopK SAE steps stop at the SAE.
+    sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
+    topk_flops = lambda p: train_sae.run_flops(sae_cfg, mcfg, topk_step(p), train_sae.auxk_steps(h["history"],
+                                                                                              topk_step(p)))
+    e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), common.torch_load(os.path.join(e2e, "state.pt"), "cpu",
+                                                                          "e2e state")["config"], "saved")
+    e2e_tokens = lambda p: round(e2e_total * p / 100) * int(rows[-1]["tokens"]) // int(rows[-1]["step"])
 
     # held-out CE of every checkpoint, cached next to them (20 evaluations: worth keeping)
     cache_path = os.path.join(root, "heldout.json")
@@ -221,55 +256,69 @@ def frontier(cfg: ExpConfig):
     points = dict(topk=[], e2e=[], topk_lora=[])
     for p in range(10, 101, 10):
         ev = cache[os.path.join(topk, f"ckpt_{p:03d}")]
-        points["topk"].append(dict(pct=p, time=topk_time(p), ce=ev["ce_sae"], ce_base=ev["ce_base"]))
-        points["e2e"].append(dict(pct=p, time=e2e_time(p), ce=cache[os.path.join(e2e, f"ckpt_{p:03d}")]["ce_sae"]))
+        points["topk"].append(dict(pct=p, time=topk_time(p), flops=topk_flops(p), backward=0, ce=ev["ce_sae"],
+                                   ce_base=ev["ce_base"]))
+        points["e2e"].append(dict(pct=p, time=e2e_time(p), flops=e2e_tokens(p) * train_e2e.step_flops(e2e_cfg, mcfg),
+                                  backward=e2e_tokens(p) // e2e_cfg.seq_len,
+                                  ce=cache[os.path.join(e2e, f"ckpt_{p:03d}")]["ce_sae"]))
     for p in map(int, cfg.frontier_ckpts.split(",")):
-        res = adapt_run(cfg, os.path.join(root, f"lora-{p:03d}"), ["--sae", os.path.join(topk, f"ckpt_{p:03d}"),
-                                                                    "--layer", str(layer), "--max-tokens",
-                                                                    str(cfg.lora_tokens)])
+        ckpt = os.path.join(topk, f"ckpt_{p:03d}")
+        res = adapt_run(cfg, os.path.join(root, f"lora-{p:03d}"), ["--sae", ckpt, "--layer", str(layer),
+                                                                    "--max-tokens", str(cfg.lora_tokens)])
+        a = res["config"]
+        flops = res["train_tokens"] * adapt.step_flops(mcfg, [(layer, SAE.from_pretrained(ckpt))], res["lora_layers"],
+                                                       a["rank"], a["seq_len"], a["micro_batch"] or a["batch_size"],
+                                                       a["kl_chunk"])
         points["topk_lora"].append(dict(pct=p, time=topk_time(p) + res["train_seconds"], ce=res["ce_sae_lora"],
                                         sae_time=topk_time(p), lora_time=res["train_seconds"],
-                                        ce_before=res["ce_sae"]))
+                                        flops=topk_flops(p) + flops, sae_flops=topk_flops(p), lora_flops=flops,
+                                        backward=res["train_tokens"] // a["seq_len"], ce_before=res["ce_sae"]))
     ce_base = points["topk"][0]["ce_base"]
 
-    # Tables 1-2: time for each method to first reach a CE; thresholds at what each TopK + LoRA point and the final
-    # e2e SAE reached (rounded up to 3 decimals, so the point itself counts as reaching it)
-    curves = {k: [(q["time"], q["ce"]) for q in v] for k, v in points.items()}
+    # Tables 1-2: time, then FLOPs, for each method to first reach a CE; thresholds at what each TopK + LoRA point
+    # and the final e2e SAE reached (rounded up to 3 decimals, so the point itself counts as reaching it)
     ceil3 = lambda c: math.ceil(c * 1000 - 1e-6) / 1000
-    thresholds = sorted({ceil3(c) for _, c in curves["topk_lora"]} | {ceil3(points["e2e"][-1]["ce"])}, reverse=True)
-    rows_t = []
-    for ce in thresholds:
-        t = {k: time_to(v, ce) for k, v in curves.items()}
-        rows_t.append(dict(ce=ce, **{k + "_s": v for k, v in t.items()},
-                           speedup=(t["e2e"] / t["topk_lora"]) if t["e2e"] and t["topk_lora"] else None))
+    thresholds = sorted({ceil3(q["ce"]) for q in points["topk_lora"]} | {ceil3(points["e2e"][-1]["ce"])})[::-1]
     fmt = lambda s: f"{s:.0f} s" if s is not None else "not reached"
-    table = ["| CE loss reached | TopK + LoRA | TopK | e2e | speedup (e2e / TopK + LoRA) |", "|---|---|---|---|---|"]
-    for r in rows_t:
-        sp = f"{r['speedup']:.2f}x" if r["speedup"] else (
-            f"> {max(t for t, _ in curves['e2e']) / r['topk_lora_s']:.2f}x" if r["topk_lora_s"] else "-")
-        table.append(f"| {r['ce']:.3f} | {fmt(r['topk_lora_s'])} | {fmt(r['topk_s'])} | {fmt(r['e2e_s'])} | {sp} |")
-    table += ["", f"Original model CE {ce_base:.4f}. Final CE: TopK {points['topk'][-1]['ce']:.4f} "
-              f"({points['topk'][-1]['time']:.0f} s), e2e {points['e2e'][-1]['ce']:.4f} "
-              f"({points['e2e'][-1]['time']:.0f} s), TopK + LoRA {points['topk_lora'][-1]['ce']:.4f} "
-              f"({points['topk_lora'][-1]['time']:.0f} s).", "",
-              "| TopK checkpoint | SAE time | LoRA time | CE with SAE | CE with SAE + LoRA |", "|---|---|---|---|---|"]
+    fl = lambda x: f"{x:.2e}".replace("e+0", "e").replace("e+", "e") if x is not None else "not reached"
+    (rows_t, time_table), (rows_f, flops_table) = (speedups(points, thresholds, "time", fmt),
+                                                   speedups(points, thresholds, "FLOPs", fl, backward=True))
+    last = {k: v[-1] for k, v in points.items()}
+    seq = points["topk_lora"][-1]["backward"]
+    table = [f"SAE trainers: the {cfg.recipe} recipe (--recipe {cfg.recipe}).", "", *time_table, "",
+             f"Original model CE {ce_base:.4f}. Final CE: TopK {last['topk']['ce']:.4f} "
+             f"({last['topk']['time']:.0f} s), e2e {last['e2e']['ce']:.4f} ({last['e2e']['time']:.0f} s), "
+             f"TopK + LoRA {last['topk_lora']['ce']:.4f} ({last['topk_lora']['time']:.0f} s).", "",
+             "Training FLOPs to reach each CE (train_sae.run_flops, train_e2e.step_flops, adapt.step_flops) and "
+             "backward passes through the model to reach it (sequences, as Sec. 4.2 counts; TopK + LoRA: its LoRA's):",
+             "",
+             *flops_table, "",
+             f"Backward passes through the model: e2e {last['e2e']['backward']:,} sequences of {e2e_cfg.seq_len} "
+             f"tokens for its whole run, each TopK + LoRA adaptation {seq:,} of {a['seq_len']}: "
+             f"{last['e2e']['backward'] / max(seq, 1):.1f}x as many (paper: 130x on Gemma-2-2B, 40x on "
+             f"Llama-3.2-1B); the TopK SAE none (its {total_steps:,} steps forward "
+             f"{train_sae.forward_windows(sae_cfg, total_steps):,} windows through blocks 0..{layer} only). Final "
+             f"FLOPs: TopK {fl(last['topk']['flops'])}, e2e {fl(last['e2e']['flops'])}, TopK + LoRA "
+             f"{fl(last['topk_lora']['flops'])}.", "",
+             "| TopK checkpoint | SAE time | LoRA time | SAE FLOPs | LoRA FLOPs | CE with SAE | CE with SAE + LoRA |",
+             "|---|---|---|---|---|---|---|"]
     for q in points["topk_lora"]:
-        table.append(f"| {q['pct']}% | {q['sae_time']:.0f} s | {q['lora_time']:.0f} s | {q['ce_before']:.4f} | "
-                     f"{q['ce']:.4f} |")
-    table.insert(0, f"SAE trainers: the {cfg.recipe} recipe (--recipe {cfg.recipe}).\n")
-    save("frontier", dict(points=points, ce_base=ce_base, speedups=rows_t, recipe=cfg.recipe, config=asdict(cfg),
-                          wall_seconds=time.time() - t0), "\n".join(table))
+        table.append(f"| {q['pct']}% | {q['sae_time']:.0f} s | {q['lora_time']:.0f} s | {fl(q['sae_flops'])} | "
+                     f"{fl(q['lora_flops'])} | {q['ce_before']:.4f} | {q['ce']:.4f} |")
+    save("frontier", dict(points=points, ce_base=ce_base, speedups=rows_t, speedups_flops=rows_f, recipe=cfg.recipe,
+                          config=asdict(cfg), wall_seconds=time.time() - t0), "\n".join(table))
 
     plt = pyplot()
     if plt:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label, style in (("topk", "TopK SAE", "o-"), ("e2e", "e2e SAE", "s-"),
-                                  ("topk_lora", "TopK + LoRA", "^-")):
-            ax.plot([q["time"] for q in points[key]], [q["ce"] for q in points[key]], style, label=label)
-        ax.axhline(ce_base, color="gray", ls="--", label=f"original model ({ce_base:.3f})")
-        ax.set(xlabel="training time (s, 2 CPU cores)", ylabel="held-out CE with SAE (nats)",
-               title="CE loss vs training time (cf. paper Fig. 1)")
-        ax.legend()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, x, xlabel in zip(axes, ("time", "flops"), ("training time (s)", "training FLOPs")):
+            for key, label, style in (("topk", "TopK SAE", "o-"), ("e2e", "e2e SAE", "s-"),
+                                      ("topk_lora", "TopK + LoRA", "^-")):
+                ax.plot([q[x] for q in points[key]], [q["ce"] for q in points[key]], style, label=label)
+            ax.axhline(ce_base, color="gray", ls="--", label=f"original model ({ce_base:.3f})")
+            ax.set(xlabel=xlabel, title=f"CE loss vs {xlabel[9:]} (cf. paper Fig. 1)")
+        axes[0].set(ylabel="held-out CE with SAE (nats)")
+        axes[0].legend()
         savefig(plt, fig, "frontier")
 
 
@@ -302,11 +351,7 @@ def rank(cfg: ExpConfig):
 
 
 def lora_params(cfg: ExpConfig, r: int, layers: list[int]) -> int:
-    with torch.device("meta"):
-        model = Transformer(embedded_paths(cfg)[3])
-    per_layer = sum(r * (lin.in_features + lin.out_features) for name, lin in model.named_modules()
-                    if isinstance(lin, torch.nn.Linear) and ".layers.0." in name)
-    return per_layer * len(layers)
+    return r * sum(i + o for i, o in embedded_paths(cfg)[3].block_linears().values()) * len(layers)
 
 
 def strip(res: dict) -> dict:

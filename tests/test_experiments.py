@@ -11,11 +11,12 @@ spec.loader.exec_module(run)
 
 
 def test_time_to_reach_a_ce_is_the_first_point_at_or_below_it():
-    curve = [(30.0, 2.9), (10.0, 3.1), (20.0, 2.95), (40.0, 2.92)]  # unsorted; not monotone
-    assert run.time_to(curve, 3.0) == 20.0
-    assert run.time_to(curve, 2.9) == 30.0
-    assert run.time_to(curve, 2.95) == 20.0
-    assert run.time_to(curve, 2.8) is None
+    curve = [dict(time=t, ce=c) for t, c in [(30.0, 2.9), (10.0, 3.1), (20.0, 2.95), (40.0, 2.92)]]  # not monotone
+    time_to = lambda ce: (run.reaching(curve, "time", ce) or {}).get("time")
+    assert time_to(3.0) == 20.0
+    assert time_to(2.9) == 30.0
+    assert time_to(2.95) == 20.0
+    assert time_to(2.8) is None
 
 
 def test_interpolate_checkpoint_times():
@@ -28,3 +29,76 @@ def test_interpolate_checkpoint_times():
 def test_unknown_experiment_is_a_clear_error():
     proc = subprocess.run([sys.executable, "experiments/run.py", "fronteir"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "usage: python experiments/run.py" in proc.stderr
+
+
+def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(tmp_path, monkeypatch):
+    """A finished frontier folder, faked: run.py must train and evaluate nothing, and add the FLOPs axis (each
+    script's formula on each run's saved config and steps) and the backward-pass counts to the tables."""
+    from dataclasses import asdict
+    import csv
+    import json
+    import torch
+    import adapt
+    import train_e2e
+    import train_sae
+    from model import Transformer
+    from sae import SAE
+    from tests.tiny import make_model, make_sae
+    model = make_model(tmp_path / "model", "gemma2")
+    root = tmp_path / "exp" / "frontier"
+    cfg = run.ExpConfig(model=model, data=str(tmp_path / "data"), layer=1, k=4, expansion=2, frontier_ckpts="50,100",
+                        out=str(tmp_path / "exp"))
+    sae_cfg = train_sae.TrainSAEConfig(layer=[1], k=4, expansion=2, max_tokens=40 * 1024, batch_tokens=1024,
+                                       buffer_tokens=4096, seq_len=32, model_batch=4)
+    log = [dict(step=s, time=float(s), fvu=0.5, l0=4.0, **(dict(auxk=1.0) if s > 20 else {})) for s in (10, 20, 30, 40)]
+    os.makedirs(root / "topk")
+    with open(root / "topk" / "history.json", "w") as f:
+        json.dump(dict(config=asdict(sae_cfg), history=log), f)
+    e2e_cfg = train_e2e.E2EConfig(layer=[1], k=4, expansion=2, batch_size=2, seq_len=32, kl_chunk=40)
+    os.makedirs(root / "e2e")
+    torch.save(dict(config=asdict(e2e_cfg)), root / "e2e" / "state.pt")
+    open(root / "e2e" / "cfg.json", "w").write("{}")
+    with open(root / "e2e" / "log.csv", "w") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "tokens", "seconds", "backward_passes"])
+        w.writeheader()
+        w.writerows(dict(step=s, tokens=64 * s, seconds=2.0 * s, backward_passes=s) for s in range(1, 11))
+    heldout = {}
+    for p in range(10, 101, 10):  # TopK: 3.0 -> 2.55; e2e: 3.2 -> 2.5 (reaches what TopK + LoRA reaches, later)
+        heldout[str(root / "topk" / f"ckpt_{p:03d}")] = dict(ce_base=2.4, ce_sae=3.05 - p / 200, kl_sae=0.1)
+        heldout[str(root / "e2e" / f"ckpt_{p:03d}")] = dict(ce_base=2.4, ce_sae=3.27 - p * 0.0077, kl_sae=0.1)
+    json.dump(heldout, open(root / "heldout.json", "w"))
+    a_cfg = asdict(adapt.AdaptConfig(seq_len=32, batch_size=2, rank=4, kl_chunk=40, max_tokens=2048))
+    for p, ce in ((50, 2.62), (100, 2.52)):
+        make_sae(root / "topk" / f"ckpt_{p:03d}", layer=1, m=128, k=4)
+        os.makedirs(root / f"lora-{p:03d}")
+        json.dump(dict(ce_sae=3.05 - p / 200, ce_sae_lora=ce, train_seconds=5.0, train_tokens=2048, steps=32,
+                       lora_layers=[0, 1, 2, 3], sae_layers=[1], config=a_cfg),
+                  open(root / f"lora-{p:03d}" / "results.json", "w"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished folder must only be tabulated")
+    launch = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: forbidden() if cmd[0] == sys.executable
+                        else launch(cmd, *a, **k))  # no script runs (platform.processor() may call uname)
+    monkeypatch.setattr(run, "held_out", forbidden)
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path / "results"))
+    run.frontier(cfg)
+
+    res = json.load(open(tmp_path / "results" / "frontier.json"))
+    mcfg = Transformer.from_pretrained(model).cfg
+    pts = res["points"]
+    # e2e at 50%: 5 steps of 64 tokens, 2 sequences each
+    assert pts["e2e"][4]["flops"] == 5 * 64 * train_e2e.step_flops(e2e_cfg, mcfg) and pts["e2e"][4]["backward"] == 10
+    # TopK at 100%: 40 steps, AuxK on steps 21..40 (the log lines that carry it stand for the 10 steps before them)
+    assert pts["topk"][-1]["flops"] == train_sae.run_flops(sae_cfg, mcfg, 40, 20) and pts["topk"][-1]["backward"] == 0
+    lora = 2048 * adapt.step_flops(mcfg, [(1, SAE.from_pretrained(str(root / "topk" / "ckpt_100")))], [0, 1, 2, 3],
+                                   4, 32, 2, 40)
+    assert pts["topk_lora"][-1]["lora_flops"] == lora and pts["topk_lora"][-1]["backward"] == 64
+    assert pts["topk_lora"][-1]["flops"] == pts["topk"][-1]["flops"] + lora
+    # CE 2.52 (TopK + LoRA at 100%): e2e first reaches it at 100% (2.50), TopK never does
+    row = next(r for r in res["speedups_flops"] if r["ce"] == 2.52)
+    assert row["e2e"] == pts["e2e"][-1]["flops"] and row["topk"] is None
+    assert row["speedup"] == row["e2e"] / row["topk_lora"] and row["e2e_backward"] == 20
+    table = open(tmp_path / "results" / "frontier.md").read()
+    assert "speedup at matched FLOPs" in table and "speedup at matched time" in table
+    assert "| 2.520 |" in table and f"| 64 | 20 | {20 / 64:.1f}x |" in table
