@@ -311,12 +311,12 @@ def frontier(cfg: ExpConfig):
     plt = pyplot()
     if plt:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for ax, x, xlabel in zip(axes, ("time", "flops"), ("training time (s)", "training FLOPs")):
+        for ax, x, xlabel in zip(axes, ("time", "flops"), ("training time (s, 2 CPU cores)", "training FLOPs")):
             for key, label, style in (("topk", "TopK SAE", "o-"), ("e2e", "e2e SAE", "s-"),
                                       ("topk_lora", "TopK + LoRA", "^-")):
                 ax.plot([q[x] for q in points[key]], [q["ce"] for q in points[key]], style, label=label)
             ax.axhline(ce_base, color="gray", ls="--", label=f"original model ({ce_base:.3f})")
-            ax.set(xlabel=xlabel, title=f"CE loss vs {xlabel[9:]} (cf. paper Fig. 1)")
+            ax.set(xlabel=xlabel, title=f"CE loss vs training {'time' if x == 'time' else 'FLOPs'} (cf. Fig. 1)")
         axes[0].set(ylabel="held-out CE with SAE (nats)")
         axes[0].legend()
         savefig(plt, fig, "frontier")
