@@ -236,8 +236,9 @@ def frontier(cfg: ExpConfig):
     e2e_time = lambda p: interpolate(steps, secs, round(e2e_total * p / 100))
 
     # training FLOPs of each checkpoint from each run's saved config and step counts (each script's formula), and
-    # backward passes through the model as Sec. 4.2 counts them ("130x fewer" on Gemma-2-2B: 2B e2e tokens against
-    # 15M LoRA tokens, in sequences of 1024): optimizer steps x sequences per step. TopK SAE steps stop at the SAE.
+    # backward passes through the model as Sec. 4.2 counts them, one per training sequence (its "130x fewer" on
+    # Gemma-2-2B and "40x" on Llama-3.2-1B are e2e's 2B / 4B tokens over one adaptation's 15M / 100M): optimizer
+    # steps x sequences per step. The TopK SAE's steps backpropagate through the SAE only.
     sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
     topk_flops = lambda p: train_sae.run_flops(sae_cfg, mcfg, topk_step(p), train_sae.auxk_steps(h["history"],
                                                                                               topk_step(p)))
