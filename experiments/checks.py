@@ -427,8 +427,8 @@ def report(info: dict, ev: dict, n_params: int) -> tuple[dict, str]:
                    scale=scale)
     ru = c["runner_up"]
     L = [f"# Steering and multiple choice: {scale}", "",
-         f"Inputs from the {info['held_out_docs']} held-out documents of {info['data']} (experiments/checks.py); "
-         f"SAE at layer {info['layer']}: {info['sae']}; CE on held-out tokens: original {core['original']:.4f}, "
+         f"Inputs from the {info['held_out_docs']} held-out documents of {_rel(info['data'])} (experiments/checks.py); "
+         f"SAE at layer {info['layer']}: {_rel(info['sae'])}; CE on held-out tokens: original {core['original']:.4f}, "
          f"SAE {core['sae']:.4f}, SAE + LoRA {core['sae_lora']:.4f}, LoRA {core['lora']:.4f}.", "",
          f"## The latent: {scale}", "",
          "| construct | latent | precision | recall | F1 | construct tokens | latent fires | held-out tokens | "
@@ -439,9 +439,9 @@ def report(info: dict, ev: dict, n_params: int) -> tuple[dict, str]:
          f"## Steering with latent {c['latent']} (Sec. 5.2, Table 4): {scale}", "",
          f"Positives: {info['texts']['pos']} snippets with `{c['construct']}`; negatives without it, "
          + ", ".join(f"{k[4:]} {n}" for k, n in info["texts"].items() if k.startswith("neg/"))
-         + f", validation (alpha tuning) {info['texts']['neg_val']}. Change in normalised log-likelihood (0..100) "
-           "after steering; POSITIVE / NEGATIVE: LoRA model minus base model, mean [90% CI] (LoRA better at "
-           "steering: POSITIVE > 0, NEGATIVE <= 0).", "",
+         + f", validation (alpha tuning) {info['texts']['neg_val']}; alpha tuned over {ev['config']['alphas']}. "
+           "Change in normalised log-likelihood (0..100) after steering; POSITIVE / NEGATIVE: LoRA model minus base "
+           "model, mean [90% CI] (LoRA better at steering: POSITIVE > 0, NEGATIVE <= 0).", "",
          "| formulation | alpha base / LoRA | positive base / LoRA | negative base / LoRA | POSITIVE | NEGATIVE |",
          "| --- | --- | --- | --- | --- | --- |"]
     for what, r in steer.items():
@@ -462,13 +462,19 @@ def report(info: dict, ev: dict, n_params: int) -> tuple[dict, str]:
     tq = results["truthfulqa_gen"]
     L += ["", f"## TruthfulQA generation, questions from held-out docstrings (--truthfulqa-gen corpus): {scale}", "",
           f"{tq['original']['n']} questions \"What does the Python function f do?\" (truthfulqa.corpus_rows); greedy "
-          f"answers scored as lm-eval's truthfulqa_gen: % of questions whose answer is closer to the true docstring "
-          f"line than to three others, +- standard error.", "",
+          f"answers scored as lm-eval's truthfulqa_gen: % of questions whose answer is closer to a true answer (the "
+          f"docstring's first line, or lm-eval's \"I have no comment.\") than to the first lines of three other "
+          f"docstrings, +- standard error.", "",
           "| metric | " + " | ".join(n for _, n in SETTINGS) + " |", "| --- " * (len(SETTINGS) + 1) + "|"]
     for m in ("bleu_acc", "rouge1_acc", "rouge2_acc"):
         L.append(f"| {m} | " + " | ".join(f"{100 * tq[s][m]:.1f} +- {100 * tq[s][m + '_se']:.1f}"
                                           for s, _ in SETTINGS) + " |")
     return results, "\n".join(L)
+
+
+def _rel(path: str) -> str:
+    """A path inside the repository, relative to it (as the commands print it)."""
+    return os.path.relpath(path, ROOT) if os.path.abspath(path).startswith(ROOT + os.sep) else path
 
 
 def write_jsonl(path: str, rows: list[dict]):

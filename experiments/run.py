@@ -465,7 +465,9 @@ def checks(cfg: ExpConfig):
         ["--sae", sae, "--layer", str(layer), "--adapter", adapter, "--latent", str(info["choice"]["latent"]),
          "--steering-pos", f["pos"], "--steering-neg-val", f["neg_val"],
          *[x for k in f if k.startswith("neg/") for x in ("--steering-neg", f[k])],
-         "--hellaswag", f["hellaswag"], "--truthfulqa-gen", "corpus"], "eval.json", resume=False)
+         "--alphas", "1,2,4,8,16,32",  # eval.py's grid less 0: both models are compared while steering
+         "--hellaswag", f["hellaswag"], "--truthfulqa-gen", "corpus",
+         "--eval-tokens", "32768", "--distances", "false"], "eval.json", resume=False)  # CE on adapt.py's tokens
     with open(os.path.join(root, "eval", "eval.json")) as fh:
         ev = json.load(fh)
     with torch.device("meta"):
