@@ -268,3 +268,24 @@ def iter_documents(source: str, seed: int = 0):
         return (docs[i] for i in np.random.default_rng(seed).permutation(len(docs)))
     raise ValueError(f"unknown source {source!r}: expected 'stdlib', 'pile', 'redpajama', 'redpajama-v2', or an "
                      f"existing .txt/.jsonl file or folder")
+
+
+def split_documents(data_dir: str, use: str, train: bool = False) -> tuple[list[str], list[str]]:
+    """(held-out, training) documents of a token folder that data.prepare wrote with layout "bos_chunks" from the
+    stdlib or a local path, read again from that source in the order prepare wrote them: the first meta["val_docs"]
+    documents are val.bin's (whole), the next meta["train_docs"] train.bin's (the training list only if `train`; its
+    last document may be cut in train.bin). `use` names the caller in errors."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{data_dir}: no meta.json (not a token folder written by data.prepare)")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("layout") != "bos_chunks" or "val_docs" not in meta:
+        raise ValueError(f"{data_dir}: {use} needs a folder prepared with layout bos_chunks (whole documents in "
+                         f"val.bin), e.g. the embedded corpus")
+    if meta.get("source") != "stdlib" and not os.path.exists(str(meta.get("source"))):
+        raise ValueError(f"{data_dir}: its documents came from {meta.get('source')!r}, not a local source: {use} "
+                         f"cannot read them again")
+    docs = iter_documents(meta["source"], meta["seed"])
+    held_out = [next(docs) for _ in range(meta["val_docs"])]
+    return held_out, ([next(docs) for _ in range(meta.get("train_docs", 0))] if train else [])

@@ -21,9 +21,7 @@ offline pipeline, from docstrings of the held-out documents of a token folder ma
 from __future__ import annotations
 
 import ast
-import itertools
 import math
-import os
 import unicodedata
 from collections import Counter
 
@@ -92,17 +90,10 @@ def corpus_rows(data_dir: str, n: int = 64) -> list[dict]:
     folder that data.prepare wrote from local files (the embedded stdlib corpus): for a documented function or class,
     "What does the Python function f do?", its docstring's first line the correct answer and the first lines of the
     next three documented names the incorrect ones. A functional check of the pipeline, not a truthfulness test."""
-    from corpus import iter_documents
-    meta = common.read_json(os.path.join(data_dir, "meta.json"), f"{data_dir}: no meta.json (not a token folder "
-                            f"written by data.prepare)")
-    if meta.get("layout") != "bos_chunks" or "val_docs" not in meta:
-        raise ValueError(f"{data_dir}: --truthfulqa-gen corpus needs a folder prepared with layout bos_chunks (whole "
-                         f"documents in val.bin), e.g. the embedded corpus")
-    if meta.get("source") != "stdlib" and not os.path.exists(str(meta.get("source"))):
-        raise ValueError(f"{data_dir}: its documents came from {meta.get('source')!r}, not a local source: "
-                         f"--truthfulqa-gen corpus cannot read them again")
+    from corpus import split_documents
+    held_out, _ = split_documents(data_dir, "--truthfulqa-gen corpus")
     found, seen = [], set()
-    for doc in itertools.islice(iter_documents(meta["source"], meta["seed"]), meta["val_docs"]):
+    for doc in held_out:
         try:
             tree = ast.parse(doc)
         except (SyntaxError, ValueError):

@@ -6,6 +6,7 @@ The paper's findings at small scale, one command per experiment, offline on the 
     python experiments/run.py layers     # Fig. 9: an adapter on one layer after the SAE vs on all layers after it
     python experiments/run.py multi      # Fig. 6: compound CE with 1, 2, 3 SAEs spliced at once, before and after
     python experiments/run.py jumprelu   # Sec. 3.4: a JumpReLU SAE, adapters on the layers after it only
+    python experiments/run.py checks     # Secs. 5.2-5.3 as functional checks: steering, multiple choice, TruthfulQA
     python experiments/run.py all
 
 Every step is a plain call of the project's scripts (train_sae.py, train_e2e.py, adapt.py), printed before it runs so
@@ -64,6 +65,8 @@ class ExpConfig:
     adapt_tokens: int = 700_000  # LoRA tokens in rank / layers / multi / jumprelu: the tiny adapt preset's (paper: 15M)
     frontier_ckpts: str = "10,20,30,50,100"  # TopK checkpoints (% of training) adapted on the frontier
     recipe: str = "gao"  # SAE trainers on the frontier: gao (train_sae.py's defaults) | authors (their trainer)
+    adapter: str | None = None  # checks: an adapter folder to evaluate (e.g. out/adapt-tiny/adapter, python
+    # adapt.py's); none: python adapt.py's run into out/exp/checks/adapt
     fresh: bool = False  # redo steps whose output already exists
     out: str = "out/exp"
 
@@ -79,15 +82,15 @@ def base_args(cfg: ExpConfig) -> list[str]:
 _DONE_THIS_RUN: set[str] = set()
 
 
-def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str):
-    """python <script> <args> --out <out> --resume, unless <out>/<done_file> exists (an interrupted step resumes)."""
+def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, resume: bool = True):
+    """python <script> <args> --out <out> [--resume], unless <out>/<done_file> exists (an interrupted step resumes)."""
     if cfg.fresh and out not in _DONE_THIS_RUN and os.path.isdir(out):
         shutil.rmtree(out)
     _DONE_THIS_RUN.add(out)
     if os.path.isfile(os.path.join(out, done_file)):
         print(f"[done already] {out}")
         return
-    cmd = [script, *base_args(cfg), *args, "--out", out, "--resume"]
+    cmd = [script, *base_args(cfg), *args, "--out", out, *(["--resume"] if resume else [])]
     print("$ python " + " ".join(cmd), flush=True)
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
 
@@ -486,7 +489,40 @@ def multi(cfg: ExpConfig):
         savefig(plt, fig, "multi")
 
 
-EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu)
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Steering (Sec. 5.2) and the benchmarks of Sec. 5.3 as functional checks, inputs from held-out documents
+
+
+def checks(cfg: ExpConfig):
+    from experiments import checks as inputs  # the latent, steering texts and questions; the report
+    t0 = time.time()
+    _, _, layer, mcfg = embedded_paths(cfg)
+    sae, root = main_sae(cfg, layer), os.path.join(cfg.out, "checks")
+    run(cfg, "experiments/checks.py", os.path.join(root, "inputs"), ["--sae", sae, "--layer", str(layer)],
+        "inputs.json", resume=False)
+    with open(os.path.join(root, "inputs", "inputs.json")) as f:
+        info = json.load(f)
+    adapter = cfg.adapter
+    if adapter is None:  # python adapt.py's run on this SAE
+        adapt_run(cfg, os.path.join(root, "adapt"), ["--sae", sae, "--layer", str(layer)])
+        adapter = os.path.join(root, "adapt", "adapter")
+    f = info["files"]
+    run(cfg, "eval.py", os.path.join(root, "eval"),
+        ["--sae", sae, "--layer", str(layer), "--adapter", adapter, "--latent", str(info["choice"]["latent"]),
+         "--steering-pos", f["pos"], "--steering-neg-val", f["neg_val"],
+         *[x for k in f if k.startswith("neg/") for x in ("--steering-neg", f[k])],
+         "--alphas", "1,2,4,8,16,32",  # eval.py's grid less 0: both models are compared while steering
+         "--hellaswag", f["hellaswag"], "--truthfulqa-gen", "corpus",
+         "--eval-tokens", "32768", "--distances", "false"], "eval.json", resume=False)  # CE on adapt.py's tokens
+    with open(os.path.join(root, "eval", "eval.json")) as fh:
+        ev = json.load(fh)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Transformer(mcfg).parameters())
+    results, table = inputs.report(info, ev, n_params)
+    save("checks", dict(**results, adapter=adapter, config=asdict(cfg), wall_seconds=time.time() - t0), table)
+
+
+EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu, checks=checks)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
