@@ -25,8 +25,8 @@ import embedded
 from data import TokenLoader, check_data_matches
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, lora_flops, save_adapter
 from model import Transformer
-from sae import splice_flops
-from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, load_saes, original_pass, spliced_pass
+from sae import load_saes, splice_flops
+from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, original_pass, spliced_pass
 
 
 @dataclass

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 import common
-import hub
-from corpus import HUB_DATASETS, iter_documents
+from formats import hub
+from formats.corpus import HUB_DATASETS, iter_documents
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None =
     meta, model_dir = load_meta(data_dir), None
     cfg = getattr(model, "cfg", model)
     if isinstance(cfg, (str, os.PathLike)):
-        from checkpoint import read_config, resolve_model_dir
+        from formats.checkpoint import read_config, resolve_model_dir
         from model import ModelConfig
         model_dir = resolve_model_dir(str(cfg))
         cfg = ModelConfig.from_hf(read_config(model_dir))

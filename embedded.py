@@ -39,8 +39,8 @@ import torch
 
 import common
 import data
-from corpus import read_text, stdlib_files
-from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
+from formats.corpus import read_text, stdlib_files
+from formats.sae_files import GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
 SAE_LAYER = TINY_LAYERS // 2

@@ -45,13 +45,14 @@ import torch.nn.functional as F
 
 import common
 import embedded
-import generate
-import multiple_choice
-import steering
-import truthfulqa
+from evals import generate
+from evals import multiple_choice
+from evals import steering
+from evals import truthfulqa
 from lora import adapters_disabled, load_adapter, merged
 from model import Transformer
-from splice import add, gap_closed, kept_tokens, kl_and_ce, load_saes, means, predicted_positions, spliced_pass
+from sae import load_saes
+from splice import add, gap_closed, kept_tokens, kl_and_ce, means, predicted_positions, spliced_pass
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -486,7 +487,7 @@ def run(cfg: EvalConfig) -> dict:
                                                                      g["steering_authors"])
         res["groups"].append(g)
     if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)
-        import saebench
+        from evals import saebench
         res["saebench"] = saebench.evaluate(model, saes, cfg, d.device, amp)
 
     # -- reports -------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, read_config, resolve_model_dir, save_checkpoint
+from formats.checkpoint import load_checkpoint, read_config, resolve_model_dir, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -51,19 +51,17 @@ def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Which positions get the SAE
 
-
-# The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope) everywhere but at BOS and EOS tokens,
-# and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what train_sae.py writes, trained without
-# BOS) go everywhere but BOS. BOS activations have outlier norms that most SAEs never saw in training.
+# BOS (and EOS) activations have outlier norms that most SAEs never saw in training; which tokens an SAE skips
+# depends on how it was trained, so each SAE carries its own choice (`sae.positions`, "auto" below).
 POSITIONS = {"all": (), "no_bos": ("bos",), "no_bos_eos": ("bos", "eos")}
-AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "llama_scope": "no_bos_eos", "sparsify": "all", "saelens": "no_bos"}
 
 
 def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
-    """The token ids whose positions keep their original activation. "auto" chooses per SAE file format as above
-    (with SAEs of several formats, a position is kept if any of them keeps it)."""
+    """The token ids whose positions keep their original activation. "auto" takes each SAE's own `positions` (set by
+    where its files come from: formats/sae_files.AUTO_POSITIONS); with several SAEs, a position is kept if any of
+    them keeps it."""
     if positions == "auto":
-        chosen = {AUTO_POSITIONS.get(getattr(s, "source_format", None), "no_bos") for _, s in saes}
+        chosen = {getattr(s, "positions", "no_bos") for _, s in saes}
         positions = next((p for p in ("no_bos_eos", "no_bos", "all") if p in chosen), "no_bos")
     if positions not in POSITIONS:
         raise ValueError(f"--sae-positions {positions!r}: expected auto, {', '.join(POSITIONS)}")
@@ -235,27 +233,3 @@ def gap_closed(ce_base: float, ce_sae: float, ce_sae_lora: float) -> float:
     """The paper's headline number: (CE_sae - CE_sae_lora) / (CE_sae - CE_base); NaN without a gap to close."""
     gap = ce_sae - ce_base
     return (ce_sae - ce_sae_lora) / gap if gap > 0 else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Which SAEs sit where
-
-
-def load_saes(paths: list[str], layers: list[int] | None, model: Transformer, device) -> list[tuple[int, SAE]]:
-    """(layer, frozen SAE) pairs sorted by layer; each layer from `layers` or else from the SAE's own files."""
-    if layers is not None and len(layers) != len(paths):
-        raise ValueError(f"--layer names {len(layers)} layers for {len(paths)} SAEs: give one per --sae")
-    saes = []
-    for i, path in enumerate(paths):
-        sae = SAE.from_pretrained(path, device=device)
-        layer = layers[i] if layers is not None else sae.layer
-        if layer is None:
-            raise ValueError(f"{path}: the SAE files do not say which layer it reads; pass --layer")
-        if not 0 <= layer < model.cfg.n_layer:
-            raise ValueError(f"{path}: layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
-        sae.check_d_in(model.cfg.d_model, where=path)
-        sae.requires_grad_(False).eval()
-        saes.append((layer, sae))
-    if len({layer for layer, _ in saes}) != len(saes):
-        raise ValueError("two SAEs at the same layer: give each --sae its own --layer")
-    return sorted(saes, key=lambda p: p[0])

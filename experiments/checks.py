@@ -45,8 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
-import multiple_choice  # noqa: E402
-from corpus import split_documents  # noqa: E402
+from evals import multiple_choice  # noqa: E402
+from formats.corpus import split_documents  # noqa: E402
 
 CONSTRUCTS = tuple(keyword.kwlist) + ("self", "string", "comment", "number")
 KINDS = ("code", "comment", "docstring")  # the negative datasets

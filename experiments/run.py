@@ -42,9 +42,9 @@ import embedded  # noqa: E402
 import splice  # noqa: E402
 import train_e2e  # noqa: E402  (step_flops)
 import train_sae  # noqa: E402  (run_flops: the frontier's FLOPs axis)
-from checkpoint import resolve_model_dir  # noqa: E402
+from formats.checkpoint import resolve_model_dir  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from sae import SAE  # noqa: E402
+from sae import SAE, load_saes  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 
@@ -139,7 +139,7 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
     """CE of the original model and with the SAE(s) spliced, on exactly the held-out tokens adapt.py evaluates on."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
-    saes = splice.load_saes(sae_dirs, layers or None, model, device)
+    saes = load_saes(sae_dirs, layers or None, model, device)
     a, batches = held_out_batches(cfg, device)
     res = splice.evaluate(model, saes, batches, splice.kept_tokens(saes, model.cfg, a.sae_positions), chunk=a.kl_chunk,
                           amp=common.autocast(device, a.autocast))

@@ -12,7 +12,8 @@ import adapt
 import common
 from lora import layers_around_saes
 from model import Transformer
-from splice import load_saes, splice_hooks
+from sae import load_saes
+from splice import splice_hooks
 from tests.tiny import BOS, make_data, make_model, make_sae
 from tests.tol import close
 

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_adapt_with_model_and_sae_folders(tmp_path):
     model = make_model(tmp_path / "model", family="gemma2")
     sae = make_sae(tmp_path / "sae", layer=1)
-    proc = subprocess.run([sys.executable, "bench.py", "adapt", "--model", model, "--sae", sae, "--layer", "2",
+    proc = subprocess.run([sys.executable, "tools/bench.py", "adapt", "--model", model, "--sae", sae, "--layer", "2",
                            "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--steps", "1", "--warmup", "1", "--compile", "false"],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
@@ -24,13 +24,13 @@ def test_bench_adapt_with_model_and_sae_folders(tmp_path):
 
 def test_bench_shape_is_the_named_models_shape():
     """--shape gemma-2-2b: random weights of exactly the paper's model shape (head_dim 256, vocabulary 256k)."""
-    from bench import BenchConfig, model_config
+    from tools.bench import BenchConfig, model_config
     from model import ModelConfig
     assert model_config(BenchConfig(shape="gemma-2-2b")) == ModelConfig.from_name("gemma-2-2b")
 
 
 def test_bench_profile_prints_where_the_step_goes():
-    proc = subprocess.run([sys.executable, "bench.py", "adapt", "--profile", "--d-model", "64", "--n-layer", "2",
+    proc = subprocess.run([sys.executable, "tools/bench.py", "adapt", "--profile", "--d-model", "64", "--n-layer", "2",
                            "--vocab", "512", "--layer", "0", "--seq-len", "32", "--batch-size", "2", "--rank", "4",
                            "--steps", "1", "--warmup", "1", "--compile", "false"],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

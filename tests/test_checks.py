@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-import multiple_choice
-import steering
-from corpus import split_documents
+from evals import multiple_choice
+from evals import steering
+from formats.corpus import split_documents
 from data import prepare
 from embedded import train_tokenizer
 from experiments import checks

@@ -11,7 +11,7 @@ import torch
 
 import data
 import embedded
-from corpus import iter_documents, stdlib_files
+from formats.corpus import iter_documents, stdlib_files
 from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer, load_tokens, prepare,
                   token_dtype)
 from embedded import train_tokenizer

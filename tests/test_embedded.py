@@ -16,7 +16,7 @@ import train_e2e
 import train_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["adapt.py", "train_sae.py", "train_e2e.py", "eval.py", "pretrain.py", "bench.py"]
+SCRIPTS = ["adapt.py", "train_sae.py", "train_e2e.py", "eval.py", "pretrain.py", "tools/bench.py"]
 
 
 def cli(*args, env=None, timeout=300):

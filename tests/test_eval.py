@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-import multiple_choice
+from evals import multiple_choice
 from data import TokenLoader
 from embedded import train_tokenizer
 from lora import adapters_disabled, apply_lora, load_adapter, lora_modules, merged, save_adapter

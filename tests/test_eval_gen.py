@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import truthfulqa as tq
-from generate import cut_at_stop
+from evals import truthfulqa as tq
+from evals.generate import cut_at_stop
 from lora import adapters_disabled, merged
 from sae import SAE
 from splice import splice_hooks

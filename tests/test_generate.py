@@ -4,11 +4,11 @@ the authors' prompt-only splice, with LoRA adapters), and its stopping rules."""
 import pytest
 import torch
 
-from generate import complete, cut_at_stop, generate
+from evals.generate import complete, cut_at_stop, generate
 from lora import adapters_disabled, apply_lora, lora_modules, merged
 from model import Transformer
 from sae import SAE
-from multiple_choice import hooks_for
+from evals.multiple_choice import hooks_for
 from splice import splice_hooks
 from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint
 

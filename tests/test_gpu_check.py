@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import common
-import gpu_check
+from tools import gpu_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ["numerics", "adapt", "sae", "torchrun", "pipeline"]  # the order they run in
 
 
 def check(*args, timeout=1500):
-    return subprocess.run([sys.executable, "gpu_check.py", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "tools/gpu_check.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import corpus
-import hub
+from formats import corpus
+from formats import hub
 from data import load_tokenizer, load_tokens, prepare
 from embedded import train_tokenizer
 from model import ModelConfig, Transformer
@@ -146,7 +146,7 @@ def test_offline_env_var_in_a_fresh_process(tmp_path, sp_file):
     root = tmp_path / "hf" / "hub"
     _, files = tiny_model_repo(tmp_path, "llama3", sp_file)
     put(root, "meta-llama/Tiny", files)
-    code = ("import data, model, sae_formats\n"
+    code = ("import data, model; from formats import sae_files\n"
             "print(data.load_tokenizer('meta-llama/Tiny').kind, model.Transformer.from_pretrained('meta-llama/Tiny')"
             ".cfg.n_layer)\n"
             "try:\n    data.load_tokenizer('meta-llama/Not-Cached')\nexcept FileNotFoundError as e:\n    print(e)\n")

@@ -582,7 +582,7 @@ def test_error_shape_mismatch_names_the_tensor(tmp_path):
     ("layers.12.mlp", None), ("width_16k", None), ("average_l0_82", None), ("L0_64", None), ("expansion_8", None),
 ])
 def test_layer_from_folder_names(tmp_path, name, layer):
-    from sae_formats import layer_from_path
+    from formats.sae_files import layer_from_path
     assert layer_from_path(str(tmp_path / name)) == layer
     # the deepest folder that names a layer wins (the paper's SAEs: .../expansion_8_L0_64/model.layers.12)
     assert layer_from_path(str(tmp_path / "layer_3" / "expansion_8_L0_64" / name)) == (3 if layer is None else layer)
@@ -592,7 +592,7 @@ def test_layer_from_folder_names(tmp_path, name, layer):
                                         ("blocks.0.hook_resid_pre", None), ("model.layers.7", 7),
                                         ("blocks.7.hook_mlp_out", 7), ("hook_embed", None), (None, None)])
 def test_layer_from_hook_names(hook, layer):
-    from sae_formats import layer_from_hook
+    from formats.sae_files import layer_from_hook
     assert layer_from_hook(hook) == layer
 
 
@@ -607,7 +607,7 @@ def test_sparsify_saved_as_model_layers_gets_its_layer(tmp_path):
 
 
 def test_default_sae_table():
-    from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
+    from formats.sae_files import GEMMA_SCOPE_RES_16K, default_sae, known_saes
     assert default_sae("google/gemma-2-2b", 12) == "google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
     # the folders the paper's scripts use for Gemma-2-2B at layers 6, 9, 15, 18 (width 16k)
     for layer, l0 in ((6, 70), (9, 73), (15, 78), (18, 74)):

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import saebench as sb
-import saebench_data as sd
+from evals import saebench as sb
+from evals import saebench_data as sd
 from model import ModelConfig, Transformer
 from sae import SAE
 

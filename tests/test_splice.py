@@ -3,10 +3,12 @@ import pytest
 import torch
 
 import splice
+from formats import sae_files
 from lora import apply_lora
 from model import Transformer
 from lora import adapters_disabled
-from splice import kl_and_ce, kl_reference, load_saes, original_pass, splice_hooks, spliced_pass
+from sae import load_saes
+from splice import kl_and_ce, kl_reference, original_pass, splice_hooks, spliced_pass
 from tests.tiny import BOS, identity_sae, make_model, make_sae
 from tests.tol import close
 
@@ -192,7 +194,7 @@ def test_positions_spliced_per_sae_source_as_the_authors(files):
     sae = load_saes([files["sae"]], None, Transformer.from_pretrained(files["model"]), "cpu")
     assert sae[0][1].source_format == "saelens" and splice.kept_tokens(sae, cfg) == (2,)
     for fmt, kept in (("gemma_scope", (1, 2)), ("llama_scope", (1, 2)), ("sparsify", ()), ("saelens", (2,))):
-        sae[0][1].source_format = fmt
+        sae[0][1].positions = sae_files.AUTO_POSITIONS[fmt]
         assert splice.kept_tokens(sae, cfg) == kept, fmt
     assert splice.kept_tokens(sae, cfg, "no_bos_eos") == (1, 2) and splice.kept_tokens(sae, cfg, "all") == ()
     cfg.eos_token_id = [1, 107]  # Gemma-2-it / Llama-3-instruct list several EOS ids

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-import multiple_choice
-import truthfulqa as tq
+from evals import multiple_choice
+from evals import truthfulqa as tq
 
 sacrebleu = pytest.importorskip("sacrebleu")  # test-only references (requirements-dev.txt)
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
@@ -177,7 +177,7 @@ def test_corpus_questions_come_from_held_out_documents_only(tmp_path):
     meta = prepare(str(src), str(tmp_path / "data"), tok, val_tokens=150, seed=0, layout="bos_chunks", verbose=False)
     rows = tq.corpus_rows(str(tmp_path / "data"))
     assert len(rows) == 2 * meta["val_docs"] and meta["val_docs"] < 12  # two documented public names per file
-    from corpus import iter_documents
+    from formats.corpus import iter_documents
     held_out = list(iter_documents(str(src), 0))[:meta["val_docs"]]
     for r in rows:
         name = r["question"].split()[-2]

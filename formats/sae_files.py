@@ -2,7 +2,7 @@
 SAE files: every common release format read into one `SAE` (sae.py), the hub paths they live at, and the SAELens
 layout `SAE.save` writes.
 
-    sae = load_sae("google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82")   # what SAE.from_pretrained calls
+    sae = SAE.from_pretrained("google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82")   # sae.py; read_sae here reads the files
     default_sae("google/gemma-2-2b", 12)     # -> that same path: the Gemma Scope SAE the paper uses at layer 12
 
 Formats, told apart by the files a folder holds:
@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 import common
-import hub
-from sae import ARCHS, SAE
+from formats import hub
 
 FORMATS = [  # (name, files that identify it) in the order they are tried
     ("gemma_scope", ("params.npz",)),
@@ -66,15 +65,26 @@ def known_saes() -> list[str]:
             for m, (repo, l0s) in GEMMA_SCOPE_RES_16K.items()]
 
 
+# The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope) everywhere but at BOS and EOS tokens,
+# and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what train_sae.py writes, trained without
+# BOS) go everywhere but BOS. BOS activations have outlier norms that most SAEs never saw in training.
+AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "llama_scope": "no_bos_eos", "sparsify": "all", "saelens": "no_bos"}
+
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Finding the files
 
 
-def load_sae(path: str, device=None, dtype=None) -> SAE:
+def read_sae(path: str) -> dict:
+    """The SAE at a local path or hub path as a spec: its tensors and settings, whatever the release format, plus
+    `source` (the folder), `format`, `layer` (its config's, else its folder name's) and `positions` (which positions
+    it is spliced at, by where it comes from). `sae.SAE.from_pretrained` checks and builds it."""
     fmt, path = detect(resolve_sae(path))
-    sae = _build(LOADERS[fmt](path), source=path, device=device, dtype=dtype)
-    sae.source_format = fmt  # which positions it is spliced at depends on where it comes from (splice.kept_tokens)
-    return sae
+    spec = LOADERS[fmt](path)
+    if spec.get("layer") is None:
+        spec["layer"] = layer_from_path(path)
+    return dict(spec, source=path, format=fmt, positions=AUTO_POSITIONS[fmt])
 
 
 def resolve_sae(path: str) -> str:
@@ -213,9 +223,9 @@ def _load_saelens(folder: str) -> dict:
         arch = "topk" if act == "topk" else "jumprelu" if act == "relu" else arch
         if arch == "jumprelu":
             raw.setdefault("threshold", torch.zeros(raw["b_enc"].shape, dtype=raw["b_enc"].dtype))
-    if arch not in ARCHS:
+    if arch not in ("topk", "batchtopk", "jumprelu"):  # what sae.SAE implements (sae.ARCHS)
         raise ValueError(f"{folder}: unsupported SAELens architecture {arch!r} (activation {act!r}); "
-                         f"supported: {', '.join(ARCHS)}, standard relu")
+                         f"supported: topk, batchtopk, jumprelu, standard relu")
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", None, False):
         raise ValueError(f"{folder}: normalize_activations={norm!r} needs a scale that is not stored with the weights; "
@@ -311,44 +321,11 @@ LOADERS = {"gemma_scope": _load_gemma_scope, "saelens": _load_saelens, "sparsify
            "llama_scope": _load_llama_scope}
 
 
-def _build(spec: dict, source: str, device, dtype) -> SAE:
-    """Check shapes and values once, then put the tensors into an SAE (no random init for the real sizes)."""
-    W_enc, W_dec = spec["W_enc"], spec["W_dec"]
-    if W_enc.dim() != 2 or W_dec.dim() != 2:
-        raise ValueError(f"{source}: W_enc and W_dec must be matrices, got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
-    d_in, d_sae = W_enc.shape
-    shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_enc=(d_sae,), b_dec=(d_in,), threshold=(d_sae,))
-    for name, shape in shapes.items():
-        t = spec.get(name)
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, expected {shape} for d_in={d_in}, "
-                             f"d_sae={d_sae}")
-    for name in (*shapes, "topk_threshold"):
-        t = spec.get(name)
-        if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"{source}: {name} contains NaN or inf values (corrupt or diverged SAE)")
-    dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-    dtype = dtype or spec.get("dtype") or W_dec.dtype
-    layer = spec.get("layer") if spec.get("layer") is not None else layer_from_path(source)
-    try:
-        sae = SAE(d_in, d_sae, spec["arch"], k=spec.get("k"), apply_b_dec_to_input=spec["apply_b_dec_to_input"],
-                  layer=layer, model_name=spec.get("model_name"), device="meta", dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    cast = lambda t: t.to(device=device or "cpu", dtype=dtype) if t is not None else None  # noqa: E731
-    sae._assign(*(cast(spec.get(n)) for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")))
-    if sae.arch == "batchtopk":
-        sae.topk_threshold = cast(spec["topk_threshold"] if spec.get("topk_threshold") is not None
-                                  else torch.zeros(())).reshape(())
-    sae.hook_name = spec.get("hook_name")
-    return sae.eval()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing
 
 
-def save_saelens(sae: SAE, folder: str):
+def save_saelens(sae, folder: str):
     """SAELens v6 layout (cfg.json + sae_weights.safetensors), each file written to a temp name then renamed."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)

@@ -2,9 +2,9 @@
 Verify the GPU path in one command: numerics against references, the embedded pipeline, the adapt step at the paper's
 shape against transformers + peft, torchrun with NCCL and FSDP2, and SAE training; one JSON and one markdown table.
 
-    python gpu_check.py --out DIR              # one CUDA GPU, within --budget seconds (8 minutes)
-    python gpu_check.py --quick --out DIR      # every part at tiny shapes on the CPU (tests/test_gpu_check.py)
-    python gpu_check.py --parts adapt --budget 300 --out DIR    # one part, with the whole budget
+    python tools/gpu_check.py --out DIR              # one CUDA GPU, within --budget seconds (8 minutes)
+    python tools/gpu_check.py --quick --out DIR      # every part at tiny shapes on the CPU (tests/test_gpu_check.py)
+    python tools/gpu_check.py --parts adapt --budget 300 --out DIR    # one part, with the whole budget
 
 The parts:
   1 numerics  the model against transformers (Gemma-2 with its sliding window and soft-caps, Llama-3; fp32, bf16); the
@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-import common
-from gpu_numerics import part_numerics  # noqa: F401  (part 1, run by name)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runnable by path (python tools/X.py) as well as with -m
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+import common
+from tools.gpu_numerics import part_numerics  # noqa: F401  (part 1, run by name)
+
 
 
 @dataclass
@@ -119,7 +121,7 @@ def main(argv=None):
 def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list) -> dict:
     """One part in a child process, killed with everything it started at its deadline; its record, whatever it had."""
     record = os.path.join(tmp, f"{name}.json")  # the part works in the folder tmp/name beside it
-    args = [sys.executable, os.path.join(ROOT, "gpu_check.py"), f"--part={name}", f"--record={record}",
+    args = [sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), f"--part={name}", f"--record={record}",
             f"--deadline={deadline}", f"--device={dev.type}", f"--quick={cfg.quick}"]
     t0, cpu0 = time.time(), cpu_seconds()
     print(f"gpu_check: part {PARTS[name][0]} ({name}), {deadline - t0:.0f} s", flush=True)
@@ -376,7 +378,7 @@ REFERENCE_ROW_S = 40  # what a transformers row is given ahead (a guess until me
 
 
 def part_adapt(p: Part):
-    import bench
+    from tools import bench
     if p.quick:
         b = bench.BenchConfig(d_model=64, n_layer=2, vocab=512, layer=[0], seq_len=32, batch_size=2, rank=4,
                               expansion=4, k=4, kl_chunk=64, compile=False, steps=1, warmup=1, device="cpu")
@@ -471,7 +473,7 @@ def part_torchrun(p: Part):
 def part_sae(p: Part):
     args = ["--d-model", "64", "--n-layer", "2", "--vocab", "512", "--layer", "0", "--expansion", "4", "--k", "4",
             "--steps", "1", "--warmup", "1", "--compile-sae", "false"] if p.quick else []
-    cmd = ["python", "bench.py", "sae", *args, f"--device={p.dev}"]
+    cmd = ["python", "tools/bench.py", "sae", *args, f"--device={p.dev}"]
     p.put(ran=" ".join(cmd) + ("" if p.quick else " (a 512-wide, 8-layer Gemma-2 shape, 16k vocabulary)"))
     proc = sub(p, [sys.executable, *cmd[1:]])
     res = json.loads(proc["stdout"].strip().splitlines()[-1])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-import hub
+from formats import hub
 from lora import adapters_disabled, merged
 from splice import splice_hooks
 

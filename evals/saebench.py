@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import saebench_data as sd
+from evals import saebench_data as sd
 
 K_VALUES = (1, 2, 5, 10, 20, 50)
 N_VALUES = (2, 5, 10, 20, 50, 100, 500)

@@ -222,7 +222,7 @@ def complete(model: Transformer, tok, prompts: Sequence[str], max_new_tokens: in
 def complete_setting(model, tok, prompts, setting: str, saes, keep=(), *, prompt_only: bool = False, **kw):
     """complete() in one of the paper's settings (Sec. 5.3): adapters merged for *lora, off otherwise; the SAEs spliced
     for sae*, on every position or (prompt_only, the authors' run) on the prompt's only."""
-    from multiple_choice import hooks_for, setting_context  # the settings of Sec. 5.3
+    from evals.multiple_choice import hooks_for, setting_context  # the settings of Sec. 5.3
     with setting_context(model, setting):
         return complete(model, tok, prompts, hooks_for=hooks_for(saes, keep) if "sae" in setting else None,
                         splice_generated=not prompt_only, **kw)

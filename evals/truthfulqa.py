@@ -28,8 +28,8 @@ from collections import Counter
 import numpy as np
 
 import common
-import multiple_choice
-from generate import complete_setting
+from evals import multiple_choice
+from evals.generate import complete_setting
 
 UNTIL = ("\n\n",)  # truthfulqa_gen sets no generation_kwargs: lm-eval stops at its fewshot_delimiter
 MAX_GEN_TOKS = 256  # lm-eval's default max_gen_toks
@@ -90,7 +90,7 @@ def corpus_rows(data_dir: str, n: int = 64) -> list[dict]:
     folder that data.prepare wrote from local files (the embedded stdlib corpus): for a documented function or class,
     "What does the Python function f do?", its docstring's first line the correct answer and the first lines of the
     next three documented names the incorrect ones. A functional check of the pipeline, not a truthfulness test."""
-    from corpus import split_documents
+    from formats.corpus import split_documents
     held_out, _ = split_documents(data_dir, "--truthfulqa-gen corpus")
     found, seen = [], set()
     for doc in held_out:

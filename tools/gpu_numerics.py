@@ -16,7 +16,7 @@ import common
 import splice
 from lora import adapters_disabled, apply_lora
 from model import PRESETS, Attention, ModelConfig, Transformer, flex_fits, rope_cos_sin
-from sae import SAE
+from sae import SAE, load_saes
 from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint
 from tests.tiny import BOS, make_model, make_sae
 
@@ -81,7 +81,7 @@ def compiled_vs_reference(dev, folder: str, family: str, share_prefix: bool, qui
     torch.manual_seed(0)
     for w in params:
         w.data.normal_(0, 0.05)
-    saes = splice.load_saes([sae_dir], None, model, dev)
+    saes = load_saes([sae_dir], None, model, dev)
     idx = tokens(dev, 2, T_QUICK if quick else 128)
     ref = splice.kl_reference(model, saes, idx, BOS)
     g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(ref, params)])
@@ -136,7 +136,7 @@ def graph_breaks(dev, folder: str, quick: bool, families=("gemma2", "llama3")):
         model_dir, sae_dir = tiny_files(folder, family)
         model = Transformer.from_pretrained(model_dir, device=dev)
         apply_lora(model, 4, 8.0)
-        saes = splice.load_saes([sae_dir], None, model, dev)
+        saes = load_saes([sae_dir], None, model, dev)
         idx = tokens(dev, 2, T_QUICK if quick else 128)
         h = model.blocks(model.embed(idx))
         with torch.no_grad(), adapters_disabled(model):

@@ -205,7 +205,7 @@ def _snippets(parts: list[str], chars: int, sep: str) -> list[str]:
 def stdlib_snippets(chars: int = 400) -> dict:
     """{(package, kind): [snippet]} over STDLIB_PACKAGES; kind: code / docstring / comment (half-length snippets, these
     are short) or file (consecutive raw text of a file)."""
-    from corpus import read_text, stdlib_files
+    from formats.corpus import read_text, stdlib_files
     root = sysconfig.get_paths()["stdlib"]
     out = {}
     for path in stdlib_files():

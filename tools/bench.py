@@ -2,13 +2,13 @@
 Benchmark one LoRA-adaptation training step: this codebase against the paper's stack (HF transformers + peft, SAE
 spliced with a forward hook, full-vocabulary softmax KL), side by side, same model weights, same SAE, same batch.
 
-    python bench.py adapt                               # a ~40M-parameter Gemma-2-shaped model, 16k vocabulary
-    python bench.py adapt --model DIR --sae DIR --layer L --rank R --batch_size B --seq_len T --steps N
-    for v in 16384 65536 262144; do python bench.py adapt --vocab $v; done   # peak memory against the vocabulary
-    python bench.py sae                                 # SAE training: our loop against the paper's per-sequence loop
-    python bench.py adapt --shape gemma-2-2b --layer 12 --seq-len 1024 --batch-size 1 --kl-chunk 1024   # GPU: the paper's
-    python bench.py adapt --profile                     # where ours spends one step: phase x op family
-    python bench.py sae-module                          # the fused TopK SAE module against the dense one, and what
+    python tools/bench.py adapt                               # a ~40M-parameter Gemma-2-shaped model, 16k vocabulary
+    python tools/bench.py adapt --model DIR --sae DIR --layer L --rank R --batch_size B --seq_len T --steps N
+    for v in 16384 65536 262144; do python tools/bench.py adapt --vocab $v; done   # peak memory against the vocabulary
+    python tools/bench.py sae                                 # SAE training: our loop against the paper's per-sequence loop
+    python tools/bench.py adapt --shape gemma-2-2b --layer 12 --seq-len 1024 --batch-size 1 --kl-chunk 1024   # GPU: the paper's
+    python tools/bench.py adapt --profile                     # where ours spends one step: phase x op family
+    python tools/bench.py sae-module                          # the fused TopK SAE module against the dense one, and what
                                                         # its fp32 encoder costs against a bf16 one
 
 Each configuration runs in its own subprocess so that peak memory (CUDA: max_memory_allocated; CPU: the process's
@@ -28,6 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runnable by path (python tools/X.py) as well as with -m
 
 import common
 
@@ -97,12 +100,13 @@ def build_files(b: BenchConfig, folder: str):
 
 def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> float:
     import splice
+    from sae import load_saes
     from lora import adapter_parameters, apply_lora
     from model import Transformer
     # under bf16 autocast the frozen base weights are stored in bf16 (adapt.py --dtype bfloat16): no per-step casts
     model = Transformer.from_pretrained(paths(b, folder)[0], device=dev, dtype=getattr(torch, b.autocast))
     model.requires_grad_(False)
-    saes = splice.load_saes([paths(b, folder)[1]], b.layer or None, model, dev)
+    saes = load_saes([paths(b, folder)[1]], b.layer or None, model, dev)
     apply_lora(model, b.rank, 32.0, 0.0, "all")
     params = adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -147,7 +151,7 @@ def run_reference(b: BenchConfig, folder: str, matched: bool, dev: torch.device)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from checkpoint import read_config
+    from formats.checkpoint import read_config
     from sae import SAE
     model_dir, sae_dir = paths(b, folder)
     dtype, attn = reference_setup(read_config(model_dir)["model_type"], matched, b.autocast)
@@ -312,7 +316,7 @@ def step_flops(b: BenchConfig, folder: str):
     """(model config, FLOPs of one step): adapt.step_flops for the step run_ours times (adapters on every layer, one
     micro batch), without the KL chunks' recomputation: the work both stacks do."""
     import adapt
-    from checkpoint import read_config
+    from formats.checkpoint import read_config
     from model import ModelConfig
     from sae import SAE
     mc = ModelConfig.from_hf(read_config(paths(b, folder)[0]))

@@ -37,7 +37,7 @@ import urllib.request
 
 import numpy as np
 
-import hub
+from formats import hub
 
 TEXT_EXTS = (".txt", ".md", ".py")  # read whole, one document per file; .jsonl: one {"text": ...} per line
 HUB_DATASETS = {  # name: (repo, file glob). The Pile is shuffled already; RedPajama's sample is one file per source

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 import common
-from corpus import jsonl_texts
-from multiple_choice import score, setting_context
+from formats.corpus import jsonl_texts
+from evals.multiple_choice import score, setting_context
 from splice import splice_hooks
 
 

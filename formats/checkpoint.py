@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import common
-import hub
+from formats import hub
 
 _WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
