@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import common
+from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches
-from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, lora_flops, save_adapter
+from formats.peft import save_adapter
+from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, lora_flops
 from model import Transformer
 from sae import load_saes, splice_flops
 from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, original_pass, spliced_pass
@@ -139,7 +141,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0
     if cfg.resume and os.path.isfile(ckpt_path):
-        state = common.torch_load(ckpt_path, d.device)
+        state = disk.torch_load(ckpt_path, d.device)
         for p, saved in zip(params, state["adapter"]):
             p.data.copy_(common.shard_like(p, saved))
         common.optimizer_state(optimizer, params, load=state["optimizer"])
@@ -156,7 +158,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         if cfg.fsdp or d.master:
             save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.model)
         if d.master:
-            common.torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs,
+            disk.torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs,
                                    step=step, history=history, elapsed=elapsed, config=asdict(cfg)), ckpt_path)
 
     def held_out():
@@ -226,7 +228,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
                    sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers, config=asdict(cfg),
                    config_sources=common.sources(cfg), history=history)
     if d.master:
-        common.write_json(os.path.join(cfg.out, "results.json"), common.jsonable(results))  # NaN: null
+        disk.write_json(os.path.join(cfg.out, "results.json"), disk.jsonable(results))  # NaN: null
     common.log(f"done: CE {results['ce_base']:.4f} (original) / {results['ce_sae']:.4f} (SAE) / "
                f"{results['ce_sae_lora']:.4f} (SAE + LoRA): {results['gap_closed']:.1%} of the gap closed; "
                f"adapter in {os.path.join(cfg.out, 'adapter')}")

@@ -1,13 +1,12 @@
 """What every script shares: the CLI (flags and help from a dataclass), one-line user errors, torchrun setup, rank-0
-logging, the learning-rate schedule, atomic writes, and the FSDP2 / collective helpers."""
+logging, the learning-rate schedule, the random state of a step, and the FSDP2 / collective helpers. A student may
+skip this file: none of it is the method."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import inspect
 import functools
-import json
 import math
 import os
 import re
@@ -315,61 +314,6 @@ class Progress:
             log(f"{self.what}: {self.done}/{self.total} ({el:.0f}s, ETA {eta:.0f}s)")
 
 
-def mean_ci(x, t: bool = False) -> dict:
-    """Mean and 90% CI over independent units: normal approximation, mean +- 1.645 sd / sqrt(n); with t, Student's t
-    with n - 1 degrees of freedom (scipy.stats.t.interval(0.9, n - 1, mean, sem), what run_steering.py reports)."""
-    import numpy as np
-    x = np.asarray(x, dtype=np.float64)
-    se = x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    m = float(x.mean()) if len(x) else float("nan")
-    z = t_quantile(0.9, len(x) - 1) if t and len(x) > 1 else 1.645
-    return {"mean": m, "lo": m - z * se, "hi": m + z * se, "n": len(x), **({"dist": "t"} if t else {})}
-
-
-def t_quantile(conf: float, df: int) -> float:
-    """The two-sided `conf` quantile of Student's t with integer df (0.9 -> the 95th percentile): bisection on the
-    exact finite series of P(|T| <= t) (Abramowitz & Stegun 26.7.3-4, theta = atan(t / sqrt(df)))."""
-    def inside(theta):
-        c, s, term, total = math.cos(theta), math.sin(theta), 1.0, 1.0
-        for k in range(1, (df - 1) // 2 if df % 2 else df // 2):
-            term *= c * c * (2 * k if df % 2 else 2 * k - 1) / (2 * k + 1 if df % 2 else 2 * k)
-            total += term
-        if df % 2:
-            return 2 / math.pi * (theta + (s * c * total if df > 1 else 0.0))
-        return s * total
-    lo, hi = 0.0, math.pi / 2
-    while hi - lo > 1e-15:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if inside(mid) < conf else (lo, mid)
-    return math.tan((lo + hi) / 2) * math.sqrt(df)
-
-
-def jsonable(o):
-    """numpy scalars as Python numbers, NaN (an undefined ratio) as null: what json.dumps can write."""
-    import numpy as np
-    if isinstance(o, dict):
-        return {k: jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [jsonable(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return float(o) if math.isfinite(o) else None
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
-
-
-def fmt_num(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)  # None: an undefined number (NaN in the computation)
-
-
-def fmt_ci(d, p=4) -> str:
-    """"mean [lo, hi]" of a mean_ci dict (as read back from JSON, where NaN became None)."""
-    if not d or d["mean"] is None:
-        return "-"
-    ci = f" [{d['lo']:.{p}f}, {d['hi']:.{p}f}]" if d["lo"] is not None else ""
-    return f"{d['mean']:.{p}f}{ci}"
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The learning-rate schedule of every training script
 
@@ -390,55 +334,6 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.0, decay_fr
     if shape == "linear":
         return peak * (min_lr_frac + (1 - min_lr_frac) * max(0.0, 1 - progress))
     raise ValueError(f"unknown learning-rate schedule {shape!r} (expected linear or cosine)")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Atomic writes: a crash mid-write never leaves a truncated file; the old one stays until the new one is complete
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yields a temporary name beside `path`; renamed over `path` when the block ends without error, else removed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"  # keeps the extension: savefig and friends pick the format from it
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path: str, text: str):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
-def write_json(path: str, obj, indent: int = 2):
-    write_text(path, json.dumps(obj, indent=indent))
-
-
-def read_json(path: str, missing: str):
-    """A JSON file's content, or one FileNotFoundError line (`missing`: what the folder is not, what to do)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(missing)
-    with open(path) as f:
-        return json.load(f)
-
-
-def torch_save(obj, path: str):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def torch_load(path: str, device, what: str = "checkpoint"):
-    """torch.load with a one-line error for a truncated or foreign file (instead of torch's zip-reader message)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable {what} ({str(e).splitlines()[0]}); delete it to start over, or restore "
-                         f"a good copy") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import common
+from formats import disk
 from formats import hub
 from formats.corpus import HUB_DATASETS, iter_documents
 
@@ -279,7 +280,7 @@ def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: i
             os.remove(os.path.join(out_dir, "meta.json"))
         for s in final:
             os.replace(tmp[s], final[s])
-        common.write_json(os.path.join(out_dir, "meta.json"), meta)
+        disk.write_json(os.path.join(out_dir, "meta.json"), meta)
     finally:
         if hasattr(docs, "close"):  # a hub stream stopped early: close its connections now
             docs.close()
@@ -315,7 +316,7 @@ def _write_authors_windows(docs, tok, dt, fv, ft, count, n_docs, val_tokens, max
 
 
 def load_meta(data_dir: str) -> dict:
-    return common.read_json(os.path.join(data_dir, "meta.json"),
+    return disk.read_json(os.path.join(data_dir, "meta.json"),
                             f"{data_dir}: no meta.json (not a token dataset; build one with data.prepare)")
 
 

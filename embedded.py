@@ -38,6 +38,7 @@ import time
 import torch
 
 import common
+from formats import disk
 import data
 from formats.corpus import read_text, stdlib_files
 from formats.sae_files import GEMMA_SCOPE_RES_16K, default_sae, known_saes
@@ -270,7 +271,7 @@ def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096
     except RuntimeError as e:
         raise ValueError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
                          f"{str(e).strip().splitlines()[-1]}") from None
-    with common.atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+    with disk.atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         f.write(model.getvalue())
     return data.Tokenizer(out_path)
 

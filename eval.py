@@ -44,12 +44,15 @@ import torch
 import torch.nn.functional as F
 
 import common
+from evals import confidence
+from formats import disk
 import embedded
 from evals import generate
 from evals import multiple_choice
 from evals import steering
 from evals import truthfulqa
-from lora import adapters_disabled, load_adapter, merged
+from formats.peft import load_adapter
+from lora import adapters_disabled, merged
 from model import Transformer
 from sae import load_saes
 from splice import add, gap_closed, kept_tokens, kl_and_ce, means, predicted_positions, spliced_pass
@@ -271,11 +274,11 @@ def distance_summary(seq: dict, first: int, formulation: str) -> dict:
         row = {"layer": layer, "after_sae": layer - first}
         for name in ("cos", "l2"):
             base = np.concatenate(seq["sae"][layer][name])
-            row[f"{name}_sae"] = common.mean_ci(base)
+            row[f"{name}_sae"] = confidence.mean_ci(base)
             if "sae_lora" in seq:
                 lora = np.concatenate(seq["sae_lora"][layer][name])
-                row[f"{name}_sae_lora"] = common.mean_ci(lora)
-                row[f"{name}_change"] = common.mean_ci(lora - base)  # paired by sequence
+                row[f"{name}_sae_lora"] = confidence.mean_ci(lora)
+                row[f"{name}_change"] = confidence.mean_ci(lora - base)  # paired by sequence
         out["layers"].append(row)
     return out
 
@@ -297,16 +300,16 @@ def markdown(res: dict) -> str:
               "| adapter | setting | CE | KL | gap closed |", "| --- | --- | --- | --- | --- |"]
         for g in groups:
             for s, v in g["settings"].items():
-                gc = common.fmt_num(g.get("gap_closed"), ".1%") if s == "sae_lora" else ""
+                gc = confidence.fmt_num(g.get("gap_closed"), ".1%") if s == "sae_lora" else ""
                 L.append(f"| {g['name']} | {NAMES[s]} | {v['ce']:.4f} | {v['kl']:.4f} | {gc} |")
         L += ["", "## SAE at its layer (original model's activations; LoRA model's in the last columns)", "",
               "| adapter | layer | arch | FVU | L0 | dead latents | FVU (LoRA) | L0 (LoRA) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for g in groups:
             for s in g["sae_stats"]:
-                L.append(f"| {g['name']} | {s['layer']} | {s['arch']} | {common.fmt_num(s['fvu'], '.4f')} | {s['l0']:.1f} | "
-                         f"{s['dead']} ({s['dead_frac']:.1%}) | {common.fmt_num(s.get('fvu_lora'), '.4f')} | "
-                         f"{common.fmt_num(s.get('l0_lora'), '.1f')} |")
+                L.append(f"| {g['name']} | {s['layer']} | {s['arch']} | {confidence.fmt_num(s['fvu'], '.4f')} | {s['l0']:.1f} | "
+                         f"{s['dead']} ({s['dead_frac']:.1%}) | {confidence.fmt_num(s.get('fvu_lora'), '.4f')} | "
+                         f"{confidence.fmt_num(s.get('l0_lora'), '.1f')} |")
     if any("per_token" in g for g in groups):
         L += ["", "## Per-token change CE(SAE + LoRA) - CE(SAE)", "",
               "| adapter | positions | improved | degraded | unchanged | mean change | nats gained | nats lost |",
@@ -326,10 +329,10 @@ def markdown(res: dict) -> str:
             for f in DISTANCES:
                 for r in g.get("distances" if f == "ours" else f"distances_{f}", {}).get("layers", []):
                     L.append(f"| {g['name']} | {f} | {r['layer']} (+{r['after_sae']}) | "
-                             f"{common.fmt_ci(r['cos_sae'])} | {common.fmt_ci(r.get('cos_sae_lora'))} | "
-                             f"{common.fmt_ci(r.get('cos_change'))} | "
-                             f"{common.fmt_ci(r['l2_sae'], 3)} | {common.fmt_ci(r.get('l2_sae_lora'), 3)} | "
-                             f"{common.fmt_ci(r.get('l2_change'), 3)} |")
+                             f"{confidence.fmt_ci(r['cos_sae'])} | {confidence.fmt_ci(r.get('cos_sae_lora'))} | "
+                             f"{confidence.fmt_ci(r.get('cos_change'))} | "
+                             f"{confidence.fmt_ci(r['l2_sae'], 3)} | {confidence.fmt_ci(r.get('l2_sae_lora'), 3)} | "
+                             f"{confidence.fmt_ci(r.get('l2_change'), 3)} |")
     if "steering" in res:
         L += steering.markdown(res)
     if "benchmarks" in res:
@@ -351,7 +354,7 @@ def plots(res: dict, out: str) -> list[str]:
 
     def save(fig, name):
         path = os.path.join(out, name)
-        with common.atomic_path(path) as tmp:
+        with disk.atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=150, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
@@ -491,10 +494,10 @@ def run(cfg: EvalConfig) -> dict:
         res["saebench"] = saebench.evaluate(model, saes, cfg, d.device, amp)
 
     # -- reports -------------------------------------------------------------------------------------------------------
-    common.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(common.jsonable(res), indent=1))
-    md = markdown(common.jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
-    common.write_text(os.path.join(cfg.out, "eval.md"), md)
-    res["plots"] = plots(common.jsonable(res), cfg.out) if cfg.plots else []
+    disk.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(disk.jsonable(res), indent=1))
+    md = markdown(disk.jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
+    disk.write_text(os.path.join(cfg.out, "eval.md"), md)
+    res["plots"] = plots(disk.jsonable(res), cfg.out) if cfg.plots else []
     print(md)
     common.log(f"wrote {os.path.join(cfg.out, 'eval.json')}, eval.md" +
                (f" and {len(res['plots'])} plots" if res["plots"] else ""))
@@ -505,7 +508,7 @@ def check_adapter(model, folder: str):
     """Every adapter matches the model, checked from the file headers before any evaluation starts (load_adapter checks
     again, but only when its turn comes)."""
     from safetensors import safe_open
-    from lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+    from formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME
     path = os.path.join(folder, WEIGHTS_NAME)
     if not (os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isfile(path)):
         raise FileNotFoundError(f"--adapter {folder}: no {CONFIG_NAME} + {WEIGHTS_NAME} (not a PEFT adapter folder)")

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
+from formats import disk
 import embedded
 from data import TokenLoader, load_meta, load_tokenizer
 from model import ModelConfig, Transformer
@@ -142,7 +143,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
-        st = common.torch_load(state_path, d.device)
+        st = disk.torch_load(state_path, d.device)
         shape_keys = ("family", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "seq_len")
         diff = [k for k in shape_keys if st["config"][k] != getattr(cfg, k)]
         if diff:
@@ -165,7 +166,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
 
     def save_state():
         if d.master:
-            common.torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            disk.torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                       "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
                                       "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state()},
                                      state_path)
@@ -217,9 +218,9 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         raw.save_pretrained(out)
         dest = os.path.join(out, "tokenizer.model" if tok.kind == "sentencepiece" else "original/tokenizer.model")
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with common.atomic_path(dest) as tmp:
+        with disk.atomic_path(dest) as tmp:
             shutil.copyfile(tok.path, tmp)
-        common.write_json(os.path.join(out, "pretrain.json"), result)
+        disk.write_json(os.path.join(out, "pretrain.json"), result)
         print(f"pretrain: saved {out} (val loss {val:.3f} after {result['tokens']:,} tokens, "
               f"{result['wall_s']:.0f}s)", flush=True)
     _barrier(d)

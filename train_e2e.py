@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import common
+from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer
@@ -114,7 +115,7 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     step, elapsed, rows = 0, 0.0, []
 
     if cfg.resume and os.path.isfile(state_path):
-        st = common.torch_load(state_path, d.device)
+        st = disk.torch_load(state_path, d.device)
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"][d.rank])
@@ -132,14 +133,14 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     def save_state():
         loaders, rngs = common.gather_objects(loader.state_dict()), common.gather_objects(common.rng_state())
         if d.master:
-            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders, rng=rngs,
+            disk.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders, rng=rngs,
                                    since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
                                    config=asdict(cfg)), state_path)
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
             writer.writeheader()
             writer.writerows(rows)
-            common.write_text(csv_path, text.getvalue())
+            disk.write_text(csv_path, text.getvalue())
 
     def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them
         sae.eval()

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import common
+from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer
@@ -175,7 +176,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     step, elapsed, history = 0, 0.0, []
 
     if cfg.resume and os.path.isfile(state_path):
-        st = common.torch_load(state_path, d.device)
+        st = disk.torch_load(state_path, d.device)
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
         buffer.load_state_dict(st["buffer"][d.rank])
@@ -199,7 +200,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     def save_state():
         buffers, rngs = common.gather_objects(buffer.state_dict()), common.gather_objects(common.rng_state())
         if d.master:
-            common.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers, rng=rngs,
+            disk.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers, rng=rngs,
                                    since_fired=since_fired, scale=scale, step=step, elapsed=elapsed, history=history,
                                    config=asdict(cfg)), state_path)
 
@@ -263,7 +264,7 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     # -- save ----------------------------------------------------------------------------------------------------------
     save_sae(cfg.out)
     if d.master:
-        common.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
+        disk.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
                                                                        config_sources=common.sources(cfg),
                                                                        history=history))
     common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from evals import confidence
 from formats import hub
 from lora import adapters_disabled, merged
 from splice import splice_hooks
@@ -306,7 +307,7 @@ def markdown(res: dict) -> list[str]:
             for metric in TABLE_METRICS.get(bench, ("acc",)):
                 def cell(d):
                     se = d[metric + "_se"] and 100 * d[metric + "_se"]
-                    return f"{100 * d[metric]:.1f} +- {common.fmt_num(se, '.1f')}"
+                    return f"{100 * d[metric]:.1f} +- {confidence.fmt_num(se, '.1f')}"
                 row = {s: cell(shared[s][bench]) for s in ("original", "sae")}
                 row.update({s: cell(mine[s][bench]) for s in ("sae_lora", "lora") if s in mine})
                 L.append(f"| {g['name']} | {LABELS.get(bench, bench)} | {metric} | {shared['original'][bench]['n']} | "

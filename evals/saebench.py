@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from formats import disk
 from evals import saebench_data as sd
 
 K_VALUES = (1, 2, 5, 10, 20, 50)
@@ -442,8 +442,8 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     res["seconds"] = time.time() - t0
     res["markdown"] = table(res)
     os.makedirs(cfg.out, exist_ok=True)
-    common.write_json(os.path.join(cfg.out, "saebench.json"), common.jsonable(res), indent=1)
-    common.write_text(os.path.join(cfg.out, "saebench.md"), res["markdown"])
+    disk.write_json(os.path.join(cfg.out, "saebench.json"), disk.jsonable(res), indent=1)
+    disk.write_text(os.path.join(cfg.out, "saebench.md"), res["markdown"])
     if cfg.plots:
         plot(res, os.path.join(cfg.out, "saebench.png"))
     return res

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import common
+from evals import confidence
 from formats.corpus import jsonl_texts
 from evals.multiple_choice import score, setting_context
 from splice import splice_hooks
@@ -171,7 +172,7 @@ def steering_compare(base: dict, lora: dict) -> dict:
     out = {}
     for k in ("pos", "neg"):
         if k in base:
-            out["POSITIVE" if k == "pos" else "NEGATIVE"] = common.mean_ci(np.array(lora[k]) - np.array(base[k]))
+            out["POSITIVE" if k == "pos" else "NEGATIVE"] = confidence.mean_ci(np.array(lora[k]) - np.array(base[k]))
     return out
 
 
@@ -179,11 +180,11 @@ def authors_compare(base: dict, lora: dict) -> dict:
     """POSITIVE and NEGATIVE as run_steering.py computes them (stat_eval, 216-234): LoRA changes - base changes
     element-wise in each model's own order (rank of unsteered LL), negatives pooled over datasets in order (366-367),
     90% Student-t CI; NEGATIVE per dataset besides (their per-dataset plots, 365)."""
-    out = {"POSITIVE": common.mean_ci(np.array(lora["pos"]) - np.array(base["pos"]), t=True)}
+    out = {"POSITIVE": confidence.mean_ci(np.array(lora["pos"]) - np.array(base["pos"]), t=True)}
     by = {k: np.array(lora["neg"][k]) - np.array(base["neg"][k]) for k in base["neg"]}
     if by:
-        out["NEGATIVE"] = common.mean_ci(np.concatenate(list(by.values())), t=True)
-        out["NEGATIVE_by_dataset"] = {k: common.mean_ci(x, t=True) for k, x in by.items()}
+        out["NEGATIVE"] = confidence.mean_ci(np.concatenate(list(by.values())), t=True)
+        out["NEGATIVE_by_dataset"] = {k: confidence.mean_ci(x, t=True) for k, x in by.items()}
     return out
 
 
@@ -200,15 +201,15 @@ def markdown(res: dict) -> list[str]:
               "| model | alpha | positive | negative | POSITIVE (LoRA - base) | NEGATIVE |",
               "| --- | --- | --- | --- | --- | --- |"]
         b = st["base"]
-        L.append(f"| base | {b['alpha']:g} | {b['pos_mean']:+.2f} | {common.fmt_num(b.get('neg_mean'), '+.2f')} | | |")
+        L.append(f"| base | {b['alpha']:g} | {b['pos_mean']:+.2f} | {confidence.fmt_num(b.get('neg_mean'), '+.2f')} | | |")
         for g in res["groups"]:
             if key in g:
                 s, c = g[key], g[cmp]
                 L.append(f"| {g['name']} | {s['alpha']:g} | {s['pos_mean']:+.2f} | "
-                         f"{common.fmt_num(s.get('neg_mean'), '+.2f')} | {common.fmt_ci(c.get('POSITIVE'), 2)} | "
-                         f"{common.fmt_ci(c.get('NEGATIVE'), 2)} |")
+                         f"{confidence.fmt_num(s.get('neg_mean'), '+.2f')} | {confidence.fmt_ci(c.get('POSITIVE'), 2)} | "
+                         f"{confidence.fmt_ci(c.get('NEGATIVE'), 2)} |")
                 if key == "steering_authors" and len(c.get("NEGATIVE_by_dataset", {})) > 1:
-                    L += [f"| {g['name']}: {k} | | | {s['neg_mean_by_dataset'][k]:+.2f} | | {common.fmt_ci(ci, 2)} |"
+                    L += [f"| {g['name']}: {k} | | | {s['neg_mean_by_dataset'][k]:+.2f} | | {confidence.fmt_ci(ci, 2)} |"
                           for k, ci in c["NEGATIVE_by_dataset"].items()]
     return L
 

@@ -45,6 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+from evals import confidence  # noqa: E402
+from formats import disk  # noqa: E402
 from evals import multiple_choice  # noqa: E402
 from formats.corpus import split_documents  # noqa: E402
 
@@ -355,7 +357,7 @@ def build(cfg: ChecksConfig) -> dict:
     sae_dir = cfg.sae or embedded.sae(cfg.layer if cfg.layer is not None else embedded.SAE_LAYER)
     held_out, train = split_documents(data_dir, "the functional checks", train=True)
     tok = load_tokenizer(model_dir)
-    meta = common.read_json(os.path.join(data_dir, "meta.json"), f"{data_dir}: no meta.json")
+    meta = disk.read_json(os.path.join(data_dir, "meta.json"), f"{data_dir}: no meta.json")
     val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=meta["dtype"])
     if not np.array_equal(val, [t for d in held_out for t in tok.encode(d, bos=True, eos=True)]):
         raise ValueError(f"{data_dir}: its held-out documents, read again, do not tokenize to its val.bin (another "
@@ -390,7 +392,7 @@ def build(cfg: ChecksConfig) -> dict:
     info = dict(model=model_dir, sae=sae_dir, layer=layer, data=data_dir, held_out_docs=len(held_out),
                 parsed_docs=len(docs), choice=choice, files=files, texts={k: len(v) for k, v in sets.items()},
                 mc_questions=len(rows), mc_chance=1 / CHOICES, config=asdict(cfg))
-    common.write_json(os.path.join(cfg.out, "inputs.json"), info)
+    disk.write_json(os.path.join(cfg.out, "inputs.json"), info)
     return info
 
 
@@ -446,11 +448,11 @@ def report(info: dict, ev: dict, n_params: int) -> tuple[dict, str]:
          "| --- | --- | --- | --- | --- | --- |"]
     for what, r in steer.items():
         L.append(f"| {what} | {r['alpha_base']:g} / {r['alpha_lora']:g} | {r['pos_base']:+.2f} / "
-                 f"{r['pos_lora']:+.2f} | {common.fmt_num(r['neg_base'], '+.2f')} / "
-                 f"{common.fmt_num(r['neg_lora'], '+.2f')} | {common.fmt_ci(r['POSITIVE'], 2)} | "
-                 f"{common.fmt_ci(r['NEGATIVE'], 2)} |")
+                 f"{r['pos_lora']:+.2f} | {confidence.fmt_num(r['neg_base'], '+.2f')} / "
+                 f"{confidence.fmt_num(r['neg_lora'], '+.2f')} | {confidence.fmt_ci(r['POSITIVE'], 2)} | "
+                 f"{confidence.fmt_ci(r['NEGATIVE'], 2)} |")
     for k, ci in (steer["authors"]["NEGATIVE_by_dataset"] or {}).items():
-        L.append(f"| authors, negatives {k} | | | | | {common.fmt_ci(ci, 2)} |")
+        L.append(f"| authors, negatives {k} | | | | | {confidence.fmt_ci(ci, 2)} |")
     mc = results["multiple_choice"]
     L += ["", f"## Multiple choice from held-out code (Sec. 5.3, HellaSwag format): {scale}", "",
           f"{mc['original']['n']} questions: held-out lines and the first word of the next line; which of "
@@ -479,7 +481,7 @@ def _rel(path: str) -> str:
 
 def write_jsonl(path: str, rows: list[dict]):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    common.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    disk.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main(argv=None) -> dict:

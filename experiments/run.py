@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
 import common  # noqa: E402
+from formats import disk  # noqa: E402
 import embedded  # noqa: E402
 import splice  # noqa: E402
 import train_e2e  # noqa: E402  (step_flops)
@@ -245,7 +246,7 @@ def frontier(cfg: ExpConfig):
     sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
     topk_flops = lambda p: train_sae.run_flops(sae_cfg, mcfg, topk_step(p), train_sae.auxk_steps(h["history"],
                                                                                               topk_step(p)))
-    e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), common.torch_load(os.path.join(e2e, "state.pt"), "cpu",
+    e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), disk.torch_load(os.path.join(e2e, "state.pt"), "cpu",
                                                                           "e2e state")["config"], "saved")
     e2e_tokens = lambda p: round(e2e_total * p / 100) * int(rows[-1]["tokens"]) // int(rows[-1]["step"])
 
@@ -379,7 +380,7 @@ def jumprelu_sae(cfg: ExpConfig) -> tuple[str, int]:
 @torch.no_grad()
 def l0_of(cfg: ExpConfig, sae_dir: str, layer: int, adapter: str | None = None) -> float:
     """Mean active latents of the SAE on held-out activations of (the adapted) model at its layer, BOS excluded."""
-    from lora import load_adapter
+    from formats.peft import load_adapter
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
     if adapter:

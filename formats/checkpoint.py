@@ -13,7 +13,7 @@ import re
 import torch
 import torch.nn as nn
 
-import common
+from formats import disk
 from formats import hub
 
 _WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
@@ -34,7 +34,7 @@ def resolve_model_dir(path_or_repo_id: str) -> str:
 
 def read_config(folder: str) -> dict:
     """A model folder's config.json (ModelConfig.from_hf reads it)."""
-    return common.read_json(os.path.join(folder, "config.json"),
+    return disk.read_json(os.path.join(folder, "config.json"),
                             f"{folder}: no config.json (is this a Hugging Face model folder?)")
 
 
@@ -177,6 +177,6 @@ def save_checkpoint(state: dict, folder: str, config: dict):
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     config = {**config, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
-    with common.atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+    with disk.atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
-    common.write_json(os.path.join(folder, "config.json"), config)
+    disk.write_json(os.path.join(folder, "config.json"), config)

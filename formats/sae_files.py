@@ -23,7 +23,7 @@ import re
 import numpy as np
 import torch
 
-import common
+from formats import disk
 from formats import hub
 
 FORMATS = [  # (name, files that identify it) in the order they are tried
@@ -344,7 +344,7 @@ def save_saelens(sae, folder: str):
                              hook_head_index=None, sae_lens_version="6.0.0", sae_lens_training_version="6.0.0"))
     if sae.k is not None:
         cfg["k"] = sae.k
-    with common.atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:
+    with disk.atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:
         save_file(tensors, tmp, {"format": "pt"})
-    common.write_json(os.path.join(folder, "cfg.json"), cfg)
+    disk.write_json(os.path.join(folder, "cfg.json"), cfg)
 

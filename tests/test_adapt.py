@@ -246,7 +246,7 @@ def test_fsdp2_equals_ddp_and_resumes_exactly(files, ddp_dropout, tmp_path):
         assert close(x, z, 1e-4)
     res = json.load(open(tmp_path / "a" / "results.json"))
     assert res["ce_sae_lora"] == pytest.approx(ddp_results["ce_sae_lora"], rel=1e-5)
-    from lora import load_adapter  # the gathered adapter on disk is whole and loads into a plain model
+    from formats.peft import load_adapter  # the gathered adapter on disk is whole and loads into a plain model
     model = Transformer.from_pretrained(files["model"])
     for p, saved in zip(load_adapter(model, str(tmp_path / "a" / "adapter")), a["adapter"]):
         assert torch.equal(p.detach(), saved)

@@ -18,7 +18,8 @@ from formats.corpus import split_documents
 from data import prepare
 from embedded import train_tokenizer
 from experiments import checks
-from lora import apply_lora, lora_modules, save_adapter
+from formats.peft import save_adapter
+from lora import apply_lora, lora_modules
 from model import ModelConfig, Transformer
 from sae import SAE
 

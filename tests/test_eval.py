@@ -15,7 +15,8 @@ import eval as ev
 from evals import multiple_choice
 from data import TokenLoader
 from embedded import train_tokenizer
-from lora import adapters_disabled, apply_lora, load_adapter, lora_modules, merged, save_adapter
+from formats.peft import load_adapter, save_adapter
+from lora import adapters_disabled, apply_lora, lora_modules, merged
 from model import ModelConfig, Transformer
 from sae import SAE
 from splice import evaluate, splice_hooks

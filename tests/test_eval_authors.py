@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+from evals import confidence
 from sae import SAE
 from tests.tol import approx_scaled
 from tests.test_eval import SAE_LAYER, load, run, sentence, val_batches, world, write_jsonl  # noqa: F401, F811 (world: the fixture)
@@ -276,6 +276,6 @@ def test_steering_formulations_differ_where_they_should(world):
 def test_t_quantile_is_scipy_t_ppf():
     import scipy.stats as stats
     for df in (1, 2, 3, 4, 7, 10, 99, 499, 3000):
-        assert common.t_quantile(0.9, df) == pytest.approx(stats.t.ppf(0.95, df), rel=1e-12)
-    assert common.mean_ci([1.0, 2.0, 4.0], t=True)["hi"] == pytest.approx(
+        assert confidence.t_quantile(0.9, df) == pytest.approx(stats.t.ppf(0.95, df), rel=1e-12)
+    assert confidence.mean_ci([1.0, 2.0, 4.0], t=True)["hi"] == pytest.approx(
         stats.t.interval(0.9, 2, loc=7 / 3, scale=stats.sem([1.0, 2.0, 4.0]))[1], rel=1e-12)

@@ -1,4 +1,4 @@
-"""lora.py: exactness of the adapter algebra, and PEFT's file format both ways against peft + transformers."""
+"""lora.py: exactness of the adapter algebra; formats/peft.py: PEFT's file format both ways against peft + transformers."""
 import dataclasses
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from lora import (LoRALinear, adapters_disabled, apply_lora, load_adapter, lora_modules, merge_all, merged,
-                  resolve_layers, save_adapter, unmerge_all)
+from formats.peft import load_adapter, save_adapter
+from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules, merge_all, merged, resolve_layers, unmerge_all
 from model import ModelConfig, Transformer
 from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint, rel_err
 from tests.tol import close

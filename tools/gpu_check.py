@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runnable by path (python tools/X.py) as well as with -m
 
 import common
+from formats import disk
 from tools.gpu_numerics import part_numerics  # noqa: F401  (part 1, run by name)
 
 
@@ -234,7 +235,7 @@ class Part:
 
     def put(self, **kw):
         self.rec.update(kw)
-        common.write_json(self.path, common.jsonable(self.rec))
+        disk.write_json(self.path, disk.jsonable(self.rec))
 
     def left(self) -> float:
         return self.deadline - time.time() - 3
@@ -490,8 +491,8 @@ def cell(x) -> str:
 
 
 def write_report(folder: str, report: dict, log_text: list):
-    common.write_json(os.path.join(folder, "gpu_check.json"), common.jsonable(report))
-    common.write_text(os.path.join(folder, "gpu_check.log"), "\n".join(log_text))
+    disk.write_json(os.path.join(folder, "gpu_check.json"), disk.jsonable(report))
+    disk.write_text(os.path.join(folder, "gpu_check.log"), "\n".join(log_text))
     env, parts = report["environment"], report["parts"]
     lines = [f"# GPU check: {len(report['passed'])} of {len(parts)} parts passed", "",
              f"`{report['command']}` ({report['mode']}) on {env.get('device_name')} ({env['device']}): torch "
@@ -515,7 +516,7 @@ def write_report(folder: str, report: dict, log_text: list):
         for r in a["rows"].values():
             lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} |"
                          if "tokens_per_s" in r else f"| {r['label']} | **fail**: {cell(r.get('error'))} | | |")
-    common.write_text(os.path.join(folder, "gpu_check.md"), "\n".join(lines) + "\n")
+    disk.write_text(os.path.join(folder, "gpu_check.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

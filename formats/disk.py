@@ -1,0 +1,69 @@
+"""Files a run writes and reads back: atomic writes (a crash mid-write never leaves a truncated file; the old one stays
+until the new one is complete), JSON with NaN as null, torch checkpoints with one-line errors."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name beside `path`; renamed over `path` when the block ends without error, else removed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # keeps the extension: savefig and friends pick the format from it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str, obj, indent: int = 2):
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def read_json(path: str, missing: str):
+    """A JSON file's content, or one FileNotFoundError line (`missing`: what the folder is not, what to do)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(missing)
+    with open(path) as f:
+        return json.load(f)
+
+
+def torch_save(obj, path: str):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path: str, device, what: str = "checkpoint"):
+    """torch.load with a one-line error for a truncated or foreign file (instead of torch's zip-reader message)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable {what} ({str(e).splitlines()[0]}); delete it to start over, or restore "
+                         f"a good copy") from None
+
+
+def jsonable(o):
+    """numpy scalars as Python numbers, NaN (an undefined ratio) as null: what json.dumps can write."""
+    import numpy as np
+    if isinstance(o, dict):
+        return {k: jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    return o

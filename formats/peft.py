@@ -1,0 +1,113 @@
+"""
+PEFT's on-disk format for the adapters of lora.py: adapter_config.json + adapter_model.safetensors, written so that
+peft.PeftModel.from_pretrained loads them, and read back from ours or from peft's save_pretrained.
+
+    save_adapter(model, "out/adapter", "google/gemma-2-2b")
+    load_adapter(model, "out/adapter")      # applies LoRA as the config says when the model has none yet
+
+Module paths are HF's (`model.layers.3.self_attn.q_proj`), so PEFT's tensor names are `base_model.model.` + path +
+`.lora_A.weight` / `.lora_B.weight`: no rename table.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from formats import disk
+from lora import LoRALinear, adapter_parameters, apply_lora, lora_modules
+
+CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = ""):
+    from safetensors.torch import save_file
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("this model has no LoRA adapters to save (call apply_lora first)")
+    m0 = next(iter(mods.values()))
+    layers = sorted({int(n.split(".")[2]) for n in mods})  # names are model.layers.N.<sublayer>.<target>
+    all_layers = len(layers) == len(model.model.layers)
+    config = dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=m0.rank, lora_alpha=m0.alpha,
+        lora_dropout=m0.dropout.p if isinstance(m0.dropout, nn.Dropout) else 0.0,
+        target_modules=sorted({n.rsplit(".", 1)[-1] for n in mods}),
+        layers_to_transform=None if all_layers else layers, layers_pattern=None if all_layers else "layers",
+        base_model_name_or_path=base_model_name_or_path, bias="none", fan_in_fan_out=False, inference_mode=True,
+        init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={},
+        alpha_pattern={}, revision=None)
+    # FSDP2-sharded adapters (DTensors) are gathered first: every rank calls this, rank 0 writes
+    named = _peft_names(mods)
+    sharded = any(hasattr(p, "full_tensor") for p in named.values())
+    tensors = {k: (p.full_tensor() if sharded else p).detach().cpu().contiguous() for k, p in named.items()}
+    if sharded and torch.distributed.get_rank() != 0:
+        return
+    os.makedirs(folder, exist_ok=True)  # each file written under a temp name, then renamed: never half-written
+    with disk.atomic_path(os.path.join(folder, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    disk.write_json(os.path.join(folder, CONFIG_NAME), config)
+
+
+def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:
+    """Load an adapter saved by save_adapter or by peft's save_pretrained. Applies LoRA per adapter_config.json if the
+    model has none yet; otherwise the existing adapters must match it. Returns the adapter parameters.
+    Config problems are caught before the model is touched; a tensor mismatch is found after LoRA was applied."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    for fname in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(folder, fname)):
+            raise FileNotFoundError(f"{folder}: no {fname} (is this a PEFT LoRA adapter folder?)")
+    with open(os.path.join(folder, CONFIG_NAME)) as f:
+        cfg = json.load(f)
+    _check_peft_config(cfg, folder)
+    r, alpha, targets = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+    layers = cfg.get("layers_to_transform")
+    mods = lora_modules(model)
+    if not mods:
+        apply_lora(model, r, alpha, cfg.get("lora_dropout") or 0.0, layers, targets)
+        mods = lora_modules(model)
+    m0 = next(iter(mods.values()))
+    if any(m.merged for m in mods.values()):
+        raise ValueError("adapters are merged into the weights: unmerge_all(model) before loading new ones")
+    if (m0.rank, m0.alpha) != (r, alpha):
+        raise ValueError(f"{folder}: adapter has r={r}, lora_alpha={alpha} but the model's adapters have "
+                         f"r={m0.rank}, alpha={m0.alpha}")
+    try:
+        state = load_file(os.path.join(folder, WEIGHTS_NAME))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{folder}: corrupt or truncated {WEIGHTS_NAME} ({e})") from None
+    params = _peft_names(mods)
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: adapter tensors do not match the model's adapters: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]} (adapter for another model?)")
+    for k, p in params.items():
+        if state[k].shape != p.shape:
+            raise ValueError(f"{folder}: tensor {k} has shape {tuple(state[k].shape)}, this model needs "
+                             f"{tuple(p.shape)} (adapter for another model?)")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+    return adapter_parameters(model)
+
+
+def _peft_names(mods: dict[str, LoRALinear]) -> dict[str, nn.Parameter]:
+    return {f"{PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}") for n, m in mods.items() for ab in "AB"}
+
+
+def _check_peft_config(cfg: dict, folder: str):
+    """Refuse, one line each, PEFT features whose forward this file does not implement."""
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type is {cfg.get('peft_type')!r}, only LORA is supported")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise ValueError(f"{folder}: {CONFIG_NAME} lacks {key!r}")
+    if not isinstance(cfg["target_modules"], list):
+        raise ValueError(f"{folder}: target_modules must be a list of names, got {cfg['target_modules']!r}")
+    for key, ok in [("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("lora_bias", False),
+                    ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
+                    ("layer_replication", None), ("layers_pattern", "layers")]:
+        if cfg.get(key) not in (ok, None, [ok]):
+            raise ValueError(f"{folder}: {key}={cfg[key]!r} in {CONFIG_NAME} is not supported")
