@@ -111,6 +111,10 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+# Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
+TINY = dict(seq_len=256, batch_size=8, eval_tokens=65_536, gen_tokens=64, out="out/eval-tiny")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Core table (Sec. 4), per-token breakdown (Sec. 6.1), activation distances (Sec. 6.2)
 
@@ -391,13 +395,13 @@ def plots(res: dict, out: str) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(EvalConfig, argv, epilog=embedded.preset_help("eval"))
+    cfg, typed = common.parse_args(EvalConfig, argv, epilog=embedded.preset_help("eval", TINY))
     steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
         cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
         common.log("eval.py: no --model and no --adapter: evaluating out/adapt-tiny/adapter (python adapt.py's)")
-    embedded.fill(cfg, typed, "eval", need_data=cfg.model is None or cfg.truthfulqa_gen == "corpus" or
+    embedded.fill(cfg, typed, "eval", TINY, need_data=cfg.model is None or cfg.truthfulqa_gen == "corpus" or
                   not (steer or benches or cfg.truthfulqa_gen or cfg.generate))
     return run(cfg)
 

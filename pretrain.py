@@ -15,6 +15,9 @@ pretrain.json in the output folder and in experiments/README.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -26,15 +29,15 @@ import torch.nn.functional as F
 
 import common
 from formats import disk
-import embedded
 from data import TokenLoader, load_meta, load_tokenizer
+from formats import stdlib_corpus
 from model import ModelConfig, Transformer
 
 
 @dataclass
 class PretrainRecipe:
     """What decides the weights. The embedded pipeline names the model's cache folder by a hash of these fields
-    (embedded.model_dir); PretrainConfig below adds the settings that do not change what is trained."""
+    (model_dir below); PretrainConfig below adds the settings that do not change what is trained."""
     family: str = "gemma2"  # gemma2 | llama3
     d_model: int = 192  # width (the default shape, 3.0M parameters, won a size sweep: experiments/README.md)
     n_layer: int = 4  # decoder blocks
@@ -62,7 +65,7 @@ class PretrainRecipe:
 @dataclass
 class PretrainConfig(PretrainRecipe):
     """Pretrain a tiny Gemma-2 / Llama-3 architecture model from scratch (defaults: the embedded offline model)."""
-    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of the recipe above> (embedded.model_dir)
+    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of the recipe above> (model_dir below)
     data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
     stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
     eval_interval: int = 250  # steps between validation losses
@@ -122,12 +125,12 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         data_dir = cfg.data
     else:  # build the embedded corpus once (rank 0), the others wait and then read the cache
         if d.master:
-            embedded.corpus_and_tokenizer()
+            stdlib_corpus.corpus_and_tokenizer()
         _barrier(d)
-        data_dir = embedded.corpus_and_tokenizer()[0]
+        data_dir = stdlib_corpus.corpus_and_tokenizer()[0]
     meta = load_meta(data_dir)
     tok = load_tokenizer(meta["tokenizer"])
-    out = cfg.out or embedded.model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses
+    out = cfg.out or model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses
     state_path = os.path.join(out, "train_state.pt")
     loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, seed=cfg.seed,
                          device=d.device)
@@ -225,6 +228,19 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
               f"{result['wall_s']:.0f}s)", flush=True)
     _barrier(d)
     return result
+
+
+def model_dir(cfg: PretrainConfig) -> str:
+    """Where the tiny model of `cfg`'s recipe is cached: a folder named by PretrainRecipe's fields and the corpus
+    settings, so that a changed recipe is built beside the old one (embedded.py looks here, then in shipped/)."""
+    recipe = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainRecipe)}
+    recipe.update(corpus_vocab=stdlib_corpus.CORPUS_VOCAB, corpus_val_tokens=stdlib_corpus.CORPUS_VAL_TOKENS)
+    return os.path.join(stdlib_corpus.cache_dir(), f"tiny-{recipe['family']}-{recipe_key(recipe)}")
+
+
+def recipe_key(recipe: dict) -> str:
+    """8 hex digits naming a recipe (the model's here, the SAE's in embedded.py)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def main(argv=None) -> dict:

@@ -67,9 +67,14 @@ class E2EConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+# Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
+TINY = dict(layer=[embedded.SAE_LAYER], k=16, expansion=8, max_tokens=1_500_000, batch_size=8, seq_len=256,
+            dead_tokens=1_000_000, eval_interval=50, log_interval=10, out="out/e2e-tiny")
+
+
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(E2EConfig, argv, epilog=embedded.preset_help("train_e2e"))
-    embedded.fill(cfg, typed, "train_e2e")
+    cfg, typed = common.parse_args(E2EConfig, argv, epilog=embedded.preset_help("train_e2e", TINY))
+    embedded.fill(cfg, typed, "train_e2e", TINY)
     if cfg.recipe == "authors":  # their trainer with e2e=True (es/trainer.py:333-399)
         common.fill(cfg, typed, dict(batch_size=1, kl_reduction="sequence", sae_positions="all", decay_frac=1.0,
                                      warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")

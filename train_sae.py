@@ -66,6 +66,10 @@ class TrainSAEConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+# Without --model: the embedded pipeline's SAE recipe (its cache folder is named by it), written to out/sae-tiny
+TINY = dict(embedded.SAE, out="out/sae-tiny")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -121,8 +125,8 @@ class ActivationBuffer:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae"))
-    embedded.fill(cfg, typed, "train_sae")
+    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae", TINY))
+    embedded.fill(cfg, typed, "train_sae", TINY)
     if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
         common.fill(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1, auxk_coef=0.0,
                                      include_bos=True, decay_frac=1.0,

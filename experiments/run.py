@@ -129,7 +129,7 @@ def main_sae(cfg: ExpConfig, layer: int) -> str:
 def held_out_batches(cfg: ExpConfig, device) -> tuple[adapt.AdaptConfig, list[torch.Tensor]]:
     """adapt.py's settings for this model and exactly the held-out batches it evaluates on."""
     from data import TokenLoader
-    a = common.fill(adapt.AdaptConfig(), set(), embedded.PRESETS["adapt"] if tiny(cfg) else {})
+    a = common.fill(adapt.AdaptConfig(), set(), adapt.TINY if tiny(cfg) else {})
     micro = a.micro_batch or a.batch_size
     val = TokenLoader(embedded_paths(cfg)[1], "val", micro, a.seq_len, 0, 1, a.seed, shuffle=False, device=device)
     return a, [val.next_batch() for _ in range(max(1, a.eval_tokens // (micro * a.seq_len)))]

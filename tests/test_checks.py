@@ -16,7 +16,7 @@ from evals import multiple_choice
 from evals import steering
 from formats.corpus import split_documents
 from data import prepare
-from embedded import train_tokenizer
+from formats.stdlib_corpus import train_tokenizer
 from experiments import checks
 from formats.peft import save_adapter
 from lora import apply_lora, lora_modules

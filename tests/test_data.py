@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import data
-import embedded
+from formats import stdlib_corpus
 from formats.corpus import iter_documents, stdlib_files
 from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer, load_tokens, prepare,
                   token_dtype)
-from embedded import train_tokenizer
+from formats.stdlib_corpus import train_tokenizer
 
 UNICODE_DOC = "naïve café — 東京 🚀\n\tdef f(x):\n        return x  +  1   # spaces  kept\n\n\n"
 
@@ -347,33 +347,33 @@ def test_stdlib_files_are_deterministic_library_sources():
 
 
 def test_embedded_dataset_is_built_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 20_000)
+    monkeypatch.setattr(stdlib_corpus, "CORPUS_VAL_TOKENS", 20_000)
     real_files = stdlib_files()
-    monkeypatch.setattr(embedded, "stdlib_files", lambda: real_files[:40])  # a slice keeps the test to seconds
+    monkeypatch.setattr(stdlib_corpus, "stdlib_files", lambda: real_files[:40])  # a slice keeps the test to seconds
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path / "c"))
-    data_dir, tok_path = embedded.corpus_and_tokenizer()
+    data_dir, tok_path = stdlib_corpus.corpus_and_tokenizer()
     assert data_dir.startswith(str(tmp_path / "c"))
     meta = load_meta(data_dir)
     assert meta["source"] == "stdlib" and meta["vocab_size"] == 4096 and meta["val_tokens"] >= 20_000
     assert load_tokenizer(tok_path).vocab_size == 4096
     stamp = os.path.getmtime(os.path.join(data_dir, "train.bin"))
-    assert embedded.corpus_and_tokenizer() == (data_dir, tok_path)
+    assert stdlib_corpus.corpus_and_tokenizer() == (data_dir, tok_path)
     assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == stamp  # cached, not rebuilt
 
 
 def test_embedded_dataset_with_a_models_tokenizer_is_cached_per_tokenizer(tmp_path, monkeypatch, sp_model):
     from model import ModelConfig
-    monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 5_000)
+    monkeypatch.setattr(stdlib_corpus, "CORPUS_VAL_TOKENS", 5_000)
     real_files = stdlib_files()
-    monkeypatch.setattr(embedded, "stdlib_files", lambda: real_files[:20])
+    monkeypatch.setattr(stdlib_corpus, "stdlib_files", lambda: real_files[:20])
     model_dir = gemma_folder(tmp_path / "model", sp_model, ModelConfig.from_name("tiny-gemma2"))
-    data_dir, tok_path = embedded.corpus_and_tokenizer(str(tmp_path / "c"), tokenizer=str(model_dir))  # a model folder
+    data_dir, tok_path = stdlib_corpus.corpus_and_tokenizer(str(tmp_path / "c"), tokenizer=str(model_dir))  # a model folder
     sha = data._sha256(str(sp_model / "gemma" / "tokenizer.model"))
     assert data_dir == str(tmp_path / "c" / f"stdlib-{sha[:16]}") and tok_path == str(model_dir / "tokenizer.model")
     meta = load_meta(data_dir)
     assert (meta["vocab_size"], meta["tokenizer_sha256"], meta["source"]) == (400, sha, "stdlib")
     stamp = os.path.getmtime(os.path.join(data_dir, "train.bin"))
-    assert embedded.corpus_and_tokenizer(str(tmp_path / "c"), tokenizer=load_tokenizer(tok_path)) == (data_dir, tok_path)
+    assert stdlib_corpus.corpus_and_tokenizer(str(tmp_path / "c"), tokenizer=load_tokenizer(tok_path)) == (data_dir, tok_path)
     assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == stamp  # cached, not rebuilt
     assert check_data_matches(data_dir, str(model_dir))["vocab_size"] == 400
     assert not os.path.exists(tmp_path / "c" / "stdlib")  # the default BPE is not trained for a model's tokenizer

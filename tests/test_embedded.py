@@ -1,6 +1,7 @@
 """embedded.py and the command line: presets fill only what was not typed, the cache is reused, every flag is
 documented, and bad input ends in one line with exit code 2 (as the user types the scripts, in a subprocess)."""
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -12,8 +13,10 @@ import adapt
 import common
 import embedded
 import eval as ev
+import pretrain
 import train_e2e
 import train_sae
+from formats import stdlib_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["adapt.py", "train_sae.py", "train_e2e.py", "eval.py", "pretrain.py", "tools/bench.py"]
@@ -54,14 +57,14 @@ def test_presets_are_logged_first_and_recorded(stub_pipeline, capsys):
     so, value by value, and config_sources records where each value came from."""
     cfg = adapt.main(["--lr", "1e-4"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "adapt.py: no --model, so the tiny model's preset (embedded.PRESETS['adapt']) replaces these " \
-                       "defaults (typed flags win):"
+    assert lines[0] == "adapt.py: no --model, so the tiny model's preset (adapt.TINY) replaces these defaults " \
+                       "(typed flags win):"
     listed = [line.strip() for line in lines[1:] if line.startswith("  --")]
     for flag in ("--schedule cosine (default linear)", "--weight-decay 0.0 (default 0.01)", "--dropout 0.0 (default 0.1)",
                  "--kl-reduction token (default sequence)", "--seq-len 256 (default 1024)", "--decay-frac 1.0 (default "
                  "0.0)"):
         assert flag in listed, (flag, listed)
-    changed = {k for k, v in embedded.PRESETS["adapt"].items() if v != getattr(adapt.AdaptConfig(), k) and k != "lr"}
+    changed = {k for k, v in adapt.TINY.items() if v != getattr(adapt.AdaptConfig(), k) and k != "lr"}
     assert len(listed) == len(changed)  # every value the preset changed, and only those
     assert not any(x.startswith("--lr") for x in listed)  # typed: the user's value
     src = common.sources(cfg)
@@ -76,7 +79,7 @@ def test_presets_are_logged_first_and_recorded(stub_pipeline, capsys):
     assert common.sources(cfg)["batch_tokens"] == "recipe" and common.sources(cfg)["k"] == "preset"
     # --help ends with the preset's values
     help_text = cli("adapt.py", "--help").stdout
-    assert "embedded.PRESETS['adapt']" in help_text and "--lr 0.003" in help_text
+    assert "(adapt.TINY)" in help_text and "--lr 0.003" in help_text
 
 
 def test_real_model_without_sae_uses_the_paper_sae_or_says_what_to_pass(stub_pipeline):
@@ -99,20 +102,22 @@ def fake_model(folder, weights=b""):
 @pytest.fixture
 def no_build(monkeypatch):
     """The builders record what they were asked to build, write only the marker, and train nothing."""
-    import pretrain
     built = []
 
     def fake_pretrain(cfg, d=None):
         built.append(("pretrain", cfg))
         fake_model(cfg.out, b"weights of a new recipe")
 
-    def fake_train_sae(cfg, d=None):
+    def fake_script(script, flags):  # `python train_sae.py --flag value ...`, read as train_sae.py reads its flags
+        assert script == "train_sae.py"
+        argv = [f"--{k}={v}" for k, vs in flags.items() for v in (vs if isinstance(vs, list) else [vs])]
+        cfg, _ = common.parse_args(train_sae.TrainSAEConfig, argv)
         built.append(("train_sae", cfg))
         os.makedirs(cfg.out, exist_ok=True)
         open(os.path.join(cfg.out, "cfg.json"), "w").write("{}")
     monkeypatch.setattr(pretrain, "run", fake_pretrain)
-    monkeypatch.setattr(train_sae, "run", fake_train_sae)
-    monkeypatch.setattr(embedded, "corpus_and_tokenizer", lambda *a, **k: ("CORPUS", "TOKENIZER"))
+    monkeypatch.setattr(embedded, "run_script", fake_script)
+    monkeypatch.setattr(stdlib_corpus, "corpus_and_tokenizer", lambda *a, **k: ("CORPUS", "TOKENIZER"))
     monkeypatch.setattr(embedded, "corpus_for", lambda model: "CORPUS")
     return built
 
@@ -120,7 +125,7 @@ def no_build(monkeypatch):
 def test_cached_artefacts_are_not_rebuilt(monkeypatch, tmp_path, no_build):
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
     monkeypatch.setattr(embedded, "SHIPPED", str(tmp_path / "nothing shipped"))
-    model = fake_model(embedded.model_dir())
+    model = fake_model(pretrain.model_dir(pretrain.PretrainConfig()))
     sae = embedded.sae_dir(1, model)
     assert os.path.dirname(model) == os.path.dirname(sae) == str(tmp_path)
     os.makedirs(sae)
@@ -132,17 +137,16 @@ def test_cached_artefacts_are_not_rebuilt(monkeypatch, tmp_path, no_build):
 def test_cache_folders_are_keyed_by_the_recipe(monkeypatch, tmp_path):
     """A changed recipe builds beside the old artefact instead of reusing it: the model's folder is named by
     pretrain.PretrainRecipe's fields, the SAE's by its recipe, layer and the weights it reads."""
-    import pretrain
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
-    model = embedded.model_dir()
-    assert embedded.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
+    model = pretrain.model_dir(pretrain.PretrainConfig())
+    assert pretrain.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
     run_only = dict(out="x", data="d", stop_after=3, eval_interval=1, eval_batches=1, log_interval=1, ckpt_interval=1,
                     resume=True, compile=False, device="cpu")
     assert {f.name for f in dataclasses.fields(pretrain.PretrainConfig)} - set(run_only) == \
         {f.name for f in dataclasses.fields(pretrain.PretrainRecipe)}  # every other field is in the recipe
-    assert embedded.model_dir(pretrain.PretrainConfig(**run_only)) == model  # not the recipe: same model
+    assert pretrain.model_dir(pretrain.PretrainConfig(**run_only)) == model  # not the recipe: same model
     for name, value in dict(max_steps=10, lr=1e-3, seed=1, autocast="float32", d_model=128).items():
-        assert embedded.model_dir(pretrain.PretrainConfig(**{name: value})) != model, name
+        assert pretrain.model_dir(pretrain.PretrainConfig(**{name: value})) != model, name
     a, b = fake_model(tmp_path / "a", b"one model"), fake_model(tmp_path / "b", b"another model")
     sae = embedded.sae_dir(2, a)
     assert embedded.sae_dir(1, a) != sae
@@ -155,7 +159,7 @@ def test_shipped_files_are_used_when_the_recipe_matches(monkeypatch, tmp_path, n
     """An empty cache: the default recipe's model and SAE come from shipped/ and nothing is built."""
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
     model = embedded.model()
-    assert model == os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir()))
+    assert model == os.path.join(embedded.SHIPPED, os.path.basename(pretrain.model_dir(pretrain.PretrainConfig())))
     assert embedded.sae() == os.path.join(embedded.SHIPPED, os.path.basename(embedded.sae_dir(2, model)))
     assert no_build == [] and os.listdir(tmp_path) == []
 
@@ -168,7 +172,7 @@ def test_a_changed_recipe_builds_its_own_folder(monkeypatch, tmp_path, no_build)
     (kind, cfg), = no_build
     assert kind == "train_sae" and cfg.k == 32 and cfg.out == sae
     assert os.path.dirname(cfg.model) == embedded.SHIPPED  # trained on the shipped model it is keyed by
-    monkeypatch.setattr(embedded, "CORPUS_VAL_TOKENS", 100_000)  # the model's recipe: pretrained anew, then its SAE
+    monkeypatch.setattr(stdlib_corpus, "CORPUS_VAL_TOKENS", 100_000)  # the model's recipe: pretrained anew, then its SAE
     model = embedded.model()
     assert os.path.dirname(model) == str(tmp_path) and no_build[1][0] == "pretrain" and no_build[1][1].out == model
     assert os.path.dirname(embedded.sae()) == str(tmp_path) and no_build[2][1].model == model
@@ -179,8 +183,7 @@ def test_shipped_files_are_what_their_recipe_built():
     """Each shipped folder holds what the default recipe built: pretrain.json records the model's recipe, history.json
     the SAE's, and the SAE's folder is keyed by the shipped model's weights. A changed default recipe fails here until
     shipped/ is rebuilt (shipped/README.md)."""
-    import pretrain
-    model = os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir()))
+    model = os.path.join(embedded.SHIPPED, os.path.basename(pretrain.model_dir(pretrain.PretrainConfig())))
     assert os.path.isfile(os.path.join(model, "model.safetensors")), \
         "the default recipe changed: rebuild shipped/ with the commands in shipped/README.md"
     recorded = json.load(open(os.path.join(model, "pretrain.json")))["config"]
@@ -209,14 +212,14 @@ def typed_other(value):
     return f"typed-{value}"
 
 
-@pytest.mark.parametrize("script", sorted(embedded.PRESETS))
+@pytest.mark.parametrize("script", ["adapt", "eval", "train_e2e", "train_sae"])
 def test_typed_flags_are_never_overridden(stub_pipeline, script):
     """Every flag of a preset typed with another value keeps the typed value; so do --data and --sae."""
     module = {"adapt": adapt, "train_sae": train_sae, "train_e2e": train_e2e, "eval": ev}[script]
     config = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
                   and v.__module__ == module.__name__)
     argv, want = [], {}
-    for key, value in embedded.PRESETS[script].items():
+    for key, value in module.TINY.items():
         typed = typed_other(value)
         for v in typed if isinstance(typed, list) else [typed]:
             argv += ["--" + key.replace("_", "-"), v]
@@ -231,7 +234,7 @@ def test_typed_flags_are_never_overridden(stub_pipeline, script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_explains_every_flag(script):
-    module = __import__(script[:-3])
+    module = importlib.import_module(script[:-3].replace("/", "."))
     configs = [v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
                and v.__module__ == module.__name__]
     assert configs, script
@@ -334,7 +337,7 @@ def test_embedded_lr_typed_at_the_paper_value_is_kept(tmp_path, monkeypatch):
     from tests.tiny import make_data, make_model, make_sae
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORASAE_CACHE", str(cache))  # the folder names the subprocess will look for
-    make_sae(embedded.sae_dir(2, make_model(embedded.model_dir())), layer=2)
+    make_sae(embedded.sae_dir(2, make_model(pretrain.model_dir(pretrain.PretrainConfig()))), layer=2)
     data = make_data(tmp_path / "data")
     proc = cli("adapt.py", "--lr", "5e-5", "--data", data, "--max-tokens", "2048", "--out", str(tmp_path / "o"),
                "--compile", "false", "--seq-len", "32", "--eval-tokens", "256", env={"LORASAE_CACHE": str(cache)})

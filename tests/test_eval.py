@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import eval as ev
 from evals import multiple_choice
 from data import TokenLoader
-from embedded import train_tokenizer
+from formats.stdlib_corpus import train_tokenizer
 from formats.peft import load_adapter, save_adapter
 from lora import adapters_disabled, apply_lora, lora_modules, merged
 from model import ModelConfig, Transformer

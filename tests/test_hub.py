@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from formats import corpus
 from formats import hub
 from data import load_tokenizer, load_tokens, prepare
-from embedded import train_tokenizer
+from formats.stdlib_corpus import train_tokenizer
 from model import ModelConfig, Transformer
 from sae import SAE
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import load_tokenizer, prepare
-from embedded import train_tokenizer
+from formats.stdlib_corpus import train_tokenizer
 from model import Transformer
 from pretrain import main
 from tests.hf_refs import rel_err

@@ -166,7 +166,7 @@ def test_hub_dataset_from_an_offline_cache(tmp_path, monkeypatch):
 
 def test_corpus_questions_come_from_held_out_documents_only(tmp_path):
     from data import prepare
-    from embedded import train_tokenizer
+    from formats.stdlib_corpus import train_tokenizer
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):
