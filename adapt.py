@@ -25,10 +25,11 @@ from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches
 from formats.peft import save_adapter
-from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, lora_flops
+from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
 from model import Transformer
-from sae import load_saes, splice_flops
-from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, original_pass, spliced_pass
+from sae import load_saes
+from splice import (adapt_step_flops, chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass,
+                    spliced_pass)
 
 
 @dataclass
@@ -179,7 +180,7 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         held_out()
 
     # -- the loop ------------------------------------------------------------------------------------------------------
-    mfu_per_token = (step_flops(model.cfg, saes, lora_layers, cfg.rank, cfg.seq_len, micro, None)
+    mfu_per_token = (adapt_step_flops(model.cfg, saes, lora_layers, cfg.rank, cfg.seq_len, micro, None)
                      / common.peak_flops(d.device, cfg.autocast))
     window = [0, 0.0]  # tokens, seconds since the last log line
     while step < total_steps:
@@ -242,28 +243,6 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     if own:
         common.teardown()
     return results
-
-
-def step_flops(model_cfg, saes, lora_layers: list[int], rank: int, seq_len: int, micro: int,
-               kl_chunk: int | None) -> float:
-    """FLOPs per token of one training step as the loop computes it, model.py's convention (the model and the SAEs are
-    frozen: their backward is to the activations only; the adapters train):
-
-    - the original pass: every block forward, without grad;
-    - the spliced pass: the blocks after the first SAE when every adapter sits after it (share_prefix), else every
-      block, forward; each SAE with its backward to its input when adapters sit before it (sae.splice_flops);
-    - the backward to the activations of the lowest adapted block and every block after it (the lowest one's input
-      carries no gradient), and the adapters' own matmuls with their gradients (lora.lora_flops);
-    - Eq. 7's two heads on the predicted positions and the spliced one's backward (splice.kl_flops); kl_chunk None
-      leaves out the recomputation of the chunks (model FLOPs, for MFU)."""
-    n, first, lowest = model_cfg.n_layer, saes[0][0], min(lora_layers)
-    block = model_cfg.block_flops(seq_len)
-    spliced = (n - first - 1 if lowest > first else n) * block
-    sae = sum(splice_flops(s.d_in, s.d_sae, s.arch, s.k, grad_input=lowest <= layer) for layer, s in saes)
-    backward = ((n - lowest - 1) * model_cfg.block_flops(seq_len, backward=True)
-                + model_cfg.block_flops(seq_len, backward=True, input_grad=False))
-    return (n * block + spliced + sae + backward + lora_flops(model_cfg, rank, lora_layers)
-            + kl_flops(model_cfg, micro, seq_len, kl_chunk))
 
 
 if __name__ == "__main__":

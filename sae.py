@@ -27,6 +27,8 @@ every step backpropagates through it (Sec. 3.4; the TopK SAE is eqs. 4-5, JumpRe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -455,3 +457,39 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> to
             return y_new
         y = y_new
     return y
+
+
+def forward_windows(cfg, steps: int) -> int:
+    """Windows of seq_len tokens that the first `steps` train_sae.py steps (cfg: its TrainSAEConfig) forward through the model to fill the
+    activation buffer. It holds `size` activations and is filled again when the next batch would run past its end
+    (the first fill also gives the geometric-median sample); a fill forwards model_batch windows at a time until it
+    holds `size` activations. Every window starts with BOS (data.TokenLoader), which is dropped unless include_bos;
+    the rest of the last batch is discarded. One process: N processes split the batch and the buffer, the same count
+    up to rounding."""
+    size = max(cfg.buffer_tokens, cfg.batch_tokens)
+    fills = math.ceil(steps / (size // cfg.batch_tokens))
+    return fills * math.ceil(size / (cfg.model_batch * (cfg.seq_len - (0 if cfg.include_bos else 1)))) * cfg.model_batch
+
+
+def run_flops(cfg, model_cfg, steps: int, auxk_steps: int = 0) -> float:
+    """FLOPs of the first `steps` training steps of a train_sae.py run of `cfg` (what `elapsed` times; held-out evaluations are
+    neither timed nor counted), model.py's convention: the partial forwards that fill the activation buffer
+    (forward_windows, through blocks 0..layer only: model(idx, stop_at=layer) runs no later block and no lm_head) and
+    the SAE steps (sae.training_flops), AuxK on `auxk_steps` of them."""
+    forward = forward_windows(cfg, steps) * cfg.seq_len * model_cfg.flops_per_token(cfg.seq_len, cfg.layer[0])
+    d, m, k = model_cfg.d_model, cfg.expansion * model_cfg.d_model, None if cfg.arch == "jumprelu" else cfg.k
+    sae = [cfg.batch_tokens * training_flops(d, m, cfg.arch, k, auxk=auxk) for auxk in (False, True)]
+    return forward + (steps - auxk_steps) * sae[0] + auxk_steps * sae[1]
+
+
+def auxk_steps(history: list[dict], steps: int) -> int:
+    """How many of the first `steps` steps ran AuxK (some latent dead), as read from the training log: a log line
+    records whether the step before it did (`auxk` in its stats), and stands for every step since the previous line.
+    An estimate, exact to a log interval where AuxK switches on or off."""
+    done, n = 0, 0
+    for r in history:
+        if "fvu" in r and r["step"] > done:  # a training log line (held-out rows carry ce_* instead)
+            upto = min(r["step"], steps)
+            n += max(0, upto - done) if "auxk" in r else 0
+            done = r["step"]
+    return n

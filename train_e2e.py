@@ -26,8 +26,8 @@ from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer
-from sae import SAE, geometric_median, splice_flops, update_since_fired
-from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, original_pass, spliced_pass
+from sae import SAE, geometric_median, update_since_fired
+from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass, spliced_pass
 
 
 @dataclass
@@ -222,23 +222,6 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     if own:
         common.teardown()
     return dict(rows=rows, sae=sae)
-
-
-def step_flops(cfg: E2EConfig, model_cfg) -> float:
-    """FLOPs per token of one training step as the loop computes it, model.py's convention (the model is frozen: its
-    backward is to the activations only; the SAE trains):
-
-    - the original pass: every block forward, without grad; blocks 0..layer are shared with the spliced pass;
-    - the SAE's encoder once more without grad, for the dead-latent accounting (2 d m);
-    - the spliced pass: the SAE with its weight gradients (sae.splice_flops) and blocks layer+1..last, forward and
-      backward to the activations;
-    - Eq. 7's two heads on the predicted positions, the spliced one's backward, any chunk recomputation
-      (splice.kl_flops). e2e+ds's downstream terms are elementwise."""
-    layer, n, d = cfg.layer[0], model_cfg.n_layer, model_cfg.d_model
-    m = cfg.expansion * d
-    after = (n - layer - 1) * (model_cfg.block_flops(cfg.seq_len) + model_cfg.block_flops(cfg.seq_len, backward=True))
-    return (n * model_cfg.block_flops(cfg.seq_len) + 2 * d * m + splice_flops(d, m, "topk", cfg.k, grad_weights=True)
-            + after + kl_flops(model_cfg, cfg.batch_size, cfg.seq_len, cfg.kl_chunk))
 
 
 if __name__ == "__main__":

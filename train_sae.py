@@ -23,7 +23,7 @@ from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches
 from model import Transformer
-from sae import SAE, geometric_median, training_flops, training_loss, update_since_fired
+from sae import SAE, geometric_median, training_loss, update_since_fired
 from splice import evaluate
 
 
@@ -279,42 +279,6 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training FLOPs, for the loss-vs-compute frontier (experiments/run.py frontier)
-
-
-def forward_windows(cfg: TrainSAEConfig, steps: int) -> int:
-    """Windows of seq_len tokens that the first `steps` training steps forward through the model to fill the
-    activation buffer. It holds `size` activations and is filled again when the next batch would run past its end
-    (the first fill also gives the geometric-median sample); a fill forwards model_batch windows at a time until it
-    holds `size` activations. Every window starts with BOS (data.TokenLoader), which is dropped unless include_bos;
-    the rest of the last batch is discarded. One process: N processes split the batch and the buffer, the same count
-    up to rounding."""
-    size = max(cfg.buffer_tokens, cfg.batch_tokens)
-    fills = math.ceil(steps / (size // cfg.batch_tokens))
-    return fills * math.ceil(size / (cfg.model_batch * (cfg.seq_len - (0 if cfg.include_bos else 1)))) * cfg.model_batch
-
-
-def run_flops(cfg: TrainSAEConfig, model_cfg, steps: int, auxk_steps: int = 0) -> float:
-    """FLOPs of the first `steps` training steps of a run of `cfg` (what `elapsed` times; held-out evaluations are
-    neither timed nor counted), model.py's convention: the partial forwards that fill the activation buffer
-    (forward_windows, through blocks 0..layer only: model(idx, stop_at=layer) runs no later block and no lm_head) and
-    the SAE steps (sae.training_flops), AuxK on `auxk_steps` of them."""
-    forward = forward_windows(cfg, steps) * cfg.seq_len * model_cfg.flops_per_token(cfg.seq_len, cfg.layer[0])
-    d, m, k = model_cfg.d_model, cfg.expansion * model_cfg.d_model, None if cfg.arch == "jumprelu" else cfg.k
-    sae = [cfg.batch_tokens * training_flops(d, m, cfg.arch, k, auxk=auxk) for auxk in (False, True)]
-    return forward + (steps - auxk_steps) * sae[0] + auxk_steps * sae[1]
-
-
-def auxk_steps(history: list[dict], steps: int) -> int:
-    """How many of the first `steps` steps ran AuxK (some latent dead), as read from the training log: a log line
-    records whether the step before it did (`auxk` in its stats), and stands for every step since the previous line.
-    An estimate, exact to a log interval where AuxK switches on or off."""
-    done, n = 0, 0
-    for r in history:
-        if "fvu" in r and r["step"] > done:  # a training log line (held-out rows carry ce_* instead)
-            upto = min(r["step"], steps)
-            n += max(0, upto - done) if "auxk" in r else 0
-            done = r["step"]
-    return n
 
 
 if __name__ == "__main__":

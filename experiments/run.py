@@ -40,9 +40,10 @@ import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
 import common  # noqa: E402
 from formats import disk  # noqa: E402
 import embedded  # noqa: E402
-import splice  # noqa: E402
-import train_e2e  # noqa: E402  (step_flops)
-import train_sae  # noqa: E402  (run_flops: the frontier's FLOPs axis)
+import sae as sae_module  # noqa: E402  (run_flops: the frontier's FLOPs axis)
+import splice  # noqa: E402  (adapt_step_flops, e2e_step_flops)
+import train_e2e  # noqa: E402  (E2EConfig)
+import train_sae  # noqa: E402  (TrainSAEConfig)
 from formats.checkpoint import resolve_model_dir  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sae import SAE, load_saes  # noqa: E402
@@ -244,7 +245,7 @@ def frontier(cfg: ExpConfig):
     # Gemma-2-2B and "40x" on Llama-3.2-1B are e2e's 2B / 4B tokens over one adaptation's 15M / 100M): optimizer
     # steps x sequences per step. The TopK SAE's steps backpropagate through the SAE only.
     sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
-    topk_flops = lambda p: train_sae.run_flops(sae_cfg, mcfg, topk_step(p), train_sae.auxk_steps(h["history"],
+    topk_flops = lambda p: sae_module.run_flops(sae_cfg, mcfg, topk_step(p), sae_module.auxk_steps(h["history"],
                                                                                               topk_step(p)))
     e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), disk.torch_load(os.path.join(e2e, "state.pt"), "cpu",
                                                                           "e2e state")["config"], "saved")
@@ -263,7 +264,7 @@ def frontier(cfg: ExpConfig):
         ev = cache[os.path.join(topk, f"ckpt_{p:03d}")]
         points["topk"].append(dict(pct=p, time=topk_time(p), flops=topk_flops(p), backward=0, ce=ev["ce_sae"],
                                    ce_base=ev["ce_base"]))
-        points["e2e"].append(dict(pct=p, time=e2e_time(p), flops=e2e_tokens(p) * train_e2e.step_flops(e2e_cfg, mcfg),
+        points["e2e"].append(dict(pct=p, time=e2e_time(p), flops=e2e_tokens(p) * splice.e2e_step_flops(e2e_cfg, mcfg),
                                   backward=e2e_tokens(p) // e2e_cfg.seq_len,
                                   ce=cache[os.path.join(e2e, f"ckpt_{p:03d}")]["ce_sae"]))
     for p in map(int, cfg.frontier_ckpts.split(",")):
@@ -271,7 +272,7 @@ def frontier(cfg: ExpConfig):
         res = adapt_run(cfg, os.path.join(root, f"lora-{p:03d}"), ["--sae", ckpt, "--layer", str(layer),
                                                                     "--max-tokens", str(cfg.lora_tokens)])
         a = res["config"]
-        flops = res["train_tokens"] * adapt.step_flops(mcfg, [(layer, SAE.from_pretrained(ckpt))], res["lora_layers"],
+        flops = res["train_tokens"] * splice.adapt_step_flops(mcfg, [(layer, SAE.from_pretrained(ckpt))], res["lora_layers"],
                                                        a["rank"], a["seq_len"], a["micro_batch"] or a["batch_size"],
                                                        a["kl_chunk"])
         points["topk_lora"].append(dict(pct=p, time=topk_time(p) + res["train_seconds"], ce=res["ce_sae_lora"],
@@ -294,7 +295,7 @@ def frontier(cfg: ExpConfig):
              f"Original model CE {ce_base:.4f}. Final CE: TopK {last['topk']['ce']:.4f} "
              f"({last['topk']['time']:.0f} s), e2e {last['e2e']['ce']:.4f} ({last['e2e']['time']:.0f} s), "
              f"TopK + LoRA {last['topk_lora']['ce']:.4f} ({last['topk_lora']['time']:.0f} s).", "",
-             "Training FLOPs to reach each CE (train_sae.run_flops, train_e2e.step_flops, adapt.step_flops) and "
+             "Training FLOPs to reach each CE (sae.run_flops, splice.e2e_step_flops, splice.adapt_step_flops) and "
              "backward passes through the model to reach it (sequences, as Sec. 4.2 counts; TopK + LoRA: its LoRA's):",
              "",
              *flops_table, "",
@@ -302,7 +303,7 @@ def frontier(cfg: ExpConfig):
              f"tokens for its whole run, each TopK + LoRA adaptation {seq:,} of {a['seq_len']}: "
              f"{last['e2e']['backward'] / max(seq, 1):.1f}x as many (paper: 130x on Gemma-2-2B, 40x on "
              f"Llama-3.2-1B); the TopK SAE none (its {total_steps:,} steps forward "
-             f"{train_sae.forward_windows(sae_cfg, total_steps):,} windows through blocks 0..{layer} only). Final "
+             f"{sae_module.forward_windows(sae_cfg, total_steps):,} windows through blocks 0..{layer} only). Final "
              f"FLOPs: TopK {fl(last['topk']['flops'])}, e2e {fl(last['e2e']['flops'])}, TopK + LoRA "
              f"{fl(last['topk_lora']['flops'])}.", "",
              "| TopK checkpoint | SAE time | LoRA time | SAE FLOPs | LoRA FLOPs | CE with SAE | CE with SAE + LoRA |",

@@ -41,6 +41,8 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     import adapt
     import train_e2e
     import train_sae
+    import sae as sae_module
+    import splice
     from model import Transformer
     from sae import SAE
     from tests.tiny import make_model, make_sae
@@ -88,10 +90,10 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     mcfg = Transformer.from_pretrained(model).cfg
     pts = res["points"]
     # e2e at 50%: 5 steps of 64 tokens, 2 sequences each
-    assert pts["e2e"][4]["flops"] == 5 * 64 * train_e2e.step_flops(e2e_cfg, mcfg) and pts["e2e"][4]["backward"] == 10
+    assert pts["e2e"][4]["flops"] == 5 * 64 * splice.e2e_step_flops(e2e_cfg, mcfg) and pts["e2e"][4]["backward"] == 10
     # TopK at 100%: 40 steps, AuxK on steps 21..40 (the log lines that carry it stand for the 10 steps before them)
-    assert pts["topk"][-1]["flops"] == train_sae.run_flops(sae_cfg, mcfg, 40, 20) and pts["topk"][-1]["backward"] == 0
-    lora = 2048 * adapt.step_flops(mcfg, [(1, SAE.from_pretrained(str(root / "topk" / "ckpt_100")))], [0, 1, 2, 3],
+    assert pts["topk"][-1]["flops"] == sae_module.run_flops(sae_cfg, mcfg, 40, 20) and pts["topk"][-1]["backward"] == 0
+    lora = 2048 * splice.adapt_step_flops(mcfg, [(1, SAE.from_pretrained(str(root / "topk" / "ckpt_100")))], [0, 1, 2, 3],
                                    4, 32, 2, 40)
     assert pts["topk_lora"][-1]["lora_flops"] == lora and pts["topk_lora"][-1]["backward"] == 64
     assert pts["topk_lora"][-1]["flops"] == pts["topk"][-1]["flops"] + lora

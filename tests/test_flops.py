@@ -18,6 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import adapt
+import sae as sae_module
+import splice
 import train_e2e
 import train_sae
 from lora import apply_lora, lora_flops
@@ -176,7 +178,7 @@ def test_train_sae_steps(files, tmp_path, dead_tokens):
                                    model_batch=4)
     mcfg = Transformer.from_pretrained(files["model"]).cfg
     on = dead_tokens == 0
-    want = train_sae.run_flops(cfg, mcfg, 3, 3 * on) - train_sae.run_flops(cfg, mcfg, 1, on)
+    want = sae_module.run_flops(cfg, mcfg, 3, 3 * on) - sae_module.run_flops(cfg, mcfg, 1, on)
     # 4 windows of 31 activations each per batch: 5 batches fill 512; their attention at T = 32, blocks 0..1
     assert measured == want + 5 * 4 * 32 * ATTN(mcfg, 32, 2)
 
@@ -189,7 +191,7 @@ def test_train_e2e_step(files, tmp_path):
     cfg = train_e2e.E2EConfig(layer=[1], k=4, expansion=2, batch_size=2, seq_len=32, kl_chunk=40)
     mcfg = Transformer.from_pretrained(files["model"]).cfg
     n, after = mcfg.n_layer, mcfg.n_layer - 2  # forward: every block twice from layer 1 on; backward: the blocks after
-    assert measured == 64 * (train_e2e.step_flops(cfg, mcfg) + ATTN(mcfg, 32, n + after) + 2 * ATTN(mcfg, 32, after))
+    assert measured == 64 * (splice.e2e_step_flops(cfg, mcfg) + ATTN(mcfg, 32, n + after) + 2 * ATTN(mcfg, 32, after))
 
 
 @pytest.mark.parametrize("sae,lora_layers,chunk", [("sae", "all", 40), ("sae", "after", 1000), ("jump", None, 40)])
@@ -204,6 +206,6 @@ def test_adapt_step(files, tmp_path, monkeypatch, sae, lora_layers, chunk):
     saes = [(1, SAE.from_pretrained(files[sae]))]
     layers = list(range(4)) if lora_layers == "all" else [2, 3]
     n, spliced = 4, 4 if lora_layers == "all" else 2
-    want = adapt.step_flops(model.cfg, saes, layers, 4, 32, 2, chunk)
+    want = splice.adapt_step_flops(model.cfg, saes, layers, 4, 32, 2, chunk)
     assert measured == 64 * (want + ATTN(model.cfg, 32, n + spliced) + 2 * ATTN(model.cfg, 32, len(layers)))
-    assert adapt.step_flops(model.cfg, saes, layers, 4, 32, 2, None) <= want  # MFU's count: no recomputation
+    assert splice.adapt_step_flops(model.cfg, saes, layers, 4, 32, 2, None) <= want  # MFU's count: no recomputation
