@@ -482,7 +482,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        device = next(self.parameters()).device  # a generator where the weights are: init on a GPU stays there
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.zeros_(p) if self.cfg.norm_offset else nn.init.ones_(p)

@@ -87,13 +87,17 @@ def bench_folder(b: BenchConfig) -> str:
     return os.path.join(tempfile.gettempdir(), f"lorasae-bench-{name}")
 
 
-def build_files(b: BenchConfig, folder: str):
-    """Random model in HF layout + a random TopK SAE in SAELens layout, shared by both stacks."""
+def build_files(b: BenchConfig, folder: str, device: str | torch.device = "cpu"):
+    """Random model in HF layout + a random TopK SAE in SAELens layout, shared by both stacks. The weights are drawn
+    on `device`: Gemma-2-2B's 2.6B parameters take tens of seconds to draw on a CPU, a fraction of one on a GPU."""
     from model import Transformer
     from sae import SAE
     torch.manual_seed(0)
     mc = model_config(b)
-    Transformer(mc).init_weights(0).save_pretrained(os.path.join(folder, "model"))
+    with torch.device(device):
+        model = Transformer(mc).init_weights(0)
+    model.save_pretrained(os.path.join(folder, "model"))
+    del model
     sae = SAE(mc.d_model, b.sae_width or b.expansion * mc.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
     sae.save(os.path.join(folder, "sae"))
 
@@ -204,8 +208,12 @@ def batch(b: BenchConfig, vocab: int, dev) -> torch.Tensor:
 
 
 def timed(step, b: BenchConfig, dev) -> float:
-    for _ in range(b.warmup):
+    t0 = time.perf_counter()
+    for i in range(b.warmup):  # the first step compiles: a run that times out says how far it got (stderr)
+        print(f"warm-up step {i + 1} of {b.warmup} started at {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+              flush=True)
         step()
+    print(f"warm-up done in {time.perf_counter() - t0:.0f} s; timing {b.steps} steps", file=sys.stderr, flush=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -305,8 +313,10 @@ def run_config(b: BenchConfig, name: str, timeout: float | None = None) -> dict:
     args += [f"--layer={layer}" for layer in b.layer]
     try:
         proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {timeout:.0f} s")
+    except subprocess.TimeoutExpired as e:  # say where it was: its last line (compiling, a step, ...)
+        said = [line for out in (e.stderr, e.stdout) if out for line in
+                (out.decode(errors="replace") if isinstance(out, bytes) else out).strip().splitlines()[-1:]]
+        return dict(error=f"timed out after {timeout:.0f} s" + (f" (last said: {said[0][:200]})" if said else ""))
     if proc.returncode != 0:
         return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -330,11 +340,14 @@ def bench_adapt(b: BenchConfig, dev):
     folder = bench_folder(b)
     if b.only is not None:  # child process: one configuration
         kind, flag = CONFIGS[b.only]
+        t0 = time.perf_counter()
         sec = run_ours(b, folder, flag, dev) if kind == "ours" else run_reference(b, folder, flag, dev)
-        print(json.dumps(dict(seconds=sec, peak_gb=peak_memory_gb(dev))))
+        # setup_s: loading, building and the warm-up steps (compilation for ours), everything but the timed steps
+        print(json.dumps(dict(seconds=sec, peak_gb=peak_memory_gb(dev),
+                              setup_s=time.perf_counter() - t0 - b.steps * sec)))
         return None
     if not b.model:
-        build_files(b, folder)
+        build_files(b, folder, dev)
     if b.profile:  # in this process: the table is printed by profiled()
         return run_ours(b, folder, b.compile, dev)
     mc, flops = step_flops(b, folder)
@@ -373,7 +386,7 @@ def bench_sae(b: BenchConfig, dev):
     from sae import SAE, training_loss
     folder = bench_folder(b)
     if not b.model:
-        build_files(b, folder)
+        build_files(b, folder, dev)
     L, results, seq_len = (b.layer or [3])[0], {}, 1024
     for name, seqs, amp_dtype, stop in ((f"ours: stop_at layer, {b.autocast}, 4096-token SAE batches", 4, b.autocast,
                                          True), ("paper: full fp32 forward, one 1024-token sequence per step", 1,
