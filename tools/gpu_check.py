@@ -90,7 +90,7 @@ def main(argv=None):
     if dev.type != "cuda" and not cfg.quick:
         raise ValueError("the full check runs on a CUDA GPU and none is in use here; --quick runs every part at tiny "
                          "shapes on the CPU")
-    names = cfg.parts or list(PARTS)
+    names = [n for spec in cfg.parts for n in spec.split(",") if n] or list(PARTS)  # --parts a,b or --parts a --parts b
     for name in names:
         if name not in PARTS:
             raise ValueError(f"--parts {name!r}: expected one of {', '.join(PARTS)}")
