@@ -312,10 +312,11 @@ def run_config(b: BenchConfig, name: str, timeout: float | None = None) -> dict:
     args += [f"--layer={layer}" for layer in b.layer]
     try:
         proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:  # say where it was: its last line (compiling, a step, ...)
-        said = [line for out in (e.stderr, e.stdout) if out for line in
-                (out.decode(errors="replace") if isinstance(out, bytes) else out).strip().splitlines()[-1:]]
-        return dict(error=f"timed out after {timeout:.0f} s" + (f" (last said: {said[0][:200]})" if said else ""))
+    except subprocess.TimeoutExpired as e:  # say where it was: its last progress line (timed() prints them)
+        text = "\n".join(out.decode(errors="replace") if isinstance(out, bytes) else out
+                         for out in (e.stderr, e.stdout) if out)
+        said = [line for line in text.splitlines() if line.startswith("warm-up")][-1:]
+        return dict(error=f"timed out after {timeout:.0f} s" + (f" ({said[0]})" if said else " (before its first step)"))
     if proc.returncode != 0:
         return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
