@@ -146,7 +146,7 @@ def read_state_dict(path: str):
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the installed gguf "
                              f"package cannot dequantize (upgrade gguf, or requantize the file)") from None
-        w = np.asarray(w, dtype=np.float32).reshape(tuple(ref.shape))
+        w = np.array(w, dtype=np.float32).reshape(tuple(ref.shape))  # a copy: F32 data is a view of the file map
         if cfg["model_type"] == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, mcfg.n_head if "attn_q" in gname else mcfg.n_kv_head)
         if cfg["model_type"] == "gemma2" and gname.endswith("norm.weight"):
