@@ -52,7 +52,8 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"] + \
                   [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+$")
-TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model")  # Gemma keeps it at the top, Llama-3 in original/
+# Gemma keeps it at the top, Llama-3 in original/; a converted GGUF (formats/gguf.py) its BPE as tokenizer.gguf.json
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.gguf.json")
 
 
 class Tokenizer:
@@ -60,10 +61,12 @@ class Tokenizer:
     plain text (Meta's and sentencepiece's default), so a corpus that quotes "<|end_of_text|>" cannot forge one."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path, self.gguf = path, False
         with open(path, "rb") as f:
             head = f.read(256).split(b"\n", 1)[0]
-        if _TIKTOKEN_LINE.match(head):
+        if path.endswith(".gguf.json"):
+            self._load_gguf_bpe(path)
+        elif _TIKTOKEN_LINE.match(head):
             self._load_tiktoken(path)
         else:
             self._load_sentencepiece(path)
@@ -106,17 +109,46 @@ class Tokenizer:
         self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
         self.pad_id = None
 
+    def _load_gguf_bpe(self, path):
+        """A GGUF file's byte-level BPE (formats/gguf.py keeps its metadata as tokenizer.gguf.json)."""
+        from formats.gguf import bpe_encoding
+        spec = disk.read_json(path, f"{path}: no such file")
+        self.enc, _ = bpe_encoding(spec, os.path.basename(os.path.dirname(os.path.abspath(path))))
+        self.kind, self.gguf = "tiktoken", True
+        self.vocab_size = len(spec["tokens"])
+        self.bos_id, self.eos_id = spec.get("bos_token_id"), spec.get("eos_token_id")
+        self.pad_id = spec.get("padding_token_id")
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"{path}: the GGUF tokenizer defines no BOS/EOS token (needed to join documents)")
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         if self.kind == "sentencepiece":
             return self.sp.encode(text, add_bos=bos, add_eos=eos)
         # tiktoken's regex is very slow on huge inputs and on long runs of (non-)whitespace: cut them first, as
         # Meta's reference tokenizer does (400k-character chunks, runs of at most 25k)
+        # (a GGUF vocabulary's reference is HF's tokenizer, which does not cut: its chunks end where every split
+        # pattern ends a piece, a line break between non-spaces or a letter before punctuation, so nothing changes)
         ids = [self.bos_id] if bos else []
-        for i in range(0, len(text), 400_000):
-            for piece in re.split(r"(\s{25000}|\S{25000})", text[i:i + 400_000]):
+        for chunk in (self._chunks(text) if self.gguf else
+                      (text[i:i + 400_000] for i in range(0, len(text), 400_000))):
+            for piece in re.split(r"(\s{25000}|\S{25000})", chunk):
                 if piece:
                     ids.extend(self.enc.encode_ordinary(piece))
+        if self.kind == "tiktoken" and ids and max(ids) >= self.vocab_size:  # a byte a GGUF vocabulary lacks
+            ids = [i for i in ids if i < self.vocab_size]
         return ids + ([self.eos_id] if eos else [])
+
+    @staticmethod
+    def _chunks(text: str, size: int = 400_000):
+        start = 0
+        while len(text) - start > size:
+            m = None
+            for m in re.finditer(r"\S\n(?=\S)|[A-Za-z](?=[(.,;:=\[])", text[start + size // 2:start + size]):
+                pass
+            end = start + size // 2 + m.end() if m else start + size
+            yield text[start:end]
+            start = end
+        yield text[start:]
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         if self.kind == "sentencepiece":  # multi-threaded inside sentencepiece
@@ -138,6 +170,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     """A model folder (Gemma's `tokenizer.model`, or Llama-3's `original/tokenizer.model`), a tokenizer file, or a
     hub id. The file's content decides its kind: tiktoken rank files are text lines, sentencepiece is protobuf."""
     path = str(path)
+    from formats import gguf
+    if gguf.is_gguf(path):  # the tokenizer kept beside the GGUF's cached conversion
+        path = gguf.model_dir(path)
+        if not os.path.isfile(os.path.join(path, gguf.TOKENIZER_FILE)):
+            raise FileNotFoundError(f"{path}: the GGUF file defines no tokenizer (tokenizer.ggml.tokens)")
     if os.path.isdir(path):
         if _tokenizer_file(path):
             return Tokenizer(_tokenizer_file(path))

@@ -40,7 +40,7 @@ import torch
 import common
 import data
 import pretrain
-from formats import stdlib_corpus
+from formats import disk, stdlib_corpus
 from formats.sae_files import GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
@@ -75,7 +75,7 @@ def sae_dir(layer: int, model_path: str) -> str:
     """Where the embedded SAE at `layer` of the model in `model_path` is built: the cache folder named by the SAE
     recipe above and the sha256 of the weights it reads."""
     recipe = dict(SAE, layer=[layer], model_sha256=data._sha256(os.path.join(model_path, "model.safetensors")))
-    return os.path.join(stdlib_corpus.cache_dir(), f"sae-{os.path.basename(model_path)}-L{layer}-{pretrain.recipe_key(recipe)}")
+    return os.path.join(disk.cache_dir(), f"sae-{os.path.basename(model_path)}-L{layer}-{pretrain.recipe_key(recipe)}")
 
 
 def model() -> str:

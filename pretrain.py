@@ -235,7 +235,7 @@ def model_dir(cfg: PretrainConfig) -> str:
     settings, so that a changed recipe is built beside the old one (embedded.py looks here, then in shipped/)."""
     recipe = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainRecipe)}
     recipe.update(corpus_vocab=stdlib_corpus.CORPUS_VOCAB, corpus_val_tokens=stdlib_corpus.CORPUS_VAL_TOKENS)
-    return os.path.join(stdlib_corpus.cache_dir(), f"tiny-{recipe['family']}-{recipe_key(recipe)}")
+    return os.path.join(disk.cache_dir(), f"tiny-{recipe['family']}-{recipe_key(recipe)}")
 
 
 def recipe_key(recipe: dict) -> str:

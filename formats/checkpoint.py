@@ -22,11 +22,14 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 
 
 def resolve_model_dir(path_or_repo_id: str) -> str:
-    """A local folder as is; otherwise a hub id, read from the hub cache or downloaded: config.json, the safetensors
+    """A local folder as is; a GGUF file (or `smollm2`) as its cached conversion; otherwise a hub id, read from the hub cache or downloaded: config.json, the safetensors
     weights and the tokenizer files only (Llama-3's original/tokenizer.model when there is no top-level one)."""
     path = str(path_or_repo_id)
     if os.path.isdir(path):
         return path
+    from formats import gguf
+    if gguf.is_gguf(path):  # llama.cpp's single file: converted once into this layout in the cache
+        return gguf.model_dir(path)
     if not hub.is_hub_path(path, sub_folders=False):
         raise FileNotFoundError(f"{path}: no such model folder (and not a hub id like 'google/gemma-2-2b')")
     return hub.resolve(path, _choose_model_files)

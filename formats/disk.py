@@ -67,3 +67,8 @@ def jsonable(o):
     if isinstance(o, np.integer):
         return int(o)
     return o
+
+
+def cache_dir() -> str:
+    """Where what is built on first use is cached: the offline corpus, the tiny model and its SAE, converted GGUF files (under out/, with every other output)."""
+    return os.environ.get("LORASAE_CACHE") or os.path.join("out", "cache")

@@ -1,7 +1,7 @@
 """
 The offline corpus: the Python standard library's own sources (the same on every machine with the same Python) as
 token shards, with the 4096-token BPE the embedded model uses trained on them, or in a real model's own tokens.
-Built once and cached under cache_dir(); pretrain.py, the embedded pipeline and every script without --data use it.
+Built once and cached under disk.cache_dir(); pretrain.py, the embedded pipeline and every script without --data use it.
 """
 from __future__ import annotations
 
@@ -15,11 +15,6 @@ from formats import disk
 from formats.corpus import read_text, stdlib_files
 
 
-def cache_dir() -> str:
-    """Where the embedded pipeline (this corpus, the tiny model, its SAE) caches what it builds (under out/, with every other output)."""
-    return os.environ.get("LORASAE_CACHE") or os.path.join("out", "cache")
-
-
 
 CORPUS_VOCAB = 4096
 CORPUS_VAL_TOKENS = 200_000  # held out: whole files never seen in training
@@ -30,7 +25,7 @@ def corpus_and_tokenizer(cache: str | None = None, tokenizer=None) -> tuple[str,
     later calls return at once. Without a tokenizer: a 4096-token BPE trained on the corpus (cache/stdlib). With one
     (a model's own: a Tokenizer, file, model folder or hub id), the corpus tokenized by it, cached per tokenizer file
     (cache/stdlib-<sha256 prefix>): a hub model runs without --data, offline once its files are cached."""
-    cache = cache or cache_dir()
+    cache = cache or disk.cache_dir()
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, data.Tokenizer) else data.load_tokenizer(tokenizer)
         sha = data._sha256(tok.path)
