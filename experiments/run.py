@@ -7,6 +7,7 @@ The paper's findings at small scale, one command per experiment, offline on the 
     python experiments/run.py multi      # Fig. 6: compound CE with 1, 2, 3 SAEs spliced at once, before and after
     python experiments/run.py jumprelu   # Sec. 3.4: a JumpReLU SAE, adapters on the layers after it only
     python experiments/run.py checks     # Secs. 5.2-5.3 as functional checks: steering, multiple choice, TruthfulQA
+    python experiments/run.py default    # python adapt.py, then eval.py --saebench: SAEBench, per-token, distances
     python experiments/run.py all
 
 Every step is a plain call of the project's scripts (train_sae.py, train_e2e.py, adapt.py), printed before it runs so
@@ -16,7 +17,12 @@ the folder, or --fresh, to redo it). Each experiment then writes experiments/res
 
 On a real model the same commands take the paper's settings: e.g.
     python experiments/run.py frontier --model google/gemma-2-2b --data data/pile --layer 12 --k 64 \
-        --sae-tokens 2000000000 --e2e-tokens 500000000 --lora-tokens 15000000
+        --sae-tokens 2000000000 --e2e-tokens 2000000000 --lora-tokens 15000000
+(Sec. 4.2: the TopK and e2e SAEs both train on 2B tokens, the adaptation on 15M.)
+
+Every results/<name>.json records how it was made (`provenance`): the command, the commit, the machine and the wall
+time, the latter summed over every step it ran or found done (each step writes run.json next to its output with its
+own command and wall seconds; a step done before that file existed counts as unrecorded, and the total is then null).
 """
 from __future__ import annotations
 
@@ -80,6 +86,35 @@ def base_args(cfg: ExpConfig) -> list[str]:
 
 
 _DONE_THIS_RUN: set[str] = set()
+_STEPS: list[str] = []  # every step folder the current experiment ran or found done (its wall time is in run.json)
+_RAN: set[str] = set()  # those of them it ran itself (their seconds are in its own)
+_STARTED = [time.time()]  # when the current experiment started
+_CACHED: dict[str, float | None] = {}  # steps recorded in a cache, not a run.json: their seconds
+STEP_RECORD = "run.json"
+
+
+def commit() -> str | None:
+    """HEAD of the checkout the code ran from, "+dirty" when tracked files differ from it (None outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict:
+    """What a wall time depends on: CPU model and cores, threads, GPU, torch, and the load while it ran."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                platform=platform.platform(), load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
 
 
 def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, resume: bool = True):
@@ -87,12 +122,40 @@ def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, 
     if cfg.fresh and out not in _DONE_THIS_RUN and os.path.isdir(out):
         shutil.rmtree(out)
     _DONE_THIS_RUN.add(out)
+    _STEPS.append(out)
     if os.path.isfile(os.path.join(out, done_file)):
         print(f"[done already] {out}")
         return
     cmd = [script, *base_args(cfg), *args, "--out", out, *(["--resume"] if resume else [])]
     print("$ python " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    _RAN.add(out)
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    # a resumed step's record covers only its last attempt: the seconds an interrupted attempt took are not known
+    common.write_json(os.path.join(out, STEP_RECORD), dict(command="python " + " ".join(cmd),
+                                                           wall_seconds=time.time() - t0, commit=commit(),
+                                                           finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                           machine=machine()))
+
+
+def provenance() -> dict:
+    """The command, commit, machine and wall time behind a results file: this invocation's own seconds (its
+    tabulation and the steps it ran) plus the recorded seconds of the steps it found done; None if any is unrecorded."""
+    steps, unrecorded = [], []
+    for out in dict.fromkeys(_STEPS):
+        path = os.path.join(out, STEP_RECORD)
+        rec = json.load(open(path)) if os.path.isfile(path) else None
+        if out in _CACHED:
+            rec = None if _CACHED[out] is None else dict(command="held-out evaluation", wall_seconds=_CACHED[out])
+        steps.append(dict(out=out, command=rec and rec["command"], wall_seconds=rec and rec["wall_seconds"],
+                          this_run=out in _RAN))
+        if rec is None:
+            unrecorded.append(out)
+    own = time.time() - _STARTED[0]
+    earlier = sum(s["wall_seconds"] for s in steps if s["wall_seconds"] is not None and not s["this_run"])
+    return dict(command="python experiments/run.py " + " ".join(sys.argv[1:]), commit=commit(), machine=machine(),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), this_invocation_seconds=own,
+                wall_seconds=None if unrecorded else own + earlier, steps=steps, unrecorded_steps=unrecorded)
 
 
 def adapt_run(cfg: ExpConfig, out: str, args: list[str]) -> dict:
@@ -148,9 +211,9 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
 
 def save(name: str, results: dict, table: str):
     os.makedirs(RESULTS, exist_ok=True)
-    results["hardware"] = dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                               cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                               torch=torch.__version__)
+    results.pop("wall_seconds", None)  # the invocation's time alone: 0.1 s when every step was done already
+    results["provenance"] = provenance()
+    results["wall_seconds"] = results["provenance"]["wall_seconds"]
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
@@ -214,7 +277,6 @@ def speedups(points: dict, thresholds: list[float], key: str, fmt, backward: boo
 
 
 def frontier(cfg: ExpConfig):
-    t0 = time.time()
     _, _, layer, mcfg = embedded_paths(cfg)
     root = os.path.join(cfg.out, "frontier")
     topk = train_topk(cfg, os.path.join(root, "topk"), layer, cfg.sae_tokens)
@@ -254,9 +316,13 @@ def frontier(cfg: ExpConfig):
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) and not cfg.fresh else {}
     for sae_dir in [os.path.join(d, f"ckpt_{p:03d}") for d in (topk, e2e) for p in range(10, 101, 10)]:
         if sae_dir not in cache:
-            cache[sae_dir] = held_out(cfg, [sae_dir], [layer])
+            t0 = time.time()
+            cache[sae_dir] = dict(held_out(cfg, [sae_dir], [layer]), seconds=time.time() - t0)
+            _RAN.add(sae_dir)
             with open(cache_path, "w") as f:
                 json.dump(cache, f, indent=1)
+        _STEPS.append(sae_dir)  # its seconds (a held-out evaluation) count in the wall time too
+        _CACHED[sae_dir] = cache[sae_dir].get("seconds")
     points = dict(topk=[], e2e=[], topk_lora=[])
     for p in range(10, 101, 10):
         ev = cache[os.path.join(topk, f"ckpt_{p:03d}")]
@@ -310,7 +376,7 @@ def frontier(cfg: ExpConfig):
         table.append(f"| {q['pct']}% | {q['sae_time']:.0f} s | {q['lora_time']:.0f} s | {fl(q['sae_flops'])} | "
                      f"{fl(q['lora_flops'])} | {q['ce_before']:.4f} | {q['ce']:.4f} |")
     save("frontier", dict(points=points, ce_base=ce_base, speedups=rows_t, speedups_flops=rows_f, recipe=cfg.recipe,
-                          config=asdict(cfg), wall_seconds=time.time() - t0), "\n".join(table))
+                          config=asdict(cfg)), "\n".join(table))
 
     plt = pyplot()
     if plt:
@@ -331,7 +397,6 @@ def frontier(cfg: ExpConfig):
 
 
 def rank(cfg: ExpConfig):
-    t0 = time.time()
     _, _, layer, _ = embedded_paths(cfg)
     sae = main_sae(cfg, layer)
     res = {r: adapt_run(cfg, os.path.join(cfg.out, "rank", f"r{r}"), ["--sae", sae, "--layer", str(layer),
@@ -343,8 +408,7 @@ def rank(cfg: ExpConfig):
         table.append(f"| {r} | {lora_params(cfg, r, x['lora_layers']) / 1e6:.2f}M | {x['ce_sae_lora']:.4f} | "
                      f"{x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} | {x['train_seconds']:.0f} s |")
     table += ["", f"CE original {r0['ce_base']:.4f}, with SAE {r0['ce_sae']:.4f} (KL {r0['kl_sae']:.4f})."]
-    save("rank", dict(runs={r: strip(x) for r, x in res.items()}, config=asdict(cfg),
-                      wall_seconds=time.time() - t0), "\n".join(table))
+    save("rank", dict(runs={r: strip(x) for r, x in res.items()}, config=asdict(cfg)), "\n".join(table))
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -392,7 +456,6 @@ def l0_of(cfg: ExpConfig, sae_dir: str, layer: int, adapter: str | None = None) 
     return total / n
 
 def layers(cfg: ExpConfig):
-    t0 = time.time()
     sae, layer = jumprelu_sae(cfg)
     n_layer = embedded_paths(cfg)[3].n_layer
     root = os.path.join(cfg.out, "layers")
@@ -407,8 +470,7 @@ def layers(cfg: ExpConfig):
         table.append(f"| {label} | {lora_params(cfg, 64, x['lora_layers']) / 1e6:.2f}M | {x['ce_sae_lora']:.4f} | "
                      f"{x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} |")
     table += ["", f"JumpReLU SAE at layer {layer}; CE original {a['ce_base']:.4f}, with SAE {a['ce_sae']:.4f}."]
-    save("layers", dict(sae=sae, layer=layer, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg),
-                        wall_seconds=time.time() - t0), "\n".join(table))
+    save("layers", dict(sae=sae, layer=layer, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg)), "\n".join(table))
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -425,7 +487,6 @@ def layers(cfg: ExpConfig):
 
 
 def jumprelu(cfg: ExpConfig):
-    t0 = time.time()
     sae, layer = jumprelu_sae(cfg)
     root = os.path.join(cfg.out, "layers")
     after = adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--lora-layers", "after"])
@@ -442,8 +503,7 @@ def jumprelu(cfg: ExpConfig):
              f"| all layers (--allow-before-jumprelu) | {l0['all']:.2f} | {every['ce_sae_lora']:.4f} | "
              f"{every['gap_closed']:.1%} | {every['kl_sae_lora']:.4f} |",
              "", f"JumpReLU SAE at layer {layer}; CE original {after['ce_base']:.4f}."]
-    save("jumprelu", dict(sae=sae, layer=layer, l0=l0, after=strip(after), all=strip(every), config=asdict(cfg),
-                          wall_seconds=time.time() - t0), "\n".join(table))
+    save("jumprelu", dict(sae=sae, layer=layer, l0=l0, after=strip(after), all=strip(every), config=asdict(cfg)), "\n".join(table))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -451,7 +511,6 @@ def jumprelu(cfg: ExpConfig):
 
 
 def multi(cfg: ExpConfig):
-    t0 = time.time()
     _, _, layer, mcfg = embedded_paths(cfg)
     n_layer = mcfg.n_layer
     # spread out as in the paper (1 SAE at the middle; then as far apart as the model allows)
@@ -473,8 +532,7 @@ def multi(cfg: ExpConfig):
         table.append(f"| {name} | {x['ce_sae']:.4f} | {x['ce_sae_lora']:.4f} | {x['gap_closed']:.1%} | "
                      f"{x['kl_sae']:.4f} -> {x['kl_sae_lora']:.4f} |")
     table += ["", f"CE of the original model {next(iter(runs.values()))['ce_base']:.4f}."]
-    save("multi", dict(saes=saes, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg),
-                       wall_seconds=time.time() - t0), "\n".join(table))
+    save("multi", dict(saes=saes, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg)), "\n".join(table))
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -495,7 +553,6 @@ def multi(cfg: ExpConfig):
 
 def checks(cfg: ExpConfig):
     from experiments import checks as inputs  # the latent, steering texts and questions; the report
-    t0 = time.time()
     _, _, layer, mcfg = embedded_paths(cfg)
     sae, root = main_sae(cfg, layer), os.path.join(cfg.out, "checks")
     run(cfg, "experiments/checks.py", os.path.join(root, "inputs"), ["--sae", sae, "--layer", str(layer)],
@@ -519,10 +576,30 @@ def checks(cfg: ExpConfig):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Transformer(mcfg).parameters())
     results, table = inputs.report(info, ev, n_params)
-    save("checks", dict(**results, adapter=adapter, config=asdict(cfg), wall_seconds=time.time() - t0), table)
+    save("checks", dict(**results, adapter=adapter, config=asdict(cfg)), table)
 
 
-EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu, checks=checks)
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. The default run evaluated: SAEBench (Sec. 5.1, Table 6), per-token changes (Sec. 6.1), distances (Sec. 6.2)
+
+
+def default(cfg: ExpConfig):
+    """python adapt.py (the tiny preset), then python eval.py --adapter <its adapter> --saebench on eval.py's tokens."""
+    root = os.path.join(cfg.out, "default")
+    res = adapt_run(cfg, os.path.join(root, "adapt"), [])
+    run(cfg, "eval.py", os.path.join(root, "eval"), ["--adapter", os.path.join(root, "adapt", "adapter"), "--saebench"],
+        "eval.json", resume=False)
+    with open(os.path.join(root, "eval", "eval.json")) as f:
+        ev = json.load(f)
+    with open(os.path.join(root, "eval", "eval.md")) as f:
+        md = f.read()
+    head = (f"`adapt.py` on its {res['positions']:,} held-out positions: CE original {res['ce_base']:.4f}, with SAE "
+            f"{res['ce_sae']:.4f}, with SAE + LoRA {res['ce_sae_lora']:.4f}, {res['gap_closed']:.1%} of the gap closed "
+            f"(KL {res['kl_sae']:.4f} -> {res['kl_sae_lora']:.4f}); {res['train_seconds']:.0f} s of training steps.")
+    save("default", dict(adapt=strip(res), eval=ev, config=asdict(cfg)), head + "\n\n`eval.py`:\n\n" + md)
+
+
+EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu, checks=checks, default=default)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -532,6 +609,8 @@ def main(argv=None):
     cfg, _ = common.parse_args(ExpConfig, argv[1:])
     for name in (EXPERIMENTS if names[0] == "all" else [names[0]]):
         print(f"== {name}", flush=True)
+        _STEPS.clear(), _RAN.clear(), _CACHED.clear()
+        _STARTED[0] = time.time()
         EXPERIMENTS[name](cfg)
 
 
