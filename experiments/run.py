@@ -599,7 +599,100 @@ def default(cfg: ExpConfig):
     save("default", dict(adapt=strip(res), eval=ev, config=asdict(cfg)), head + "\n\n`eval.py`:\n\n" + md)
 
 
-EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu, checks=checks, default=default)
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Numbers the claims table derives from the other results files (ratios, differences, standard errors)
+
+
+def derive(cfg: ExpConfig):
+    """Arithmetic on experiments/results/*.json, each quantity with its formula, so that every number the claims
+    table quotes is in a results file; a file not there yet is skipped (its quantities are absent)."""
+    def load(name):
+        path = os.path.join(RESULTS, name + ".json")
+        return json.load(open(path)) if os.path.isfile(path) else None
+    out, rows = {}, []
+
+    def put(key, value, formula):
+        out[key] = dict(value=value, formula=formula)
+        rows.append(f"| {key} | {value:.6g} | {formula} |")
+    if (j := load("jumprelu")) is not None:
+        put("jumprelu_l0_change_all_layers", j["l0"]["all"] / j["l0"]["original"] - 1, "L0 all / L0 original - 1")
+        put("jumprelu_gap_after_lora_nats", j["after"]["ce_sae_lora"] - j["after"]["ce_base"],
+            "CE with SAE + LoRA (after) - CE original")
+    if (r := load("rank")) is not None:
+        r64, r4 = r["runs"]["64"], r["runs"]["4"]
+        put("topk_gap_after_lora_nats", r64["ce_sae_lora"] - r64["ce_base"], "rank 64: CE with SAE + LoRA - original")
+        put("rank4_over_rank64_train_seconds", r4["train_seconds"] / r64["train_seconds"],
+            "step-rate variation under the load: rank 4's training seconds / rank 64's (fewer FLOPs, more time)")
+        with torch.device("meta"):
+            n_model = sum(p.numel() for p in Transformer(embedded_paths(cfg)[3]).parameters())
+        put("model_params", n_model, "parameters of the base model")
+        for k in ("1", "64"):
+            put(f"rank{k}_param_share", lora_params(cfg, int(k), r["runs"][k]["lora_layers"]) / n_model,
+                f"rank-{k} LoRA parameters on all layers / the base model's")
+    if (l := load("layers")) is not None:
+        g = {k: v["gap_closed"] for k, v in l["runs"].items()}
+        put("layer1_share_of_all_after", g["1"] / g["after"], "gap closed, layer 1 only / layers after the SAE")
+        singles = [v for k, v in g.items() if k != "after"]
+        put("single_layer_spread_points", 100 * (max(singles) - min(singles)), "max - min gap closed, single layers")
+    if (m := load("multi")) is not None:
+        one, three = m["runs"]["2"], m["runs"]["1,2,3"]
+        put("multi3_needed_gap_closed", (three["ce_sae"] - one["ce_sae"]) / (three["ce_sae"] - three["ce_base"]),
+            "share of the 3-SAE gap to close to get below one SAE without LoRA: (CE3 - CE1) / (CE3 - original)")
+        put("multi3_after_lora_above_one_sae_nats", three["ce_sae_lora"] - one["ce_sae"],
+            "3 SAEs after LoRA - one SAE without LoRA")
+        for k, v in m["runs"].items():
+            put(f"multi_{k.replace(',', '')}_initial_gap_nats", v["ce_sae"] - v["ce_base"], "compound CE - original")
+    for name in ("frontier", "frontier-e2e4m"):
+        if (f := load(name)) is None:
+            continue
+        base = f["ce_base"]
+        for q in f["points"]["topk_lora"]:
+            put(f"{name}_ckpt{q['pct']}_initial_gap_nats", q["ce_before"] - base, "CE with the checkpoint - original")
+            put(f"{name}_ckpt{q['pct']}_gap_closed", (q["ce_before"] - q["ce"]) / (q["ce_before"] - base),
+                "gap closed by the checkpoint's 250k-token adaptation")
+        lora, e2e = f["points"]["topk_lora"][-1], f["points"]["e2e"][-1]
+        put(f"{name}_e2e_minus_topk_lora_final_nats", e2e["ce"] - lora["ce"], "final CE: e2e - TopK + LoRA")
+        put(f"{name}_lora_mflop_per_token", lora["lora_flops"] / (lora["backward"] * cfg_seq(f)) / 1e6,
+            "LoRA FLOPs / its tokens (sequences x 256)")
+        put(f"{name}_e2e_mflop_per_token", e2e["flops"] / (e2e["backward"] * cfg_seq(f)) / 1e6,
+            "e2e FLOPs / its tokens")
+    if (c := load("checks")) is not None:
+        ce = c["core"]["ce"]
+        put("checks_lora_minus_original_ce", ce["lora"] - ce["original"], "CE of the LoRA model without the SAE - "
+                                                                            "original")
+        for bench, metrics in (("multiple_choice", ("acc", "acc_norm")),
+                               ("truthfulqa_gen", ("bleu_acc", "rouge1_acc", "rouge2_acc"))):
+            b = c[bench]
+            for a, z in (("sae", "sae_lora"), ("original", "lora")):
+                for mt in metrics:
+                    diff = 100 * (b[z][mt] - b[a][mt])
+                    se = 100 * math.hypot(b[z][mt + "_se"], b[a][mt + "_se"])
+                    put(f"{bench}_{mt}_{z}_minus_{a}", diff, f"{z} - {a}, % points")
+                    put(f"{bench}_{mt}_{z}_minus_{a}_se", se, "standard error of that difference, unpaired: "
+                                                                "hypot of the two")
+                    put(f"{bench}_{mt}_{z}_minus_{a}_in_se", diff / se, "the difference in those standard errors")
+    if (d := load("default")) is not None:
+        pt = d["eval"]["per_token"]
+        edges = pt["bin_edges"]
+        inside = [i for i in range(len(edges) - 1) if edges[i] >= 1e-2 * (1 - 1e-9) and edges[i + 1] <= 1 + 1e-9]
+        for kind in ("improved", "degraded"):
+            per_bin = pt[f"nats_{kind}_per_bin"]
+            put(f"default_nats_{kind}_share_0.01_to_1", sum(per_bin[i] for i in inside) / sum(per_bin),
+                f"nats {kind} by tokens whose change lies in [0.01, 1] / all nats {kind}")
+            hist = pt[f"hist_{kind}"]
+            put(f"default_tokens_{kind}_share_0.01_to_1", sum(hist[i] for i in inside) / sum(hist),
+                f"tokens {kind} by a change in [0.01, 1] / all tokens {kind}")
+    save("derived", dict(values=out, config=asdict(cfg)),
+         "| quantity | value | formula |\n| --- | --- | --- |\n" + "\n".join(rows))
+
+
+def cfg_seq(results: dict) -> int:
+    """Sequence length of a frontier run's adaptations (backward passes count sequences of it)."""
+    return 256 if results["config"].get("model") is None else 1024
+
+
+EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu, checks=checks, default=default,
+                   derive=derive)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
