@@ -626,7 +626,7 @@ def derive(cfg: ExpConfig):
         with torch.device("meta"):
             n_model = sum(p.numel() for p in Transformer(embedded_paths(cfg)[3]).parameters())
         put("model_params", n_model, "parameters of the base model")
-        for k in ("1", "64"):
+        for k in r["runs"]:
             put(f"rank{k}_param_share", lora_params(cfg, int(k), r["runs"][k]["lora_layers"]) / n_model,
                 f"rank-{k} LoRA parameters on all layers / the base model's")
     if (l := load("layers")) is not None:
