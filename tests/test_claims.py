@@ -51,7 +51,8 @@ def numbers(text: str) -> list[tuple[str, float, float]]:
         if not vals:
             skip = tok.lower() in REFERENCE_WORDS or raw.lower().rstrip(",;:") in REFERENCE_WORDS
             continue
-        if skip or raw.endswith(("-layer",)):
+        if skip:
+            skip = not raw.endswith((":", ";", ")"))  # "ranks 1, 4, 16, 64: 14.0, ...": the list of names ends
             continue
         for v, tol in vals:
             if float(v).is_integer() and abs(v) < 10 and tol >= 0.5:
