@@ -73,6 +73,7 @@ class ExpConfig:
     recipe: str = "gao"  # SAE trainers on the frontier: gao (train_sae.py's defaults) | authors (their trainer)
     adapter: str | None = None  # checks: an adapter folder to evaluate (e.g. out/adapt-tiny/adapter, python
     # adapt.py's); none: python adapt.py's run into out/exp/checks/adapt
+    seed: int | None = None  # default: adapt.py --seed (a repeat of the default run; its results file says which)
     fresh: bool = False  # redo steps whose output already exists
     out: str = "out/exp"
 
@@ -90,6 +91,7 @@ _STEPS: list[str] = []  # every step folder the current experiment ran or found 
 _RAN: set[str] = set()  # those of them it ran itself (their seconds are in its own)
 _STARTED = [time.time()]  # when the current experiment started
 _CACHED: dict[str, float | None] = {}  # steps recorded in a cache, not a run.json: their seconds
+_COMMIT: list[str | None] = [None]  # the commit the invocation started at
 STEP_RECORD = "run.json"
 
 
@@ -128,12 +130,12 @@ def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, 
         return
     cmd = [script, *base_args(cfg), *args, "--out", out, *(["--resume"] if resume else [])]
     print("$ python " + " ".join(cmd), flush=True)
-    t0 = time.time()
+    t0, code = time.time(), commit()  # the commit the step runs at (HEAD may move while it runs)
     _RAN.add(out)
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
     # a resumed step's record covers only its last attempt: the seconds an interrupted attempt took are not known
     common.write_json(os.path.join(out, STEP_RECORD), dict(command="python " + " ".join(cmd),
-                                                           wall_seconds=time.time() - t0, commit=commit(),
+                                                           wall_seconds=time.time() - t0, commit=code,
                                                            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                            machine=machine()))
 
@@ -148,12 +150,13 @@ def provenance() -> dict:
         if out in _CACHED:
             rec = None if _CACHED[out] is None else dict(command="held-out evaluation", wall_seconds=_CACHED[out])
         steps.append(dict(out=out, command=rec and rec["command"], wall_seconds=rec and rec["wall_seconds"],
-                          this_run=out in _RAN))
+                          commit=rec and rec.get("commit"), this_run=out in _RAN))
         if rec is None:
             unrecorded.append(out)
     own = time.time() - _STARTED[0]
     earlier = sum(s["wall_seconds"] for s in steps if s["wall_seconds"] is not None and not s["this_run"])
-    return dict(command="python experiments/run.py " + " ".join(sys.argv[1:]), commit=commit(), machine=machine(),
+    return dict(command="python experiments/run.py " + " ".join(sys.argv[1:]), commit=_COMMIT[0] or commit(),
+                steps_commits=sorted({s["commit"] for s in steps if s.get("commit")}), machine=machine(),
                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), this_invocation_seconds=own,
                 wall_seconds=None if unrecorded else own + earlier, steps=steps, unrecorded_steps=unrecorded)
 
@@ -585,8 +588,9 @@ def checks(cfg: ExpConfig):
 
 def default(cfg: ExpConfig):
     """python adapt.py (the tiny preset), then python eval.py --adapter <its adapter> --saebench on eval.py's tokens."""
-    root = os.path.join(cfg.out, "default")
-    res = adapt_run(cfg, os.path.join(root, "adapt"), [])
+    name = "default" if cfg.seed is None else f"default-seed{cfg.seed}"
+    root = os.path.join(cfg.out, name)
+    res = adapt_run(cfg, os.path.join(root, "adapt"), [] if cfg.seed is None else ["--seed", str(cfg.seed)])
     run(cfg, "eval.py", os.path.join(root, "eval"), ["--adapter", os.path.join(root, "adapt", "adapter"), "--saebench"],
         "eval.json", resume=False)
     with open(os.path.join(root, "eval", "eval.json")) as f:
@@ -596,7 +600,7 @@ def default(cfg: ExpConfig):
     head = (f"`adapt.py` on its {res['positions']:,} held-out positions: CE original {res['ce_base']:.4f}, with SAE "
             f"{res['ce_sae']:.4f}, with SAE + LoRA {res['ce_sae_lora']:.4f}, {res['gap_closed']:.1%} of the gap closed "
             f"(KL {res['kl_sae']:.4f} -> {res['kl_sae_lora']:.4f}); {res['train_seconds']:.0f} s of training steps.")
-    save("default", dict(adapt=strip(res), eval=ev, config=asdict(cfg)), head + "\n\n`eval.py`:\n\n" + md)
+    save(name, dict(adapt=strip(res), eval=ev, config=asdict(cfg)), head + "\n\n`eval.py`:\n\n" + md)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -700,6 +704,7 @@ def main(argv=None):
     if not names or names[0] not in (*EXPERIMENTS, "all"):
         sys.exit(f"usage: python experiments/run.py {{{'|'.join(EXPERIMENTS)}|all}} [--flags]; see the docstring")
     cfg, _ = common.parse_args(ExpConfig, argv[1:])
+    _COMMIT[0] = commit()
     for name in (EXPERIMENTS if names[0] == "all" else [names[0]]):
         print(f"== {name}", flush=True)
         _STEPS.clear(), _RAN.clear(), _CACHED.clear()
