@@ -7,6 +7,7 @@ The paper's findings at small scale, one command per experiment, offline on the 
     python experiments/run.py multi      # Fig. 6: compound CE with 1, 2, 3 SAEs spliced at once, before and after
     python experiments/run.py jumprelu   # Sec. 3.4: a JumpReLU SAE, adapters on the layers after it only
     python experiments/run.py checks     # Secs. 5.2-5.3 as functional checks: steering, multiple choice, TruthfulQA
+    python experiments/run.py default    # python adapt.py, then eval.py --saebench: SAEBench, per-token, distances
     python experiments/run.py all
 
 Every step is a plain call of the project's scripts (train_sae.py, train_e2e.py, adapt.py), printed before it runs so
@@ -16,7 +17,12 @@ the folder, or --fresh, to redo it). Each experiment then writes experiments/res
 
 On a real model the same commands take the paper's settings: e.g.
     python experiments/run.py frontier --model google/gemma-2-2b --data data/pile --layer 12 --k 64 \
-        --sae-tokens 2000000000 --e2e-tokens 500000000 --lora-tokens 15000000
+        --sae-tokens 2000000000 --e2e-tokens 2000000000 --lora-tokens 15000000
+(Sec. 4.2: the TopK and e2e SAEs both train on 2B tokens, the adaptation on 15M.)
+
+Every results/<name>.json records how it was made (`provenance`): the command, the commit, the machine and the wall
+time, the latter summed over every step it ran or found done (each step writes run.json next to its output with its
+own command and wall seconds; a step done before that file existed counts as unrecorded, and the total is then null).
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ class ExpConfig:
     recipe: str = "gao"  # SAE trainers on the frontier: gao (train_sae.py's defaults) | authors (their trainer)
     adapter: str | None = None  # checks: an adapter folder to evaluate (e.g. out/adapt-tiny/adapter, python
     # adapt.py's); none: python adapt.py's run into out/exp/checks/adapt
+    seed: int | None = None  # default: adapt.py --seed (a repeat of the default run; its results file says which)
     fresh: bool = False  # redo steps whose output already exists
     out: str = "out/exp"
 
@@ -82,6 +89,36 @@ def base_args(cfg: ExpConfig) -> list[str]:
 
 
 _DONE_THIS_RUN: set[str] = set()
+_STEPS: list[str] = []  # every step folder the current experiment ran or found done (its wall time is in run.json)
+_RAN: set[str] = set()  # those of them it ran itself (their seconds are in its own)
+_STARTED = [time.time()]  # when the current experiment started
+_CACHED: dict[str, float | None] = {}  # steps recorded in a cache, not a run.json: their seconds
+_COMMIT: list[str | None] = [None]  # the commit the invocation started at
+STEP_RECORD = "run.json"
+
+
+def commit() -> str | None:
+    """HEAD of the checkout the code ran from, "+dirty" when tracked files differ from it (None outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict:
+    """What a wall time depends on: CPU model and cores, threads, GPU, torch, and the load while it ran."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                platform=platform.platform(), load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
 
 
 def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, resume: bool = True):
@@ -89,12 +126,41 @@ def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, 
     if cfg.fresh and out not in _DONE_THIS_RUN and os.path.isdir(out):
         shutil.rmtree(out)
     _DONE_THIS_RUN.add(out)
+    _STEPS.append(out)
     if os.path.isfile(os.path.join(out, done_file)):
         print(f"[done already] {out}")
         return
     cmd = [script, *base_args(cfg), *args, "--out", out, *(["--resume"] if resume else [])]
     print("$ python " + " ".join(cmd), flush=True)
+    t0, code = time.time(), commit()  # the commit the step runs at (HEAD may move while it runs)
+    _RAN.add(out)
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    # a resumed step's record covers only its last attempt: the seconds an interrupted attempt took are not known
+    common.write_json(os.path.join(out, STEP_RECORD), dict(command="python " + " ".join(cmd),
+                                                           wall_seconds=time.time() - t0, commit=code,
+                                                           finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                           machine=machine()))
+
+
+def provenance() -> dict:
+    """The command, commit, machine and wall time behind a results file: this invocation's own seconds (its
+    tabulation and the steps it ran) plus the recorded seconds of the steps it found done; None if any is unrecorded."""
+    steps, unrecorded = [], []
+    for out in dict.fromkeys(_STEPS):
+        path = os.path.join(out, STEP_RECORD)
+        rec = json.load(open(path)) if os.path.isfile(path) else None
+        if out in _CACHED:
+            rec = None if _CACHED[out] is None else dict(command="held-out evaluation", wall_seconds=_CACHED[out])
+        steps.append(dict(out=out, command=rec and rec["command"], wall_seconds=rec and rec["wall_seconds"],
+                          commit=rec and rec.get("commit"), this_run=out in _RAN))
+        if rec is None:
+            unrecorded.append(out)
+    own = time.time() - _STARTED[0]
+    earlier = sum(s["wall_seconds"] for s in steps if s["wall_seconds"] is not None and not s["this_run"])
+    return dict(command="python experiments/run.py " + " ".join(sys.argv[1:]), commit=_COMMIT[0] or commit(),
+                steps_commits=sorted({s["commit"] for s in steps if s.get("commit")}), machine=machine(),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), this_invocation_seconds=own,
+                wall_seconds=None if unrecorded else own + earlier, steps=steps, unrecorded_steps=unrecorded)
 
 
 def adapt_run(cfg: ExpConfig, out: str, args: list[str]) -> dict:
@@ -150,9 +216,9 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
 
 def save(name: str, results: dict, table: str):
     os.makedirs(RESULTS, exist_ok=True)
-    results["hardware"] = dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                               cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                               torch=torch.__version__)
+    results.pop("wall_seconds", None)  # the invocation's time alone: 0.1 s when every step was done already
+    results["provenance"] = provenance()
+    results["wall_seconds"] = results["provenance"]["wall_seconds"]
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
@@ -216,7 +282,6 @@ def speedups(points: dict, thresholds: list[float], key: str, fmt, backward: boo
 
 
 def frontier(cfg: ExpConfig):
-    t0 = time.time()
     _, _, layer, mcfg = embedded_paths(cfg)
     root = os.path.join(cfg.out, "frontier")
     topk = train_topk(cfg, os.path.join(root, "topk"), layer, cfg.sae_tokens)
@@ -256,9 +321,13 @@ def frontier(cfg: ExpConfig):
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) and not cfg.fresh else {}
     for sae_dir in [os.path.join(d, f"ckpt_{p:03d}") for d in (topk, e2e) for p in range(10, 101, 10)]:
         if sae_dir not in cache:
-            cache[sae_dir] = held_out(cfg, [sae_dir], [layer])
+            t0 = time.time()
+            cache[sae_dir] = dict(held_out(cfg, [sae_dir], [layer]), seconds=time.time() - t0)
+            _RAN.add(sae_dir)
             with open(cache_path, "w") as f:
                 json.dump(cache, f, indent=1)
+        _STEPS.append(sae_dir)  # its seconds (a held-out evaluation) count in the wall time too
+        _CACHED[sae_dir] = cache[sae_dir].get("seconds")
     points = dict(topk=[], e2e=[], topk_lora=[])
     for p in range(10, 101, 10):
         ev = cache[os.path.join(topk, f"ckpt_{p:03d}")]
@@ -312,7 +381,7 @@ def frontier(cfg: ExpConfig):
         table.append(f"| {q['pct']}% | {q['sae_time']:.0f} s | {q['lora_time']:.0f} s | {fl(q['sae_flops'])} | "
                      f"{fl(q['lora_flops'])} | {q['ce_before']:.4f} | {q['ce']:.4f} |")
     save("frontier", dict(points=points, ce_base=ce_base, speedups=rows_t, speedups_flops=rows_f, recipe=cfg.recipe,
-                          config=asdict(cfg), wall_seconds=time.time() - t0), "\n".join(table))
+                          config=asdict(cfg)), "\n".join(table))
 
     plt = pyplot()
     if plt:
@@ -333,7 +402,6 @@ def frontier(cfg: ExpConfig):
 
 
 def rank(cfg: ExpConfig):
-    t0 = time.time()
     _, _, layer, _ = embedded_paths(cfg)
     sae = main_sae(cfg, layer)
     res = {r: adapt_run(cfg, os.path.join(cfg.out, "rank", f"r{r}"), ["--sae", sae, "--layer", str(layer),
@@ -345,8 +413,7 @@ def rank(cfg: ExpConfig):
         table.append(f"| {r} | {lora_params(cfg, r, x['lora_layers']) / 1e6:.2f}M | {x['ce_sae_lora']:.4f} | "
                      f"{x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} | {x['train_seconds']:.0f} s |")
     table += ["", f"CE original {r0['ce_base']:.4f}, with SAE {r0['ce_sae']:.4f} (KL {r0['kl_sae']:.4f})."]
-    save("rank", dict(runs={r: strip(x) for r, x in res.items()}, config=asdict(cfg),
-                      wall_seconds=time.time() - t0), "\n".join(table))
+    save("rank", dict(runs={r: strip(x) for r, x in res.items()}, config=asdict(cfg)), "\n".join(table))
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -394,7 +461,6 @@ def l0_of(cfg: ExpConfig, sae_dir: str, layer: int, adapter: str | None = None) 
     return total / n
 
 def layers(cfg: ExpConfig):
-    t0 = time.time()
     sae, layer = jumprelu_sae(cfg)
     n_layer = embedded_paths(cfg)[3].n_layer
     root = os.path.join(cfg.out, "layers")
@@ -409,8 +475,7 @@ def layers(cfg: ExpConfig):
         table.append(f"| {label} | {lora_params(cfg, 64, x['lora_layers']) / 1e6:.2f}M | {x['ce_sae_lora']:.4f} | "
                      f"{x['gap_closed']:.1%} | {x['kl_sae_lora']:.4f} |")
     table += ["", f"JumpReLU SAE at layer {layer}; CE original {a['ce_base']:.4f}, with SAE {a['ce_sae']:.4f}."]
-    save("layers", dict(sae=sae, layer=layer, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg),
-                        wall_seconds=time.time() - t0), "\n".join(table))
+    save("layers", dict(sae=sae, layer=layer, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg)), "\n".join(table))
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -427,7 +492,6 @@ def layers(cfg: ExpConfig):
 
 
 def jumprelu(cfg: ExpConfig):
-    t0 = time.time()
     sae, layer = jumprelu_sae(cfg)
     root = os.path.join(cfg.out, "layers")
     after = adapt_run(cfg, os.path.join(root, "after"), ["--sae", sae, "--lora-layers", "after"])
@@ -444,8 +508,7 @@ def jumprelu(cfg: ExpConfig):
              f"| all layers (--allow-before-jumprelu) | {l0['all']:.2f} | {every['ce_sae_lora']:.4f} | "
              f"{every['gap_closed']:.1%} | {every['kl_sae_lora']:.4f} |",
              "", f"JumpReLU SAE at layer {layer}; CE original {after['ce_base']:.4f}."]
-    save("jumprelu", dict(sae=sae, layer=layer, l0=l0, after=strip(after), all=strip(every), config=asdict(cfg),
-                          wall_seconds=time.time() - t0), "\n".join(table))
+    save("jumprelu", dict(sae=sae, layer=layer, l0=l0, after=strip(after), all=strip(every), config=asdict(cfg)), "\n".join(table))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -453,7 +516,6 @@ def jumprelu(cfg: ExpConfig):
 
 
 def multi(cfg: ExpConfig):
-    t0 = time.time()
     _, _, layer, mcfg = embedded_paths(cfg)
     n_layer = mcfg.n_layer
     # spread out as in the paper (1 SAE at the middle; then as far apart as the model allows)
@@ -475,8 +537,7 @@ def multi(cfg: ExpConfig):
         table.append(f"| {name} | {x['ce_sae']:.4f} | {x['ce_sae_lora']:.4f} | {x['gap_closed']:.1%} | "
                      f"{x['kl_sae']:.4f} -> {x['kl_sae_lora']:.4f} |")
     table += ["", f"CE of the original model {next(iter(runs.values()))['ce_base']:.4f}."]
-    save("multi", dict(saes=saes, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg),
-                       wall_seconds=time.time() - t0), "\n".join(table))
+    save("multi", dict(saes=saes, runs={k: strip(v) for k, v in runs.items()}, config=asdict(cfg)), "\n".join(table))
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -497,7 +558,6 @@ def multi(cfg: ExpConfig):
 
 def checks(cfg: ExpConfig):
     from experiments import checks as inputs  # the latent, steering texts and questions; the report
-    t0 = time.time()
     _, _, layer, mcfg = embedded_paths(cfg)
     sae, root = main_sae(cfg, layer), os.path.join(cfg.out, "checks")
     run(cfg, "experiments/checks.py", os.path.join(root, "inputs"), ["--sae", sae, "--layer", str(layer)],
@@ -521,10 +581,124 @@ def checks(cfg: ExpConfig):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Transformer(mcfg).parameters())
     results, table = inputs.report(info, ev, n_params)
-    save("checks", dict(**results, adapter=adapter, config=asdict(cfg), wall_seconds=time.time() - t0), table)
+    save("checks", dict(**results, adapter=adapter, config=asdict(cfg)), table)
 
 
-EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu, checks=checks)
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. The default run evaluated: SAEBench (Sec. 5.1, Table 6), per-token changes (Sec. 6.1), distances (Sec. 6.2)
+
+
+def default(cfg: ExpConfig):
+    """python adapt.py (the tiny preset), then python eval.py --adapter <its adapter> --saebench on eval.py's tokens."""
+    name = "default" if cfg.seed is None else f"default-seed{cfg.seed}"
+    root = os.path.join(cfg.out, name)
+    res = adapt_run(cfg, os.path.join(root, "adapt"), [] if cfg.seed is None else ["--seed", str(cfg.seed)])
+    run(cfg, "eval.py", os.path.join(root, "eval"), ["--adapter", os.path.join(root, "adapt", "adapter"), "--saebench"],
+        "eval.json", resume=False)
+    with open(os.path.join(root, "eval", "eval.json")) as f:
+        ev = json.load(f)
+    with open(os.path.join(root, "eval", "eval.md")) as f:
+        md = f.read()
+    head = (f"`adapt.py` on its {res['positions']:,} held-out positions: CE original {res['ce_base']:.4f}, with SAE "
+            f"{res['ce_sae']:.4f}, with SAE + LoRA {res['ce_sae_lora']:.4f}, {res['gap_closed']:.1%} of the gap closed "
+            f"(KL {res['kl_sae']:.4f} -> {res['kl_sae_lora']:.4f}); {res['train_seconds']:.0f} s of training steps.")
+    save(name, dict(adapt=strip(res), eval=ev, config=asdict(cfg)), head + "\n\n`eval.py`:\n\n" + md)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Numbers the claims table derives from the other results files (ratios, differences, standard errors)
+
+
+def derive(cfg: ExpConfig):
+    """Arithmetic on experiments/results/*.json, each quantity with its formula, so that every number the claims
+    table quotes is in a results file; a file not there yet is skipped (its quantities are absent)."""
+    def load(name):
+        path = os.path.join(RESULTS, name + ".json")
+        return json.load(open(path)) if os.path.isfile(path) else None
+    out, rows = {}, []
+
+    def put(key, value, formula):
+        out[key] = dict(value=value, formula=formula)
+        rows.append(f"| {key} | {value:.6g} | {formula} |")
+    if (j := load("jumprelu")) is not None:
+        put("jumprelu_l0_change_all_layers", j["l0"]["all"] / j["l0"]["original"] - 1, "L0 all / L0 original - 1")
+        put("jumprelu_gap_after_lora_nats", j["after"]["ce_sae_lora"] - j["after"]["ce_base"],
+            "CE with SAE + LoRA (after) - CE original")
+    if (r := load("rank")) is not None:
+        r64, r4 = r["runs"]["64"], r["runs"]["4"]
+        put("topk_gap_after_lora_nats", r64["ce_sae_lora"] - r64["ce_base"], "rank 64: CE with SAE + LoRA - original")
+        put("rank4_over_rank64_train_seconds", r4["train_seconds"] / r64["train_seconds"],
+            "step-rate variation under the load: rank 4's training seconds / rank 64's (fewer FLOPs, more time)")
+        with torch.device("meta"):
+            n_model = sum(p.numel() for p in Transformer(embedded_paths(cfg)[3]).parameters())
+        put("model_params", n_model, "parameters of the base model")
+        for k in r["runs"]:
+            put(f"rank{k}_param_share", lora_params(cfg, int(k), r["runs"][k]["lora_layers"]) / n_model,
+                f"rank-{k} LoRA parameters on all layers / the base model's")
+    if (l := load("layers")) is not None:
+        g = {k: v["gap_closed"] for k, v in l["runs"].items()}
+        put("layer1_share_of_all_after", g["1"] / g["after"], "gap closed, layer 1 only / layers after the SAE")
+        singles = [v for k, v in g.items() if k != "after"]
+        put("single_layer_spread_points", 100 * (max(singles) - min(singles)), "max - min gap closed, single layers")
+    if (m := load("multi")) is not None:
+        one, three = m["runs"]["2"], m["runs"]["1,2,3"]
+        put("multi3_needed_gap_closed", (three["ce_sae"] - one["ce_sae"]) / (three["ce_sae"] - three["ce_base"]),
+            "share of the 3-SAE gap to close to get below one SAE without LoRA: (CE3 - CE1) / (CE3 - original)")
+        put("multi3_after_lora_above_one_sae_nats", three["ce_sae_lora"] - one["ce_sae"],
+            "3 SAEs after LoRA - one SAE without LoRA")
+        for k, v in m["runs"].items():
+            put(f"multi_{k.replace(',', '')}_initial_gap_nats", v["ce_sae"] - v["ce_base"], "compound CE - original")
+    for name in ("frontier", "frontier-e2e4m"):
+        if (f := load(name)) is None:
+            continue
+        base = f["ce_base"]
+        for q in f["points"]["topk_lora"]:
+            put(f"{name}_ckpt{q['pct']}_initial_gap_nats", q["ce_before"] - base, "CE with the checkpoint - original")
+            put(f"{name}_ckpt{q['pct']}_gap_closed", (q["ce_before"] - q["ce"]) / (q["ce_before"] - base),
+                "gap closed by the checkpoint's 250k-token adaptation")
+        lora, e2e = f["points"]["topk_lora"][-1], f["points"]["e2e"][-1]
+        put(f"{name}_e2e_minus_topk_lora_final_nats", e2e["ce"] - lora["ce"], "final CE: e2e - TopK + LoRA")
+        put(f"{name}_lora_mflop_per_token", lora["lora_flops"] / (lora["backward"] * cfg_seq(f)) / 1e6,
+            "LoRA FLOPs / its tokens (sequences x 256)")
+        put(f"{name}_e2e_mflop_per_token", e2e["flops"] / (e2e["backward"] * cfg_seq(f)) / 1e6,
+            "e2e FLOPs / its tokens")
+    if (c := load("checks")) is not None:
+        ce = c["core"]["ce"]
+        put("checks_lora_minus_original_ce", ce["lora"] - ce["original"], "CE of the LoRA model without the SAE - "
+                                                                            "original")
+        for bench, metrics in (("multiple_choice", ("acc", "acc_norm")),
+                               ("truthfulqa_gen", ("bleu_acc", "rouge1_acc", "rouge2_acc"))):
+            b = c[bench]
+            for a, z in (("sae", "sae_lora"), ("original", "lora")):
+                for mt in metrics:
+                    diff = 100 * (b[z][mt] - b[a][mt])
+                    se = 100 * math.hypot(b[z][mt + "_se"], b[a][mt + "_se"])
+                    put(f"{bench}_{mt}_{z}_minus_{a}", diff, f"{z} - {a}, % points")
+                    put(f"{bench}_{mt}_{z}_minus_{a}_se", se, "standard error of that difference, unpaired: "
+                                                                "hypot of the two")
+                    put(f"{bench}_{mt}_{z}_minus_{a}_in_se", diff / se, "the difference in those standard errors")
+    if (d := load("default")) is not None:
+        pt = d["eval"]["per_token"]
+        edges = pt["bin_edges"]
+        inside = [i for i in range(len(edges) - 1) if edges[i] >= 1e-2 * (1 - 1e-9) and edges[i + 1] <= 1 + 1e-9]
+        for kind in ("improved", "degraded"):
+            per_bin = pt[f"nats_{kind}_per_bin"]
+            put(f"default_nats_{kind}_share_0.01_to_1", sum(per_bin[i] for i in inside) / sum(per_bin),
+                f"nats {kind} by tokens whose change lies in [0.01, 1] / all nats {kind}")
+            hist = pt[f"hist_{kind}"]
+            put(f"default_tokens_{kind}_share_0.01_to_1", sum(hist[i] for i in inside) / sum(hist),
+                f"tokens {kind} by a change in [0.01, 1] / all tokens {kind}")
+    save("derived", dict(values=out, config=asdict(cfg)),
+         "| quantity | value | formula |\n| --- | --- | --- |\n" + "\n".join(rows))
+
+
+def cfg_seq(results: dict) -> int:
+    """Sequence length of a frontier run's adaptations (backward passes count sequences of it)."""
+    return 256 if results["config"].get("model") is None else 1024
+
+
+EXPERIMENTS = dict(frontier=frontier, rank=rank, layers=layers, multi=multi, jumprelu=jumprelu, checks=checks, default=default,
+                   derive=derive)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -532,8 +706,11 @@ def main(argv=None):
     if not names or names[0] not in (*EXPERIMENTS, "all"):
         sys.exit(f"usage: python experiments/run.py {{{'|'.join(EXPERIMENTS)}|all}} [--flags]; see the docstring")
     cfg, _ = common.parse_args(ExpConfig, argv[1:])
+    _COMMIT[0] = commit()
     for name in (EXPERIMENTS if names[0] == "all" else [names[0]]):
         print(f"== {name}", flush=True)
+        _STEPS.clear(), _RAN.clear(), _CACHED.clear()
+        _STARTED[0] = time.time()
         EXPERIMENTS[name](cfg)
 
 

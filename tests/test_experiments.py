@@ -104,3 +104,37 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     table = open(tmp_path / "results" / "frontier.md").read()
     assert "speedup at matched FLOPs" in table and "speedup at matched time" in table
     assert "| 2.520 |" in table and f"| 64 | 20 | {20 / 64:.1f}x |" in table
+
+
+def test_results_record_command_commit_machine_and_the_wall_time_of_every_step(tmp_path, monkeypatch):
+    """A step that ran records its own seconds (run.json); a later invocation that finds it done counts them, so a
+    results file's wall_seconds is never just the tabulation's; a step with no record makes it null, not 0."""
+    import json
+    script = tmp_path / "step.py"
+    script.write_text("import os, sys, time\nout = sys.argv[sys.argv.index('--out') + 1]\nos.makedirs(out)\n"
+                      "time.sleep(0.3)\nopen(os.path.join(out, 'done'), 'w').write('1')\n")
+    cfg = run.ExpConfig(model="m", out=str(tmp_path / "exp"))
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(run, "base_args", lambda cfg: [])
+
+    def invocation(outs):
+        run._STEPS.clear(), run._RAN.clear(), run._CACHED.clear()
+        run._STARTED[0] = __import__("time").time()
+        for out in outs:
+            run.run(cfg, str(script), str(tmp_path / "exp" / out), [], "done", resume=False)
+        run.save("x", {}, "table")
+        return json.load(open(tmp_path / "results" / "x.json"))
+
+    first = invocation(["a"])
+    rec = json.load(open(tmp_path / "exp" / "a" / "run.json"))
+    assert rec["wall_seconds"] >= 0.3 and rec["command"].startswith("python ") and "--out" in rec["command"]
+    assert first["wall_seconds"] >= rec["wall_seconds"]
+    second = invocation(["a"])  # found done: its recorded seconds count, the invocation itself takes little
+    assert second["provenance"]["this_invocation_seconds"] < 0.3 <= second["wall_seconds"]
+    prov = second["provenance"]
+    assert prov["command"].startswith("python experiments/run.py") and prov["machine"]["cores"] == os.cpu_count()
+    assert prov["commit"] is None or len(prov["commit"].split("+")[0]) == 40
+    os.makedirs(tmp_path / "exp" / "old")
+    open(tmp_path / "exp" / "old" / "done", "w").write("1")  # done before steps recorded their time
+    third = invocation(["a", "old"])
+    assert third["wall_seconds"] is None and third["provenance"]["unrecorded_steps"] == [str(tmp_path / "exp" / "old")]
