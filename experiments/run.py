@@ -136,7 +136,7 @@ def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, 
     _RAN.add(out)
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
     # a resumed step's record covers only its last attempt: the seconds an interrupted attempt took are not known
-    common.write_json(os.path.join(out, STEP_RECORD), dict(command="python " + " ".join(cmd),
+    disk.write_json(os.path.join(out, STEP_RECORD), dict(command="python " + " ".join(cmd),
                                                            wall_seconds=time.time() - t0, commit=code,
                                                            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                            machine=machine()))
