@@ -40,7 +40,7 @@ import torch
 import common
 import data
 from corpus import read_text, stdlib_files
-from sae_formats import GEMMA_SCOPE_RES_16K, default_sae, known_saes
+from sae_formats import GEMMA_SCOPE_2_LAYERS, GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
 SAE_LAYER = TINY_LAYERS // 2
@@ -63,7 +63,7 @@ PRESETS = {
 }
 
 
-KNOWN_MODELS = sorted(GEMMA_SCOPE_RES_16K)
+KNOWN_MODELS = sorted(GEMMA_SCOPE_RES_16K) + [f"google/gemma-3-{{{','.join(GEMMA_SCOPE_2_LAYERS)}}}-{{pt,it}}"]
 DEFAULT_SAES_HELP = ("SAE defaults when --sae is not given (the paper's SAEs, one per --layer L):\n" +
                      "".join(f"  {line}\n" for line in known_saes()) +
                      "  no --model: the embedded tiny model's TopK SAE at --layer (trained on first use)\n")

@@ -37,6 +37,7 @@ import common
 from lora import adapters_disabled, lora_modules
 from model import Transformer
 from sae import SAE
+from sae_formats import is_residual_hook
 
 
 def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
@@ -52,11 +53,13 @@ def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
 # Which positions get the SAE
 
 
-# The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope) everywhere but at BOS and EOS tokens,
+# The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope; here Gemma Scope 2 too) everywhere
+# but at BOS and EOS tokens,
 # and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what train_sae.py writes, trained without
 # BOS) go everywhere but BOS. BOS activations have outlier norms that most SAEs never saw in training.
 POSITIONS = {"all": (), "no_bos": ("bos",), "no_bos_eos": ("bos", "eos")}
-AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "llama_scope": "no_bos_eos", "sparsify": "all", "saelens": "no_bos"}
+AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "gemma_scope_2": "no_bos_eos", "llama_scope": "no_bos_eos",
+                  "sparsify": "all", "saelens": "no_bos"}
 
 
 def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
@@ -248,6 +251,9 @@ def load_saes(paths: list[str], layers: list[int] | None, model: Transformer, de
     saes = []
     for i, path in enumerate(paths):
         sae = SAE.from_pretrained(path, device=device)
+        if not is_residual_hook(getattr(sae, "hook_name", None)):
+            raise ValueError(f"{path}: this SAE reads {sae.hook_name}, but the splice replaces the residual stream "
+                             f"after a block (blocks.L.hook_resid_post): pass a residual-stream SAE")
         layer = layers[i] if layers is not None else sae.layer
         if layer is None:
             raise ValueError(f"{path}: the SAE files do not say which layer it reads; pass --layer")
