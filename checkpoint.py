@@ -17,7 +17,7 @@ import common
 import hub
 
 _WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "generation_config.json")
 
 
@@ -46,7 +46,7 @@ def _choose_model_files(files: dict[str, int]) -> list[str]:
         raise FileNotFoundError("no model.safetensors or model-*-of-*.safetensors shards (only .bin or .pth weights?)")
     if "model.safetensors.index.json" in files:
         weights.append("model.safetensors.index.json")
-    extras = [f for f in _TOKENIZER_FILES if f in files]
+    extras = [f for f in TOKENIZER_FILES if f in files]
     if "tokenizer.model" not in files and "original/tokenizer.model" in files:
         extras.append("original/tokenizer.model")
     return ["config.json", *weights, *extras]
