@@ -382,12 +382,21 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, x, cos, sin):
+    def mlp_out(self, h):
+        """The MLP sublayer's contribution to the residual stream from its normalised input h: what a transcoder
+        replaces (Gemma Scope 2's hf_hook_point_in / _out: pre_ and post_feedforward_layernorm's outputs)."""
+        y = self.mlp(h)
+        return self.post_feedforward_layernorm(y) if self.sandwich else y
+
+    def forward(self, x, cos, sin, mlp_hook=None):
+        """mlp_hook(h, mlp_out), if given, returns the MLP sublayer's contribution in place of mlp_out(h)."""
         if self.sandwich:  # Gemma-2 and -3: normalise both the input and the output of each sublayer
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h = self.pre_feedforward_layernorm(x)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            h = self.post_attention_layernorm(x)
+        return x + (self.mlp_out(h) if mlp_hook is None else mlp_hook(h, self.mlp_out))
 
 
 class Backbone(nn.Module):
@@ -427,13 +436,14 @@ class Transformer(nn.Module):
 
     def blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
                hooks: dict[int, Hook] | None = None) -> torch.Tensor:
-        """Run blocks start..stop (inclusive) on the residual stream x; hooks[L] replaces the stream after block L."""
+        """Run blocks start..stop (inclusive) on the residual stream x; hooks[L] replaces the stream after block L,
+        hooks["mlp", L] block L's MLP sublayer (Block.forward's mlp_hook: a transcoder)."""
         stop = self.cfg.n_layer - 1 if stop is None else stop
         hooks = hooks or {}
         rope = rope_tables(self.cfg, x.shape[1], x.device, x.dtype)
         for i in range(start, stop + 1):
             layer = self.model.layers[i]
-            x = layer(x, *rope[layer.self_attn.local_rope])
+            x = layer(x, *rope[layer.self_attn.local_rope], hooks.get(("mlp", i)))
             if i in hooks:
                 x = hooks[i](x)
         return x
@@ -457,7 +467,8 @@ class Transformer(nn.Module):
 
     def _check_layers(self, hooks, stop_at):
         n = self.cfg.n_layer
-        for layer in list(hooks or {}) + ([stop_at] if stop_at is not None else []):
+        keys = [k[1] if isinstance(k, tuple) and len(k) == 2 and k[0] == "mlp" else k for k in hooks or {}]
+        for layer in keys + ([stop_at] if stop_at is not None else []):
             if not isinstance(layer, int) or not 0 <= layer < n:
                 raise ValueError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
 

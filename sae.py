@@ -155,6 +155,9 @@ class SAE(nn.Module):
         self.k = (int(k) if arch == "topk" else float(k)) if k is not None and arch != "jumprelu" else None
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.layer, self.model_name, self.hook_name = layer, model_name, None
+        # a transcoder (sae_formats: Gemma Scope 2's transcoder_all/) reads block `layer`'s normalised MLP input and
+        # stands in for its MLP sublayer's output; W_skip (d_in, d_in), if any, is its affine skip: + x @ W_skip.T
+        self.transcoder, self.W_skip = False, None
         self.bandwidth = 1e-3  # JumpReLU STE kernel width (Gemma Scope's value for unit-scale inputs)
         self.min_threshold = 1e-6  # JumpReLU: clamp_threshold_ keeps thresholds at least this (theta > 0, Sec. 3.3)
         self.threshold_lr = 0.01  # BatchTopK: EMA rate of the running threshold (SAELens' topk_threshold_lr)
@@ -243,6 +246,9 @@ class SAE(nn.Module):
             out = self.decode_sparse(*self.encode_topk(x))
         else:
             out = self.decode(self.encode(x))
+        if self.W_skip is not None:  # SAELens' SkipTranscoder: sae_out + x @ W_skip.T
+            with fp32_region(x):
+                out = out + F.linear(x.float(), self.W_skip.float())
         return out.to(x.dtype)
 
     def check_d_in(self, d_model: int, where: str = ""):

@@ -239,15 +239,17 @@ def _load_gemma_scope_2(folder: str) -> dict:
     """Gemma Scope 2 (Gemma-3), as SAELens' gemma_3 loader reads it: params.safetensors with w_enc (d, m), w_dec
     (m, d), b_enc, b_dec, threshold; config.json with architecture "jump_relu", model_name, hf_hook_point_in. The
     same JumpReLU as Gemma Scope: z = (pre > threshold) * relu(pre), pre = x @ w_enc + b_enc (the input not shifted
-    by b_dec), x_hat = z @ w_dec + b_dec. Transcoders (transcoder_all/, clt/: hf_hook_point_out, an
-    affine_skip_connection) map the MLP's input to its output and are refused here."""
+    by b_dec), x_hat = z @ w_dec + b_dec. Transcoders (transcoder_all/: hf_hook_point_out, maybe an
+    affine_skip_connection, added as x @ W_skip.T) map block L's normalised MLP input (pre_feedforward_layernorm's
+    output) to its MLP sublayer's output (post_feedforward_layernorm's); the splice replaces that sublayer with them."""
     cfg_path = os.path.join(folder, "config.json")
     cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     raw = _read_safetensors(os.path.join(folder, "params.safetensors"))
     site = os.path.basename(os.path.dirname(os.path.abspath(folder)))
-    if cfg.get("hf_hook_point_out") or "affine_skip_connection" in raw or re.match(r"transcoder|clt", site):
-        raise ValueError(f"{folder}: a Gemma Scope 2 transcoder ({cfg.get('hf_hook_point_in')} -> "
-                         f"{cfg.get('hf_hook_point_out')}), not a sparse autoencoder: pass a resid_post SAE")
+    transcoder = bool(cfg.get("hf_hook_point_out")) or "affine_skip_connection" in raw or site.startswith("transcoder")
+    if site.startswith("clt") or raw.get("w_dec", torch.zeros(0, 0)).dim() != 2:
+        raise ValueError(f"{folder}: a Gemma Scope 2 cross-layer transcoder (clt/): not supported; pass a resid_post "
+                         f"SAE or a transcoder_all/ transcoder")
     if cfg.get("architecture", "jump_relu") != "jump_relu":
         raise ValueError(f"{folder}: unsupported Gemma Scope 2 architecture {cfg['architecture']!r} (only jump_relu)")
     _need(raw, ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"), folder)
@@ -255,6 +257,8 @@ def _load_gemma_scope_2(folder: str) -> dict:
     hook = next((h for by_site, by_hook, h in _GS2_SITES if by_hook.fullmatch(hook_in) or by_site.fullmatch(site)),
                 None)
     layer = layer_from_hook(hook_in) if hook_in else layer_from_path(folder)
+    if transcoder:  # SAELens' names for the MLP's normalised input and its output
+        hook = "ln2.hook_normalized"
     model_name = cfg.get("model_name")
     if model_name:  # as SAELens: "gemma-v3-1b-pt" and the like name google/gemma-3-1b-pt
         model_name = ("" if "google" in model_name else "google/") + model_name.replace("-v3", "-3")
@@ -264,7 +268,8 @@ def _load_gemma_scope_2(folder: str) -> dict:
     return dict(arch="jumprelu", k=None, apply_b_dec_to_input=False, layer=layer, model_name=model_name,
                 hook_name=f"blocks.{layer}.{hook}" if hook and layer is not None else None,
                 W_enc=raw["w_enc"], W_dec=raw["w_dec"], b_enc=raw["b_enc"], b_dec=raw["b_dec"],
-                threshold=raw["threshold"].clamp_min(0))  # relu(pre) * (pre > t) == pre * (pre > max(t, 0))
+                threshold=raw["threshold"].clamp_min(0),  # relu(pre) * (pre > t) == pre * (pre > max(t, 0))
+                transcoder=transcoder, W_skip=raw.get("affine_skip_connection"))
 
 
 def _load_saelens(folder: str) -> dict:
@@ -386,7 +391,8 @@ def _build(spec: dict, source: str, device, dtype) -> SAE:
     if W_enc.dim() != 2 or W_dec.dim() != 2:
         raise ValueError(f"{source}: W_enc and W_dec must be matrices, got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
     d_in, d_sae = W_enc.shape
-    shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_enc=(d_sae,), b_dec=(d_in,), threshold=(d_sae,))
+    shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_enc=(d_sae,), b_dec=(d_in,), threshold=(d_sae,),
+                  W_skip=(d_in, d_in))
     for name, shape in shapes.items():
         t = spec.get(name)
         if t is not None and tuple(t.shape) != shape:
@@ -410,6 +416,9 @@ def _build(spec: dict, source: str, device, dtype) -> SAE:
         sae.topk_threshold = cast(spec["topk_threshold"] if spec.get("topk_threshold") is not None
                                   else torch.zeros(())).reshape(())
     sae.hook_name = spec.get("hook_name")
+    sae.transcoder = bool(spec.get("transcoder"))
+    if spec.get("W_skip") is not None:
+        sae.W_skip = torch.nn.Parameter(cast(spec["W_skip"]))
     return sae.eval()
 
 

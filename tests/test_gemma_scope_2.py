@@ -100,21 +100,104 @@ def test_online_downloads_only_the_folders_two_files(cache, tmp_path, monkeypatc
     assert sorted(monkeypatch.fetched) == sorted((REPO, f) for f in files)
 
 
-def test_transcoders_and_other_sites_are_refused_in_one_line(cache, tmp_path):
+def test_other_sites_and_cross_layer_transcoders_are_refused_in_one_line(cache, tmp_path):
     from splice import load_saes
     from model import ModelConfig, Transformer
-    tc, _ = release_files(tmp_path, 2, site="transcoder_all", skip=True)
+    clt, _ = release_files(tmp_path, 2, site="clt", seed=3)
     mlp, _ = release_files(tmp_path, 2, site="mlp_out_all",
                            hook="model.layers.2.post_feedforward_layernorm.output", seed=2)
-    put(cache, REPO, {**tc, **mlp})
-    with pytest.raises(ValueError, match="a Gemma Scope 2 transcoder .*pre_feedforward_layernorm.* not a sparse") as e:
-        SAE.from_pretrained(f"{REPO}/transcoder_all/layer_2_width_16k_l0_small_affine")
+    put(cache, REPO, {**clt, **mlp})
+    with pytest.raises(ValueError, match="cross-layer transcoder .*not supported") as e:
+        SAE.from_pretrained(f"{REPO}/clt/layer_2_width_16k_l0_small")
     assert "\n" not in str(e.value)
     path = f"{REPO}/mlp_out_all/layer_2_width_16k_l0_small"
     assert SAE.from_pretrained(path).hook_name == "blocks.2.hook_mlp_out"
     model = Transformer(ModelConfig.from_name("tiny-gemma3"))
     with pytest.raises(ValueError, match="reads blocks.2.hook_mlp_out, but the splice replaces the residual stream"):
         load_saes([path], None, model, "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transcoders: block L's MLP sublayer replaced by the transcoder of its normalised input
+
+
+def saelens_skip_transcoder(params, x):
+    """SAELens' JumpReLUSkipTranscoder (sae_lens/saes/transcoder.py): feature_acts = relu(hidden_pre) *
+    (hidden_pre > threshold), hidden_pre = x @ W_enc + b_enc; sae_out = feature_acts @ W_dec + b_dec + x @ W_skip.T
+    (W_skip = the file's affine_skip_connection, absent without _affine)."""
+    _, out = saelens_jumprelu(params, x)
+    return out + x @ params["affine_skip_connection"].T if "affine_skip_connection" in params else out
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["affine", "plain"])
+def test_transcoder_loads_with_its_affine_skip_as_saelens_defines_it(cache, tmp_path, skip):
+    files, params = release_files(tmp_path, 2, site="transcoder_all", skip=skip)
+    put(cache, REPO, files)
+    tc = SAE.from_pretrained(f"{REPO}/transcoder_all/layer_2_width_16k_l0_small" + ("_affine" if skip else ""))
+    assert tc.transcoder and tc.layer == 2 and tc.hook_name == "blocks.2.ln2.hook_normalized"
+    assert (tc.W_skip is not None) == skip
+    x = torch.randn(7, D)
+    with torch.no_grad():
+        assert_close(tc(x), saelens_skip_transcoder(params, x), 1e-6)
+        if skip:  # the skip term is not negligible in this fixture
+            assert (tc(x) - saelens_jumprelu(params, x)[1]).norm() > 0.1 * tc(x).norm()
+
+
+def hf_with_transcoder(ref, layer, params, kept_at=None):
+    """transformers' model with Gemma Scope 2's definition of a transcoder at `layer`: hf_hook_point_in
+    (pre_feedforward_layernorm's output) in, hf_hook_point_out (post_feedforward_layernorm's output) replaced by its
+    reconstruction; kept_at (B, T, 1) keeps the original output there."""
+    block, seen = ref.model.layers[layer], {}
+    handles = [block.pre_feedforward_layernorm.register_forward_hook(lambda m, i, o: seen.update(h=o)),
+               block.post_feedforward_layernorm.register_forward_hook(
+                   lambda m, i, o: saelens_skip_transcoder(params, seen["h"]) if kept_at is None
+                   else torch.where(kept_at, o, saelens_skip_transcoder(params, seen["h"])))]
+    return handles
+
+
+def test_spliced_transcoder_equals_transformers_with_gemma_scope_2_hook_points(tmp_path):
+    from splice import splice_hooks
+    from model import Transformer
+    from tests.hf_refs import TINY_GEMMA3, make_hf_checkpoint, rel_err
+    ref = make_hf_checkpoint(tmp_path / "m", TINY_GEMMA3)
+    model = Transformer.from_pretrained(str(tmp_path / "m"))
+    files, params = release_files(tmp_path, 2, site="transcoder_all", skip=True)
+    tc = SAE.from_pretrained(str(files["transcoder_all/layer_2_width_16k_l0_small_affine/params.safetensors"].parent))
+    idx = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    idx[:, 0] = 2  # BOS
+    with torch.no_grad():
+        plain = ref(idx).logits
+        for keep in ((), (2,)):
+            kept_at = (idx == 2)[..., None] if keep else None
+            handles = hf_with_transcoder(ref, 2, params, kept_at)
+            want = ref(idx).logits
+            for h in handles:
+                h.remove()
+            got = model(idx, hooks=splice_hooks([(2, tc)], idx, keep))
+            assert rel_err(want, plain) > 1e-2  # the transcoder is not the MLP
+            assert rel_err(got, want) < 1e-5, keep
+
+
+def test_adapt_around_a_gemma_scope_2_transcoder_offline(tmp_path, sp_file):  # noqa: F811
+    """python adapt.py --sae .../transcoder_all/layer_1_..._affine: LoRA on the layers after it only (its JumpReLU
+    reads block 1's MLP input), the held-out table for the spliced transcoder."""
+    root = tmp_path / "hf" / "hub"
+    _, files = tiny_model_repo(tmp_path, "gemma3", sp_file)
+    put(root, "google/gemma-3-1b-pt", files)
+    tc_files, _ = release_files(tmp_path, 1, site="transcoder_all", skip=True)
+    put(root, REPO, tc_files)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root), "OMP_NUM_THREADS": "1",
+           "LORASAE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "adapt.py", "--model", "google/gemma-3-1b-pt", "--sae",
+           f"{REPO}/transcoder_all/layer_1_width_16k_l0_small_affine", "--max-tokens", "512", "--seq-len", "32",
+           "--eval-tokens", "256", "--compile", "false", "--rank", "4", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.load(open(tmp_path / "o" / "results.json"))
+    assert res["sae_layers"] == [1] and res["lora_layers"] == [2, 3, 4, 5]
+    proc = subprocess.run([*cmd[:-1], str(tmp_path / "o2"), "--lora-layers", "all"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "feed a JumpReLU SAE" in proc.stderr, proc.stderr
 
 
 def test_default_sae_per_gemma3_size_and_layer():
