@@ -313,8 +313,9 @@ class SAE(nn.Module):
 
 
 def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float, *, l0_coef: float = 1e-3,
-                  auxk_coef: float = 1 / 32):
+                  auxk_coef: float = 1 / 32, target: torch.Tensor | None = None):
     """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired).
+    target: what the decoder should reproduce, when not x (a transcoder: the MLP's output from its input x).
 
     The MSE is divided by a fixed `scale` (the activations' variance, measured once at the start) rather than by each
     batch's own variance: the loss then decomposes over tokens, so a DDP run with the same global batch computes
@@ -330,11 +331,12 @@ def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float,
     else:
         z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
         recon, l0, fired = sae.decode(z), (z != 0).float().sum(-1).mean(), (z != 0).any(0)
-    err = x - recon
+    y = x if target is None else target
+    err = y - recon
     mse = err.pow(2).sum(-1).mean()
     loss = mse / scale  # normalised MSE: the loss scale does not depend on the activation norm
     with torch.no_grad():
-        fvu = (mse / (x - x.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
+        fvu = (mse / (y - y.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
     stats = dict(fvu=fvu, l0=l0.item())
     if sae.arch == "jumprelu":
         l0 = step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()

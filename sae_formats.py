@@ -302,7 +302,8 @@ def _load_saelens(folder: str) -> dict:
                 model_name=get("model_name"), hook_name=get("hook_name", "hook_point"),
                 W_enc=raw["W_enc"], W_dec=raw["W_dec"], b_enc=raw["b_enc"], b_dec=raw["b_dec"],
                 threshold=raw["threshold"].clamp_min(0) if arch == "jumprelu" else None,
-                topk_threshold=raw.get("topk_threshold"))
+                topk_threshold=raw.get("topk_threshold"), W_skip=raw.get("W_skip"),
+                transcoder=get("hook_name_out") is not None)
     layer = layer_from_hook(spec["hook_name"])  # the hook name first: hook_layer is the block, also for resid_pre
     if layer is None and get("hook_layer", "hook_point_layer") is not None:
         layer = int(get("hook_layer", "hook_point_layer"))
@@ -435,7 +436,8 @@ def save_saelens(sae: SAE, folder: str):
         tensors["threshold"] = sae.threshold.detach().contiguous().cpu()
     if sae.arch == "batchtopk":
         tensors["topk_threshold"] = sae.topk_threshold.detach().cpu()
-    hook = sae.hook_name or (f"blocks.{sae.layer}.hook_resid_post" if sae.layer is not None else None)
+    hook = sae.hook_name or (f"blocks.{sae.layer}.{'ln2.hook_normalized' if sae.transcoder else 'hook_resid_post'}"
+                             if sae.layer is not None else None)
     cfg = dict(architecture=sae.arch, d_in=sae.d_in, d_sae=sae.d_sae,
                dtype=str(sae.W_dec.dtype).removeprefix("torch."), device="cpu",
                apply_b_dec_to_input=sae.apply_b_dec_to_input, normalize_activations="none",
@@ -443,6 +445,10 @@ def save_saelens(sae: SAE, folder: str):
                # SAELens reads a config as v6 only if it names a version >= 6; this is the layout version we write
                metadata=dict(model_name=sae.model_name, hook_name=hook, hook_layer=sae.layer,
                              hook_head_index=None, sae_lens_version="6.0.0", sae_lens_training_version="6.0.0"))
+    if sae.transcoder:  # SAELens' transcoder fields: the output point and its width
+        cfg["d_out"], cfg["metadata"]["hook_name_out"] = sae.d_in, f"blocks.{sae.layer}.hook_mlp_out"
+    if sae.W_skip is not None:
+        tensors["W_skip"] = sae.W_skip.detach().contiguous().cpu()
     if sae.k is not None:
         cfg["k"] = sae.k
     with common.atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:

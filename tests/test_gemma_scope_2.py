@@ -178,6 +178,42 @@ def test_spliced_transcoder_equals_transformers_with_gemma_scope_2_hook_points(t
             assert rel_err(got, want) < 1e-5, keep
 
 
+def test_eq7_with_a_transcoder_equals_the_plain_replacement_in_value_and_gradient(tmp_path):
+    """adapt.py's path (original_pass, spliced_pass through splice_hooks' MLP hook, chunked kl_and_ce) against Eq. 7
+    written plainly with block 2's MLP sublayer overridden by the transcoder (no hooks), LoRA on every layer."""
+    from lora import adapters_disabled, apply_lora, lora_modules
+    from model import ModelConfig, Transformer
+    from splice import kl_and_ce, original_pass, spliced_pass
+    import torch.nn.functional as F
+    model = Transformer(ModelConfig.from_name("tiny-gemma3")).init_weights(0).requires_grad_(False)
+    params = apply_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    files, _ = release_files(tmp_path, 2, site="transcoder_all", skip=True)
+    tc = SAE.from_pretrained(str(files["transcoder_all/layer_2_width_16k_l0_small_affine/params.safetensors"].parent))
+    tc.requires_grad_(False)
+    idx = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    idx[:, 0] = 2
+    with torch.no_grad(), adapters_disabled(model):
+        logp_orig = F.log_softmax(model(idx)[:, :-1], dim=-1)
+    block = model.model.layers[2]
+    block.mlp_out = lambda h: torch.where((idx == 2)[..., None], type(block).mlp_out(block, h), tc(h))
+    logp = F.log_softmax(model(idx)[:, :-1], dim=-1)
+    del block.mlp_out
+    ref = (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
+    g_ref = torch.autograd.grad(ref, params)
+    with torch.no_grad(), adapters_disabled(model):
+        h_orig, prefix = original_pass(model, idx, 2, share_prefix=False)
+    h = spliced_pass(model, [(2, tc)], idx, (2,), prefix=prefix)
+    kl = kl_and_ce(model, h_orig, h, idx, chunk=16)[0].mean()
+    g = torch.autograd.grad(kl, params)
+    assert ref.item() > 1e-3
+    assert_close(kl, ref, 1e-5)
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, 1e-4)
+
+
 def test_adapt_around_a_gemma_scope_2_transcoder_offline(tmp_path, sp_file):  # noqa: F811
     """python adapt.py --sae .../transcoder_all/layer_1_..._affine: LoRA on the layers after it only (its JumpReLU
     reads block 1's MLP input), the held-out table for the spliced transcoder."""
