@@ -37,7 +37,9 @@ class AdaptConfig:
     """LoRA-adapt a frozen model around frozen SAEs: minimise KL(p_orig || p_spliced), the paper's Eq. 7."""
     model: str | None = None  # HF folder or hub id; none: the embedded tiny model (built on first run)
     sae: list[str] = field(default_factory=list)  # SAE folder or hub path; several are spliced together (Sec. 4.3);
-    # none: Gemma Scope's canonical 16k residual SAE at --layer for Gemma-2 2B/9B, the embedded SAE for the tiny model
+    # a transcoder (Gemma Scope 2's transcoder_all/) replaces its layer's MLP with its reconstruction from the MLP's
+    # input, affine skip included; none: Gemma Scope's canonical 16k residual SAE at --layer for Gemma-2 2B/9B, Gemma
+    # Scope 2's resid_post_all 16k small-L0 SAE for Gemma-3, the embedded SAE for the tiny model
     layer: list[int] = field(default_factory=list)  # the SAE layer, one per --sae; none: what the SAE files say
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
     # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
@@ -49,7 +51,8 @@ class AdaptConfig:
     # loop turns it off for good at its first in-loop evaluation (their evaluate() calls model.eval() and training
     # never calls train() again): --dropout-steps 1000 is their run (one evaluation every 1000 sequences)
     lora_layers: str | None = None  # all | after | 3,4,5: layers to adapt; none: all for TopK SAEs, the layers
-    # after the SAE for JumpReLU SAEs (paper Sec. 4.2)
+    # after the SAE for JumpReLU SAEs and JumpReLU transcoders (paper Sec. 4.2: adapting the layers that feed it would
+    # change its sparsity; a transcoder at L reads block L's MLP input, so block L is not adapted either)
     allow_before_jumprelu: bool = False  # adapt layers that feed a JumpReLU SAE, although that changes its sparsity
     sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
     # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
@@ -121,7 +124,8 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         common.shard_layers(model)
         params = adapter_parameters(model)  # now DTensors, each rank holding its shard
     common.seed_per_rank(cfg.seed, d.rank)  # dropout: a mask of its own for every sequence of the global batch
-    share_prefix = min(lora_layers) > saes[0][0]  # blocks 0..L are the same in both passes: run them once
+    # blocks 0..L are the same in both passes: run them once (a transcoder at L changes block L itself)
+    share_prefix = min(lora_layers) > saes[0][0] and not any(s.transcoder for _, s in saes)
     keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                f"{[layer for layer, _ in saes]} ({', '.join(s.arch for _, s in saes)}); LoRA rank {cfg.rank} on "

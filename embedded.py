@@ -41,7 +41,7 @@ import common
 import data
 import pretrain
 from formats import disk, stdlib_corpus
-from formats.sae_files import GEMMA_SCOPE_RES_16K, default_sae, known_saes
+from formats.sae_files import GEMMA_SCOPE_2_LAYERS, GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
 SAE_LAYER = TINY_LAYERS // 2
@@ -52,7 +52,7 @@ SHIPPED = os.path.join(ROOT, "shipped")  # the default recipe, prebuilt
 SAE = dict(layer=[SAE_LAYER], k=16, expansion=8, max_tokens=4_000_000, batch_tokens=4096, buffer_tokens=131_072,
            seq_len=256, model_batch=16, dead_tokens=1_000_000, eval_interval=250, log_interval=50)
 
-KNOWN_MODELS = sorted(GEMMA_SCOPE_RES_16K)
+KNOWN_MODELS = sorted(GEMMA_SCOPE_RES_16K) + [f"google/gemma-3-{{{','.join(GEMMA_SCOPE_2_LAYERS)}}}-{{pt,it}}"]
 DEFAULT_SAES_HELP = ("SAE defaults when --sae is not given (the paper's SAEs, one per --layer L):\n" +
                      "".join(f"  {line}\n" for line in known_saes()) +
                      "  no --model: the embedded tiny model's TopK SAE at --layer (trained on first use)\n")

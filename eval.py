@@ -429,6 +429,8 @@ def run(cfg: EvalConfig) -> dict:
     if len({layer for layer, _, _ in loaded}) < len(loaded):
         raise ValueError("two SAEs at the same layer: give each --sae its own --layer")
     saes = [(layer, sae) for layer, sae, _ in loaded]
+    if any(sae.transcoder for _, sae in saes):  # its FVU, L0 and distances are defined on the residual stream here
+        raise ValueError("eval.py does not evaluate transcoders yet: adapt.py's held-out table reports their CE / KL")
     for adapter in cfg.adapter:
         check_adapter(model, adapter)
     bos_id = model.cfg.bos_token_id

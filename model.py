@@ -1,7 +1,7 @@
 """
-Gemma-2 and Llama-3 decoder-only transformers in one file, written from scratch.
+Gemma-2, Gemma-3 (text) and Llama-3 decoder-only transformers in one file, written from scratch.
 
-Both families are one `Transformer` driven by explicit `ModelConfig` fields (never by a model's name), with
+All three families are one `Transformer` driven by explicit `ModelConfig` fields (never by a model's name), with
 parameter names identical to Hugging Face's, so a hub checkpoint loads with a plain strict `load_state_dict`:
 
     model = Transformer.from_pretrained("google/gemma-2-2b")        # or a local folder
@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from formats.checkpoint import load_checkpoint, read_config, resolve_model_dir, save_checkpoint
+from formats.checkpoint import (config_from_hf, config_to_hf, load_checkpoint, read_config, resolve_model_dir,
+                                save_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -40,11 +41,14 @@ class ModelConfig:
     head_dim: int = 16
     norm_eps: float = 1e-6
     norm_offset: bool = False  # Gemma's RMSNorm scales by (1 + w) and stores w around 0; Llama's by w
-    sandwich_norms: bool = False  # Gemma-2: extra norms after attention and after the MLP (four per block)
+    sandwich_norms: bool = False  # Gemma-2 / -3: extra norms after attention and after the MLP (four per block)
     embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model)
     mlp_act: str = "silu"  # "silu" (SwiGLU, Llama) or "gelu_tanh" (GeGLU, Gemma)
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama-3.1's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    rope_scaling: dict | None = None  # Llama-3.1's {"rope_type": "llama3", "factor", "low_freq_factor", ...};
+    # Gemma-3's {"rope_type": "linear", "factor"} (global layers only)
+    rope_local_theta: float | None = None  # Gemma-3: RoPE base of the sliding layers (rope_theta: the global ones)
+    qk_norm: bool = False  # Gemma-3: an RMSNorm over each head's queries and keys, before RoPE
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None means head_dim
     attn_softcap: float | None = None  # Gemma-2: cap * tanh(scores / cap) before the softmax
     final_softcap: float | None = None  # Gemma-2: same on the output logits
@@ -86,69 +90,12 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(hf: dict) -> "ModelConfig":
-        """Read a hub `config.json` (old `rope_theta`/`rope_scaling` keys or the newer `rope_parameters`)."""
-        model_type = hf.get("model_type")
-        if model_type not in ("gemma2", "llama"):
-            raise ValueError(f"unsupported model_type {model_type!r} in config.json (supported: gemma2, llama)")
-        gemma = model_type == "gemma2"
-        n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or {}
-        if rope and "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values()):
-            rope = next(iter(rope.values()))  # nested per layer type: Gemma-2 uses one RoPE for all layers
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or rope
-        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"unsupported RoPE type {rope_type!r} (supported: default, llama3)")
-        rope_scaling = None
-        if rope_type == "llama3":
-            rope_scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
-            rope_scaling["original_max_position_embeddings"] = scaling.get(
-                "original_max_position_embeddings", hf.get("max_position_embeddings"))
-            rope_scaling["rope_type"] = "llama3"
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
-        if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(f"unsupported activation {act!r} in config.json")
-        layer_types = hf.get("layer_types")
-        if gemma and layer_types is None:  # Gemma-2 alternates, starting with a sliding layer
-            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layer)]
-        return ModelConfig(
-            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], n_layer=n_layer,
-            n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, norm_eps=hf.get("rms_norm_eps", 1e-6),
-            norm_offset=gemma, sandwich_norms=gemma, embed_scale=gemma,
-            mlp_act="gelu_tanh" if "gelu" in act else "silu", rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma else None,
-            attn_softcap=hf.get("attn_logit_softcapping") if gemma else None,
-            final_softcap=hf.get("final_logit_softcapping") if gemma else None,
-            sliding_window=hf.get("sliding_window") if gemma else None, layer_types=layer_types,
-            tie_embeddings=hf.get("tie_word_embeddings", gemma), attention_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False), max_seq_len=hf.get("max_position_embeddings", 8192),
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"), model_type=model_type,
-            init_std=hf.get("initializer_range", 0.02))
+        """Read a hub `config.json` (checkpoint.config_from_hf: Gemma-2, Gemma-3 text or multimodal, Llama)."""
+        return ModelConfig(**config_from_hf(hf))
 
     def to_hf(self) -> dict:
-        """The config.json the hub would ship for this model (old-style keys, which every transformers reads)."""
-        gemma = self.model_type == "gemma2"
-        hf = {
-            "architectures": ["Gemma2ForCausalLM" if gemma else "LlamaForCausalLM"], "model_type": self.model_type,
-            "vocab_size": self.vocab_size, "hidden_size": self.d_model, "intermediate_size": self.d_ff,
-            "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
-            "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
-            "attention_dropout": 0.0, "initializer_range": self.init_std, "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
-        }
-        if gemma:
-            hf.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
-                      query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
-                      attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
-                      sliding_window=self.sliding_window or self.max_seq_len, layer_types=self.layer_types)
-        else:
-            hf.update(hidden_act="silu", mlp_bias=self.mlp_bias, rope_scaling=self.rope_scaling)
-        return hf
+        """The config.json the hub would ship for this model (checkpoint.config_to_hf)."""
+        return config_to_hf(self)
 
     # -- bookkeeping used by benchmarks ------------------------------------------------------------------------------
 
@@ -203,6 +150,15 @@ def _gemma2(n_layer, d_model, d_ff, n_head, n_kv_head, head_dim=256, query_pre_a
                 tie_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0, model_type="gemma2")
 
 
+def _gemma3(n_layer, d_model, d_ff, n_head, n_kv_head, head_dim=256, query_pre_attn_scalar=256, vocab=262144,
+            window=512, pattern=6):
+    # Gemma-3 on Gemma-2's layout, less the soft-caps, plus QK-norm and a second RoPE base for its sliding layers
+    return {**_gemma2(n_layer, d_model, d_ff, n_head, n_kv_head, head_dim, query_pre_attn_scalar, vocab),
+            "attn_softcap": None, "final_softcap": None, "qk_norm": True, "rope_theta": 1_000_000.0,
+            "rope_local_theta": 10_000.0, "sliding_window": window, "max_seq_len": 32768, "model_type": "gemma3_text",
+            "layer_types": ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]}
+
+
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 
@@ -224,6 +180,9 @@ PRESETS = {
     # tiny presets for tests: every feature switched on, shapes small enough for a laptop CPU
     "tiny-gemma2": {**_gemma2(4, 64, 128, 4, 2, head_dim=16, query_pre_attn_scalar=24, vocab=512),
                     "sliding_window": 8, "max_seq_len": 256},
+    "tiny-gemma3": {**_gemma3(6, 64, 128, 4, 2, head_dim=16, query_pre_attn_scalar=24, vocab=512, window=8,
+                              pattern=3), "max_seq_len": 256,
+                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
     "tiny-llama3": {**_llama3(4, 64, 128, 4, 2, tie=False), "vocab_size": 512, "max_seq_len": 256,
                     "rope_scaling": {**_LLAMA31_ROPE, "original_max_position_embeddings": 64},
                     "bos_token_id": 1, "eos_token_id": 2},
@@ -250,13 +209,16 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """RoPE inverse frequencies, with Llama-3.1's band-wise rescaling when `rope_scaling` asks for it."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
-    s = cfg.rope_scaling
+def rope_inv_freq(cfg: ModelConfig, device=None, local: bool = False) -> torch.Tensor:
+    """RoPE inverse frequencies: Llama-3.1's band-wise rescaling or Gemma-3's linear one when `rope_scaling` asks for
+    it; local=True: Gemma-3's sliding layers, their own base and no scaling."""
+    dim, theta = cfg.head_dim, cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
+    s = None if local else cfg.rope_scaling
     if not s:
         return inv_freq
+    if s.get("rope_type") == "linear":  # Gemma-3: every position divided by factor
+        return inv_freq / s["factor"]
     # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
     factor, lo, hi, old_ctx = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
         s["original_max_position_embeddings"]
@@ -268,13 +230,21 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(cfg: ModelConfig, seq_len: int, device, dtype):
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device, dtype, local: bool = False):
     # computed in fp32 outside autocast: bf16 positions would collide beyond 256
     with torch.autocast(device_type=torch.device(device).type, enabled=False):
         pos = torch.arange(seq_len, device=device, dtype=torch.float)
-        freqs = pos[:, None] * rope_inv_freq(cfg, device)[None, :]
+        freqs = pos[:, None] * rope_inv_freq(cfg, device, local)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int, device, dtype) -> dict[bool, tuple]:
+    """{local: (cos, sin)}: the global table, and Gemma-3's sliding-layer one under True (Attention.local_rope)."""
+    out = {False: rope_cos_sin(cfg, seq_len, device, dtype)}
+    if cfg.rope_local_theta is not None:
+        out[True] = rope_cos_sin(cfg, seq_len, device, dtype, local=True)
+    return out
 
 
 def apply_rope(x, cos, sin):
@@ -289,19 +259,31 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        self.window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
+        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
+        self.window = cfg.sliding_window if sliding else None
+        self.local_rope = sliding and cfg.rope_local_theta is not None  # which rope_tables entry this layer reads
         b = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=b)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=b)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=b)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=b)
+        if cfg.qk_norm:  # Gemma-3: each head's query and key normalised (same (1 + w) RMSNorm) before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
 
-    def forward(self, x, cos, sin):
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values (B, heads, T, head_dim), normalised (Gemma-3) and rotated; generate.py reuses it."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         windowed = self.window is not None and T > self.window
         if self.cfg.attn_softcap is None and not windowed:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
@@ -400,12 +382,21 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, x, cos, sin):
-        if self.sandwich:  # Gemma-2: normalise both the input and the output of each sublayer
+    def mlp_out(self, h):
+        """The MLP sublayer's contribution to the residual stream from its normalised input h: what a transcoder
+        replaces (Gemma Scope 2's hf_hook_point_in / _out: pre_ and post_feedforward_layernorm's outputs)."""
+        y = self.mlp(h)
+        return self.post_feedforward_layernorm(y) if self.sandwich else y
+
+    def forward(self, x, cos, sin, mlp_hook=None):
+        """mlp_hook(h, mlp_out), if given, returns the MLP sublayer's contribution in place of mlp_out(h)."""
+        if self.sandwich:  # Gemma-2 and -3: normalise both the input and the output of each sublayer
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h = self.pre_feedforward_layernorm(x)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            h = self.post_attention_layernorm(x)
+        return x + (self.mlp_out(h) if mlp_hook is None else mlp_hook(h, self.mlp_out))
 
 
 class Backbone(nn.Module):
@@ -445,18 +436,20 @@ class Transformer(nn.Module):
 
     def blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
                hooks: dict[int, Hook] | None = None) -> torch.Tensor:
-        """Run blocks start..stop (inclusive) on the residual stream x; hooks[L] replaces the stream after block L."""
+        """Run blocks start..stop (inclusive) on the residual stream x; hooks[L] replaces the stream after block L,
+        hooks["mlp", L] block L's MLP sublayer (Block.forward's mlp_hook: a transcoder)."""
         stop = self.cfg.n_layer - 1 if stop is None else stop
         hooks = hooks or {}
-        cos, sin = rope_cos_sin(self.cfg, x.shape[1], x.device, x.dtype)
+        rope = rope_tables(self.cfg, x.shape[1], x.device, x.dtype)
         for i in range(start, stop + 1):
-            x = self.model.layers[i](x, cos, sin)
+            layer = self.model.layers[i]
+            x = layer(x, *rope[layer.self_attn.local_rope], hooks.get(("mlp", i)))
             if i in hooks:
                 x = hooks[i](x)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm, unembedding and Gemma-2's logit soft-cap: residual stream -> logits."""
+        """Final norm, unembedding and Gemma-2's logit soft-cap (Gemma-3 has none): residual stream -> logits."""
         x = self.model.norm(x)
         w = self.model.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
         logits = F.linear(x, w)
@@ -474,7 +467,8 @@ class Transformer(nn.Module):
 
     def _check_layers(self, hooks, stop_at):
         n = self.cfg.n_layer
-        for layer in list(hooks or {}) + ([stop_at] if stop_at is not None else []):
+        keys = [k[1] if isinstance(k, tuple) and len(k) == 2 and k[0] == "mlp" else k for k in hooks or {}]
+        for layer in keys + ([stop_at] if stop_at is not None else []):
             if not isinstance(layer, int) or not 0 <= layer < n:
                 raise ValueError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
 

@@ -159,6 +159,9 @@ class SAE(nn.Module):
         self.k = (int(k) if arch == "topk" else float(k)) if k is not None and arch != "jumprelu" else None
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.layer, self.model_name, self.hook_name = layer, model_name, None
+        # a transcoder (sae_formats: Gemma Scope 2's transcoder_all/) reads block `layer`'s normalised MLP input and
+        # stands in for its MLP sublayer's output; W_skip (d_in, d_in), if any, is its affine skip: + x @ W_skip.T
+        self.transcoder, self.W_skip = False, None
         self.bandwidth = 1e-3  # JumpReLU STE kernel width (Gemma Scope's value for unit-scale inputs)
         self.min_threshold = 1e-6  # JumpReLU: clamp_threshold_ keeps thresholds at least this (theta > 0, Sec. 3.3)
         self.threshold_lr = 0.01  # BatchTopK: EMA rate of the running threshold (SAELens' topk_threshold_lr)
@@ -247,6 +250,9 @@ class SAE(nn.Module):
             out = self.decode_sparse(*self.encode_topk(x))
         else:
             out = self.decode(self.encode(x))
+        if self.W_skip is not None:  # SAELens' SkipTranscoder: sae_out + x @ W_skip.T
+            with fp32_region(x):
+                out = out + F.linear(x.float(), self.W_skip.float())
         return out.to(x.dtype)
 
     def check_d_in(self, d_model: int, where: str = ""):
@@ -307,7 +313,8 @@ class SAE(nn.Module):
         if W_enc.dim() != 2 or W_dec.dim() != 2:
             raise ValueError(f"{source}: W_enc and W_dec must be matrices, got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
         d_in, d_sae = W_enc.shape
-        shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_enc=(d_sae,), b_dec=(d_in,), threshold=(d_sae,))
+        shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_enc=(d_sae,), b_dec=(d_in,), threshold=(d_sae,),
+                      W_skip=(d_in, d_in))
         for name, shape in shapes.items():
             t = spec.get(name)
             if t is not None and tuple(t.shape) != shape:
@@ -331,6 +338,9 @@ class SAE(nn.Module):
             sae.topk_threshold = cast(spec["topk_threshold"] if spec.get("topk_threshold") is not None
                                       else torch.zeros(())).reshape(())
         sae.hook_name = spec.get("hook_name")
+        sae.transcoder = bool(spec.get("transcoder"))
+        if spec.get("W_skip") is not None:
+            sae.W_skip = torch.nn.Parameter(cast(spec["W_skip"]))
         sae.source_format, sae.positions = spec.get("format"), spec.get("positions", "no_bos")
         return sae.eval()
 
@@ -346,6 +356,9 @@ def load_saes(paths: list[str], layers: list[int] | None, model, device) -> list
     saes = []
     for i, path in enumerate(paths):
         sae = SAE.from_pretrained(path, device=device)
+        if not sae.transcoder and not sae_files.is_residual_hook(getattr(sae, "hook_name", None)):
+            raise ValueError(f"{path}: this SAE reads {sae.hook_name}, but the splice replaces the residual stream "
+                             f"after a block (blocks.L.hook_resid_post): pass a residual-stream SAE or a transcoder")
         layer = layers[i] if layers is not None else sae.layer
         if layer is None:
             raise ValueError(f"{path}: the SAE files do not say which layer it reads; pass --layer")
@@ -364,8 +377,9 @@ def load_saes(paths: list[str], layers: list[int] | None, model, device) -> list
 
 
 def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float, *, l0_coef: float = 1e-3,
-                  auxk_coef: float = 1 / 32):
+                  auxk_coef: float = 1 / 32, target: torch.Tensor | None = None):
     """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired).
+    target: what the decoder should reproduce, when not x (a transcoder: the MLP's output from its input x).
 
     The MSE is divided by a fixed `scale` (the activations' variance, measured once at the start) rather than by each
     batch's own variance: the loss then decomposes over tokens, so a DDP run with the same global batch computes
@@ -381,11 +395,12 @@ def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float,
     else:
         z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
         recon, l0, fired = sae.decode(z), (z != 0).float().sum(-1).mean(), (z != 0).any(0)
-    err = x - recon
+    y = x if target is None else target
+    err = y - recon
     mse = err.pow(2).sum(-1).mean()
     loss = mse / scale  # normalised MSE: the loss scale does not depend on the activation norm
     with torch.no_grad():
-        fvu = (mse / (x - x.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
+        fvu = (mse / (y - y.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
     stats = dict(fvu=fvu, l0=l0.item())
     if sae.arch == "jumprelu":
         l0 = step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()

@@ -71,8 +71,8 @@ def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
 
 
 def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, keep=()):
-    """Hooks for model(..., hooks=...): the stream after block L becomes SAE_L(stream), except at positions holding a
-    token of `keep` (token ids: a tuple from kept_tokens, or one id), which keep their original activation."""
+    """Hooks for model(..., hooks=...): the stream after block L becomes SAE_L(stream) (a transcoder at L: block L's
+    MLP sublayer becomes the transcoder of its normalised input), except at positions holding a token of `keep` (token ids: a tuple from kept_tokens, or one id), which keep their original activation."""
     keep = (keep,) if isinstance(keep, int) else tuple(k for k in (keep or ()) if k is not None)
     kept_at = torch.isin(idx, torch.tensor(keep, device=idx.device))[..., None] if keep else None  # (B, T, 1) mask
 
@@ -81,7 +81,14 @@ def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, keep=()):
             recon = sae(x.reshape(-1, x.shape[-1])).view_as(x).to(x.dtype)
             return recon if kept_at is None else torch.where(kept_at, x, recon)
         return hook
-    return {layer: make(sae) for layer, sae in saes}
+
+    def make_transcoder(tc):  # the MLP sublayer's output from its normalised input h (model.Block's mlp_hook)
+        def hook(h, mlp_out):
+            out = tc(h.reshape(-1, h.shape[-1])).view_as(h).to(h.dtype)
+            return out if kept_at is None else torch.where(kept_at, mlp_out(h), out)
+        return hook
+    return {("mlp", layer) if sae.transcoder else layer: make_transcoder(sae) if sae.transcoder else make(sae)
+            for layer, sae in saes}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -110,7 +117,8 @@ def _watcher(watch, layer):
 
 
 def spliced_pass(model: Transformer, saes, idx, keep=(), *, prefix=None, watch=None):
-    """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given.
+    """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given (not
+    with transcoders: their block is not in the prefix).
     watch(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
     after (the same tensor where no SAE sits)."""
     hooks = splice_hooks(saes, idx, keep)
@@ -122,7 +130,8 @@ def spliced_pass(model: Transformer, saes, idx, keep=(), *, prefix=None, watch=N
                 watch(layer, x, y)
                 return y
             return hook
-        hooks = {layer: wrap(layer, hooks.get(layer)) for layer in range(start, model.cfg.n_layer)}
+        hooks = {**{k: v for k, v in hooks.items() if not isinstance(k, int)},  # transcoders' MLP hooks
+                 **{layer: wrap(layer, hooks.get(layer)) for layer in range(start, model.cfg.n_layer)}}
     if prefix is None:
         return model.blocks(model.embed(idx), hooks=hooks)
     x = hooks.pop(start)(prefix)

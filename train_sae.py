@@ -1,7 +1,9 @@
 """
-Train a TopK (default), BatchTopK or JumpReLU SAE on one layer's residual stream.
+Train a TopK (default), BatchTopK or JumpReLU SAE on one layer's residual stream, or (--transcoder) a transcoder
+from one layer's normalised MLP input to its MLP sublayer's output, which adapt.py splices in place of that MLP.
 
     python train_sae.py                                 # the embedded tiny model's SAE recipe (embedded.py)
+    python train_sae.py --transcoder                    # the same recipe, a TopK transcoder (out/transcoder-tiny)
     torchrun --nproc_per_node 8 train_sae.py --model google/gemma-2-2b --layer 12 --k 64 --data data/redpajama
 
 Activations come from `model(idx, stop_at=layer)` under no_grad and bf16 autocast (the blocks above the layer are never
@@ -38,6 +40,8 @@ class TrainSAEConfig:
     recipe: str = "gao"  # gao: Gao et al.'s (the defaults below) | authors: the paper authors' trainer (one
     # unshuffled sequence per step, all positions, AuxK off, 1000 warmup steps then linear decay), for flags not typed
     arch: str = "topk"  # topk | batchtopk | jumprelu
+    transcoder: bool = False  # train a transcoder instead: block L's normalised MLP input -> its MLP sublayer's
+    # output (spliced, it replaces that MLP; saved with SAELens' hook_name / hook_name_out for the two points)
     k: int = 64  # TopK / BatchTopK: active latents per token (paper: 64)
     expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
     l0_coef: float = 1e-3  # JumpReLU: weight of the L0 penalty (paper Eq. 6)
@@ -79,9 +83,11 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device):
+    def __init__(self, model, loader, layer, size, include_bos, amp, device, transcoder=False):
         self.model, self.loader, self.layer, self.size = model, loader, layer, size
-        self.forward = lambda idx: model(idx, stop_at=layer)  # the blocks above the layer never run; main compiles it
+        # the blocks above the layer never run; main compiles it. A transcoder's: (MLP input, MLP output) side by side
+        self.forward = (lambda idx: mlp_pairs(model, idx, layer)) if transcoder else \
+            (lambda idx: model(idx, stop_at=layer))
         self.include_bos, self.amp, self.device = include_bos, amp, device
         self.gen = torch.Generator(device="cpu")
         self.acts, self.pos, self.fill_state = None, 0, None
@@ -121,12 +127,26 @@ class ActivationBuffer:
             self.pos = state["pos"]
 
 
+def mlp_pairs(model, idx, layer):
+    """(B, T, 2 d): block `layer`'s normalised MLP input and its MLP sublayer's output, concatenated."""
+    seen = {}
+
+    def hook(h, mlp_out):
+        y = mlp_out(h)
+        seen["xy"] = torch.cat([h, y], dim=-1)
+        return y
+    model(idx, hooks={("mlp", layer): hook}, stop_at=layer)
+    return seen["xy"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
     cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae", TINY))
     embedded.fill(cfg, typed, "train_sae", TINY)
+    if cfg.transcoder and "out" not in typed:  # out/sae-tiny -> out/transcoder-tiny: never over an SAE's folder
+        cfg.out = cfg.out.replace("sae", "transcoder")
     if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
         common.fill(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1, auxk_coef=0.0,
                                      include_bos=True, decay_frac=1.0,
@@ -155,8 +175,8 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
         raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
     dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
     sae = SAE(dm, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=layer, model_name=cfg.model,
-              device=d.device)
-    sae.bandwidth = cfg.bandwidth
+              device=d.device, apply_b_dec_to_input=not cfg.transcoder)  # b_dec lives in the output's space
+    sae.bandwidth, sae.transcoder = cfg.bandwidth, cfg.transcoder
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
@@ -171,7 +191,8 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
     per_rank = cfg.batch_tokens // d.world_size  # the global SAE batch is split across ranks
     buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // d.world_size, per_rank),
-                              cfg.include_bos, amp, d.device)
+                              cfg.include_bos, amp, d.device, transcoder=cfg.transcoder)
+    split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
     if cfg.compile:
         buffer.forward = torch.compile(buffer.forward)
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
@@ -194,11 +215,16 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
         sample = buffer.next(min(per_rank * 4, buffer.size))
         buffer.pos = 0
         sample = common.all_gather_cat(sample)
+        inputs, sample = split(sample)
+        sample = sample if cfg.transcoder else inputs  # b_dec and the scale: of what is reconstructed
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample))
         scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
+        if cfg.transcoder:  # the tied init maps inputs to outputs of the input's size: start at the target's instead
+            with torch.no_grad():
+                sae.W_enc.mul_(math.sqrt(scale / inputs.pow(2).sum(-1).mean().item()))
     sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
-    common.log(f"SAE {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer {layer}; lr {lr:.2e}; {total_steps} steps "
+    common.log(f"{'transcoder' if cfg.transcoder else 'SAE'} {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer {layer}; lr {lr:.2e}; {total_steps} steps "
                f"of {cfg.batch_tokens} tokens on {d.world_size} process(es)")
 
     def save_state():
@@ -224,13 +250,13 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     window = [0, 0.0]
     while step < total_steps:
         t0 = time.time()
-        x = buffer.next(per_rank)
+        x, target = split(buffer.next(per_rank))
         cur_lr = common.lr_at(step, total_steps, lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
         with amp:
             loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
-                                               auxk_coef=cfg.auxk_coef)
+                                               auxk_coef=cfg.auxk_coef, target=target)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"SAE loss is {loss.item()} at step {step}; last good state: {state_path} "
                                      f"(lower --lr, then --resume)")

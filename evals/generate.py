@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from model import Transformer, apply_rope, rope_cos_sin
+from model import Transformer, rope_tables
 
 HooksFor = Callable[[torch.Tensor], dict]  # token ids of the chunk being run -> {layer: hook} (splice.hooks_for)
 
@@ -67,13 +67,10 @@ class KVCache:
 
 
 def _attention(attn, x, cos, sin, cache: KVCache, layer: int, mask):
-    # model.Attention's projections, RoPE and soft-cap, over the cached keys and values
+    # model.Attention's projections, QK-norm, RoPE and soft-cap, over the cached keys and values
     B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    k, v = cache.append(layer, apply_rope(k, cos, sin), v)
-    q = apply_rope(q, cos, sin)
+    q, k, v = attn.qkv(x, cos, sin)
+    k, v = cache.append(layer, k, v)
     if attn.cfg.attn_softcap is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale,
                                            enable_gqa=attn.n_kv_head != attn.n_head)
@@ -102,10 +99,11 @@ def forward_cached(model: Transformer, idx: torch.Tensor, pos: torch.Tensor, cac
     go into cache slots cache.length.. . hooks[L] replaces the new positions' stream after block L."""
     T = idx.shape[1]
     x = model.embed(idx)
-    cos, sin = rope[0][pos][:, None].to(x.dtype), rope[1][pos][:, None].to(x.dtype)
+    tables = {local: (cos[pos][:, None].to(x.dtype), sin[pos][:, None].to(x.dtype))
+              for local, (cos, sin) in rope.items()}
     masks = cache.masks(T)
     for i, block in enumerate(model.model.layers):
-        x = _block(block, x, cos, sin, cache, i, masks[block.self_attn.window])
+        x = _block(block, x, *tables[block.self_attn.local_rope], cache, i, masks[block.self_attn.window])
         if i in hooks:
             x = hooks[i](x)
     cache.length += T
@@ -158,7 +156,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     valid = torch.arange(P, device=dev)[None, :] >= (P - lens)[:, None]
     cache = KVCache(model, valid, P + max_new_tokens)
-    rope = rope_cos_sin(cfg, P + max_new_tokens, dev, torch.float32)
+    rope = rope_tables(cfg, P + max_new_tokens, dev, torch.float32)
     eos_ids = set(_ids(eos) or _ids(cfg.eos_token_id))
     def hooks(chunk):
         return hooks_for(chunk) if hooks_for is not None else {}

@@ -17,7 +17,7 @@ from formats import disk
 from formats import hub
 
 _WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "generation_config.json")
 
 
@@ -49,10 +49,121 @@ def _choose_model_files(files: dict[str, int]) -> list[str]:
         raise FileNotFoundError("no model.safetensors or model-*-of-*.safetensors shards (only .bin or .pth weights?)")
     if "model.safetensors.index.json" in files:
         weights.append("model.safetensors.index.json")
-    extras = [f for f in _TOKENIZER_FILES if f in files]
+    extras = [f for f in TOKENIZER_FILES if f in files]
     if "tokenizer.model" not in files and "original/tokenizer.model" in files:
         extras.append("original/tokenizer.model")
     return ["config.json", *weights, *extras]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.json <-> model.ModelConfig's fields
+
+# transformers' Gemma3TextConfig defaults: the hub's multimodal checkpoints (gemma-3-4b and up) ship a text_config
+# that names only what differs from them (tests/test_model.py checks them against transformers)
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    initializer_range=0.02, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    tie_word_embeddings=True, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, attention_bias=False,
+    query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6, final_logit_softcapping=None,
+    attn_logit_softcapping=None)
+
+
+def _rope_scaling(scaling: dict | None, hf: dict) -> dict | None:
+    """Our rope_scaling from a config's (None for plain RoPE)."""
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if rope_type == "default":
+        return None
+    if rope_type == "linear":  # Gemma-3 4B and up, global layers: positions divided by factor
+        return {"rope_type": "linear", "factor": float(scaling["factor"])}
+    if rope_type == "llama3":
+        out = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
+        out["original_max_position_embeddings"] = scaling.get("original_max_position_embeddings",
+                                                              hf.get("max_position_embeddings"))
+        return {**out, "rope_type": "llama3"}
+    raise ValueError(f"unsupported RoPE type {rope_type!r} (supported: default, linear, llama3)")
+
+
+def config_from_hf(hf: dict) -> dict:
+    """ModelConfig's fields from a hub config.json: Gemma-2, Llama, Gemma-3 (gemma3_text, and the text model inside
+    a multimodal gemma3 checkpoint); old `rope_theta` / `rope_scaling` keys or the newer `rope_parameters`."""
+    model_type = hf.get("model_type")
+    if model_type == "gemma3":  # Gemma3ForConditionalGeneration: its language model, under text_config
+        text = hf.get("text_config") or {}
+        shared = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings") if k in hf}
+        hf, model_type = {**shared, **text, "model_type": "gemma3_text"}, "gemma3_text"
+    if model_type == "gemma3_text":
+        hf = {**GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention=true (an embedding model): only causal Gemma-3 is supported")
+    if model_type not in ("gemma2", "gemma3_text", "llama"):
+        raise ValueError(f"unsupported model_type {model_type!r} in config.json (supported: gemma2, gemma3, "
+                         f"gemma3_text, llama)")
+    gemma, gemma3 = model_type != "llama", model_type == "gemma3_text"
+    n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or {}
+    local_theta = None
+    if gemma3:  # two RoPEs: rope_theta (+ scaling) on global layers, rope_local_base_freq on sliding ones
+        rope_global = rope.get("full_attention") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf["rope_theta"]}
+        rope_local = rope.get("sliding_attention") or {"rope_theta": hf["rope_local_base_freq"]}
+        if _rope_scaling(rope_local, hf) is not None:
+            raise ValueError(f"unsupported RoPE scaling {rope_local} on Gemma-3's sliding layers")
+        rope_theta, local_theta = rope_global["rope_theta"], float(rope_local["rope_theta"])
+        rope_scaling = _rope_scaling(rope_global, hf)
+    else:
+        if rope and "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values()):
+            rope = next(iter(rope.values()))  # nested per layer type: Gemma-2 uses one RoPE for all layers
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_scaling = _rope_scaling(hf.get("rope_scaling") or rope, hf)
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"unsupported activation {act!r} in config.json")
+    layer_types = hf.get("layer_types")
+    if gemma and layer_types is None:  # every pattern-th layer is global: Gemma-2 alternates, Gemma-3 has 5:1
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)) if gemma3 else 2
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
+    return dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], n_layer=n_layer,
+        n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_offset=gemma, sandwich_norms=gemma, embed_scale=gemma, qk_norm=gemma3,
+        mlp_act="gelu_tanh" if "gelu" in act else "silu", rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+        rope_local_theta=local_theta, query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma else None,
+        attn_softcap=hf.get("attn_logit_softcapping") if gemma else None,
+        final_softcap=hf.get("final_logit_softcapping") if gemma else None,
+        sliding_window=hf.get("sliding_window") if gemma else None, layer_types=layer_types,
+        tie_embeddings=hf.get("tie_word_embeddings", gemma), attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False), max_seq_len=hf.get("max_position_embeddings", 8192),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"), model_type=model_type,
+        init_std=hf.get("initializer_range", 0.02))
+
+
+def config_to_hf(cfg) -> dict:
+    """The config.json the hub would ship for a ModelConfig (old-style keys, which every transformers reads); a
+    Gemma-3 is written as the text-only Gemma3ForCausalLM."""
+    gemma, gemma3 = cfg.model_type in ("gemma2", "gemma3_text"), cfg.model_type == "gemma3_text"
+    arch = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(cfg.model_type, "LlamaForCausalLM")
+    hf = {
+        "architectures": [arch], "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id, "torch_dtype": "float32",
+    }
+    if gemma:
+        hf.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+                  query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+                  attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
+                  sliding_window=cfg.sliding_window or cfg.max_seq_len, layer_types=cfg.layer_types)
+    else:
+        hf.update(hidden_act="silu", mlp_bias=cfg.mlp_bias, rope_scaling=cfg.rope_scaling)
+    if gemma3:
+        hf.update(rope_scaling=cfg.rope_scaling, rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta)
+    return hf
 
 
 # safetensors is read by hand, not through safe_open: safe_open maps the whole file, and every page read through the
@@ -116,6 +227,25 @@ def checkpoint_tensors(folder: str) -> dict[str, tuple[str, torch.dtype, tuple, 
     return out
 
 
+# the language model of a multimodal Gemma-3 checkpoint: `language_model.model.*` as the hub ships it,
+# `model.language_model.*` as transformers >= 4.52 saves it; the vision tower and projector are not read
+_LANGUAGE_MODEL = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                   ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+
+
+def language_model_tensors(entries: dict) -> dict:
+    """entries renamed to a causal LM's names when they are a multimodal checkpoint's; otherwise as they are."""
+    if not any(k.startswith(("language_model.", "model.language_model.")) for k in entries):
+        return entries
+    out = {}
+    for name, v in entries.items():
+        for old, new in _LANGUAGE_MODEL:
+            if name.startswith(old):
+                out[new + name[len(old):]] = v
+                break
+    return out
+
+
 def _read_into(f, buf: torch.Tensor, path: str):
     view, got = memoryview(buf.numpy()), 0
     while got < len(view):  # a single read returns at most ~2 GB on Linux
@@ -130,7 +260,7 @@ def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None = N
     """Fill a (meta-device) model from a checkpoint folder, strictly: names and shapes are checked from the file
     headers before any weight is read. Then one tensor at a time is read, cast to dtype (None: the file's) and put on
     device, so the peak memory is the loaded model plus the largest tensor."""
-    entries = checkpoint_tensors(folder)
+    entries = language_model_tensors(checkpoint_tensors(folder))
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         entries.pop("lm_head.weight", None)  # some tied checkpoints also store the shared matrix as lm_head
     check_state_dict(model, {k: v[2] for k, v in entries.items()}, source=folder)

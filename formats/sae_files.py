@@ -7,11 +7,12 @@ layout `SAE.save` writes.
 
 Formats, told apart by the files a folder holds:
     Gemma Scope   params.npz
+    Gemma Scope 2 params.safetensors (+ config.json)          (Gemma-3; google/gemma-scope-2-*)
     SAELens       cfg.json + sae_weights.safetensors      (v6 and older configs)
     sparsify      cfg.json + sae.safetensors              (EleutherAI; the paper's own SAEs, saved as model.layers.L)
     Llama Scope   hyperparams.json + checkpoints/final.safetensors
-Each converter returns a spec in our layout with any input normalisation folded into the weights; `_build` checks it
-once and fills an SAE. An SAE's layer comes from its config when it names one, else from its folder's name.
+Each converter returns a spec in our layout with any input normalisation folded into the weights; `sae.SAE.from_spec`
+checks it once and fills an SAE. An SAE's layer comes from its config when it names one, else from its folder's name.
 """
 from __future__ import annotations
 
@@ -28,11 +29,14 @@ from formats import hub
 
 FORMATS = [  # (name, files that identify it) in the order they are tried
     ("gemma_scope", ("params.npz",)),
+    ("gemma_scope_2", ("params.safetensors",)),
     ("saelens", ("cfg.json", "sae_weights.safetensors")),
     ("sparsify", ("cfg.json", "sae.safetensors")),
     ("llama_scope", ("hyperparams.json", "checkpoints/final.safetensors")),
 ]
-LOOKED_FOR = ("params.npz (Gemma Scope), cfg.json + sae_weights.safetensors (SAELens), cfg.json + sae.safetensors "
+OPTIONAL = {"gemma_scope_2": ("config.json",)}  # fetched with the weights when the folder has them
+LOOKED_FOR = ("params.npz (Gemma Scope), params.safetensors (Gemma Scope 2), cfg.json + sae_weights.safetensors "
+              "(SAELens), cfg.json + sae.safetensors "
               "(sparsify), hyperparams.json + checkpoints/final.safetensors (Llama Scope)")
 
 
@@ -51,24 +55,43 @@ GEMMA_SCOPE_RES_16K = {
 }
 
 
+# Gemma Scope 2 (Gemma-3, pretrained and instruction-tuned): google/gemma-scope-2-{size}-{pt,it} holds residual SAEs
+# of every layer under resid_post_all/layer_L_width_{16k,262k}_l0_{small,big} (SAELens' releases
+# gemma-scope-2-*-res-all). The default is the 16k-latent one at the small L0, as for Gemma Scope; layers per size.
+GEMMA_SCOPE_2_LAYERS = {"270m": 18, "1b": 26, "4b": 34, "12b": 48, "27b": 62}
+GEMMA_SCOPE_2_DEFAULT = "resid_post_all/layer_{layer}_width_16k_l0_small"
+_GEMMA3_ID = re.compile(r"google/gemma-3-(\d+[mb])-(pt|it)")
+
+
 def default_sae(model_id: str, layer: int) -> str | None:
     """The hub path of the known SAE for (model, layer), or None when the model or layer has none."""
-    repo, l0s = GEMMA_SCOPE_RES_16K.get(str(model_id).strip("/"), (None, []))
+    model_id = str(model_id).strip("/")
+    m = _GEMMA3_ID.fullmatch(model_id)
+    if m and m.group(1) in GEMMA_SCOPE_2_LAYERS:
+        if not 0 <= layer < GEMMA_SCOPE_2_LAYERS[m.group(1)]:
+            return None
+        return f"google/gemma-scope-2-{m.group(1)}-{m.group(2)}/" + GEMMA_SCOPE_2_DEFAULT.format(layer=layer)
+    repo, l0s = GEMMA_SCOPE_RES_16K.get(model_id, (None, []))
     if repo is None or not 0 <= layer < len(l0s):
         return None
     return f"{repo}/layer_{layer}/width_16k/average_l0_{l0s[layer]}"
 
 
 def known_saes() -> list[str]:
-    """One line per known model, for --help."""
+    """One line per known model family, for --help."""
     return [f"{m}: layer L -> {repo}/layer_L/width_16k/average_l0_<L0 of layer L> (layers 0-{len(l0s) - 1})"
-            for m, (repo, l0s) in GEMMA_SCOPE_RES_16K.items()]
+            for m, (repo, l0s) in GEMMA_SCOPE_RES_16K.items()] + [
+        f"google/gemma-3-SIZE-{{pt,it}}: layer L -> google/gemma-scope-2-SIZE-{{pt,it}}/"
+        f"{GEMMA_SCOPE_2_DEFAULT.format(layer='L')} (Gemma Scope 2; SIZE "
+        f"{', '.join(f'{s} (layers 0-{n - 1})' for s, n in GEMMA_SCOPE_2_LAYERS.items())})"]
 
 
-# The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope) everywhere but at BOS and EOS tokens,
+# The authors (utils.get_sae_hook) splice hub SAEs (Gemma Scope, Llama Scope; here Gemma Scope 2 too)
+# everywhere but at BOS and EOS tokens,
 # and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what train_sae.py writes, trained without
 # BOS) go everywhere but BOS. BOS activations have outlier norms that most SAEs never saw in training.
-AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "llama_scope": "no_bos_eos", "sparsify": "all", "saelens": "no_bos"}
+AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "gemma_scope_2": "no_bos_eos", "llama_scope": "no_bos_eos",
+                  "sparsify": "all", "saelens": "no_bos"}
 
 
 
@@ -100,9 +123,9 @@ def resolve_sae(path: str) -> str:
 
 
 def _choose_sae_files(files: dict[str, int]) -> list[str]:
-    for _, needed in FORMATS:
+    for name, needed in FORMATS:
         if all(f in files for f in needed):
-            return list(needed)
+            return list(needed) + [f for f in OPTIONAL.get(name, ()) if f in files]
     folders = sorted({f.split("/")[0] for f in files if "/" in f})
     inside = f"; it holds the folders {', '.join(folders[:6])}{', ...' if len(folders) > 6 else ''}" if folders else ""
     raise ValueError(f"unknown SAE format: looked for {LOOKED_FOR}{inside}")
@@ -125,6 +148,7 @@ def detect(path: str) -> tuple[str, str]:
 
 _LAYER_NAMES = [
     re.compile(r"(?:\w+\.)*layers?[._](\d+)"),     # layers.12, model.layers.12 (sparsify), layer_12 (Gemma Scope)
+    re.compile(r"layer_(\d+)_width_\w+"),          # Gemma Scope 2: layer_12_width_16k_l0_small
     re.compile(r"blocks\.(\d+)\.hook_resid_post"),  # a SAELens hook name as the folder name
     re.compile(r"(?:.*[-_])?L(\d+)R(?:[-_].*)?"),     # Llama Scope: L12R, Llama3_1-8B-Base-L12R-8x
 ]
@@ -140,6 +164,13 @@ def layer_from_hook(hook: str | None) -> int | None:
     if m.group(2) == "hook_resid_pre":
         return layer - 1 if layer > 0 else None
     return layer
+
+
+def is_residual_hook(hook: str | None) -> bool:
+    """Whether an SAE's hook reads the residual stream between blocks (what the splice replaces); None: unknown, taken
+    as residual (sparsify and hand-made folders name no hook)."""
+    resid = r"(?:\w+\.)*(?:blocks\.\d+\.hook_resid_(?:post|pre)|layers\.\d+(?:\.output)?)"
+    return hook is None or bool(re.fullmatch(resid, hook))
 
 
 def layer_from_path(path: str) -> int | None:
@@ -209,6 +240,50 @@ def _load_gemma_scope(path: str) -> dict:
                 threshold=raw["threshold"].clamp_min(0))  # relu(pre) * (pre > t) == pre * (pre > max(t, 0))
 
 
+# Gemma Scope 2's sites: the release folder (resid_post_all/, attn_out/, ...) or config.json's hf_hook_point_in
+# (transformers module paths) -> the SAELens hook name
+_GS2_SITES = [(re.compile(r"resid_post(_all)?"), re.compile(r"model\.layers\.\d+\.output"), "hook_resid_post"),
+              (re.compile(r"attn_out(_all)?"), re.compile(r".*self_attn\.o_proj\.input"), "attn.hook_z"),
+              (re.compile(r"mlp_out(_all)?"), re.compile(r".*post_feedforward_layernorm\.output"), "hook_mlp_out")]
+
+
+def _load_gemma_scope_2(folder: str) -> dict:
+    """Gemma Scope 2 (Gemma-3), as SAELens' gemma_3 loader reads it: params.safetensors with w_enc (d, m), w_dec
+    (m, d), b_enc, b_dec, threshold; config.json with architecture "jump_relu", model_name, hf_hook_point_in. The
+    same JumpReLU as Gemma Scope: z = (pre > threshold) * relu(pre), pre = x @ w_enc + b_enc (the input not shifted
+    by b_dec), x_hat = z @ w_dec + b_dec. Transcoders (transcoder_all/: hf_hook_point_out, maybe an
+    affine_skip_connection, added as x @ W_skip.T) map block L's normalised MLP input (pre_feedforward_layernorm's
+    output) to its MLP sublayer's output (post_feedforward_layernorm's); the splice replaces that sublayer with them."""
+    cfg_path = os.path.join(folder, "config.json")
+    cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    raw = _read_safetensors(os.path.join(folder, "params.safetensors"))
+    site = os.path.basename(os.path.dirname(os.path.abspath(folder)))
+    transcoder = bool(cfg.get("hf_hook_point_out")) or "affine_skip_connection" in raw or site.startswith("transcoder")
+    if site.startswith("clt") or raw.get("w_dec", torch.zeros(0, 0)).dim() != 2:
+        raise ValueError(f"{folder}: a Gemma Scope 2 cross-layer transcoder (clt/): not supported; pass a resid_post "
+                         f"SAE or a transcoder_all/ transcoder")
+    if cfg.get("architecture", "jump_relu") != "jump_relu":
+        raise ValueError(f"{folder}: unsupported Gemma Scope 2 architecture {cfg['architecture']!r} (only jump_relu)")
+    _need(raw, ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"), folder)
+    hook_in = cfg.get("hf_hook_point_in") or ""
+    hook = next((h for by_site, by_hook, h in _GS2_SITES if by_hook.fullmatch(hook_in) or by_site.fullmatch(site)),
+                None)
+    layer = layer_from_hook(hook_in) if hook_in else layer_from_path(folder)
+    if transcoder:  # SAELens' names for the MLP's normalised input and its output
+        hook = "ln2.hook_normalized"
+    model_name = cfg.get("model_name")
+    if model_name:  # as SAELens: "gemma-v3-1b-pt" and the like name google/gemma-3-1b-pt
+        model_name = ("" if "google" in model_name else "google/") + model_name.replace("-v3", "-3")
+    else:
+        kind = re.search(r"gemma-scope-2-(\d+[mb])-(pt|it)", os.path.abspath(folder))
+        model_name = f"google/gemma-3-{kind.group(1)}-{kind.group(2)}" if kind else None
+    return dict(arch="jumprelu", k=None, apply_b_dec_to_input=False, layer=layer, model_name=model_name,
+                hook_name=f"blocks.{layer}.{hook}" if hook and layer is not None else None,
+                W_enc=raw["w_enc"], W_dec=raw["w_dec"], b_enc=raw["b_enc"], b_dec=raw["b_dec"],
+                threshold=raw["threshold"].clamp_min(0),  # relu(pre) * (pre > t) == pre * (pre > max(t, 0))
+                transcoder=transcoder, W_skip=raw.get("affine_skip_connection"))
+
+
 def _load_saelens(folder: str) -> dict:
     """cfg.json + sae_weights.safetensors (W_enc, W_dec, b_enc, b_dec, threshold). v6 keeps hook names under
     `metadata`; older configs have `hook_point`, and TopK as activation_fn_str="topk" with activation_fn_kwargs.k."""
@@ -239,7 +314,8 @@ def _load_saelens(folder: str) -> dict:
                 model_name=get("model_name"), hook_name=get("hook_name", "hook_point"),
                 W_enc=raw["W_enc"], W_dec=raw["W_dec"], b_enc=raw["b_enc"], b_dec=raw["b_dec"],
                 threshold=raw["threshold"].clamp_min(0) if arch == "jumprelu" else None,
-                topk_threshold=raw.get("topk_threshold"))
+                topk_threshold=raw.get("topk_threshold"), W_skip=raw.get("W_skip"),
+                transcoder=get("hook_name_out") is not None)
     layer = layer_from_hook(spec["hook_name"])  # the hook name first: hook_layer is the block, also for resid_pre
     if layer is None and get("hook_layer", "hook_point_layer") is not None:
         layer = int(get("hook_layer", "hook_point_layer"))
@@ -317,7 +393,8 @@ def _load_llama_scope(folder: str) -> dict:
     return spec
 
 
-LOADERS = {"gemma_scope": _load_gemma_scope, "saelens": _load_saelens, "sparsify": _load_sparsify,
+LOADERS = {"gemma_scope": _load_gemma_scope, "gemma_scope_2": _load_gemma_scope_2, "saelens": _load_saelens,
+           "sparsify": _load_sparsify,
            "llama_scope": _load_llama_scope}
 
 
@@ -334,7 +411,8 @@ def save_saelens(sae, folder: str):
         tensors["threshold"] = sae.threshold.detach().contiguous().cpu()
     if sae.arch == "batchtopk":
         tensors["topk_threshold"] = sae.topk_threshold.detach().cpu()
-    hook = sae.hook_name or (f"blocks.{sae.layer}.hook_resid_post" if sae.layer is not None else None)
+    hook = sae.hook_name or (f"blocks.{sae.layer}.{'ln2.hook_normalized' if sae.transcoder else 'hook_resid_post'}"
+                             if sae.layer is not None else None)
     cfg = dict(architecture=sae.arch, d_in=sae.d_in, d_sae=sae.d_sae,
                dtype=str(sae.W_dec.dtype).removeprefix("torch."), device="cpu",
                apply_b_dec_to_input=sae.apply_b_dec_to_input, normalize_activations="none",
@@ -342,6 +420,10 @@ def save_saelens(sae, folder: str):
                # SAELens reads a config as v6 only if it names a version >= 6; this is the layout version we write
                metadata=dict(model_name=sae.model_name, hook_name=hook, hook_layer=sae.layer,
                              hook_head_index=None, sae_lens_version="6.0.0", sae_lens_training_version="6.0.0"))
+    if sae.transcoder:  # SAELens' transcoder fields: the output point and its width
+        cfg["d_out"], cfg["metadata"]["hook_name_out"] = sae.d_in, f"blocks.{sae.layer}.hook_mlp_out"
+    if sae.W_skip is not None:
+        tensors["W_skip"] = sae.W_skip.detach().contiguous().cpu()
     if sae.k is not None:
         cfg["k"] = sae.k
     with disk.atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:

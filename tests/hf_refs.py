@@ -12,6 +12,17 @@ TINY_GEMMA2 = dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], voc
                    attn_logit_softcapping=2.0, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
                    pad_token_id=0, initializer_range=0.3, torch_dtype="float32")
 
+# Gemma-3 as the hub ships gemma-3-1b's config.json (old RoPE keys, sliding_window_pattern): 6 layers, global every
+# 3rd, a window of 8, the two RoPE bases and the 4B+ models' linear scaling on the global layers
+TINY_GEMMA3 = dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=512, hidden_size=64,
+                   intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=256,
+                   rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                   rope_scaling={"rope_type": "linear", "factor": 8.0}, attention_bias=False, attention_dropout=0.0,
+                   query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=3, final_logit_softcapping=None,
+                   attn_logit_softcapping=None, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                   pad_token_id=0, initializer_range=0.3, torch_dtype="float32")
+
 TINY_LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=64,
                    intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                    hidden_act="silu", max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -39,7 +50,7 @@ def make_hf_checkpoint(folder, hub: dict, seed=0, shard=False, hub_style_config=
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # default init is all-zero/one: randomise so the (1 + w) convention is tested
-                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if hub["model_type"] == "gemma2" else 1.0))
+                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if hub["model_type"].startswith("gemma") else 1.0))
     model.save_pretrained(folder, max_shard_size="100KB" if shard else "2GB")
     if hub_style_config:
         with open(os.path.join(folder, "config.json"), "w") as f:

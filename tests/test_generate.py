@@ -1,5 +1,5 @@
 """generate.py against transformers' generate (greedy and sampled; left-padded batches; Gemma-2's sliding window and
-soft-caps, Llama-3), against recomputing the full forward at every step (plain, with the SAE spliced everywhere, with
+soft-caps, Gemma-3's QK-norm and two RoPE bases, Llama-3), against recomputing the full forward at every step (plain, with the SAE spliced everywhere, with
 the authors' prompt-only splice, with LoRA adapters), and its stopping rules."""
 import pytest
 import torch
@@ -10,10 +10,11 @@ from model import Transformer
 from sae import SAE
 from evals.multiple_choice import hooks_for
 from splice import splice_hooks
-from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint
+from tests.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint
 
 # init 0.05: weights small enough that greedy text is not one token repeated; the soft-caps still bend the logits
-HUBS = {"gemma2": {**TINY_GEMMA2, "initializer_range": 0.05}, "llama3": TINY_LLAMA3}
+HUBS = {"gemma2": {**TINY_GEMMA2, "initializer_range": 0.05}, "gemma3": {**TINY_GEMMA3, "initializer_range": 0.05},
+        "llama3": TINY_LLAMA3}
 LENS = (13, 20, 5)  # two prompts longer than the tiny Gemma's sliding window (8); left-padded to 20 in a batch
 NEW = 16
 MARGIN = 1e-4  # top-2 logit gap every compared step must have (logits are O(1)): far above fp32 rounding, so the

@@ -88,7 +88,7 @@ def tiny_model_repo(tmp_path, family, sp_file):
     folder = tmp_path / f"src-{family}"
     Transformer(cfg).init_weights(0).save_pretrained(str(folder))
     files = folder_files(folder)
-    if family == "gemma2":
+    if family.startswith("gemma"):
         files["tokenizer.model"] = sp_file
     else:  # Llama-3: the tiktoken file under original/, a (here: dummy) tokenizer.json at the top
         files["original/tokenizer.model"] = tiktoken_file(tmp_path / "ranks.model")

@@ -1,4 +1,5 @@
-"""model.py against transformers' Gemma2ForCausalLM / LlamaForCausalLM on tiny random checkpoints."""
+"""model.py against transformers' Gemma2ForCausalLM / Gemma3ForCausalLM / Gemma3ForConditionalGeneration /
+LlamaForCausalLM on tiny random checkpoints."""
 import json
 import os
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint, rel_err
+from tests.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
 
-T = 24  # longer than the tiny Gemma's sliding window (8)
+T = 24  # longer than the tiny Gemmas' sliding window (8)
 
 
 def tokens(B=2, T=T, vocab=512, seed=0):
@@ -18,6 +19,11 @@ def tokens(B=2, T=T, vocab=512, seed=0):
 @pytest.mark.parametrize("hub,shard,hub_style", [
     (TINY_GEMMA2, False, True), (TINY_GEMMA2, True, False),
     (TINY_LLAMA3, False, True), (TINY_LLAMA3, True, False),
+    (TINY_GEMMA3, False, True), (TINY_GEMMA3, True, False),
+    # gemma-3-1b / 270m style: no RoPE scaling, layer_types written out, a final soft-cap
+    ({**TINY_GEMMA3, "rope_scaling": None, "sliding_window_pattern": None, "final_logit_softcapping": 3.0,
+      "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention",
+                      "sliding_attention", "sliding_attention"]}, False, True),
     ({**TINY_LLAMA3, "tie_word_embeddings": True, "num_key_value_heads": 1}, False, True),
 ])
 def test_logits_and_hidden_states_match_transformers(tmp_path, hub, shard, hub_style):
@@ -79,7 +85,7 @@ def test_bf16_autocast_close_to_fp32(tmp_path):
     assert rel_err(low.float(), ref) < 0.05
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-llama3"])
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3", "tiny-llama3"])
 def test_compile_has_no_graph_breaks(name):
     import torch._dynamo
     model = Transformer(ModelConfig.from_name(name)).init_weights(0)
@@ -260,3 +266,110 @@ def test_flex_attention_falls_back_where_its_backward_does_not_fit(recwarn):
     assert not recwarn.list
     with pytest.warns(UserWarning, match="head_dim 256 does not fit this GPU's 99 KB"):
         assert not flex_fits(cuda, 256, True, smem=99 * 1024)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gemma-3: what the parity tests above rest on, the language model of the multimodal checkpoints, config defaults
+
+
+def test_gemma3_features_actually_bite(tmp_path):
+    # the parity test would be vacuous if QK-norm, the local RoPE base, the linear scaling or the window did nothing
+    make_hf_checkpoint(tmp_path, TINY_GEMMA3)
+    model = Transformer.from_pretrained(str(tmp_path))
+    assert model.cfg.layer_types.count("sliding_attention") == 4 and model.cfg.qk_norm
+    idx = tokens()
+    with torch.no_grad():
+        base = model(idx)
+        for change in (dict(rope_local_theta=20_000.0), dict(rope_scaling=None), dict(sliding_window=10_000)):
+            saved = {k: getattr(model.cfg, k) for k in change}
+            for k, v in change.items():
+                setattr(model.cfg, k, v)
+            for layer in model.model.layers:
+                layer.self_attn.window = model.cfg.sliding_window if layer.self_attn.window else None
+            assert rel_err(model(idx), base) > 1e-3, change
+            for k, v in saved.items():
+                setattr(model.cfg, k, v)
+        for layer in model.model.layers:
+            layer.self_attn.window = model.cfg.sliding_window if layer.self_attn.window else None
+        assert torch.equal(model(idx), base)
+        model.cfg.qk_norm = False
+        assert rel_err(model(idx), base) > 1e-3
+
+
+def tiny_multimodal(text: dict) -> dict:
+    """A Gemma3ForConditionalGeneration config.json around a tiny text model (a 1-layer SigLIP, 4 image tokens)."""
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    # as gemma-3-4b's: the token ids only at the top level
+    text = {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype", "eos_token_id", "bos_token_id",
+                                                       "pad_token_id")}
+    return dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"], text_config=text,
+                vision_config=vision, mm_tokens_per_image=4, image_token_index=511, boi_token_index=509,
+                eoi_token_index=510, eos_token_id=[1, 106], tie_word_embeddings=True, torch_dtype="float32")
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers-4.5x"])
+def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path, layout):
+    """Gemma-3 4B and up ship as Gemma3ForConditionalGeneration: our text model reads its language model's tensors
+    (`language_model.model.*` as the hub ships them and transformers 5 writes them, `model.language_model.*` as
+    transformers 4.52-4.57 wrote them) and gives the multimodal model's logits and hidden states on text."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    hub = tiny_multimodal(TINY_GEMMA3)
+    torch.manual_seed(0)
+    kw = {k: v for k, v in hub.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    ref = Gemma3ForConditionalGeneration(Gemma3Config(**kw)).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    ref.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    assert any(k.startswith("language_model.model.") for k in state) and any("vision_tower" in k for k in state)
+    if layout != "hub":
+        state = {k.replace("language_model.model.", "model.language_model.").replace("vision_tower.",
+                                                                                      "model.vision_tower.")
+                 .replace("language_model.lm_head.", "lm_head."): v for k, v in state.items()}
+        save_file(state, path, {"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    ours = Transformer.from_pretrained(str(tmp_path))
+    assert ours.cfg.model_type == "gemma3_text" and ours.cfg.eos_token_id == [1, 106]
+    idx = tokens(vocab=500)
+    with torch.no_grad():
+        out = ref(input_ids=idx, output_hidden_states=True)
+        assert rel_err(ours(idx), out.logits) < 1e-4
+        assert rel_err(ours(idx, stop_at=2), out.hidden_states[3]) < 1e-4
+
+
+def test_gemma3_text_config_defaults_are_transformers():
+    """A multimodal text_config names only what differs from Gemma3TextConfig's defaults (gemma-3-4b's lists five
+    keys): ours fill the rest as transformers does."""
+    from transformers import Gemma3TextConfig
+    from formats.checkpoint import GEMMA3_TEXT_DEFAULTS
+    hf = Gemma3TextConfig().to_dict()
+    ref = ModelConfig.from_hf({**hf, "model_type": "gemma3_text"})
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+    ours = ModelConfig.from_hf({"model_type": "gemma3", "text_config": text})
+    want = Gemma3TextConfig(**{k: v for k, v in text.items() if k != "model_type"}).to_dict()
+    assert ours == ModelConfig.from_hf({**want, "model_type": "gemma3_text"})
+    assert ours.rope_scaling == {"rope_type": "linear", "factor": 8.0} and ours.rope_local_theta == 10_000.0
+    assert ours.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert ModelConfig.from_hf({"model_type": "gemma3_text"}) == ref
+    assert {k: hf[k] for k in GEMMA3_TEXT_DEFAULTS if k in hf} == \
+        {k: v for k, v in GEMMA3_TEXT_DEFAULTS.items() if k in hf}
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        ModelConfig.from_hf({"model_type": "gemma3_text", "use_bidirectional_attention": True})
+
+
+def test_gemma3_save_pretrained_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = Transformer(ModelConfig.from_name("tiny-gemma3")).init_weights(0)
+    model.save_pretrained(str(tmp_path))
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    assert type(ref).__name__ == "Gemma3ForCausalLM"
+    idx = tokens()
+    with torch.no_grad():
+        assert rel_err(model(idx), ref(idx).logits) < 1e-4
+        assert torch.equal(Transformer.from_pretrained(str(tmp_path))(idx), model(idx))

@@ -615,4 +615,4 @@ def test_default_sae_table():
     assert default_sae("google/gemma-2-9b", 20) == "google/gemma-scope-9b-pt-res/layer_20/width_16k/average_l0_68"
     assert [len(v[1]) for v in GEMMA_SCOPE_RES_16K.values()] == [26, 42]  # one per layer of each model
     assert default_sae("google/gemma-2-2b", 26) is None and default_sae("meta-llama/Llama-3.2-1B", 3) is None
-    assert len(known_saes()) == 2
+    assert len(known_saes()) == 3  # Gemma Scope for two models, Gemma Scope 2 for every Gemma-3 (one line)

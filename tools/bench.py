@@ -323,7 +323,7 @@ def run_config(b: BenchConfig, name: str, timeout: float | None = None) -> dict:
 
 
 def step_flops(b: BenchConfig, folder: str):
-    """(model config, FLOPs of one step): adapt.step_flops for the step run_ours times (adapters on every layer, one
+    """(model config, FLOPs of one step): splice.adapt_step_flops for the step run_ours times (adapters on every layer, one
     micro batch), without the KL chunks' recomputation: the work both stacks do."""
     import splice
     from formats.checkpoint import read_config
