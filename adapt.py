@@ -22,6 +22,7 @@ import torch
 
 import common
 import embedded
+from formats import run_folder
 from data import TokenLoader, check_data_matches
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, lora_flops, save_adapter
 from model import Transformer
@@ -77,9 +78,21 @@ class AdaptConfig:
     eval_interval: int = 200  # steps between held-out evaluations
     log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 200  # steps between checkpoints (ckpt.pt and the adapter)
-    resume: bool = False  # continue from --out/ckpt.pt
+    resume: bool = False  # continue from --out/ckpt.pt, with the checkpoint's settings; only --max-tokens,
+    # --micro-batch, --autocast, --dtype, --fsdp, --compile, --kl-chunk, --eval-tokens, the intervals and --device may differ
+    overwrite: bool = False  # replace the run in --out (its ckpt.pt, adapter and results.json are deleted first)
     seed: int = 0  # adapter initialisation, data order and dropout masks (one stream per rank)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("rank", "alpha", "max_tokens", "batch_size", "micro_batch", "seq_len", "lr", "grad_clip",
+                            "kl_chunk", "eval_tokens", "eval_interval", "log_interval", "ckpt_interval"),
+            non_negative=("dropout_steps", "weight_decay"), fractions=("warmup_frac", "decay_frac", "min_lr_frac"),
+            below_one=("dropout",),
+            choices=dict(schedule=("linear", "cosine"), kl_reduction=("sequence", "token"),
+                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
+                         sae_positions=("auto", "all", "no_bos", "no_bos_eos")))
 
 
 def main(argv=None) -> dict:
@@ -91,7 +104,21 @@ def main(argv=None) -> dict:
     return results
 
 
+# What --resume may change: how long, how often, where and at what precision the run goes on. Every other setting
+# defines what a step trains and must equal the checkpoint's (formats/run_folder.py).
+MAY_CHANGE = frozenset({"max_tokens", "micro_batch", "autocast", "dtype", "fsdp", "compile", "kl_chunk", "eval_tokens",
+                        "eval_interval", "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
+OUTPUTS = ("ckpt.pt", "adapter", "results.json")  # what a run writes to --out (--overwrite deletes these)
+
+
 def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
+    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="ckpt.pt", outputs=OUTPUTS,
+                          config=asdict(cfg), may_change=MAY_CHANGE):
+        return _run(cfg, d)
+
+
+def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     # -- setup --------------------------------------------------------------------------------------------------------
     own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
     d = d or common.setup(cfg.device)

@@ -111,7 +111,8 @@ def model() -> str:
     def build():
         import pretrain
         common.log(f"embedded model: pretraining a tiny Gemma-2 in {out} (first run only)")
-        pretrain.run(pretrain.PretrainConfig(out=out, data=corpus_and_tokenizer()[0]), d=_one_process())
+        resume = os.path.isfile(os.path.join(out, "train_state.pt"))  # a build that was killed goes on
+        pretrain.run(pretrain.PretrainConfig(out=out, data=corpus_and_tokenizer()[0], resume=resume), d=_one_process())
     return _once(out, "model.safetensors", build, "pretraining")
 
 
@@ -124,7 +125,9 @@ def sae(layer: int = SAE_LAYER) -> str:
     def build():
         import train_sae
         common.log(f"embedded SAE: training a TopK SAE on layer {layer} in {out} (first run only)")
-        cfg = train_sae.TrainSAEConfig(**dict(SAE, model=model_path, data=corpus(), out=out, layer=[layer]))
+        resume = os.path.isfile(os.path.join(out, "state.pt"))  # a build that was killed goes on
+        cfg = train_sae.TrainSAEConfig(**dict(SAE, model=model_path, data=corpus(), out=out, layer=[layer],
+                                              resume=resume))
         train_sae.run(cfg, d=_one_process())
     return _once(out, "cfg.json", build, f"SAE training (layer {layer})")
 

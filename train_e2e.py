@@ -23,6 +23,7 @@ import torch
 
 import common
 import embedded
+from formats import run_folder
 from data import TokenLoader, check_data_matches
 from model import Transformer
 from sae import SAE, geometric_median, splice_flops, update_since_fired
@@ -61,9 +62,19 @@ class E2EConfig:
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 200  # steps between validation CE-with-SAE measurements
     eval_batches: int = 8  # validation batches of batch_size sequences
-    resume: bool = False  # continue from --out/state.pt
+    resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --compile,
+    # --kl-chunk, --log-interval, --eval-interval, --eval-batches and --device may differ
+    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and log.csv are deleted)
     seed: int = 0  # SAE initialisation and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("k", "expansion", "max_tokens", "batch_size", "seq_len", "lr", "grad_clip", "dead_tokens",
+                            "kl_chunk", "log_interval", "eval_interval", "eval_batches"),
+            non_negative=("ds_coef",), fractions=("warmup_frac", "decay_frac"),
+            choices=dict(recipe=("gao", "authors"), kl_reduction=("sequence", "token"),
+                         sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS)))
 
 
 def main(argv=None) -> dict:
@@ -78,7 +89,21 @@ def main(argv=None) -> dict:
     return run(cfg)
 
 
+# What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE
+# that is trained and must equal the checkpoint's (formats/run_folder.py).
+MAY_CHANGE = frozenset({"max_tokens", "autocast", "compile", "kl_chunk", "log_interval", "eval_interval",
+                        "eval_batches", "resume", "overwrite", "device", "out"})
+OUTPUTS = ("state.pt", "log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
+
+
 def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
+    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
+                          config=asdict(cfg), may_change=MAY_CHANGE):
+        return _run(cfg, d)
+
+
+def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     # -- setup, frozen model, SAE --------------------------------------------------------------------------------------
     if len(cfg.layer) != 1:
         raise ValueError(f"train_e2e.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")

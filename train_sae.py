@@ -20,6 +20,7 @@ import torch
 
 import common
 import embedded
+from formats import run_folder
 from data import TokenLoader, check_data_matches
 from model import Transformer
 from sae import SAE, geometric_median, training_flops, training_loss, update_since_fired
@@ -60,9 +61,20 @@ class TrainSAEConfig:
     log_interval: int = 50  # steps between log lines
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
     eval_batches: int = 4  # validation batches of model_batch sequences
-    resume: bool = False  # continue from --out/state.pt
+    resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --dtype,
+    # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ
+    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and history.json are deleted)
     seed: int = 0  # SAE initialisation and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("k", "expansion", "bandwidth", "max_tokens", "batch_tokens", "buffer_tokens", "model_batch",
+                            "seq_len", "lr", "dead_tokens", "grad_clip", "log_interval", "eval_interval",
+                            "eval_batches"),
+            non_negative=("l0_coef", "auxk_coef"), fractions=("warmup_frac", "decay_frac"),
+            choices=dict(recipe=("gao", "authors"), arch=("topk", "batchtopk", "jumprelu"),
+                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -132,7 +144,21 @@ def main(argv=None) -> dict:
     return run(cfg)
 
 
+# What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE
+# that is trained and must equal the checkpoint's (formats/run_folder.py).
+MAY_CHANGE = frozenset({"max_tokens", "autocast", "dtype", "compile", "log_interval", "eval_interval", "eval_batches",
+                        "resume", "overwrite", "device", "out"})
+OUTPUTS = ("state.pt", "history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
+
+
 def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
+    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
+                          config=asdict(cfg), may_change=MAY_CHANGE):
+        return _run(cfg, d)
+
+
+def _run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     # -- setup --------------------------------------------------------------------------------------------------------
     if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
         raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
