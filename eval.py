@@ -106,6 +106,13 @@ class EvalConfig:
     chunk: int = 2048  # tokens per lm_head + log-softmax chunk
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("eval_tokens", "batch_size", "seq_len", "top_k", "bench_limit", "bench_batch", "chunk"),
+            non_negative=("latent", "seed"),  # --gen-tokens and --temperature: generate.check_args
+            choices=dict(autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
+                         sae_positions=("auto", "all", "no_bos", "no_bos_eos")))
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Core table (Sec. 4), per-token breakdown (Sec. 6.1), activation distances (Sec. 6.2)
