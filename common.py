@@ -103,6 +103,13 @@ def check_flags(cfg, *, positive=(), non_negative=(), fractions=(), below_one=()
                 f"expected {allowed[0]}")
 
 
+def check_one_step(max_tokens: int, step_tokens: int, step: str):
+    """--max-tokens must buy at least one optimizer step of `step_tokens` (`step`: how they are made up)."""
+    if max_tokens < step_tokens:
+        raise ValueError(f"--max-tokens {max_tokens:,} is less than one optimizer step ({step} = {step_tokens:,} "
+                         f"tokens): give --max-tokens {step_tokens} or more")
+
+
 def fill(cfg, typed: set[str], preset: dict, source: str = "preset"):
     """Set every field of `preset` that the user did not type on the command line; sources(cfg) names `source` as
     where each of them came from."""
@@ -457,8 +464,11 @@ def read_json(path: str, missing: str):
     """A JSON file's content, or one FileNotFoundError line (`missing`: what the folder is not, what to do)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(missing)
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore or rewrite the file") from None
 
 
 def torch_save(obj, path: str):

@@ -24,7 +24,7 @@ import torch
 import common
 import embedded
 from formats import run_folder
-from data import TokenLoader, check_data_matches
+from data import TokenLoader, check_data_matches, held_out_batches
 from model import Transformer
 from sae import SAE, geometric_median, splice_flops, update_since_fired
 from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, original_pass, spliced_pass
@@ -61,7 +61,8 @@ class E2EConfig:
     # summed over each sequence's, mean over sequences (the authors')
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 200  # steps between validation CE-with-SAE measurements
-    eval_batches: int = 8  # validation batches of batch_size sequences
+    eval_batches: int = 8  # validation batches of batch_size sequences; at most
+    # what the held-out split holds (capped, with a log line)
     resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --compile,
     # --kl-chunk, --log-interval, --eval-interval, --eval-batches and --device may differ
     overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and log.csv are deleted)
@@ -98,6 +99,9 @@ OUTPUTS = ("state.pt", "log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[
 
 def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is per process
+    common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len * world,
+                          f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} x {world} process(es)")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
                           config=asdict(cfg), may_change=MAY_CHANGE):
         return _run(cfg, d)
@@ -131,7 +135,8 @@ def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
                          device=d.device)
     val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
                       device=d.device)
-    val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
+    val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
+                                   "--batch-size or --seq-len")
     tokens_per_step = cfg.batch_size * cfg.seq_len * d.world_size
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     since_fired = torch.zeros(m, dtype=torch.long, device=d.device)

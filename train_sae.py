@@ -21,7 +21,7 @@ import torch
 import common
 import embedded
 from formats import run_folder
-from data import TokenLoader, check_data_matches
+from data import TokenLoader, check_data_matches, held_out_batches
 from model import Transformer
 from sae import SAE, geometric_median, training_flops, training_loss, update_since_fired
 from splice import evaluate
@@ -60,7 +60,8 @@ class TrainSAEConfig:
     compile: bool = True  # torch.compile the frozen forward up to the layer
     log_interval: int = 50  # steps between log lines
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
-    eval_batches: int = 4  # validation batches of model_batch sequences
+    eval_batches: int = 4  # validation batches of model_batch sequences; at most
+    # what the held-out split holds (capped, with a log line)
     resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --dtype,
     # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ
     overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and history.json are deleted)
@@ -153,6 +154,7 @@ OUTPUTS = ("state.pt", "history.json", "cfg.json", "sae_weights.safetensors", "c
 
 def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    common.check_one_step(cfg.max_tokens, cfg.batch_tokens, "--batch-tokens")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
                           config=asdict(cfg), may_change=MAY_CHANGE):
         return _run(cfg, d)
@@ -189,7 +191,8 @@ def _run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
                          device=d.device)
     val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
                       device=d.device)
-    val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
+    val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
+                                   "--model-batch or --seq-len")
     per_rank = cfg.batch_tokens // d.world_size  # the global SAE batch is split across ranks
     buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // d.world_size, per_rank),
                               cfg.include_bos, amp, d.device)

@@ -289,7 +289,8 @@ def test_dropout_steps_turns_lora_dropout_off_for_good(files, tmp_path, monkeypa
             seen.append("T" if self.training else "F")
             return forward(self, x)
         monkeypatch.setattr(torch.nn.Dropout, "forward", record)
-        adapt.main(small_args(files, tmp_path, "--dropout", "0.1", "--max-tokens", str(4 * 4 * 32), *extra))
+        adapt.main(small_args(files, tmp_path / str(len(extra)), "--dropout", "0.1", "--max-tokens", str(4 * 4 * 32),
+                              *extra))
         return "".join(seen)
     every, first_two = pattern(), pattern("--dropout-steps", "2")
     assert re.fullmatch(r"F+T+F+", every) and re.fullmatch(r"F+T+F+", first_two), (every, first_two)

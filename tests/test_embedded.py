@@ -137,7 +137,7 @@ def test_cache_folders_are_keyed_by_the_recipe(monkeypatch, tmp_path):
     model = embedded.model_dir()
     assert embedded.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
     run_only = dict(out="x", data="d", stop_after=3, eval_interval=1, eval_batches=1, log_interval=1, ckpt_interval=1,
-                    resume=True, compile=False, device="cpu")
+                    resume=True, overwrite=False, compile=False, device="cpu")
     assert {f.name for f in dataclasses.fields(pretrain.PretrainConfig)} - set(run_only) == \
         {f.name for f in dataclasses.fields(pretrain.PretrainRecipe)}  # every other field is in the recipe
     assert embedded.model_dir(pretrain.PretrainConfig(**run_only)) == model  # not the recipe: same model
@@ -198,8 +198,12 @@ def test_shipped_files_are_what_their_recipe_built():
     assert sorted(os.listdir(embedded.SHIPPED)) == sorted(["README.md", os.path.basename(model), os.path.basename(sae)])
 
 
-def typed_other(value):
-    """A command-line value unlike the preset's `value`."""
+def typed_other(value, key=""):
+    """A command-line value unlike the preset's `value`, and valid for flag `key` (each config checks its values)."""
+    if key in ("schedule", "kl_reduction"):
+        return {"cosine": "linear", "linear": "cosine", "token": "sequence", "sequence": "token"}[value]
+    if key == "dropout" or key.endswith("_frac"):  # fractions
+        return str(value / 2 if value else 0.5)
     if isinstance(value, bool):
         return str(not value)
     if isinstance(value, list):
@@ -217,7 +221,7 @@ def test_typed_flags_are_never_overridden(stub_pipeline, script):
                   and v.__module__ == module.__name__)
     argv, want = [], {}
     for key, value in embedded.PRESETS[script].items():
-        typed = typed_other(value)
+        typed = typed_other(value, key)
         for v in typed if isinstance(typed, list) else [typed]:
             argv += ["--" + key.replace("_", "-"), v]
         want[key] = typed

@@ -139,7 +139,8 @@ def test_a_stale_temp_file_of_a_killed_run_is_removed(files, tmp_path):
     (out / "adapter" / "adapter_model.tmp99999.safetensors").write_bytes(b"")
     adapt.main(adapt_args(files, out, "--max-tokens", "256", "--resume"))
     assert sorted(os.listdir(out)) == ["adapter", "ckpt.pt", "results.json"]
-    assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                   "lorasae_saes.json"]
 
 
 def test_out_that_is_a_file_or_cannot_be_made_is_refused_before_any_work(files, tmp_path):
@@ -186,3 +187,180 @@ def test_changes_lists_only_what_may_not_change():
     saved = dict(rank=4, lr=1e-3, max_tokens=10, sae=["a"], new_flag=None)
     now = dict(rank=8, lr=1e-3, max_tokens=20, sae=("a",), later=1)
     assert run_folder.changes(saved, now, frozenset({"max_tokens"})) == ["--rank 4 -> 8"]
+
+
+# -- 2. every value checked as it is parsed, before any work --------------------------------------------------------------
+
+BAD_VALUES = {  # script, flags, what the one line must say
+    "adapt ckpt-interval 0": ("adapt.py", ["--ckpt-interval", "0"], "--ckpt-interval 0: must be at least 1"),
+    "adapt log-interval 0": ("adapt.py", ["--log-interval", "0"], "--log-interval 0: must be at least 1"),
+    "adapt eval-interval 0": ("adapt.py", ["--eval-interval", "0"], "--eval-interval 0: must be at least 1"),
+    "adapt kl-chunk 0": ("adapt.py", ["--kl-chunk", "0"], "--kl-chunk 0: must be at least 1"),
+    "adapt dtype float33": ("adapt.py", ["--dtype", "float33"], "--dtype float33: expected float32, bfloat16 or"),
+    "adapt dtype int8": ("adapt.py", ["--dtype", "int8"], "--dtype int8: expected"),
+    "adapt eval-tokens 0": ("adapt.py", ["--eval-tokens", "0"], "--eval-tokens 0: must be at least 1"),
+    "adapt lr nan": ("adapt.py", ["--lr", "nan"], "--lr nan: must be greater than 0"),
+    "adapt dropout 1": ("adapt.py", ["--dropout", "1"], "--dropout 1.0: must be at least 0 and below 1"),
+    "train_sae batch-tokens 0": ("train_sae.py", ["--batch-tokens", "0"], "--batch-tokens 0: must be at least 1"),
+    "train_sae eval-batches 0": ("train_sae.py", ["--eval-batches", "0"], "--eval-batches 0: must be at least 1"),
+    "train_e2e eval-batches 0": ("train_e2e.py", ["--eval-batches", "0"], "--eval-batches 0: must be at least 1"),
+    "train_e2e expansion 0": ("train_e2e.py", ["--expansion", "0"], "--expansion 0: must be at least 1"),
+    "pretrain warmup-frac 2": ("pretrain.py", ["--warmup-frac", "2"], "--warmup-frac 2.0: must be a fraction"),
+    "eval eval-tokens 0": ("eval.py", ["--eval-tokens", "0"], "--eval-tokens 0: must be at least 1"),
+    "eval dtype int8": ("eval.py", ["--dtype", "int8"], "--dtype int8: expected"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_value_is_one_line_before_any_work(files, case):
+    script, flags, expect = BAD_VALUES[case]
+    out = files["adapt"] if script == "adapt.py" else files["sae_run"]  # a finished run's folder stays untouched
+    inputs = [] if script == "pretrain.py" else ["--model", files["model"], "--data", files["data"]]
+    refused(script, [*inputs, "--out", out, *flags], [out], expect)
+
+
+def test_eval_out_that_is_a_file_is_refused_before_the_evaluation(files, tmp_path):
+    f = tmp_path / "report"
+    f.write_text("x")
+    refused("eval.py", ["--model", files["model"], "--data", files["data"], "--sae", files["sae"], "--out", f,
+                        "--adapter", os.path.join(files["adapt"], "adapter")], [f], "is a file, not a folder")
+
+
+# -- 3. a held-out budget beyond the split: all of it, once, and a line that says so; adapt.py and eval.py alike ---------
+
+
+def test_eval_tokens_beyond_the_split_are_capped_alike_in_adapt_and_eval(files, tmp_path, capsys):
+    import eval as eval_script
+    from data import TokenLoader
+    windows = TokenLoader(files["data"], "val", 2, 32, shuffle=False).n_windows  # make_data: 8,000 tokens, 258 windows
+    res = adapt.main(adapt_args(files, tmp_path / "a", "--eval-tokens", "100000000", "--max-tokens", "64"))
+    said = capsys.readouterr().out
+    assert "--eval-tokens 100,000,000 asks for more than the held-out split holds" in said, said
+    assert res["positions"] == windows // 2 * 2 * 31  # every window once, 31 predicted positions each
+    ev = eval_script.main(["--model", files["model"], "--data", files["data"], "--sae", files["sae"], "--adapter",
+                           str(tmp_path / "a" / "adapter"), "--eval-tokens", "100000000", "--batch-size", "2",
+                           "--seq-len", "32", "--out", str(tmp_path / "e"), "--plots", "false", "--autocast",
+                           "float32"])
+    assert "asks for more than the held-out split holds" in capsys.readouterr().out
+    assert ev["groups"][0]["positions"] == res["positions"]
+    for ours, theirs in (("ce_sae_lora", "sae_lora"), ("ce_sae", "sae"), ("ce_base", "original")):
+        assert abs(ev["groups"][0]["settings"][theirs]["ce"] - res[ours]) < 1e-4 * res[ours]
+
+
+def test_the_same_small_budget_is_the_same_positions_in_adapt_and_eval(files, tmp_path):
+    import eval as eval_script
+    res = adapt.main(adapt_args(files, tmp_path / "a", "--eval-tokens", "100", "--max-tokens", "64"))
+    ev = eval_script.main(["--model", files["model"], "--data", files["data"], "--sae", files["sae"], "--adapter",
+                           str(tmp_path / "a" / "adapter"), "--eval-tokens", "100", "--batch-size", "2",
+                           "--seq-len", "32", "--out", str(tmp_path / "e"), "--plots", "false", "--autocast",
+                           "float32"])
+    assert res["positions"] == ev["groups"][0]["positions"] == 2 * 2 * 31  # 100 tokens: 4 windows, 2 batches of 2
+
+
+# -- 4. files read with their path in the error; text that is not UTF-8; the SAEs an adapter was trained around --------
+
+
+def broken_adapter(files, where, damage):
+    import shutil
+    shutil.copytree(os.path.join(files["adapt"], "adapter"), where)
+    damage(where)
+    return str(where)
+
+
+def eval_args(files, out, *extra, sae=None):
+    return ["--model", files["model"], "--data", files["data"], "--sae", sae or files["sae"], "--out", out,
+            "--seq-len", "32",
+            "--batch-size", "2", "--eval-tokens", "128", "--plots", "false", "--autocast", "float32", *extra]
+
+
+def test_eval_truncated_adapter_is_one_line_naming_the_file(files, tmp_path):
+    def truncate(p):
+        data = (p / "adapter_model.safetensors").read_bytes()
+        (p / "adapter_model.safetensors").write_bytes(data[:len(data) // 2])
+    adapter = broken_adapter(files, tmp_path / "adapter", truncate)
+    refused("eval.py", eval_args(files, tmp_path / "e", "--adapter", adapter), [adapter],
+            os.path.join(adapter, "adapter_model.safetensors"), "truncated")
+
+
+def test_eval_adapter_config_that_is_not_json_is_one_line_naming_the_file(files, tmp_path):
+    adapter = broken_adapter(files, tmp_path / "adapter",
+                             lambda p: (p / "adapter_config.json").write_text("{'r': 4,"))
+    refused("eval.py", eval_args(files, tmp_path / "e", "--adapter", adapter), [adapter],
+            os.path.join(adapter, "adapter_config.json"), "not valid JSON")
+
+
+def test_text_that_is_not_utf8_is_read_with_replacement_and_counted(tmp_path, capsys):
+    from corpus import iter_documents
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain UTF-8 text", encoding="utf-8")
+    (folder / "b.txt").write_bytes("caf\xe9 cr\xe8me, latin-1 ".encode("latin-1") * 10)
+    docs = sorted(iter_documents(str(folder)))
+    assert len(docs) == 2 and docs[0].startswith("caf\ufffd cr\ufffdme") and docs[1] == "plain UTF-8 text"
+    assert "1 of 2 files are not valid UTF-8 (b.txt)" in capsys.readouterr().out
+    alone = tmp_path / "alone.txt"  # one latin-1 file alone: its text, not "holds no text"
+    alone.write_bytes("na\xefve".encode("latin-1"))
+    assert list(iter_documents(str(alone))) == ["na\ufffdve"]
+    jsonl = tmp_path / "docs.jsonl"  # one bad byte in a .jsonl: every line still a document
+    jsonl.write_bytes(b'{"text": "one"}\n{"text": "tw\xff"}\n{"text": "three"}\n')
+    assert sorted(iter_documents(str(jsonl))) == ["one", "three", "tw\ufffd"]
+    assert "docs.jsonl" in capsys.readouterr().out
+
+
+def test_adapter_records_its_saes_and_eval_with_others_says_so(files, tmp_path, capsys):
+    import json
+    import eval as eval_script
+    from lora import SAES_NAME
+    adapter = os.path.join(files["adapt"], "adapter")
+    record = json.load(open(os.path.join(adapter, SAES_NAME)))["saes"]
+    assert [(r["path"], r["layer"]) for r in record] == [(os.path.realpath(files["sae"]), 1)]
+    capsys.readouterr()
+    eval_script.main(eval_args(files, str(tmp_path / "same"), "--adapter", adapter))
+    assert "warning" not in capsys.readouterr().out
+    eval_script.main(eval_args(files, str(tmp_path / "other"), "--adapter", adapter, sae=files["sae2"]))
+    said = capsys.readouterr().out
+    assert f"--adapter {adapter} was trained around {os.path.realpath(files['sae'])} at layer 1; this run splices " \
+           f"{os.path.realpath(files['sae2'])} at layer 2" in said, said
+
+
+def test_adapter_with_its_sae_record_still_loads_in_peft(files):
+    # reference: peft's PeftModel.from_pretrained on adapt.py's folder (with lorasae_saes.json beside PEFT's files)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(files["model"], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(ref, os.path.join(files["adapt"], "adapter"))
+    assert sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A.default")) > 0
+
+
+# -- 5. smaller silences --------------------------------------------------------------------------------------------------
+
+
+def test_max_tokens_below_one_step_is_one_line(files, tmp_path):
+    refused("adapt.py", adapt_args(files, files["adapt"], "--max-tokens", "10"), [files["adapt"]],
+            "--max-tokens 10 is less than one optimizer step (--batch-size 2 x --seq-len 32 = 64 tokens)")
+    refused("train_sae.py", sae_args(files, files["sae_run"], "--max-tokens", "100"), [files["sae_run"]],
+            "--max-tokens 100 is less than one optimizer step (--batch-tokens = 512 tokens)")
+
+
+def test_generate_prompt_longer_than_the_context_says_it_was_cut(files, capsys):
+    import types
+    import generate
+    from model import Transformer
+    model = Transformer.from_pretrained(files["model"]).eval()
+
+    class Words:  # a stub tokenizer: one token per word
+        bos_id, eos_id, vocab_size = 1, 2, 512
+
+        def encode(self, text):
+            return [3 + len(w) for w in text.split()]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+    n = model.cfg.max_seq_len + 10
+    cfg = types.SimpleNamespace(gen_tokens=4, authors_splice=False, seed=0, temperature=0.0, top_k=None, bench_batch=2)
+    generate.show(model, Words(), ["word " * n, "short"], ("original",), [], (), cfg, None)
+    said = capsys.readouterr().out
+    room = model.cfg.max_seq_len - 4 - 1
+    assert f"--generate prompt 1: {n} tokens, more than the {room}" in said and f"first {n - room} tokens are cut" \
+        in said, said
+    assert "prompt 2" not in said
