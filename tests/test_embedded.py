@@ -304,9 +304,9 @@ BAD_INPUTS = {  # case: (flags replacing the good ones, what the one line must s
     "no config.json": (dict(model="{no_config}"), "no config.json"),
     "layer 99": (dict(layer="99"), "out of range"),
     "layer -1": (dict(layer="-1"), "out of range"),
-    "rank 0": (dict(rank="0"), "rank must be"),
+    "rank 0": (dict(rank="0"), "--rank 0: must be at least 1"),
     "missing data": (dict(data="{root}/nodata"), "no meta.json"),
-    "seq-len beyond the data": (dict(seq_len="100000"), "larger than the data"),
+    "seq-len beyond the data": (dict(seq_len="100000", max_tokens="100000"), "larger than the data"),
     "corrupt ckpt.pt": (dict(out="{root}/ckpt", resume="true"), "unreadable checkpoint"),
     "another tokenizer's data": (dict(data="{other_tok}"), "tokenize the data with the model's own tokenizer"),
 }
