@@ -29,8 +29,8 @@ _TMP = re.compile(r".*\.tmp\d+(\.[^/]*)?$")  # common.atomic_path's temporary na
 class Claim:
     """The held lock of one run folder (none on ranks other than 0: torchrun's processes share rank 0's)."""
 
-    def __init__(self, folder: str, fd: int | None):
-        self.folder, self.fd = folder, fd
+    def __init__(self, folder: str, fd: int | None, created: bool = False):
+        self.folder, self.fd, self.created = folder, fd, created
 
     def release(self):
         if self.fd is None:
@@ -43,6 +43,11 @@ class Claim:
             pass
         os.close(self.fd)
         self.fd = None
+        if self.created:  # a run that ended before writing anything leaves no empty folder behind
+            try:
+                os.rmdir(self.folder)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -59,8 +64,9 @@ def claim(folder: str, *, resume: bool, overwrite: bool, checkpoint: str, output
     --overwrite (nothing else in the folder is touched); config: this run's settings, compared with the checkpoint's
     on --resume except for the fields in may_change."""
     master = int(os.environ.get("RANK", "0")) == 0 if master is None else master
+    created = not os.path.exists(folder)
     writable(folder, flag)
-    lock = _lock(folder, flag) if master else Claim(folder, None)
+    lock = _lock(folder, flag, created) if master else Claim(folder, None)
     try:
         if master:
             remove_stale_temp_files(folder)
@@ -99,7 +105,7 @@ def writable(folder: str, flag: str = "--out"):
         raise ValueError(f"{flag} {folder}: the folder is not writable: choose a writable folder")
 
 
-def _lock(folder: str, flag: str) -> Claim:
+def _lock(folder: str, flag: str, created: bool = False) -> Claim:
     path = os.path.join(folder, LOCK)
     for _ in range(10):  # retried only when another run removed or replaced the file between open and flock
         try:
@@ -125,7 +131,7 @@ def _lock(folder: str, flag: str) -> Claim:
         # free: no lock file, or one left by a run that died (its flock went with it): ours now
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        return Claim(folder, fd)
+        return Claim(folder, fd, created)
     raise ValueError(f"{flag} {folder}: could not take the lock {path} (other runs keep replacing it)")
 
 

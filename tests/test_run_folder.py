@@ -364,3 +364,15 @@ def test_generate_prompt_longer_than_the_context_says_it_was_cut(files, capsys):
     assert f"--generate prompt 1: {n} tokens, more than the {room}" in said and f"first {n - room} tokens are cut" \
         in said, said
     assert "prompt 2" not in said
+
+
+def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
+    out = tmp_path / "new"
+    with run_folder.claim(str(out), resume=False, overwrite=False, checkpoint="ckpt.pt", outputs=(), config={},
+                          may_change=frozenset()):
+        assert out.is_dir()
+    assert not out.exists()
+    out.mkdir()  # a folder that was there before stays
+    run_folder.claim(str(out), resume=False, overwrite=False, checkpoint="ckpt.pt", outputs=(), config={},
+                     may_change=frozenset()).release()
+    assert out.is_dir() and not os.listdir(out)
