@@ -22,8 +22,8 @@ import torch
 
 import common
 import embedded
-from formats import run_folder
 from data import TokenLoader, check_data_matches, eval_batches_for, held_out_batches
+from formats import run_folder
 from lora import (adapter_parameters, adapters_disabled, apply_lora, layers_around_saes, lora_flops, save_adapter,
                   save_sae_record)
 from model import Transformer

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import common
 import embedded
-from formats import run_folder
 from data import TokenLoader, load_meta, load_tokenizer
+from formats import run_folder
 from model import ModelConfig, Transformer
 
 

@@ -23,8 +23,8 @@ import torch
 
 import common
 import embedded
-from formats import run_folder
 from data import TokenLoader, check_data_matches, held_out_batches
+from formats import run_folder
 from model import Transformer
 from sae import SAE, geometric_median, splice_flops, update_since_fired
 from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, kl_flops, original_pass, spliced_pass

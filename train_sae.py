@@ -20,8 +20,8 @@ import torch
 
 import common
 import embedded
-from formats import run_folder
 from data import TokenLoader, check_data_matches, held_out_batches
+from formats import run_folder
 from model import Transformer
 from sae import SAE, geometric_median, training_flops, training_loss, update_since_fired
 from splice import evaluate
