@@ -23,8 +23,9 @@ import torch
 import common
 from formats import disk
 import embedded
-from data import TokenLoader, check_data_matches
-from formats.peft import save_adapter
+from data import TokenLoader, check_data_matches, eval_batches_for, held_out_batches
+from formats import run_folder
+from formats.peft import save_adapter, save_sae_record
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
 from model import Transformer
 from sae import load_saes
@@ -78,14 +79,28 @@ class AdaptConfig:
     fsdp: bool = False  # under torchrun: shard every decoder layer across the processes (models too big for one)
     compile: bool = True  # torch.compile the two passes and the KL chunk
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk: never a whole (tokens, vocab) fp32 tensor
-    eval_tokens: int = 1_000_000  # held-out tokens for the CE / KL table, in whole windows rounded up (paper: 1M;
-    # the authors' utils.py rounds up too: 977 windows of 1024)
+    eval_tokens: int = 1_000_000  # held-out tokens for the CE / KL table, in whole windows rounded up to whole batches
+    # (paper: 1M; the authors' utils.py rounds up too: 977 windows of 1024); at least 1; more than the held-out split
+    # holds: all of it, once (a log line says so), as eval.py
     eval_interval: int = 200  # steps between held-out evaluations
     log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 200  # steps between checkpoints (ckpt.pt and the adapter)
-    resume: bool = False  # continue from --out/ckpt.pt
+    resume: bool = False  # continue from --out/ckpt.pt, with the checkpoint's settings; only --max-tokens,
+    # --micro-batch, --autocast, --dtype, --fsdp, --compile, --kl-chunk, --eval-tokens, the intervals and --device
+    # may differ
+    overwrite: bool = False  # replace the run in --out (its ckpt.pt, adapter and results.json are deleted first)
     seed: int = 0  # adapter initialisation, data order and dropout masks (one stream per rank)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("rank", "alpha", "max_tokens", "batch_size", "micro_batch", "seq_len", "lr", "grad_clip",
+                            "kl_chunk", "eval_tokens", "eval_interval", "log_interval", "ckpt_interval"),
+            non_negative=("dropout_steps", "weight_decay"), fractions=("warmup_frac", "decay_frac", "min_lr_frac"),
+            below_one=("dropout",),
+            choices=dict(schedule=("linear", "cosine"), kl_reduction=("sequence", "token"),
+                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
+                         sae_positions=("auto", "all", "no_bos", "no_bos_eos")))
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed), sized for a first result
@@ -104,7 +119,23 @@ def main(argv=None) -> dict:
     return results
 
 
+# What --resume may change: how long, how often, where and at what precision the run goes on. Every other setting
+# defines what a step trains and must equal the checkpoint's (formats/run_folder.py).
+MAY_CHANGE = frozenset({"max_tokens", "micro_batch", "autocast", "dtype", "fsdp", "compile", "kl_chunk", "eval_tokens",
+                        "eval_interval", "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
+OUTPUTS = ("ckpt.pt", "adapter", "results.json")  # what a run writes to --out (--overwrite deletes these)
+
+
 def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
+    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len, f"--batch-size {cfg.batch_size} x --seq-len "
+                                                                         f"{cfg.seq_len}")
+    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="ckpt.pt", outputs=OUTPUTS,
+                          config=asdict(cfg), may_change=MAY_CHANGE):
+        return _run(cfg, d)
+
+
+def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     # -- setup --------------------------------------------------------------------------------------------------------
     own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
     d = d or common.setup(cfg.device)
@@ -136,7 +167,8 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     train = TokenLoader(cfg.data, "train", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, device=d.device)
     val = TokenLoader(cfg.data, "val", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
                       device=d.device)
-    val_batches = [val.next_batch() for _ in range(math.ceil(cfg.eval_tokens / (micro * cfg.seq_len * d.world_size)))]
+    val_batches = held_out_batches(val, eval_batches_for(cfg.eval_tokens, micro, cfg.seq_len, d.world_size),
+                                   f"--eval-tokens {cfg.eval_tokens:,}", "--micro-batch or --seq-len")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x {cfg.seq_len} tokens; held-out "
@@ -169,6 +201,8 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         adapter, optim = [common.whole(p) for p in params], common.optimizer_state(optimizer, params)
         if cfg.fsdp or d.master:
             save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.model)
+        if d.master:  # beside PEFT's files: the SAEs it is trained around (eval.py says when it is given others)
+            save_sae_record(os.path.join(cfg.out, "adapter"), saes)
         if d.master:
             disk.torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs,
                                    step=step, history=history, elapsed=elapsed, config=asdict(cfg)), ckpt_path)

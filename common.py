@@ -68,6 +68,47 @@ def parse_args(config_cls, argv=None, epilog: str | None = None):
     return cfg, set(given)
 
 
+PRECISIONS = ("float32", "bfloat16", "float16")  # --dtype: what the weights can be stored in
+
+
+def check_flags(cfg, *, positive=(), non_negative=(), fractions=(), below_one=(), choices=None):
+    """One ValueError line naming the first flag of `cfg` whose value is out of range, before any work: positive
+    (> 0; a whole number at least 1), non_negative (>= 0), fractions (0..1), below_one (0 <= x < 1), choices
+    ({field: allowed values}). None passes: it means "not set" wherever a field allows it. Every config calls it
+    from __post_init__, so the scripts' values are checked as they are parsed."""
+    def bad(name, rule):
+        value = getattr(cfg, name)
+        raise ValueError(f"--{name.replace('_', '-')} {_flag_text(value)}: {rule}")
+    for name in positive:
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:  # NaN fails too
+            bad(name, "must be at least 1" if isinstance(v, int) else "must be greater than 0")
+    for name in non_negative:
+        v = getattr(cfg, name)
+        if v is not None and not v >= 0:
+            bad(name, "must be 0 or more")
+    for name in fractions:
+        v = getattr(cfg, name)
+        if v is not None and not 0 <= v <= 1:
+            bad(name, "must be a fraction between 0 and 1")
+    for name in below_one:
+        v = getattr(cfg, name)
+        if v is not None and not 0 <= v < 1:
+            bad(name, "must be at least 0 and below 1")
+    for name, allowed in (choices or {}).items():
+        v = getattr(cfg, name)
+        if v is not None and v not in allowed:
+            bad(name, f"expected {', '.join(allowed[:-1])} or {allowed[-1]}" if len(allowed) > 1 else
+                f"expected {allowed[0]}")
+
+
+def check_one_step(max_tokens: int, step_tokens: int, step: str):
+    """--max-tokens must buy at least one optimizer step of `step_tokens` (`step`: how they are made up)."""
+    if max_tokens < step_tokens:
+        raise ValueError(f"--max-tokens {max_tokens:,} is less than one optimizer step ({step} = {step_tokens:,} "
+                         f"tokens): give --max-tokens {step_tokens} or more")
+
+
 def fill(cfg, typed: set[str], preset: dict, source: str = "preset"):
     """Set every field of `preset` that the user did not type on the command line; sources(cfg) names `source` as
     where each of them came from."""

@@ -503,6 +503,28 @@ class TokenLoader:
 # Command line: prepare as a script
 
 
+def held_out_batches(loader: TokenLoader, batches: int, asked: str, fewer: str) -> list[torch.Tensor]:
+    """The first `batches` batches of a held-out loader (shuffle=False), never more than its split holds: a larger
+    budget is capped to the split's whole batches with a log line that says so (`asked`: the flag and value that asked
+    for it), so no window is read twice. A split with not one whole batch per process is a ValueError line (`fewer`:
+    what to lower). adapt.py and eval.py turn --eval-tokens into `batches` the same way (eval_batches_for)."""
+    have = loader.per_rank // loader.batch_size
+    if have == 0:
+        raise ValueError(f"the held-out split holds {loader.per_rank} windows of {loader.seq_len} tokens per process, "
+                         f"fewer than one batch of {loader.batch_size}: lower {fewer}")
+    if batches > have:
+        windows = have * loader.batch_size * loader.world_size
+        common.log(f"{asked} asks for more than the held-out split holds: evaluating on all of it, {have} batches "
+                   f"({windows} windows of {loader.seq_len}, {windows * loader.seq_len:,} tokens); no window twice")
+    return [loader.next_batch() for _ in range(min(batches, have))]
+
+
+def eval_batches_for(eval_tokens: int, batch: int, seq_len: int, world_size: int = 1) -> int:
+    """--eval-tokens as batches of `batch` windows per process: whole windows, rounded up to whole batches (the
+    authors' utils.py rounds up too: 977 windows of 1024 for 1M tokens)."""
+    return -(-eval_tokens // (batch * seq_len * world_size))
+
+
 @dataclass
 class PrepareConfig:
     """Tokenize a corpus into a token folder (train.bin, val.bin, meta.json), the --data of every script."""

@@ -84,7 +84,9 @@ def model() -> str:
 
     def build():
         common.log(f"embedded model: pretraining a tiny Gemma-2 in {out} (first run only)")
-        pretrain.run(pretrain.PretrainConfig(out=out, data=stdlib_corpus.corpus_and_tokenizer()[0]), d=_one_process())
+        resume = os.path.isfile(os.path.join(out, "train_state.pt"))  # a build that was killed goes on
+        pretrain.run(pretrain.PretrainConfig(out=out, data=stdlib_corpus.corpus_and_tokenizer()[0], resume=resume),
+                     d=_one_process())
     return _once(out, "model.safetensors", build, "pretraining")
 
 
@@ -96,7 +98,8 @@ def sae(layer: int = SAE_LAYER) -> str:
 
     def build():
         common.log(f"embedded SAE: training a TopK SAE on layer {layer} in {out} (first run only)")
-        run_script("train_sae.py", dict(SAE, model=model_path, data=corpus(), out=out, layer=[layer]))
+        resume = os.path.isfile(os.path.join(out, "state.pt"))  # a build that was killed goes on
+        run_script("train_sae.py", dict(SAE, model=model_path, data=corpus(), out=out, layer=[layer], resume=resume))
     return _once(out, "cfg.json", build, f"SAE training (layer {layer})")
 
 

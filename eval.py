@@ -53,6 +53,7 @@ from evals import steering
 from evals import truthfulqa
 from formats.peft import load_adapter
 from lora import adapters_disabled, merged
+from formats import run_folder
 from model import Transformer
 from sae import load_saes
 from splice import add, gap_closed, kept_tokens, kl_and_ce, means, predicted_positions, spliced_pass
@@ -69,11 +70,14 @@ class EvalConfig:
     sae: list[str] = field(default_factory=list)  # SAE folder or hub path; several are spliced together (Sec. 4.3);
     # none: as adapt.py chooses (Gemma Scope for Gemma-2 2B/9B at --layer, the embedded SAE for the tiny model)
     layer: list[int] = field(default_factory=list)  # the SAE layer, one per --sae; none: what the SAE files say
-    adapter: list[str] = field(default_factory=list)  # PEFT adapter folder; several give one row group each
+    adapter: list[str] = field(default_factory=list)  # PEFT adapter folder; several give one row group each. One that
+    # adapt.py trained around other SAEs than --sae: evaluated all the same, with a warning line
     tokenizer: str | None = None  # for steering texts and benchmarks; none: the model's own
     data: str | None = None  # token folder (data.prepare) whose val split is the held-out set
     out: str = "out/eval"  # eval.json, eval.md and the plots go here
-    eval_tokens: int = 1_000_000  # held-out tokens (paper: 1M for the CE table, Sec. 4; 500k for distances, Sec. 6.2)
+    eval_tokens: int = 1_000_000  # held-out tokens (paper: 1M for the CE table, Sec. 4; 500k for distances, Sec. 6.2),
+    # in whole windows rounded up to whole batches, as adapt.py; at least 1; more than the held-out split holds: all
+    # of it, once (a log line says so)
     batch_size: int = 4  # sequences per forward
     seq_len: int = 1024  # tokens per sequence
     sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
@@ -109,6 +113,13 @@ class EvalConfig:
     dtype: str = "float32"  # storage of the model weights
     chunk: int = 2048  # tokens per lm_head + log-softmax chunk
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("eval_tokens", "batch_size", "seq_len", "top_k", "bench_limit", "bench_batch", "chunk"),
+            non_negative=("latent", "seed"),  # --gen-tokens and --temperature: generate.check_args
+            choices=dict(autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
+                         sae_positions=("auto", "all", "no_bos", "no_bos_eos")))
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
@@ -408,6 +419,7 @@ def main(argv=None) -> dict:
 
 def run(cfg: EvalConfig) -> dict:
     # -- read every input before any model work: bad files fail in a second, not after an hour -----------------------
+    run_folder.writable(cfg.out)  # an --out that is a file or cannot be made: now, not after the evaluation
     steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     texts = steering.read_inputs(cfg) if steer else {}
@@ -432,7 +444,7 @@ def run(cfg: EvalConfig) -> dict:
     if any(sae.transcoder for _, sae in saes):  # its FVU, L0 and distances are defined on the residual stream here
         raise ValueError("eval.py does not evaluate transcoders yet: adapt.py's held-out table reports their CE / KL")
     for adapter in cfg.adapter:
-        check_adapter(model, adapter)
+        check_adapter(model, adapter, saes)
     bos_id = model.cfg.bos_token_id
     if gen_qs or cfg.generate:
         generate.check_args(cfg, model.cfg.max_seq_len)
@@ -510,40 +522,41 @@ def run(cfg: EvalConfig) -> dict:
     return res
 
 
-def check_adapter(model, folder: str):
+def check_adapter(model, folder: str, saes=()):
     """Every adapter matches the model, checked from the file headers before any evaluation starts (load_adapter checks
     again, but only when its turn comes)."""
     from safetensors import safe_open
-    from formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+    from formats.checkpoint import safetensors_header
+    from formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, sae_mismatch
     path = os.path.join(folder, WEIGHTS_NAME)
     if not (os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isfile(path)):
         raise FileNotFoundError(f"--adapter {folder}: no {CONFIG_NAME} + {WEIGHTS_NAME} (not a PEFT adapter folder)")
-    with safe_open(path, "pt") as f:
-        for key in f.keys():
-            name, ab = key.removeprefix(PREFIX).rsplit(".lora_", 1)
-            try:
-                lin = model.get_submodule(name)
-            except AttributeError:
-                lin = None
-            shape = f.get_slice(key).get_shape()
-            got, want = (shape[1], getattr(lin, "in_features", None)) if ab.startswith("A") else \
-                (shape[0], getattr(lin, "out_features", None))
-            if got != want:
-                raise ValueError(f"--adapter {folder}: tensor {key} (shape {tuple(shape)}) does not fit this model's "
-                                 f"{name} (adapter for another model?)")
+    disk.read_json(os.path.join(folder, CONFIG_NAME), folder)  # not JSON: a line that names the file, now
+    for key, (_, shape, _, _) in safetensors_header(path).items():  # truncated: a line that names the file
+        name, ab = key.removeprefix(PREFIX).rsplit(".lora_", 1)
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            lin = None
+        got, want = (shape[1], getattr(lin, "in_features", None)) if ab.startswith("A") else \
+            (shape[0], getattr(lin, "out_features", None))
+        if got != want:
+            raise ValueError(f"--adapter {folder}: tensor {key} (shape {tuple(shape)}) does not fit this model's "
+                             f"{name} (adapter for another model?)")
+    other = sae_mismatch(folder, saes)
+    if other:
+        common.log(f"eval.py: warning: {other}")
 
 
 def load_batches(cfg: EvalConfig, model, seq_len: int, device) -> list[torch.Tensor]:
-    from data import TokenLoader, check_data_matches
+    from data import TokenLoader, check_data_matches, eval_batches_for, held_out_batches
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "val", cfg.batch_size, seq_len, shuffle=False, device=device)
     batch = min(cfg.batch_size, loader.n_windows)  # never repeat a window to fill a batch
     if batch < cfg.batch_size:
         loader = TokenLoader(cfg.data, "val", batch, seq_len, shuffle=False, device=device)
-    n = max(1, min(cfg.eval_tokens // (batch * seq_len), loader.n_windows // batch))
-    if n * batch * seq_len < cfg.eval_tokens:
-        common.log(f"{cfg.data}: the val split holds {n * batch * seq_len:,} tokens in whole batches; evaluating on those")
-    return [loader.next_batch() for _ in range(n)]
+    return held_out_batches(loader, eval_batches_for(cfg.eval_tokens, batch, seq_len), f"--eval-tokens "
+                            f"{cfg.eval_tokens:,}", "--seq-len")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import common
 from formats import disk
 from data import TokenLoader, load_meta, load_tokenizer
 from formats import stdlib_corpus
+from formats import run_folder
 from model import ModelConfig, Transformer
 
 
@@ -72,9 +73,20 @@ class PretrainConfig(PretrainRecipe):
     eval_batches: int = 25  # validation batches
     log_interval: int = 25  # steps between log lines
     ckpt_interval: int = 250  # steps between checkpoints (train_state.pt)
-    resume: bool = False  # continue from --out/train_state.pt
+    resume: bool = False  # continue from --out/train_state.pt, with its settings; only --max-steps, --stop-after,
+    # --autocast, --compile, the intervals, --eval-batches and --device may differ
+    overwrite: bool = False  # replace the model in --out (its weights, config, tokenizer and state are deleted first)
     compile: bool = True  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "sliding_window",
+                            "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "grad_clip", "eval_interval",
+                            "eval_batches", "log_interval", "ckpt_interval"),
+            non_negative=("weight_decay", "stop_after"), fractions=("min_lr_frac", "warmup_frac"),
+            below_one=("beta1", "beta2"),
+            choices=dict(family=("gemma2", "llama3"), autocast=("auto", *common.PRECISIONS)))
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int | None) -> ModelConfig:
@@ -147,10 +159,6 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
         st = disk.torch_load(state_path, d.device)
-        shape_keys = ("family", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "seq_len")
-        diff = [k for k in shape_keys if st["config"][k] != getattr(cfg, k)]
-        if diff:
-            raise ValueError(f"--resume: {state_path} was made with a different {', '.join(diff)}")
         raw.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"])
@@ -243,6 +251,13 @@ def recipe_key(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+# What --resume may change: how long, how often, where and at what precision; every other setting (the recipe above,
+# the data) defines the model that is trained and must equal the checkpoint's (formats/run_folder.py).
+MAY_CHANGE = frozenset({"max_steps", "stop_after", "autocast", "compile", "eval_interval", "eval_batches",
+                        "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
+OUTPUTS = ("train_state.pt", "model.safetensors", "config.json", "tokenizer.model", "original", "pretrain.json")
+
+
 def main(argv=None) -> dict:
     cfg, _ = common.parse_args(PretrainConfig, argv)
     return run(cfg)
@@ -252,13 +267,16 @@ def run(cfg: PretrainConfig, d: common.Dist | None = None) -> dict:
     """Pretrain under torchrun's processes, or in the single process `d` (what the embedded pipeline passes)."""
     if cfg.family not in ("gemma2", "llama3"):
         raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
-    own = d is None
-    d = d or common.setup(cfg.device)
-    try:
-        return train(cfg, d)
-    finally:
-        if own:
-            common.teardown()
+    out = cfg.out or model_dir(cfg)
+    with run_folder.claim(out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="train_state.pt",
+                          outputs=OUTPUTS, config=asdict(cfg), may_change=MAY_CHANGE):
+        own = d is None
+        d = d or common.setup(cfg.device)
+        try:
+            return train(cfg, d)
+        finally:
+            if own:
+                common.teardown()
 
 
 if __name__ == "__main__":

@@ -366,6 +366,7 @@ def load_saes(paths: list[str], layers: list[int] | None, model, device) -> list
             raise ValueError(f"{path}: layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
         sae.check_d_in(model.cfg.d_model, where=path)
         sae.requires_grad_(False).eval()
+        sae.path = path  # which files it came from: an adapter records the SAEs it is trained around
         saes.append((layer, sae))
     if len({layer for layer, _ in saes}) != len(saes):
         raise ValueError("two SAEs at the same layer: give each --sae its own --layer")

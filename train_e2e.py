@@ -24,7 +24,8 @@ import torch
 import common
 from formats import disk
 import embedded
-from data import TokenLoader, check_data_matches
+from data import TokenLoader, check_data_matches, held_out_batches
+from formats import run_folder
 from model import Transformer
 from sae import SAE, geometric_median, update_since_fired
 from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass, spliced_pass
@@ -61,10 +62,21 @@ class E2EConfig:
     # summed over each sequence's, mean over sequences (the authors')
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 200  # steps between validation CE-with-SAE measurements
-    eval_batches: int = 8  # validation batches of batch_size sequences
-    resume: bool = False  # continue from --out/state.pt
+    eval_batches: int = 8  # validation batches of batch_size sequences; at most
+    # what the held-out split holds (capped, with a log line)
+    resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --compile,
+    # --kl-chunk, --log-interval, --eval-interval, --eval-batches and --device may differ
+    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and log.csv are deleted)
     seed: int = 0  # SAE initialisation and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("k", "expansion", "max_tokens", "batch_size", "seq_len", "lr", "grad_clip", "dead_tokens",
+                            "kl_chunk", "log_interval", "eval_interval", "eval_batches"),
+            non_negative=("ds_coef",), fractions=("warmup_frac", "decay_frac"),
+            choices=dict(recipe=("gao", "authors"), kl_reduction=("sequence", "token"),
+                         sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS)))
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
@@ -84,7 +96,24 @@ def main(argv=None) -> dict:
     return run(cfg)
 
 
+# What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE
+# that is trained and must equal the checkpoint's (formats/run_folder.py).
+MAY_CHANGE = frozenset({"max_tokens", "autocast", "compile", "kl_chunk", "log_interval", "eval_interval",
+                        "eval_batches", "resume", "overwrite", "device", "out"})
+OUTPUTS = ("state.pt", "log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
+
+
 def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
+    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is per process
+    common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len * world,
+                          f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} x {world} process(es)")
+    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
+                          config=asdict(cfg), may_change=MAY_CHANGE):
+        return _run(cfg, d)
+
+
+def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
     # -- setup, frozen model, SAE --------------------------------------------------------------------------------------
     if len(cfg.layer) != 1:
         raise ValueError(f"train_e2e.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
@@ -112,7 +141,8 @@ def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
                          device=d.device)
     val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
                       device=d.device)
-    val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
+    val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
+                                   "--batch-size or --seq-len")
     tokens_per_step = cfg.batch_size * cfg.seq_len * d.world_size
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     since_fired = torch.zeros(m, dtype=torch.long, device=d.device)

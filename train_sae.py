@@ -23,7 +23,8 @@ import torch
 import common
 from formats import disk
 import embedded
-from data import TokenLoader, check_data_matches
+from data import TokenLoader, check_data_matches, held_out_batches
+from formats import run_folder
 from model import Transformer
 from sae import SAE, geometric_median, training_loss, update_since_fired
 from splice import evaluate
@@ -64,10 +65,22 @@ class TrainSAEConfig:
     compile: bool = True  # torch.compile the frozen forward up to the layer
     log_interval: int = 50  # steps between log lines
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
-    eval_batches: int = 4  # validation batches of model_batch sequences
-    resume: bool = False  # continue from --out/state.pt
+    eval_batches: int = 4  # validation batches of model_batch sequences; at most
+    # what the held-out split holds (capped, with a log line)
+    resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --dtype,
+    # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ
+    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and history.json are deleted)
     seed: int = 0  # SAE initialisation and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(
+            self, positive=("k", "expansion", "bandwidth", "max_tokens", "batch_tokens", "buffer_tokens", "model_batch",
+                            "seq_len", "lr", "dead_tokens", "grad_clip", "log_interval", "eval_interval",
+                            "eval_batches"),
+            non_negative=("l0_coef", "auxk_coef"), fractions=("warmup_frac", "decay_frac"),
+            choices=dict(recipe=("gao", "authors"), arch=("topk", "batchtopk", "jumprelu"),
+                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS))
 
 
 # Without --model: the embedded pipeline's SAE recipe (its cache folder is named by it), written to out/sae-tiny
@@ -157,7 +170,22 @@ def main(argv=None) -> dict:
     return run(cfg)
 
 
+# What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE
+# that is trained and must equal the checkpoint's (formats/run_folder.py).
+MAY_CHANGE = frozenset({"max_tokens", "autocast", "dtype", "compile", "log_interval", "eval_interval", "eval_batches",
+                        "resume", "overwrite", "device", "out"})
+OUTPUTS = ("state.pt", "history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
+
+
 def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
+    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
+    common.check_one_step(cfg.max_tokens, cfg.batch_tokens, "--batch-tokens")
+    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
+                          config=asdict(cfg), may_change=MAY_CHANGE):
+        return _run(cfg, d)
+
+
+def _run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
     # -- setup --------------------------------------------------------------------------------------------------------
     if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
         raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
@@ -188,7 +216,8 @@ def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
                          device=d.device)
     val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
                       device=d.device)
-    val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
+    val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
+                                   "--model-batch or --seq-len")
     per_rank = cfg.batch_tokens // d.world_size  # the global SAE batch is split across ranks
     buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // d.world_size, per_rank),
                               cfg.include_bos, amp, d.device, transcoder=cfg.transcoder)

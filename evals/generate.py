@@ -243,6 +243,13 @@ def check_args(cfg, max_seq_len: int):
 def show(model, tok, prompts, settings, saes, keep, cfg, amp) -> dict:
     """eval.py --generate: what each setting writes after each prompt, printed and returned as {key: [text, ...]}; the
     key is the setting, with "_prompt_only" added for the authors' splice (cfg.authors_splice)."""
+    room = model.cfg.max_seq_len - cfg.gen_tokens - 1  # what complete() keeps of a prompt, beside BOS
+    for i, p in enumerate(prompts):
+        n = len(tok.encode(p))
+        if n > room and settings[0] == "original":  # said once: eval.py shows the base settings first
+            common.log(f"--generate prompt {i + 1}: {n} tokens, more than the {room} the model's "
+                       f"{model.cfg.max_seq_len}-token context leaves beside BOS and --gen-tokens {cfg.gen_tokens}: "
+                       f"its first {n - room} tokens are cut")
     out = {}
     for s in settings:
         for prompt_only in (False, True) if cfg.authors_splice and "sae" in s else (False,):

@@ -37,6 +37,7 @@ import urllib.request
 
 import numpy as np
 
+import common
 from formats import hub
 
 TEXT_EXTS = (".txt", ".md", ".py")  # read whole, one document per file; .jsonl: one {"text": ...} per line
@@ -81,6 +82,17 @@ def read_text(path: str) -> str | None:
         return None
 
 
+def read_local_text(path: str) -> tuple[str, bool]:
+    """A user's text file, and whether it needed the stated rule for text that is not UTF-8: bytes that do not decode
+    are replaced by U+FFFD (the rest of the file is kept: never dropped)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
 def jsonl_texts(lines, where: str):
     """The 'text' of each JSON line (or the line's JSON string); one ValueError naming file:line for a bad one."""
     for n, line in enumerate(lines, 1):
@@ -106,13 +118,20 @@ def _local_documents(path: str) -> list[str]:
         files = [path]
     else:
         raise ValueError(f"{path}: unsupported file type (expected {', '.join(TEXT_EXTS + ('.jsonl',))} or a folder)")
-    docs = []
+    docs, replaced = [], []
     for f in files:
+        text, bad = read_local_text(f)
+        if bad:
+            replaced.append(f)
         if f.endswith(".jsonl"):
-            with open(f, encoding="utf-8") as fh:
-                docs += list(jsonl_texts(fh, f))
+            docs += list(jsonl_texts(text.splitlines(), f))
         else:
-            docs.append(read_text(f))
+            docs.append(text)
+    if replaced:
+        names = ", ".join(os.path.relpath(f, path) if os.path.isdir(path) else f for f in replaced[:3])
+        common.log(f"{path}: {len(replaced)} of {len(files)} files are not valid UTF-8 ({names}"
+                   f"{', ...' if len(replaced) > 3 else ''}): read with the bytes that do not decode replaced by "
+                   f"U+FFFD")
     return [d for d in docs if d and d.strip()]
 
 

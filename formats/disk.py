@@ -37,8 +37,11 @@ def read_json(path: str, missing: str):
     """A JSON file's content, or one FileNotFoundError line (`missing`: what the folder is not, what to do)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(missing)
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore or rewrite the file") from None
 
 
 def torch_save(obj, path: str):

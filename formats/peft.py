@@ -10,7 +10,6 @@ Module paths are HF's (`model.layers.3.self_attn.q_proj`), so PEFT's tensor name
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -50,6 +49,39 @@ def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = "
     disk.write_json(os.path.join(folder, CONFIG_NAME), config)
 
 
+SAES_NAME = "lorasae_saes.json"  # beside PEFT's two files (PEFT reads only its own): the SAEs it was trained around
+
+
+def sae_record(saes) -> list[dict]:
+    """Which SAEs an adapter is trained around: path (resolved when local), layer, architecture and width of each
+    (layer, SAE) pair, as sae.load_saes returns them."""
+    return [dict(path=_where(getattr(s, "path", "")), layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s in saes]
+
+
+def _where(path: str) -> str:
+    return os.path.realpath(path) if path and os.path.exists(path) else path
+
+
+def save_sae_record(folder: str, saes):
+    disk.write_json(os.path.join(folder, SAES_NAME), dict(saes=sae_record(saes)))
+
+
+def sae_mismatch(folder: str, saes) -> str | None:
+    """A line saying how the SAEs in `saes` differ from those the adapter in `folder` was trained around (its
+    SAES_NAME record); None when they are the same, or when the adapter has no record (made elsewhere, or older)."""
+    path = os.path.join(folder, SAES_NAME)
+    if not os.path.isfile(path):
+        return None
+    trained = disk.read_json(path, path).get("saes", [])
+    now = sae_record(saes)
+    key = lambda rec: sorted((r["layer"], r["path"]) for r in rec)  # noqa: E731
+    if key(trained) == key(now):
+        return None
+    text = lambda rec: ", ".join(f"{r['path']} at layer {r['layer']}" for r in rec) or "none"  # noqa: E731
+    return (f"--adapter {folder} was trained around {text(trained)}; this run splices {text(now)}: its SAE + LoRA "
+            f"numbers are for SAEs it was not trained with")
+
+
 def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:
     """Load an adapter saved by save_adapter or by peft's save_pretrained. Applies LoRA per adapter_config.json if the
     model has none yet; otherwise the existing adapters must match it. Returns the adapter parameters.
@@ -59,8 +91,7 @@ def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(folder, fname)):
             raise FileNotFoundError(f"{folder}: no {fname} (is this a PEFT LoRA adapter folder?)")
-    with open(os.path.join(folder, CONFIG_NAME)) as f:
-        cfg = json.load(f)
+    cfg = disk.read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
     _check_peft_config(cfg, folder)
     r, alpha, targets = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
     layers = cfg.get("layers_to_transform")

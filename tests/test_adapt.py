@@ -55,16 +55,16 @@ def test_layer_rules_for_jumprelu(files):
 
 def test_bad_input_errors(files, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
-        adapt.main(small_args(files, tmp_path, "--layer", "9"))
+        adapt.main(small_args(files, tmp_path / "out", "--layer", "9"))
     with pytest.raises(ValueError, match="2 layers for 1 SAEs"):
-        adapt.main(small_args(files, tmp_path, "--layer", "1", "--layer", "2"))
+        adapt.main(small_args(files, tmp_path / "out", "--layer", "1", "--layer", "2"))
     wide = make_sae(tmp_path / "wide", d=32, m=64)
     with pytest.raises(ValueError, match="d_in=32.*d_model=64"):
-        adapt.main(small_args(files, tmp_path, sae=wide))
+        adapt.main(small_args(files, tmp_path / "out", sae=wide))
     with pytest.raises(FileNotFoundError):
-        adapt.main(small_args(files, tmp_path, sae=str(tmp_path / "nothing-here")))
-    with pytest.raises(ValueError, match="--kl-reduction 'batchmean': expected sequence or token"):
-        adapt.main(small_args(files, tmp_path, "--kl-reduction", "batchmean"))
+        adapt.main(small_args(files, tmp_path / "out", sae=str(tmp_path / "nothing-here")))
+    with pytest.raises(ValueError, match="--kl-reduction batchmean: expected sequence or token"):
+        adapt.main(small_args(files, tmp_path / "out", "--kl-reduction", "batchmean"))
 
 
 def test_training_lowers_the_kl_and_writes_results(files, tmp_path):
@@ -290,7 +290,8 @@ def test_dropout_steps_turns_lora_dropout_off_for_good(files, tmp_path, monkeypa
             seen.append("T" if self.training else "F")
             return forward(self, x)
         monkeypatch.setattr(torch.nn.Dropout, "forward", record)
-        adapt.main(small_args(files, tmp_path, "--dropout", "0.1", "--max-tokens", str(4 * 4 * 32), *extra))
+        adapt.main(small_args(files, tmp_path / str(len(extra)), "--dropout", "0.1", "--max-tokens", str(4 * 4 * 32),
+                              *extra))
         return "".join(seen)
     every, first_two = pattern(), pattern("--dropout-steps", "2")
     assert re.fullmatch(r"F+T+F+", every) and re.fullmatch(r"F+T+F+", first_two), (every, first_two)

@@ -141,7 +141,7 @@ def test_cache_folders_are_keyed_by_the_recipe(monkeypatch, tmp_path):
     model = pretrain.model_dir(pretrain.PretrainConfig())
     assert pretrain.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
     run_only = dict(out="x", data="d", stop_after=3, eval_interval=1, eval_batches=1, log_interval=1, ckpt_interval=1,
-                    resume=True, compile=False, device="cpu")
+                    resume=True, overwrite=False, compile=False, device="cpu")
     assert {f.name for f in dataclasses.fields(pretrain.PretrainConfig)} - set(run_only) == \
         {f.name for f in dataclasses.fields(pretrain.PretrainRecipe)}  # every other field is in the recipe
     assert pretrain.model_dir(pretrain.PretrainConfig(**run_only)) == model  # not the recipe: same model
@@ -201,8 +201,12 @@ def test_shipped_files_are_what_their_recipe_built():
     assert sorted(os.listdir(embedded.SHIPPED)) == sorted(["README.md", os.path.basename(model), os.path.basename(sae)])
 
 
-def typed_other(value):
-    """A command-line value unlike the preset's `value`."""
+def typed_other(value, key=""):
+    """A command-line value unlike the preset's `value`, and valid for flag `key` (each config checks its values)."""
+    if key in ("schedule", "kl_reduction"):
+        return {"cosine": "linear", "linear": "cosine", "token": "sequence", "sequence": "token"}[value]
+    if key == "dropout" or key.endswith("_frac"):  # fractions
+        return str(value / 2 if value else 0.5)
     if isinstance(value, bool):
         return str(not value)
     if isinstance(value, list):
@@ -220,7 +224,7 @@ def test_typed_flags_are_never_overridden(stub_pipeline, script):
                   and v.__module__ == module.__name__)
     argv, want = [], {}
     for key, value in module.TINY.items():
-        typed = typed_other(value)
+        typed = typed_other(value, key)
         for v in typed if isinstance(typed, list) else [typed]:
             argv += ["--" + key.replace("_", "-"), v]
         want[key] = typed
@@ -303,9 +307,9 @@ BAD_INPUTS = {  # case: (flags replacing the good ones, what the one line must s
     "no config.json": (dict(model="{no_config}"), "no config.json"),
     "layer 99": (dict(layer="99"), "out of range"),
     "layer -1": (dict(layer="-1"), "out of range"),
-    "rank 0": (dict(rank="0"), "rank must be"),
+    "rank 0": (dict(rank="0"), "--rank 0: must be at least 1"),
     "missing data": (dict(data="{root}/nodata"), "no meta.json"),
-    "seq-len beyond the data": (dict(seq_len="100000"), "larger than the data"),
+    "seq-len beyond the data": (dict(seq_len="100000", max_tokens="100000"), "larger than the data"),
     "corrupt ckpt.pt": (dict(out="{root}/ckpt", resume="true"), "unreadable checkpoint"),
     "another tokenizer's data": (dict(data="{other_tok}"), "tokenize the data with the model's own tokenizer"),
 }

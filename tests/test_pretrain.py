@@ -75,12 +75,12 @@ def test_resume_matches_uninterrupted_run(dataset, tmp_path):
 def test_bad_input(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         main(tiny_args(dataset, tmp_path, "gemma2", 5, "--resume"))
-    with pytest.raises(ValueError, match="unknown family 'gpt2'"):
+    with pytest.raises(ValueError, match="--family gpt2: expected gemma2 or llama3"):
         main(tiny_args(dataset, tmp_path, "gpt2", 5))
     with pytest.raises(ValueError, match="larger than the data"):
         main(tiny_args(dataset, tmp_path, "gemma2", 5, "--seq-len", "100000"))
     main(tiny_args(dataset, tmp_path, "gemma2", 4, "--stop-after", "2"))
-    with pytest.raises(ValueError, match="different d_model"):
+    with pytest.raises(ValueError, match="--d-model 32 -> 48"):
         main(tiny_args(dataset, tmp_path, "gemma2", 4, "--resume", "--d-model", "48"))
 
 
