@@ -80,6 +80,106 @@ def test_evaluate_reports_ce_kl_and_gap_closed_as_defined():
     assert res["gap_closed"] == pytest.approx((ce["sae"] - ce["sae_lora"]) / (ce["sae"] - ce["base"]), rel=1e-3)
 
 
+def test_kl_and_ce_chunks_cover_every_position():
+    # more predicted positions (2 x 79) than d_model (64), in chunks of 16: each position once, as in one chunk
+    model, sae = tiny_adapted()
+    idx = torch.randint(3, 512, (2, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), adapters_disabled(model):
+        h_orig = splice.spliced_pass(model, [], idx)
+        h = splice.spliced_pass(model, [(1, sae)], idx)
+        whole = splice.kl_and_ce(model, h_orig, h, idx, chunk=10 ** 6)
+        parts = splice.kl_and_ce(model, h_orig, h, idx, chunk=16)
+    assert whole[0].shape == (158,)
+    for a, b in zip(parts, whole):
+        assert_close(a, b, 1e-5)
+
+
+def test_keep_none_splices_every_position():
+    # train_sae.py passes the model's bos_token_id, which a config may leave None: nothing is kept then
+    _, sae = tiny_adapted()
+    idx = torch.tensor([[BOS, 5, 6]])
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        everywhere = sae(x)
+        assert torch.equal(splice.splice_hooks([(1, sae)], idx, None)[1](x), everywhere)
+        assert torch.equal(splice.splice_hooks([(1, sae)], idx, ())[1](x), everywhere)
+        kept = splice.splice_hooks([(1, sae)], idx, BOS)[1](x)
+    assert torch.equal(kept[0, 0], x[0, 0]) and torch.equal(kept[0, 1:], everywhere[0, 1:])
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_passes_and_their_watchers_see_every_block(layer):
+    # the two passes against the model run with plain hooks: the stream after every block (x before the splice, y
+    # after), from the first block or from the SAE's with a shared prefix; an SAE at any layer, the last included
+    model, sae = tiny_adapted()
+    idx = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref_orig, ref_in, ref_out = {}, {}, {}
+
+    def rec(store, i, f=None):
+        def hook(x):
+            store[i] = x
+            y = f(x) if f is not None else x
+            ref_out[i] = y
+            return y
+        return hook
+    with torch.no_grad(), adapters_disabled(model):
+        h_ref = model.blocks(model.embed(idx), hooks={i: rec(ref_orig, i) for i in range(4)})
+        s_ref = model.blocks(model.embed(idx), hooks={i: rec(ref_in, i, sae if i == layer else None) for i in range(4)})
+        for share in (False, True):
+            seen_o, seen_s = {}, {}
+            h, prefix = splice.original_pass(model, idx, layer, share_prefix=share,
+                                             watch=lambda i, x, y: seen_o.__setitem__(i, (x, y)))
+            assert torch.equal(h, h_ref) and (prefix is None) == (not share)
+            assert sorted(seen_o) == list(range(layer + 1, 4))
+            for i, (x, y) in seen_o.items():
+                assert torch.equal(x, ref_orig[i]) and torch.equal(y, ref_orig[i])
+            hs = splice.spliced_pass(model, [(layer, sae)], idx, prefix=prefix,
+                                     watch=lambda i, x, y: seen_s.__setitem__(i, (x, y)))
+            assert_close(hs, s_ref, 1e-6)
+            assert sorted(seen_s) == list(range(layer if share else 0, 4))
+            for i, (x, y) in seen_s.items():
+                assert_close(x, ref_in[i], 1e-6)
+                assert_close(y, ref_out[i], 1e-6)
+            assert not torch.allclose(seen_s[layer][0], seen_s[layer][1])  # the SAE sits there
+
+
+def test_load_saes_checks_and_sorts(tmp_path):
+    from tests.tiny import make_sae
+    model, _ = tiny_adapted()
+    a, b = make_sae(tmp_path / "a", layer=2), make_sae(tmp_path / "b", layer=0, seed=1)
+    saes = splice.load_saes([a, b], None, model, "cpu")
+    assert [layer for layer, _ in saes] == [0, 2]  # sorted by layer, each from its own files
+    assert all(not p.requires_grad for _, s in saes for p in s.parameters()) and not saes[0][1].training
+    assert [layer for layer, _ in splice.load_saes([a, b], [3, 1], model, "cpu")] == [1, 3]
+    assert splice.load_saes([a], [0], model, "cpu")[0][0] == 0
+    with pytest.raises(ValueError, match="--layer names 1 layers for 2 SAEs"):
+        splice.load_saes([a, b], [1], model, "cpu")
+    with pytest.raises(ValueError, match=r"layer 4 is out of range: the model has layers 0\.\.3"):
+        splice.load_saes([a], [4], model, "cpu")
+    with pytest.raises(ValueError, match="two SAEs at the same layer"):
+        splice.load_saes([a, b], [1, 1], model, "cpu")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'c'}: .*d_in=32"):
+        splice.load_saes([make_sae(tmp_path / "c", d=32, m=64)], None, model, "cpu")
+    nolayer = make_sae(tmp_path / "n", layer=None)
+    with pytest.raises(ValueError, match="do not say which layer"):
+        splice.load_saes([nolayer], None, model, "cpu")
+
+
+def test_kept_tokens_for_unknown_and_mixed_formats():
+    _, sae = tiny_adapted()
+    cfg = ModelConfig.from_name("tiny-llama3")
+    cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
+    sae.source_format = None  # an SAE built in memory: no_bos, as train_sae.py trains
+    assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
+    sae.source_format = "some_new_format"
+    assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
+    other = SAE(64, 128, "topk", k=3)
+    other.source_format = "sparsify"
+    assert splice.kept_tokens([(1, sae), (2, other)], cfg) == (BOS,)  # kept if any SAE keeps it
+    with pytest.raises(ValueError, match="expected auto, all, no_bos, no_bos_eos"):
+        splice.kept_tokens([(1, sae)], cfg, "bos")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The SAE training loss (train_sae.py), written out: Gao et al. 2024 Sec. 2.3 and A.2; openai/sparse_autoencoder and
 # sparsify (the authors' SAE trainer) choose the AuxK latents among the DEAD ones
@@ -226,6 +326,9 @@ def _average_worker(rank, world, init):
         assert p[2].grad is None
         t = torch.tensor([float(rank), 4.0 * rank])
         assert torch.equal(common.all_reduce_mean(t), torch.tensor([0.5, 2.0]))
+        # the reported means: sums and counts over every process's positions (rank 0: 3 positions, rank 1: 5)
+        res = splice.means({"ce": torch.tensor(3.0 if rank == 0 else 10.0, dtype=torch.float64)}, 3 + 2 * rank)
+        assert res == {"ce": pytest.approx(13.0 / 8), "positions": 8}, res
     finally:
         dist.destroy_process_group()
 
