@@ -17,6 +17,7 @@ from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules
 from model import ModelConfig, Transformer
 from sae import SAE, training_loss
 from tests.tiny import BOS, EOS
+from tests.need import need
 from tests.tol import assert_close
 
 
@@ -288,7 +289,7 @@ def test_lora_dropout_acts_on_the_adapter_input():
 
 
 def test_lora_dropout_matches_peft_in_train_mode():
-    peft = pytest.importorskip("peft")  # tests.need (item 2) makes this fail under CI
+    peft = need("peft")
     torch.manual_seed(0)
     base = torch.nn.Sequential()
     base.add_module("q_proj", torch.nn.Linear(12, 10))

@@ -13,8 +13,7 @@ import saebench as sb
 import saebench_data as sd
 from model import ModelConfig, Transformer
 from sae import SAE
-
-pytest.importorskip("sklearn")
+from tests.need import need
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,8 @@ def ref():
     """SAEBench's eval modules. Their module tops import sae_lens / transformer_lens / datasets (hundreds of MB, and a
     torch pin), which the functions compared here never call: those names are stubbed in sys.modules, and only when
     the real package is absent."""
-    pytest.importorskip("sae_bench")
+    need("sklearn")  # SAEBench's probe trainer
+    need("sae_bench")
     import jaxtyping
     # SAEBench's shape annotations bind a dimension name across nested calls (a class's 60 texts vs the 120-row probe
     # set built from them) and reject calls its own pipeline makes: shape checking off, the functions unchanged
