@@ -15,7 +15,7 @@ from model import Transformer
 from sae import load_saes
 from splice import splice_hooks
 from tests.tiny import BOS, make_data, make_model, make_sae
-from tests.tol import close
+from tests.tol import assert_close, close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -338,3 +338,74 @@ def test_readme_method_snippet_is_the_loop_as_it_runs():
     assert len(lines) >= 5 and "adapters_disabled" in lines[0]
     start = loop.index(lines[0])
     assert loop[start:start + len(lines)] == lines
+
+
+def first_batch_kl(files, batch, seq_len):
+    """KL(p_orig || p_sae) at every predicted position of the first training batch, by hand: full logits, the SAE
+    after its layer except at BOS (a SAELens-format SAE: no_bos), a fresh adapter (B = 0) changing nothing."""
+    from data import TokenLoader
+    model = Transformer.from_pretrained(files["model"])
+    [(layer, sae)] = load_saes([files["sae"]], None, model, "cpu")
+    idx = TokenLoader(files["data"], "train", batch, seq_len, 0, 1, 0).next_batch()
+    with torch.no_grad():
+        lp_orig = F.log_softmax(model(idx)[:, :-1].double(), -1)
+        lp = F.log_softmax(model(idx, hooks={layer: lambda x: torch.where((idx == BOS)[..., None], x, sae(x))})
+                           [:, :-1].double(), -1)
+    return (lp_orig.exp() * (lp_orig - lp)).sum(-1)  # (batch, seq_len - 1)
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_the_loss_is_eq7_summed_then_divided_by_sequences_or_positions(files, tmp_path, reduction):
+    # --kl-reduction sequence: the authors' kl_div(reduction="batchmean"), KL summed over a window's positions and
+    # averaged over windows; token: the mean over positions. The first step's logged loss, before its update
+    res = adapt.main(small_args(files, tmp_path, "--max-tokens", str(4 * 32), "--log-interval", "1",
+                                "--eval-tokens", "128", "--kl-reduction", reduction))
+    kl = first_batch_kl(files, 4, 32)
+    [row] = [h for h in res["history"] if "loss" in h]
+    expected = kl.sum().item() / (4 if reduction == "sequence" else 4 * 31)
+    assert row["loss"] == pytest.approx(expected, rel=1e-4)
+    assert row["train_kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert kl.sum().item() / 4 > 2 * kl.mean().item()  # the two divisors differ enough to tell apart
+
+
+def sgd_instead_of_adam(monkeypatch):
+    """adapt.py's AdamW as plain SGD: Adam divides each gradient by its own running scale, so a gradient scaled by the
+    number of micro-batches or processes would train the same; SGD's step is lr x gradient."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_micro_batches_accumulate_to_the_big_batch(files, tmp_path, monkeypatch, reduction):
+    # --micro-batch 1 with --batch-size 4: four backward passes, one step, the gradient of the whole batch's loss
+    sgd_instead_of_adam(monkeypatch)
+    argv = ["--max-tokens", str(3 * 4 * 32), "--ckpt-interval", "3", "--grad-clip", "1e9", "--lr", "0.5",
+            "--kl-reduction", reduction]
+    big = adapt.main(small_args(files, tmp_path / "big", *argv))
+    micro = adapt.main(small_args(files, tmp_path / "micro", *argv, "--micro-batch", "1"))
+    a = torch.load(tmp_path / "big" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "micro" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for x, y in zip(a["adapter"], b["adapter"]):
+        assert_close(y, x, 1e-4)  # every entry, on each tensor's scale
+    assert max(x.abs().max().item() for x in a["adapter"][1::2]) > 1e-3  # B moved from zero: the test can tell
+    for key in ("loss", "train_kl"):
+        assert [h[key] for h in micro["history"] if key in h] == pytest.approx(
+            [h[key] for h in big["history"] if key in h], rel=1e-5)
+
+
+def test_torchrun_two_processes_average_gradients_like_one(files, tmp_path):
+    # SGD (tests/sgd_launch.py), no clipping, no dropout: 2 processes x 2 windows take the step of 1 process x 4
+    # windows exactly when the gradients are averaged over processes (summed, each step would be twice as long)
+    argv = small_args(files, tmp_path / "one", "--max-tokens", "1024", "--eval-tokens", "256", "--grad-clip", "1e9",
+                      "--lr", "0.5")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "tests/sgd_launch.py", "adapt.py", *argv], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    proc = torchrun("tests/sgd_launch.py", ["adapt.py", *[str(tmp_path / "two") if a == str(tmp_path / "one") else a
+                                                          for a in argv]], 29561)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8
+    for x, y in zip(a["adapter"], b["adapter"]):
+        assert_close(y, x, 1e-4)  # every entry, on each tensor's scale

@@ -12,6 +12,7 @@ import torch
 import data
 from formats import stdlib_corpus
 from formats.corpus import iter_documents, stdlib_files
+from tests.need import need
 from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer, load_tokens, prepare,
                   token_dtype)
 from formats.stdlib_corpus import train_tokenizer
@@ -482,7 +483,7 @@ def test_loader_ranks_together_take_the_single_process_batches(tmp_path):
 def llama3_pair(folder):
     """Our tiktoken Tokenizer and the same vocabulary as a Hugging Face fast tokenizer with Llama-3's post-processor
     (BOS before every sequence, nothing after): the reference for chunk_and_tokenize's windows."""
-    pytest.importorskip("transformers")
+    need("transformers")
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter

@@ -13,8 +13,7 @@ from evals import saebench as sb
 from evals import saebench_data as sd
 from model import ModelConfig, Transformer
 from sae import SAE
-
-pytest.importorskip("sklearn")
+from tests.need import need
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,8 @@ def ref():
     """SAEBench's eval modules. Their module tops import sae_lens / transformer_lens / datasets (hundreds of MB, and a
     torch pin), which the functions compared here never call: those names are stubbed in sys.modules, and only when
     the real package is absent."""
-    pytest.importorskip("sae_bench")
+    need("sklearn")  # SAEBench's probe trainer
+    need("sae_bench")
     import jaxtyping
     # SAEBench's shape annotations bind a dimension name across nested calls (a class's 60 texts vs the 120-row probe
     # set built from them) and reject calls its own pipeline makes: shape checking off, the functions unchanged
@@ -44,9 +44,16 @@ def ref():
     import sae_bench.evals.absorption.feature_absorption_calculator as fac
     import sae_bench.evals.absorption.k_sparse_probing as ksp
     import sae_bench.evals.core.main as core
+    import sae_bench.evals.absorption.probing as probing
     import sae_bench.evals.scr_and_tpp.main as scr
     import sae_bench.evals.sparse_probing.probe_training as pt
-    yield types.SimpleNamespace(pt=pt, scr=scr, core=core, fac=fac, ksp=ksp)
+    import sae_bench.sae_bench_utils.activation_collection as ac
+    try:
+        import sae_bench.evals.absorption.main as absorption_main
+    except ImportError:  # its module top needs more of sae_lens than the stubs give
+        absorption_main = None
+    yield types.SimpleNamespace(pt=pt, scr=scr, core=core, fac=fac, ksp=ksp, probing=probing, ac=ac,
+                                absorption_main=absorption_main)
     for name in set(sys.modules) - set(saved):
         if name.split(".")[0] in ("sae_lens", "transformer_lens", "datasets"):
             del sys.modules[name]
@@ -220,6 +227,113 @@ def test_absorption_matches_saebench(ref):
                        for L in sb.LETTERS])
     ref.ksp.add_feature_splits_to_metrics_df(df, max_k_value=4)
     assert df["split_feats"][0] == sb.split_features(f1s, feats) == [1, 2]
+
+
+def test_multi_probe_matches_saebench(ref):
+    """absorption's probes: SAEBench's train_multi_probe (Adam, pos-weighted BCE, exponential decay) and
+    train_sparse_multi_probe (its L1 term) from the same seed on one full batch: the same weights to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=g)
+    y = F.one_hot(torch.randint(0, 5, (300,), generator=g), 5)
+    x[:, :5] += 1.5 * y
+    for l1 in (None, 0.01):
+        torch.manual_seed(5)
+        ours = sb.train_multi_probe(x, y, epochs=20, weight_decay=1e-4, l1=l1)
+        torch.manual_seed(5)
+        if l1 is None:
+            theirs = ref.probing.train_multi_probe(x, y, num_epochs=20, weight_decay=1e-4, show_progress=False,
+                                                   device=torch.device("cpu"))
+        else:
+            theirs = ref.ksp.train_sparse_multi_probe(x, y, torch.device("cpu"), l1_decay=l1, num_epochs=20,
+                                                      l2_decay=1e-4, show_progress=False)
+        torch.testing.assert_close(ours.weight, theirs.fc.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.bias, theirs.fc.bias, rtol=1e-4, atol=1e-5)
+        assert (ours.weight - sb.train_multi_probe(x, y, epochs=20, lr=3e-2).weight).abs().max() > 1e-3
+
+
+class HookedTL:
+    """The HookedTransformer calls SAEBench's activation collection makes, on our Transformer (the hook after block
+    `layer` is its resid_post)."""
+
+    def __init__(self, model, layer, bos, eos, pad):
+        self.m, self.layer = model, layer
+        self.tokenizer = types.SimpleNamespace(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+
+    def run_with_hooks(self, toks, stop_at_layer=None, fwd_hooks=(), **_):
+        fwd_hooks[0][1](self.m(toks, stop_at=self.layer), None)
+
+
+def test_pooled_features_match_saebench(ref):
+    """saebench_data.pooled: the residual after the layer and its SAE latents averaged over the real tokens of each
+    text, as SAEBench's get_llm_activations (BOS / EOS / pad zeroed) + create_meaned_model_activations /
+    get_sae_meaned_activations compute them on the same right-padded tokens."""
+    cfg = ModelConfig.from_name("tiny-llama3")
+    cfg.bos_token_id, cfg.eos_token_id, cfg.init_std = 1, 2, 0.5  # streams that vary: TopK picks differ per token
+    model = Transformer(cfg).init_weights(0).requires_grad_(False)
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_model, 96, "topk", k=5, layer=1).requires_grad_(False)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)  # zeroed positions get latents of their own: only the masked mean drops them
+    g = torch.Generator().manual_seed(0)
+    seqs = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() + ([2] if n % 2 else []) for n in (5, 9, 3, 12, 7)]
+    specials = torch.tensor([0, 1, 2])  # pad 0, BOS 1, EOS 2
+    ours = sd.pooled(model, sae, 1, seqs, specials, contextlib.nullcontext(), batch=2)
+    toks = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        toks[i, :len(q)] = torch.tensor(q)
+    acts = ref.ac.get_llm_activations(toks, HookedTL(model, 1, 1, 2, 0), 2, 1, "blocks.1.hook_resid_post",
+                                      mask_bos_pad_eos_tokens=True, show_progress=False)
+    resid = ref.ac.create_meaned_model_activations({"c": acts})["c"]
+    wrap = types.SimpleNamespace(encode=sae.encode, dtype=torch.float32)
+    lat = ref.ac.get_sae_meaned_activations({"c": acts}, wrap, 2)["c"]
+    torch.testing.assert_close(ours[:, :cfg.d_model], resid, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[:, cfg.d_model:], lat, rtol=1e-5, atol=1e-6)
+    assert (sae.encode(resid) - lat).abs().max() > 1e-3  # the mean of the latents, not the latents of the mean
+
+
+def test_absorption_aggregates_as_saebench(ref, monkeypatch):
+    """absorption(): per letter, the probe's true positives on test, their absorption fractions and full-absorption
+    flags summed over words and divided by the true-positive count (SAEBench's _aggregate_results_df), averaged over
+    the letters whose probe F1 (sklearn's f1_score) exceeds min_f1; split latents from the k-sparse F1s."""
+    if ref.absorption_main is None:
+        pytest.skip("sae_bench.evals.absorption.main does not import with the stubs")
+    import pandas as pd
+    from sklearn.metrics import f1_score
+    g = torch.Generator().manual_seed(1)
+    d, m, n_letters = 256, 512, 6
+    W = 3 * torch.eye(d)[:n_letters]  # one direction per letter; 50 decaying Adam steps separate most of them
+
+    def words(n):
+        y = torch.randint(0, n_letters, (n,), generator=g)
+        return W[y] + 0.1 * torch.randn(n, d, generator=g), y
+    (xtr, ytr), (xte, yte) = words(240), words(120)
+    sae = topk_sae(d, m, 6, 3)
+    ftr, fte = sae.encode(xtr), sae.encode(xte)
+    probes = []
+    real = sb.train_multi_probe
+    monkeypatch.setattr(sb, "train_multi_probe", lambda *a, **k: probes.append(real(*a, **k)) or probes[-1])
+    torch.manual_seed(0)
+    res = sb.absorption(xtr, ytr, xte, yte, ftr, fte, sae.W_dec.detach(), max_k=4, min_letters=3)
+    probe = probes[0]
+    rows, f1s = [], {}
+    for li in sorted(set(ytr.tolist())):
+        L = sb.LETTERS[li]
+        pred = probe(xte)[:, li] > 0
+        f1s[L] = f1_score((yte == li).numpy(), pred.numpy())
+        assert res["per_letter"][L]["f1_probe"] == pytest.approx(f1s[L])
+        tp = (yte == li) & pred
+        split = res["per_letter"][L]["split_feats"]
+        frac, full = sb.absorption_fractions(xte[tp], fte[tp], probe.weight[li], sae.W_dec.detach(), split)
+        rows += [dict(letter=L, absorption_fraction=a, is_full_absorption=bool(b), num_probe_true_positives=int(tp.sum()),
+                      split_feats=split) for a, b in zip(frac.tolist(), full.tolist())]
+    agg = ref.absorption_main._aggregate_results_df(pd.DataFrame(rows))
+    good = agg[[f1s[L] > 0.6 for L in agg["letter"]]]
+    assert len(good) < len(f1s) or min(f1s.values()) > 0.6, f1s
+    assert res["letters_evaluated"] == len(good) >= 3 and res["valid"]
+    assert res["mean_absorption_fraction"] == pytest.approx(good["mean_absorption_fraction"].mean(), abs=1e-6)
+    assert res["mean_full_absorption"] == pytest.approx(good["full_absorption_rate"].mean(), abs=1e-6)
+    assert res["mean_num_split_features"] == pytest.approx(good["num_split_feats"].mean())
 
 
 # -- sanity: metrics that must move the right way ----------------------------------------------------------------------

@@ -12,9 +12,15 @@ import pytest
 from evals import multiple_choice
 from evals import truthfulqa as tq
 
-sacrebleu = pytest.importorskip("sacrebleu")  # test-only references (requirements-dev.txt)
-rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-from rouge_score import scoring  # noqa: E402
+from tests.need import need
+
+
+@pytest.fixture(autouse=False)
+def refs():
+    """sacrebleu and rouge-score, as lm-eval calls them (requirements-dev.txt): per test, failing under CI."""
+    global sacrebleu, rouge_scorer, scoring
+    sacrebleu, rouge_scorer = need("sacrebleu"), need("rouge_score.rouge_scorer")
+    scoring = need("rouge_score.scoring")
 
 PAIRS = [  # (reference, completion)
     ("The Eiffel Tower is in Paris.", " The Eiffel Tower is in Paris."),
@@ -47,7 +53,7 @@ def lm_eval_rouge(ref, pred):  # lm-eval's rouge(): rouge-score through a bootst
     return {t: result[t].mid.fmeasure * 100 for t in ("rouge1", "rouge2")}
 
 
-def test_bleu_and_rouge_equal_sacrebleu_and_rouge_score():
+def test_bleu_and_rouge_equal_sacrebleu_and_rouge_score(refs):
     from sacrebleu.tokenizers.tokenizer_intl import TokenizerV14International
     intl = TokenizerV14International()
     rng = random.Random(0)
@@ -109,7 +115,7 @@ def lm_eval_truthfulqa_gen(rows, completions):
     return {k: float(np.mean([d[k] for d in per])) for k in per[0]}, per
 
 
-def test_acc_max_diff_equal_lm_eval_scoring():
+def test_acc_max_diff_equal_lm_eval_scoring(refs):
     qs = tq.questions(ROWS, "fixture")
     got = tq.summarize(qs, COMPLETIONS)
     want, per = lm_eval_truthfulqa_gen(ROWS, COMPLETIONS)

@@ -1,0 +1,342 @@
+"""The method's core formulas against references written plainly here: gap closed (Sec. 4.1), the reported CE / KL
+(splice.py's docstring), the SAE training loss (Gao et al. 2024: TopK then ReLU, AuxK on the dead latents), LoRA
+dropout on the adapter's input (PEFT), and gradients averaged over processes (what DDP does). Fast: the mutation
+run (tests/MUTATION.md) uses these."""
+import contextlib
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import splice
+from formats import sae_files
+from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules
+from model import ModelConfig, Transformer
+from sae import SAE, load_saes, training_loss
+from tests.tiny import BOS, EOS
+from tests.need import need
+from tests.tol import assert_close
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gap closed and the reported numbers
+
+
+def test_gap_closed_is_the_papers_fraction():
+    # Sec. 4.1 / Fig. 3: (CE_sae - CE_sae_lora) / (CE_sae - CE_base)
+    assert splice.gap_closed(2.0, 3.0, 2.25) == pytest.approx((3.0 - 2.25) / (3.0 - 2.0))  # 0.75
+    assert splice.gap_closed(2.0, 3.0, 3.5) == pytest.approx(-0.5)  # adapting made it worse
+    assert splice.gap_closed(1.0, 1.5, 1.0) == pytest.approx(1.0)
+    assert math.isnan(splice.gap_closed(2.0, 2.0, 1.0)) and math.isnan(splice.gap_closed(2.0, 1.9, 1.0))
+
+
+def tiny_adapted(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_name("tiny-llama3")
+    cfg.init_std, cfg.bos_token_id, cfg.eos_token_id = 0.3, BOS, EOS
+    model = Transformer(cfg).init_weights(seed)
+    model.requires_grad_(False)
+    apply_lora(model, 4, 8.0, 0.0, None)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.3)
+    sae = SAE(64, 128, "topk", k=3, layer=1).eval().requires_grad_(False)
+    return model.eval(), sae
+
+
+def test_evaluate_reports_ce_kl_and_gap_closed_as_defined():
+    model, sae = tiny_adapted()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(3, 512, (2, 12), generator=g) for _ in range(2)] + [torch.randint(3, 512, (1, 7),
+                                                                                             generator=g)]
+    for b in batches:
+        b[:, 0] = BOS
+    res = splice.evaluate(model, [(1, sae)], batches, (BOS,), chunk=5, amp=contextlib.nullcontext())
+
+    # by hand: full logits, the SAE after block 1 except at BOS, every position but each window's last
+    def hook(idx):
+        return {1: lambda x: torch.where((idx == BOS)[..., None], x, sae(x))}
+    lp = {"base": [], "sae": [], "sae_lora": []}
+    targets = []
+    with torch.no_grad():
+        for idx in batches:
+            with adapters_disabled(model):
+                lp["base"].append(F.log_softmax(model(idx)[:, :-1].double(), -1).reshape(-1, 512))
+                lp["sae"].append(F.log_softmax(model(idx, hooks=hook(idx))[:, :-1].double(), -1).reshape(-1, 512))
+            lp["sae_lora"].append(F.log_softmax(model(idx, hooks=hook(idx))[:, :-1].double(), -1).reshape(-1, 512))
+            targets.append(idx[:, 1:].reshape(-1))
+    t = torch.cat(targets)
+    lp = {k: torch.cat(v) for k, v in lp.items()}
+    ce = {k: -v.gather(1, t[:, None]).mean().item() for k, v in lp.items()}  # a mean over all positions
+    kl = {k: (lp["base"].exp() * (lp["base"] - lp[k])).sum(-1).mean().item() for k in ("sae", "sae_lora")}
+    assert res["positions"] == 2 * 2 * 11 + 6
+    for k in ("base", "sae", "sae_lora"):
+        assert res[f"ce_{k}"] == pytest.approx(ce[k], rel=1e-5)
+    for k in ("sae", "sae_lora"):
+        assert res[f"kl_{k}"] == pytest.approx(kl[k], rel=1e-4, abs=1e-6)
+    assert abs(ce["sae"] - ce["sae_lora"]) > 1e-3  # the adapters change the numbers, so the gap is measurable
+    assert res["gap_closed"] == pytest.approx((ce["sae"] - ce["sae_lora"]) / (ce["sae"] - ce["base"]), rel=1e-3)
+
+
+def test_kl_and_ce_chunks_cover_every_position():
+    # more predicted positions (2 x 79) than d_model (64), in chunks of 16: each position once, as in one chunk
+    model, sae = tiny_adapted()
+    idx = torch.randint(3, 512, (2, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), adapters_disabled(model):
+        h_orig = splice.spliced_pass(model, [], idx)
+        h = splice.spliced_pass(model, [(1, sae)], idx)
+        whole = splice.kl_and_ce(model, h_orig, h, idx, chunk=10 ** 6)
+        parts = splice.kl_and_ce(model, h_orig, h, idx, chunk=16)
+    assert whole[0].shape == (158,)
+    for a, b in zip(parts, whole):
+        assert_close(a, b, 1e-5)
+
+
+def test_keep_none_splices_every_position():
+    # train_sae.py passes the model's bos_token_id, which a config may leave None: nothing is kept then
+    _, sae = tiny_adapted()
+    idx = torch.tensor([[BOS, 5, 6]])
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        everywhere = sae(x)
+        assert torch.equal(splice.splice_hooks([(1, sae)], idx, None)[1](x), everywhere)
+        assert torch.equal(splice.splice_hooks([(1, sae)], idx, ())[1](x), everywhere)
+        kept = splice.splice_hooks([(1, sae)], idx, BOS)[1](x)
+    assert torch.equal(kept[0, 0], x[0, 0]) and torch.equal(kept[0, 1:], everywhere[0, 1:])
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_passes_and_their_watchers_see_every_block(layer):
+    # the two passes against the model run with plain hooks: the stream after every block (x before the splice, y
+    # after), from the first block or from the SAE's with a shared prefix; an SAE at any layer, the last included
+    model, sae = tiny_adapted()
+    idx = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref_orig, ref_in, ref_out = {}, {}, {}
+
+    def rec(store, i, f=None):
+        def hook(x):
+            store[i] = x
+            y = f(x) if f is not None else x
+            ref_out[i] = y
+            return y
+        return hook
+    with torch.no_grad(), adapters_disabled(model):
+        h_ref = model.blocks(model.embed(idx), hooks={i: rec(ref_orig, i) for i in range(4)})
+        s_ref = model.blocks(model.embed(idx), hooks={i: rec(ref_in, i, sae if i == layer else None) for i in range(4)})
+        for share in (False, True):
+            seen_o, seen_s = {}, {}
+            h, prefix = splice.original_pass(model, idx, layer, share_prefix=share,
+                                             watch=lambda i, x, y: seen_o.__setitem__(i, (x, y)))
+            assert torch.equal(h, h_ref) and (prefix is None) == (not share)
+            assert sorted(seen_o) == list(range(layer + 1, 4))
+            for i, (x, y) in seen_o.items():
+                assert torch.equal(x, ref_orig[i]) and torch.equal(y, ref_orig[i])
+            hs = splice.spliced_pass(model, [(layer, sae)], idx, prefix=prefix,
+                                     watch=lambda i, x, y: seen_s.__setitem__(i, (x, y)))
+            assert_close(hs, s_ref, 1e-6)
+            assert sorted(seen_s) == list(range(layer if share else 0, 4))
+            for i, (x, y) in seen_s.items():
+                assert_close(x, ref_in[i], 1e-6)
+                assert_close(y, ref_out[i], 1e-6)
+            assert not torch.allclose(seen_s[layer][0], seen_s[layer][1])  # the SAE sits there
+
+
+def test_load_saes_checks_and_sorts(tmp_path):
+    from tests.tiny import make_sae
+    model, _ = tiny_adapted()
+    a, b = make_sae(tmp_path / "a", layer=2), make_sae(tmp_path / "b", layer=0, seed=1)
+    saes = load_saes([a, b], None, model, "cpu")
+    assert [layer for layer, _ in saes] == [0, 2]  # sorted by layer, each from its own files
+    assert all(not p.requires_grad for _, s in saes for p in s.parameters()) and not saes[0][1].training
+    assert [layer for layer, _ in load_saes([a, b], [3, 1], model, "cpu")] == [1, 3]
+    assert load_saes([a], [0], model, "cpu")[0][0] == 0
+    with pytest.raises(ValueError, match="--layer names 1 layers for 2 SAEs"):
+        load_saes([a, b], [1], model, "cpu")
+    with pytest.raises(ValueError, match=r"layer 4 is out of range: the model has layers 0\.\.3"):
+        load_saes([a], [4], model, "cpu")
+    with pytest.raises(ValueError, match="two SAEs at the same layer"):
+        load_saes([a, b], [1, 1], model, "cpu")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'c'}: .*d_in=32"):
+        load_saes([make_sae(tmp_path / "c", d=32, m=64)], None, model, "cpu")
+    nolayer = make_sae(tmp_path / "n", layer=None)
+    with pytest.raises(ValueError, match="do not say which layer"):
+        load_saes([nolayer], None, model, "cpu")
+
+
+def test_kept_tokens_for_unknown_and_mixed_formats():
+    _, sae = tiny_adapted()
+    cfg = ModelConfig.from_name("tiny-llama3")
+    cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
+    assert not hasattr(sae, "positions")  # an SAE built in memory: no_bos, as train_sae.py trains
+    assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
+    sae.positions = sae_files.AUTO_POSITIONS["saelens"]
+    assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
+    other = SAE(64, 128, "topk", k=3)
+    other.positions = sae_files.AUTO_POSITIONS["sparsify"]
+    assert splice.kept_tokens([(1, sae), (2, other)], cfg) == (BOS,)  # kept if any SAE keeps it
+    with pytest.raises(ValueError, match="expected auto, all, no_bos, no_bos_eos"):
+        splice.kept_tokens([(1, sae)], cfg, "bos")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The SAE training loss (train_sae.py), written out: Gao et al. 2024 Sec. 2.3 and A.2; openai/sparse_autoencoder and
+# sparsify (the authors' SAE trainer) choose the AuxK latents among the DEAD ones
+
+
+def reference_loss(sae, x, dead, scale, auxk_coef):
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(sae.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())  # TopK, then ReLU
+    recon = z @ sae.W_dec + sae.b_dec
+    err = x - recon
+    loss = (err ** 2).sum(-1).mean() / scale
+    n_dead = int(dead.sum())
+    if auxk_coef > 0 and n_dead:
+        k_aux = min(n_dead, x.shape[-1] // 2)
+        aux_pre = torch.where(dead, pre, torch.tensor(-math.inf))  # only dead latents may be chosen
+        a = aux_pre.topk(k_aux, dim=-1)
+        z_aux = torch.zeros_like(pre).scatter(-1, a.indices, a.values.relu())
+        e = err.detach()
+        aux = ((e - z_aux @ sae.W_dec) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean()
+        loss = loss + auxk_coef * aux
+    return loss, z
+
+
+def sae_with_negative_codes(seed=0):
+    torch.manual_seed(seed)
+    sae = SAE(16, 64, "topk", k=6)
+    with torch.no_grad():
+        sae.b_enc.normal_(-2.0, 0.3)  # some of the top 6 pre-activations are negative: the ReLU matters
+        sae.b_dec.normal_(0, 0.2)
+    return sae
+
+
+def test_topk_training_loss_value_and_gradient():
+    sae = sae_with_negative_codes()
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    loss, stats, fired = training_loss(sae, x, dead, 2.0, auxk_coef=1 / 32)
+    ref, z = reference_loss(sae, x, dead, 2.0, 1 / 32)
+    assert (z == 0).sum(-1).gt(58).any(), "some top-6 pre-activation must be negative for the test to bite"
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert stats["l0"] == pytest.approx((z > 0).float().sum(-1).mean().item())
+    assert torch.equal(fired, (z > 0).any(0))
+    g = torch.autograd.grad(loss, [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    g_ref = torch.autograd.grad(ref, [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, 1e-5)
+
+
+def test_auxk_uses_the_dead_latents():
+    sae = sae_with_negative_codes(1)
+    with torch.no_grad():
+        sae.b_enc[:32] += 1.0  # the live half has the larger pre-activations: choosing among them is visibly wrong
+    x = torch.randn(32, 16)
+    dead = torch.arange(64) >= 32
+    loss, stats, _ = training_loss(sae, x, dead, 1.5, auxk_coef=0.5)
+    ref, _ = reference_loss(sae, x, dead, 1.5, 0.5)
+    no_aux, _ = reference_loss(sae, x, dead, 1.5, 0.0)
+    assert ref.item() - no_aux.item() > 1e-3  # the AuxK term is there
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    # its gradient reaches only the dead latents' encoder columns beyond what the main loss gives
+    g = torch.autograd.grad(loss, sae.W_enc)[0]
+    g_main = torch.autograd.grad(reference_loss(sae, x, dead, 1.5, 0.0)[0], sae.W_enc)[0]
+    assert torch.allclose(g[:, :32], g_main[:, :32], atol=1e-7) and not torch.allclose(g[:, 32:], g_main[:, 32:])
+    # fewer dead latents than d_in / 2: every one of them is used
+    few = torch.zeros(64, dtype=torch.bool)
+    few[[3, 40, 41]] = True
+    loss, _, _ = training_loss(sae, x, few, 1.5, auxk_coef=0.5)
+    assert loss.item() == pytest.approx(reference_loss(sae, x, few, 1.5, 0.5)[0].item(), rel=1e-5)
+
+
+def test_jumprelu_training_loss_is_mse_plus_l0():
+    # Eq. 6: ||x - x_hat||^2 / scale + lambda * ||z||_0, with z = pre * 1[pre > theta]
+    torch.manual_seed(0)
+    sae = SAE(16, 64, "jumprelu")
+    with torch.no_grad():
+        sae.threshold.uniform_(0.0, 0.5)
+        sae.b_dec.normal_(0, 0.2)
+    x = torch.randn(32, 16)
+    loss, stats, fired = training_loss(sae, x, torch.zeros(64, dtype=torch.bool), 3.0, l0_coef=0.01)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    z = pre * (pre > sae.threshold)
+    ref = ((x - z @ sae.W_dec - sae.b_dec) ** 2).sum(-1).mean() / 3.0 + 0.01 * (z != 0).float().sum(-1).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.equal(fired, (z != 0).any(0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA dropout: PEFT's lora.Linear computes W x + b + scale * B A dropout(x)
+
+
+def test_lora_dropout_acts_on_the_adapter_input():
+    torch.manual_seed(0)
+    lin = LoRALinear(12, 10, bias=True, rank=3, alpha=6.0, dropout=0.5).train()
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    x = torch.randn(5, 12)
+    torch.manual_seed(7)
+    y = lin(x)
+    torch.manual_seed(7)
+    mask = F.dropout(torch.ones_like(x), 0.5)  # the same draw: 0 or 1 / (1 - p) per input entry
+    ref = x @ lin.weight.T + lin.bias + 2.0 * ((x * mask) @ lin.lora_A.T) @ lin.lora_B.T
+    assert_close(y, ref, 1e-5)
+    with torch.no_grad():  # eval: no dropout
+        assert_close(lin.eval()(x), x @ lin.weight.T + lin.bias + 2.0 * (x @ lin.lora_A.T) @ lin.lora_B.T, 1e-5)
+
+
+def test_lora_dropout_matches_peft_in_train_mode():
+    peft = need("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential()
+    base.add_module("q_proj", torch.nn.Linear(12, 10))
+    ours = LoRALinear.from_linear(base.q_proj, 3, 6.0, 0.3).train()
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    ref = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=6.0, lora_dropout=0.3, target_modules=["q_proj"]))
+    ref.train()
+    layer = ref.base_model.model.q_proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(6, 12)
+    torch.manual_seed(3)
+    a = ours(x)
+    torch.manual_seed(3)
+    b = layer(x)
+    assert_close(a, b, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gradients averaged over processes
+
+
+def _average_worker(rank, world, init):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        p = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(1))]
+        p[0].grad = torch.full((3, 2), float(rank + 1))
+        p[1].grad = torch.arange(4.0) * (10 ** rank)
+        common.all_reduce_grads(p)  # p[2] has no gradient: skipped
+        assert torch.equal(p[0].grad, torch.full((3, 2), 1.5)), p[0].grad  # (1 + 2) / 2
+        assert torch.equal(p[1].grad, torch.arange(4.0) * 5.5), p[1].grad  # (1 + 10) / 2
+        assert p[2].grad is None
+        t = torch.tensor([float(rank), 4.0 * rank])
+        assert torch.equal(common.all_reduce_mean(t), torch.tensor([0.5, 2.0]))
+        # the reported means: sums and counts over every process's positions (rank 0: 3 positions, rank 1: 5)
+        res = splice.means({"ce": torch.tensor(3.0 if rank == 0 else 10.0, dtype=torch.float64)}, 3 + 2 * rank)
+        assert res == {"ce": pytest.approx(13.0 / 8), "positions": 8}, res
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_over_processes():
+    # DDP's rule: each rank's gradient of its own mean loss, averaged, is the gradient of the global mean loss
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_average_worker, args=(2, f"file://{os.path.join(tmp, 'rdv')}"), nprocs=2, join=True)
