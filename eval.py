@@ -48,6 +48,7 @@ from evals import confidence
 from formats import disk
 import embedded
 from evals import generate
+from evals import report
 from evals import multiple_choice
 from evals import steering
 from evals import truthfulqa
@@ -299,110 +300,6 @@ def distance_summary(seq: dict, first: int, formulation: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reports
-
-
-def markdown(res: dict) -> str:
-    L = [f"# Evaluation of `{res['model']}`", "",
-         "SAEs: " + ", ".join(f"`{s['path']}` (layer {s['layer']}, {s['arch']}, {s['d_sae']} latents)"
-                              for s in res["saes"]), ""]
-    groups = res["groups"]
-    if any("settings" in g for g in groups):
-        n_sae = len(res["saes"])
-        L += [f"## Held-out CE and KL to the original model ({groups[0]['positions']:,} predicted positions; nats"
-              f" per position"
-              f"{'; SAE rows are compound: all ' + str(n_sae) + ' SAEs spliced' if n_sae > 1 else ''})", "",
-              "| adapter | setting | CE | KL | gap closed |", "| --- | --- | --- | --- | --- |"]
-        for g in groups:
-            for s, v in g["settings"].items():
-                gc = confidence.fmt_num(g.get("gap_closed"), ".1%") if s == "sae_lora" else ""
-                L.append(f"| {g['name']} | {NAMES[s]} | {v['ce']:.4f} | {v['kl']:.4f} | {gc} |")
-        L += ["", "## SAE at its layer (original model's activations; LoRA model's in the last columns)", "",
-              "| adapter | layer | arch | FVU | L0 | dead latents | FVU (LoRA) | L0 (LoRA) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for g in groups:
-            for s in g["sae_stats"]:
-                L.append(f"| {g['name']} | {s['layer']} | {s['arch']} | {confidence.fmt_num(s['fvu'], '.4f')} | {s['l0']:.1f} | "
-                         f"{s['dead']} ({s['dead_frac']:.1%}) | {confidence.fmt_num(s.get('fvu_lora'), '.4f')} | "
-                         f"{confidence.fmt_num(s.get('l0_lora'), '.1f')} |")
-    if any("per_token" in g for g in groups):
-        L += ["", "## Per-token change CE(SAE + LoRA) - CE(SAE)", "",
-              "| adapter | positions | improved | degraded | unchanged | mean change | nats gained | nats lost |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for g in groups:
-            if "per_token" in g:
-                p = g["per_token"]
-                L.append(f"| {g['name']} | {p['positions']:,} | {p['share_improved']:.1%} | {p['share_degraded']:.1%} | "
-                         f"{p['share_unchanged']:.1%} | {p['mean_change']:+.4f} | {p['nats_improved']:.1f} | "
-                         f"{p['nats_degraded']:.1f} |")
-    if any("distances" in g for g in groups):
-        L += ["", "## Distance to the original model's activations (90% CI over sequences; change = LoRA - base, "
-              "paired by sequence)", ""] + [f"- {f}: {how}" for f, how in DISTANCES.items()]
-        L += ["", "| adapter | averaged | layer (after SAE) | cos SAE | cos SAE + LoRA | cos change | L2 SAE | "
-              "L2 SAE + LoRA | L2 change |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for g in groups:
-            for f in DISTANCES:
-                for r in g.get("distances" if f == "ours" else f"distances_{f}", {}).get("layers", []):
-                    L.append(f"| {g['name']} | {f} | {r['layer']} (+{r['after_sae']}) | "
-                             f"{confidence.fmt_ci(r['cos_sae'])} | {confidence.fmt_ci(r.get('cos_sae_lora'))} | "
-                             f"{confidence.fmt_ci(r.get('cos_change'))} | "
-                             f"{confidence.fmt_ci(r['l2_sae'], 3)} | {confidence.fmt_ci(r.get('l2_sae_lora'), 3)} | "
-                             f"{confidence.fmt_ci(r.get('l2_change'), 3)} |")
-    if "steering" in res:
-        L += steering.markdown(res)
-    if "benchmarks" in res:
-        L += multiple_choice.markdown(res)
-    if "generations" in res:
-        L += generate.markdown(res)
-    return "\n".join(L) + "\n"
-
-
-def plots(res: dict, out: str) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib); every number is in eval.json")
-        return []
-    written = []
-
-    def save(fig, name):
-        path = os.path.join(out, name)
-        with disk.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    for i, g in enumerate(res["groups"]):
-        if "per_token" in g:  # Fig. 8
-            p, fig = g["per_token"], plt.figure(figsize=(5, 3))
-            edges = np.array(p["bin_edges"])
-            plt.stairs(p["hist_improved"], edges, label="loss improvement", color="green")
-            plt.stairs(p["hist_degraded"], edges, label="loss degradation", color="red")
-            plt.xscale("log"), plt.yscale("log"), plt.legend()
-            plt.xlabel("|CE(SAE) - CE(SAE + LoRA)| (nats)"), plt.ylabel("tokens"), plt.title(g["name"])
-            save(fig, f"per_token_{i}.png")
-        if "distances" in g:  # Fig. 11, absolute values for both models
-            rows = g["distances"]["layers"]
-            x = [r["after_sae"] for r in rows]
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-            for ax, name, label in ((axes[0], "cos", "cosine similarity"), (axes[1], "l2", "L2 distance")):
-                for s, color in (("sae", "blue"), ("sae_lora", "green")):
-                    if f"{name}_{s}" in rows[0]:
-                        c = [r[f"{name}_{s}"] for r in rows]  # no CI from a single sequence: no error bar
-                        err = [[d["mean"] - (d["lo"] if d["lo"] is not None else d["mean"]) for d in c],
-                               [(d["hi"] if d["hi"] is not None else d["mean"]) - d["mean"] for d in c]]
-                        ax.errorbar(x, [d["mean"] for d in c], yerr=err, label=NAMES[s], color=color, marker="o",
-                                    ms=3, capsize=2)
-                ax.set_xlabel("layers after the SAE"), ax.set_ylabel(label), ax.set_xticks(x), ax.legend()
-            fig.suptitle(f"{g['name']}: distance to the original model (90% CI)")
-            save(fig, f"distances_{i}.png")
-        if "steering" in g:  # Fig. 7 / 10
-            save(steering.plot(plt, res, g), f"steering_{i}.png")
-    return written
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
@@ -513,9 +410,9 @@ def run(cfg: EvalConfig) -> dict:
 
     # -- reports -------------------------------------------------------------------------------------------------------
     disk.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(disk.jsonable(res), indent=1))
-    md = markdown(disk.jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
+    md = report.markdown(disk.jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
     disk.write_text(os.path.join(cfg.out, "eval.md"), md)
-    res["plots"] = plots(disk.jsonable(res), cfg.out) if cfg.plots else []
+    res["plots"] = report.plots(disk.jsonable(res), cfg.out) if cfg.plots else []
     print(md)
     common.log(f"wrote {os.path.join(cfg.out, 'eval.json')}, eval.md" +
                (f" and {len(res['plots'])} plots" if res["plots"] else ""))
@@ -525,7 +422,6 @@ def run(cfg: EvalConfig) -> dict:
 def check_adapter(model, folder: str, saes=()):
     """Every adapter matches the model, checked from the file headers before any evaluation starts (load_adapter checks
     again, but only when its turn comes)."""
-    from safetensors import safe_open
     from formats.checkpoint import safetensors_header
     from formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, sae_mismatch
     path = os.path.join(folder, WEIGHTS_NAME)
