@@ -16,6 +16,7 @@ from sae import load_saes
 from splice import splice_hooks
 from tests.tiny import BOS, make_data, make_model, make_sae
 from tests.tol import assert_close, close
+from tests.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_torchrun_two_processes_match_one(files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     subprocess.run([sys.executable, "adapt.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-                           "29533", "adapt.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
+                           str(free_port()), "adapt.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
@@ -208,7 +209,7 @@ def ddp_dropout(files, tmp_path_factory):
     arguments and the uninterrupted run's checkpoint and results."""
     out = tmp_path_factory.mktemp("ddp") / "straight"
     argv = small_args(files, out, "--max-tokens", "1024", "--eval-tokens", "256", "--dropout", "0.1")
-    proc = torchrun("adapt.py", argv, 29551)
+    proc = torchrun("adapt.py", argv, free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return argv, torch.load(out / "ckpt.pt", weights_only=False), json.load(open(out / "results.json"))
 
@@ -217,7 +218,7 @@ def test_torchrun_worker_killed_resumes_exactly(ddp_dropout, tmp_path):
     # kill -9 of one worker: torchrun ends the job, and --resume from the last checkpoint must end with the adapter
     # of the uninterrupted run, every rank continuing its own dropout stream
     argv, straight, _ = ddp_dropout
-    resumed = killed_and_resumed(argv, tmp_path / "b", tmp_path, 29553, rank=1)
+    resumed = killed_and_resumed(argv, tmp_path / "b", tmp_path, free_port(), rank=1)
     assert straight["step"] == resumed["step"] == 8
     for x, y in zip(straight["adapter"], resumed["adapter"]):
         assert torch.equal(x, y)
@@ -235,9 +236,9 @@ def test_fsdp2_equals_ddp_and_resumes_exactly(files, ddp_dropout, tmp_path):
     argv, ddp, ddp_results = ddp_dropout
     fsdp = [*argv, "--fsdp"]
     a = tmp_path / "a"
-    proc = torchrun("adapt.py", [str(a) if prev == "--out" else x for prev, x in zip([None, *fsdp], fsdp)], 29541)
+    proc = torchrun("adapt.py", [str(a) if prev == "--out" else x for prev, x in zip([None, *fsdp], fsdp)], free_port())
     assert proc.returncode == 0, proc.stderr[-6000:]
-    b = killed_and_resumed(fsdp, tmp_path / "b", tmp_path, 29541, rank=0)
+    b = killed_and_resumed(fsdp, tmp_path / "b", tmp_path, free_port(), rank=0)
     a = torch.load(a / "ckpt.pt", weights_only=False)
     assert a["step"] == b["step"] == ddp["step"] == 8
     for x, y, z in zip(a["adapter"], b["adapter"], ddp["adapter"]):
@@ -266,7 +267,7 @@ def test_default_flags_step_count_and_lr_are_the_authors_loop(files, tmp_path):
     # the batch is global: 2 processes with --batch-size 2 take the steps of one process with --batch-size 2 (no
     # more, no fewer), and the paper's batch of one sequence cannot be split over 2 processes: one line says so
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29547"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port())]
     proc = subprocess.run([*torchrun, "adapt.py", *base, "--batch-size", "2", "--out", str(tmp_path / "two")],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -402,7 +403,7 @@ def test_torchrun_two_processes_average_gradients_like_one(files, tmp_path):
     subprocess.run([sys.executable, "tests/sgd_launch.py", "adapt.py", *argv], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     proc = torchrun("tests/sgd_launch.py", ["adapt.py", *[str(tmp_path / "two") if a == str(tmp_path / "one") else a
-                                                          for a in argv]], 29561)
+                                                          for a in argv]], free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)

@@ -12,6 +12,7 @@ from splice import original_pass, spliced_pass
 from sae import SAE
 from tests.tiny import make_data, make_trained_model
 from tests.tol import assert_close
+from tests.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,7 +133,7 @@ def test_torchrun_two_processes_average_gradients_like_one(files, tmp_path):
     subprocess.run([sys.executable, "tests/sgd_launch.py", "train_e2e.py", *one], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-                           "29535", "tests/sgd_launch.py", "train_e2e.py", *two], cwd=ROOT, env=env, capture_output=True,
+                           str(free_port()), "tests/sgd_launch.py", "train_e2e.py", *two], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = sorted(f for f in os.listdir(tmp_path / "one") if f.startswith("ckpt_"))[0]  # step 1 of 4: ckpt_030

@@ -12,6 +12,7 @@ import torch
 
 import common
 from tools import gpu_check
+from tests.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ["numerics", "adapt", "sae", "torchrun", "pipeline"]  # the order they run in
@@ -136,7 +137,7 @@ def test_a_device_that_is_not_there_is_one_line_and_exit_2(device):
 def test_without_a_gpu_cuda_is_one_line_under_torchrun_and_the_full_check(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-                           "29561", "adapt.py", "--device", "cuda"], cwd=ROOT, env=env, capture_output=True,
+                           str(free_port()), "adapt.py", "--device", "cuda"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("adapt.py: error: --device cuda: ") == 2, proc.stderr[-3000:]  # each process, one line

@@ -309,7 +309,7 @@ def test_text_that_is_not_utf8_is_read_with_replacement_and_counted(tmp_path, ca
 def test_adapter_records_its_saes_and_eval_with_others_says_so(files, tmp_path, capsys):
     import json
     import eval as eval_script
-    from lora import SAES_NAME
+    from formats.peft import SAES_NAME
     adapter = os.path.join(files["adapt"], "adapter")
     record = json.load(open(os.path.join(adapter, SAES_NAME)))["saes"]
     assert [(r["path"], r["layer"]) for r in record] == [(os.path.realpath(files["sae"]), 1)]
