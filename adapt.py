@@ -126,53 +126,54 @@ MAY_CHANGE = frozenset({"max_tokens", "micro_batch", "autocast", "dtype", "fsdp"
 OUTPUTS = ("ckpt.pt", "adapter", "results.json")  # what a run writes to --out (--overwrite deletes these)
 
 
-def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
+def run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
     common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len, f"--batch-size {cfg.batch_size} x --seq-len "
                                                                          f"{cfg.seq_len}")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="ckpt.pt", outputs=OUTPUTS,
                           config=asdict(cfg), may_change=MAY_CHANGE):
-        return _run(cfg, d)
+        return _run(cfg, ddp)
 
 
-def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
+def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     # -- setup --------------------------------------------------------------------------------------------------------
-    own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
-    d = d or common.setup(cfg.device)
+    own = ddp is None  # a caller that passes ddp (the embedded pipeline: one process) keeps its setup
+    ddp = ddp or common.setup(cfg.device)
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
-    micro, accum = common.batch_split(cfg.batch_size, cfg.micro_batch, d.world_size)
+    micro, accum = common.batch_split(cfg.batch_size, cfg.micro_batch, ddp.world_size)
     if cfg.kl_reduction not in ("sequence", "token"):
         raise ValueError(f"--kl-reduction {cfg.kl_reduction!r}: expected sequence or token")
 
     # -- model, SAEs, adapters ----------------------------------------------------------------------------------------
-    model = Transformer.from_pretrained(cfg.model, device=d.device, dtype=getattr(torch, cfg.dtype))
+    model = Transformer.from_pretrained(cfg.model, device=ddp.device, dtype=getattr(torch, cfg.dtype))
     model.requires_grad_(False)  # adapters are created in fp32 below, whatever the base weights' dtype
-    saes = load_saes(cfg.sae, cfg.layer or None, model, d.device)
+    saes = load_saes(cfg.sae, cfg.layer or None, model, ddp.device)
     lora_layers = layers_around_saes(cfg.lora_layers, saes, model.cfg.n_layer,
                                      allow_before_jumprelu=cfg.allow_before_jumprelu)
     params = apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, lora_layers)
     if cfg.fsdp:
         common.shard_layers(model)
         params = adapter_parameters(model)  # now DTensors, each rank holding its shard
-    common.seed_per_rank(cfg.seed, d.rank)  # dropout: a mask of its own for every sequence of the global batch
+    common.seed_per_rank(cfg.seed, ddp.rank)  # dropout: a mask of its own for every sequence of the global batch
     # blocks 0..L are the same in both passes: run them once (a transcoder at L changes block L itself)
-    share_prefix = min(lora_layers) > saes[0][0] and not any(s.transcoder for _, s in saes)
-    keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    first_sae_layer = saes[0][0]  # load_saes sorts them by layer
+    share_prefix = min(lora_layers) > first_sae_layer and not any(s.transcoder for _, s in saes)
+    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                f"{[layer for layer, _ in saes]} ({', '.join(s.arch for _, s in saes)}); LoRA rank {cfg.rank} on "
                f"layers {lora_layers[0]}..{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
 
     # -- data ----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
-    train = TokenLoader(cfg.data, "train", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, device=d.device)
-    val = TokenLoader(cfg.data, "val", micro, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
-                      device=d.device)
-    val_batches = held_out_batches(val, eval_batches_for(cfg.eval_tokens, micro, cfg.seq_len, d.world_size),
+    train = TokenLoader(cfg.data, "train", micro, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, device=ddp.device)
+    val = TokenLoader(cfg.data, "val", micro, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, shuffle=False,
+                      device=ddp.device)
+    val_batches = held_out_batches(val, eval_batches_for(cfg.eval_tokens, micro, cfg.seq_len, ddp.world_size),
                                    f"--eval-tokens {cfg.eval_tokens:,}", "--micro-batch or --seq-len")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x {cfg.seq_len} tokens; held-out "
-               f"{len(val_batches) * micro * d.world_size} windows of {cfg.seq_len}; LoRA dropout {cfg.dropout} "
+               f"{len(val_batches) * micro * ddp.world_size} windows of {cfg.seq_len}; LoRA dropout {cfg.dropout} "
                f"{f'for the first {cfg.dropout_steps} steps' if cfg.dropout_steps else 'on every step'}")
 
     # -- optimiser, compile, resume ------------------------------------------------------------------------------------
@@ -180,17 +181,17 @@ def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     original, spliced, losses = original_pass, spliced_pass, chunk_losses
     if cfg.compile and not cfg.fsdp:  # the two passes compiled apart (see original_pass), Eq. 7's chunk as one graph
         original, spliced, losses = torch.compile(original), torch.compile(spliced), torch.compile(losses)
-    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(d.device, cfg.autocast)
+    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+    amp = common.autocast(ddp.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0
     if cfg.resume and os.path.isfile(ckpt_path):
-        state = disk.torch_load(ckpt_path, d.device)
+        state = disk.torch_load(ckpt_path, ddp.device)
         for p, saved in zip(params, state["adapter"]):
             p.data.copy_(common.shard_like(p, saved))
         common.optimizer_state(optimizer, params, load=state["optimizer"])
-        train.load_state_dict(state["loader"][d.rank])
-        common.set_rng_state(state["rng"], d.rank)  # the dropout stream of this rank, where its step left it
+        train.load_state_dict(state["loader"][ddp.rank])
+        common.set_rng_state(state["rng"], ddp.rank)  # the dropout stream of this rank, where its step left it
         step, history, elapsed = state["step"], state["history"], state["elapsed"]
         common.log(f"resumed from {ckpt_path} at step {step}")
     elif cfg.resume:
@@ -199,16 +200,16 @@ def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     def save_checkpoint():  # every rank takes part in the gathers; rank 0 writes
         loaders, rngs = common.gather_objects(train.state_dict()), common.gather_objects(common.rng_state())
         adapter, optim = [common.whole(p) for p in params], common.optimizer_state(optimizer, params)
-        if cfg.fsdp or d.master:
+        if cfg.fsdp or ddp.master:
             save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.model)
-        if d.master:  # beside PEFT's files: the SAEs it is trained around (eval.py says when it is given others)
+        if ddp.master:  # beside PEFT's files: the SAEs it is trained around (eval.py says when it is given others)
             save_sae_record(os.path.join(cfg.out, "adapter"), saes)
-        if d.master:
+        if ddp.master:
             disk.torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs,
                                    step=step, history=history, elapsed=elapsed, config=asdict(cfg)), ckpt_path)
 
     def held_out():
-        res = evaluate(model, saes, val_batches, keep, chunk=cfg.kl_chunk, amp=amp)
+        res = evaluate(model, saes, val_batches, kept_ids, chunk=cfg.kl_chunk, amp=amp)
         history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, **res))
         common.log(f"step {step} | val CE original {res['ce_base']:.4f} | with SAE {res['ce_sae']:.4f} | with SAE + "
                    f"LoRA {res['ce_sae_lora']:.4f} | gap closed {res['gap_closed']:.1%} | KL {res['kl_sae']:.4f} -> "
@@ -219,8 +220,8 @@ def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     mfu_per_token = (adapt_step_flops(model.cfg, saes, lora_layers, cfg.rank, cfg.seq_len, micro, None)
-                     / common.peak_flops(d.device, cfg.autocast))
-    window = [0, 0.0]  # tokens, seconds since the last log line
+                     / common.peak_flops(ddp.device, cfg.autocast))
+    tokens_since_log, seconds_since_log = 0, 0.0
     while step < total_steps:
         t0 = time.time()
         model.train(cfg.dropout_steps == 0 or step < cfg.dropout_steps)  # LoRA dropout on or off (--dropout-steps)
@@ -232,8 +233,8 @@ def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
             idx = train.next_batch()  # (micro, seq_len) token windows
             with amp:
                 with torch.no_grad(), adapters_disabled(model):  # p_orig: the original model, no SAE, no adapters
-                    h_orig, prefix = original(model, idx, saes[0][0], share_prefix=share_prefix)
-                h = spliced(model, saes, idx, keep, prefix=prefix)  # p_spliced: adapters on, the SAEs spliced in
+                    h_orig, prefix = original(model, idx, first_sae_layer, share_prefix=share_prefix)
+                h = spliced(model, saes, idx, kept_ids, prefix=prefix)  # p_spliced: adapters on, the SAEs spliced in
                 kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
             loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))  # per sequence or position
             (loss / accum).backward()  # only the adapters require grad: the model and the SAEs stay frozen
@@ -246,7 +247,8 @@ def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed += time.time() - t0
-        window = [window[0] + tokens_per_step, window[1] + time.time() - t0]
+        tokens_since_log += tokens_per_step
+        seconds_since_log += time.time() - t0
 
         if step % cfg.log_interval == 0 or step % cfg.ckpt_interval == 0 or step == total_steps:
             loss_log, kl_log, ce_log = map(float, (loss_sum, kl_sum, ce_sum))  # the only host sync of a step
@@ -254,13 +256,13 @@ def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
                 raise FloatingPointError(f"KL is {loss_log} at step {step} (lr {lr:.2e}); the last good checkpoint is "
                                          f"{ckpt_path}: lower --lr or use --autocast float32, then --resume")
         if step % cfg.log_interval == 0 or step == total_steps:
-            tps = window[0] / window[1]
+            tps = tokens_since_log / seconds_since_log
             common.log(f"step {step}/{total_steps} | loss {loss_log:.4f} | train KL {kl_log:.4f} | train CE with SAE "
                        f"+ LoRA {ce_log:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {tps * mfu_per_token:.1%} | "
                        f"ETA {(total_steps - step) * tokens_per_step / tps / 60:.1f} min")
             history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, lr=lr, loss=loss_log,
                                 train_kl=kl_log, train_ce=ce_log, tokens_per_s=tps))
-            window = [0, 0.0]
+            tokens_since_log, seconds_since_log = 0, 0.0
         if step % cfg.eval_interval == 0 or step == total_steps:
             held_out()
         if step % cfg.ckpt_interval == 0 or step == total_steps:
@@ -273,7 +275,7 @@ def _run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
                    train_tokens=step * tokens_per_step, train_seconds=elapsed, steps=step,
                    sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers, config=asdict(cfg),
                    config_sources=common.sources(cfg), history=history)
-    if d.master:
+    if ddp.master:
         disk.write_json(os.path.join(cfg.out, "results.json"), disk.jsonable(results))  # NaN: null
     common.log(f"done: CE {results['ce_base']:.4f} (original) / {results['ce_sae']:.4f} (SAE) / "
                f"{results['ce_sae_lora']:.4f} (SAE + LoRA): {results['gap_closed']:.1%} of the gap closed; "

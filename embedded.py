@@ -86,7 +86,7 @@ def model() -> str:
         common.log(f"embedded model: pretraining a tiny Gemma-2 in {out} (first run only)")
         resume = os.path.isfile(os.path.join(out, "train_state.pt"))  # a build that was killed goes on
         pretrain.run(pretrain.PretrainConfig(out=out, data=stdlib_corpus.corpus_and_tokenizer()[0], resume=resume),
-                     d=_one_process())
+                     ddp=_one_process())
     return _once(out, "model.safetensors", build, "pretraining")
 
 

@@ -167,7 +167,7 @@ class SAEStats:
 
 
 @torch.no_grad()
-def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool, label: str = "") -> dict:
+def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: bool, label: str = "") -> dict:
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
     sums, n = {}, 0  # per-position CE and KL summed on the device (splice.add): read back once, at the end
@@ -179,7 +179,7 @@ def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool
     token_ce = {s: [] for s in spliced}
     prog = common.Progress(len(batches), f"core{label}")
     for idx in batches:
-        spliced_at = ~torch.isin(idx, torch.tensor(keep, dtype=idx.dtype, device=idx.device))  # the positions the SAE replaces
+        spliced_at = ~torch.isin(idx, torch.tensor(kept_ids, dtype=idx.dtype, device=idx.device))  # the positions the SAE replaces
         acts = {}
 
         def watch_stats(setting):
@@ -201,12 +201,12 @@ def core_eval(model, saes, batches, keep, cfg: EvalConfig, amp, *, adapted: bool
         dist = cfg.distances
         with amp, adapters_disabled(model):
             finals["original"] = spliced_pass(model, [], idx, watch=watch_stats("original"))
-            finals["sae"] = spliced_pass(model, saes, idx, keep,
+            finals["sae"] = spliced_pass(model, saes, idx, kept_ids,
                                           watch=watch_distance("sae") if dist else None)
         if adapted:
             with amp, merged(model):
                 finals["lora"] = spliced_pass(model, [], idx, watch=watch_stats("lora"))
-                finals["sae_lora"] = spliced_pass(model, saes, idx, keep,
+                finals["sae_lora"] = spliced_pass(model, saes, idx, kept_ids,
                                                   watch=watch_distance("sae_lora") if dist else None)
         acts.clear()
         # CE and KL(p_orig || p_setting) at every predicted position, as splice.py defines them (adapt.py's numbers)
@@ -326,14 +326,14 @@ def run(cfg: EvalConfig) -> dict:
     gen_qs = truthfulqa.read_questions(cfg.truthfulqa_gen, cfg.bench_limit, cfg.data) if cfg.truthfulqa_gen else []
 
     # -- model, SAEs, held-out tokens ----------------------------------------------------------------------------------
-    d = common.setup(cfg.device)
-    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(d.device, cfg.autocast)
+    ddp = common.setup(cfg.device)
+    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+    amp = common.autocast(ddp.device, cfg.autocast)
     dtype = getattr(torch, cfg.dtype)
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=d.device).requires_grad_(False)
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=ddp.device).requires_grad_(False)
     if cfg.layer and len(cfg.layer) != len(cfg.sae):
         raise ValueError(f"--layer names {len(cfg.layer)} layers for {len(cfg.sae)} SAEs: give one per --sae")
-    loaded = sorted(((*load_saes([p], [cfg.layer[i]] if cfg.layer else None, model, d.device)[0], p)
+    loaded = sorted(((*load_saes([p], [cfg.layer[i]] if cfg.layer else None, model, ddp.device)[0], p)
                      for i, p in enumerate(cfg.sae)), key=lambda t: t[0])  # by layer, each with its path
     if len({layer for layer, _, _ in loaded}) < len(loaded):
         raise ValueError("two SAEs at the same layer: give each --sae its own --layer")
@@ -345,8 +345,8 @@ def run(cfg: EvalConfig) -> dict:
     bos_id = model.cfg.bos_token_id
     if gen_qs or cfg.generate:
         generate.check_args(cfg, model.cfg.max_seq_len)
-    keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
-    batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), d.device) if cfg.data else []
+    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), ddp.device) if cfg.data else []
     tok = None
     if texts or bench_qs or gen_qs or cfg.generate:
         from data import load_tokenizer
@@ -363,19 +363,19 @@ def run(cfg: EvalConfig) -> dict:
         seqs = {k: [([bos_id] + tok.encode(t))[:model.cfg.max_seq_len] for t in ts] for k, ts in texts.items()}
 
     # -- the settings, adapter by adapter ------------------------------------------------------------------------------
-    res = {"model": cfg.model, "config": asdict(cfg), "config_sources": common.sources(cfg), "device": str(d.device),
+    res = {"model": cfg.model, "config": asdict(cfg), "config_sources": common.sources(cfg), "device": str(ddp.device),
            "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
 
     def benchmarks(settings):  # multiple choice and TruthfulQA generation
-        return {s: {**multiple_choice.evaluate(model, prepared, saes, keep, cfg, amp, s),
-                    **truthfulqa.evaluate(model, tok, gen_qs, saes, keep, cfg, amp, s)} for s in settings}
+        return {s: {**multiple_choice.evaluate(model, prepared, saes, kept_ids, cfg, amp, s),
+                    **truthfulqa.evaluate(model, tok, gen_qs, saes, kept_ids, cfg, amp, s)} for s in settings}
     if bench_qs or gen_qs:  # adapter-independent settings: computed once
         res["benchmarks"] = benchmarks(("original", "sae"))
     if cfg.generate:
-        res["generations"] = generate.show(model, tok, cfg.generate, ("original", "sae"), saes, keep, cfg, amp)
+        res["generations"] = generate.show(model, tok, cfg.generate, ("original", "sae"), saes, kept_ids, cfg, amp)
     if steer:  # both formulations (steering.py), each with the base model's numbers
         head = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice}
-        ours, authors = steering.steering_eval(model, seqs, saes, direction, s_layer, keep, cfg, amp, "original")
+        ours, authors = steering.steering_eval(model, seqs, saes, direction, s_layer, kept_ids, cfg, amp, "original")
         res["steering"] = {**head, "formulation": steering.OURS, "base": ours}
         res["steering_authors"] = {**head, "formulation": steering.AUTHORS, "base": authors}
     names = [os.path.basename(os.path.normpath(a)) for a in cfg.adapter]
@@ -383,22 +383,22 @@ def run(cfg: EvalConfig) -> dict:
     for gi, adapter in enumerate(cfg.adapter or [None]):
         if gi > 0:  # a fresh model per adapter: adapters of other ranks / layers cannot share LoRA modules
             del model
-            model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=d.device).requires_grad_(False)
+            model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=ddp.device).requires_grad_(False)
         g = {"adapter": adapter, "name": names[gi] if adapter else "(none)"}
         if adapter:
             load_adapter(model, adapter)
             model.requires_grad_(False)
             common.log(f"adapter {adapter}")
         if batches:
-            g.update(core_eval(model, saes, batches, keep, cfg, amp, adapted=adapter is not None,
+            g.update(core_eval(model, saes, batches, kept_ids, cfg, amp, adapted=adapter is not None,
                                label=f" [{g['name']}]"))
         if adapter and (bench_qs or gen_qs):
             g["benchmarks"] = benchmarks(("sae_lora", "lora"))
         if adapter and cfg.generate:
-            g["generations"] = generate.show(model, tok, cfg.generate, ("sae_lora", "lora"), saes, keep, cfg, amp)
+            g["generations"] = generate.show(model, tok, cfg.generate, ("sae_lora", "lora"), saes, kept_ids, cfg, amp)
         if adapter and steer:
             g["steering"], g["steering_authors"] = steering.steering_eval(
-                model, seqs, saes, direction, s_layer, keep, cfg, amp, "lora",
+                model, seqs, saes, direction, s_layer, kept_ids, cfg, amp, "lora",
                 authors_alpha=res["steering_authors"]["base"]["alpha"])  # the authors: one alpha for both models
             g["steering_compare"] = steering.steering_compare(res["steering"]["base"], g["steering"])
             g["steering_authors_compare"] = steering.authors_compare(res["steering_authors"]["base"],
@@ -406,7 +406,7 @@ def run(cfg: EvalConfig) -> dict:
         res["groups"].append(g)
     if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)
         from evals import saebench
-        res["saebench"] = saebench.evaluate(model, saes, cfg, d.device, amp)
+        res["saebench"] = saebench.evaluate(model, saes, cfg, ddp.device, amp)
 
     # -- reports -------------------------------------------------------------------------------------------------------
     disk.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(disk.jsonable(res), indent=1))

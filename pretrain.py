@@ -114,69 +114,69 @@ def lm_loss(model, x: torch.Tensor, autocast: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, data_dir: str, cfg: PretrainConfig, d: common.Dist) -> float:
+def evaluate(model, data_dir: str, cfg: PretrainConfig, ddp: common.Dist) -> float:
     """Mean loss on the same val windows every time (sequential order, each rank its own block)."""
-    loader = TokenLoader(data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, shuffle=False,
-                         device=d.device)
+    loader = TokenLoader(data_dir, "val", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
+                         device=ddp.device)
     n = max(1, min(cfg.eval_batches, loader.per_rank // cfg.batch_size))
     model.eval()
     loss = torch.stack([lm_loss(model, loader.next_batch(), cfg.autocast) for _ in range(n)]).mean()
     model.train()
-    return (common.all_reduce_mean(loss) if d.world_size > 1 else loss).item()
+    return (common.all_reduce_mean(loss) if ddp.world_size > 1 else loss).item()
 
 
-def _barrier(d: common.Dist):
-    if d.world_size > 1:
+def _barrier(ddp: common.Dist):
+    if ddp.world_size > 1:
         dist.barrier()
 
 
-def train(cfg: PretrainConfig, d: common.Dist) -> dict:
-    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
+def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
+    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
     # -- data ----------------------------------------------------------------------------------------------------------
     if cfg.data:
         data_dir = cfg.data
     else:  # build the embedded corpus once (rank 0), the others wait and then read the cache
-        if d.master:
+        if ddp.master:
             stdlib_corpus.corpus_and_tokenizer()
-        _barrier(d)
+        _barrier(ddp)
         data_dir = stdlib_corpus.corpus_and_tokenizer()[0]
     meta = load_meta(data_dir)
     tok = load_tokenizer(meta["tokenizer"])
     out = cfg.out or model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses
     state_path = os.path.join(out, "train_state.pt")
-    loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, seed=cfg.seed,
-                         device=d.device)
+    loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, seed=cfg.seed,
+                         device=ddp.device)
     # -- model and optimiser -------------------------------------------------------------------------------------------
     mcfg = model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
-    raw = Transformer(mcfg).init_weights(cfg.seed).to(d.device)
+    raw = Transformer(mcfg).init_weights(cfg.seed).to(ddp.device)
     decay = [p for n, p in raw.named_parameters() if p.dim() >= 2]  # matrices and embeddings; norms are not decayed
     no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=d.device.type == "cuda")
+                            fused=ddp.device.type == "cuda")
     step, elapsed_before, history = 0, 0.0, []
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
-        st = disk.torch_load(state_path, d.device)
+        st = disk.torch_load(state_path, ddp.device)
         raw.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"])
         step, elapsed_before, history = st["step"], st["elapsed_s"], st["history"]
         common.set_rng_state(st["rng"])  # a CPU tensor again, whatever device map_location put it on
     model = torch.compile(raw) if cfg.compile else raw
-    if d.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda"
+    if ddp.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda"
                                                           else None)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
-    if d.master:
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world_size
+    if ddp.master:
         print(f"pretrain {cfg.family}: {mcfg.n_params() / 1e6:.2f}M parameters ({mcfg.n_params(False) / 1e6:.2f}M "
               f"without embeddings), {tokens_per_step} tokens/step, {cfg.max_steps} steps, data {data_dir} "
               f"({meta['train_tokens']:,} train tokens; unigram entropy {meta['unigram_entropy']:.3f} nats), "
-              f"{d.world_size} process(es) on {d.device}", flush=True)
+              f"{ddp.world_size} process(es) on {ddp.device}", flush=True)
 
     def save_state():
-        if d.master:
+        if ddp.master:
             disk.torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                       "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
                                       "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state()},
@@ -193,7 +193,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
             g["lr"] = lr
         for micro in range(cfg.grad_accum):
             x = loader.next_batch()
-            sync = micro == cfg.grad_accum - 1 or d.world_size == 1
+            sync = micro == cfg.grad_accum - 1 or ddp.world_size == 1
             with model.no_sync() if not sync else contextlib.nullcontext():
                 loss = lm_loss(model, x, cfg.autocast) / cfg.grad_accum
                 loss.backward()
@@ -203,7 +203,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if d.master and (step % cfg.log_interval == 0 or step == last_step):
+        if ddp.master and (step % cfg.log_interval == 0 or step == last_step):
             rate = tokens_per_step * cfg.log_interval / (time.time() - t_log) if step % cfg.log_interval == 0 else 0
             t_log = time.time()
             eta = (last_step - step) * tokens_per_step / rate / 60 if rate else 0.0
@@ -211,21 +211,21 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
                   f"{gnorm.item():.2f} | {rate:,.0f} tok/s | {elapsed_before + t_log - t0:.0f}s "
                   f"({time.process_time() - cpu0:.0f}s cpu) | ETA {eta:.1f} min", flush=True)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val = evaluate(model, data_dir, cfg, d)
+            val = evaluate(model, data_dir, cfg, ddp)
             history.append({"step": step, "val_loss": val, "elapsed_s": elapsed_before + time.time() - t0})
-            if d.master:
+            if ddp.master:
                 print(f"step {step:5d} | val loss {val:.3f}", flush=True)
         if step % cfg.ckpt_interval == 0 or step == last_step:
             save_state()
     if val is None and step == cfg.max_steps:  # resumed a finished run
-        val = evaluate(model, data_dir, cfg, d)
+        val = evaluate(model, data_dir, cfg, ddp)
     # -- save in Hugging Face layout -----------------------------------------------------------------------------------
     result = {"family": cfg.family, "steps": step, "val_loss": val, "tokens": step * tokens_per_step,
               "wall_s": elapsed_before + time.time() - t0, "cpu_s_this_run": time.process_time() - cpu0,
               "unigram_entropy": meta["unigram_entropy"],
               "n_params": mcfg.n_params(), "history": history, "config": asdict(cfg), "data": data_dir,
-              "device": str(d.device), "world_size": d.world_size}
-    if d.master and step == cfg.max_steps:
+              "device": str(ddp.device), "world_size": ddp.world_size}
+    if ddp.master and step == cfg.max_steps:
         raw.save_pretrained(out)
         dest = os.path.join(out, "tokenizer.model" if tok.kind == "sentencepiece" else "original/tokenizer.model")
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -234,7 +234,7 @@ def train(cfg: PretrainConfig, d: common.Dist) -> dict:
         disk.write_json(os.path.join(out, "pretrain.json"), result)
         print(f"pretrain: saved {out} (val loss {val:.3f} after {result['tokens']:,} tokens, "
               f"{result['wall_s']:.0f}s)", flush=True)
-    _barrier(d)
+    _barrier(ddp)
     return result
 
 
@@ -263,17 +263,17 @@ def main(argv=None) -> dict:
     return run(cfg)
 
 
-def run(cfg: PretrainConfig, d: common.Dist | None = None) -> dict:
-    """Pretrain under torchrun's processes, or in the single process `d` (what the embedded pipeline passes)."""
+def run(cfg: PretrainConfig, ddp: common.Dist | None = None) -> dict:
+    """Pretrain under torchrun's processes, or in the single process `ddp` (what the embedded pipeline passes)."""
     if cfg.family not in ("gemma2", "llama3"):
         raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
     out = cfg.out or model_dir(cfg)
     with run_folder.claim(out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="train_state.pt",
                           outputs=OUTPUTS, config=asdict(cfg), may_change=MAY_CHANGE):
-        own = d is None
-        d = d or common.setup(cfg.device)
+        own = ddp is None
+        ddp = ddp or common.setup(cfg.device)
         try:
-            return train(cfg, d)
+            return train(cfg, ddp)
         finally:
             if own:
                 common.teardown()

@@ -39,12 +39,12 @@ from model import Transformer
 from sae import SAE, splice_flops
 
 
-def kl_reference(model: Transformer, saes, idx, keep=()) -> torch.Tensor:
+def kl_reference(model: Transformer, saes, idx, kept_ids=()) -> torch.Tensor:
     """Eq. 7 as written: KL(p_orig || p_spliced), the mean over the predicted positions (all but each window's last),
     gradients to the adapters only."""
     with torch.no_grad(), adapters_disabled(model):
         logp_orig = F.log_softmax(model(idx)[:, :-1].float(), dim=-1)  # the original model: no SAE, no adapters
-    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, keep))[:, :-1].float(), dim=-1)
+    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, kept_ids))[:, :-1].float(), dim=-1)
     return (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
 
 
@@ -70,11 +70,12 @@ def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
     return tuple(sorted({i for name in POSITIONS[positions] for i in ids[name] if i is not None}))
 
 
-def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, keep=()):
+def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, kept_ids=()):
     """Hooks for model(..., hooks=...): the stream after block L becomes SAE_L(stream) (a transcoder at L: block L's
-    MLP sublayer becomes the transcoder of its normalised input), except at positions holding a token of `keep` (token ids: a tuple from kept_tokens, or one id), which keep their original activation."""
-    keep = (keep,) if isinstance(keep, int) else tuple(k for k in (keep or ()) if k is not None)
-    kept_at = torch.isin(idx, torch.tensor(keep, device=idx.device))[..., None] if keep else None  # (B, T, 1) mask
+    MLP sublayer becomes the transcoder of its normalised input), except at positions holding a token of `kept_ids`
+    (a tuple from kept_tokens, or one id), which keep their original activation."""
+    kept_ids = (kept_ids,) if isinstance(kept_ids, int) else tuple(k for k in (kept_ids or ()) if k is not None)
+    kept_at = torch.isin(idx, torch.tensor(kept_ids, device=idx.device))[..., None] if kept_ids else None  # (B, T, 1)
 
     def make(sae):
         def hook(x):
@@ -116,12 +117,12 @@ def _watcher(watch, layer):
     return hook
 
 
-def spliced_pass(model: Transformer, saes, idx, keep=(), *, prefix=None, watch=None):
+def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, watch=None):
     """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given (not
     with transcoders: their block is not in the prefix).
     watch(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
     after (the same tensor where no SAE sits)."""
-    hooks = splice_hooks(saes, idx, keep)
+    hooks = splice_hooks(saes, idx, kept_ids)
     start = 0 if prefix is None else saes[0][0]
     if watch is not None:
         def wrap(layer, splice):
@@ -235,7 +236,7 @@ def predicted_positions(idx: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, saes, batches, keep=(), *, chunk: int = 2048, amp) -> dict:
+def evaluate(model: Transformer, saes, batches, kept_ids=(), *, chunk: int = 2048, amp) -> dict:
     """ce_base, ce_sae, kl_sae and, for a model with adapters, ce_sae_lora, kl_sae_lora and gap_closed on held-out
     windows (definitions at the top); `positions`: how many predicted positions they average over. The adapters stay
     unmerged; eval.py merges them into the weights and gets the same numbers to float precision."""
@@ -246,9 +247,9 @@ def evaluate(model: Transformer, saes, batches, keep=(), *, chunk: int = 2048, a
         with amp:
             with adapters_disabled(model):
                 h_orig = spliced_pass(model, [], idx)  # no SAE, no adapters: the original model
-                settings = {"sae": spliced_pass(model, saes, idx, keep)}
+                settings = {"sae": spliced_pass(model, saes, idx, kept_ids)}
             if adapted:
-                settings["sae_lora"] = spliced_pass(model, saes, idx, keep)
+                settings["sae_lora"] = spliced_pass(model, saes, idx, kept_ids)
             for name, h in settings.items():
                 kl, ce, ce_orig = kl_and_ce(model, h_orig, h, idx, chunk=chunk)
                 add(sums, **{f"kl_{name}": kl, f"ce_{name}": ce})

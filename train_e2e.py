@@ -103,58 +103,58 @@ MAY_CHANGE = frozenset({"max_tokens", "autocast", "compile", "kl_chunk", "log_in
 OUTPUTS = ("state.pt", "log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
 
 
-def run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
+def run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is per process
     common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len * world,
                           f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} x {world} process(es)")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
                           config=asdict(cfg), may_change=MAY_CHANGE):
-        return _run(cfg, d)
+        return _run(cfg, ddp)
 
 
-def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
+def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     # -- setup, frozen model, SAE --------------------------------------------------------------------------------------
     if len(cfg.layer) != 1:
         raise ValueError(f"train_e2e.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
     if cfg.kl_reduction not in ("sequence", "token"):
         raise ValueError(f"--kl-reduction {cfg.kl_reduction!r}: expected sequence or token")
     layer = cfg.layer[0]
-    own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
-    d = d or common.setup(cfg.device)
+    own = ddp is None  # a caller that passes ddp (the embedded pipeline: one process) keeps its setup
+    ddp = ddp or common.setup(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = Transformer.from_pretrained(cfg.model, device=d.device).requires_grad_(False)
+    model = Transformer.from_pretrained(cfg.model, device=ddp.device).requires_grad_(False)
     if not 0 <= layer < model.cfg.n_layer - 1:
         raise ValueError(f"--layer {layer} is out of range: an e2e SAE needs a later layer to train through; "
                          f"this model has layers 0..{model.cfg.n_layer - 1}")
     dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
-    sae = SAE(dm, m, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=d.device)
+    sae = SAE(dm, m, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=ddp.device)
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
-    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(d.device, cfg.autocast)
-    keep = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+    amp = common.autocast(ddp.device, cfg.autocast)
+    kept_ids = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
 
     # -- data ----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
-    loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed,
-                         device=d.device)
-    val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
-                      device=d.device)
+    loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
+                         device=ddp.device)
+    val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, shuffle=False,
+                      device=ddp.device)
     val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
                                    "--batch-size or --seq-len")
-    tokens_per_step = cfg.batch_size * cfg.seq_len * d.world_size
+    tokens_per_step = cfg.batch_size * cfg.seq_len * ddp.world_size
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
-    since_fired = torch.zeros(m, dtype=torch.long, device=d.device)
+    since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)
     state_path, csv_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.csv")
     step, elapsed, rows = 0, 0.0, []
 
     if cfg.resume and os.path.isfile(state_path):
-        st = disk.torch_load(state_path, d.device)
+        st = disk.torch_load(state_path, ddp.device)
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"][d.rank])
-        common.set_rng_state(st.get("rng"), d.rank)  # torch's stream, for whatever a step draws from it
+        loader.load_state_dict(st["loader"][ddp.rank])
+        common.set_rng_state(st.get("rng"), ddp.rank)  # torch's stream, for whatever a step draws from it
         since_fired, step, elapsed, rows = st["since_fired"], st["step"], st["elapsed"], st["rows"]
         common.log(f"resumed from {state_path} at step {step}")
     else:  # b_dec at the geometric median of the layer's activations (from every rank), as for the TopK baseline
@@ -167,7 +167,7 @@ def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
 
     def save_state():
         loaders, rngs = common.gather_objects(loader.state_dict()), common.gather_objects(common.rng_state())
-        if d.master:
+        if ddp.master:
             disk.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders, rng=rngs,
                                    since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
                                    config=asdict(cfg)), state_path)
@@ -179,7 +179,7 @@ def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
 
     def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them
         sae.eval()
-        res = evaluate(model, [(layer, sae)], val_batches, keep, chunk=cfg.kl_chunk, amp=amp)
+        res = evaluate(model, [(layer, sae)], val_batches, kept_ids, chunk=cfg.kl_chunk, amp=amp)
         sae.train()
         return res
 
@@ -203,7 +203,7 @@ def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
             with torch.no_grad():  # the prefix up to the layer is the same computation in both passes: run it once
                 h_orig, prefix = original(model, idx, layer, share_prefix=True, watch=record("orig"))
                 values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
-            h = spliced_pass(model, [(layer, sae)], idx, keep, prefix=prefix,
+            h = spliced_pass(model, [(layer, sae)], idx, kept_ids, prefix=prefix,
                              watch=record("spliced"))
             kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
             loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))
@@ -221,7 +221,7 @@ def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
-        fired = torch.zeros(m, device=d.device)
+        fired = torch.zeros(m, device=ddp.device)
         fired[indices[values > 0]] = 1.0
         update_since_fired(since_fired, common.all_reduce_mean(fired) > 0, tokens_per_step)
         step += 1
@@ -242,11 +242,11 @@ def _run(cfg: E2EConfig, d: common.Dist | None = None) -> dict:
             common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | KL "
                        f"{res['kl_sae']:.4f} | {elapsed / 60:.1f} min")
         if step in checkpoints:
-            if d.master:
+            if ddp.master:
                 sae.save(os.path.join(cfg.out, checkpoints[step]))
             save_state()
 
-    if d.master:
+    if ddp.master:
         sae.save(cfg.out)
     common.log(f"saved {cfg.out} (SAELens format), log.csv and checkpoints ckpt_010..ckpt_100")
     if own:

@@ -3,7 +3,7 @@ Decoding: text generation with a key/value cache for model.py's Transformer, nan
 
     new = generate(model, [[bos, 5, 9], [bos, 7]], max_new_tokens=20)                 # greedy, token ids
     new = generate(model, prompts, 20, temperature=0.8, top_k=50, generator=g)          # sampled
-    new = generate(model, prompts, 20, hooks_for=splice.hooks_for(saes, keep))          # the SAE spliced everywhere
+    new = generate(model, prompts, 20, hooks_for=splice.hooks_for(saes, kept_ids))          # the SAE spliced everywhere
     texts = complete(model, tok, ["Q: ..."], 256, stop=["\n\n"])                         # strings in, strings out
 
 The prompts run once (prefill); each later step feeds only the newest token, whose keys and values are appended to
@@ -217,12 +217,12 @@ def complete(model: Transformer, tok, prompts: Sequence[str], max_new_tokens: in
     return texts
 
 
-def complete_setting(model, tok, prompts, setting: str, saes, keep=(), *, prompt_only: bool = False, **kw):
+def complete_setting(model, tok, prompts, setting: str, saes, kept_ids=(), *, prompt_only: bool = False, **kw):
     """complete() in one of the paper's settings (Sec. 5.3): adapters merged for *lora, off otherwise; the SAEs spliced
     for sae*, on every position or (prompt_only, the authors' run) on the prompt's only."""
     from evals.multiple_choice import hooks_for, setting_context  # the settings of Sec. 5.3
     with setting_context(model, setting):
-        return complete(model, tok, prompts, hooks_for=hooks_for(saes, keep) if "sae" in setting else None,
+        return complete(model, tok, prompts, hooks_for=hooks_for(saes, kept_ids) if "sae" in setting else None,
                         splice_generated=not prompt_only, **kw)
 
 
@@ -240,7 +240,7 @@ def check_args(cfg, max_seq_len: int):
                          f"and top-k >= 1")
 
 
-def show(model, tok, prompts, settings, saes, keep, cfg, amp) -> dict:
+def show(model, tok, prompts, settings, saes, kept_ids, cfg, amp) -> dict:
     """eval.py --generate: what each setting writes after each prompt, printed and returned as {key: [text, ...]}; the
     key is the setting, with "_prompt_only" added for the authors' splice (cfg.authors_splice)."""
     room = model.cfg.max_seq_len - cfg.gen_tokens - 1  # what complete() keeps of a prompt, beside BOS
@@ -255,7 +255,7 @@ def show(model, tok, prompts, settings, saes, keep, cfg, amp) -> dict:
         for prompt_only in (False, True) if cfg.authors_splice and "sae" in s else (False,):
             key = s + ("_prompt_only" if prompt_only else "")
             gen = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(cfg.seed)  # same draws each
-            out[key] = complete_setting(model, tok, prompts, s, saes, keep, prompt_only=prompt_only, amp=amp,
+            out[key] = complete_setting(model, tok, prompts, s, saes, kept_ids, prompt_only=prompt_only, amp=amp,
                                         max_new_tokens=cfg.gen_tokens,
                                         temperature=cfg.temperature, top_k=cfg.top_k, generator=gen,
                                         batch_size=cfg.bench_batch)

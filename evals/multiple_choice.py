@@ -243,9 +243,9 @@ def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, wha
     return out
 
 
-def hooks_for(saes, keep=()):
+def hooks_for(saes, kept_ids=()):
     """idx -> the splice hooks for that batch (none without SAEs): what score() takes."""
-    return lambda idx: splice_hooks(saes, idx, keep) if saes else {}
+    return lambda idx: splice_hooks(saes, idx, kept_ids) if saes else {}
 
 
 def setting_context(model, setting: str):
@@ -273,10 +273,10 @@ def bench_scores(qs, lls) -> dict:
     return {**out, "ll": [list(map(float, ll)) for ll in lls]}
 
 
-def evaluate(model, prepared: dict, saes, keep, cfg, amp, setting: str) -> dict:
+def evaluate(model, prepared: dict, saes, kept_ids, cfg, amp, setting: str) -> dict:
     """Every prepared benchmark's scores for one setting (original / sae / sae_lora / lora)."""
     out = {}
-    hooks = hooks_for(saes if "sae" in setting else [], keep)
+    hooks = hooks_for(saes if "sae" in setting else [], kept_ids)
     with setting_context(model, setting):
         for bench, (qs, seqs, queries, slots) in prepared.items():
             lps = score(model, seqs, queries, hooks, amp, cfg.bench_batch, cfg.chunk, f"{bench} [{setting}]")

@@ -96,7 +96,7 @@ def steer_hook(v: torch.Tensor, alpha: float, inner=None):
     return hook
 
 
-def steering_eval(model, seqs: dict, saes, d, layer, keep, cfg, amp, setting: str, authors_alpha=None):
+def steering_eval(model, seqs: dict, saes, d, layer, kept_ids, cfg, amp, setting: str, authors_alpha=None):
     """Both formulations for one model (setting "original": adapters off; "lora": adapters merged): (ours, authors'),
     every text set scored unsteered and steered along d (the raw decoder row), alpha tuned (or fixed).
     authors_alpha: the base model's choice, which the authors' formulation keeps for the LoRA model."""
@@ -113,7 +113,7 @@ def steering_eval(model, seqs: dict, saes, d, layer, keep, cfg, amp, setting: st
             return np.concatenate([loglik(f, k, alpha) for k in negs])
         if (name, alpha) not in cache:
             def hooks_for(idx):
-                hooks = splice_hooks(saes, idx, keep) if cfg.steering_splice else {}
+                hooks = splice_hooks(saes, idx, kept_ids) if cfg.steering_splice else {}
                 if alpha is not None:
                     hooks[layer] = steer_hook(v, alpha, hooks.get(layer))
                 return hooks

@@ -104,7 +104,7 @@ def no_build(monkeypatch):
     """The builders record what they were asked to build, write only the marker, and train nothing."""
     built = []
 
-    def fake_pretrain(cfg, d=None):
+    def fake_pretrain(cfg, ddp=None):
         built.append(("pretrain", cfg))
         fake_model(cfg.out, b"weights of a new recipe")
 
