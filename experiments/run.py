@@ -27,6 +27,7 @@ own command and wall seconds; a step done before that file existed counts as unr
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
@@ -677,17 +678,28 @@ def derive(cfg: ExpConfig):
                     put(f"{bench}_{mt}_{z}_minus_{a}_se", se, "standard error of that difference, unpaired: "
                                                                 "hypot of the two")
                     put(f"{bench}_{mt}_{z}_minus_{a}_in_se", diff / se, "the difference in those standard errors")
-    if (d := load("default")) is not None:
-        pt = d["eval"]["per_token"]
+    for name in sorted(os.path.basename(x)[:-5] for x in glob.glob(os.path.join(RESULTS, "default*.json"))):
+        g = load(name)["eval"]
+        pt, thr = g["groups"][0]["per_token"], (2, 5, 10, 20, 50, 100, 500)
         edges = pt["bin_edges"]
         inside = [i for i in range(len(edges) - 1) if edges[i] >= 1e-2 * (1 - 1e-9) and edges[i + 1] <= 1 + 1e-9]
         for kind in ("improved", "degraded"):
-            per_bin = pt[f"nats_{kind}_per_bin"]
-            put(f"default_nats_{kind}_share_0.01_to_1", sum(per_bin[i] for i in inside) / sum(per_bin),
-                f"nats {kind} by tokens whose change lies in [0.01, 1] / all nats {kind}")
-            hist = pt[f"hist_{kind}"]
-            put(f"default_tokens_{kind}_share_0.01_to_1", sum(hist[i] for i in inside) / sum(hist),
-                f"tokens {kind} by a change in [0.01, 1] / all tokens {kind}")
+            put(f"{name}_nats_{kind}_share_0.01_to_1", sum(pt[f"nats_{kind}_per_bin"][i] for i in inside)
+                / sum(pt[f"nats_{kind}_per_bin"]), f"nats {kind} by tokens changed by 0.01 to 1 nats / all nats {kind}")
+        hist = [a + b for a, b in zip(pt["hist_improved"], pt["hist_degraded"])]
+        put(f"{name}_tokens_changed_share_0.01_to_1", sum(hist[i] for i in inside) / sum(hist),
+            "tokens changed by 0.01 to 1 nats (either way) / all changed tokens")
+        sb = g["saebench"]["settings"]
+        for metric, key in (("scr", "scr_metric_threshold_{}"), ("tpp", "tpp_threshold_{}_total_metric")):
+            lora, base = ([sb[m][metric][key.format(t)] for t in thr] for m in ("adapted", "base"))
+            put(f"{name}_{metric}_mean_lora", sum(lora) / len(lora), f"{metric} mean over thresholds {thr}, LoRA")
+            put(f"{name}_{metric}_mean_base", sum(base) / len(base), f"{metric} mean over thresholds {thr}, base")
+            put(f"{name}_{metric}_max_lora", max(lora), f"{metric} max over the thresholds, LoRA")
+            put(f"{name}_{metric}_max_base", max(base), f"{metric} max over the thresholds, base")
+            put(f"{name}_{metric}_thresholds_lower", sum(round(x, 3) < round(y, 3) for x, y in zip(lora, base)),
+                "thresholds where LoRA < base (3 decimals, as shown)")
+            put(f"{name}_{metric}_thresholds_equal", sum(round(x, 3) == round(y, 3) for x, y in zip(lora, base)),
+                "thresholds where LoRA = base (3 decimals)")
     save("derived", dict(values=out, config=asdict(cfg)),
          "| quantity | value | formula |\n| --- | --- | --- |\n" + "\n".join(rows))
 
