@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("experiments_run", os.path.join(ROOT, "experiments", "run.py"))
 run = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
 spec.loader.exec_module(run)
+from experiments import frontier, harness  # noqa: E402  (what run.py's experiments share; the frontier's own module)
 
 
 def test_time_to_reach_a_ce_is_the_first_point_at_or_below_it():
@@ -82,8 +83,8 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     launch = subprocess.run
     monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: forbidden() if cmd[0] == sys.executable
                         else launch(cmd, *a, **k))  # no script runs (platform.processor() may call uname)
-    monkeypatch.setattr(run, "held_out", forbidden)
-    monkeypatch.setattr(run, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(frontier, "held_out", forbidden)
+    monkeypatch.setattr(harness, "RESULTS", str(tmp_path / "results"))
     run.frontier(cfg)
 
     res = json.load(open(tmp_path / "results" / "frontier.json"))
@@ -114,8 +115,8 @@ def test_results_record_command_commit_machine_and_the_wall_time_of_every_step(t
     script.write_text("import os, sys, time\nout = sys.argv[sys.argv.index('--out') + 1]\nos.makedirs(out)\n"
                       "time.sleep(0.3)\nopen(os.path.join(out, 'done'), 'w').write('1')\n")
     cfg = run.ExpConfig(model="m", out=str(tmp_path / "exp"))
-    monkeypatch.setattr(run, "RESULTS", str(tmp_path / "results"))
-    monkeypatch.setattr(run, "base_args", lambda cfg: [])
+    monkeypatch.setattr(harness, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(harness, "base_args", lambda cfg: [])
 
     def invocation(outs):
         run._STEPS.clear(), run._RAN.clear(), run._CACHED.clear()
