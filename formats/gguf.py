@@ -152,14 +152,15 @@ def read_state_dict(path: str):
         if cfg["model_type"] == "gemma2" and gname.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm scales; HF and model.py store w
         state[hf_name] = w
-    tensors.pop("output.weight", None) if mcfg.tie_embeddings else None
+    if mcfg.tie_embeddings:
+        tensors.pop("output.weight", None)
     if tensors:
         raise ValueError(f"{path}: GGUF has tensors this {arch.name} model does not use, e.g. {sorted(tensors)[:3]}")
     return cfg, state, meta
 
 
 def tokenizer_spec(meta: dict) -> dict | None:
-    """The GGUF tokenizer metadata model.py's cache keeps (tokenizer.gguf.json); None when the file has none."""
+    """The tokenizer metadata the converted folder keeps as tokenizer.gguf.json; None when the file has none."""
     if "tokenizer.ggml.tokens" not in meta:
         return None
     keep = ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "padding_token_id",
