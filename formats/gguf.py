@@ -211,7 +211,7 @@ def bpe_encoding(spec: dict, name: str):
     import tiktoken
     if spec.get("model") != "gpt2":
         raise ValueError(f"{name}: GGUF tokenizer {spec.get('model')!r} is not supported (only byte-level BPE, "
-                         f"'gpt2'; Gemma's sentencepiece vocabulary: pass --tokenizer with its tokenizer.model)")
+                         f"'gpt2'); for a sentencepiece vocabulary (Gemma's) use the model's HF folder or hub id")
     decoder = _byte_decoder()
     tokens, types = spec["tokens"], spec.get("token_type") or [1] * len(spec["tokens"])
     ranks, specials = {}, {}
