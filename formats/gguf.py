@@ -11,7 +11,6 @@ tokenizer, with the split pattern transformers' GGUF loading uses for the file's
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import struct
@@ -149,7 +148,8 @@ def read_state_dict(path: str):
         if cfg["model_type"] == "gemma2" and gname.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm scales; HF and model.py store w
         state[hf_name] = w
-    tensors.pop("output.weight", None) if cfg.get("tie_word_embeddings", True) else None
+    if cfg.get("tie_word_embeddings", True):
+        tensors.pop("output.weight", None)
     if tensors:
         raise ValueError(f"{path}: GGUF has tensors this {arch.name} model does not use, e.g. {sorted(tensors)[:3]}")
     return cfg, state, meta
@@ -168,7 +168,7 @@ def hf_names(cfg: dict) -> list[str]:
 
 
 def tokenizer_spec(meta: dict) -> dict | None:
-    """The GGUF tokenizer metadata model.py's cache keeps (tokenizer.gguf.json); None when the file has none."""
+    """The tokenizer metadata the converted folder keeps as tokenizer.gguf.json; None when the file has none."""
     if "tokenizer.ggml.tokens" not in meta:
         return None
     keep = ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "padding_token_id",
@@ -220,7 +220,7 @@ def bpe_encoding(spec: dict, name: str):
     import tiktoken
     if spec.get("model") != "gpt2":
         raise ValueError(f"{name}: GGUF tokenizer {spec.get('model')!r} is not supported (only byte-level BPE, "
-                         f"'gpt2'; Gemma's sentencepiece vocabulary: pass --tokenizer with its tokenizer.model)")
+                         f"'gpt2'); for a sentencepiece vocabulary (Gemma's) use the model's HF folder or hub id")
     decoder = _byte_decoder()
     tokens, types = spec["tokens"], spec.get("token_type") or [1] * len(spec["tokens"])
     ranks, specials = {}, {}

@@ -171,6 +171,17 @@ def test_tokenizer_matches_transformers(tmp_path):
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (1, 0, len(ref))
 
 
+def test_sentencepiece_or_merge_disorder_is_one_line():
+    from formats.gguf import bpe_encoding
+    with pytest.raises(ValueError, match="GGUF tokenizer 'llama' is not supported"):
+        bpe_encoding({"model": "llama", "tokens": ["a"]}, "x")
+    tokens, merges = _bpe(300)  # ids in merge order, as trainers assign them; swapped, tiktoken cannot follow
+    i, j = tokens.index("".join(merges[-1].split(" "))), tokens.index("".join(merges[-2].split(" ")))
+    tokens[i], tokens[j] = tokens[j], tokens[i]
+    with pytest.raises(ValueError, match="not in merge order"):
+        bpe_encoding({"model": "gpt2", "tokens": tokens, "merges": merges}, "x")
+
+
 def test_unsupported_tensor_type_is_one_line(tmp_path, monkeypatch):
     from model import Transformer
     path = tmp_path / "m.gguf"
