@@ -117,8 +117,9 @@ def run(cfg: AdaptConfig, d: common.Dist | None = None) -> dict:
     # blocks 0..L are the same in both passes: run them once (a transcoder at L changes block L itself)
     share_prefix = min(lora_layers) > saes[0][0] and not any(s.transcoder for _, s in saes)
     keep = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    kinds = ", ".join(("transcoder " if s.transcoder else "") + s.arch for _, s in saes)
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
-               f"{[layer for layer, _ in saes]} ({', '.join(s.arch for _, s in saes)}); LoRA rank {cfg.rank} on "
+               f"{[layer for layer, _ in saes]} ({kinds}); LoRA rank {cfg.rank} on "
                f"layers {lora_layers[0]}..{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
 
     # -- data ----------------------------------------------------------------------------------------------------------
