@@ -159,8 +159,9 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     first_sae_layer = saes[0][0]  # load_saes sorts them by layer
     share_prefix = min(lora_layers) > first_sae_layer and not any(s.transcoder for _, s in saes)
     kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    kinds = ", ".join(("transcoder " if s.transcoder else "") + s.arch for _, s in saes)
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
-               f"{[layer for layer, _ in saes]} ({', '.join(s.arch for _, s in saes)}); LoRA rank {cfg.rank} on "
+               f"{[layer for layer, _ in saes]} ({kinds}); LoRA rank {cfg.rank} on "
                f"layers {lora_layers[0]}..{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
 
     # -- data ----------------------------------------------------------------------------------------------------------

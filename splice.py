@@ -193,15 +193,17 @@ def adapt_step_flops(model_cfg, saes, lora_layers: list[int], rank: int, seq_len
     frozen: their backward is to the activations only; the adapters train):
 
     - the original pass: every block forward, without grad;
-    - the spliced pass: the blocks after the first SAE when every adapter sits after it (share_prefix), else every
-      block, forward; each SAE with its backward to its input when adapters sit before it (sae.splice_flops);
+    - the spliced pass: the blocks after the first SAE when every adapter sits after it (share_prefix; never with a
+      transcoder, whose own block is spliced), else every block, forward; each SAE with its backward to its input
+      when adapters sit before it (sae.splice_flops);
     - the backward to the activations of the lowest adapted block and every block after it (the lowest one's input
       carries no gradient), and the adapters' own matmuls with their gradients (lora.lora_flops);
     - Eq. 7's two heads on the predicted positions and the spliced one's backward (kl_flops below); kl_chunk None
       leaves out the recomputation of the chunks (model FLOPs, for MFU)."""
     n, first, lowest = model_cfg.n_layer, saes[0][0], min(lora_layers)
     block = model_cfg.block_flops(seq_len)
-    spliced = (n - first - 1 if lowest > first else n) * block
+    shared = lowest > first and not any(getattr(s, "transcoder", False) for _, s in saes)  # share_prefix
+    spliced = (n - first - 1 if shared else n) * block
     sae = sum(splice_flops(s.d_in, s.d_sae, s.arch, s.k, grad_input=lowest <= layer) for layer, s in saes)
     backward = ((n - lowest - 1) * model_cfg.block_flops(seq_len, backward=True)
                 + model_cfg.block_flops(seq_len, backward=True, input_grad=False))
