@@ -224,7 +224,10 @@ def test_topk_training_loss_value_and_gradient():
     assert (z == 0).sum(-1).gt(58).any(), "some top-6 pre-activation must be negative for the test to bite"
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert stats["l0"] == pytest.approx((z > 0).float().sum(-1).mean().item())
-    assert torch.equal(fired, (z > 0).any(0))
+    recon = z @ sae.W_dec + sae.b_dec
+    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()  # the batch's fraction of variance unexplained
+    assert stats["fvu"] == pytest.approx(fvu.item(), rel=1e-5) and "auxk" not in stats  # no dead latent: no AuxK
+    assert fired.dtype == torch.bool and torch.equal(fired, (z > 0).any(0))  # a mask: train_sae indexes with it
     g = torch.autograd.grad(loss, [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
     g_ref = torch.autograd.grad(ref, [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
     for a, b in zip(g, g_ref):
@@ -234,7 +237,8 @@ def test_topk_training_loss_value_and_gradient():
 def test_auxk_uses_the_dead_latents():
     sae = sae_with_negative_codes(1)
     with torch.no_grad():
-        sae.b_enc[:32] += 1.0  # the live half has the larger pre-activations: choosing among them is visibly wrong
+        sae.b_enc[:32] = 3.0  # the live half has the larger pre-activations: choosing among them is visibly wrong
+        sae.b_enc[32:] = 1.0 + torch.rand(32)  # dead ones fire too, so how many of them AuxK takes (k_aux) matters
     x = torch.randn(32, 16)
     dead = torch.arange(64) >= 32
     loss, stats, _ = training_loss(sae, x, dead, 1.5, auxk_coef=0.5)
@@ -242,6 +246,11 @@ def test_auxk_uses_the_dead_latents():
     no_aux, _ = reference_loss(sae, x, dead, 1.5, 0.0)
     assert ref.item() - no_aux.item() > 1e-3  # the AuxK term is there
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert stats["auxk"] == pytest.approx((ref.item() - no_aux.item()) / 0.5, rel=1e-4)
+    assert "auxk" not in training_loss(sae, x, dead, 1.5, auxk_coef=0.0)[1]
+    small = 1e-3 * x  # an error variance far below 1: the normalisation is the variance itself
+    small_loss, _, _ = training_loss(sae, small, dead, 1.5, auxk_coef=0.5)
+    assert small_loss.item() == pytest.approx(reference_loss(sae, small, dead, 1.5, 0.5)[0].item(), rel=1e-5)
     # its gradient reaches only the dead latents' encoder columns beyond what the main loss gives
     g = torch.autograd.grad(loss, sae.W_enc)[0]
     g_main = torch.autograd.grad(reference_loss(sae, x, dead, 1.5, 0.0)[0], sae.W_enc)[0]
@@ -267,6 +276,74 @@ def test_jumprelu_training_loss_is_mse_plus_l0():
     ref = ((x - z @ sae.W_dec - sae.b_dec) ** 2).sum(-1).mean() / 3.0 + 0.01 * (z != 0).float().sum(-1).mean()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.equal(fired, (z != 0).any(0))
+
+
+def test_batchtopk_training_loss_keeps_the_batchs_largest():
+    # Bussmann et al. 2024: the k x tokens largest ReLU'd pre-activations of the whole batch, not k per token
+    torch.manual_seed(0)
+    sae = SAE(16, 64, "batchtopk", k=3)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.2)
+    x = torch.randn(20, 16) * torch.linspace(0.2, 3, 20)[:, None]  # token norms differ: per-token counts differ
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True
+    loss, stats, fired = training_loss(sae, x, dead, 2.0, auxk_coef=0.25)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    flat = pre.relu().flatten()
+    kept = flat.topk(3 * 20).indices
+    z = torch.zeros_like(flat).scatter(0, kept, flat[kept]).view_as(pre)
+    counts = (z > 0).sum(-1)
+    assert counts.max() > 3 > counts.min()  # not 3 per token
+    err = x - (z @ sae.W_dec + sae.b_dec)
+    k_aux = min(24, 8)
+    a = torch.where(dead, pre, torch.tensor(-math.inf)).topk(k_aux, dim=-1)
+    e = err.detach()
+    aux = ((e - torch.zeros_like(pre).scatter(-1, a.indices, a.values.relu()) @ sae.W_dec) ** 2).sum(-1).mean() / (
+        (e - e.mean(0)) ** 2).sum(-1).mean()
+    assert loss.item() == pytest.approx(((err ** 2).sum(-1).mean() / 2.0 + 0.25 * aux).item(), rel=1e-5)
+    assert stats["l0"] == pytest.approx(counts.float().mean().item()) and torch.equal(fired, (z > 0).any(0))
+    assert stats["fvu"] == pytest.approx(((err ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item(), rel=1e-5)
+    assert sae.topk_threshold.item() == pytest.approx(0.01 * flat[kept].min().item(), rel=1e-5)  # EMA from 0
+
+
+def rect(u):  # K(u) = 1[-1/2 < u < 1/2], Rajamanoharan et al. 2024
+    return ((u > -0.5) & (u < 0.5)).float()
+
+
+def test_jumprelu_threshold_gradient_is_the_papers_pseudo_derivative():
+    # Rajamanoharan et al. 2024, eqs. 11-12: d z / d theta = -(theta / eps) K((pre - theta) / eps) and
+    # d H(pre - theta) / d theta = -(1 / eps) K((pre - theta) / eps); the default L0 coefficient 1e-3
+    torch.manual_seed(1)
+    sae = SAE(8, 32, "jumprelu")
+    sae.bandwidth = 0.5
+    with torch.no_grad():
+        sae.threshold.uniform_(0.1, 0.6)
+    x = torch.randn(40, 8)
+    loss, stats, _ = training_loss(sae, x, torch.zeros(32, dtype=torch.bool), 2.0)
+    g = torch.autograd.grad(loss, sae.threshold)[0]
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        th, eps, n = sae.threshold, 0.5, len(x)
+        z = pre * (pre > th)
+        recon = z @ sae.W_dec + sae.b_dec
+        d_loss_d_z = 2 * (recon - x) @ sae.W_dec.T / (n * 2.0)
+        k = rect((pre - th) / eps)
+        expected = (d_loss_d_z * -(th / eps) * k).sum(0) + 1e-3 * (-(1 / eps) * k).sum(0) / n
+        assert loss.item() == pytest.approx(((x - recon) ** 2).sum(-1).mean().item() / 2.0
+                                            + 1e-3 * (z != 0).float().sum(-1).mean().item(), rel=1e-5)
+    assert_close(g, expected, 1e-5)
+    assert stats["l0"] == pytest.approx((z != 0).float().sum(-1).mean().item())
+
+
+def test_kernel_and_default_bandwidth():
+    from sae import jumprelu, rectangle, step
+    assert rectangle(torch.tensor([-0.5, -0.49, 0.0, 0.49, 0.5])).tolist() == [0, 1, 1, 1, 0]  # an open interval
+    assert SAE(4, 8, "jumprelu").bandwidth == 1e-3 and SAE(4, 8, "batchtopk", k=2).threshold_lr == 0.01
+    th = torch.tensor([1.0], requires_grad=True)
+    pre = torch.tensor([1.0004, 1.002])  # within eps / 2 = 5e-4 of theta, and outside
+    g = torch.autograd.grad(jumprelu(pre, th).sum(), th)[0]
+    assert g.item() == pytest.approx(-(1.0 / 1e-3))  # only the first, -(theta / eps)
+    assert torch.autograd.grad(step(pre, th).sum(), th)[0].item() == pytest.approx(-1 / 1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -420,3 +420,70 @@ def test_split_first_letter_latent_shows_absorption():
     frac_split, full = sb.absorption_fractions(x, split, e[0], W_dec, [0])
     assert frac_clean.max() == 0
     assert frac_split.mean() > 0.4 and full[::2].all() and not full[1::2].any()
+
+
+# -- evaluate: the whole run on tiny inputs ----------------------------------------------------------------------------
+
+
+def tiny_run(monkeypatch, tmp_path):
+    """evaluate()'s inputs made small: a tokenizer of character codes, two probing classes, the three SCR pairs, a few
+    first-letter prompts and two core batches, all on the tiny random model."""
+    import data
+    g = torch.Generator().manual_seed(0)
+    tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=None, encode=lambda t: [3 + ord(c) % 500 for c in t])
+
+    def texts(tag, n):
+        return [tag + "".join(chr(97 + int(i)) for i in torch.randint(0, 26, (12,), generator=g)) for _ in range(n)]
+
+    def split(classes, n):
+        return {c: texts(c[:3], n) for c in classes}
+    probing = {"t": (split(["0", "1"], 16), split(["0", "1"], 8))}
+    scr_classes = [*sd.SCR_KEYS, *sd.SCR_KEYS.values()]
+    scr = {"s": (split(scr_classes, 16), split(scr_classes, 8))}
+    letters = [([1] + torch.randint(3, 500, (8,), generator=g).tolist(), int(i))
+               for i in torch.randint(0, 26, (40,), generator=g)]
+    monkeypatch.setattr(sd, "tasks", lambda offline, seed: (probing, probing, scr))
+    monkeypatch.setattr(sd, "first_letter_prompts", lambda tok, seed: (letters[:30], letters[30:], -3))
+    monkeypatch.setattr(sd, "core_batches", lambda d, device: [torch.randint(3, 500, (2, 16), generator=g)
+                                                               for _ in range(2)])
+    monkeypatch.setattr(data, "load_meta", lambda d: {"source": "stdlib", "tokenizer": "chars"})
+    monkeypatch.setattr(data, "load_tokenizer", lambda name: tok)
+    cfg = types.SimpleNamespace(data="data", tokenizer=None, model="m", out=str(tmp_path), plots=False)
+    return cfg
+
+
+def test_evaluate_runs_base_and_adapted_settings(monkeypatch, tmp_path):
+    """Base = adapters off, adapted = adapters merged. A fresh adapter (B = 0) changes nothing: both settings report
+    the same numbers; a trained one changes the residual, and each setting's core metrics are those of sb.core on that
+    model."""
+    from lora import apply_lora, lora_modules, merged
+    cfg = tiny_run(monkeypatch, tmp_path)
+    mcfg = ModelConfig.from_name("tiny-llama3")
+    mcfg.bos_token_id, mcfg.eos_token_id, mcfg.init_std = 1, 2, 0.3
+    model = Transformer(mcfg).init_weights(0).requires_grad_(False)
+    apply_lora(model, 4, 8.0, 0.0, None)
+    model.eval()
+    sae = topk_sae(64, 128, 4, 0)
+    amp = contextlib.nullcontext()
+    res = sb.evaluate(model, [(1, sae)], cfg, torch.device("cpu"), amp, seed=1)
+    base, adapted = res["settings"]["base"], res["settings"]["adapted"]
+    assert set(base) == {"core", "sparse_probing", "tpp", "scr", "absorption", "autointerp"}
+    for key in ("core", "sparse_probing", "tpp", "scr"):
+        assert adapted[key] == pytest.approx(base[key], nan_ok=True), key
+    assert (tmp_path / "saebench.json").is_file() and (tmp_path / "saebench.md").is_file()
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.5)
+    batches = sd.core_batches(None, None)  # the stub's two batches (the run drew its own: compare on the same ones)
+    monkeypatch.setattr(sd, "core_batches", lambda d, device: batches)
+    res = sb.evaluate(model, [(1, sae)], cfg, torch.device("cpu"), amp, seed=1)
+    specials = torch.tensor([1, 2])
+    with torch.no_grad():
+        from lora import adapters_disabled
+        with adapters_disabled(model):
+            want_base = sb.core(model, sae, 1, batches, specials, amp)
+        with merged(model):
+            want_adapted = sb.core(model, sae, 1, batches, specials, amp)
+    assert res["settings"]["base"]["core"] == pytest.approx(want_base)
+    assert res["settings"]["adapted"]["core"] == pytest.approx(want_adapted, rel=1e-5)
+    assert res["settings"]["adapted"]["core"]["ce_loss_without_sae"] != pytest.approx(want_base["ce_loss_without_sae"])
