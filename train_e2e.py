@@ -72,9 +72,9 @@ class E2EConfig:
 
     def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
         common.check_flags(
-            self, positive=("k", "expansion", "max_tokens", "batch_size", "seq_len", "lr", "grad_clip", "dead_tokens",
+            self, positive=("k", "expansion", "max_tokens", "batch_size", "seq_len", "lr", "grad_clip",
                             "kl_chunk", "log_interval", "eval_interval", "eval_batches"),
-            non_negative=("ds_coef",), fractions=("warmup_frac", "decay_frac"),
+            non_negative=("dead_tokens", "ds_coef"), fractions=("warmup_frac", "decay_frac"),
             choices=dict(recipe=("gao", "authors"), kl_reduction=("sequence", "token"),
                          sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS)))
 

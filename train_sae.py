@@ -76,9 +76,9 @@ class TrainSAEConfig:
     def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
         common.check_flags(
             self, positive=("k", "expansion", "bandwidth", "max_tokens", "batch_tokens", "buffer_tokens", "model_batch",
-                            "seq_len", "lr", "dead_tokens", "grad_clip", "log_interval", "eval_interval",
+                            "seq_len", "lr", "grad_clip", "log_interval", "eval_interval",
                             "eval_batches"),
-            non_negative=("l0_coef", "auxk_coef"), fractions=("warmup_frac", "decay_frac"),
+            non_negative=("dead_tokens", "l0_coef", "auxk_coef"), fractions=("warmup_frac", "decay_frac"),
             choices=dict(recipe=("gao", "authors"), arch=("topk", "batchtopk", "jumprelu"),
                          autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS))
 
