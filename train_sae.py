@@ -177,64 +177,64 @@ MAY_CHANGE = frozenset({"max_tokens", "autocast", "dtype", "compile", "log_inter
 OUTPUTS = ("state.pt", "history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
 
 
-def run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
+def run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
     common.check_one_step(cfg.max_tokens, cfg.batch_tokens, "--batch-tokens")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
                           config=asdict(cfg), may_change=MAY_CHANGE):
-        return _run(cfg, d)
+        return _run(cfg, ddp)
 
 
-def _run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
+def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     # -- setup --------------------------------------------------------------------------------------------------------
     if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
         raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
     if len(cfg.layer) != 1:
         raise ValueError(f"train_sae.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
     layer = cfg.layer[0]
-    own = d is None  # a caller that passes d (the embedded pipeline: one process) keeps its setup
-    d = d or common.setup(cfg.device)
+    own = ddp is None  # a caller that passes ddp (the embedded pipeline: one process) keeps its setup
+    ddp = ddp or common.setup(cfg.device)
     torch.manual_seed(cfg.seed)  # same SAE init on every rank
 
     # -- frozen model, SAE, optimiser ----------------------------------------------------------------------------------
-    model = Transformer.from_pretrained(cfg.model, device=d.device, dtype=getattr(torch, cfg.dtype))
+    model = Transformer.from_pretrained(cfg.model, device=ddp.device, dtype=getattr(torch, cfg.dtype))
     model.requires_grad_(False)
     if not 0 <= layer < model.cfg.n_layer:
         raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
     dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
     sae = SAE(dm, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=layer, model_name=cfg.model,
-              device=d.device, apply_b_dec_to_input=not cfg.transcoder)  # b_dec lives in the output's space
+              device=ddp.device, apply_b_dec_to_input=not cfg.transcoder)  # b_dec lives in the output's space
     sae.bandwidth, sae.transcoder = cfg.bandwidth, cfg.transcoder
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
-    cfg.autocast = common.resolve_autocast(d.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(d.device, cfg.autocast)
+    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+    amp = common.autocast(ddp.device, cfg.autocast)
 
     # -- data: activations of the layer in a shuffled buffer -----------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
-    loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed,
-                         device=d.device)
-    val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, d.rank, d.world_size, cfg.seed, shuffle=False,
-                      device=d.device)
+    loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
+                         device=ddp.device)
+    val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, shuffle=False,
+                      device=ddp.device)
     val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
                                    "--model-batch or --seq-len")
-    per_rank = cfg.batch_tokens // d.world_size  # the global SAE batch is split across ranks
-    buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // d.world_size, per_rank),
-                              cfg.include_bos, amp, d.device, transcoder=cfg.transcoder)
+    per_rank = cfg.batch_tokens // ddp.world_size  # the global SAE batch is split across ranks
+    buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
+                              cfg.include_bos, amp, ddp.device, transcoder=cfg.transcoder)
     split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
     if cfg.compile:
         buffer.forward = torch.compile(buffer.forward)
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
-    since_fired = torch.zeros(m, dtype=torch.long, device=d.device)  # tokens (global) since each latent fired
+    since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)  # tokens (global) since each latent fired
     state_path = os.path.join(cfg.out, "state.pt")
     step, elapsed, history = 0, 0.0, []
 
     if cfg.resume and os.path.isfile(state_path):
-        st = disk.torch_load(state_path, d.device)
+        st = disk.torch_load(state_path, ddp.device)
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
-        buffer.load_state_dict(st["buffer"][d.rank])
-        common.set_rng_state(st.get("rng"), d.rank)  # torch's stream, for whatever a step draws from it
+        buffer.load_state_dict(st["buffer"][ddp.rank])
+        common.set_rng_state(st.get("rng"), ddp.rank)  # torch's stream, for whatever a step draws from it
         since_fired, step, elapsed, history, scale = (st[k] for k in ("since_fired", "step", "elapsed", "history",
                                                                        "scale"))
         common.log(f"resumed from {state_path} at step {step}")
@@ -254,17 +254,17 @@ def _run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
                 sae.W_enc.mul_(math.sqrt(scale / inputs.pow(2).sum(-1).mean().item()))
     sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
     common.log(f"{'transcoder' if cfg.transcoder else 'SAE'} {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer {layer}; lr {lr:.2e}; {total_steps} steps "
-               f"of {cfg.batch_tokens} tokens on {d.world_size} process(es)")
+               f"of {cfg.batch_tokens} tokens on {ddp.world_size} process(es)")
 
     def save_state():
         buffers, rngs = common.gather_objects(buffer.state_dict()), common.gather_objects(common.rng_state())
-        if d.master:
+        if ddp.master:
             disk.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers, rng=rngs,
                                    since_fired=since_fired, scale=scale, step=step, elapsed=elapsed, history=history,
                                    config=asdict(cfg)), state_path)
 
     def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
-        if d.master:
+        if ddp.master:
             (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
 
     def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as in training)
@@ -322,7 +322,7 @@ def _run(cfg: TrainSAEConfig, d: common.Dist | None = None) -> dict:
 
     # -- save ----------------------------------------------------------------------------------------------------------
     save_sae(cfg.out)
-    if d.master:
+    if ddp.master:
         disk.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
                                                                        config_sources=common.sources(cfg),
                                                                        history=history))
