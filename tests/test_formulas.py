@@ -170,7 +170,8 @@ def test_kept_tokens_for_unknown_and_mixed_formats():
     _, sae = tiny_adapted()
     cfg = ModelConfig.from_name("tiny-llama3")
     cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
-    sae.source_format = None  # an SAE built in memory: no_bos, as train_sae.py trains
+    assert splice.kept_tokens([(1, SAE(64, 128, "topk", k=3))], cfg) == (BOS,)  # built in memory: no source_format
+    sae.source_format = None  # no_bos, as train_sae.py trains
     assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
     sae.source_format = "some_new_format"
     assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
@@ -179,6 +180,15 @@ def test_kept_tokens_for_unknown_and_mixed_formats():
     assert splice.kept_tokens([(1, sae), (2, other)], cfg) == (BOS,)  # kept if any SAE keeps it
     with pytest.raises(ValueError, match="expected auto, all, no_bos, no_bos_eos"):
         splice.kept_tokens([(1, sae)], cfg, "bos")
+
+
+def test_kl_flops_recompute_exactly_when_kl_and_ce_checkpoints():
+    # kl_and_ce checkpoints its chunks when the predicted positions, batch x (seq_len - 1), exceed one chunk
+    cfg = ModelConfig.from_name("tiny-llama3")
+    head = cfg.head_flops() * 8 / 9
+    assert splice.kl_flops(cfg, 2, 9, 16) == pytest.approx(3 * head)  # 16 positions, one chunk of 16
+    assert splice.kl_flops(cfg, 2, 9, 15) == pytest.approx(5 * head)  # two chunks: both heads run again
+    assert splice.kl_flops(cfg, 2, 9, None) == pytest.approx(3 * head)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,6 +395,31 @@ def test_lora_dropout_matches_peft_in_train_mode():
     torch.manual_seed(3)
     b = layer(x)
     assert_close(a, b, 1e-5)
+
+
+def test_lora_hyperparameters_layers_and_init():
+    from lora import resolve_layers
+    for rank, alpha in ((1, 1), (1, 0.5), (2, 1.0)):  # rank 1 (Fig. 5) and alpha <= 1 are valid
+        m = LoRALinear(6, 4, rank=rank, alpha=alpha)
+        assert m.scale == alpha / rank
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(6, 4, rank=0)
+    # PEFT's A init: kaiming_uniform_(a=sqrt(5)), uniform within +-1/sqrt(in_features)
+    torch.manual_seed(0)
+    a = LoRALinear(400, 4, rank=64).lora_A
+    assert a.abs().max() <= 1 / 20 and a.abs().max() > 0.99 / 20
+    assert resolve_layers("after:2", 4) == [3]
+    with pytest.raises(ValueError, match=r"layer 4 is out of range \(this model has layers 0\.\.3\)"):
+        resolve_layers("after:4", 4)
+    with pytest.raises(ValueError, match=r"layer 7 is out of range \(this model has layers 0\.\.3\)"):
+        resolve_layers([7], 4)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers([True], 4)  # a bool is not a layer index
+    model, _ = tiny_adapted()
+    fresh = Transformer(model.cfg).init_weights(0)
+    apply_lora(fresh, 4, targets="q_proj")  # one target as a string; alpha defaults to the paper's 32
+    mods = lora_modules(fresh)
+    assert len(mods) == 4 and all(n.endswith("q_proj") and m.alpha == 32 for n, m in mods.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
