@@ -312,7 +312,14 @@ def test_batchtopk_training_loss_keeps_the_batchs_largest():
     assert loss.item() == pytest.approx(((err ** 2).sum(-1).mean() / 2.0 + 0.25 * aux).item(), rel=1e-5)
     assert stats["l0"] == pytest.approx(counts.float().mean().item()) and torch.equal(fired, (z > 0).any(0))
     assert stats["fvu"] == pytest.approx(((err ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item(), rel=1e-5)
-    assert sae.topk_threshold.item() == pytest.approx(0.01 * flat[kept].min().item(), rel=1e-5)  # EMA from 0
+    t1 = 0.01 * flat[kept].min().item()
+    assert sae.topk_threshold.item() == pytest.approx(t1, rel=1e-5)  # EMA (rate 0.01) of the smallest kept, from 0
+    x2 = 0.05 * x  # smaller activations: the smallest kept one is below 1
+    training_loss(sae, x2, dead, 2.0, auxk_coef=0.25)
+    flat2 = ((x2 - sae.b_dec) @ sae.W_enc + sae.b_enc).relu().flatten()
+    smallest = flat2.topk(3 * 20).values.min().item()
+    assert 0 < smallest < 1
+    assert sae.topk_threshold.item() == pytest.approx(0.99 * t1 + 0.01 * smallest, rel=1e-5)
 
 
 def rect(u):  # K(u) = 1[-1/2 < u < 1/2], Rajamanoharan et al. 2024
