@@ -458,3 +458,23 @@ def test_gradients_are_averaged_over_processes():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_average_worker, args=(2, f"file://{os.path.join(tmp, 'rdv')}"), nprocs=2, join=True)
+
+
+def test_sae_constructor_bounds_and_to_jumprelu_metadata():
+    assert SAE(4, 8, "topk", k=1).k == 1 and SAE(4, 8, "topk", k=8).k == 8  # k from 1 to d_sae
+    assert SAE(4, 8, "batchtopk", k=2.5).k == 2.5  # BatchTopK: a mean k per token, not an integer
+    for bad in (0, 9, 2.5):
+        with pytest.raises(ValueError, match="k"):
+            SAE(4, 8, "topk", k=bad)
+    with pytest.raises(ValueError, match="unknown SAE architecture 'gated' \\(expected one of topk, batchtopk, jumprelu\\)"):
+        SAE(4, 8, "gated", k=2)
+    assert SAE(4, 8, "jumprelu", k=3).k is None and SAE(4, 8, "jumprelu").min_threshold == 1e-6
+    torch.manual_seed(0)
+    b = SAE(4, 8, "batchtopk", k=2, layer=3, model_name="m", apply_b_dec_to_input=False, dtype=torch.float64)
+    with torch.no_grad():
+        b.topk_threshold.fill_(0.25)
+    j = b.to_jumprelu()
+    assert (j.arch, j.layer, j.model_name, j.apply_b_dec_to_input, j.W_dec.dtype) == ("jumprelu", 3, "m", False,
+                                                                                     torch.float64)
+    assert j.threshold.dtype == torch.float64 and torch.equal(j.threshold, torch.full((8,), 0.25, dtype=torch.float64))
+    assert torch.equal(j.W_enc, b.W_enc) and torch.equal(j.b_dec, b.b_dec)
