@@ -469,6 +469,8 @@ def test_sae_constructor_bounds_and_to_jumprelu_metadata():
     with pytest.raises(ValueError, match="unknown SAE architecture 'gated' \\(expected one of topk, batchtopk, jumprelu\\)"):
         SAE(4, 8, "gated", k=2)
     assert SAE(4, 8, "jumprelu", k=3).k is None and SAE(4, 8, "jumprelu").min_threshold == 1e-6
+    fresh = SAE(16, 32, "topk", k=4)  # Gao et al.'s init: unit-norm decoder rows, the encoder their transpose
+    assert torch.allclose(fresh.W_dec.norm(dim=1), torch.ones(32)) and torch.equal(fresh.W_enc, fresh.W_dec.T)
     torch.manual_seed(0)
     b = SAE(4, 8, "batchtopk", k=2, layer=3, model_name="m", apply_b_dec_to_input=False, dtype=torch.float64)
     with torch.no_grad():
