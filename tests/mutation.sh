@@ -14,7 +14,7 @@ rm -rf "$work" && mkdir -p "$work"
   echo "[mutmut]"
   echo "source_paths = $file"
   echo "also_copy ="
-  (cd "$work" && ls *.py | grep -vx "$file" | sed 's/^/    /')
+  (cd "$work" && { ls *.py; for d in formats evals tools; do ls $d/*.py; done; } | grep -vx "$file" | sed 's/^/    /')
   echo "pytest_add_cli_args_test_selection ="
   for t in "$@"; do echo "    $t"; done
   echo "pytest_add_cli_args ="

@@ -410,3 +410,14 @@ def test_torchrun_two_processes_average_gradients_like_one(files, tmp_path):
     assert a["step"] == b["step"] == 8
     for x, y in zip(a["adapter"], b["adapter"]):
         assert_close(y, x, 1e-4)  # every entry, on each tensor's scale
+
+
+def test_gradients_are_clipped_to_grad_clip(files, tmp_path, monkeypatch):
+    # torch's clip_grad_norm_: the norm over every adapter gradient together is at most --grad-clip
+    from tests.recording_sgd import RecordingSGD
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingSGD)
+    adapt.main(small_args(files, tmp_path, "--max-tokens", str(2 * 4 * 32), "--grad-clip", "1e-4"))
+    assert len(RecordingSGD.steps) == 2
+    for step in RecordingSGD.steps:
+        norm = torch.stack([g.norm() for _, g in step]).norm().item()
+        assert norm == pytest.approx(1e-4, rel=1e-3)  # the raw gradient is far larger (B starts at zero, A does not)

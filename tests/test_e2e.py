@@ -82,8 +82,9 @@ def test_ds_term_is_added_to_the_loss(files, tmp_path, monkeypatch):
             seen["ref"], seen["kl"], seen["ds"] = (kl + 0.5 * ds).item(), kl.item(), ds.item()
         return spliced_pass(model, saes, idx, keep, **kw)
     monkeypatch.setattr(train_e2e, "spliced_pass", spy)
-    out = train_e2e.main(args(files, tmp_path, "--ds-coef", "0.5", "--max-tokens", str(8 * 32), "--log-interval",
-                              "1", "--eval-batches", "1"))
+    # the SAE after block 0: two later layers (1, 2), so their mean is a mean
+    out = train_e2e.main(with_layer(args(files, tmp_path, "--ds-coef", "0.5", "--max-tokens", str(8 * 32),
+                                         "--log-interval", "1", "--eval-batches", "1"), "0"))
     row = [r for r in out["rows"] if "loss" in r][0]
     assert 0.5 * seen["ds"] > 0.01 * seen["kl"]  # the ds term is a visible part of the loss
     assert row["train_kl"] == pytest.approx(seen["kl"], rel=1e-4)
@@ -143,3 +144,15 @@ def test_torchrun_two_processes_average_gradients_like_one(files, tmp_path):
         assert_close(b0[key], a0[key], 1e-4)
         assert_close(b[key] - b0[key], a[key] - a0[key], 1e-3)
     assert (a["W_enc"] - a0["W_enc"]).abs().max() > 1e-4  # the SAE moved: the comparison can tell
+
+
+def test_decoder_gradients_are_tangent(files, tmp_path, monkeypatch):
+    # as train_sae.py: each unit-norm decoder row's gradient loses its radial part before the step
+    from tests.recording_sgd import RecordingSGD
+    monkeypatch.setattr(torch.optim, "Adam", RecordingSGD)
+    train_e2e.main(args(files, tmp_path, "--max-tokens", str(2 * 8 * 32)))
+    assert len(RecordingSGD.steps) == 2
+    for step in RecordingSGD.steps:
+        [(w_dec, g_dec)] = [(p, g) for p, g in step if p.shape == (256, 64)]
+        radial = (g_dec * w_dec).sum(1) / w_dec.norm(dim=1)
+        assert radial.abs().max() <= 1e-5 * g_dec.norm(dim=1).max() and g_dec.abs().max() > 0

@@ -171,6 +171,7 @@ def test_kept_tokens_for_unknown_and_mixed_formats():
     _, sae = tiny_adapted()
     cfg = ModelConfig.from_name("tiny-llama3")
     cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
+    assert splice.kept_tokens([(1, SAE(64, 128, "topk", k=3))], cfg) == (BOS,)  # built in memory: no positions
     assert not hasattr(sae, "positions")  # an SAE built in memory: no_bos, as train_sae.py trains
     assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
     sae.positions = sae_files.AUTO_POSITIONS["saelens"]
@@ -180,6 +181,15 @@ def test_kept_tokens_for_unknown_and_mixed_formats():
     assert splice.kept_tokens([(1, sae), (2, other)], cfg) == (BOS,)  # kept if any SAE keeps it
     with pytest.raises(ValueError, match="expected auto, all, no_bos, no_bos_eos"):
         splice.kept_tokens([(1, sae)], cfg, "bos")
+
+
+def test_kl_flops_recompute_exactly_when_kl_and_ce_checkpoints():
+    # kl_and_ce checkpoints its chunks when the predicted positions, batch x (seq_len - 1), exceed one chunk
+    cfg = ModelConfig.from_name("tiny-llama3")
+    head = cfg.head_flops() * 8 / 9
+    assert splice.kl_flops(cfg, 2, 9, 16) == pytest.approx(3 * head)  # 16 positions, one chunk of 16
+    assert splice.kl_flops(cfg, 2, 9, 15) == pytest.approx(5 * head)  # two chunks: both heads run again
+    assert splice.kl_flops(cfg, 2, 9, None) == pytest.approx(3 * head)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,7 +313,14 @@ def test_batchtopk_training_loss_keeps_the_batchs_largest():
     assert loss.item() == pytest.approx(((err ** 2).sum(-1).mean() / 2.0 + 0.25 * aux).item(), rel=1e-5)
     assert stats["l0"] == pytest.approx(counts.float().mean().item()) and torch.equal(fired, (z > 0).any(0))
     assert stats["fvu"] == pytest.approx(((err ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item(), rel=1e-5)
-    assert sae.topk_threshold.item() == pytest.approx(0.01 * flat[kept].min().item(), rel=1e-5)  # EMA from 0
+    t1 = 0.01 * flat[kept].min().item()
+    assert sae.topk_threshold.item() == pytest.approx(t1, rel=1e-5)  # EMA (rate 0.01) of the smallest kept, from 0
+    x2 = 0.05 * x  # smaller activations: the smallest kept one is below 1
+    training_loss(sae, x2, dead, 2.0, auxk_coef=0.25)
+    flat2 = ((x2 - sae.b_dec) @ sae.W_enc + sae.b_enc).relu().flatten()
+    smallest = flat2.topk(3 * 20).values.min().item()
+    assert 0 < smallest < 1
+    assert sae.topk_threshold.item() == pytest.approx(0.99 * t1 + 0.01 * smallest, rel=1e-5)
 
 
 def rect(u):  # K(u) = 1[-1/2 < u < 1/2], Rajamanoharan et al. 2024
@@ -388,6 +405,31 @@ def test_lora_dropout_matches_peft_in_train_mode():
     assert_close(a, b, 1e-5)
 
 
+def test_lora_hyperparameters_layers_and_init():
+    from lora import resolve_layers
+    for rank, alpha in ((1, 1), (1, 0.5), (2, 1.0)):  # rank 1 (Fig. 5) and alpha <= 1 are valid
+        m = LoRALinear(6, 4, rank=rank, alpha=alpha)
+        assert m.scale == alpha / rank
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(6, 4, rank=0)
+    # PEFT's A init: kaiming_uniform_(a=sqrt(5)), uniform within +-1/sqrt(in_features)
+    torch.manual_seed(0)
+    a = LoRALinear(400, 4, rank=64).lora_A
+    assert a.abs().max() <= 1 / 20 and a.abs().max() > 0.99 / 20
+    assert resolve_layers("after:2", 4) == [3]
+    with pytest.raises(ValueError, match=r"layer 4 is out of range \(this model has layers 0\.\.3\)"):
+        resolve_layers("after:4", 4)
+    with pytest.raises(ValueError, match=r"layer 7 is out of range \(this model has layers 0\.\.3\)"):
+        resolve_layers([7], 4)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers([True], 4)  # a bool is not a layer index
+    model, _ = tiny_adapted()
+    fresh = Transformer(model.cfg).init_weights(0)
+    apply_lora(fresh, 4, targets="q_proj")  # one target as a string; alpha defaults to the paper's 32
+    mods = lora_modules(fresh)
+    assert len(mods) == 4 and all(n.endswith("q_proj") and m.alpha == 32 for n, m in mods.items())
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Gradients averaged over processes
 
@@ -417,3 +459,25 @@ def test_gradients_are_averaged_over_processes():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_average_worker, args=(2, f"file://{os.path.join(tmp, 'rdv')}"), nprocs=2, join=True)
+
+
+def test_sae_constructor_bounds_and_to_jumprelu_metadata():
+    assert SAE(4, 8, "topk", k=1).k == 1 and SAE(4, 8, "topk", k=8).k == 8  # k from 1 to d_sae
+    assert SAE(4, 8, "batchtopk", k=2.5).k == 2.5  # BatchTopK: a mean k per token, not an integer
+    for bad in (0, 9, 2.5):
+        with pytest.raises(ValueError, match="k"):
+            SAE(4, 8, "topk", k=bad)
+    with pytest.raises(ValueError, match="unknown SAE architecture 'gated' \\(expected one of topk, batchtopk, jumprelu\\)"):
+        SAE(4, 8, "gated", k=2)
+    assert SAE(4, 8, "jumprelu", k=3).k is None and SAE(4, 8, "jumprelu").min_threshold == 1e-6
+    fresh = SAE(16, 32, "topk", k=4)  # Gao et al.'s init: unit-norm decoder rows, the encoder their transpose
+    assert torch.allclose(fresh.W_dec.norm(dim=1), torch.ones(32)) and torch.equal(fresh.W_enc, fresh.W_dec.T)
+    torch.manual_seed(0)
+    b = SAE(4, 8, "batchtopk", k=2, layer=3, model_name="m", apply_b_dec_to_input=False, dtype=torch.float64)
+    with torch.no_grad():
+        b.topk_threshold.fill_(0.25)
+    j = b.to_jumprelu()
+    assert (j.arch, j.layer, j.model_name, j.apply_b_dec_to_input, j.W_dec.dtype) == ("jumprelu", 3, "m", False,
+                                                                                     torch.float64)
+    assert j.threshold.dtype == torch.float64 and torch.equal(j.threshold, torch.full((8,), 0.25, dtype=torch.float64))
+    assert torch.equal(j.W_enc, b.W_enc) and torch.equal(j.b_dec, b.b_dec)

@@ -176,3 +176,17 @@ def test_topk_transcoder_trains_and_adapt_splices_it_in_place_of_the_mlp(files, 
                       "--rank", "8", "--compile", "false", "--autocast", "float32", "--dropout", "0"])
     assert res["lora_layers"] == list(range(model.cfg.n_layer))  # a TopK transcoder: every layer, as for TopK SAEs
     assert res["kl_sae"] > 0 and math.isfinite(res["kl_sae_lora"])  # Eq. 7's gradient: tests/test_gemma_scope_2.py
+
+
+def test_decoder_gradients_are_tangent_and_clipped(files, tmp_path, monkeypatch):
+    # Gao et al.: the gradient of each unit-norm decoder row loses its radial part before the step; then the whole
+    # gradient is clipped to --grad-clip
+    from tests.recording_sgd import RecordingSGD
+    monkeypatch.setattr(torch.optim, "Adam", RecordingSGD)
+    train_sae.main(args(files, tmp_path, "--max-tokens", "2048", "--grad-clip", "1e-3"))
+    assert len(RecordingSGD.steps) == 2
+    for step in RecordingSGD.steps:
+        [(w_dec, g_dec)] = [(p, g) for p, g in step if p.shape == (256, 64)]  # W_dec (d_sae, d_in)
+        radial = (g_dec * w_dec).sum(1) / w_dec.norm(dim=1)
+        assert radial.abs().max() <= 1e-5 * g_dec.norm(dim=1).max()
+        assert torch.stack([g.norm() for _, g in step]).norm().item() == pytest.approx(1e-3, rel=1e-3)
