@@ -496,16 +496,3 @@ def run_flops(cfg, model_cfg, steps: int, auxk_steps: int = 0) -> float:
     d, m, k = model_cfg.d_model, cfg.expansion * model_cfg.d_model, None if cfg.arch == "jumprelu" else cfg.k
     sae = [cfg.batch_tokens * training_flops(d, m, cfg.arch, k, auxk=auxk) for auxk in (False, True)]
     return forward + (steps - auxk_steps) * sae[0] + auxk_steps * sae[1]
-
-
-def auxk_steps(history: list[dict], steps: int) -> int:
-    """How many of the first `steps` steps ran AuxK (some latent dead), as read from the training log: a log line
-    records whether the step before it did (`auxk` in its stats), and stands for every step since the previous line.
-    An estimate, exact to a log interval where AuxK switches on or off."""
-    done, n = 0, 0
-    for r in history:
-        if "fvu" in r and r["step"] > done:  # a training log line (held-out rows carry ce_* instead)
-            upto = min(r["step"], steps)
-            n += max(0, upto - done) if "auxk" in r else 0
-            done = r["step"]
-    return n

@@ -32,6 +32,19 @@ from experiments.harness import (  # noqa: E402  (the steps, the results files)
 # 1. Loss vs compute (Fig. 1, 5; Tables 1, 2)
 
 
+def auxk_steps(history: list[dict], steps: int) -> int:
+    """How many of the first `steps` steps ran AuxK (some latent dead), as read from the training log: a log line
+    records whether the step before it did (`auxk` in its stats), and stands for every step since the previous line.
+    An estimate, exact to a log interval where AuxK switches on or off."""
+    done, n = 0, 0
+    for r in history:
+        if "fvu" in r and r["step"] > done:  # a training log line (held-out rows carry ce_* instead)
+            upto = min(r["step"], steps)
+            n += max(0, upto - done) if "auxk" in r else 0
+            done = r["step"]
+    return n
+
+
 def interpolate(xs, ys, x):
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
         if x0 <= x <= x1:
@@ -96,7 +109,7 @@ def frontier(cfg: ExpConfig):
     # Gemma-2-2B and "40x" on Llama-3.2-1B are e2e's 2B / 4B tokens over one adaptation's 15M / 100M): optimizer
     # steps x sequences per step. The TopK SAE's steps backpropagate through the SAE only.
     sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
-    topk_flops = lambda p: sae_module.run_flops(sae_cfg, mcfg, topk_step(p), sae_module.auxk_steps(h["history"],
+    topk_flops = lambda p: sae_module.run_flops(sae_cfg, mcfg, topk_step(p), auxk_steps(h["history"],
                                                                                               topk_step(p)))
     e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), disk.torch_load(os.path.join(e2e, "state.pt"), "cpu",
                                                                           "e2e state")["config"], "saved")
