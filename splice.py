@@ -165,8 +165,8 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):
     are recomputed in the backward instead of all chunks' logits being kept alive at once; a single chunk skips the
     recomputation. `losses`: chunk_losses or a compiled copy of it."""
     losses = losses or chunk_losses
-    d = h_orig.shape[-1]
-    ho, hs = h_orig[:, :-1].reshape(-1, d), h[:, :-1].reshape(-1, d)  # the predicted positions
+    d_model = h_orig.shape[-1]
+    ho, hs = h_orig[:, :-1].reshape(-1, d_model), h[:, :-1].reshape(-1, d_model)  # the predicted positions
     targets = idx[:, 1:].reshape(-1)
     recompute = hs.requires_grad and ho.shape[0] > chunk
     parts = []
@@ -221,10 +221,11 @@ def e2e_step_flops(cfg, model_cfg) -> float:
       backward to the activations;
     - Eq. 7's two heads on the predicted positions, the spliced one's backward, any chunk recomputation
       (kl_flops below). e2e+ds's downstream terms are elementwise."""
-    layer, n, d = cfg.layer[0], model_cfg.n_layer, model_cfg.d_model
-    m = cfg.expansion * d
+    layer, n, d_model = cfg.layer[0], model_cfg.n_layer, model_cfg.d_model
+    d_sae = cfg.expansion * d_model
     after = (n - layer - 1) * (model_cfg.block_flops(cfg.seq_len) + model_cfg.block_flops(cfg.seq_len, backward=True))
-    return (n * model_cfg.block_flops(cfg.seq_len) + 2 * d * m + splice_flops(d, m, "topk", cfg.k, grad_weights=True)
+    return (n * model_cfg.block_flops(cfg.seq_len) + 2 * d_model * d_sae
+            + splice_flops(d_model, d_sae, "topk", cfg.k, grad_weights=True)
             + after + kl_flops(model_cfg, cfg.batch_size, cfg.seq_len, cfg.kl_chunk))
 
 
