@@ -22,8 +22,9 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def resolve_model_dir(path_or_repo_id: str) -> str:
-    """A local folder as is; a GGUF file (or `smollm2`) as its cached conversion; otherwise a hub id, read from the hub cache or downloaded: config.json, the safetensors
-    weights and the tokenizer files only (Llama-3's original/tokenizer.model when there is no top-level one)."""
+    """A local folder as is; a GGUF file (or `smollm2`) as its cached conversion (formats/gguf.py); otherwise a hub
+    id, read from the hub cache or downloaded: config.json, the safetensors weights and the tokenizer files only
+    (Llama-3's original/tokenizer.model when there is no top-level one)."""
     path = str(path_or_repo_id)
     if os.path.isdir(path):
         return path

@@ -210,7 +210,7 @@ def test_cli_unsupported_architecture_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "GGUF architecture 'gpt2' is not supported" in lines[0], proc.stderr
 
 
-# -- the real file ------------------------------------------------------------------------------------------------------
+# -- the real file -----------------------------------------------------------------------------------------------------
 
 
 def _smollm2():

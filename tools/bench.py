@@ -197,7 +197,8 @@ def run_reference(b: BenchConfig, folder: str, matched: bool, dev: torch.device)
 
 def paths(b: BenchConfig, folder: str) -> tuple[str, str]:
     from formats.checkpoint import resolve_model_dir  # a hub id or GGUF file as the folder both stacks load
-    return resolve_model_dir(b.model) if b.model else os.path.join(folder, "model"), b.sae or os.path.join(folder, "sae")
+    model = resolve_model_dir(b.model) if b.model else os.path.join(folder, "model")
+    return model, b.sae or os.path.join(folder, "sae")
 
 
 def batch(b: BenchConfig, vocab: int, dev) -> torch.Tensor:
