@@ -12,40 +12,8 @@ import data
 from formats.corpus import iter_documents
 from tests.need import need
 from data import LLAMA3_SPECIALS, TokenLoader, load_tokenizer, load_tokens, prepare
-from formats.stdlib_corpus import train_tokenizer
 
-UNICODE_DOC = "naïve café — 東京 🚀\n\tdef f(x):\n        return x  +  1   # spaces  kept\n\n\n"
-
-
-def stdlib_text(*names):
-    root = os.path.dirname(os.__file__)
-    return [open(os.path.join(root, n), encoding="utf-8").read() for n in names]
-
-
-def write_corpus(folder, n_jsonl=0):
-    """A few KB of real text: some stdlib modules as .txt files, a unicode doc, and optional jsonl documents."""
-    os.makedirs(folder, exist_ok=True)
-    docs = stdlib_text("textwrap.py", "fnmatch.py", "bisect.py") + [UNICODE_DOC]
-    for i, d in enumerate(docs):
-        with open(os.path.join(folder, f"doc{i}.txt"), "w", encoding="utf-8", newline="") as f:
-            f.write(d)
-    extra = [f"record {i}: the value is {i * i} and the word is {'abcdefgh'[i % 8] * (i % 5 + 1)}"
-             for i in range(n_jsonl)]
-    if n_jsonl:
-        with open(os.path.join(folder, "more.jsonl"), "w", encoding="utf-8") as f:
-            for j, e in enumerate(extra):  # both accepted forms: {"text": ...} objects and bare strings
-                f.write(json.dumps({"text": e} if j % 2 else e) + "\n")
-    return docs + extra
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sp")
-    write_corpus(folder / "corpus")
-    files = sorted(str(p) for p in (folder / "corpus").iterdir())
-    train_tokenizer(files, str(folder / "gemma" / "tokenizer.model"), vocab_size=400)
-    return folder
-from tests.test_data import arange_dataset, mini_bpe_ranks, sp_model  # noqa: F401  (fixture, helpers)
+from tests.test_data import arange_dataset, mini_bpe_ranks, sp_model, stdlib_text, write_corpus  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------------------

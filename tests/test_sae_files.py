@@ -11,34 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sae import SAE
+from tests.test_sae import D, M, K, rand_sae, x_in  # the shared helpers
 from tests.tol import assert_close
-
-D, M, K = 16, 64, 4
-
-
-def rand_sae(arch="topk", k=K, apply_b_dec_to_input=True, seed=0, **kw):
-    torch.manual_seed(seed)
-    sae = SAE(D, M, arch, k=k, apply_b_dec_to_input=apply_b_dec_to_input, **kw)
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.5)
-        sae.b_enc.normal_(0, 0.5)
-        sae.b_dec.normal_(0, 0.5)
-        sae.W_dec.normal_(0, 0.5)
-        if arch == "jumprelu":
-            sae.threshold.uniform_(0.0, 1.0)
-    return sae
-
-
-def x_in(*lead, seed=1, requires_grad=False):
-    return torch.randn(*lead, D, generator=torch.Generator().manual_seed(seed)).requires_grad_(requires_grad)
-
-
-def grads_of(fn, sae, x, g):
-    sae.zero_grad(set_to_none=True)
-    x.grad = None
-    y = fn(x)
-    (y * g).sum().backward()
-    return y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
