@@ -14,21 +14,11 @@ from safetensors.torch import save_file
 from embedded import default_saes
 from sae import SAE
 from formats.sae_files import default_sae
-from tests.test_hub import ROOT, fake_hub, put, sp_file, tiny_model_repo  # noqa: F401 (fixtures)
+from tests.test_hub import ROOT, cache, fake_hub, put, sp_file, tiny_model_repo  # noqa: F401 (fixtures)
 from tests.tol import assert_close
 
 REPO = "google/gemma-scope-2-1b-pt"
 D, M = 64, 128  # the tiny Gemma-3's d_model
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-    root = tmp_path / "hf" / "hub"
-    root.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return root
 
 
 def release_files(tmp_path, layer, site="resid_post_all", hook=None, d=D, m=M, seed=0, config=True, skip=False):
