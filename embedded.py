@@ -9,8 +9,8 @@ Each script has a preset, TINY beside its config: the settings that replace the 
 cores, not a GPU cluster). `fill` applies it to the flags the user did not type, so `python adapt.py --lr 5e-5`
 trains at 5e-5.
 
-Each artefact's folder is named by a hash of its recipe: the model's by pretrain.PretrainRecipe's fields and the
-corpus settings (tiny-gemma2-<hash>, pretrain.model_dir), the SAE's by the SAE recipe below, its layer and the sha256 of the weights it
+Each artefact's folder is named by a hash of its recipe: the model's by PretrainRecipe's fields (below) and the
+corpus settings (tiny-gemma2-<hash>, model_dir), the SAE's by the SAE recipe below, its layer and the sha256 of the weights it
 reads (sae-tiny-gemma2-<hash>-L2-<hash>). A folder of that name is looked for in the cache, out/cache
 (LORASAE_CACHE moves it), then in shipped/, which holds the default recipe's model (with its tokenizer) and SAE as
 the project's own commands built them (shipped/README.md: the commands, the machine, the time, the loss). A changed
@@ -22,24 +22,24 @@ shipped files serve every Python: the model is used with the local stdlib tokeni
 (cached per tokenizer), and on a Python other than the one that built it (shipped/README.md) the held-out split may
 hold a few files that the model trained on in their other version.
 
-Layering: the scripts import this module for their defaults, so it imports none that does. It builds the model with
-pretrain.run (pretrain.py needs only the corpus, not this module) and the SAE by running `python train_sae.py` with
-the recipe's flags: an artefact built on first use is exactly what its command writes, and each script keeps its
+Layering: the scripts import this module for their defaults (pretrain.py its recipe), so it imports none of them. It
+builds the model and the SAE by running `python pretrain.py` and `python train_sae.py` with the recipe's flags: an artefact built on first use is exactly what its command writes, and each script keeps its
 loop, reading top to bottom (nanoGPT style).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
-
-import torch
+from dataclasses import dataclass
 
 import common
 import data
-import pretrain
 from formats import disk, stdlib_corpus
 from formats.sae_files import GEMMA_SCOPE_2_LAYERS, GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
@@ -47,6 +47,36 @@ TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-l
 SAE_LAYER = TINY_LAYERS // 2
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(ROOT, "shipped")  # the default recipe, prebuilt
+
+# The embedded model's recipe: pretrain.py's defaults (its PretrainConfig adds what does not change the weights)
+@dataclass
+class PretrainRecipe:
+    """What decides the weights. The embedded pipeline names the model's cache folder by a hash of these fields
+    (model_dir below); pretrain.PretrainConfig adds the settings that do not change what is trained."""
+    family: str = "gemma2"  # gemma2 | llama3
+    d_model: int = 192  # width (the default shape, 3.0M parameters, won a size sweep: experiments/README.md)
+    n_layer: int = 4  # decoder blocks
+    n_head: int = 6  # attention heads
+    n_kv_head: int = 3  # key/value heads (grouped-query attention)
+    head_dim: int = 32  # width of each head
+    d_ff: int = 768  # MLP hidden width
+    sliding_window: int = 64  # Gemma-2's local layers (shorter than seq_len so that it matters)
+    seq_len: int = 256  # tokens per sequence
+    batch_size: int = 16  # sequences per step per process
+    grad_accum: int = 1  # micro-steps accumulated per optimizer step
+    max_steps: int = 1000  # about 4M tokens, 1.2 epochs of the stdlib corpus
+    lr: float = 6e-3  # AdamW peak learning rate
+    min_lr_frac: float = 0.1  # the cosine decay ends at lr x this
+    warmup_frac: float = 0.05  # fraction of the steps warming up linearly
+    weight_decay: float = 0.1  # AdamW weight decay of the matrices and embeddings (norms: none)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # gradient norm clip
+    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
+    # float32) | bfloat16 | float32
+    seed: int = 0  # initialisation and data order
+
+
 
 # The embedded SAE recipe (Gao et al.'s TopK recipe at a small scale); `python train_sae.py` runs the same
 SAE = dict(layer=[SAE_LAYER], k=16, expansion=8, max_tokens=4_000_000, batch_tokens=4096, buffer_tokens=131_072,
@@ -71,22 +101,34 @@ def corpus() -> str:
     return corpus_for(model())
 
 
+def model_dir(cfg) -> str:
+    """Where the tiny model of `cfg`'s recipe (a PretrainRecipe, or pretrain.py's config) is cached: a folder named by
+    PretrainRecipe's fields and the corpus settings, so that a changed recipe is built beside the old one."""
+    recipe = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainRecipe)}
+    recipe.update(corpus_vocab=stdlib_corpus.CORPUS_VOCAB, corpus_val_tokens=stdlib_corpus.CORPUS_VAL_TOKENS)
+    return os.path.join(disk.cache_dir(), f"tiny-{recipe['family']}-{recipe_key(recipe)}")
+
+
+def recipe_key(recipe: dict) -> str:
+    """8 hex digits naming a recipe (the model's, the SAE's)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def sae_dir(layer: int, model_path: str) -> str:
     """Where the embedded SAE at `layer` of the model in `model_path` is built: the cache folder named by the SAE
     recipe above and the sha256 of the weights it reads."""
     recipe = dict(SAE, layer=[layer], model_sha256=data._sha256(os.path.join(model_path, "model.safetensors")))
-    return os.path.join(disk.cache_dir(), f"sae-{os.path.basename(model_path)}-L{layer}-{pretrain.recipe_key(recipe)}")
+    return os.path.join(disk.cache_dir(), f"sae-{os.path.basename(model_path)}-L{layer}-{recipe_key(recipe)}")
 
 
 def model() -> str:
     """The tiny model's folder: the cached or shipped one of pretrain.py's default recipe, else pretrained now."""
-    out = pretrain.model_dir(pretrain.PretrainConfig())
+    out = model_dir(PretrainRecipe())
 
     def build():
         common.log(f"embedded model: pretraining a tiny Gemma-2 in {out} (first run only)")
         resume = os.path.isfile(os.path.join(out, "train_state.pt"))  # a build that was killed goes on
-        pretrain.run(pretrain.PretrainConfig(out=out, data=stdlib_corpus.corpus_and_tokenizer()[0], resume=resume),
-                     ddp=_one_process())
+        run_script("pretrain.py", dict(out=out, data=stdlib_corpus.corpus_and_tokenizer()[0], resume=resume))
     return _once(out, "model.safetensors", build, "pretraining")
 
 
@@ -115,10 +157,6 @@ def run_script(script: str, flags: dict):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(argv)} failed (exit code {proc.returncode}); its output is above")
-
-
-def _one_process() -> common.Dist:
-    return common.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 _SAID = set()

@@ -15,9 +15,6 @@ pretrain.json in the output folder and in experiments/README.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -28,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
+import embedded
 from formats import disk
 from data import TokenLoader, load_meta, load_tokenizer
 from formats import stdlib_corpus
@@ -36,37 +34,9 @@ from model import ModelConfig, Transformer
 
 
 @dataclass
-class PretrainRecipe:
-    """What decides the weights. The embedded pipeline names the model's cache folder by a hash of these fields
-    (model_dir below); PretrainConfig below adds the settings that do not change what is trained."""
-    family: str = "gemma2"  # gemma2 | llama3
-    d_model: int = 192  # width (the default shape, 3.0M parameters, won a size sweep: experiments/README.md)
-    n_layer: int = 4  # decoder blocks
-    n_head: int = 6  # attention heads
-    n_kv_head: int = 3  # key/value heads (grouped-query attention)
-    head_dim: int = 32  # width of each head
-    d_ff: int = 768  # MLP hidden width
-    sliding_window: int = 64  # Gemma-2's local layers (shorter than seq_len so that it matters)
-    seq_len: int = 256  # tokens per sequence
-    batch_size: int = 16  # sequences per step per process
-    grad_accum: int = 1  # micro-steps accumulated per optimizer step
-    max_steps: int = 1000  # about 4M tokens, 1.2 epochs of the stdlib corpus
-    lr: float = 6e-3  # AdamW peak learning rate
-    min_lr_frac: float = 0.1  # the cosine decay ends at lr x this
-    warmup_frac: float = 0.05  # fraction of the steps warming up linearly
-    weight_decay: float = 0.1  # AdamW weight decay of the matrices and embeddings (norms: none)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # gradient norm clip
-    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
-    # float32) | bfloat16 | float32
-    seed: int = 0  # initialisation and data order
-
-
-@dataclass
-class PretrainConfig(PretrainRecipe):
+class PretrainConfig(embedded.PretrainRecipe):
     """Pretrain a tiny Gemma-2 / Llama-3 architecture model from scratch (defaults: the embedded offline model)."""
-    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of the recipe above> (model_dir below)
+    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of the recipe above> (embedded.model_dir)
     data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
     stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
     eval_interval: int = 250  # steps between validation losses
@@ -142,7 +112,7 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
         data_dir = stdlib_corpus.corpus_and_tokenizer()[0]
     meta = load_meta(data_dir)
     tok = load_tokenizer(meta["tokenizer"])
-    out = cfg.out or model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses
+    out = cfg.out or embedded.model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses
     state_path = os.path.join(out, "train_state.pt")
     loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, seed=cfg.seed,
                          device=ddp.device)
@@ -238,20 +208,7 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
     return result
 
 
-def model_dir(cfg: PretrainConfig) -> str:
-    """Where the tiny model of `cfg`'s recipe is cached: a folder named by PretrainRecipe's fields and the corpus
-    settings, so that a changed recipe is built beside the old one (embedded.py looks here, then in shipped/)."""
-    recipe = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainRecipe)}
-    recipe.update(corpus_vocab=stdlib_corpus.CORPUS_VOCAB, corpus_val_tokens=stdlib_corpus.CORPUS_VAL_TOKENS)
-    return os.path.join(disk.cache_dir(), f"tiny-{recipe['family']}-{recipe_key(recipe)}")
-
-
-def recipe_key(recipe: dict) -> str:
-    """8 hex digits naming a recipe (the model's here, the SAE's in embedded.py)."""
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-# What --resume may change: how long, how often, where and at what precision; every other setting (the recipe above,
+# What --resume may change: how long, how often, where and at what precision; every other setting (the recipe,
 # the data) defines the model that is trained and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_steps", "stop_after", "autocast", "compile", "eval_interval", "eval_batches",
                         "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
@@ -267,7 +224,7 @@ def run(cfg: PretrainConfig, ddp: common.Dist | None = None) -> dict:
     """Pretrain under torchrun's processes, or in the single process `ddp` (what the embedded pipeline passes)."""
     if cfg.family not in ("gemma2", "llama3"):
         raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
-    out = cfg.out or model_dir(cfg)
+    out = cfg.out or embedded.model_dir(cfg)
     with run_folder.claim(out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="train_state.pt",
                           outputs=OUTPUTS, config=asdict(cfg), may_change=MAY_CHANGE):
         own = ddp is None

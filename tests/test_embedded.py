@@ -104,18 +104,18 @@ def no_build(monkeypatch):
     """The builders record what they were asked to build, write only the marker, and train nothing."""
     built = []
 
-    def fake_pretrain(cfg, ddp=None):
-        built.append(("pretrain", cfg))
-        fake_model(cfg.out, b"weights of a new recipe")
-
-    def fake_script(script, flags):  # `python train_sae.py --flag value ...`, read as train_sae.py reads its flags
-        assert script == "train_sae.py"
+    def fake_script(script, flags):  # `python SCRIPT --flag value ...`, read as the script reads its flags
         argv = [f"--{k}={v}" for k, vs in flags.items() for v in (vs if isinstance(vs, list) else [vs])]
+        if script == "pretrain.py":
+            cfg, _ = common.parse_args(pretrain.PretrainConfig, argv)
+            built.append(("pretrain", cfg))
+            fake_model(cfg.out, b"weights of a new recipe")
+            return
+        assert script == "train_sae.py"
         cfg, _ = common.parse_args(train_sae.TrainSAEConfig, argv)
         built.append(("train_sae", cfg))
         os.makedirs(cfg.out, exist_ok=True)
         open(os.path.join(cfg.out, "cfg.json"), "w").write("{}")
-    monkeypatch.setattr(pretrain, "run", fake_pretrain)
     monkeypatch.setattr(embedded, "run_script", fake_script)
     monkeypatch.setattr(stdlib_corpus, "corpus_and_tokenizer", lambda *a, **k: ("CORPUS", "TOKENIZER"))
     monkeypatch.setattr(embedded, "corpus_for", lambda model: "CORPUS")
@@ -125,7 +125,7 @@ def no_build(monkeypatch):
 def test_cached_artefacts_are_not_rebuilt(monkeypatch, tmp_path, no_build):
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
     monkeypatch.setattr(embedded, "SHIPPED", str(tmp_path / "nothing shipped"))
-    model = fake_model(pretrain.model_dir(pretrain.PretrainConfig()))
+    model = fake_model(embedded.model_dir(pretrain.PretrainConfig()))
     sae = embedded.sae_dir(1, model)
     assert os.path.dirname(model) == os.path.dirname(sae) == str(tmp_path)
     os.makedirs(sae)
@@ -136,17 +136,17 @@ def test_cached_artefacts_are_not_rebuilt(monkeypatch, tmp_path, no_build):
 
 def test_cache_folders_are_keyed_by_the_recipe(monkeypatch, tmp_path):
     """A changed recipe builds beside the old artefact instead of reusing it: the model's folder is named by
-    pretrain.PretrainRecipe's fields, the SAE's by its recipe, layer and the weights it reads."""
+    embedded.PretrainRecipe's fields, the SAE's by its recipe, layer and the weights it reads."""
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
-    model = pretrain.model_dir(pretrain.PretrainConfig())
-    assert pretrain.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
+    model = embedded.model_dir(pretrain.PretrainConfig())
+    assert embedded.model_dir(pretrain.PretrainConfig()) == model  # `python pretrain.py` writes the pipeline's folder
     run_only = dict(out="x", data="d", stop_after=3, eval_interval=1, eval_batches=1, log_interval=1, ckpt_interval=1,
                     resume=True, overwrite=False, compile=False, device="cpu")
     assert {f.name for f in dataclasses.fields(pretrain.PretrainConfig)} - set(run_only) == \
-        {f.name for f in dataclasses.fields(pretrain.PretrainRecipe)}  # every other field is in the recipe
-    assert pretrain.model_dir(pretrain.PretrainConfig(**run_only)) == model  # not the recipe: same model
+        {f.name for f in dataclasses.fields(embedded.PretrainRecipe)}  # every other field is in the recipe
+    assert embedded.model_dir(pretrain.PretrainConfig(**run_only)) == model  # not the recipe: same model
     for name, value in dict(max_steps=10, lr=1e-3, seed=1, autocast="float32", d_model=128).items():
-        assert pretrain.model_dir(pretrain.PretrainConfig(**{name: value})) != model, name
+        assert embedded.model_dir(pretrain.PretrainConfig(**{name: value})) != model, name
     a, b = fake_model(tmp_path / "a", b"one model"), fake_model(tmp_path / "b", b"another model")
     sae = embedded.sae_dir(2, a)
     assert embedded.sae_dir(1, a) != sae
@@ -159,7 +159,7 @@ def test_shipped_files_are_used_when_the_recipe_matches(monkeypatch, tmp_path, n
     """An empty cache: the default recipe's model and SAE come from shipped/ and nothing is built."""
     monkeypatch.setenv("LORASAE_CACHE", str(tmp_path))
     model = embedded.model()
-    assert model == os.path.join(embedded.SHIPPED, os.path.basename(pretrain.model_dir(pretrain.PretrainConfig())))
+    assert model == os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir(pretrain.PretrainConfig())))
     assert embedded.sae() == os.path.join(embedded.SHIPPED, os.path.basename(embedded.sae_dir(2, model)))
     assert no_build == [] and os.listdir(tmp_path) == []
 
@@ -183,12 +183,12 @@ def test_shipped_files_are_what_their_recipe_built():
     """Each shipped folder holds what the default recipe built: pretrain.json records the model's recipe, history.json
     the SAE's, and the SAE's folder is keyed by the shipped model's weights. A changed default recipe fails here until
     shipped/ is rebuilt (shipped/README.md)."""
-    model = os.path.join(embedded.SHIPPED, os.path.basename(pretrain.model_dir(pretrain.PretrainConfig())))
+    model = os.path.join(embedded.SHIPPED, os.path.basename(embedded.model_dir(pretrain.PretrainConfig())))
     assert os.path.isfile(os.path.join(model, "model.safetensors")), \
         "the default recipe changed: rebuild shipped/ with the commands in shipped/README.md"
     recorded = json.load(open(os.path.join(model, "pretrain.json")))["config"]
-    asked = pretrain.PretrainRecipe()
-    for f in dataclasses.fields(pretrain.PretrainRecipe):
+    asked = embedded.PretrainRecipe()
+    for f in dataclasses.fields(embedded.PretrainRecipe):
         if f.name == "autocast":  # pretrain.json records what "auto" ran as on the machine that built it
             assert asked.autocast == "auto" and recorded["autocast"] in ("bfloat16", "float32")
         else:
@@ -341,7 +341,7 @@ def test_embedded_lr_typed_at_the_paper_value_is_kept(tmp_path, monkeypatch):
     from tests.tiny import make_data, make_model, make_sae
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORASAE_CACHE", str(cache))  # the folder names the subprocess will look for
-    make_sae(embedded.sae_dir(2, make_model(pretrain.model_dir(pretrain.PretrainConfig()))), layer=2)
+    make_sae(embedded.sae_dir(2, make_model(embedded.model_dir(pretrain.PretrainConfig()))), layer=2)
     data = make_data(tmp_path / "data")
     proc = cli("adapt.py", "--lr", "5e-5", "--data", data, "--max-tokens", "2048", "--out", str(tmp_path / "o"),
                "--compile", "false", "--seq-len", "32", "--eval-tokens", "256", env={"LORASAE_CACHE": str(cache)})
