@@ -27,7 +27,7 @@ import embedded
 from data import TokenLoader, check_data_matches, held_out_batches
 from formats import run_folder
 from model import Transformer
-from sae import SAE, geometric_median, update_since_fired
+from sae import SAE, geometric_median, load_saes, update_since_fired
 from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass, spliced_pass
 
 
@@ -44,6 +44,10 @@ class E2EConfig:
     recipe: str = "gao"  # gao: the defaults below | authors: the paper authors' e2e runs (one sequence per step, KL
     # summed over it, all positions, 1000 warmup steps then linear decay), for flags not typed
     ds_coef: float = 0.0  # > 0: e2e+ds, downstream reconstruction MSE (normalised per layer) weighted by this
+    init: str | None = None  # a trained TopK SAE (folder or hub path) to fine-tune on KL instead of a fresh one
+    # (Karvonen 2025's short KL fine-tune of an MSE-trained SAE); its width and k replace --expansion and --k
+    mse_coef: float = 0.0  # > 0: add this x the SAE layer's reconstruction MSE over the stream's variance (the
+    # KL + MSE mix of Karvonen 2025's fine-tune; Braun et al.'s e2e uses KL alone)
     max_tokens: int = 50_000_000  # training tokens
     batch_size: int = 4  # sequences per process per step
     seq_len: int = 1024  # tokens per sequence
@@ -74,7 +78,7 @@ class E2EConfig:
         common.check_flags(
             self, positive=("k", "expansion", "max_tokens", "batch_size", "seq_len", "lr", "grad_clip",
                             "kl_chunk", "log_interval", "eval_interval", "eval_batches"),
-            non_negative=("dead_tokens", "ds_coef"), fractions=("warmup_frac", "decay_frac"),
+            non_negative=("dead_tokens", "ds_coef", "mse_coef"), fractions=("warmup_frac", "decay_frac"),
             choices=dict(recipe=("gao", "authors"), kl_reduction=("sequence", "token"),
                          sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS)))
 
@@ -127,8 +131,17 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     if not 0 <= layer < model.cfg.n_layer - 1:
         raise ValueError(f"--layer {layer} is out of range: an e2e SAE needs a later layer to train through; "
                          f"this model has layers 0..{model.cfg.n_layer - 1}")
-    dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
-    sae = SAE(dm, m, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=ddp.device)
+    dm = model.cfg.d_model
+    if cfg.init:  # fine-tune a trained SAE: it sets the width and k
+        sae = load_saes([cfg.init], [layer], model, ddp.device)[0][1].requires_grad_(True)
+        if sae.arch != "topk" or sae.transcoder:
+            raise ValueError(f"--init {cfg.init}: a {sae.arch}{' transcoder' if sae.transcoder else ' SAE'}; "
+                             f"train_e2e.py fine-tunes TopK residual-stream SAEs")
+        cfg.k, cfg.expansion = sae.k, sae.d_sae // dm
+        sae.model_name = cfg.model
+    else:
+        sae = SAE(dm, cfg.expansion * dm, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=ddp.device)
+    m = sae.d_sae
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
@@ -157,12 +170,13 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
         common.set_rng_state(st.get("rng"), ddp.rank)  # torch's stream, for whatever a step draws from it
         since_fired, step, elapsed, rows = st["since_fired"], st["step"], st["elapsed"], st["rows"]
         common.log(f"resumed from {state_path} at step {step}")
-    else:  # b_dec at the geometric median of the layer's activations (from every rank), as for the TopK baseline
+    elif not cfg.init:  # b_dec at the geometric median of the layer's activations (every rank's), as for TopK SAEs
         with torch.no_grad(), amp:
             sample = model(val_batches[0], stop_at=layer)[:, 1:].reshape(-1, dm).float()
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(common.all_gather_cat(sample)))
-    common.log(f"e2e{'+ds' if cfg.ds_coef else ''} TopK SAE d_in {dm} d_sae {m} k {cfg.k} at layer {layer}; "
+    common.log(f"e2e{'+ds' if cfg.ds_coef else ''}{'+mse' if cfg.mse_coef else ''} TopK SAE d_in {dm} d_sae {m} "
+               f"k {cfg.k} at layer {layer}{', fine-tuning ' + cfg.init if cfg.init else ''}; "
                f"lr {lr:.2e}; {total_steps} steps of {tokens_per_step} tokens")
 
     def save_state():
@@ -188,6 +202,7 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     original = torch.compile(original_pass) if cfg.compile else original_pass
     losses = torch.compile(chunk_losses) if cfg.compile else None  # the KL chunk as one fused graph
     later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match
+    watched = set(later) | ({layer} if cfg.mse_coef > 0 else set())  # + the SAE's own input and output for the MSE
     sae.train()
     while step < total_steps:
         t0 = time.time()
@@ -195,10 +210,12 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
         idx = loader.next_batch()
-        acts = {"orig": {}, "spliced": {}}  # e2e+ds: the later blocks' outputs of both passes
+        acts = {"orig": {}, "spliced": {}}  # e2e+ds: the later blocks' outputs of both passes; the SAE's input
 
         def record(which):
-            return (lambda i, x, y: acts[which].__setitem__(i, y) if i in later else None) if later else None
+            if not watched:
+                return None
+            return lambda i, x, y: acts[which].__setitem__(i, (x, y)) if i in watched else None
         with amp:
             with torch.no_grad():  # the prefix up to the layer is the same computation in both passes: run it once
                 h_orig, prefix = original(model, idx, layer, share_prefix=True, watch=record("orig"))
@@ -209,8 +226,12 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
             loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))
             if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
                 o, s = acts["orig"], acts["spliced"]
-                loss = loss + cfg.ds_coef * sum((s[i].float() - o[i].float()).pow(2).sum(-1).mean()
-                                                / o[i].float().pow(2).sum(-1).mean() for i in later) / len(later)
+                loss = loss + cfg.ds_coef * sum((s[i][1].float() - o[i][1].float()).pow(2).sum(-1).mean()
+                                                / o[i][1].float().pow(2).sum(-1).mean() for i in later) / len(later)
+            if cfg.mse_coef > 0:  # Karvonen 2025: KL + MSE; the MSE over the stream's variance, so FVU-scaled
+                x, x_hat = (t.float() for t in acts["spliced"][layer])
+                mse = (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean((0, 1))).pow(2).sum(-1).mean()
+                loss = loss + cfg.mse_coef * mse
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state: {state_path} "
                                      f"(lower --lr, then --resume)")

@@ -91,6 +91,50 @@ def test_ds_term_is_added_to_the_loss(files, tmp_path, monkeypatch):
     assert row["loss"] == pytest.approx(seen["ref"], rel=1e-4)
 
 
+def test_init_fine_tunes_the_given_sae_on_kl_plus_mse(files, tmp_path, monkeypatch):
+    # Karvonen 2025's short fine-tune: the first step starts from the file's SAE (not a fresh one, not b_dec moved to
+    # the median), its width and k replace --expansion / --k, and the loss is KL + mse_coef x ||x_hat - x||^2 over
+    # the stream's variance (positions the splice skips reconstruct exactly), by hand on the first step's batch
+    init = SAE(64, 128, "topk", k=8, layer=1)
+    with torch.no_grad():
+        init.b_dec.normal_()
+        init.b_enc.normal_(0, 0.1)
+    init.save(str(tmp_path / "init"))
+    seen = {}
+
+    def spy(model, saes, idx, keep=(), **kw):
+        if "ref" not in seen:
+            [(layer, sae)] = saes
+            seen["same"] = all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(),
+                                                                  init.state_dict().values()))
+            kept = torch.isin(idx, torch.tensor(keep))[..., None]
+            got = {}
+
+            def splice(x):
+                got["x"], got["x_hat"] = x.double(), torch.where(kept, x, sae(x)).double()
+                return torch.where(kept, x, sae(x))
+            with torch.no_grad():
+                lp_o = F.log_softmax(model(idx)[:, :-1].double(), -1)
+                lp_s = F.log_softmax(model(idx, hooks={layer: splice})[:, :-1].double(), -1)
+            kl = (lp_o.exp() * (lp_o - lp_s)).sum(-1).mean()
+            x, x_hat = got["x"], got["x_hat"]
+            fvu = (x_hat - x).pow(2).sum(-1).mean() / (x - x.reshape(-1, 64).mean(0)).pow(2).sum(-1).mean()
+            seen["ref"], seen["kl"], seen["mse"] = (kl + 0.5 * fvu).item(), kl.item(), fvu.item()
+        return spliced_pass(model, saes, idx, keep, **kw)
+    monkeypatch.setattr(train_e2e, "spliced_pass", spy)
+    out = train_e2e.main(args(files, tmp_path / "out", "--init", str(tmp_path / "init"), "--mse-coef", "0.5",
+                              "--max-tokens", str(8 * 32), "--log-interval", "1", "--eval-batches", "1"))
+    row = [r for r in out["rows"] if "loss" in r][0]
+    assert seen["same"] and out["sae"].d_sae == 128 and out["sae"].k == 8
+    assert 0.5 * seen["mse"] > 0.01 * seen["kl"]  # the MSE term is a visible part of the loss
+    assert row["train_kl"] == pytest.approx(seen["kl"], rel=1e-4)
+    assert row["loss"] == pytest.approx(seen["ref"], rel=1e-4)
+    jump = SAE(64, 128, "jumprelu", layer=1)
+    jump.save(str(tmp_path / "jump"))
+    with pytest.raises(ValueError, match="fine-tunes TopK"):
+        train_e2e.main(args(files, tmp_path / "out2", "--init", str(tmp_path / "jump")))
+
+
 def test_resume(files, tmp_path, monkeypatch):
     # with a step that draws from torch's generator (dropout on the spliced stream here): the state must hold that
     # stream where the step left it
