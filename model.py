@@ -395,13 +395,11 @@ class Block(nn.Module):
         return self.post_feedforward_layernorm(y) if self.sandwich else y
 
     def forward(self, x, cos, sin, hooks=None, attend=None):
-        """hooks: {site: fn} replacing an activation inside the block (the SAE splice of splice.py), at SITES:
-        "attn_z": o_proj's input (every head's output, heads flattened; SAELens' attn.hook_z); "attn_out": the
-        attention sublayer's contribution to the stream (Gemma: after post_attention_layernorm, as TransformerLens'
-        hook_attn_out; Llama: o_proj's output); "mlp": fn(h, mlp_out) in place of mlp_out(h), h the normalised MLP
-        input (a transcoder); "mlp_out": the MLP sublayer's contribution (Gemma: after post_feedforward_layernorm, as
-        TransformerLens' hook_mlp_out; Llama: down_proj's output). attend(h), if given, computes the heads' output in
-        place of self_attn.heads (evals/generate.py's cached attention)."""
+        """hooks {site: fn} replace activations inside the block (splice.py): "attn_z" o_proj's input (SAELens'
+        attn.hook_z, heads flattened); "attn_out" / "mlp_out" the sublayer's contribution to the stream (Gemma: after
+        its post-norm, as TransformerLens' hook_attn_out / hook_mlp_out; Llama: o_proj's / down_proj's output); "mlp"
+        fn(h, mlp_out) in place of mlp_out(h) (a transcoder). attend(h): the heads' output in place of
+        self_attn.heads (evals/generate.py's cached attention)."""
         hooks = hooks or {}
         h = self.input_layernorm(x)
         z = attend(h) if attend is not None else self.self_attn.heads(h, cos, sin)
