@@ -13,7 +13,8 @@ NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora":
 
 def markdown(res: dict) -> str:
     L = [f"# Evaluation of `{res['model']}`", "",
-         "SAEs: " + ", ".join(f"`{s['path']}` (layer {s['layer']}, {s['arch']}, {s['d_sae']} latents)"
+         "SAEs: " + ", ".join(f"`{s['path']}` (layer {s['layer']}, {s.get('site', 'resid')}, {s['arch']}, "
+                              f"{s['d_sae']} latents)"
                               for s in res["saes"]), ""]
     groups = res["groups"]
     if any("settings" in g for g in groups):

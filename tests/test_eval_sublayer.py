@@ -145,6 +145,7 @@ def test_train_a_transcoder_then_eval_it_with_an_adapter_and_an_attention_sae(tm
     st = g["sae_stats"][0]
     assert st["site"] == "transcoder" and st["replaced"] == len(h)
     assert st["fvu"] == pytest.approx(fvu.item(), rel=1e-4) and st["l0"] == pytest.approx(l0.item())
+    assert f"| adapter | {layer} | transcoder | topk |" in open(tmp_path / "ev" / "eval.md").read()
 
     # generation: the SAE settings write what the full spliced forward writes greedily
     tok = load_tokenizer(model_dir)
