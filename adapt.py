@@ -29,7 +29,7 @@ from formats.peft import save_adapter, save_sae_record
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
 from model import Transformer
 from sae import load_saes
-from splice import (adapt_step_flops, chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass,
+from splice import (adapt_step_flops, chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass, residual_only,
                     spliced_pass)
 
 
@@ -38,8 +38,10 @@ class AdaptConfig:
     """LoRA-adapt a frozen model around frozen SAEs: minimise KL(p_orig || p_spliced), the paper's Eq. 7."""
     model: str | None = None  # HF folder or hub id; none: the embedded tiny model (built on first run)
     sae: list[str] = field(default_factory=list)  # SAE folder or hub path; several are spliced together (Sec. 4.3);
-    # a transcoder (Gemma Scope 2's transcoder_all/) replaces its layer's MLP with its reconstruction from the MLP's
-    # input, affine skip included; none: Gemma Scope's canonical 16k residual SAE at --layer for Gemma-2 2B/9B, Gemma
+    # an SAE on block L's attention heads (blocks.L.attn.hook_z: Gemma Scope's att, Gemma Scope 2's attn_out_all/),
+    # attention output (hook_attn_out) or MLP output (hook_mlp_out: Gemma Scope's mlp, Gemma Scope 2's mlp_out_all/)
+    # replaces that activation inside block L; a transcoder (Gemma Scope 2's transcoder_all/) replaces its layer's MLP
+    # with its reconstruction from the MLP's input, affine skip included; none: Gemma Scope's canonical 16k residual SAE at --layer for Gemma-2 2B/9B, Gemma
     # Scope 2's resid_post_all 16k small-L0 SAE for Gemma-3, the embedded SAE for the tiny model
     layer: list[int] = field(default_factory=list)  # the SAE layer, one per --sae; none: what the SAE files say
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
@@ -53,7 +55,8 @@ class AdaptConfig:
     # never calls train() again): --dropout-steps 1000 is their run (one evaluation every 1000 sequences)
     lora_layers: str | None = None  # all | after | 3,4,5: layers to adapt; none: all for TopK SAEs, the layers
     # after the SAE for JumpReLU SAEs and JumpReLU transcoders (paper Sec. 4.2: adapting the layers that feed it would
-    # change its sparsity; a transcoder at L reads block L's MLP input, so block L is not adapted either)
+    # change its sparsity; an SAE on block L's attention or MLP output, or a transcoder at L, is fed by block L's
+    # earlier parts, so block L counts as feeding it: "after" is L+1.., as for a residual SAE after block L)
     allow_before_jumprelu: bool = False  # adapt layers that feed a JumpReLU SAE, although that changes its sparsity
     sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
     # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
@@ -155,11 +158,11 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
         common.shard_layers(model)
         params = adapter_parameters(model)  # now DTensors, each rank holding its shard
     common.seed_per_rank(cfg.seed, ddp.rank)  # dropout: a mask of its own for every sequence of the global batch
-    # blocks 0..L are the same in both passes: run them once (a transcoder at L changes block L itself)
+    # blocks 0..L are the same in both passes: run them once (an SAE inside block L changes block L itself)
     first_sae_layer = saes[0][0]  # load_saes sorts them by layer
-    share_prefix = min(lora_layers) > first_sae_layer and not any(s.transcoder for _, s in saes)
+    share_prefix = min(lora_layers) > first_sae_layer and residual_only(saes)
     kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
-    kinds = ", ".join(("transcoder " if s.transcoder else "") + s.arch for _, s in saes)
+    kinds = ", ".join(("" if s.site == "resid" else s.site + " ") + s.arch for _, s in saes)
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                f"{[layer for layer, _ in saes]} ({kinds}); LoRA rank {cfg.rank} on "
                f"layers {lora_layers[0]}..{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")

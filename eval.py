@@ -18,15 +18,16 @@ steering.py, the multiple-choice benchmarks in multiple_choice.py.
 What each section computes (eval.json holds every number, eval.md the tables, *.png the figures):
 - core: on held-out windows (every one starts with BOS), CE and KL(p_orig || p_setting) as splice.py defines them:
   means over the predicted positions (`positions` counts them), the numbers adapt.py reports as ce_* and kl_*; gap
-  closed = (CE_sae - CE_sae_lora) / (CE_sae - CE_original). Per SAE, on the original model's activations at its
-  layer, over the positions it replaces (`replaced`; BOS kept unless --sae-positions): FVU = sum |x - x_hat|^2 /
-  sum |x - mean x|^2, L0 = mean active latents per token, dead latents = latents active on none of these tokens;
+  closed = (CE_sae - CE_sae_lora) / (CE_sae - CE_original). Per SAE, on the original model's activations where it
+  reads them (`site`: the stream after its block, or inside it: attention heads, attention or MLP output; a
+  transcoder: x its MLP input, the target y its MLP output), over the positions it replaces (`replaced`; BOS kept
+  unless --sae-positions): FVU = sum |y - x_hat|^2 / sum |y - mean y|^2 (y = x but for transcoders), L0 = mean active latents per token, dead latents = latents active on none of these tokens;
   the same on the adapted model's own activations (differs only for adapters on layers before the SAE).
 - per_token (Fig. 8): d = CE_sae_lora - CE_sae per predicted position (< 0: LoRA improved it); shares improved /
   degraded / unchanged (|d| <= 1e-6), and |d| histograms of improved and degraded positions on log-spaced bins
   (values outside the bin range are counted in the end bins, so improved + degraded + unchanged = `positions`).
 - distances (Fig. 11): for each layer from the (first) SAE's on, cosine similarity and L2 distance between the original
-  model's residual stream and the spliced one, base model (sae) and adapted model (sae_lora), averaged per sequence
+  model's residual stream after that block and the spliced one (an SAE inside block L: from block L's output on), base model (sae) and adapted model (sae_lora), averaged per sequence
   two ways, both reported: "distances" (ours) over the positions the SAE replaces (non-BOS by default);
   "distances_authors" over all positions, BOS included, as activation_distances.py:118-125 (equal under
   --sae-positions all, the authors' splice for their sparsify SAEs). Each: mean over sequences with a 90%
@@ -57,7 +58,7 @@ from lora import adapters_disabled, merged
 from formats import run_folder
 from model import Transformer
 from sae import load_saes
-from splice import add, gap_closed, kept_tokens, kl_and_ce, means, predicted_positions, spliced_pass
+from splice import add, gap_closed, hook_key, kept_tokens, kl_and_ce, means, predicted_positions, spliced_pass
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -69,7 +70,10 @@ class EvalConfig:
     """Evaluate model + SAE(s) + LoRA adapter(s): CE/KL table, per-token breakdown, distances, steering, benchmarks."""
     model: str | None = None  # HF folder or hub id; none: the embedded tiny pipeline
     sae: list[str] = field(default_factory=list)  # SAE folder or hub path; several are spliced together (Sec. 4.3);
-    # none: as adapt.py chooses (Gemma Scope for Gemma-2 2B/9B at --layer, the embedded SAE for the tiny model)
+    # residual-stream SAEs, SAEs on block L's attention heads (blocks.L.attn.hook_z), attention output
+    # (hook_attn_out) or MLP output (hook_mlp_out), and MLP transcoders, each spliced where it reads (adapt.py's
+    # --sae); steering and --saebench need a residual one first; none: as adapt.py chooses (Gemma Scope for
+    # Gemma-2 2B/9B at --layer, the embedded SAE for the tiny model)
     layer: list[int] = field(default_factory=list)  # the SAE layer, one per --sae; none: what the SAE files say
     adapter: list[str] = field(default_factory=list)  # PEFT adapter folder; several give one row group each. One that
     # adapt.py trained around other SAEs than --sae: evaluated all the same, with a warning line
@@ -136,16 +140,16 @@ class SAEStats:
 
     def __init__(self, sae):
         self.sae, self.n, self.err, self.sq, self.l0 = sae, 0, 0.0, 0.0, 0.0
-        self.sum = torch.zeros(sae.d_in, dtype=torch.float64, device=sae.W_dec.device)
+        self.sum = torch.zeros(sae.W_dec.shape[1], dtype=torch.float64, device=sae.W_dec.device)
         self.fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
 
-    def update(self, x):  # (N, d_in)
+    def update(self, x, target=None):  # (N, d_in); target: what the decoder reproduces when not x (a transcoder's)
         if not len(x):
             return
-        xd = x.double()
-        self.err += (xd - self.sae(x).double()).pow(2).sum().item()
-        self.sum += xd.sum(0)
-        self.sq += xd.pow(2).sum().item()
+        yd = (x if target is None else target).double()
+        self.err += (yd - self.sae(x).double()).pow(2).sum().item()
+        self.sum += yd.sum(0)
+        self.sq += yd.pow(2).sum().item()
         self.n += len(x)
         if self.sae.arch == "topk":
             values, indices = self.sae.encode_topk(x)
@@ -171,7 +175,7 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
     sums, n = {}, 0  # per-position CE and KL summed on the device (splice.add): read back once, at the end
-    by_layer = {layer: i for i, (layer, _) in enumerate(saes)}
+    by_layer = {layer: i for i, (layer, sae) in enumerate(saes) if sae.site == "resid"}  # the rest: taps below
     stats = {s: [SAEStats(sae) for _, sae in saes] for s in (("original", "lora") if adapted else ("original",))}
     spliced = [s for s in settings if "sae" in s]
     seq = {f: {s: {layer: {"cos": [], "l2": []} for layer in range(first, n_layer)} for s in spliced}
@@ -197,15 +201,29 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
                         seq[f][setting][layer][name].append(v.cpu().numpy())
             return watch
 
+        def taps(setting):  # SAEs inside a block: their input (and a transcoder's target) where the splice reads it
+            def tap(sae, st):
+                def hook(x):
+                    st.update(x[spliced_at])
+                    return x
+
+                def mlp(h, mlp_out):
+                    y = mlp_out(h)
+                    st.update(h[spliced_at], y[spliced_at])
+                    return y
+                return mlp if sae.transcoder else hook
+            return {hook_key(layer, sae): tap(sae, stats[setting][i]) for i, (layer, sae) in enumerate(saes)
+                    if sae.site != "resid"}
+
         finals = {}
         dist = cfg.distances
         with amp, adapters_disabled(model):
-            finals["original"] = spliced_pass(model, [], idx, watch=watch_stats("original"))
+            finals["original"] = spliced_pass(model, [], idx, watch=watch_stats("original"), taps=taps("original"))
             finals["sae"] = spliced_pass(model, saes, idx, kept_ids,
                                           watch=watch_distance("sae") if dist else None)
         if adapted:
             with amp, merged(model):
-                finals["lora"] = spliced_pass(model, [], idx, watch=watch_stats("lora"))
+                finals["lora"] = spliced_pass(model, [], idx, watch=watch_stats("lora"), taps=taps("lora"))
                 finals["sae_lora"] = spliced_pass(model, saes, idx, kept_ids,
                                                   watch=watch_distance("sae_lora") if dist else None)
         acts.clear()
@@ -228,7 +246,7 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
     if adapted:
         res["gap_closed"] = gap_closed(ce["original"], ce["sae"], ce["sae_lora"])
         res["per_token"] = token_breakdown(*(torch.cat(token_ce[s]).cpu().numpy() for s in ("sae", "sae_lora")))
-    res["sae_stats"] = [dict(layer=layer, arch=sae.arch, d_sae=sae.d_sae, **stats["original"][i].result())
+    res["sae_stats"] = [dict(layer=layer, site=sae.site, arch=sae.arch, d_sae=sae.d_sae, **stats["original"][i].result())
                         for i, (layer, sae) in enumerate(saes)]
     if adapted:
         for i, r in enumerate(res["sae_stats"]):
@@ -338,8 +356,11 @@ def run(cfg: EvalConfig) -> dict:
     if len({layer for layer, _, _ in loaded}) < len(loaded):
         raise ValueError("two SAEs at the same layer: give each --sae its own --layer")
     saes = [(layer, sae) for layer, sae, _ in loaded]
-    if any(sae.transcoder for _, sae in saes):  # its FVU, L0 and distances are defined on the residual stream here
-        raise ValueError("eval.py does not evaluate transcoders yet: adapt.py's held-out table reports their CE / KL")
+    for flag, on in (("--steering-pos", steer), ("--saebench", cfg.saebench)):
+        first, path = loaded[0][1], loaded[0][2]
+        if on and first.site != "resid":  # both read and steer the residual stream at the (first) SAE's layer
+            raise ValueError(f"{flag}: needs a residual-stream SAE (blocks.L.hook_resid_post) as the first --sae; "
+                             f"{path} is {'a transcoder' if first.transcoder else 'an SAE on ' + str(first.hook_name)}")
     for adapter in cfg.adapter:
         check_adapter(model, adapter, saes)
     bos_id = model.cfg.bos_token_id
@@ -364,7 +385,7 @@ def run(cfg: EvalConfig) -> dict:
 
     # -- the settings, adapter by adapter ------------------------------------------------------------------------------
     res = {"model": cfg.model, "config": asdict(cfg), "config_sources": common.sources(cfg), "device": str(ddp.device),
-           "saes": [dict(path=p, layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
+           "saes": [dict(path=p, layer=layer, site=s.site, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
 
     def benchmarks(settings):  # multiple choice and TruthfulQA generation
         return {s: {**multiple_choice.evaluate(model, prepared, saes, kept_ids, cfg, amp, s),

@@ -7,6 +7,7 @@ parameter names identical to Hugging Face's, so a hub checkpoint loads with a pl
     model = Transformer.from_pretrained("google/gemma-2-2b")        # or a local folder
     logits = model(idx)                                              # (B, T) -> (B, T, vocab)
     logits = model(idx, hooks={12: sae})                             # splice an SAE after block 12
+    logits = model(idx, hooks={("mlp_out", 12): sae})                # ... or on block 12's MLP output (Block.forward)
     resid  = model(idx, stop_at=12)                                  # residual stream after block 12
 
 "After block L" is the residual stream HF calls `hidden_states[L + 1]` and SAELens `blocks.L.hook_resid_post`.
@@ -282,6 +283,11 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin):
+        return self.o_proj(self.heads(x, cos, sin))
+
+    def heads(self, x, cos, sin):
+        """Every head's output side by side, (B, T, n_head * head_dim): o_proj's input, SAELens' attn.hook_z with its
+        heads flattened (Gemma Scope's attention SAEs read it)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         windowed = self.window is not None and T > self.window
@@ -290,7 +296,7 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_kv_head != self.n_head)
         else:
             y = self._capped_attention(q, k, v, T)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
     def _capped_attention(self, q, k, v, T):
         # Gemma-2: logits soft-capped before masking; sliding layers see only the last `window` positions.
@@ -388,15 +394,31 @@ class Block(nn.Module):
         y = self.mlp(h)
         return self.post_feedforward_layernorm(y) if self.sandwich else y
 
-    def forward(self, x, cos, sin, mlp_hook=None):
-        """mlp_hook(h, mlp_out), if given, returns the MLP sublayer's contribution in place of mlp_out(h)."""
+    def forward(self, x, cos, sin, hooks=None, attend=None):
+        """hooks {site: fn} replace activations inside the block (splice.py): "attn_z" o_proj's input (SAELens'
+        attn.hook_z, heads flattened); "attn_out" / "mlp_out" the sublayer's contribution to the stream (Gemma: after
+        its post-norm, as TransformerLens' hook_attn_out / hook_mlp_out; Llama: o_proj's / down_proj's output); "mlp"
+        fn(h, mlp_out) in place of mlp_out(h) (a transcoder). attend(h): the heads' output in place of
+        self_attn.heads (evals/generate.py's cached attention)."""
+        hooks = hooks or {}
+        h = self.input_layernorm(x)
+        z = attend(h) if attend is not None else self.self_attn.heads(h, cos, sin)
+        if "attn_z" in hooks:
+            z = hooks["attn_z"](z)
+        a = self.self_attn.o_proj(z)
         if self.sandwich:  # Gemma-2 and -3: normalise both the input and the output of each sublayer
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
-            h = self.pre_feedforward_layernorm(x)
-        else:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-            h = self.post_attention_layernorm(x)
-        return x + (self.mlp_out(h) if mlp_hook is None else mlp_hook(h, self.mlp_out))
+            a = self.post_attention_layernorm(a)
+        if "attn_out" in hooks:
+            a = hooks["attn_out"](a)
+        x = x + a
+        h = self.pre_feedforward_layernorm(x) if self.sandwich else self.post_attention_layernorm(x)
+        m = self.mlp_out(h) if "mlp" not in hooks else hooks["mlp"](h, self.mlp_out)
+        if "mlp_out" in hooks:
+            m = hooks["mlp_out"](m)
+        return x + m
+
+
+SITES = ("attn_z", "attn_out", "mlp", "mlp_out")  # Block.forward's hook sites; model(hooks={(site, L): fn})
 
 
 class Backbone(nn.Module):
@@ -437,13 +459,15 @@ class Transformer(nn.Module):
     def blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
                hooks: dict[int, Hook] | None = None) -> torch.Tensor:
         """Run blocks start..stop (inclusive) on the residual stream x; hooks[L] replaces the stream after block L,
-        hooks["mlp", L] block L's MLP sublayer (Block.forward's mlp_hook: a transcoder)."""
+        hooks[site, L] an activation inside block L (Block.forward's sites: attention heads or output, a transcoder's
+        MLP, the MLP's output)."""
         stop = self.cfg.n_layer - 1 if stop is None else stop
         hooks = hooks or {}
+        inside = block_hooks(hooks)
         rope = rope_tables(self.cfg, x.shape[1], x.device, x.dtype)
         for i in range(start, stop + 1):
             layer = self.model.layers[i]
-            x = layer(x, *rope[layer.self_attn.local_rope], hooks.get(("mlp", i)))
+            x = layer(x, *rope[layer.self_attn.local_rope], inside.get(i))
             if i in hooks:
                 x = hooks[i](x)
         return x
@@ -467,7 +491,7 @@ class Transformer(nn.Module):
 
     def _check_layers(self, hooks, stop_at):
         n = self.cfg.n_layer
-        keys = [k[1] if isinstance(k, tuple) and len(k) == 2 and k[0] == "mlp" else k for k in hooks or {}]
+        keys = [k[1] if isinstance(k, tuple) and len(k) == 2 and k[0] in SITES else k for k in hooks or {}]
         for layer in keys + ([stop_at] if stop_at is not None else []):
             if not isinstance(layer, int) or not 0 <= layer < n:
                 raise ValueError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
@@ -503,6 +527,15 @@ class Transformer(nn.Module):
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors in HF layout, atomically (temp names, then rename)."""
         save_checkpoint(self.state_dict(), folder, self.cfg.to_hf())
+
+
+def block_hooks(hooks: dict) -> dict[int, dict]:
+    """{(site, L): fn} entries of a hooks dict as {L: {site: fn}}, what Block.forward takes."""
+    out: dict[int, dict] = {}
+    for key, fn in hooks.items():
+        if isinstance(key, tuple):
+            out.setdefault(key[1], {})[key[0]] = fn
+    return out
 
 
 def _check_tokens(idx: torch.Tensor, vocab_size: int):

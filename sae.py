@@ -255,10 +255,16 @@ class SAE(nn.Module):
                 out = out + F.linear(x.float(), self.W_skip.float())
         return out.to(x.dtype)
 
-    def check_d_in(self, d_model: int, where: str = ""):
+    def check_d_in(self, d_model: int, where: str = "", what: str = "residual stream has d_model"):
         if d_model != self.d_in:
             raise ValueError(f"{where + ': ' if where else ''}the SAE expects d_in={self.d_in} but the model's "
-                             f"residual stream has d_model={d_model} (SAE trained for another model?)")
+                             f"{what}={d_model} (SAE trained for another model?)")
+
+    @property
+    def site(self) -> str | None:
+        """Where the splice puts it: "transcoder" (block `layer`'s MLP), "resid" (the stream after block `layer`),
+        "attn_z" / "attn_out" / "mlp_out" (inside block `layer`, model.Block.forward), None: a hook it cannot serve."""
+        return "transcoder" if self.transcoder else sae_files.hook_site(getattr(self, "hook_name", None))
 
     # -- training support ---------------------------------------------------------------------------------------------
 
@@ -356,15 +362,18 @@ def load_saes(paths: list[str], layers: list[int] | None, model, device) -> list
     saes = []
     for i, path in enumerate(paths):
         sae = SAE.from_pretrained(path, device=device)
-        if not sae.transcoder and not sae_files.is_residual_hook(getattr(sae, "hook_name", None)):
-            raise ValueError(f"{path}: this SAE reads {sae.hook_name}, but the splice replaces the residual stream "
-                             f"after a block (blocks.L.hook_resid_post): pass a residual-stream SAE or a transcoder")
+        if sae.site is None:
+            raise ValueError(f"{path}: this SAE reads {sae.hook_name}, which the splice cannot replace; it serves "
+                             f"{sae_files.SERVED}")
         layer = layers[i] if layers is not None else sae.layer
         if layer is None:
             raise ValueError(f"{path}: the SAE files do not say which layer it reads; pass --layer")
         if not 0 <= layer < model.cfg.n_layer:
             raise ValueError(f"{path}: layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
-        sae.check_d_in(model.cfg.d_model, where=path)
+        heads = model.cfg.n_head * model.cfg.head_dim
+        sae.check_d_in(heads if sae.site == "attn_z" else model.cfg.d_model, where=path,
+                       what="attention heads' output (attn.hook_z) has n_head * head_dim" if sae.site == "attn_z"
+                       else "residual stream has d_model")
         sae.requires_grad_(False).eval()
         sae.path = path  # which files it came from: an adapter records the SAEs it is trained around
         saes.append((layer, sae))

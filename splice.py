@@ -71,9 +71,11 @@ def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
 
 
 def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, kept_ids=()):
-    """Hooks for model(..., hooks=...): the stream after block L becomes SAE_L(stream) (a transcoder at L: block L's
-    MLP sublayer becomes the transcoder of its normalised input), except at positions holding a token of `kept_ids`
-    (a tuple from kept_tokens, or one id), which keep their original activation."""
+    """Hooks for model(..., hooks=...): the activation each SAE reads becomes its reconstruction, except at positions
+    holding a token of `kept_ids` (a tuple from kept_tokens, or one id), which keep their original activation. Where,
+    by `sae.site`: the stream after block L (resid), or inside block L (model.Block.forward): every head's output
+    before o_proj (attn_z), the attention or MLP sublayer's output (attn_out, mlp_out), or the MLP sublayer as a whole,
+    which a transcoder computes from its normalised input (transcoder); the rest of the block runs unchanged."""
     kept_ids = (kept_ids,) if isinstance(kept_ids, int) else tuple(k for k in (kept_ids or ()) if k is not None)
     kept_at = torch.isin(idx, torch.tensor(kept_ids, device=idx.device))[..., None] if kept_ids else None  # (B, T, 1)
 
@@ -83,13 +85,24 @@ def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, kept_ids=()):
             return recon if kept_at is None else torch.where(kept_at, x, recon)
         return hook
 
-    def make_transcoder(tc):  # the MLP sublayer's output from its normalised input h (model.Block's mlp_hook)
+    def make_transcoder(tc):  # the MLP sublayer's output from its normalised input h (model.Block's "mlp" site)
         def hook(h, mlp_out):
             out = tc(h.reshape(-1, h.shape[-1])).view_as(h).to(h.dtype)
             return out if kept_at is None else torch.where(kept_at, mlp_out(h), out)
         return hook
-    return {("mlp", layer) if sae.transcoder else layer: make_transcoder(sae) if sae.transcoder else make(sae)
-            for layer, sae in saes}
+    return {hook_key(layer, sae): make_transcoder(sae) if sae.transcoder else make(sae) for layer, sae in saes}
+
+
+def hook_key(layer: int, sae) -> int | tuple[str, int]:
+    """The key of model(hooks=...) where `sae` at `layer` is spliced: L, or (site, L) inside block L."""
+    site = sae.site
+    return layer if site == "resid" else ("mlp" if site == "transcoder" else site, layer)
+
+
+def residual_only(saes) -> bool:
+    """Whether every SAE reads the stream between blocks: only then are blocks 0..L (L the first SAE's) the same in
+    the spliced pass as in the original one, and can be shared (an SAE inside block L changes block L itself)."""
+    return all(getattr(s, "site", "resid") == "resid" for _, s in saes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,12 +130,13 @@ def _watcher(watch, layer):
     return hook
 
 
-def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, watch=None):
-    """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given (not
-    with transcoders: their block is not in the prefix).
+def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, watch=None, taps=None):
+    """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given (only
+    with residual_only(saes): an SAE inside block L changes block L, which the prefix holds). `taps`: more hooks
+    inside blocks ((site, L) keys), run beside the splice (eval.py's statistics of sublayer SAEs).
     watch(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
     after (the same tensor where no SAE sits)."""
-    hooks = splice_hooks(saes, idx, kept_ids)
+    hooks = {**(taps or {}), **splice_hooks(saes, idx, kept_ids)}
     start = 0 if prefix is None else saes[0][0]
     if watch is not None:
         def wrap(layer, splice):
@@ -131,7 +145,7 @@ def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, wat
                 watch(layer, x, y)
                 return y
             return hook
-        hooks = {**{k: v for k, v in hooks.items() if not isinstance(k, int)},  # transcoders' MLP hooks
+        hooks = {**{k: v for k, v in hooks.items() if not isinstance(k, int)},  # the hooks inside blocks
                  **{layer: wrap(layer, hooks.get(layer)) for layer in range(start, model.cfg.n_layer)}}
     if prefix is None:
         return model.blocks(model.embed(idx), hooks=hooks)
@@ -193,8 +207,8 @@ def adapt_step_flops(model_cfg, saes, lora_layers: list[int], rank: int, seq_len
     frozen: their backward is to the activations only; the adapters train):
 
     - the original pass: every block forward, without grad;
-    - the spliced pass: the blocks after the first SAE when every adapter sits after it (share_prefix; never with a
-      transcoder, whose own block is spliced), else every block, forward; each SAE with its backward to its input
+    - the spliced pass: the blocks after the first SAE when every adapter sits after it (share_prefix; never with an
+      SAE inside a block, which changes that block), else every block, forward; each SAE with its backward to its input
       when adapters sit before it (sae.splice_flops);
     - the backward to the activations of the lowest adapted block and every block after it (the lowest one's input
       carries no gradient), and the adapters' own matmuls with their gradients (lora.lora_flops);
@@ -202,7 +216,7 @@ def adapt_step_flops(model_cfg, saes, lora_layers: list[int], rank: int, seq_len
       leaves out the recomputation of the chunks (model FLOPs, for MFU)."""
     n, first, lowest = model_cfg.n_layer, saes[0][0], min(lora_layers)
     block = model_cfg.block_flops(seq_len)
-    shared = lowest > first and not any(getattr(s, "transcoder", False) for _, s in saes)  # share_prefix
+    shared = lowest > first and residual_only(saes)  # share_prefix
     spliced = (n - first - 1 if shared else n) * block
     sae = sum(splice_flops(s.d_in, s.d_sae, s.arch, s.k, grad_input=lowest <= layer) for layer, s in saes)
     backward = ((n - lowest - 1) * model_cfg.block_flops(seq_len, backward=True)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import common
-from model import Transformer, rope_tables
+from model import Transformer, block_hooks, rope_tables
 
-HooksFor = Callable[[torch.Tensor], dict]  # token ids of the chunk being run -> {layer: hook} (splice.hooks_for)
+HooksFor = Callable[[torch.Tensor], dict]  # token ids of the chunk being run -> {layer or (site, layer): hook}
 
 
 class KVCache:
@@ -66,8 +66,8 @@ class KVCache:
         return {w: m[:, None] for w, m in out.items()}
 
 
-def _attention(attn, x, cos, sin, cache: KVCache, layer: int, mask):
-    # model.Attention's projections, QK-norm, RoPE and soft-cap, over the cached keys and values
+def _heads(attn, x, cos, sin, cache: KVCache, layer: int, mask):
+    # model.Attention.heads (projections, QK-norm, RoPE, soft-cap) over the cached keys and values: o_proj's input
     B, T, _ = x.shape
     q, k, v = attn.qkv(x, cos, sin)
     k, v = cache.append(layer, k, v)
@@ -80,30 +80,24 @@ def _attention(attn, x, cos, sin, cache: KVCache, layer: int, mask):
         cap = attn.cfg.attn_softcap
         scores = torch.tanh((q @ k.transpose(-2, -1)) * attn.scale / cap) * cap
         y = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype) @ v
-    return attn.o_proj(y.transpose(1, 2).reshape(B, T, attn.n_head * attn.head_dim))
-
-
-def _block(block, x, cos, sin, cache, layer, mask):
-    # model.Block.forward with the cached attention
-    def attend(h):
-        return _attention(block.self_attn, h, cos, sin, cache, layer, mask)
-    if block.sandwich:
-        x = x + block.post_attention_layernorm(attend(block.input_layernorm(x)))
-        return x + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(x)))
-    x = x + attend(block.input_layernorm(x))
-    return x + block.mlp(block.post_attention_layernorm(x))
+    return y.transpose(1, 2).reshape(B, T, attn.n_head * attn.head_dim)
 
 
 def forward_cached(model: Transformer, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, rope, hooks: dict):
     """Logits (B, vocab) of the last of T new tokens idx (B, T) at RoPE positions pos (B, T), whose keys and values
-    go into cache slots cache.length.. . hooks[L] replaces the new positions' stream after block L."""
+    go into cache slots cache.length.. . hooks[L] replaces the new positions' stream after block L, hooks[site, L] an
+    activation inside block L (model.Block.forward: its own code, with the cached attention)."""
     T = idx.shape[1]
     x = model.embed(idx)
     tables = {local: (cos[pos][:, None].to(x.dtype), sin[pos][:, None].to(x.dtype))
               for local, (cos, sin) in rope.items()}
     masks = cache.masks(T)
+    inside = block_hooks(hooks)
     for i, block in enumerate(model.model.layers):
-        x = _block(block, x, *tables[block.self_attn.local_rope], cache, i, masks[block.self_attn.window])
+        cos, sin = tables[block.self_attn.local_rope]
+        mask = masks[block.self_attn.window]
+        x = block(x, cos, sin, inside.get(i),
+                  attend=lambda h, b=block, c=cos, s=sin, m=mask, i=i: _heads(b.self_attn, h, c, s, cache, i, m))
         if i in hooks:
             x = hooks[i](x)
     cache.length += T

@@ -13,7 +13,8 @@ NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora":
 
 def markdown(res: dict) -> str:
     L = [f"# Evaluation of `{res['model']}`", "",
-         "SAEs: " + ", ".join(f"`{s['path']}` (layer {s['layer']}, {s['arch']}, {s['d_sae']} latents)"
+         "SAEs: " + ", ".join(f"`{s['path']}` (layer {s['layer']}, {s.get('site', 'resid')}, {s['arch']}, "
+                              f"{s['d_sae']} latents)"
                               for s in res["saes"]), ""]
     groups = res["groups"]
     if any("settings" in g for g in groups):
@@ -27,11 +28,11 @@ def markdown(res: dict) -> str:
                 gc = confidence.fmt_num(g.get("gap_closed"), ".1%") if s == "sae_lora" else ""
                 L.append(f"| {g['name']} | {NAMES[s]} | {v['ce']:.4f} | {v['kl']:.4f} | {gc} |")
         L += ["", "## SAE at its layer (original model's activations; LoRA model's in the last columns)", "",
-              "| adapter | layer | arch | FVU | L0 | dead latents | FVU (LoRA) | L0 (LoRA) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| adapter | layer | site | arch | FVU | L0 | dead latents | FVU (LoRA) | L0 (LoRA) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for g in groups:
             for s in g["sae_stats"]:
-                L.append(f"| {g['name']} | {s['layer']} | {s['arch']} | {confidence.fmt_num(s['fvu'], '.4f')} | {s['l0']:.1f} | "
+                L.append(f"| {g['name']} | {s['layer']} | {s.get('site', 'resid')} | {s['arch']} | {confidence.fmt_num(s['fvu'], '.4f')} | {s['l0']:.1f} | "
                          f"{s['dead']} ({s['dead_frac']:.1%}) | {confidence.fmt_num(s.get('fvu_lora'), '.4f')} | "
                          f"{confidence.fmt_num(s.get('l0_lora'), '.1f')} |")
     if any("per_token" in g for g in groups):

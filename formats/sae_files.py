@@ -166,11 +166,25 @@ def layer_from_hook(hook: str | None) -> int | None:
     return layer
 
 
-def is_residual_hook(hook: str | None) -> bool:
-    """Whether an SAE's hook reads the residual stream between blocks (what the splice replaces); None: unknown, taken
-    as residual (sparsify and hand-made folders name no hook)."""
-    resid = r"(?:\w+\.)*(?:blocks\.\d+\.hook_resid_(?:post|pre)|layers\.\d+(?:\.output)?)"
-    return hook is None or bool(re.fullmatch(resid, hook))
+# What the splice can replace (model.Block.forward's sites), by SAELens hook name. TransformerLens defines Gemma-2's
+# hook_attn_out and hook_mlp_out after the sublayer's post-norm (TransformerBlock: ln1_post / ln2_post, then the
+# hook); attn.hook_z is every head's output before W_O (o_proj's input, Gemma Scope 2's hf_hook_point_in
+# model.layers.L.self_attn.o_proj.input; SAELens reshapes it to n_head * d_head for the SAE).
+_SITES = [(re.compile(r"(?:\w+\.)*(?:blocks\.\d+\.hook_resid_(?:post|pre)|layers\.\d+(?:\.output)?)"), "resid"),
+          (re.compile(r"blocks\.\d+\.attn\.hook_z"), "attn_z"),
+          (re.compile(r"blocks\.\d+\.hook_attn_out"), "attn_out"),
+          (re.compile(r"blocks\.\d+\.hook_mlp_out"), "mlp_out")]
+SERVED = ("blocks.L.hook_resid_post (or hook_resid_pre), blocks.L.attn.hook_z, blocks.L.hook_attn_out, "
+          "blocks.L.hook_mlp_out, and MLP transcoders (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out)")
+
+
+def hook_site(hook: str | None) -> str | None:
+    """Where an SAE reading `hook` is spliced: "resid" (the stream after a block; also when no hook is named, as for
+    sparsify and hand-made folders), "attn_z", "attn_out" or "mlp_out" (inside block L: model.Block.forward), or
+    None for a hook the splice cannot serve."""
+    if hook is None:
+        return "resid"
+    return next((site for pattern, site in _SITES if pattern.fullmatch(hook)), None)
 
 
 def layer_from_path(path: str) -> int | None:
@@ -316,6 +330,9 @@ def _load_saelens(folder: str) -> dict:
                 threshold=raw["threshold"].clamp_min(0) if arch == "jumprelu" else None,
                 topk_threshold=raw.get("topk_threshold"), W_skip=raw.get("W_skip"),
                 transcoder=get("hook_name_out") is not None)
+    if get("hook_head_index") is not None:  # a single head's hook_z: the splice replaces all heads at once
+        raise ValueError(f"{folder}: an SAE on head {get('hook_head_index')} of {spec['hook_name']} only: not "
+                         f"supported; the splice serves {SERVED}")
     layer = layer_from_hook(spec["hook_name"])  # the hook name first: hook_layer is the block, also for resid_pre
     if layer is None and get("hook_layer", "hook_point_layer") is not None:
         layer = int(get("hook_layer", "hook_point_layer"))

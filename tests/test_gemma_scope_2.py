@@ -90,7 +90,7 @@ def test_online_downloads_only_the_folders_two_files(cache, tmp_path, monkeypatc
     assert sorted(monkeypatch.fetched) == sorted((REPO, f) for f in files)
 
 
-def test_other_sites_and_cross_layer_transcoders_are_refused_in_one_line(cache, tmp_path):
+def test_cross_layer_transcoders_are_refused_in_one_line_mlp_out_saes_load(cache, tmp_path):
     from sae import load_saes
     from model import ModelConfig, Transformer
     clt, _ = release_files(tmp_path, 2, site="clt", seed=3)
@@ -103,8 +103,7 @@ def test_other_sites_and_cross_layer_transcoders_are_refused_in_one_line(cache, 
     path = f"{REPO}/mlp_out_all/layer_2_width_16k_l0_small"
     assert SAE.from_pretrained(path).hook_name == "blocks.2.hook_mlp_out"
     model = Transformer(ModelConfig.from_name("tiny-gemma3"))
-    with pytest.raises(ValueError, match="reads blocks.2.hook_mlp_out, but the splice replaces the residual stream"):
-        load_saes([path], None, model, "cpu")
+    assert load_saes([path], None, model, "cpu")[0][1].site == "mlp_out"  # spliced: tests/test_sublayer_saes.py
 
 
 # ----------------------------------------------------------------------------------------------------------------------
