@@ -134,9 +134,9 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     dm = model.cfg.d_model
     if cfg.init:  # fine-tune a trained SAE: it sets the width and k
         sae = load_saes([cfg.init], [layer], model, ddp.device)[0][1].requires_grad_(True)
-        if sae.arch != "topk" or sae.transcoder:
-            raise ValueError(f"--init {cfg.init}: a {sae.arch}{' transcoder' if sae.transcoder else ' SAE'}; "
-                             f"train_e2e.py fine-tunes TopK residual-stream SAEs")
+        if sae.arch != "topk" or sae.site != "resid":
+            raise ValueError(f"--init {cfg.init}: a {sae.arch} SAE at site {sae.site}; train_e2e.py fine-tunes TopK "
+                             f"SAEs of the residual stream")
         cfg.k, cfg.expansion = sae.k, sae.d_sae // dm
         sae.model_name = cfg.model
     else:

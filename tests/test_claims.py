@@ -62,7 +62,8 @@ def numbers(text: str) -> list[tuple[str, float, float]]:
 
 
 def result_values() -> list[float]:
-    """Every number in experiments/results/: JSON leaves and the numbers of the Markdown tables."""
+    """Every number in experiments/results/ and its subfolders (smollm2/, gpu-h200/): JSON leaves and the numbers of
+    the Markdown tables."""
     vals: list[float] = []
 
     def walk(o):
@@ -76,10 +77,10 @@ def result_values() -> list[float]:
         elif isinstance(o, list):
             for x in o:
                 walk(x)
-    for path in glob.glob(os.path.join(RESULTS, "*.json")):
+    for path in glob.glob(os.path.join(RESULTS, "**", "*.json"), recursive=True):
         with open(path) as f:
             walk(json.load(f))
-    for path in glob.glob(os.path.join(RESULTS, "*.md")):
+    for path in glob.glob(os.path.join(RESULTS, "**", "*.md"), recursive=True):
         with open(path) as f:
             vals += [v for _, v, _ in numbers(f.read().replace("|", " "))]
     return sorted(set(vals))
