@@ -8,6 +8,8 @@ trained to minimise KL(p_orig || p_spliced) through every later layer, instead o
 Same TopK activation and k as the TopK baseline (as in the paper), same decoder-norm handling and learning-rate rule
 as train_sae.py, the chunked KL of adapt.py. `--ds-coef > 0` adds Braun et al.'s downstream reconstruction terms
 (e2e+ds): the spliced model's residual stream after each later block should also match the original's.
+`--init SAE` starts from a trained TopK SAE instead of a fresh one: Karvonen 2025's short KL fine-tune of an MSE-trained
+SAE (arXiv 2503.17272; `--mse-coef` adds its MSE term), the baseline against which LoRA is "similar, non-additive".
 Every step is one backward pass through the model: the log counts them, for the loss-vs-compute comparison.
 """
 from __future__ import annotations
