@@ -5,6 +5,7 @@ run (tests/MUTATION.md) uses these."""
 import contextlib
 import math
 import os
+import re
 import tempfile
 
 import pytest
@@ -481,3 +482,35 @@ def test_sae_constructor_bounds_and_to_jumprelu_metadata():
                                                                                      torch.float64)
     assert j.threshold.dtype == torch.float64 and torch.equal(j.threshold, torch.full((8,), 0.25, dtype=torch.float64))
     assert torch.equal(j.W_enc, b.W_enc) and torch.equal(j.b_dec, b.b_dec)
+    # the bounds' messages name the bad value and the bound
+    for arch, k, msg in [("topk", 0, "topk SAE needs k > 0, got k=0"),
+                         ("batchtopk", None, "batchtopk SAE needs k > 0, got k=None"),
+                         ("topk", 9, "k=9 is larger than the number of latents d_sae=8"),
+                         ("topk", 2.5, "topk SAE needs an integer k, got 2.5")]:
+        with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+            SAE(4, 8, arch, k=k)
+
+
+def test_fresh_sae_defaults():
+    # TopK unless told (Gao et al.'s SAE, the one train_sae.py trains by default); a JumpReLU SAE trained from scratch
+    # starts at threshold 0.001, SAELens' jumprelu_init_threshold (with its bandwidth 0.001, which SAE.bandwidth is)
+    assert SAE(4, 8, k=2).arch == "topk"
+    j = SAE(4, 8, "jumprelu")
+    assert torch.equal(j.threshold, torch.full((8,), 1e-3)) and j.bandwidth == 1e-3
+
+
+def test_batchtopk_threshold_tracks_the_smallest_positive_kept_value():
+    # SAELens' BatchTopKTrainingSAE.update_topk_threshold: EMA (rate topk_threshold_lr 0.01) of the smallest kept
+    # activation that is > 0; a batch with no positive activation leaves it as it is. Here 2 tokens x k = 3 keep 6
+    # values but only 4 are positive: 2 kept zeros, which must not pull the threshold to 0.
+    sae = SAE(4, 8, "batchtopk", k=3)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([0.5, 0.2, -1, -1, -1, -1, -1, -1.0]))
+    dead = torch.zeros(8, dtype=torch.bool)
+    training_loss(sae, torch.randn(2, 4), dead, 1.0)
+    assert sae.topk_threshold.item() == pytest.approx(0.01 * 0.2, rel=1e-6)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)
+    training_loss(sae, torch.randn(2, 4), dead, 1.0)
+    assert sae.topk_threshold.item() == pytest.approx(0.01 * 0.2, rel=1e-6)
