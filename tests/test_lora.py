@@ -160,11 +160,16 @@ def test_resolve_layers():
                      ("after:", "not a layer index"), (True, "expected"), (1.5, "expected")]:
         with pytest.raises(ValueError, match=msg):
             resolve_layers(bad, 4)
+    # a bad index: the message quotes the whole spec, the bad part and the accepted forms
+    forms = re.escape("(expected 'all', 'after:L', '3' or '3,4')")
+    for bad, part in [("1,x", "x"), ("after:", "")]:
+        with pytest.raises(ValueError, match=f"^layers {re.escape(repr(bad))}: '{part}' is not a layer index {forms}$"):
+            resolve_layers(bad, 4)
 
 
 def test_apply_lora_bad_input():
     for kwargs, msg in [(dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=2.5), "rank"),
-                        (dict(rank=4, targets=("q_proj", "qkv")), r"unknown LoRA target.*qkv"),
+                        (dict(rank=4, targets=("q_proj", "qkv")), r"^unknown LoRA target\(s\) \['qkv'\]; this model's"),
                         (dict(rank=4, targets=()), "unknown LoRA target"),
                         (dict(rank=4, layers=4), "out of range"), (dict(rank=4, layers="after:3"), "after"),
                         (dict(rank=4, alpha=0), "alpha"), (dict(rank=4, dropout=1.0), "dropout")]:
@@ -174,8 +179,20 @@ def test_apply_lora_bad_input():
         assert not lora_modules(model)  # nothing half-applied
     model = tiny()
     apply_lora(model, rank=4)
-    with pytest.raises(ValueError, match="already has LoRA"):
+    with pytest.raises(ValueError, match=r"^this model already has LoRA adapters \(apply_lora once"):
         apply_lora(model, rank=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_adapter_dtype_is_peft_s(dtype):
+    # reference: PEFT (autocast_adapter_dtype=True, its default) keeps the base's dtype for the adapters, except
+    # that fp16 / bf16 bases get fp32 adapters
+    from peft import LoraConfig, get_peft_model
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(dtype)
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    want = {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n}
+    ours = LoRALinear.from_linear(torch.nn.Linear(8, 8).to(dtype), rank=2, alpha=4)
+    assert {ours.lora_A.dtype, ours.lora_B.dtype} == want == {torch.float32 if dtype.itemsize == 2 else dtype}
 
 
 def test_save_load_roundtrip_and_file_contents(tmp_path):
@@ -408,7 +425,8 @@ def test_sae_record_and_mismatch(tmp_path, monkeypatch):
     local, hub, bare = sae("link/sae_a"), sae("org/repo/layer_3", "jumprelu", 16), SAE(4, 8, "topk", k=2)
     real = os.path.realpath(tmp_path / "real" / "sae_a")
     assert sae_record([(1, local), (3, hub), (5, bare)]) == [
-        dict(path=real, layer=1, arch="topk", d_sae=8), dict(path="org/repo/layer_3", layer=3, arch="jumprelu", d_sae=16),
+        dict(path=real, layer=1, arch="topk", d_sae=8),
+        dict(path="org/repo/layer_3", layer=3, arch="jumprelu", d_sae=16),
         dict(path="", layer=5, arch="topk", d_sae=8)]
     folder = str(tmp_path / "adapter")
     assert sae_mismatch(folder, [(1, local)]) is None  # no record (an adapter made elsewhere): nothing to say
