@@ -159,8 +159,16 @@ def test_load_saes_checks_and_sorts(tmp_path):
         load_saes([a, b], [1], model, "cpu")
     with pytest.raises(ValueError, match=r"layer 4 is out of range: the model has layers 0\.\.3"):
         load_saes([a], [4], model, "cpu")
-    with pytest.raises(ValueError, match="two SAEs at the same layer"):
+    with pytest.raises(ValueError, match="^two SAEs at the same layer: give each --sae its own --layer$"):
         load_saes([a, b], [1, 1], model, "cpu")
+    assert [s.path for _, s in saes] == [b, a]  # which files each came from: the adapter's SAE record
+    # the splice replaces the residual stream after a block: an SAE trained on another hook is refused
+    mlp = SAE(64, 128, "topk", k=4, layer=1)
+    mlp.hook_name = "blocks.1.hook_mlp_out"
+    mlp.save(str(tmp_path / "mlp"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'mlp'))}: this SAE reads blocks.1.hook_mlp_out, "
+                                         "but the splice replaces the residual stream after a block"):
+        load_saes([str(tmp_path / "mlp")], None, model, "cpu")
     with pytest.raises(ValueError, match=f"{tmp_path / 'c'}: .*d_in=32"):
         load_saes([make_sae(tmp_path / "c", d=32, m=64)], None, model, "cpu")
     nolayer = make_sae(tmp_path / "n", layer=None)
@@ -489,6 +497,37 @@ def test_sae_constructor_bounds_and_to_jumprelu_metadata():
                          ("topk", 2.5, "topk SAE needs an integer k, got 2.5")]:
         with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
             SAE(4, 8, arch, k=k)
+
+
+def test_encoder_input_skip_and_messages():
+    # SAELens: the encoder reads x - b_dec only when apply_b_dec_to_input (Gemma Scope's SAEs: x itself), and a skip
+    # transcoder (SkipTranscoder) adds x @ W_skip^T to the reconstruction; written out here
+    torch.manual_seed(0)
+    sae = SAE(4, 8, "jumprelu", apply_b_dec_to_input=False)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.5)
+    x = torch.randn(3, 4)
+    pre = x @ sae.W_enc + sae.b_enc
+    z = pre * (pre > sae.threshold)
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), z)
+        sae.W_skip = torch.nn.Parameter(torch.randn(4, 4))
+        assert torch.allclose(sae(x), z @ sae.W_dec + sae.b_dec + x @ sae.W_skip.T, atol=1e-6)
+    # the messages name what is wrong
+    with pytest.raises(ValueError, match=r"^SAE input: the SAE expects d_in=4 but the model's residual stream has "
+                                         r"d_model=5 \(SAE trained for another model\?\)$"):
+        sae(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="^the SAE expects d_in=4 but"):
+        sae.check_d_in(5)
+    with pytest.raises(ValueError, match="^encode_topk needs a topk SAE, this one is jumprelu$"):
+        sae.encode_topk(x)
+    with pytest.raises(ValueError, match="^to_jumprelu converts a batchtopk SAE, this one is jumprelu$"):
+        sae.to_jumprelu()
+    # a fresh SAE of another dtype holds every tensor in it
+    for arch in ("topk", "batchtopk", "jumprelu"):
+        fresh = SAE(4, 8, arch, k=None if arch == "jumprelu" else 2, dtype=torch.float64)
+        assert {t.dtype for t in (*fresh.parameters(), *fresh.buffers())} == {torch.float64}
 
 
 def test_fresh_sae_defaults():
