@@ -530,6 +530,19 @@ def test_encoder_input_skip_and_messages():
         assert {t.dtype for t in (*fresh.parameters(), *fresh.buffers())} == {torch.float64}
 
 
+def test_transcoder_training_loss_reconstructs_the_target():
+    # a transcoder (Dunefsky et al. 2024) maps the MLP's input to its output: the MSE and the FVU are of the target
+    # (the MLP output), not of the input it reads; written out on a TopK SAE with no dead latents
+    torch.manual_seed(0)
+    sae = SAE(4, 8, "topk", k=2, apply_b_dec_to_input=False)
+    x, target = torch.randn(6, 4), torch.randn(6, 4) * 3
+    loss, stats, _ = training_loss(sae, x, torch.zeros(8, dtype=torch.bool), 2.0, target=target)
+    with torch.no_grad():
+        err = ((target - sae(x)) ** 2).sum(-1).mean()
+    assert loss.item() == pytest.approx(err.item() / 2.0, rel=1e-5)
+    assert stats["fvu"] == pytest.approx((err / ((target - target.mean(0)) ** 2).sum(-1).mean()).item(), rel=1e-5)
+
+
 def test_fresh_sae_defaults():
     # TopK unless told (Gao et al.'s SAE, the one train_sae.py trains by default); a JumpReLU SAE trained from scratch
     # starts at threshold 0.001, SAELens' jumprelu_init_threshold (with its bandwidth 0.001, which SAE.bandwidth is)
