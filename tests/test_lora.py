@@ -184,7 +184,7 @@ def test_apply_lora_bad_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_adapter_dtype_is_peft_s(dtype):
+def test_adapter_dtype_follows_peft(dtype):
     # reference: PEFT (autocast_adapter_dtype=True, its default) keeps the base's dtype for the adapters, except
     # that fp16 / bf16 bases get fp32 adapters
     from peft import LoraConfig, get_peft_model
