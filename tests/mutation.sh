@@ -14,7 +14,9 @@ rm -rf "$work" && mkdir -p "$work"
   echo "[mutmut]"
   echo "source_paths = $file"
   echo "also_copy ="
-  (cd "$work" && { ls *.py; for d in formats evals tools; do ls $d/*.py; done; } | grep -vx "$file" | sed 's/^/    /')
+  # a folder without the mutated file goes as the folder (mutmut copies a file only into a folder it made)
+  (cd "$work" && { ls *.py; for d in formats evals tools; do
+     if [ "$(dirname "$file")" = "$d" ]; then ls $d/*.py; else echo $d; fi; done; } | grep -vx "$file" | sed 's/^/    /')
   echo "pytest_add_cli_args_test_selection ="
   for t in "$@"; do echo "    $t"; done
   echo "pytest_add_cli_args ="

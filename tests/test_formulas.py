@@ -5,6 +5,7 @@ run (tests/MUTATION.md) uses these."""
 import contextlib
 import math
 import os
+import re
 import tempfile
 
 import pytest
@@ -158,8 +159,16 @@ def test_load_saes_checks_and_sorts(tmp_path):
         load_saes([a, b], [1], model, "cpu")
     with pytest.raises(ValueError, match=r"layer 4 is out of range: the model has layers 0\.\.3"):
         load_saes([a], [4], model, "cpu")
-    with pytest.raises(ValueError, match="two SAEs at the same layer"):
+    with pytest.raises(ValueError, match="^two SAEs at the same layer: give each --sae its own --layer$"):
         load_saes([a, b], [1, 1], model, "cpu")
+    assert [s.path for _, s in saes] == [b, a]  # which files each came from: the adapter's SAE record
+    # the splice replaces the residual stream after a block: an SAE trained on another hook is refused
+    mlp = SAE(64, 128, "topk", k=4, layer=1)
+    mlp.hook_name = "blocks.1.hook_mlp_out"
+    mlp.save(str(tmp_path / "mlp"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'mlp'))}: this SAE reads blocks.1.hook_mlp_out, "
+                                         "but the splice replaces the residual stream after a block"):
+        load_saes([str(tmp_path / "mlp")], None, model, "cpu")
     with pytest.raises(ValueError, match=f"{tmp_path / 'c'}: .*d_in=32"):
         load_saes([make_sae(tmp_path / "c", d=32, m=64)], None, model, "cpu")
     nolayer = make_sae(tmp_path / "n", layer=None)
@@ -481,3 +490,79 @@ def test_sae_constructor_bounds_and_to_jumprelu_metadata():
                                                                                      torch.float64)
     assert j.threshold.dtype == torch.float64 and torch.equal(j.threshold, torch.full((8,), 0.25, dtype=torch.float64))
     assert torch.equal(j.W_enc, b.W_enc) and torch.equal(j.b_dec, b.b_dec)
+    # the bounds' messages name the bad value and the bound
+    for arch, k, msg in [("topk", 0, "topk SAE needs k > 0, got k=0"),
+                         ("batchtopk", None, "batchtopk SAE needs k > 0, got k=None"),
+                         ("topk", 9, "k=9 is larger than the number of latents d_sae=8"),
+                         ("topk", 2.5, "topk SAE needs an integer k, got 2.5")]:
+        with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+            SAE(4, 8, arch, k=k)
+
+
+def test_encoder_input_skip_and_messages():
+    # SAELens: the encoder reads x - b_dec only when apply_b_dec_to_input (Gemma Scope's SAEs: x itself), and a skip
+    # transcoder (SkipTranscoder) adds x @ W_skip^T to the reconstruction; written out here
+    torch.manual_seed(0)
+    sae = SAE(4, 8, "jumprelu", apply_b_dec_to_input=False)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.5)
+    x = torch.randn(3, 4)
+    pre = x @ sae.W_enc + sae.b_enc
+    z = pre * (pre > sae.threshold)
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), z)
+        sae.W_skip = torch.nn.Parameter(torch.randn(4, 4))
+        assert torch.allclose(sae(x), z @ sae.W_dec + sae.b_dec + x @ sae.W_skip.T, atol=1e-6)
+    # the messages name what is wrong
+    with pytest.raises(ValueError, match=r"^SAE input: the SAE expects d_in=4 but the model's residual stream has "
+                                         r"d_model=5 \(SAE trained for another model\?\)$"):
+        sae(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="^the SAE expects d_in=4 but"):
+        sae.check_d_in(5)
+    with pytest.raises(ValueError, match="^encode_topk needs a topk SAE, this one is jumprelu$"):
+        sae.encode_topk(x)
+    with pytest.raises(ValueError, match="^to_jumprelu converts a batchtopk SAE, this one is jumprelu$"):
+        sae.to_jumprelu()
+    # a fresh SAE of another dtype holds every tensor in it
+    for arch in ("topk", "batchtopk", "jumprelu"):
+        fresh = SAE(4, 8, arch, k=None if arch == "jumprelu" else 2, dtype=torch.float64)
+        assert {t.dtype for t in (*fresh.parameters(), *fresh.buffers())} == {torch.float64}
+
+
+def test_transcoder_training_loss_reconstructs_the_target():
+    # a transcoder (Dunefsky et al. 2024) maps the MLP's input to its output: the MSE and the FVU are of the target
+    # (the MLP output), not of the input it reads; written out on a TopK SAE with no dead latents
+    torch.manual_seed(0)
+    sae = SAE(4, 8, "topk", k=2, apply_b_dec_to_input=False)
+    x, target = torch.randn(6, 4), torch.randn(6, 4) * 3
+    loss, stats, _ = training_loss(sae, x, torch.zeros(8, dtype=torch.bool), 2.0, target=target)
+    with torch.no_grad():
+        err = ((target - sae(x)) ** 2).sum(-1).mean()
+    assert loss.item() == pytest.approx(err.item() / 2.0, rel=1e-5)
+    assert stats["fvu"] == pytest.approx((err / ((target - target.mean(0)) ** 2).sum(-1).mean()).item(), rel=1e-5)
+
+
+def test_fresh_sae_defaults():
+    # TopK unless told (Gao et al.'s SAE, the one train_sae.py trains by default); a JumpReLU SAE trained from scratch
+    # starts at threshold 0.001, SAELens' jumprelu_init_threshold (with its bandwidth 0.001, which SAE.bandwidth is)
+    assert SAE(4, 8, k=2).arch == "topk"
+    j = SAE(4, 8, "jumprelu")
+    assert torch.equal(j.threshold, torch.full((8,), 1e-3)) and j.bandwidth == 1e-3
+
+
+def test_batchtopk_threshold_tracks_the_smallest_positive_kept_value():
+    # SAELens' BatchTopKTrainingSAE.update_topk_threshold: EMA (rate topk_threshold_lr 0.01) of the smallest kept
+    # activation that is > 0; a batch with no positive activation leaves it as it is. Here 2 tokens x k = 3 keep 6
+    # values but only 4 are positive: 2 kept zeros, which must not pull the threshold to 0.
+    sae = SAE(4, 8, "batchtopk", k=3)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([0.5, 0.2, -1, -1, -1, -1, -1, -1.0]))
+    dead = torch.zeros(8, dtype=torch.bool)
+    training_loss(sae, torch.randn(2, 4), dead, 1.0)
+    assert sae.topk_threshold.item() == pytest.approx(0.01 * 0.2, rel=1e-6)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)
+    training_loss(sae, torch.randn(2, 4), dead, 1.0)
+    assert sae.topk_threshold.item() == pytest.approx(0.01 * 0.2, rel=1e-6)

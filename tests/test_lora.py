@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -159,11 +160,16 @@ def test_resolve_layers():
                      ("after:", "not a layer index"), (True, "expected"), (1.5, "expected")]:
         with pytest.raises(ValueError, match=msg):
             resolve_layers(bad, 4)
+    # a bad index: the message quotes the whole spec, the bad part and the accepted forms
+    forms = re.escape("(expected 'all', 'after:L', '3' or '3,4')")
+    for bad, part in [("1,x", "x"), ("after:", "")]:
+        with pytest.raises(ValueError, match=f"^layers {re.escape(repr(bad))}: '{part}' is not a layer index {forms}$"):
+            resolve_layers(bad, 4)
 
 
 def test_apply_lora_bad_input():
     for kwargs, msg in [(dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=2.5), "rank"),
-                        (dict(rank=4, targets=("q_proj", "qkv")), r"unknown LoRA target.*qkv"),
+                        (dict(rank=4, targets=("q_proj", "qkv")), r"^unknown LoRA target\(s\) \['qkv'\]; this model's"),
                         (dict(rank=4, targets=()), "unknown LoRA target"),
                         (dict(rank=4, layers=4), "out of range"), (dict(rank=4, layers="after:3"), "after"),
                         (dict(rank=4, alpha=0), "alpha"), (dict(rank=4, dropout=1.0), "dropout")]:
@@ -173,8 +179,20 @@ def test_apply_lora_bad_input():
         assert not lora_modules(model)  # nothing half-applied
     model = tiny()
     apply_lora(model, rank=4)
-    with pytest.raises(ValueError, match="already has LoRA"):
+    with pytest.raises(ValueError, match=r"^this model already has LoRA adapters \(apply_lora once"):
         apply_lora(model, rank=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_adapter_dtype_follows_peft(dtype):
+    # reference: PEFT (autocast_adapter_dtype=True, its default) keeps the base's dtype for the adapters, except
+    # that fp16 / bf16 bases get fp32 adapters
+    from peft import LoraConfig, get_peft_model
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(dtype)
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    want = {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n}
+    ours = LoRALinear.from_linear(torch.nn.Linear(8, 8).to(dtype), rank=2, alpha=4)
+    assert {ours.lora_A.dtype, ours.lora_B.dtype} == want == {torch.float32 if dtype.itemsize == 2 else dtype}
 
 
 def test_save_load_roundtrip_and_file_contents(tmp_path):
@@ -193,6 +211,8 @@ def test_save_load_roundtrip_and_file_contents(tmp_path):
     fresh = tiny("tiny-gemma2")
     params = load_adapter(fresh, str(tmp_path))
     assert len(params) == 2 * 2 * 2 and all(p.requires_grad for p in params)
+    # PEFT's LoraConfig.lora_dropout: the loaded adapters train with the saved dropout
+    assert {m.dropout.p for m in lora_modules(fresh).values()} == {0.05}
     with torch.no_grad():
         assert torch.equal(fresh(idx), want)
     # loading into a model whose adapters already match reuses them
@@ -201,7 +221,8 @@ def test_save_load_roundtrip_and_file_contents(tmp_path):
     model = tiny()
     apply_lora(model, rank=2)
     save_adapter(model, str(tmp_path / "all"))
-    assert json.loads((tmp_path / "all" / "adapter_config.json").read_text())["layers_to_transform"] is None
+    all_cfg = json.loads((tmp_path / "all" / "adapter_config.json").read_text())
+    assert all_cfg["layers_to_transform"] is None and all_cfg["base_model_name_or_path"] == ""  # no name given: none
 
 
 def test_load_adapter_bad_input(tmp_path):
@@ -234,22 +255,31 @@ def test_load_adapter_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unexpected"):
         load_adapter(subset, str(tmp_path / "ok"))
     for patch, msg in [({"target_modules": ["q_proj", "lm_head"]}, "unknown LoRA target.*lm_head"),
-                       ({"peft_type": "IA3"}, "only LORA"), ({"use_dora": True}, "use_dora"),
-                       ({"target_modules": ".*proj"}, "list"), ({"r": 0}, "rank")]:
+                       ({"peft_type": "IA3"}, "peft_type is 'IA3', only LORA"), ({"use_dora": True}, "use_dora"),
+                       ({"target_modules": ".*proj"}, "list"), ({"r": 0}, "rank"), ({"r": None}, "lacks 'r'"),
+                       ({"lora_alpha": None}, "lacks 'lora_alpha'"), ({"target_modules": None}, "lacks 'target")]:
         bad = tmp_path / f"bad_{next(iter(patch))}_{msg[:4]}"
         os.makedirs(bad)
         (bad / "adapter_model.safetensors").write_bytes((tmp_path / "ok" / "adapter_model.safetensors").read_bytes())
-        cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
-        (bad / "adapter_config.json").write_text(json.dumps({**cfg, **patch}))
+        cfg = {k: v for k, v in {**json.loads((tmp_path / "ok" / "adapter_config.json").read_text()), **patch}.items()
+               if v is not None or k not in patch}  # None in a patch: the key is absent
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
         with pytest.raises(ValueError, match=msg):
             load_adapter(tiny(), str(bad))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: "):  # the message names the folder
+        load_adapter(tiny(), str(bad))
+    fused = tiny()
+    apply_lora(fused, rank=4, alpha=8)
+    merge_all(fused)
+    with pytest.raises(ValueError, match=r"^adapters are merged into the weights: unmerge_all\(model\) before"):
+        load_adapter(fused, str(tmp_path / "ok"))
     os.makedirs(tmp_path / "corrupt")
     (tmp_path / "corrupt" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
     (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(
         (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_adapter(tiny(), str(tmp_path / "corrupt"))
-    with pytest.raises(ValueError, match="no LoRA adapters"):
+    with pytest.raises(ValueError, match=r"^this model has no LoRA adapters to save \(call apply_lora first\)$"):
         save_adapter(tiny(), str(tmp_path / "none"))
 
 
@@ -302,3 +332,119 @@ def test_peft_saved_adapter_loads_in_ours(tmp_path, hub):
         got = ours(idx)
     assert rel_err(want, base) > 1e-2
     assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("key,value", [("use_rslora", True), ("fan_in_fan_out", True), ("lora_bias", True),
+                                       ("bias", "all"), ("rank_pattern", {"q_proj": 8}),
+                                       ("alpha_pattern", {"q_proj": 16}), ("modules_to_save", ["lm_head"]),
+                                       ("layer_replication", [[0, 2]]), ("layers_pattern", "h"), ("use_dora", True)])
+def test_load_adapter_refuses_peft_features_it_does_not_implement(tmp_path, key, value):
+    # each is a field of PEFT's LoraConfig (so a real PEFT file can hold it) whose non-default value changes the
+    # forward (or the layer matching) in a way LoRALinear does not; loading it silently would give other numbers
+    from peft import LoraConfig
+    assert key in {f.name for f in dataclasses.fields(LoraConfig)}
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8, layers=[0, 1])
+    save_adapter(model, str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: {key}=.* is not supported"):
+        load_adapter(tiny(), str(tmp_path))
+
+
+# the keys save_adapter writes: each with the value PEFT's save_pretrained writes for the same adapter
+WRITTEN = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform",
+           "layers_pattern", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode", "init_lora_weights",
+           "use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "revision"}
+
+
+@pytest.mark.parametrize("layers", [None, [0, 2]], ids=["all_layers", "some_layers"])
+def test_saved_files_are_what_peft_save_pretrained_writes(tmp_path, layers):
+    # reference: peft's own save_pretrained of the same LoRA (same r, alpha, dropout, targets, layers) on the same
+    # model: the config values we write, the safetensors metadata and the tensor names must be PEFT's
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    ref = make_hf_checkpoint(tmp_path / "ck", TINY_LLAMA3)
+    targets = ["v_proj", "up_proj"]
+    extra = dict(layers_to_transform=layers, layers_pattern="layers") if layers else {}
+    get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets,
+                                   task_type="CAUSAL_LM", **extra)).save_pretrained(str(tmp_path / "peft"))
+    ours = Transformer.from_pretrained(str(tmp_path / "ck"))
+    apply_lora(ours, rank=4, alpha=8, dropout=0.05, layers=layers, targets=targets)
+    save_adapter(ours, str(tmp_path / "ours"), str(tmp_path / "ck"))
+    got, want = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft"))
+    want["target_modules"] = sorted(want["target_modules"])  # PEFT writes a set as a list, in no set order
+    assert set(got) == WRITTEN and got == {k: want[k] for k in WRITTEN}
+    opened = [safe_open(str(tmp_path / d / "adapter_model.safetensors"), "pt") for d in ("ours", "peft")]
+    assert opened[0].metadata() == opened[1].metadata() == {"format": "pt"}
+    assert sorted(opened[0].keys()) == sorted(opened[1].keys())
+
+
+def test_save_adapter_gathers_sharded_adapters(tmp_path):
+    # FSDP2 holds parameters as DTensors: save_adapter writes their full tensors (DTensor.full_tensor, the reference),
+    # on rank 0, the same file as for the plain parameters. One gloo process: rank 0 of a 1-process mesh.
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8, layers=[1])
+    randomize_B(model)
+    save_adapter(model, str(tmp_path / "plain"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for m in lora_modules(model).values():
+            for ab in ("lora_A", "lora_B"):
+                setattr(m, ab, torch.nn.Parameter(distribute_tensor(getattr(m, ab).detach(), mesh, [Shard(0)])))
+        assert hasattr(lora_modules(model)["model.layers.1.self_attn.q_proj"].lora_A, "full_tensor")
+        save_adapter(model, str(tmp_path / "sharded"))
+    finally:
+        dist.destroy_process_group()
+    want, got = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("plain", "sharded"))
+    assert sorted(got) == sorted(want) and all(type(got[k]) is torch.Tensor and torch.equal(got[k], want[k])
+                                               for k in want)
+    assert (tmp_path / "sharded" / "adapter_config.json").read_text() == \
+        (tmp_path / "plain" / "adapter_config.json").read_text()
+
+
+def test_sae_record_and_mismatch(tmp_path, monkeypatch):
+    # lorasae_saes.json beside PEFT's files: each (layer, SAE) pair's path (a local folder resolved to its real
+    # path, as sae.load_saes would find it again from any working directory; a hub id kept as written), layer, arch,
+    # d_sae; a later run splicing other SAEs gets one line naming both sets, order and path spelling aside
+    from formats.peft import SAES_NAME, sae_mismatch, sae_record, save_sae_record
+    from sae import SAE
+    os.makedirs(tmp_path / "real" / "sae_a")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+
+    def sae(path, arch="topk", d_sae=8):
+        s = SAE(4, d_sae, arch, k=None if arch == "jumprelu" else 2)
+        s.path = path
+        return s
+    local, hub, bare = sae("link/sae_a"), sae("org/repo/layer_3", "jumprelu", 16), SAE(4, 8, "topk", k=2)
+    real = os.path.realpath(tmp_path / "real" / "sae_a")
+    assert sae_record([(1, local), (3, hub), (5, bare)]) == [
+        dict(path=real, layer=1, arch="topk", d_sae=8),
+        dict(path="org/repo/layer_3", layer=3, arch="jumprelu", d_sae=16),
+        dict(path="", layer=5, arch="topk", d_sae=8)]
+    folder = str(tmp_path / "adapter")
+    assert sae_mismatch(folder, [(1, local)]) is None  # no record (an adapter made elsewhere): nothing to say
+    os.makedirs(folder)
+    save_sae_record(folder, [(1, local), (3, hub)])
+    assert json.loads(open(os.path.join(folder, SAES_NAME)).read()) == dict(saes=sae_record([(1, local), (3, hub)]))
+    assert sae_mismatch(folder, [(3, hub), (1, sae(real))]) is None  # same pairs, other order and spelling
+    assert sae_mismatch(folder, [(1, local), (3, hub)]) is None
+    assert sae_mismatch(folder, [(2, local), (3, hub)]) == (
+        f"--adapter {folder} was trained around {real} at layer 1, org/repo/layer_3 at layer 3; this run splices "
+        f"{real} at layer 2, org/repo/layer_3 at layer 3: its SAE + LoRA numbers are for SAEs it was not trained with")
+    assert sae_mismatch(folder, []).split("; this run splices ")[1].startswith("none:")
+    os.makedirs(tmp_path / "empty")
+    save_sae_record(str(tmp_path / "empty"), [])
+    (tmp_path / "keyless").mkdir()
+    (tmp_path / "keyless" / SAES_NAME).write_text("{}")
+    for trained_around_none in ("empty", "keyless"):
+        assert f"{tmp_path / trained_around_none} was trained around none; this run splices {real} at layer 1:" in \
+            sae_mismatch(str(tmp_path / trained_around_none), [(1, local)])
+    assert sae_mismatch(folder, [(1, local)]).endswith("this run splices " + real + " at layer 1: its SAE + LoRA "
+                                                       "numbers are for SAEs it was not trained with")

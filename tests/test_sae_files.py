@@ -303,3 +303,45 @@ def test_default_sae_table():
     assert [len(v[1]) for v in GEMMA_SCOPE_RES_16K.values()] == [26, 42]  # one per layer of each model
     assert default_sae("google/gemma-2-2b", 26) is None and default_sae("meta-llama/Llama-3.2-1B", 3) is None
     assert len(known_saes()) == 3  # Gemma Scope for two models, Gemma Scope 2 for every Gemma-3 (one line)
+
+
+def test_from_spec_checks_and_carries_every_field():
+    # the readers' common record (sae_files.read_sae) into an SAE: every field written here goes onto the SAE, every
+    # bad shape or non-finite tensor is one line naming the source, and nothing is left at its random init
+    import re
+    gen = torch.Generator().manual_seed(0)
+
+    def spec(**over):
+        base = dict(arch="jumprelu", apply_b_dec_to_input=False, W_enc=torch.randn(4, 8, generator=gen),
+                    W_dec=torch.randn(8, 4, generator=gen), b_enc=torch.randn(8, generator=gen),
+                    b_dec=torch.randn(4, generator=gen), threshold=torch.rand(8, generator=gen))
+        return {**base, **over}
+    s = spec(layer=3, model_name="m", hook_name="blocks.3.ln2.hook_normalized", transcoder=True,
+             W_skip=torch.randn(4, 4, generator=gen), format="gemma_scope_2", positions="all", source="here")
+    sae = SAE.from_spec(s)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip"):
+        assert torch.equal(getattr(sae, name), s[name]) and isinstance(getattr(sae, name), torch.nn.Parameter), name
+    assert (sae.layer, sae.model_name, sae.hook_name, sae.transcoder, sae.source_format, sae.positions) == \
+        (3, "m", "blocks.3.ln2.hook_normalized", True, "gemma_scope_2", "all")
+    plain = SAE.from_spec(spec())
+    assert plain.transcoder is False and plain.W_skip is None and plain.positions == "no_bos"
+    assert plain.source_format is None and plain.layer is None
+    for dtype in ("torch.float64", "float64", torch.float64):  # as a flag, as cfg.json spells it, as a dtype
+        assert {p.dtype for p in SAE.from_spec(spec(), dtype=dtype).parameters()} == {torch.float64}
+    assert SAE.from_spec(spec(dtype=torch.float64)).W_dec.dtype == torch.float64  # the record's own dtype
+    b = SAE.from_spec(spec(arch="batchtopk", k=2, threshold=None))  # no topk_threshold recorded: 0
+    assert b.topk_threshold.shape == () and b.topk_threshold.item() == 0.0
+    assert SAE.from_spec(spec(arch="batchtopk", k=2, topk_threshold=torch.tensor([0.5]))).topk_threshold.item() == 0.5
+    for over, msg in [
+            (dict(W_enc=torch.randn(4)), "SAE: W_enc and W_dec must be matrices, got (4,), "),
+            (dict(W_dec=torch.randn(8)), "SAE: W_enc and W_dec must be matrices, got (4, 8), (8,)"),
+            (dict(b_dec=torch.randn(3), source="f"), "f: b_dec has shape (3,), expected (4,) for d_in=4, d_sae=8"),
+            (dict(W_dec=torch.randn(8, 3)), "SAE: W_dec has shape (8, 3), expected (8, 4)"),
+            (dict(b_enc=torch.randn(7)), "SAE: b_enc has shape (7,), expected (8,)"),
+            (dict(threshold=torch.rand(7)), "SAE: threshold has shape (7,), expected (8,)"),
+            (dict(W_skip=torch.randn(4, 3)), "SAE: W_skip has shape (4, 3), expected (4, 4)"),
+            (dict(b_enc=torch.full((8,), math.nan)), "SAE: b_enc contains NaN or inf values"),
+            (dict(arch="batchtopk", k=2, topk_threshold=torch.tensor(math.inf)), "SAE: topk_threshold contains NaN"),
+            (dict(arch="topk", k=9), "SAE: k=9 is larger than the number of latents d_sae=8")]:
+        with pytest.raises(ValueError, match="^" + re.escape(msg)):
+            SAE.from_spec(spec(**over))

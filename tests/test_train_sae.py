@@ -184,3 +184,25 @@ def test_decoder_gradients_are_tangent_and_clipped(files, tmp_path, monkeypatch)
         radial = (g_dec * w_dec).sum(1) / w_dec.norm(dim=1)
         assert radial.abs().max() <= 1e-5 * g_dec.norm(dim=1).max()
         assert torch.stack([g.norm() for _, g in step]).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_loss_scale_is_the_variance_around_the_mean(files, tmp_path, monkeypatch):
+    # Gao et al. (2024) normalise the reconstruction MSE by the activations' variance, E||x - E[x]||^2 (the normalised
+    # MSE: 1 for the mean-only reconstruction, the FVU). With one batch of buffer, the scale is measured on exactly the
+    # first training batch, so the first loss must be that batch's FVU, written out here:
+    #   loss = mean_t ||x_t - recon_t||^2 / mean_t ||x_t - mean_s x_s||^2
+    seen = []
+
+    def recording(sae, x, *a, **kw):
+        out = sae_mod.training_loss(sae, x, *a, **kw)
+        with torch.no_grad():
+            seen.append((x.clone(), a[1], out[0].item(), sae(x)))
+        return out
+    monkeypatch.setattr(train_sae, "training_loss", recording)
+    train_sae.main(args(files, tmp_path, "--max-tokens", "1024", "--buffer-tokens", "1024"))
+    x, scale, loss, recon = seen[0]
+    variance = (x - x.mean(0)).pow(2).sum(-1).mean().item()
+    assert x.mean(0).pow(2).sum().item() > 0.05 * variance  # the mean is not negligible: an uncentred scale differs
+    assert scale == pytest.approx(variance, rel=1e-5)
+    assert loss == pytest.approx((x - recon).pow(2).sum(-1).mean().item() / variance, rel=1e-5)
+    assert torch.load(tmp_path / "state.pt", weights_only=False)["scale"] == pytest.approx(variance, rel=1e-5)
