@@ -162,13 +162,18 @@ def test_load_saes_checks_and_sorts(tmp_path):
     with pytest.raises(ValueError, match="^two SAEs at the same layer: give each --sae its own --layer$"):
         load_saes([a, b], [1, 1], model, "cpu")
     assert [s.path for _, s in saes] == [b, a]  # which files each came from: the adapter's SAE record
-    # the splice replaces the residual stream after a block: an SAE trained on another hook is refused
+    # an SAE on a hook the splice cannot replace is refused, naming the hooks it serves; one on the MLP's output is
+    # spliced inside its block (site mlp_out)
+    mid = SAE(64, 128, "topk", k=4, layer=1)
+    mid.hook_name = "blocks.1.hook_resid_mid"
+    mid.save(str(tmp_path / "mid"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'mid'))}: this SAE reads blocks.1.hook_resid_mid, "
+                                         "which the splice cannot replace; it serves blocks.L.hook_resid_post"):
+        load_saes([str(tmp_path / "mid")], None, model, "cpu")
     mlp = SAE(64, 128, "topk", k=4, layer=1)
     mlp.hook_name = "blocks.1.hook_mlp_out"
     mlp.save(str(tmp_path / "mlp"))
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'mlp'))}: this SAE reads blocks.1.hook_mlp_out, "
-                                         "but the splice replaces the residual stream after a block"):
-        load_saes([str(tmp_path / "mlp")], None, model, "cpu")
+    assert load_saes([str(tmp_path / "mlp")], None, model, "cpu")[0][1].site == "mlp_out"
     with pytest.raises(ValueError, match=f"{tmp_path / 'c'}: .*d_in=32"):
         load_saes([make_sae(tmp_path / "c", d=32, m=64)], None, model, "cpu")
     nolayer = make_sae(tmp_path / "n", layer=None)
