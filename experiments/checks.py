@@ -66,6 +66,10 @@ class ChecksConfig:
     data: str | None = None  # token folder (data.prepare, layout bos_chunks, local source); none: the embedded corpus
     out: str = "out/checks"  # inputs.json (the choice, every number of it) and the jsonl files go here
     select_tokens: int = 100_000  # held-out tokens the latent is chosen on
+    seq_len: int = 1024  # tokens per window the latent is chosen on (at most the model's context; attention's cost
+    # grows with its square, so a real model's 8k context is not used whole)
+    autocast: str = "float32"  # precision of the activations the latent is chosen on: float32 | auto (bfloat16 where
+    # the hardware runs it natively) | bfloat16
     min_support: int = 50  # constructs on fewer held-out tokens than this are not candidates
     lines: int = 3  # lines per steering snippet
     n_pos: int = 200  # steering positives
@@ -374,9 +378,13 @@ def build(cfg: ChecksConfig) -> dict:
     if layer is None:
         raise ValueError(f"{sae_dir}: the SAE files do not say which layer it reads; pass --layer")
     sae.check_d_in(model.cfg.d_model, sae_dir)
-    windows, labels = selection_windows(tok, docs, model.cfg.max_seq_len, cfg.select_tokens)
-    choice = pick_latent(activity_counts(lambda idx: model(idx, stop_at=layer), sae, windows, labels),
-                         cfg.min_support)
+    windows, labels = selection_windows(tok, docs, min(cfg.seq_len, model.cfg.max_seq_len), cfg.select_tokens)
+    amp = common.autocast(device, cfg.autocast)
+
+    def acts(idx):
+        with amp:
+            return model(idx, stop_at=layer).float()
+    choice = pick_latent(activity_counts(acts, sae, windows, labels), cfg.min_support)
     common.log(f"checks: latent {choice['latent']} fires on {choice['construct']!r}: precision "
                f"{choice['precision']:.3f}, recall {choice['recall']:.3f} on {choice['tokens']:,} held-out tokens")
 
