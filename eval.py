@@ -9,8 +9,10 @@ TruthfulQA generation (--truthfulqa-gen, Table 5's BLEU / ROUGE) is in truthfulq
         --steering-pos pos.jsonl --steering-neg law.json --steering-neg arabic.json --steering-neg-val biology.json \
         --latent 13677
 
-The four settings of Sec. 5.3: original (adapters off, no SAE), sae (adapters off, SAE spliced), sae_lora (adapters
-merged into the weights, SAE spliced), lora (adapters merged, no SAE). Several --sae are spliced together: the sae
+The four settings of Sec. 5.3: original (adapters off, no SAE), sae (adapters off, SAE spliced), sae_lora (adapters on,
+SAE spliced), lora (adapters on, no SAE). The adapters run beside the weights, as adapt.py trains and evaluates them,
+not merged into them: under bf16 autocast a merged W + BA is rounded to bf16 as one weight, a slightly other model
+(lora.adapters_enabled). Several --sae are spliced together: the sae
 rows are then the compound CE of Sec. 4.3. Several --adapter give one row group each, every adapter loaded into a
 fresh copy of the model (Sec. 6.3's single-layer adapters and rank sweeps are just adapters on disk). Steering is in
 steering.py, the multiple-choice benchmarks in multiple_choice.py.
@@ -54,7 +56,7 @@ from evals import multiple_choice
 from evals import steering
 from evals import truthfulqa
 from formats.peft import load_adapter
-from lora import adapters_disabled, merged
+from lora import adapters_disabled, adapters_enabled
 from formats import run_folder
 from model import Transformer
 from sae import load_saes
@@ -222,7 +224,7 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
             finals["sae"] = spliced_pass(model, saes, idx, kept_ids,
                                           watch=watch_distance("sae") if dist else None)
         if adapted:
-            with amp, merged(model):
+            with amp, adapters_enabled(model):  # not merged: adapt.py's model (lora.adapters_enabled)
                 finals["lora"] = spliced_pass(model, [], idx, watch=watch_stats("lora"), taps=taps("lora"))
                 finals["sae_lora"] = spliced_pass(model, saes, idx, kept_ids,
                                                   watch=watch_distance("sae_lora") if dist else None)

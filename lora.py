@@ -210,6 +210,26 @@ def adapters_disabled(model: nn.Module):
             m.enabled = e
 
 
+@contextmanager
+def adapters_enabled(model: nn.Module):
+    """The adapted model as adapt.py trains and evaluates it: every adapter on, beside its weight (W x + scale B A x),
+    not merged. In fp32 the same model as merged(model) to float precision; under bf16 autocast not: a merged weight
+    is cast to bf16 as one matrix, W + scale B A, which rounds the update onto the bf16 grid of W (its parts below
+    half a bf16 step of W are lost), while the training forward keeps the update's own bf16 precision. eval.py's
+    adapted settings use this, so that its numbers are adapt.py's."""
+    mods = list(lora_modules(model).values())
+    if any(m.merged for m in mods):
+        raise ValueError("adapters are merged into the weights: unmerge_all(model) first")
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = True
+    try:
+        yield model
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
+
+
 def merge_all(model: nn.Module):
     """Fold every adapter into its weight (evaluation only: training a merged model leaves the adapters unused)."""
     for m in lora_modules(model).values():

@@ -256,7 +256,7 @@ def predicted_positions(idx: torch.Tensor) -> int:
 def evaluate(model: Transformer, saes, batches, kept_ids=(), *, chunk: int = 2048, amp) -> dict:
     """ce_base, ce_sae, kl_sae and, for a model with adapters, ce_sae_lora, kl_sae_lora and gap_closed on held-out
     windows (definitions at the top); `positions`: how many predicted positions they average over. The adapters stay
-    unmerged; eval.py merges them into the weights and gets the same numbers to float precision."""
+    unmerged, as in training; eval.py runs them the same way (lora.adapters_enabled) and reports these numbers."""
     adapted, was_training = bool(lora_modules(model)), model.training
     model.eval()
     sums, n = {}, 0

@@ -212,7 +212,7 @@ def complete(model: Transformer, tok, prompts: Sequence[str], max_new_tokens: in
 
 
 def complete_setting(model, tok, prompts, setting: str, saes, kept_ids=(), *, prompt_only: bool = False, **kw):
-    """complete() in one of the paper's settings (Sec. 5.3): adapters merged for *lora, off otherwise; the SAEs spliced
+    """complete() in one of the paper's settings (Sec. 5.3): adapters on for *lora, off otherwise; the SAEs spliced
     for sae*, on every position or (prompt_only, the authors' run) on the prompt's only."""
     from evals.multiple_choice import hooks_for, setting_context  # the settings of Sec. 5.3
     with setting_context(model, setting):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import common
 from evals import confidence
 from formats import hub
-from lora import adapters_disabled, merged
+from lora import adapters_disabled, adapters_enabled
 from splice import splice_hooks
 
 
@@ -249,8 +249,9 @@ def hooks_for(saes, kept_ids=()):
 
 
 def setting_context(model, setting: str):
-    """The model of a setting (Sec. 5.3): adapters merged into the weights for *lora settings, else turned off."""
-    return merged(model) if "lora" in setting else adapters_disabled(model)
+    """The model of a setting (Sec. 5.3): adapters on for *lora settings (beside the weights, as adapt.py trains them:
+    lora.adapters_enabled), else turned off."""
+    return adapters_enabled(model) if "lora" in setting else adapters_disabled(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

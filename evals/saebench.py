@@ -2,7 +2,7 @@
 SAEBench metrics (Karvonen et al. 2024) for one SAE on a model with and without its LoRA adapter: the paper's Sec. 5.1
 and Table 6. `python eval.py --saebench` runs it (offline on the embedded pipeline); eval.py calls `evaluate`.
 
-Each model setting (base = adapters off, adapted = adapters merged) reads every task's texts once; per text the
+Each model setting (base = adapters off, adapted = adapters on) reads every task's texts once; per text the
 layer-L residual (output of block L) and its SAE latents are mean-pooled over real tokens (BOS / EOS / pad excluded,
 contexts of 128 tokens) and cached; every probe below is then trained in torch on those cached features.
 - core (evals/core): on held-out windows of --data, BOS / EOS / pad left out everywhere (SAEBench's ignore_tokens and
@@ -388,12 +388,12 @@ def autointerp(*_):
 
 
 def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
-    """Table 6 for the first SAE of `saes` [(layer, SAE)]: base model (adapters off) vs adapted (adapters merged),
+    """Table 6 for the first SAE of `saes` [(layer, SAE)]: base model (adapters off) vs adapted (adapters on),
     written to cfg.out/saebench.{json,md,png}. Returns the results with the table under 'markdown'."""
     import os
     import time
     from data import load_meta, load_tokenizer
-    from lora import adapters_disabled, lora_modules, merged
+    from lora import adapters_disabled, adapters_enabled, lora_modules
     layer, sae = saes[0]
     t0 = time.time()
     meta = load_meta(cfg.data) if cfg.data else {}
@@ -408,7 +408,7 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
           f"{len(fl_test)} first-letter prompts, {len(batches)} core batches ({time.time() - t0:.0f}s)", flush=True)
     settings = {"base": lambda: adapters_disabled(model)}
     if lora_modules(model):
-        settings["adapted"] = lambda: merged(model)
+        settings["adapted"] = lambda: adapters_enabled(model)
     W_dec, d = sae.W_dec.detach().float().cpu(), model.cfg.d_model
     res = {"layer": layer, "tasks": "offline (stdlib)" if offline else "hub", "settings": {}}
     for s, ctx in settings.items():

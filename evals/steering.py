@@ -97,7 +97,7 @@ def steer_hook(v: torch.Tensor, alpha: float, inner=None):
 
 
 def steering_eval(model, seqs: dict, saes, d, layer, kept_ids, cfg, amp, setting: str, authors_alpha=None):
-    """Both formulations for one model (setting "original": adapters off; "lora": adapters merged): (ours, authors'),
+    """Both formulations for one model (setting "original": adapters off; "lora": adapters on): (ours, authors'),
     every text set scored unsteered and steered along d (the raw decoder row), alpha tuned (or fixed).
     authors_alpha: the base model's choice, which the authors' formulation keeps for the LoRA model."""
     norm = float(d.norm())

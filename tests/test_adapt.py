@@ -301,8 +301,8 @@ def test_dropout_steps_turns_lora_dropout_off_for_good(files, tmp_path, monkeypa
 
 def test_eval_py_reports_the_numbers_adapt_py_reports(files, tmp_path):
     """CE, KL and gap closed have one definition (splice.py): adapt.py's results.json and eval.py's eval.json, run as a
-    user types them on the same held-out windows, agree to float precision (adapt.py evaluates with the adapters
-    beside the weights, eval.py with them merged into the weights)."""
+    user types them on the same held-out windows, agree to float precision (both run the adapters beside the weights;
+    under bf16 too: tests/test_eval.py::test_bf16_core_table_is_adapt_pys_held_out_evaluation)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "adapt.py", *small_args(files, tmp_path / "run", "--max-tokens", "1024")],
                           cwd=ROOT, env=env, capture_output=True, text=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from formats.peft import load_adapter, save_adapter
-from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules, merge_all, merged, resolve_layers, unmerge_all
+from lora import LoRALinear, adapters_disabled, adapters_enabled, apply_lora, lora_modules, merge_all, merged, resolve_layers, unmerge_all
 from model import ModelConfig, Transformer
 from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint, rel_err
 from tests.tol import close
@@ -112,6 +112,38 @@ def test_adapters_disabled_gives_base_logits():
             assert torch.equal(model(idx), base)
         assert torch.equal(model(idx), adapted)
     assert rel_err(adapted, base) > 1e-2
+
+
+def test_adapters_enabled_is_the_training_forward_not_the_merged_one():
+    """eval.py's adapted settings (lora.adapters_enabled): the adapters on beside the weights, the forward adapt.py
+    trains and evaluates, also inside adapters_disabled; refused while merged. In fp32 merging gives the same model to
+    float precision; under bf16 autocast it does not (W + scale B A is cast to bf16 as one weight, which rounds a small
+    update onto W's bf16 grid), so eval.py does not merge: issue #33's gap-closed differences between the scripts."""
+    model, idx = tiny(), tokens()
+    apply_lora(model, rank=4, alpha=8)
+    randomize_B(model, std=0.01)  # a small update, as trained adapters are
+    with torch.no_grad():
+        with adapters_disabled(model):
+            base = model(idx)
+            with adapters_enabled(model):
+                adapted = model(idx)
+            assert torch.equal(model(idx), base)  # off again on exit
+        assert torch.equal(model(idx), adapted) and rel_err(adapted, base) > 1e-3
+        with merged(model):
+            assert rel_err(model(idx), adapted) < 1e-5
+            with pytest.raises(ValueError, match="merged"):
+                with adapters_enabled(model):
+                    pass
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with adapters_disabled(model):
+                base16 = model(idx).float()
+            with adapters_enabled(model):
+                on16 = model(idx).float()
+            with merged(model):
+                merged16 = model(idx).float()
+    # two bf16 models, each about as far from fp32 as the other, but not the same one: merged and unmerged numbers
+    # differ by more than float noise (the scripts must pick one: the forward that trained)
+    assert rel_err(merged16, on16) > 1e-3, rel_err(merged16, on16)
 
 
 def test_bf16_base_with_fp32_adapters_with_and_without_autocast():

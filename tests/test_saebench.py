@@ -453,9 +453,9 @@ def tiny_run(monkeypatch, tmp_path):
 
 
 def test_evaluate_runs_base_and_adapted_settings(monkeypatch, tmp_path):
-    """Base = adapters off, adapted = adapters merged. A fresh adapter (B = 0) changes nothing: both settings report
-    the same numbers; a trained one changes the residual, and each setting's core metrics are those of sb.core on that
-    model."""
+    """Base = adapters off, adapted = adapters on (the reference below merges them: in fp32 the same model). A fresh
+    adapter (B = 0) changes nothing: both settings report the same numbers; a trained one changes the residual, and
+    each setting's core metrics are those of sb.core on that model."""
     from lora import apply_lora, lora_modules, merged
     cfg = tiny_run(monkeypatch, tmp_path)
     mcfg = ModelConfig.from_name("tiny-llama3")
