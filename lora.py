@@ -195,14 +195,13 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextmanager
-def adapters_disabled(model: nn.Module):
-    """The base model inside the block (the paper's p_orig), whatever the adapters hold."""
+def _adapters_set(model: nn.Module, enabled: bool, why: str):
     mods = list(lora_modules(model).values())
     if any(m.merged for m in mods):
-        raise ValueError("adapters are merged into the weights: unmerge_all(model) before a base pass")
+        raise ValueError(f"adapters are merged into the weights: unmerge_all(model) {why}")
     before = [m.enabled for m in mods]
     for m in mods:
-        m.enabled = False
+        m.enabled = enabled
     try:
         yield model
     finally:
@@ -210,24 +209,18 @@ def adapters_disabled(model: nn.Module):
             m.enabled = e
 
 
-@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model inside the block (the paper's p_orig), whatever the adapters hold."""
+    return _adapters_set(model, False, "before a base pass")
+
+
 def adapters_enabled(model: nn.Module):
     """The adapted model as adapt.py trains and evaluates it: every adapter on, beside its weight (W x + scale B A x),
     not merged. In fp32 the same model as merged(model) to float precision; under bf16 autocast not: a merged weight
     is cast to bf16 as one matrix, W + scale B A, which rounds the update onto the bf16 grid of W (its parts below
     half a bf16 step of W are lost), while the training forward keeps the update's own bf16 precision. eval.py's
     adapted settings use this, so that its numbers are adapt.py's."""
-    mods = list(lora_modules(model).values())
-    if any(m.merged for m in mods):
-        raise ValueError("adapters are merged into the weights: unmerge_all(model) first")
-    before = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = True
-    try:
-        yield model
-    finally:
-        for m, e in zip(mods, before):
-            m.enabled = e
+    return _adapters_set(model, True, "first")
 
 
 def merge_all(model: nn.Module):
