@@ -96,13 +96,16 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device, transcoder=False):
+    def __init__(self, model, loader, layer, size, include_bos, amp, device, transcoder=False, seed=0):
         self.model, self.loader, self.layer, self.size = model, loader, layer, size
         # the blocks above the layer never run; main compiles it. A transcoder's: (MLP input, MLP output) side by side
         self.forward = (lambda idx: mlp_pairs(model, idx, layer)) if transcoder else \
             (lambda idx: model(idx, stop_at=layer))
         self.include_bos, self.amp, self.device = include_bos, amp, device
+        # the shuffle's own stream: torch's default seed offset by --seed, so seed 0 keeps the permutations the
+        # shipped SAE (shipped/README.md) was trained with and every other seed draws others
         self.gen = torch.Generator(device="cpu")
+        self.gen.manual_seed(self.gen.initial_seed() + seed)
         self.acts, self.pos, self.fill_state = None, 0, None
 
     @torch.no_grad()
@@ -220,7 +223,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
                                    "--model-batch or --seq-len")
     per_rank = cfg.batch_tokens // ddp.world_size  # the global SAE batch is split across ranks
     buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
-                              cfg.include_bos, amp, ddp.device, transcoder=cfg.transcoder)
+                              cfg.include_bos, amp, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
     split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
     if cfg.compile:
         buffer.forward = torch.compile(buffer.forward)

@@ -206,3 +206,29 @@ def test_loss_scale_is_the_variance_around_the_mean(files, tmp_path, monkeypatch
     assert scale == pytest.approx(variance, rel=1e-5)
     assert loss == pytest.approx((x - recon).pow(2).sum(-1).mean().item() / variance, rel=1e-5)
     assert torch.load(tmp_path / "state.pt", weights_only=False)["scale"] == pytest.approx(variance, rel=1e-5)
+
+
+def test_buffer_shuffle_follows_the_seed():
+    # --seed sets the buffer's shuffle too: a fake forward whose activations are the token ids, so each buffer is a
+    # permutation of the same ids; seed 0 keeps torch's default stream (the permutations shipped/'s SAE saw)
+    class Loader:
+        def next_batch(self):
+            return torch.arange(64).view(2, 32) + 1
+
+        def state_dict(self):
+            return {}
+
+    class Model:
+        cfg = type("C", (), {"bos_token_id": 0})()
+
+    def buffered(seed):
+        buf = train_sae.ActivationBuffer(Model(), Loader(), 0, 64, True, torch.autocast("cpu", enabled=False), "cpu",
+                                         seed=seed)
+        buf.forward = lambda idx: idx.float().unsqueeze(-1)
+        return buf.next(64).flatten()
+
+    a, b, again = buffered(0), buffered(1), buffered(1)
+    assert sorted(a.tolist()) == sorted(b.tolist()) == list(range(1, 65))
+    assert not torch.equal(a, b) and torch.equal(b, again)
+    default = torch.Generator()
+    assert torch.equal(a, (torch.arange(64) + 1).float()[torch.randperm(64, generator=default)])
