@@ -329,8 +329,14 @@ def main(argv=None) -> dict:
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
         cfg.adapter = ["out/adapt-tiny/adapter"]  # what `python adapt.py` wrote
         common.log("eval.py: no --model and no --adapter: evaluating out/adapt-tiny/adapter (python adapt.py's)")
-    embedded.fill(cfg, typed, "eval", TINY, need_data=cfg.model is None or cfg.truthfulqa_gen == "corpus" or
-                  not (steer or benches or cfg.truthfulqa_gen or cfg.generate))
+    # the CE table (with per-token and distances) needs held-out tokens: a real model without --data reads the stdlib
+    # corpus in its own tokens unless only other evaluations were asked for and no flag of the table was typed
+    others = steer or benches or cfg.truthfulqa_gen or cfg.generate
+    table = cfg.model is None or not others or bool(typed & {"eval_tokens", "distances", "sae_positions"})
+    embedded.fill(cfg, typed, "eval", TINY, need_data=table or cfg.truthfulqa_gen == "corpus")
+    if cfg.data is None:
+        common.log("eval.py: no --data: the CE table, per-token breakdown and distances are left out (pass --data "
+                   "DIR, or --eval-tokens N for the stdlib corpus in the model's tokens)")
     return run(cfg)
 
 

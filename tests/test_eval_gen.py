@@ -123,3 +123,23 @@ def test_bad_generation_flags_are_one_line_errors(world):  # noqa: F811
         run(world, "--sae", world["sae"]["crude"], "--truthfulqa-gen", "corpus", "--data", world["data"], out="bad4")
     _, saved, _ = run(world, *base, out="gen_default")  # lm-eval's 256 tokens do not fit: half of the 256 context
     assert saved["config"]["gen_tokens"] == 128 and len(saved["generations"]["sae"]) == 1
+
+
+def test_generate_on_a_real_model_keeps_the_ce_table_when_asked(world, monkeypatch, capsys):  # noqa: F811
+    # --model with --generate and no --data: a typed --eval-tokens asks for the CE table, which then reads the stdlib
+    # corpus in the model's tokens (embedded.corpus_for, stubbed with the world's tokens); untyped, the table is left
+    # out and a log line says so
+    import embedded
+    import eval as ev
+    asked = []
+    monkeypatch.setattr(embedded, "corpus_for", lambda model: asked.append(model) or world["data"])
+    base = ["--model", world["model"], "--sae", world["sae"]["crude"], "--adapter", world["adapter"]["rand"],
+            "--generate", "the big cat", "--gen-tokens", "2", "--autocast", "float32", "--plots", "false",
+            "--device", "cpu", "--seq-len", "32", "--batch-size", "2"]
+    with_table = ev.main([*base, "--eval-tokens", "128", "--out", str(world["root"] / "gen-table")])
+    g = with_table["groups"][0]
+    assert asked == [world["model"]] and g["settings"]["sae_lora"]["ce"] > 0 and g["positions"] == 4 * 31
+    assert g["per_token"] and g["generations"]
+    without = ev.main([*base, "--out", str(world["root"] / "gen-only")])
+    assert asked == [world["model"]] and "settings" not in without["groups"][0] and without["groups"][0]["generations"]
+    assert "the CE table, per-token breakdown and distances are left out" in capsys.readouterr().out
