@@ -115,6 +115,8 @@ class EvalConfig:
     bench_batch: int = 16  # sequences per forward (benchmarks and steering)
     plots: bool = True  # write PNG figures (needs matplotlib)
     saebench: bool = False  # SAEBench metrics (Sec. 5.1, Table 6) for the first SAE, base vs adapted (saebench.py)
+    saebench_words: int | None = None  # --saebench absorption: at most this many of the vocabulary's letter-only tokens
+    # (shuffled with SAEBench's seed); none: all, as SAEBench (a 49k BPE: ~47k words, hours on a CPU)
     autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
     # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the model weights
@@ -123,7 +125,8 @@ class EvalConfig:
 
     def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
         common.check_flags(
-            self, positive=("eval_tokens", "batch_size", "seq_len", "top_k", "bench_limit", "bench_batch", "chunk"),
+            self, positive=("eval_tokens", "batch_size", "seq_len", "top_k", "bench_limit", "bench_batch", "chunk",
+                            "saebench_words"),
             non_negative=("latent", "seed"),  # --gen-tokens and --temperature: generate.check_args
             choices=dict(autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
                          sae_positions=("auto", "all", "no_bos", "no_bos_eos")))

@@ -402,7 +402,7 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     specials = torch.tensor(sorted({i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None}))
     probing, tpp, scr = sd.tasks(offline, seed)
     groups = sd.token_sets(tok, {"probing": probing, "scr": scr})
-    fl_train, fl_test, pos = sd.first_letter_prompts(tok, seed)
+    fl_train, fl_test, pos = sd.first_letter_prompts(tok, seed, max_words=cfg.saebench_words)
     batches = sd.core_batches(cfg.data, device)
     print(f"saebench: {len(groups)} text sets ({sum(map(len, groups.values()))} texts), {len(fl_train)} + "
           f"{len(fl_test)} first-letter prompts, {len(batches)} core batches ({time.time() - t0:.0f}s)", flush=True)

@@ -281,12 +281,14 @@ def alpha_tokens(tok) -> list[tuple[int, str]]:
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def first_letter_prompts(tok, seed, n_icl=10, template="{word} has the first letter:"):
+def first_letter_prompts(tok, seed, n_icl=10, template="{word} has the first letter:", max_words=None):
     """SAEBench's create_dataset_probe_training on the tokenizer's letter-only tokens: (train, test) lists of
-    (token ids with BOS, letter index); prompts whose word token does not survive tokenisation intact are dropped."""
+    (token ids with BOS, letter index); prompts whose word token does not survive tokenisation intact are dropped.
+    max_words: the first max_words of the shuffled vocabulary only (a CPU's budget: a 49k-token BPE has ~47k such
+    tokens, ~4M prompt tokens per model setting); None: all of them, as SAEBench."""
     vocab = dict((s, i) for i, s in alpha_tokens(tok))
     rng = random.Random(seed)
-    words = rng.sample(sorted(vocab), len(vocab))
+    words = rng.sample(sorted(vocab), len(vocab))[:max_words]
     cut = int(len(words) * 0.8)
     pos = -len(tok.encode(template.replace("{word}", ""))) - 1  # the word token (SAEBench: -6 for Gemma)
     out = []

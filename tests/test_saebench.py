@@ -443,12 +443,13 @@ def tiny_run(monkeypatch, tmp_path):
     letters = [([1] + torch.randint(3, 500, (8,), generator=g).tolist(), int(i))
                for i in torch.randint(0, 26, (40,), generator=g)]
     monkeypatch.setattr(sd, "tasks", lambda offline, seed: (probing, probing, scr))
-    monkeypatch.setattr(sd, "first_letter_prompts", lambda tok, seed: (letters[:30], letters[30:], -3))
+    monkeypatch.setattr(sd, "first_letter_prompts", lambda tok, seed, max_words=None: (letters[:30], letters[30:], -3))
     monkeypatch.setattr(sd, "core_batches", lambda d, device: [torch.randint(3, 500, (2, 16), generator=g)
                                                                for _ in range(2)])
     monkeypatch.setattr(data, "load_meta", lambda d: {"source": "stdlib", "tokenizer": "chars"})
     monkeypatch.setattr(data, "load_tokenizer", lambda name: tok)
-    cfg = types.SimpleNamespace(data="data", tokenizer=None, model="m", out=str(tmp_path), plots=False)
+    cfg = types.SimpleNamespace(data="data", tokenizer=None, model="m", out=str(tmp_path), plots=False,
+                                saebench_words=None)
     return cfg
 
 
@@ -487,3 +488,26 @@ def test_evaluate_runs_base_and_adapted_settings(monkeypatch, tmp_path):
     assert res["settings"]["base"]["core"] == pytest.approx(want_base)
     assert res["settings"]["adapted"]["core"] == pytest.approx(want_adapted, rel=1e-5)
     assert res["settings"]["adapted"]["core"]["ce_loss_without_sae"] != pytest.approx(want_base["ce_loss_without_sae"])
+
+
+def test_first_letter_prompts_cap_the_vocabulary(monkeypatch):
+    """--saebench-words N: the prompts of the first N words of SAEBench's shuffled vocabulary, split 80/20 as all of
+    them are; none: every letter-only token (a word-level tokenizer here: one id per whitespace-separated piece)."""
+    words = [a + b for a in "abcdefghij" for b in "klmnopqrst"]
+    monkeypatch.setattr(sd, "alpha_tokens", lambda tok: [(i + 1, w) for i, w in enumerate(words)])
+
+    class Tok:
+        bos_id, ids = 0, {w: i + 1 for i, w in enumerate(words)}
+
+        def encode(self, s):
+            return [self.ids.setdefault(p, 1000 + len(self.ids)) for p in s.split()]
+
+    name = {i + 1: w for i, w in enumerate(words)}
+    full_train, full_test, pos = sd.first_letter_prompts(Tok(), 42)
+    assert (len(full_train), len(full_test)) == (80, 20)
+    train, test, _ = sd.first_letter_prompts(Tok(), 42, max_words=20)
+    assert (len(train), len(test)) == (16, 4)
+    used = [{name[ids[pos]] for ids, _ in rows} for rows in (train, test)]
+    in_context = {name[i] for ids, _ in train + test for i in ids if i in name}
+    assert in_context == used[0] | used[1]  # the examples come from the capped words only
+    assert all(sd.LETTERS[y] == name[ids[pos]][0] for ids, y in train + test)
