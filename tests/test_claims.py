@@ -167,6 +167,9 @@ def test_a_number_changed_by_hand_fails():
     ours = next(c for r in claims_rows() for c in r["checked"] if "2.8133" in c)
     assert "2.8133" not in unbacked(ours, values)
     assert "2.8193" in unbacked(ours.replace("2.8133", "2.8193"), values)
-    assert "33.9%" in unbacked("ranks 1, 4, 16, 64: 14.0, 21.6, 28.9, 33.9%", values)
+    # four decimals: a one-decimal percentage is a 0.1-point window, which some value of a results folder this size
+    # falls into by chance (a train KL of 0.3388 backs "33.9%")
+    assert "32.917%" in unbacked("ranks 1, 4, 16, 64: 14.0, 21.6, 28.9, 32.917%", values)
+    assert "32.9%" not in unbacked("ranks 1, 4, 16, 64: 14.0, 21.6, 28.9, 32.9%", values)
     assert unbacked("4x the tokens: 3.0012 (not yet re-run)", values) == []  # the marked clause is exempt
     assert unbacked("e2e 2.8326 (paper: 2.6126)", values) == []
