@@ -90,7 +90,8 @@ class AdaptConfig:
     ckpt_interval: int = 200  # steps between checkpoints (ckpt.pt and the adapter)
     resume: bool = False  # continue from --out/ckpt.pt, with the checkpoint's settings; only --max-tokens,
     # --micro-batch, --autocast, --dtype, --fsdp, --compile, --kl-chunk, --eval-tokens, the intervals and --device
-    # may differ
+    # may differ, and --lr may be lowered (after a divergence). --model, --sae and --data are compared by what their
+    # files hold, not by their paths
     overwrite: bool = False  # replace the run in --out (its ckpt.pt, adapter and results.json are deleted first)
     seed: int = 0  # adapter initialisation, data order and dropout masks (one stream per rank)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -126,7 +127,8 @@ def main(argv=None) -> dict:
 # defines what a step trains and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_tokens", "micro_batch", "autocast", "dtype", "fsdp", "compile", "kl_chunk", "eval_tokens",
                         "eval_interval", "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
-OUTPUTS = ("ckpt.pt", "adapter", "results.json")  # what a run writes to --out (--overwrite deletes these)
+OUTPUTS = ("ckpt.pt", "ckpt.prev.pt", "adapter", "results.json")  # what a run writes to --out (--overwrite deletes
+# these); ckpt.prev.pt: the checkpoint before ckpt.pt, kept while the run goes (run_folder.save_checkpoint)
 
 
 def run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
@@ -134,7 +136,8 @@ def run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len, f"--batch-size {cfg.batch_size} x --seq-len "
                                                                          f"{cfg.seq_len}")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="ckpt.pt", outputs=OUTPUTS,
-                          config=asdict(cfg), may_change=MAY_CHANGE):
+                          config=asdict(cfg), may_change=MAY_CHANGE, inputs=[cfg.model, *cfg.sae, cfg.data],
+                          by_content=("model", "sae", "data"), may_lower=("lr",)):
         return _run(cfg, ddp)
 
 
@@ -189,8 +192,11 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     amp = common.autocast(ddp.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0
+    inputs = run_folder.inputs_of(model=cfg.model, sae=cfg.sae, data=cfg.data)  # what --resume compares
     if cfg.resume and os.path.isfile(ckpt_path):
         state = disk.torch_load(ckpt_path, ddp.device)
+        run_folder.check_inputs(state.get("inputs"), inputs, ckpt_path)
+        run_folder.check_tensors(state["adapter"], params, ckpt_path)
         for p, saved in zip(params, state["adapter"]):
             p.data.copy_(common.shard_like(p, saved))
         common.optimizer_state(optimizer, params, load=state["optimizer"])
@@ -209,8 +215,9 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
         if ddp.master:  # beside PEFT's files: the SAEs it is trained around (eval.py says when it is given others)
             save_sae_record(os.path.join(cfg.out, "adapter"), saes)
         if ddp.master:
-            disk.torch_save(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs,
-                                   step=step, history=history, elapsed=elapsed, config=asdict(cfg)), ckpt_path)
+            run_folder.save_checkpoint(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs, step=step,
+                                            history=history, elapsed=elapsed, config=asdict(cfg), inputs=inputs),
+                                       ckpt_path)
 
     def held_out():
         res = evaluate(model, saes, val_batches, kept_ids, chunk=cfg.kl_chunk, amp=amp)
@@ -226,6 +233,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     mfu_per_token = (adapt_step_flops(model.cfg, saes, lora_layers, cfg.rank, cfg.seq_len, micro, None)
                      / common.peak_flops(ddp.device, cfg.autocast))
     tokens_since_log, seconds_since_log = 0, 0.0
+    first_bad = torch.full((), -1, device=ddp.device)  # the first step whose loss is not finite, kept on the device
     while step < total_steps:
         t0 = time.time()
         model.train(cfg.dropout_steps == 0 or step < cfg.dropout_steps)  # LoRA dropout on or off (--dropout-steps)
@@ -244,6 +252,8 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
             (loss / accum).backward()  # only the adapters require grad: the model and the SAEs stay frozen
             loss_sum = loss_sum + loss.detach() / accum
             kl_sum, ce_sum = kl_sum + kl.detach().mean() / accum, ce_sum + ce.mean() / accum
+        # the loss of the adapters after `step` updates: a non-finite one marks that state bad (read at the next sync)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step, first_bad)
         if not cfg.fsdp:  # FSDP2 has reduce-scattered them already
             common.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -255,10 +265,15 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
         seconds_since_log += time.time() - t0
 
         if step % cfg.log_interval == 0 or step % cfg.ckpt_interval == 0 or step == total_steps:
-            loss_log, kl_log, ce_log = map(float, (loss_sum, kl_sum, ce_sum))  # the only host sync of a step
-            if not math.isfinite(loss_log):
-                raise FloatingPointError(f"KL is {loss_log} at step {step} (lr {lr:.2e}); the last good checkpoint is "
-                                         f"{ckpt_path}: lower --lr or use --autocast float32, then --resume")
+            # the only host sync of a step; the adapters' own values are checked too: a checkpoint holds finite ones
+            finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+            loss_log, kl_log, ce_log, bad, finite = map(float, (loss_sum, kl_sum, ce_sum, first_bad, finite))
+            if bad >= 0 or not finite:
+                bad_step = int(bad) if bad >= 0 else step
+                raise run_folder.diverged(
+                    ckpt_path, bad_step, f"training diverged: {'the loss' if bad >= 0 else 'an adapter weight'} is "
+                    f"not finite (lr {lr:.2e})", f"a lower --lr than {cfg.lr:g} (or --autocast float32)",
+                    master=ddp.master)
         if step % cfg.log_interval == 0 or step == total_steps:
             tps = tokens_since_log / seconds_since_log
             common.log(f"step {step}/{total_steps} | loss {loss_log:.4f} | train KL {kl_log:.4f} | train CE with SAE "
@@ -281,6 +296,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
                    config_sources=common.sources(cfg), history=history)
     if ddp.master:
         disk.write_json(os.path.join(cfg.out, "results.json"), disk.jsonable(results))  # NaN: null
+        run_folder.finish(ckpt_path)
     common.log(f"done: CE {results['ce_base']:.4f} (original) / {results['ce_sae']:.4f} (SAE) / "
                f"{results['ce_sae_lora']:.4f} (SAE + LoRA): {results['gap_closed']:.1%} of the gap closed; "
                f"adapter in {os.path.join(cfg.out, 'adapter')}")

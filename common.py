@@ -17,6 +17,8 @@ import typing
 import torch
 import torch.distributed as dist
 
+from formats import disk
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line: every dataclass field is a --flag; its help is the comment beside the field
 
@@ -42,7 +44,7 @@ def parse_args(config_cls, argv=None, epilog: str | None = None):
     """(config, typed): `--layer 12 --rank 64` override the defaults; `typed` is the set of fields the user gave, so
     that a preset fills only the others (whatever value a typed flag has)."""
     helps = field_help(config_cls)
-    parser = argparse.ArgumentParser(description=(config_cls.__doc__ or "").strip(), epilog=epilog,
+    parser = _Parser(description=(config_cls.__doc__ or "").strip(), epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
@@ -68,7 +70,16 @@ def parse_args(config_cls, argv=None, epilog: str | None = None):
     return cfg, set(given)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line (`script.py: error: ...`, exit code 2) like every other user error,
+    without the usage text before it (--help shows that)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 PRECISIONS = ("float32", "bfloat16", "float16")  # --dtype: what the weights can be stored in
+LARGEST = 10 ** 15  # no count of tokens, steps or anything else a flag sets comes near this: a larger one is a typo
 
 
 def check_flags(cfg, *, positive=(), non_negative=(), fractions=(), below_one=(), choices=None):
@@ -79,6 +90,12 @@ def check_flags(cfg, *, positive=(), non_negative=(), fractions=(), below_one=()
     def bad(name, rule):
         value = getattr(cfg, name)
         raise ValueError(f"--{name.replace('_', '-')} {_flag_text(value)}: {rule}")
+    for f in dataclasses.fields(cfg):  # every number: finite (--lr inf, --alpha nan) and of a size a run can have
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(f.name, "must be a finite number")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > LARGEST:
+            bad(f.name, f"is beyond what any run can use (at most {LARGEST:.0e})")
     for name in positive:
         v = getattr(cfg, name)
         if v is not None and not v > 0:  # NaN fails too
@@ -162,7 +179,18 @@ def _parse_optional(base):
 # what is wrong and what to do; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                FloatingPointError, ModuleNotFoundError,  # an optional package is not installed
-               ConnectionError)  # a server that holds the data cannot be reached (the message says what to do)
+               ConnectionError,  # a server that holds the data cannot be reached (the message says what to do)
+               disk.DiskFull)  # no space left where a file was being written (the message names the folder)
+
+
+def full_disk(e: BaseException) -> str | None:
+    """The line for an OSError of a full disk raised outside disk.atomic_path (a plain write), naming the folder;
+    None for any other error."""
+    import errno
+    if isinstance(e, disk.DiskFull) or getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = os.path.dirname(os.path.abspath(e.filename)) if getattr(e, "filename", None) else "the output folder"
+    return f"no space left on the disk of {where}: free space there, or choose another folder"
 
 
 def cli(main):
@@ -173,10 +201,10 @@ def cli(main):
     sys.argv = [a for a in sys.argv if a != "--debug"]
     try:
         main()
-    except USER_ERRORS as e:
-        if debug:
+    except (*USER_ERRORS, OSError) as e:
+        if debug or not (isinstance(e, USER_ERRORS) or full_disk(e)):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
+        msg = full_disk(e) or " ".join(str(e).split()) or type(e).__name__
         print(f"{prog}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

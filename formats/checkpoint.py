@@ -228,6 +228,11 @@ def checkpoint_tensors(folder: str) -> dict[str, tuple[str, torch.dtype, tuple, 
     return out
 
 
+def model_files(folder: str) -> list[str]:
+    """The files a model is read from: config.json and its safetensors weights (every shard)."""
+    return [os.path.join(folder, "config.json"), *sorted({v[0] for v in checkpoint_tensors(folder).values()})]
+
+
 # the language model of a multimodal Gemma-3 checkpoint: `language_model.model.*` as the hub ships it,
 # `model.language_model.*` as transformers >= 4.52 saves it; the vision tower and projector are not read
 _LANGUAGE_MODEL = (("language_model.model.", "model."), ("model.language_model.", "model."),

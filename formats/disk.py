@@ -3,6 +3,8 @@ until the new one is complete), JSON with NaN as null, torch checkpoints with on
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
@@ -19,9 +21,44 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:  # a full disk: one line naming the folder (common.cli), the old file kept
+        if full_disk(e, path):
+            raise DiskFull(path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class DiskFull(OSError):
+    """No space left where a file was being written: a user error of one line (common.USER_ERRORS)."""
+
+    def __init__(self, path: str):
+        folder = os.path.dirname(os.path.abspath(path))
+        super().__init__(errno.ENOSPC, f"no space left on the disk of {folder} while writing {os.path.basename(path)} "
+                                       f"(the previous version of the file, if any, is kept): free space there, or "
+                                       f"choose another folder")
+
+    def __str__(self):
+        return self.strerror
+
+
+def full_disk(e: BaseException, path: str) -> bool:
+    """Whether `e`, raised while writing `path`, says the disk is full: ENOSPC / EDQUOT, or the RuntimeError torch.save
+    and safetensors raise for a failed write when the disk has (nearly) no space left."""
+    if isinstance(e, DiskFull):
+        return False
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+        return True
+    return "writ" in str(e).lower() and _nearly_full(path)
+
+
+def _nearly_full(path: str, margin: int = 64 << 20) -> bool:
+    try:
+        import shutil
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < margin
+    except OSError:
+        return False
 
 
 def write_text(path: str, text: str):
@@ -56,6 +93,24 @@ def torch_load(path: str, device, what: str = "checkpoint"):
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable {what} ({str(e).splitlines()[0]}); delete it to start over, or restore "
                          f"a good copy") from None
+
+
+def fingerprint(path: str, whole: int = 64 << 20, piece: int = 1 << 20) -> str:
+    """What a file holds, cheaply: its size and the sha256 of all of it up to `whole` bytes, of its first and last
+    `piece` bytes and 14 pieces evenly spread between them beyond that (a 10 GB safetensors file costs 16 MB of
+    reading; its header, with every tensor's name, dtype and shape, is in the first piece). A file retrained or
+    replaced differs everywhere; an edit confined to bytes no piece covers is not seen."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= whole:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        else:
+            for i in range(16):
+                f.seek((size - piece) * i // 15)
+                h.update(f.read(piece))
+    return f"{size}:{h.hexdigest()[:32]}"
 
 
 def jsonable(o):

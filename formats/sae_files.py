@@ -110,6 +110,15 @@ def read_sae(path: str) -> dict:
     return dict(spec, source=path, format=fmt, positions=AUTO_POSITIONS[fmt])
 
 
+def files_of(path: str) -> list[str]:
+    """The files the SAE at `path` (local or hub) is read from: its format's files (what read_sae reads)."""
+    fmt, where = detect(resolve_sae(path))
+    if fmt == "gemma_scope":
+        return [where]
+    names = dict(FORMATS)[fmt] + OPTIONAL.get(fmt, ())
+    return [os.path.join(where, n) for n in names if os.path.isfile(os.path.join(where, n))]
+
+
 def resolve_sae(path: str) -> str:
     """A local file or folder as is; otherwise hub path `org/repo[/sub/folder]`: its file list says which format is
     there, and only that format's files are downloaded (or read from the cache offline)."""

@@ -198,7 +198,7 @@ BAD_VALUES = {  # script, flags, what the one line must say
     "adapt dtype float33": ("adapt.py", ["--dtype", "float33"], "--dtype float33: expected float32, bfloat16 or"),
     "adapt dtype int8": ("adapt.py", ["--dtype", "int8"], "--dtype int8: expected"),
     "adapt eval-tokens 0": ("adapt.py", ["--eval-tokens", "0"], "--eval-tokens 0: must be at least 1"),
-    "adapt lr nan": ("adapt.py", ["--lr", "nan"], "--lr nan: must be greater than 0"),
+    "adapt lr nan": ("adapt.py", ["--lr", "nan"], "--lr nan: must be a finite number"),
     "adapt dropout 1": ("adapt.py", ["--dropout", "1"], "--dropout 1.0: must be at least 0 and below 1"),
     "train_sae batch-tokens 0": ("train_sae.py", ["--batch-tokens", "0"], "--batch-tokens 0: must be at least 1"),
     "train_sae eval-batches 0": ("train_sae.py", ["--eval-batches", "0"], "--eval-batches 0: must be at least 1"),
