@@ -530,7 +530,9 @@ class PrepareConfig:
     """Tokenize a corpus into a token folder (train.bin, val.bin, meta.json), the --data of every script."""
     source: str = "stdlib"  # stdlib | pile | redpajama (RedPajama-1T-Sample) | redpajama-v2 (the paper's: V2
     # sample-10B, from data.together.xyz or LORASAE_RPV2_URL) | a .txt/.jsonl file or a folder of them
-    out: str = ""  # the token folder to write (required)
+    out: str = ""  # the token folder to write (required): a new or empty folder
+    overwrite: bool = False  # --out holds files: replace train.bin, val.bin and meta.json there (runs that read the
+    # folder then read the new tokens)
     tokenizer: str = ""  # the model's tokenizer: a model folder, a tokenizer file or a hub id (required)
     max_tokens: int | None = None  # train tokens (required for hub sources; train_lora.py: 15000 x 1024)
     val_tokens: int = 1_000_000  # held-out tokens, written first (the authors hold out 1M)
@@ -538,13 +540,20 @@ class PrepareConfig:
     seq_len: int = 1024  # window length of the authors layout
     seed: int = 0  # document order of the stdlib and local sources (hub streams keep theirs)
 
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
+        common.check_flags(self, positive=("max_tokens", "seq_len"), non_negative=("val_tokens", "seed"),
+                           choices=dict(layout=LAYOUTS))
+
 
 def main(argv=None) -> dict:
     cfg, _ = common.parse_args(PrepareConfig, argv)
     if not cfg.out or not cfg.tokenizer:
         raise ValueError("--out and --tokenizer are required (the token folder to write, the model's tokenizer)")
-    return prepare(cfg.source, cfg.out, cfg.tokenizer, cfg.max_tokens, cfg.val_tokens, cfg.seed, layout=cfg.layout,
-                   seq_len=cfg.seq_len)
+    from formats import run_folder
+    with run_folder.claim(cfg.out, overwrite=cfg.overwrite, outputs=("train.bin", "val.bin", "meta.json"),
+                          inputs=[cfg.source, cfg.tokenizer]):
+        return prepare(cfg.source, cfg.out, cfg.tokenizer, cfg.max_tokens, cfg.val_tokens, cfg.seed,
+                       layout=cfg.layout, seq_len=cfg.seq_len)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ class EvalConfig:
     # adapt.py trained around other SAEs than --sae: evaluated all the same, with a warning line
     tokenizer: str | None = None  # for steering texts and benchmarks; none: the model's own
     data: str | None = None  # token folder (data.prepare) whose val split is the held-out set
-    out: str = "out/eval"  # eval.json, eval.md and the plots go here
+    out: str = "out/eval"  # eval.json, eval.md and the plots go here (eval.partial.json while it runs: the parts
+    # done so far, kept if it fails); a new or empty folder
+    overwrite: bool = False  # --out holds files: replace eval.json, eval.md and the plots there (the rest is kept)
     eval_tokens: int = 1_000_000  # held-out tokens (paper: 1M for the CE table, Sec. 4; 500k for distances, Sec. 6.2),
     # in whole windows rounded up to whole batches, as adapt.py; at least 1; more than the held-out split holds: all
     # of it, once (a log line says so)
@@ -343,9 +345,20 @@ def main(argv=None) -> dict:
     return run(cfg)
 
 
+OUTPUTS = ("eval.json", "eval.md", "eval.partial.json", "*.png")  # what eval.py writes to --out
+
+
 def run(cfg: EvalConfig) -> dict:
+    """The evaluation of cfg, with --out checked and locked first (formats/run_folder.py: a new or empty folder, or
+    --overwrite; never the folder of an input)."""
+    inputs = [cfg.model, *cfg.sae, *cfg.adapter, cfg.data, cfg.tokenizer, cfg.steering_pos, *cfg.steering_neg,
+              cfg.steering_neg_val, cfg.mmlu, cfg.hellaswag, cfg.truthfulqa, cfg.truthfulqa_gen]
+    with run_folder.claim(cfg.out, overwrite=cfg.overwrite, outputs=OUTPUTS, inputs=inputs):
+        return _run(cfg)
+
+
+def _run(cfg: EvalConfig) -> dict:
     # -- read every input before any model work: bad files fail in a second, not after an hour -----------------------
-    run_folder.writable(cfg.out)  # an --out that is a file or cannot be made: now, not after the evaluation
     steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     texts = steering.read_inputs(cfg) if steer else {}
@@ -373,7 +386,7 @@ def run(cfg: EvalConfig) -> dict:
             raise ValueError(f"{flag}: needs a residual-stream SAE (blocks.L.hook_resid_post) as the first --sae; "
                              f"{path} is {'a transcoder' if first.transcoder else 'an SAE on ' + str(first.hook_name)}")
     for adapter in cfg.adapter:
-        check_adapter(model, adapter, saes)
+        check_adapter(model, adapter, saes, cfg.model)
     bos_id = model.cfg.bos_token_id
     if gen_qs or cfg.generate:
         generate.check_args(cfg, model.cfg.max_seq_len)
@@ -398,18 +411,24 @@ def run(cfg: EvalConfig) -> dict:
     res = {"model": cfg.model, "config": asdict(cfg), "config_sources": common.sources(cfg), "device": str(ddp.device),
            "saes": [dict(path=p, layer=layer, site=s.site, arch=s.arch, d_sae=s.d_sae) for layer, s, p in loaded], "groups": []}
 
+    def partial():  # every part as it is done: a later failure loses none of them (eval.json: when all are)
+        disk.write_text(os.path.join(cfg.out, "eval.partial.json"), json.dumps(disk.jsonable(res), indent=1))
+
     def benchmarks(settings):  # multiple choice and TruthfulQA generation
         return {s: {**multiple_choice.evaluate(model, prepared, saes, kept_ids, cfg, amp, s),
                     **truthfulqa.evaluate(model, tok, gen_qs, saes, kept_ids, cfg, amp, s)} for s in settings}
     if bench_qs or gen_qs:  # adapter-independent settings: computed once
         res["benchmarks"] = benchmarks(("original", "sae"))
+        partial()
     if cfg.generate:
         res["generations"] = generate.show(model, tok, cfg.generate, ("original", "sae"), saes, kept_ids, cfg, amp)
+        partial()
     if steer:  # both formulations (steering.py), each with the base model's numbers
         head = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice}
         ours, authors = steering.steering_eval(model, seqs, saes, direction, s_layer, kept_ids, cfg, amp, "original")
         res["steering"] = {**head, "formulation": steering.OURS, "base": ours}
         res["steering_authors"] = {**head, "formulation": steering.AUTHORS, "base": authors}
+        partial()
     names = [os.path.basename(os.path.normpath(a)) for a in cfg.adapter]
     names = names if len(set(names)) == len(names) else list(cfg.adapter)  # e.g. several runs' ".../adapter"
     for gi, adapter in enumerate(cfg.adapter or [None]):
@@ -436,6 +455,7 @@ def run(cfg: EvalConfig) -> dict:
             g["steering_authors_compare"] = steering.authors_compare(res["steering_authors"]["base"],
                                                                      g["steering_authors"])
         res["groups"].append(g)
+        partial()
     if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)
         from evals import saebench
         res["saebench"] = saebench.evaluate(model, saes, cfg, ddp.device, amp)
@@ -444,6 +464,8 @@ def run(cfg: EvalConfig) -> dict:
     disk.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(disk.jsonable(res), indent=1))
     md = report.markdown(disk.jsonable(res)) + ("\n" + res["saebench"]["markdown"] if cfg.saebench else "")
     disk.write_text(os.path.join(cfg.out, "eval.md"), md)
+    if os.path.isfile(os.path.join(cfg.out, "eval.partial.json")):  # eval.json holds all of it now
+        os.remove(os.path.join(cfg.out, "eval.partial.json"))
     res["plots"] = report.plots(disk.jsonable(res), cfg.out) if cfg.plots else []
     print(md)
     common.log(f"wrote {os.path.join(cfg.out, 'eval.json')}, eval.md" +
@@ -451,16 +473,19 @@ def run(cfg: EvalConfig) -> dict:
     return res
 
 
-def check_adapter(model, folder: str, saes=()):
+def check_adapter(model, folder: str, saes=(), model_name: str | None = None):
     """Every adapter matches the model, checked from the file headers before any evaluation starts (load_adapter checks
     again, but only when its turn comes)."""
     from formats.checkpoint import safetensors_header
-    from formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, sae_mismatch
+    from formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, base_mismatch, read_config, sae_mismatch
     path = os.path.join(folder, WEIGHTS_NAME)
     if not (os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isfile(path)):
         raise FileNotFoundError(f"--adapter {folder}: no {CONFIG_NAME} + {WEIGHTS_NAME} (not a PEFT adapter folder)")
-    disk.read_json(os.path.join(folder, CONFIG_NAME), folder)  # not JSON: a line that names the file, now
-    for key, (_, shape, _, _) in safetensors_header(path).items():  # truncated: a line that names the file
+    read_config(folder)  # not JSON, or a value of the wrong type: a line that names the file, now
+    for key, (dtype, shape, _, _) in safetensors_header(path).items():  # truncated: a line that names the file
+        if not dtype.is_floating_point:
+            raise ValueError(f"{path}: tensor {key} is {dtype}, not a floating-point weight (a damaged or foreign "
+                             f"file)")
         name, ab = key.removeprefix(PREFIX).rsplit(".lora_", 1)
         try:
             lin = model.get_submodule(name)
@@ -471,9 +496,9 @@ def check_adapter(model, folder: str, saes=()):
         if got != want:
             raise ValueError(f"--adapter {folder}: tensor {key} (shape {tuple(shape)}) does not fit this model's "
                              f"{name} (adapter for another model?)")
-    other = sae_mismatch(folder, saes)
-    if other:
-        common.log(f"eval.py: warning: {other}")
+    for other in (sae_mismatch(folder, saes), base_mismatch(folder, model_name)):
+        if other:
+            common.log(f"eval.py: warning: {other}")
 
 
 def load_batches(cfg: EvalConfig, model, seq_len: int, device) -> list[torch.Tensor]:

@@ -44,7 +44,8 @@ class PretrainConfig(embedded.PretrainRecipe):
     log_interval: int = 25  # steps between log lines
     ckpt_interval: int = 250  # steps between checkpoints (train_state.pt)
     resume: bool = False  # continue from --out/train_state.pt, with its settings; only --max-steps, --stop-after,
-    # --autocast, --compile, the intervals, --eval-batches and --device may differ
+    # --autocast, --compile, the intervals, --eval-batches and --device may differ, and --lr may be lowered (after a
+    # divergence). --data is compared by what its files hold, not by its path
     overwrite: bool = False  # replace the model in --out (its weights, config, tokenizer and state are deleted first)
     compile: bool = True  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -125,10 +126,13 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=ddp.device.type == "cuda")
     step, elapsed_before, history = 0, 0.0, []
+    inputs = run_folder.inputs_of(data=data_dir)  # what --resume compares
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
         st = disk.torch_load(state_path, ddp.device)
+        run_folder.check_inputs(st.get("inputs"), inputs, state_path)
+        run_folder.check_tensors(list(st["model"].values()), list(raw.state_dict().values()), state_path, "model")
         raw.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"])
@@ -146,11 +150,15 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
               f"{ddp.world_size} process(es) on {ddp.device}", flush=True)
 
     def save_state():
+        bad = [n for n, p in raw.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:  # checked before it is saved: a checkpoint holds finite weights
+            raise run_folder.diverged(state_path, step, f"pretraining diverged: {bad[0]} is not finite",
+                                      f"a lower --lr than {cfg.lr:g}", master=ddp.master)
         if ddp.master:
-            disk.torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                      "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
-                                      "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state()},
-                                     state_path)
+            run_folder.save_checkpoint({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                        "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
+                                        "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state(),
+                                        "inputs": inputs}, state_path)
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     t0 = t_log = time.time()
@@ -167,8 +175,9 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
             with model.no_sync() if not sync else contextlib.nullcontext():
                 loss = lm_loss(model, x, cfg.autocast) / cfg.grad_accum
                 loss.backward()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint: {state_path}")
+        if not torch.isfinite(loss):  # the loss of the model after `step` updates
+            raise run_folder.diverged(state_path, step, f"pretraining diverged: the loss is {loss.item()}",
+                                      f"a lower --lr than {cfg.lr:g}", master=ddp.master)
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -202,6 +211,7 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
         with disk.atomic_path(dest) as tmp:
             shutil.copyfile(tok.path, tmp)
         disk.write_json(os.path.join(out, "pretrain.json"), result)
+        run_folder.finish(state_path)
         print(f"pretrain: saved {out} (val loss {val:.3f} after {result['tokens']:,} tokens, "
               f"{result['wall_s']:.0f}s)", flush=True)
     _barrier(ddp)
@@ -212,7 +222,7 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
 # the data) defines the model that is trained and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_steps", "stop_after", "autocast", "compile", "eval_interval", "eval_batches",
                         "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
-OUTPUTS = ("train_state.pt", "model.safetensors", "config.json", "tokenizer.model", "original", "pretrain.json")
+OUTPUTS = ("train_state.pt", "train_state.prev.pt", "model.safetensors", "config.json", "tokenizer.model", "original", "pretrain.json")
 
 
 def main(argv=None) -> dict:
@@ -226,7 +236,8 @@ def run(cfg: PretrainConfig, ddp: common.Dist | None = None) -> dict:
         raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
     out = cfg.out or embedded.model_dir(cfg)
     with run_folder.claim(out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="train_state.pt",
-                          outputs=OUTPUTS, config=asdict(cfg), may_change=MAY_CHANGE):
+                          outputs=OUTPUTS, config=asdict(cfg), may_change=MAY_CHANGE, inputs=[cfg.data],
+                          by_content=("data",), may_lower=("lr",)):
         own = ddp is None
         ddp = ddp or common.setup(cfg.device)
         try:

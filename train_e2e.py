@@ -71,7 +71,8 @@ class E2EConfig:
     eval_batches: int = 8  # validation batches of batch_size sequences; at most
     # what the held-out split holds (capped, with a log line)
     resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --compile,
-    # --kl-chunk, --log-interval, --eval-interval, --eval-batches and --device may differ
+    # --kl-chunk, --log-interval, --eval-interval, --eval-batches and --device may differ, and --lr may be lowered
+    # (after a divergence). --model, --data and --init are compared by what their files hold, not by their paths
     overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and log.csv are deleted)
     seed: int = 0  # SAE initialisation and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
 # that is trained and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_tokens", "autocast", "compile", "kl_chunk", "log_interval", "eval_interval",
                         "eval_batches", "resume", "overwrite", "device", "out"})
-OUTPUTS = ("state.pt", "log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
+OUTPUTS = ("state.pt", "state.prev.pt", "log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
 
 
 def run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
@@ -115,7 +116,9 @@ def run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len * world,
                           f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} x {world} process(es)")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
-                          config=asdict(cfg), may_change=MAY_CHANGE):
+                          config=asdict(cfg), inputs=[cfg.model, cfg.data, cfg.init],
+                          may_change=MAY_CHANGE | ({"k", "expansion"} if cfg.init else set()),  # --init's own
+                          by_content=("model", "data", "init"), may_lower=("lr",)):
         return _run(cfg, ddp)
 
 
@@ -164,8 +167,11 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     state_path, csv_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.csv")
     step, elapsed, rows = 0, 0.0, []
 
+    inputs = run_folder.inputs_of(model=cfg.model, data=cfg.data, init=cfg.init)  # what --resume compares
     if cfg.resume and os.path.isfile(state_path):
         st = disk.torch_load(state_path, ddp.device)
+        run_folder.check_inputs(st.get("inputs"), inputs, state_path)
+        run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"][ddp.rank])
@@ -183,10 +189,14 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
 
     def save_state():
         loaders, rngs = common.gather_objects(loader.state_dict()), common.gather_objects(common.rng_state())
+        bad = [n for n, p in sae.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:  # checked before it is saved: a checkpoint holds finite weights
+            raise run_folder.diverged(state_path, step, f"e2e training diverged: {bad[0]} is not finite",
+                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
         if ddp.master:
-            disk.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders, rng=rngs,
-                                   since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
-                                   config=asdict(cfg)), state_path)
+            run_folder.save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders,
+                                            rng=rngs, since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
+                                            config=asdict(cfg), inputs=inputs, effective=dict(lr=lr)), state_path)
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
             writer.writeheader()
@@ -234,9 +244,9 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
                 x, x_hat = (t.float() for t in acts["spliced"][layer])
                 mse = (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean((0, 1))).pow(2).sum(-1).mean()
                 loss = loss + cfg.mse_coef * mse
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state: {state_path} "
-                                     f"(lower --lr, then --resume)")
+        if not math.isfinite(loss.item()):  # the loss of the SAE after `step` updates
+            raise run_folder.diverged(state_path, step, f"e2e training diverged: the loss is {loss.item()}",
+                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
         loss.backward()
         common.all_reduce_grads(sae.parameters())
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -265,12 +275,13 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
             common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | KL "
                        f"{res['kl_sae']:.4f} | {elapsed / 60:.1f} min")
         if step in checkpoints:
+            save_state()  # first: it checks the weights are finite
             if ddp.master:
                 sae.save(os.path.join(cfg.out, checkpoints[step]))
-            save_state()
 
     if ddp.master:
         sae.save(cfg.out)
+        run_folder.finish(state_path)
     common.log(f"saved {cfg.out} (SAELens format), log.csv and checkpoints ckpt_010..ckpt_100")
     if own:
         common.teardown()

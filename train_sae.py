@@ -68,7 +68,8 @@ class TrainSAEConfig:
     eval_batches: int = 4  # validation batches of model_batch sequences; at most
     # what the held-out split holds (capped, with a log line)
     resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --dtype,
-    # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ
+    # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ, and --lr may be lowered
+    # (after a divergence). --model and --data are compared by what their files hold, not by their paths
     overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and history.json are deleted)
     seed: int = 0  # SAE initialisation and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -177,14 +178,15 @@ def main(argv=None) -> dict:
 # that is trained and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_tokens", "autocast", "dtype", "compile", "log_interval", "eval_interval", "eval_batches",
                         "resume", "overwrite", "device", "out"})
-OUTPUTS = ("state.pt", "history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
+OUTPUTS = ("state.pt", "state.prev.pt", "history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
 
 
 def run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
     common.check_one_step(cfg.max_tokens, cfg.batch_tokens, "--batch-tokens")
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
-                          config=asdict(cfg), may_change=MAY_CHANGE):
+                          config=asdict(cfg), may_change=MAY_CHANGE, inputs=[cfg.model, cfg.data],
+                          by_content=("model", "data"), may_lower=("lr",)):
         return _run(cfg, ddp)
 
 
@@ -232,8 +234,11 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     state_path = os.path.join(cfg.out, "state.pt")
     step, elapsed, history = 0, 0.0, []
 
+    inputs = run_folder.inputs_of(model=cfg.model, data=cfg.data)  # what --resume compares
     if cfg.resume and os.path.isfile(state_path):
         st = disk.torch_load(state_path, ddp.device)
+        run_folder.check_inputs(st.get("inputs"), inputs, state_path)
+        run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
         buffer.load_state_dict(st["buffer"][ddp.rank])
@@ -261,10 +266,15 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
 
     def save_state():
         buffers, rngs = common.gather_objects(buffer.state_dict()), common.gather_objects(common.rng_state())
+        bad = [n for n, p in sae.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:  # checked before it is saved: a checkpoint holds finite weights
+            raise run_folder.diverged(state_path, step, f"SAE training diverged: {bad[0]} is not finite",
+                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
         if ddp.master:
-            disk.torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers, rng=rngs,
-                                   since_fired=since_fired, scale=scale, step=step, elapsed=elapsed, history=history,
-                                   config=asdict(cfg)), state_path)
+            run_folder.save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
+                                            rng=rngs, since_fired=since_fired, scale=scale, step=step, elapsed=elapsed,
+                                            history=history, config=asdict(cfg), inputs=inputs,
+                                            effective=dict(lr=lr)), state_path)
 
     def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
         if ddp.master:
@@ -289,9 +299,9 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
         with amp:
             loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
                                                auxk_coef=cfg.auxk_coef, target=target)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"SAE loss is {loss.item()} at step {step}; last good state: {state_path} "
-                                     f"(lower --lr, then --resume)")
+        if not math.isfinite(loss.item()):  # the loss of the SAE after `step` updates
+            raise run_folder.diverged(state_path, step, f"SAE training diverged: the loss is {loss.item()}",
+                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
         loss.backward()
         common.all_reduce_grads(sae.parameters())
         fired = common.all_reduce_mean(fired.float()) > 0
@@ -320,8 +330,8 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
             common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | "
                        f"KL {res['kl_sae']:.4f}")
         if step in checkpoints:
+            save_state()  # first: it checks the weights are finite
             save_sae(os.path.join(cfg.out, checkpoints[step]))
-            save_state()
 
     # -- save ----------------------------------------------------------------------------------------------------------
     save_sae(cfg.out)
@@ -329,6 +339,8 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
         disk.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
                                                                        config_sources=common.sources(cfg),
                                                                        history=history))
+    if ddp.master:
+        run_folder.finish(state_path)
     common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
     if own:
         common.teardown()

@@ -10,6 +10,7 @@ Module paths are HF's (`model.layers.3.self_attn.q_proj`), so PEFT's tensor name
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -82,6 +83,29 @@ def sae_mismatch(folder: str, saes) -> str | None:
             f"numbers are for SAEs it was not trained with")
 
 
+def base_mismatch(folder: str, model: str | None) -> str | None:
+    """A line saying that the adapter in `folder` records another base model (adapter_config.json's
+    base_model_name_or_path) than `model`, the one it is applied to; None when they are the same: the same name, the
+    same folder by any path, or two folders whose files hold the same model (run_folder.fingerprints). An adapter of
+    the same shape trained on another model loads without error, and means nothing on this one."""
+    recorded = disk.read_json(os.path.join(folder, CONFIG_NAME), folder).get("base_model_name_or_path")
+    if not recorded or not model or str(recorded) == str(model):
+        return None
+    if os.path.exists(recorded) and os.path.exists(model):
+        if os.path.realpath(recorded) == os.path.realpath(model):
+            return None
+        from formats import checkpoint, run_folder
+        try:
+            same = run_folder.fingerprints(checkpoint.model_files(checkpoint.resolve_model_dir(recorded))) == \
+                run_folder.fingerprints(checkpoint.model_files(checkpoint.resolve_model_dir(model)))
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return None
+    return (f"--adapter {folder} was trained on {recorded} ({CONFIG_NAME}: base_model_name_or_path), not on "
+            f"{model}: its numbers on this model mean little unless it is the same model")
+
+
 def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:
     """Load an adapter saved by save_adapter or by peft's save_pretrained. Applies LoRA per adapter_config.json if the
     model has none yet; otherwise the existing adapters must match it. Returns the adapter parameters.
@@ -91,8 +115,7 @@ def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(folder, fname)):
             raise FileNotFoundError(f"{folder}: no {fname} (is this a PEFT LoRA adapter folder?)")
-    cfg = disk.read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
-    _check_peft_config(cfg, folder)
+    cfg = read_config(folder)
     r, alpha, targets = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
     layers = cfg.get("layers_to_transform")
     mods = lora_modules(model)
@@ -115,6 +138,9 @@ def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:
         raise ValueError(f"{folder}: adapter tensors do not match the model's adapters: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]} (adapter for another model?)")
     for k, p in params.items():
+        if not state[k].is_floating_point():
+            raise ValueError(f"{os.path.join(folder, WEIGHTS_NAME)}: tensor {k} is {state[k].dtype}, not a "
+                             f"floating-point weight (a damaged or foreign file)")
         if state[k].shape != p.shape:
             raise ValueError(f"{folder}: tensor {k} has shape {tuple(state[k].shape)}, this model needs "
                              f"{tuple(p.shape)} (adapter for another model?)")
@@ -122,6 +148,15 @@ def load_adapter(model: nn.Module, folder: str) -> list[nn.Parameter]:
         for k, p in params.items():
             p.copy_(state[k])
     return adapter_parameters(model)
+
+
+def read_config(folder: str) -> dict:
+    """adapter_config.json, checked (_check_peft_config): one line naming the file and the key."""
+    cfg = disk.read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: not a JSON object")
+    _check_peft_config(cfg, folder)
+    return cfg
 
 
 def _peft_names(mods: dict[str, LoRALinear]) -> dict[str, nn.Parameter]:
@@ -135,8 +170,20 @@ def _check_peft_config(cfg: dict, folder: str):
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise ValueError(f"{folder}: {CONFIG_NAME} lacks {key!r}")
-    if not isinstance(cfg["target_modules"], list):
-        raise ValueError(f"{folder}: target_modules must be a list of names, got {cfg['target_modules']!r}")
+    where = os.path.join(folder, CONFIG_NAME)
+    if not isinstance(cfg["target_modules"], list) or not all(isinstance(t, str) for t in cfg["target_modules"]):
+        raise ValueError(f"{where}: target_modules must be a list of names, got {cfg['target_modules']!r}")
+    r, alpha, dropout, layers = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout"), cfg.get("layers_to_transform")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise ValueError(f"{where}: r must be a whole number of at least 1, got {r!r}")
+    if not (number(alpha) and alpha > 0):
+        raise ValueError(f"{where}: lora_alpha must be a number above 0, got {alpha!r}")
+    if dropout is not None and not (number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) or isinstance(
+            layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise ValueError(f"{where}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
     for key, ok in [("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("lora_bias", False),
                     ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
                     ("layer_replication", None), ("layers_pattern", "layers")]:

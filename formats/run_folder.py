@@ -254,7 +254,7 @@ def inputs_of(**given) -> dict:
     from formats import checkpoint, sae_files
     out = {}
     for key, value in given.items():
-        if value is None:
+        if value is None or value == "" or value == []:
             continue
         if key == "model":
             out[key] = fingerprints(checkpoint.model_files(checkpoint.resolve_model_dir(value)))

@@ -118,8 +118,8 @@ def world(tmp_path_factory):
 def run(world, *args, out="out"):
     out = str(world["root"] / out)
     table = ["--eval-tokens", str(4 * 4 * SEQ)] if "--data" in args else []  # typed, it asks for the CE table
-    res = ev.main(["--model", world["model"], "--out", out, "--autocast", "float32", "--plots", "false",
-                   "--device", "cpu", "--seq-len", str(SEQ), "--batch-size", "4", *table, *args])
+    res = ev.main(["--model", world["model"], "--out", out, "--overwrite", "--autocast", "float32", "--plots",
+                   "false", "--device", "cpu", "--seq-len", str(SEQ), "--batch-size", "4", *table, *args])
     with open(os.path.join(out, "eval.json")) as f:
         saved = json.load(f)
     return res, saved, out

@@ -65,6 +65,12 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     only: str | None = None  # internal: run one configuration in this process and print its JSON
 
+    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag, as the scripts
+        common.check_flags(
+            self, positive=("d_model", "n_layer", "vocab", "seq_len", "batch_size", "rank", "expansion", "sae_width",
+                            "k", "kl_chunk", "steps"), non_negative=("warmup",),
+            choices=dict(family=("gemma2", "llama3"), autocast=("auto", *common.PRECISIONS)))
+
 
 def model_config(b: BenchConfig):
     from model import ModelConfig
@@ -79,6 +85,21 @@ def model_config(b: BenchConfig):
     c.max_seq_len, c.bos_token_id = max(b.seq_len, 8192), 1
     c.__post_init__()
     return c
+
+
+def check_shape(b: BenchConfig):
+    """The flags that depend on the model's shape, before any work: one ValueError line each."""
+    if b.model:
+        from formats.checkpoint import read_config, resolve_model_dir
+        from model import ModelConfig
+        mc = ModelConfig.from_hf(read_config(resolve_model_dir(b.model)))
+    else:
+        mc = model_config(b)  # an unknown --shape: ModelConfig.from_name's line
+    for layer in b.layer:
+        if not 0 <= layer < mc.n_layer:
+            raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{mc.n_layer - 1}")
+    if b.k > (b.sae_width or b.expansion * mc.d_model):
+        raise ValueError(f"--k {b.k} is more than the SAE's {b.sae_width or b.expansion * mc.d_model} latents")
 
 
 def bench_folder(b: BenchConfig) -> str:
@@ -378,6 +399,10 @@ def bench_adapt(b: BenchConfig, dev):
         print(json.dumps(dict(ours_tokens_per_s=tokens / ours["seconds"], reference_tokens_per_s=tokens / ref["seconds"],
                               ratio=ref["seconds"] / ours["seconds"], ours_peak_mb=ours["peak_gb"] * 1024,
                               reference_peak_mb=ref["peak_gb"] * 1024)))
+    failed = [name for name in CONFIGS if name not in rows and (name != "ours (compiled)" or b.compile)]
+    if failed:  # a benchmark with a failed row is no result: a non-zero exit says so to scripts and CI
+        raise SystemExit(f"bench.py: {len(failed)} of {len(failed) + len(rows)} configurations failed "
+                         f"({', '.join(failed)}): their errors are printed above")
     return rows
 
 
@@ -437,6 +462,7 @@ def main(argv=None):
         from tools.bench_sae_module import bench_sae_module
         return bench_sae_module(argv)
     b, _ = common.parse_args(BenchConfig, argv)
+    check_shape(b)
     dev = common.setup(b.device).device
     b.autocast = common.resolve_autocast(dev, b.autocast)
     return bench_adapt(b, dev) if what == "adapt" else bench_sae(b, dev)

@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)  # runnable by path (python tools/export.py) as well as
 import common  # noqa: E402
 import embedded  # noqa: E402
 from formats import checkpoint, disk  # noqa: E402
-from formats.peft import load_adapter  # noqa: E402
+from formats import run_folder  # noqa: E402
+from formats.peft import base_mismatch, load_adapter  # noqa: E402
 from lora import merge_all  # noqa: E402
 from model import Transformer  # noqa: E402
 from sae import SAE  # noqa: E402
@@ -39,7 +40,9 @@ class ExportConfig:
     model: str | None = None  # HF folder or hub id of the base model; none: the embedded tiny model
     adapter: str | None = None  # the PEFT adapter folder adapt.py wrote (--out/adapter); none with no --model:
     # out/adapt-tiny/adapter (python adapt.py's)
-    out: str = "out/export"  # the HF folder written: config.json, model.safetensors, tokenizer files
+    out: str = "out/export"  # the HF folder written: config.json, model.safetensors, tokenizer files; a new or empty
+    # folder, never the base model's own
+    overwrite: bool = False  # --out holds files: replace what export writes there (the rest is kept)
     dtype: str = "float32"  # storage of the merged weights: float32 (exact) | bfloat16 (rounded once, after the
     # fp32 merge)
     sae: list[str] = field(default_factory=list)  # SAEs to write beside the model into --out/sae/layer_L (SAELens
@@ -72,6 +75,9 @@ def export(model: Transformer, folder: str, tokenizer_from: str | None = None, d
         sae.save(os.path.join(folder, "sae", f"layer_{sae.layer}" if sae.layer is not None else f"sae_{i}"))
 
 
+OUTPUTS = ("config.json", "model.safetensors", *checkpoint.TOKENIZER_FILES, "original", "sae")  # what it writes
+
+
 def main(argv=None) -> str:
     cfg, _ = common.parse_args(ExportConfig, argv)
     if cfg.model is None:
@@ -83,10 +89,14 @@ def main(argv=None) -> str:
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {cfg.dtype!r}: expected float32 or bfloat16")
     folder = checkpoint.resolve_model_dir(cfg.model)
-    model = Transformer.from_pretrained(folder, dtype=torch.float32)
-    load_adapter(model, cfg.adapter)
-    saes = [SAE.from_pretrained(p) for p in cfg.sae]
-    export(model, cfg.out, tokenizer_from=folder, dtype=getattr(torch, cfg.dtype), saes=saes)
+    with run_folder.claim(cfg.out, overwrite=cfg.overwrite, outputs=OUTPUTS, inputs=[folder, cfg.adapter, *cfg.sae]):
+        model = Transformer.from_pretrained(folder, dtype=torch.float32)
+        load_adapter(model, cfg.adapter)
+        other = base_mismatch(cfg.adapter, cfg.model)
+        if other:
+            common.log(f"export.py: warning: {other}")
+        saes = [SAE.from_pretrained(p) for p in cfg.sae]
+        export(model, cfg.out, tokenizer_from=folder, dtype=getattr(torch, cfg.dtype), saes=saes)
     common.log(f"export.py: {cfg.model} + {cfg.adapter} merged in fp32, written as {cfg.dtype} to {cfg.out} "
                f"(AutoModelForCausalLM.from_pretrained({cfg.out!r}) loads it)")
     return cfg.out
