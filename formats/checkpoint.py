@@ -37,9 +37,65 @@ def resolve_model_dir(path_or_repo_id: str) -> str:
 
 
 def read_config(folder: str) -> dict:
-    """A model folder's config.json (ModelConfig.from_hf reads it)."""
-    return disk.read_json(os.path.join(folder, "config.json"),
-                            f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    """A model folder's config.json (ModelConfig.from_hf reads it), its values checked (check_config)."""
+    path = os.path.join(folder, "config.json")
+    hf = disk.read_json(path, f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    check_config(hf, path)
+    return hf
+
+
+# The values config_from_hf reads, by type. Required: what has no default (Gemma-3's text config has
+# GEMMA3_TEXT_DEFAULTS); null is allowed where transformers allows it (None: derived, or not used).
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_COUNTS = _REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                       "query_pre_attn_scalar", "sliding_window_pattern")
+_POSITIVE = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "initializer_range", "attn_logit_softcapping",
+             "final_logit_softcapping")
+_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_bidirectional_attention")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def check_config(hf, path: str):
+    """One ValueError line naming the file and the first key whose value config_from_hf cannot use: missing where
+    there is no default, null where one is needed, or of the wrong type (a number as a string, a float for a count,
+    a count below 1, a non-finite or non-positive float)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    if hf.get("model_type") == "gemma3":  # the language model's values: under text_config, over the defaults
+        text = hf.get("text_config") if hf.get("text_config") is not None else {}
+        if not isinstance(text, dict):
+            raise ValueError(f"{path}: text_config is {text!r}, expected an object")
+        hf = {**hf, **text}
+    defaults = hf.get("model_type") in ("gemma3", "gemma3_text")
+
+    def bad(key, what):
+        raise ValueError(f"{path}: {key} is {json.dumps(hf[key]) if key in hf else 'missing'}, expected {what}; "
+                         f"restore the file (the model's own config.json)")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for key in _COUNTS:
+        if key in _REQUIRED and not defaults and hf.get(key) is None:
+            bad(key, "a whole number of at least 1")
+        if hf.get(key) is not None and not (is_int(hf[key]) and hf[key] >= 1):
+            bad(key, "a whole number of at least 1")
+    for key in _POSITIVE:
+        v = hf.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v > 0):
+            bad(key, "a finite number above 0" + (" or null" if "softcapping" in key else ""))
+    for key in _FLAGS:
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            bad(key, "true or false")
+    for key in _TOKEN_IDS:
+        v = hf.get(key)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(is_int(i) and i >= 0 for i in ids):
+            bad(key, "a token id (a whole number), a list of them, or null")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            bad(key, "an object or null")
+    if hf.get("layer_types") is not None and not (isinstance(hf["layer_types"], list) and all(
+            isinstance(t, str) for t in hf["layer_types"])):
+        bad("layer_types", "a list of layer type names")
 
 
 def _choose_model_files(files: dict[str, int]) -> list[str]:
@@ -270,6 +326,11 @@ def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None = N
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         entries.pop("lm_head.weight", None)  # some tied checkpoints also store the shared matrix as lm_head
     check_state_dict(model, {k: v[2] for k, v in entries.items()}, source=folder)
+    expected = model.state_dict()
+    for name, (path, file_dtype, *_) in entries.items():  # an integer tensor where a weight belongs: a foreign file
+        if expected[name].is_floating_point() and not file_dtype.is_floating_point:
+            raise ValueError(f"{path}: tensor {name} is {file_dtype}, not a floating-point weight (a damaged or "
+                             f"foreign checkpoint)")
     device = torch.device(device or "cpu")
     largest = max((end - begin for _, _, _, begin, end in entries.values()), default=0)
     scratch = torch.empty(largest, dtype=torch.uint8) if dtype is not None or device.type != "cpu" else None
