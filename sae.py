@@ -328,6 +328,9 @@ class SAE(nn.Module):
                                  f"d_sae={d_sae}")
         for name in (*shapes, "topk_threshold"):
             t = spec.get(name)
+            if t is not None and not t.is_floating_point():  # integer weights: a damaged or foreign file
+                raise ValueError(f"{source}: {name} is {t.dtype}, not a floating-point tensor (damaged or foreign "
+                                 f"SAE file)")
             if t is not None and not torch.isfinite(t).all():
                 raise ValueError(f"{source}: {name} contains NaN or inf values (corrupt or diverged SAE)")
         dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype

@@ -228,6 +228,45 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
+def _check_cfg(cfg, path: str, shape: tuple[int, int], *, d_in=(), d_sae=(), k=None, flags=(), texts=()):
+    """One ValueError line naming the file and the first key whose value is of the wrong type (null where a value is
+    needed counts as missing and is left to the defaults), or contradicts the weights: `shape` is (d_in, d_sae) of
+    W_enc; d_in / d_sae: the keys that state them (0 or null: not stated); k: the key path of TopK's k."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a JSON object")
+
+    def bad(key, value, what):
+        raise ValueError(f"{path}: {key} is {json.dumps(value)}, {what}; restore the file or fix that value")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for keys, size, name in ((d_in, shape[0], "d_in"), (d_sae, shape[1], "d_sae")):
+        for key in keys:
+            v = cfg.get(key)
+            if v is not None and not is_int(v):
+                bad(key, v, "expected a whole number")
+            if v and size and v != size:
+                bad(key, v, f"but the weights have {name} {size} (W_enc is {shape[0]} x {shape[1]})")
+    if k is not None:
+        v, where = cfg, []
+        for part in k:
+            where.append(part)
+            v = v.get(part) if isinstance(v, dict) else None
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            bad(".".join(where), v, "expected a number of active latents (at least 1)")
+        if v is not None and shape[1] and v > shape[1]:
+            bad(".".join(where), v, f"larger than the number of latents of the weights (d_sae {shape[1]})")
+    for key in flags:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            bad(key, cfg[key], "expected true or false")
+    for key in texts:
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            bad(key, cfg[key], "expected a string")
+
+
+def _shape(W) -> tuple[int, int]:
+    """(rows, columns) of an encoder matrix; (0, 0) when there is none (its absence is reported by _need)."""
+    return tuple(W.shape) if W is not None and W.dim() == 2 else (0, 0)
+
+
 def _need(raw: dict, keys, source: str):
     missing = [k for k in keys if k not in raw]
     if missing:
@@ -280,6 +319,8 @@ def _load_gemma_scope_2(folder: str) -> dict:
     cfg_path = os.path.join(folder, "config.json")
     cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     raw = _read_safetensors(os.path.join(folder, "params.safetensors"))
+    _check_cfg(cfg, cfg_path, _shape(raw.get("w_enc")),
+               texts=("architecture", "model_name", "hf_hook_point_in", "hf_hook_point_out"))
     site = os.path.basename(os.path.dirname(os.path.abspath(folder)))
     transcoder = bool(cfg.get("hf_hook_point_out")) or "affine_skip_connection" in raw or site.startswith("transcoder")
     if site.startswith("clt") or raw.get("w_dec", torch.zeros(0, 0)).dim() != 2:
@@ -312,7 +353,21 @@ def _load_saelens(folder: str) -> dict:
     `metadata`; older configs have `hook_point`, and TopK as activation_fn_str="topk" with activation_fn_kwargs.k."""
     cfg = _read_json(os.path.join(folder, "cfg.json"))
     raw = _read_safetensors(os.path.join(folder, "sae_weights.safetensors"))
+    for key in ("metadata", "meta", "activation_fn_kwargs"):
+        if isinstance(cfg, dict) and cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ValueError(f"{os.path.join(folder, 'cfg.json')}: {key} is {json.dumps(cfg[key])}, expected an "
+                             f"object; restore the file or fix that value")
+    _check_cfg(cfg, os.path.join(folder, "cfg.json"), _shape(raw.get("W_enc")), d_in=("d_in",),
+               d_sae=("d_sae",), k=("k",) if isinstance(cfg, dict) and cfg.get("k") is not None else
+               ("activation_fn_kwargs", "k"), flags=("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"),
+               texts=("architecture", "activation_fn_str", "hook_name", "hook_point", "model_name"))
     meta = cfg.get("metadata") or cfg.get("meta") or {}
+    _check_cfg(meta, os.path.join(folder, "cfg.json") + " metadata", _shape(raw.get("W_enc")),
+               texts=("hook_name", "model_name", "hook_name_out"))
+    if meta.get("hook_layer", cfg.get("hook_layer")) is not None and not isinstance(
+            meta.get("hook_layer", cfg.get("hook_layer")), int):
+        raise ValueError(f"{os.path.join(folder, 'cfg.json')}: hook_layer is "
+                         f"{json.dumps(meta.get('hook_layer', cfg.get('hook_layer')))}, expected a layer index")
     get = lambda *keys: next((d[k] for k in keys for d in (meta, cfg) if d.get(k) is not None), None)  # noqa: E731
     arch = cfg.get("architecture", "standard")
     act = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
@@ -360,6 +415,8 @@ def _load_sparsify(folder: str) -> dict:
     before TopK; after it is the same reconstruction (latents it keeps at 0 decode to nothing either way)."""
     cfg = _read_json(os.path.join(folder, "cfg.json"))
     raw = _read_safetensors(os.path.join(folder, "sae.safetensors"))
+    _check_cfg(cfg, os.path.join(folder, "cfg.json"), _shape(raw.get("encoder.weight"))[::-1], d_in=("d_in",), d_sae=("num_latents",), k=("k",),
+               flags=("transcode", "skip_connection"), texts=("activation",))
     if cfg.get("transcode") or cfg.get("skip_connection") or "W_skip" in raw:
         raise ValueError(f"{folder}: a sparsify transcoder / skip-connection model, not a sparse autoencoder")
     if cfg.get("activation", "topk") != "topk":
@@ -378,6 +435,10 @@ def _load_llama_scope(folder: str) -> dict:
         x_hat = (z @ decoder.weight.T + decoder.bias) / c_out"""
     hp = _read_json(os.path.join(folder, "hyperparams.json"))
     raw = _read_safetensors(os.path.join(folder, "checkpoints", "final.safetensors"))
+    _check_cfg(hp, os.path.join(folder, "hyperparams.json"), _shape(raw.get("encoder.weight"))[::-1], d_in=("d_model",), d_sae=("d_sae",),
+               flags=("use_glu_encoder", "use_decoder_bias", "apply_decoder_bias_to_pre_encoder",
+                      "sparsity_include_decoder_norm"),
+               texts=("hook_point_in", "hook_point_out", "act_fn", "norm_activation", "model_name"))
     hook_in, hook_out = hp.get("hook_point_in"), hp.get("hook_point_out", hp.get("hook_point_in"))
     if hook_in != hook_out:
         raise ValueError(f"{folder}: a transcoder ({hook_in} -> {hook_out}), not a sparse autoencoder")
