@@ -13,7 +13,6 @@ default). Writes the adapter in PEFT's format, a resumable ckpt.pt and results.j
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field

@@ -222,7 +222,8 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
 # the data) defines the model that is trained and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_steps", "stop_after", "autocast", "compile", "eval_interval", "eval_batches",
                         "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
-OUTPUTS = ("train_state.pt", "train_state.prev.pt", "model.safetensors", "config.json", "tokenizer.model", "original", "pretrain.json")
+OUTPUTS = ("train_state.pt", "train_state.prev.pt", "model.safetensors", "config.json", "tokenizer.model", "original",
+           "pretrain.json")
 
 
 def main(argv=None) -> dict:

@@ -104,7 +104,9 @@ def run(cfg: ExpConfig, script: str, out: str, args: list[str], done_file: str, 
     if os.path.isfile(os.path.join(out, done_file)):
         print(f"[done already] {out}")
         return
-    cmd = [script, *base_args(cfg), *args, "--out", out, *(["--resume"] if resume else [])]
+    # a step without done_file is unfinished: continued (--resume), or, for eval.py, replaced (its partial report)
+    again = ["--resume"] if resume else ["--overwrite"] if script == "eval.py" and os.path.isdir(out) else []
+    cmd = [script, *base_args(cfg), *args, "--out", out, *again]
     print("$ python " + " ".join(cmd), flush=True)
     t0, code = time.time(), commit()  # the commit the step runs at (HEAD may move while it runs)
     _RAN.add(out)

@@ -415,7 +415,8 @@ def _load_sparsify(folder: str) -> dict:
     before TopK; after it is the same reconstruction (latents it keeps at 0 decode to nothing either way)."""
     cfg = _read_json(os.path.join(folder, "cfg.json"))
     raw = _read_safetensors(os.path.join(folder, "sae.safetensors"))
-    _check_cfg(cfg, os.path.join(folder, "cfg.json"), _shape(raw.get("encoder.weight"))[::-1], d_in=("d_in",), d_sae=("num_latents",), k=("k",),
+    _check_cfg(cfg, os.path.join(folder, "cfg.json"), _shape(raw.get("encoder.weight"))[::-1], d_in=("d_in",),
+               d_sae=("num_latents",), k=("k",),
                flags=("transcode", "skip_connection"), texts=("activation",))
     if cfg.get("transcode") or cfg.get("skip_connection") or "W_skip" in raw:
         raise ValueError(f"{folder}: a sparsify transcoder / skip-connection model, not a sparse autoencoder")
@@ -435,7 +436,8 @@ def _load_llama_scope(folder: str) -> dict:
         x_hat = (z @ decoder.weight.T + decoder.bias) / c_out"""
     hp = _read_json(os.path.join(folder, "hyperparams.json"))
     raw = _read_safetensors(os.path.join(folder, "checkpoints", "final.safetensors"))
-    _check_cfg(hp, os.path.join(folder, "hyperparams.json"), _shape(raw.get("encoder.weight"))[::-1], d_in=("d_model",), d_sae=("d_sae",),
+    _check_cfg(hp, os.path.join(folder, "hyperparams.json"), _shape(raw.get("encoder.weight"))[::-1],
+               d_in=("d_model",), d_sae=("d_sae",),
                flags=("use_glu_encoder", "use_decoder_bias", "apply_decoder_bias_to_pre_encoder",
                       "sparsity_include_decoder_norm"),
                texts=("hook_point_in", "hook_point_out", "act_fn", "norm_activation", "model_name"))
