@@ -191,10 +191,10 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     amp = common.autocast(ddp.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0
-    inputs = run_folder.inputs_of(model=cfg.model, sae=cfg.sae, data=cfg.data)  # what --resume compares
+    built_from = run_folder.inputs_of(model=cfg.model, sae=cfg.sae, data=cfg.data)  # what --resume compares
     if cfg.resume and os.path.isfile(ckpt_path):
         state = disk.torch_load(ckpt_path, ddp.device)
-        run_folder.check_inputs(state.get("inputs"), inputs, ckpt_path)
+        run_folder.check_inputs(state.get("inputs"), built_from, ckpt_path)
         run_folder.check_tensors(state["adapter"], params, ckpt_path)
         for p, saved in zip(params, state["adapter"]):
             p.data.copy_(common.shard_like(p, saved))
@@ -215,8 +215,8 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
             save_sae_record(os.path.join(cfg.out, "adapter"), saes)
         if ddp.master:
             run_folder.save_checkpoint(dict(adapter=adapter, optimizer=optim, loader=loaders, rng=rngs, step=step,
-                                            history=history, elapsed=elapsed, config=asdict(cfg), inputs=inputs),
-                                       ckpt_path)
+                                            history=history, elapsed=elapsed, config=asdict(cfg),
+                                            inputs=built_from), ckpt_path)
 
     def held_out():
         res = evaluate(model, saes, val_batches, kept_ids, chunk=cfg.kl_chunk, amp=amp)
@@ -264,15 +264,17 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
         seconds_since_log += time.time() - t0
 
         if step % cfg.log_interval == 0 or step % cfg.ckpt_interval == 0 or step == total_steps:
-            # the only host sync of a step; the adapters' own values are checked too: a checkpoint holds finite ones
-            finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
-            loss_log, kl_log, ce_log, bad, finite = map(float, (loss_sum, kl_sum, ce_sum, first_bad, finite))
-            if bad >= 0 or not finite:
-                bad_step = int(bad) if bad >= 0 else step
-                raise run_folder.diverged(
-                    ckpt_path, bad_step, f"training diverged: {'the loss' if bad >= 0 else 'an adapter weight'} is "
-                    f"not finite (lr {lr:.2e})", f"a lower --lr than {cfg.lr:g} (or --autocast float32)",
-                    master=ddp.master)
+            # the only host sync of a step; the adapters' own values are checked too: a checkpoint holds finite ones.
+            # Over every rank: the earliest bad step, and whether any shard of any adapter is not finite
+            finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                                  for p in params]).all()
+            health = common.all_reduce_min(torch.stack([torch.where(first_bad >= 0, first_bad, total_steps + 1),
+                                                        finite.long()]))
+            loss_log, kl_log, ce_log, bad, finite = map(float, (loss_sum, kl_sum, ce_sum, *health))
+            if bad <= total_steps or not finite:
+                bad_step, what = (int(bad), "the loss") if bad <= total_steps else (step, "an adapter weight")
+                raise run_folder.diverged(ckpt_path, bad_step, f"training diverged: {what} is not finite (lr {lr:.2e})",
+                                          f"a lower --lr than {cfg.lr:g} (or --autocast float32)", master=ddp.master)
         if step % cfg.log_interval == 0 or step == total_steps:
             tps = tokens_since_log / seconds_since_log
             common.log(f"step {step}/{total_steps} | loss {loss_log:.4f} | train KL {kl_log:.4f} | train CE with SAE "

@@ -451,6 +451,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum over ranks, in place (the tensor itself in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Every rank's tensor, concatenated along dim 0 (the tensor itself in a single process)."""
     if not dist.is_initialized():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import re
 import sys
@@ -353,8 +354,27 @@ def _write_authors_windows(docs, tok, dt, fv, ft, count, n_docs, val_tokens, max
 
 
 def load_meta(data_dir: str) -> dict:
-    return disk.read_json(os.path.join(data_dir, "meta.json"),
-                            f"{data_dir}: no meta.json (not a token dataset; build one with data.prepare)")
+    meta = disk.read_json(os.path.join(data_dir, "meta.json"),
+                          f"{data_dir}: no meta.json (not a token dataset; build one with data.prepare)")
+    check_meta(meta, os.path.join(data_dir, "meta.json"))
+    return meta
+
+
+def check_meta(meta, path: str):
+    """One ValueError line naming the file and the first value the loaders cannot use (wrong type, null, missing)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object; build the folder again with data.prepare")
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    rules = [("vocab_size", lambda v: count(v) and v > 0, "a whole number above 0"),
+             ("train_tokens", count, "a whole number"), ("val_tokens", count, "a whole number"),
+             ("dtype", lambda v: isinstance(v, str), "a numpy dtype name such as uint16"),
+             ("bos_id", lambda v: v is None or count(v), "a token id or null"),
+             ("eos_id", lambda v: v is None or count(v), "a token id or null"),
+             ("seq_len", lambda v: v is None or count(v) and v > 1, "a window length or null")]
+    for key, fits, what in rules:
+        if (key in meta or key in ("vocab_size", "train_tokens", "val_tokens", "dtype")) and not fits(meta.get(key)):
+            raise ValueError(f"{path}: {key} is {json.dumps(meta[key]) if key in meta else 'missing'}, expected "
+                             f"{what}; build the folder again with data.prepare")
 
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:

@@ -126,12 +126,12 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=ddp.device.type == "cuda")
     step, elapsed_before, history = 0, 0.0, []
-    inputs = run_folder.inputs_of(data=data_dir)  # what --resume compares
+    built_from = run_folder.inputs_of(data=data_dir)  # what --resume compares
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
         st = disk.torch_load(state_path, ddp.device)
-        run_folder.check_inputs(st.get("inputs"), inputs, state_path)
+        run_folder.check_inputs(st.get("inputs"), built_from, state_path)
         run_folder.check_tensors(list(st["model"].values()), list(raw.state_dict().values()), state_path, "model")
         raw.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
@@ -158,7 +158,7 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
             run_folder.save_checkpoint({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                         "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
                                         "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state(),
-                                        "inputs": inputs}, state_path)
+                                        "inputs": built_from}, state_path)
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     t0 = t_log = time.time()

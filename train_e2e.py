@@ -167,10 +167,10 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     state_path, csv_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.csv")
     step, elapsed, rows = 0, 0.0, []
 
-    inputs = run_folder.inputs_of(model=cfg.model, data=cfg.data, init=cfg.init)  # what --resume compares
+    built_from = run_folder.inputs_of(model=cfg.model, data=cfg.data, init=cfg.init)  # what --resume compares
     if cfg.resume and os.path.isfile(state_path):
         st = disk.torch_load(state_path, ddp.device)
-        run_folder.check_inputs(st.get("inputs"), inputs, state_path)
+        run_folder.check_inputs(st.get("inputs"), built_from, state_path)
         run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
@@ -196,7 +196,8 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
         if ddp.master:
             run_folder.save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders,
                                             rng=rngs, since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
-                                            config=asdict(cfg), inputs=inputs, effective=dict(lr=lr)), state_path)
+                                            config=asdict(cfg), inputs=built_from, effective=dict(lr=lr)),
+                                       state_path)
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
             writer.writeheader()
@@ -244,7 +245,8 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
                 x, x_hat = (t.float() for t in acts["spliced"][layer])
                 mse = (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean((0, 1))).pow(2).sum(-1).mean()
                 loss = loss + cfg.mse_coef * mse
-        if not math.isfinite(loss.item()):  # the loss of the SAE after `step` updates
+        # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
+        if not math.isfinite(common.all_reduce_mean(loss.detach().clone()).item()):
             raise run_folder.diverged(state_path, step, f"e2e training diverged: the loss is {loss.item()}",
                                       f"a lower --lr than {lr:.3g}", master=ddp.master)
         loss.backward()

@@ -234,10 +234,10 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     state_path = os.path.join(cfg.out, "state.pt")
     step, elapsed, history = 0, 0.0, []
 
-    inputs = run_folder.inputs_of(model=cfg.model, data=cfg.data)  # what --resume compares
+    built_from = run_folder.inputs_of(model=cfg.model, data=cfg.data)  # what --resume compares
     if cfg.resume and os.path.isfile(state_path):
         st = disk.torch_load(state_path, ddp.device)
-        run_folder.check_inputs(st.get("inputs"), inputs, state_path)
+        run_folder.check_inputs(st.get("inputs"), built_from, state_path)
         run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
         sae.load_state_dict(st["sae"])
         optimizer.load_state_dict(st["optimizer"])
@@ -273,7 +273,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
         if ddp.master:
             run_folder.save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
                                             rng=rngs, since_fired=since_fired, scale=scale, step=step, elapsed=elapsed,
-                                            history=history, config=asdict(cfg), inputs=inputs,
+                                            history=history, config=asdict(cfg), inputs=built_from,
                                             effective=dict(lr=lr)), state_path)
 
     def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
@@ -299,7 +299,8 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
         with amp:
             loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
                                                auxk_coef=cfg.auxk_coef, target=target)
-        if not math.isfinite(loss.item()):  # the loss of the SAE after `step` updates
+        # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
+        if not math.isfinite(common.all_reduce_mean(loss.detach().clone()).item()):
             raise run_folder.diverged(state_path, step, f"SAE training diverged: the loss is {loss.item()}",
                                       f"a lower --lr than {lr:.3g}", master=ddp.master)
         loss.backward()

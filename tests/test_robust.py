@@ -245,6 +245,17 @@ def test_config_json_of_the_wrong_type_is_one_line_naming_file_and_key(files, tm
     refused("adapt.py", argv, [model], os.path.join(str(model), "config.json"), expect)
 
 
+def test_token_folder_meta_of_the_wrong_type_is_one_line(files, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(files["data"], data)
+    meta = json.load(open(data / "meta.json"))
+    meta["vocab_size"] = "512"
+    (data / "meta.json").write_text(json.dumps(meta))
+    argv = adapt_args(files, tmp_path / "run")
+    argv[argv.index("--data") + 1] = str(data)
+    refused("adapt.py", argv, [data], os.path.join(str(data), "meta.json"), 'vocab_size is "512"')
+
+
 def test_integer_weights_are_one_line_naming_file_and_tensor(files, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(files["model"], model)
