@@ -1,10 +1,14 @@
 """
-A training run's output folder is its own: one run at a time writes it (a lock file), a folder that holds another
-run's output is refused unless --resume continues that run or --overwrite replaces it, and --resume continues only
-the run it finds (every setting that defines what is trained must equal the checkpoint's).
+A program's output folder is its own (every program that writes one: the training scripts, eval.py, data.py,
+tools/export.py): one run at a time writes it (a lock file), a folder that holds anything is refused unless --resume
+continues the run there (training scripts) or --overwrite replaces what the program writes, the folder of an input is
+never written, and --resume continues only the run it finds: every setting that defines what is trained must equal
+the checkpoint's, and the model, SAEs and tokens must hold what they held (compared by content, not by path). A
+divergence stop keeps the newest checkpoint from before it (save_checkpoint keeps the previous one; diverged).
 
     with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="ckpt.pt",
-                          outputs=("ckpt.pt", "adapter", "results.json"), config=asdict(cfg), may_change=MAY_CHANGE):
+                          outputs=("ckpt.pt", "adapter", "results.json"), config=asdict(cfg), may_change=MAY_CHANGE,
+                          inputs=[cfg.model, *cfg.sae, cfg.data], by_content=("model", "sae", "data")):
         ...  # the run
 
 The lock is `.lock` in the folder, holding the pid and host of the run, with an fcntl.flock on it for as long as the
