@@ -166,6 +166,21 @@ def test_divergence_with_no_good_checkpoint_says_so(files, tmp_path):
     assert not (out / "ckpt.pt").exists()
 
 
+def test_diverged_leaves_the_newest_checkpoint_from_before_the_bad_step(tmp_path):
+    from formats import run_folder
+    path = str(tmp_path / "ckpt.pt")
+    run_folder.save_checkpoint(dict(step=2), path)
+    run_folder.save_checkpoint(dict(step=3), path)  # the loss of this state turns out not finite
+    assert torch.load(run_folder.previous(path))["step"] == 2
+    err = str(run_folder.diverged(path, 3, "diverged", "a lower --lr"))
+    assert torch.load(path)["step"] == 2 and not os.path.exists(run_folder.previous(path))
+    assert f"{path} holds the state after 2 steps" in err and "--resume and a lower --lr" in err
+    assert "after 2 steps" in str(run_folder.diverged(path, 5, "diverged", "a lower --lr"))  # older: kept as is
+    assert torch.load(path)["step"] == 2
+    err = str(run_folder.diverged(path, 2, "diverged", "a lower --lr"))  # nothing from before it: removed
+    assert "no checkpoint from before it" in err and not os.path.exists(path)
+
+
 def test_train_sae_divergence_names_a_state_that_exists(files, tmp_path):
     out = tmp_path / "sae"
     proc = cli("train_sae.py", *sae_args(files, out, "--lr", "1e30"))
