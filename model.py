@@ -445,6 +445,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         if not cfg.tie_embeddings:  # tied models read the embedding matrix directly (no lm_head parameter)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.run_block = run_block  # compile_blocks swaps in the compiled one
 
     # -- the forward pass, in three pieces that training scripts also use on their own --------------------------------
 
@@ -467,7 +468,7 @@ class Transformer(nn.Module):
         rope = rope_tables(self.cfg, x.shape[1], x.device, x.dtype)
         for i in range(start, stop + 1):
             layer = self.model.layers[i]
-            x = layer(x, *rope[layer.self_attn.local_rope], inside.get(i))
+            x = self.run_block(layer, x, *rope[layer.self_attn.local_rope], inside.get(i))
             if i in hooks:
                 x = hooks[i](x)
         return x
@@ -527,6 +528,23 @@ class Transformer(nn.Module):
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors in HF layout, atomically (temp names, then rename)."""
         save_checkpoint(self.state_dict(), folder, self.cfg.to_hf())
+
+
+def run_block(layer: Block, x, cos, sin, hooks=None):
+    """One block on the stream: the region compile_blocks compiles."""
+    return layer(x, cos, sin, hooks)
+
+
+def compile_blocks(model: Transformer, enable: bool = True) -> Transformer:
+    """Regional compilation: the block compiled as its own graph, not the model. Dynamo lifts a module's parameters
+    to graph inputs, so every block of the same kind reuses one graph and cold compile time stays nearly flat in
+    depth. A kind is what the guards tell apart: sliding or global attention, adapters on, off or absent, grad mode,
+    train or eval, a splice inside the block; a handful per script."""
+    if enable:
+        # every kind, in both passes and the evaluation, under one code object: more than dynamo's default of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.run_block = torch.compile(run_block) if enable else run_block
+    return model
 
 
 def block_hooks(hooks: dict) -> dict[int, dict]:
