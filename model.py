@@ -535,15 +535,16 @@ def run_block(layer: Block, x, cos, sin, hooks=None):
     return layer(x, cos, sin, hooks)
 
 
-def compile_blocks(model: Transformer, enable: bool = True) -> Transformer:
+def compile_blocks(model: Transformer, enable: bool = True, backend: str = "inductor") -> Transformer:
     """Regional compilation: the block compiled as its own graph, not the model. Dynamo lifts a module's parameters
     to graph inputs, so every block of the same kind reuses one graph and cold compile time stays nearly flat in
     depth. A kind is what the guards tell apart: sliding or global attention, adapters on, off or absent, grad mode,
     train or eval, a splice inside the block; a handful per script."""
     if enable:
+        import torch._dynamo
         # every kind, in both passes and the evaluation, under one code object: more than dynamo's default of 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model.run_block = torch.compile(run_block) if enable else run_block
+    model.run_block = torch.compile(run_block, backend=backend) if enable else run_block
     return model
 
 

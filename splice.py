@@ -171,12 +171,12 @@ def chunk_losses(model: Transformer, h_orig, h, targets):
     return kl, ce, ce_orig
 
 
-def compile_step(model: Transformer, enable: bool = True):
+def compile_step(model: Transformer, enable: bool = True, backend: str = "inductor"):
     """torch.compile for the training scripts: each block its own graph, shared by the blocks of its kind
     (model.compile_blocks: the cold start stays nearly flat in depth), and Eq. 7's chunk as one more; returns the
     chunk_losses that kl_and_ce takes, compiled when `enable`."""
-    compile_blocks(model, enable)
-    return torch.compile(chunk_losses) if enable else chunk_losses
+    compile_blocks(model, enable, backend)
+    return torch.compile(chunk_losses, backend=backend) if enable else chunk_losses
 
 
 def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):

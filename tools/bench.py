@@ -42,6 +42,8 @@ class BenchConfig:
     layer: list[int] = field(default_factory=list)  # the SAE layer; none: what the SAE files say (3 for a random SAE)
     shape: str | None = None  # random model of a real model's shape (model.py's presets: gemma-2-2b, llama-3.2-1b,
     # ...; its own vocabulary); none: the small shape below
+    shape_layers: int | None = None  # --shape: only its first N layers (the cold start against depth); none: all
+    shape_vocab: int | None = None  # --shape: this vocabulary size instead of its own (a CPU's memory)
     family: str = "gemma2"  # random model: gemma2 | llama3
     d_model: int = 512  # random model: width
     n_layer: int = 8  # random model: depth
@@ -57,6 +59,8 @@ class BenchConfig:
     # its own graph, model.compile_blocks); false skips that row
     whole_model: bool = False  # bench.py adapt: also time ours with each pass compiled whole (all layers unrolled in
     # one graph), the comparison for the per-block compilation
+    eager: bool = True  # bench.py adapt: also time ours uncompiled
+    references: bool = True  # bench.py adapt: also time transformers + peft (matched precision, and fp32 as the paper)
     profile: bool = False  # bench.py adapt: instead of the comparison, profile ours (compiled unless --compile
     # false) and print where a step's time goes, by phase and op family
     compile_sae: bool = True  # bench.py sae: compile our forward to the layer, as train_sae.py does by default
@@ -71,7 +75,10 @@ class BenchConfig:
 def model_config(b: BenchConfig):
     from model import ModelConfig
     if b.shape:
-        return ModelConfig.from_name(b.shape)
+        c = ModelConfig.from_name(b.shape)
+        c.n_layer = b.shape_layers or c.n_layer
+        c.layer_types, c.vocab_size = c.layer_types[:c.n_layer], b.shape_vocab or c.vocab_size
+        return c
     c = ModelConfig.from_name("tiny-gemma2" if b.family == "gemma2" else "tiny-llama3")
     c.d_model, c.n_layer, c.vocab_size = b.d_model, b.n_layer, b.vocab
     c.n_head, c.n_kv_head, c.head_dim, c.d_ff = max(1, b.d_model // 64), max(1, b.d_model // 128), 64, 4 * b.d_model
@@ -84,19 +91,26 @@ def model_config(b: BenchConfig):
 
 
 def bench_folder(b: BenchConfig) -> str:
-    name = b.shape or f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}"
+    name = f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}"
     return os.path.join(tempfile.gettempdir(), f"lorasae-bench-{name}")
 
 
 def build_files(b: BenchConfig, folder: str, device: str | torch.device = "cpu"):
     """Random model in HF layout + a random TopK SAE in SAELens layout, shared by both stacks. The weights are drawn
-    on `device`: Gemma-2-2B's 2.6B parameters take tens of seconds to draw on a CPU, a fraction of one on a GPU."""
+    on `device`: Gemma-2-2B's 2.6B parameters take tens of seconds to draw on a CPU, a fraction of one on a GPU; and
+    saved in the precision ours runs (bf16 under bf16 autocast: half the bytes to write and read; the fp32 row
+    loads the same values)."""
     from model import Transformer
     from sae import SAE
     torch.manual_seed(0)
     mc = model_config(b)
-    with torch.device(device):
-        model = Transformer(mc).init_weights(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, b.autocast))  # drawn in that precision: no fp32 copy of 2.6B weights
+    try:
+        with torch.device(device):
+            model = Transformer(mc).init_weights(0)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(os.path.join(folder, "model"))
     del model
     sae = SAE(mc.d_model, b.sae_width or b.expansion * mc.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
@@ -391,7 +405,8 @@ def bench_adapt(b: BenchConfig, dev):
     print(f"{'configuration':50s} {'tokens/s':>10s} {'MFU':>7s} {'peak mem GB':>12s} {'cold start s':>13s}")
     rows = {}
     for name in CONFIGS:
-        if not {"ours (compiled)": b.compile, "ours (whole passes compiled)": b.whole_model}.get(name, True):
+        if not {"ours (compiled)": b.compile, "ours (whole passes compiled)": b.whole_model,
+                "ours (eager)": b.eager}.get(name, b.references):
             continue
         r = run_config(b, name)
         if "error" in r:
@@ -414,7 +429,7 @@ def bench_adapt(b: BenchConfig, dev):
 def bench_sae(b: BenchConfig, dev):
     """SAE-training throughput: train_sae.py's loop (forward stops at the layer, --autocast, one SAE step per 4096
     tokens) against the paper's (full-model fp32 forward per 1024-token sequence, one SAE step per sequence)."""
-    from model import Transformer
+    from model import Transformer, compile_blocks
     from sae import SAE, training_loss
     folder = bench_folder(b)
     if not b.model:
@@ -434,13 +449,13 @@ def bench_sae(b: BenchConfig, dev):
         idx = torch.randint(3, model.cfg.vocab_size, (seqs, seq_len), device=dev)
         dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)
 
-        # ours compiles the forward as train_sae.py does (Gemma-2's attention becomes one flex_attention kernel)
-        ours_forward = torch.compile(lambda idx: model(idx, stop_at=L)) if stop and b.compile_sae else None
+        # ours compiles the blocks as train_sae.py does (Gemma-2's attention becomes one flex_attention kernel)
+        compile_blocks(model, stop and b.compile_sae)
 
         def step():
             with torch.no_grad(), amp:
                 if stop:
-                    x = ours_forward(idx) if ours_forward else model(idx, stop_at=L)
+                    x = model(idx, stop_at=L)
                 else:  # the whole model runs; the layer's output is captured by a hook
                     seen = {}
                     model(idx, hooks={L: lambda h: seen.setdefault("x", h)})
