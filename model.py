@@ -175,6 +175,7 @@ PRESETS = {
     "gemma-2-2b": _gemma2(26, 2304, 9216, 8, 4),
     "gemma-2-9b": _gemma2(42, 3584, 14336, 16, 8),
     "gemma-2-27b": _gemma2(46, 4608, 36864, 32, 16, head_dim=128, query_pre_attn_scalar=144),
+    "gemma-3-1b": _gemma3(26, 1152, 6912, 4, 1),
     "llama-3.2-1b": _llama3(16, 2048, 8192, 32, 8, tie=True),
     "llama-3.2-3b": _llama3(28, 3072, 8192, 24, 8, tie=True),
     "llama-3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, factor=8.0),
