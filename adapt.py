@@ -28,7 +28,7 @@ from formats.peft import save_adapter, save_sae_record
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
 from model import Transformer
 from sae import load_saes
-from splice import (adapt_step_flops, chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass, residual_only,
+from splice import (adapt_step_flops, compile_step, evaluate, kept_tokens, kl_and_ce, original_pass, residual_only,
                     spliced_pass)
 
 
@@ -79,7 +79,7 @@ class AdaptConfig:
     # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the frozen weights (bfloat16 halves memory); adapters stay float32
     fsdp: bool = False  # under torchrun: shard every decoder layer across the processes (models too big for one)
-    compile: bool = True  # torch.compile the two passes and the KL chunk
+    compile: bool = True  # torch.compile each block and the KL chunk (splice.compile_step)
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk: never a whole (tokens, vocab) fp32 tensor
     eval_tokens: int = 1_000_000  # held-out tokens for the CE / KL table, in whole windows rounded up to whole batches
     # (paper: 1M; the authors' utils.py rounds up too: 977 windows of 1024); at least 1; more than the held-out split
@@ -184,9 +184,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
 
     # -- optimiser, compile, resume ------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    original, spliced, losses = original_pass, spliced_pass, chunk_losses
-    if cfg.compile and not cfg.fsdp:  # the two passes compiled apart (see original_pass), Eq. 7's chunk as one graph
-        original, spliced, losses = torch.compile(original), torch.compile(spliced), torch.compile(losses)
+    losses = compile_step(model, cfg.compile and not cfg.fsdp)  # each block its own graph, Eq. 7's chunk another
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(ddp.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
@@ -244,8 +242,8 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
             idx = train.next_batch()  # (micro, seq_len) token windows
             with amp:
                 with torch.no_grad(), adapters_disabled(model):  # p_orig: the original model, no SAE, no adapters
-                    h_orig, prefix = original(model, idx, first_sae_layer, share_prefix=share_prefix)
-                h = spliced(model, saes, idx, kept_ids, prefix=prefix)  # p_spliced: adapters on, the SAEs spliced in
+                    h_orig, prefix = original_pass(model, idx, first_sae_layer, share_prefix=share_prefix)
+                h = spliced_pass(model, saes, idx, kept_ids, prefix=prefix)  # p_spliced: adapters on, the SAEs spliced in
                 kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
             loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))  # per sequence or position
             (loss / accum).backward()  # only the adapters require grad: the model and the SAEs stay frozen

@@ -60,7 +60,8 @@ from lora import adapters_disabled, adapters_enabled
 from formats import run_folder
 from model import Transformer
 from sae import load_saes
-from splice import add, gap_closed, hook_key, kept_tokens, kl_and_ce, means, predicted_positions, spliced_pass
+from splice import (add, compile_step, gap_closed, hook_key, kept_tokens, kl_and_ce, means, predicted_positions,
+                    spliced_pass)
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -123,6 +124,8 @@ class EvalConfig:
     # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the model weights
     chunk: int = 2048  # tokens per lm_head + log-softmax chunk
+    compile: bool = False  # torch.compile each block and the KL chunk for the CE table (splice.compile_step): a cold
+    # start of tens of seconds, repaid on long evaluations; the benchmarks, steering and generation stay eager
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
@@ -178,7 +181,8 @@ class SAEStats:
 
 
 @torch.no_grad()
-def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: bool, label: str = "") -> dict:
+def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: bool, label: str = "",
+              losses=None) -> dict:
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
     sums, n = {}, 0  # per-position CE and KL summed on the device (splice.add): read back once, at the end
@@ -237,7 +241,8 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
         # CE and KL(p_orig || p_setting) at every predicted position, as splice.py defines them (adapt.py's numbers)
         for s in settings[1:]:
             with amp:
-                kl, ce, ce_orig = kl_and_ce(model, finals["original"], finals[s], idx, chunk=cfg.chunk)
+                kl, ce, ce_orig = kl_and_ce(model, finals["original"], finals[s], idx, chunk=cfg.chunk,
+                                            losses=losses)
             add(sums, **{f"kl_{s}": kl, f"ce_{s}": ce})
             if s in token_ce:
                 token_ce[s].append(ce)
@@ -441,8 +446,10 @@ def _run(cfg: EvalConfig) -> dict:
             model.requires_grad_(False)
             common.log(f"adapter {adapter}")
         if batches:
+            losses = compile_step(model, cfg.compile)  # every call of the CE table's passes has one shape
             g.update(core_eval(model, saes, batches, kept_ids, cfg, amp, adapted=adapter is not None,
-                               label=f" [{g['name']}]"))
+                               label=f" [{g['name']}]", losses=losses))
+            compile_step(model, False)
         if adapter and (bench_qs or gen_qs):
             g["benchmarks"] = benchmarks(("sae_lora", "lora"))
         if adapter and cfg.generate:

@@ -175,6 +175,7 @@ PRESETS = {
     "gemma-2-2b": _gemma2(26, 2304, 9216, 8, 4),
     "gemma-2-9b": _gemma2(42, 3584, 14336, 16, 8),
     "gemma-2-27b": _gemma2(46, 4608, 36864, 32, 16, head_dim=128, query_pre_attn_scalar=144),
+    "gemma-3-1b": _gemma3(26, 1152, 6912, 4, 1),
     "llama-3.2-1b": _llama3(16, 2048, 8192, 32, 8, tie=True),
     "llama-3.2-3b": _llama3(28, 3072, 8192, 24, 8, tie=True),
     "llama-3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, factor=8.0),
@@ -445,6 +446,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         if not cfg.tie_embeddings:  # tied models read the embedding matrix directly (no lm_head parameter)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.run_block = run_block  # compile_blocks swaps in the compiled one
 
     # -- the forward pass, in three pieces that training scripts also use on their own --------------------------------
 
@@ -467,7 +469,7 @@ class Transformer(nn.Module):
         rope = rope_tables(self.cfg, x.shape[1], x.device, x.dtype)
         for i in range(start, stop + 1):
             layer = self.model.layers[i]
-            x = layer(x, *rope[layer.self_attn.local_rope], inside.get(i))
+            x = self.run_block(layer, x, *rope[layer.self_attn.local_rope], inside.get(i))
             if i in hooks:
                 x = hooks[i](x)
         return x
@@ -527,6 +529,24 @@ class Transformer(nn.Module):
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors in HF layout, atomically (temp names, then rename)."""
         save_checkpoint(self.state_dict(), folder, self.cfg.to_hf())
+
+
+def run_block(layer: Block, x, cos, sin, hooks=None):
+    """One block on the stream: the region compile_blocks compiles."""
+    return layer(x, cos, sin, hooks)
+
+
+def compile_blocks(model: Transformer, enable: bool = True, backend: str = "inductor") -> Transformer:
+    """Regional compilation: the block compiled as its own graph, not the model. Dynamo lifts a module's parameters
+    to graph inputs, so every block of the same kind reuses one graph and cold compile time stays nearly flat in
+    depth. A kind is what the guards tell apart: sliding or global attention, adapters on, off or absent, grad mode,
+    train or eval, a splice inside the block; a handful per script."""
+    if enable:
+        import torch._dynamo
+        # every kind, in both passes and the evaluation, under one code object: more than dynamo's default of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.run_block = torch.compile(run_block, backend=backend) if enable else run_block
+    return model
 
 
 def block_hooks(hooks: dict) -> dict[int, dict]:

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 import common
 from lora import adapters_disabled, lora_flops, lora_modules
-from model import Transformer
+from model import Transformer, compile_blocks
 from sae import SAE, splice_flops
 
 
@@ -169,6 +169,14 @@ def chunk_losses(model: Transformer, h_orig, h, targets):
     with torch.no_grad():
         ce = F.nll_loss(logp, targets, reduction="none")
     return kl, ce, ce_orig
+
+
+def compile_step(model: Transformer, enable: bool = True, backend: str = "inductor"):
+    """torch.compile for the training scripts: each block its own graph, shared by the blocks of its kind
+    (model.compile_blocks: the cold start stays nearly flat in depth), and Eq. 7's chunk as one more; returns the
+    chunk_losses that kl_and_ce takes, compiled when `enable`."""
+    compile_blocks(model, enable, backend)
+    return torch.compile(chunk_losses, backend=backend) if enable else chunk_losses
 
 
 def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):

@@ -30,7 +30,7 @@ from data import TokenLoader, check_data_matches, held_out_batches
 from formats import run_folder
 from model import Transformer
 from sae import SAE, geometric_median, load_saes, update_since_fired
-from splice import chunk_losses, evaluate, kept_tokens, kl_and_ce, original_pass, spliced_pass
+from splice import compile_step, evaluate, kept_tokens, kl_and_ce, original_pass, spliced_pass
 
 
 @dataclass
@@ -62,7 +62,7 @@ class E2EConfig:
     # excludes it) | all (the authors' e2e runs) | no_bos_eos
     autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
     # float32) | bfloat16 | float32
-    compile: bool = True  # torch.compile the no-grad original pass and the KL chunk (the spliced pass stays eager)
+    compile: bool = True  # torch.compile each block and the KL chunk (splice.compile_step)
     kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk
     kl_reduction: str = "token"  # the training loss: token: Eq. 7's mean over predicted positions | sequence:
     # summed over each sequence's, mean over sequences (the authors')
@@ -212,8 +212,7 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
-    original = torch.compile(original_pass) if cfg.compile else original_pass
-    losses = torch.compile(chunk_losses) if cfg.compile else None  # the KL chunk as one fused graph
+    losses = compile_step(model, cfg.compile)  # each block its own graph, the KL chunk another
     later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match
     watched = set(later) | ({layer} if cfg.mse_coef > 0 else set())  # + the SAE's own input and output for the MSE
     sae.train()
@@ -231,7 +230,7 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
             return lambda i, x, y: acts[which].__setitem__(i, (x, y)) if i in watched else None
         with amp:
             with torch.no_grad():  # the prefix up to the layer is the same computation in both passes: run it once
-                h_orig, prefix = original(model, idx, layer, share_prefix=True, watch=record("orig"))
+                h_orig, prefix = original_pass(model, idx, layer, share_prefix=True, watch=record("orig"))
                 values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
             h = spliced_pass(model, [(layer, sae)], idx, kept_ids, prefix=prefix,
                              watch=record("spliced"))

@@ -25,7 +25,7 @@ from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches, held_out_batches
 from formats import run_folder
-from model import Transformer
+from model import Transformer, compile_blocks
 from sae import SAE, geometric_median, training_loss, update_since_fired
 from splice import evaluate
 
@@ -62,7 +62,7 @@ class TrainSAEConfig:
     autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
     # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the frozen weights (bfloat16 skips the per-step weight casts)
-    compile: bool = True  # torch.compile the frozen forward up to the layer
+    compile: bool = True  # torch.compile the frozen forward up to the layer, a block at a time
     log_interval: int = 50  # steps between log lines
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
     eval_batches: int = 4  # validation batches of model_batch sequences; at most
@@ -99,7 +99,7 @@ class ActivationBuffer:
 
     def __init__(self, model, loader, layer, size, include_bos, amp, device, transcoder=False, seed=0):
         self.model, self.loader, self.layer, self.size = model, loader, layer, size
-        # the blocks above the layer never run; main compiles it. A transcoder's: (MLP input, MLP output) side by side
+        # the blocks above the layer never run. A transcoder's: (MLP input, MLP output) side by side
         self.forward = (lambda idx: mlp_pairs(model, idx, layer)) if transcoder else \
             (lambda idx: model(idx, stop_at=layer))
         self.include_bos, self.amp, self.device = include_bos, amp, device
@@ -227,8 +227,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
                               cfg.include_bos, amp, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
     split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
-    if cfg.compile:
-        buffer.forward = torch.compile(buffer.forward)
+    compile_blocks(model, cfg.compile)  # each block its own graph, shared by the blocks of its kind
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
     since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)  # tokens (global) since each latent fired
     state_path = os.path.join(cfg.out, "state.pt")

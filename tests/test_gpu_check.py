@@ -46,9 +46,13 @@ def test_quick_mode_runs_every_part_and_reports_numbers(tmp_path):
     assert pipeline["stages"]["adaptation"] > 0
 
     rows = parts["adapt"]["rows"]  # ours against transformers + peft, as the authors ran it and at its best
-    assert set(rows) == {"ours", "authors", "best"}
-    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_gb"] > 0 for r in rows.values()), rows
-    assert "eager attention" in rows["authors"]["label"] and "float32 weights" in rows["authors"]["label"]
+    assert set(rows) == {"tiny ours", "tiny authors", "tiny best"}
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_gb"] > 0 and r["cold_start_s"] > 0
+               for r in rows.values()), rows
+    assert "eager attention" in rows["tiny authors"]["label"] and "float32 weights" in rows["tiny authors"]["label"]
+    assert set(parts["adapt"]["speedup"]) == {"tiny"}
+    saved = json.load(open(tmp_path / "parts" / "adapt.json"))  # each part's record, as it was written
+    assert saved["rows"] == rows
 
     torchrun = parts["torchrun"]  # one process under torchrun, then FSDP2: the same adapter
     assert torchrun["adapters_agree"] and set(torchrun["runs"]) == {"gloo", "fsdp"}
@@ -71,6 +75,7 @@ def test_a_part_past_its_budget_is_recorded_and_the_rest_still_run(tmp_path):
     report = json.load(open(tmp_path / "gpu_check.json"))
     assert report["passed"] == [] and report["failed"] == ["sae", "pipeline"]
     assert all(report["parts"][n]["error"].startswith("timed out after") for n in ("sae", "pipeline"))
+    assert (tmp_path / "parts" / "sae.log").exists()  # its stderr, written as it came
     assert "**fail**: timed out after" in (tmp_path / "gpu_check.md").read_text()
 
 
@@ -85,6 +90,18 @@ def test_a_failing_part_records_its_one_line_error(tmp_path, monkeypatch):
     rec = json.load(open(tmp_path / "sae.json"))
     assert rec == dict(ran="half", summary="a number before the failure", ok=False,
                        error="RuntimeError: CUDA error: an illegal memory access was encountered")
+
+
+def test_adapt_shapes_are_the_named_models_at_their_batch():
+    from model import ModelConfig
+    from tools import bench
+    for spec in gpu_check.SHAPES:
+        b = gpu_check.shape_config(spec, torch.device("cpu"))
+        name, bt = spec.split(":")
+        assert bench.model_config(b) == ModelConfig.from_name(name) and f"{b.batch_size}x{b.seq_len}" == bt
+        assert 0 < b.layer[0] < ModelConfig.from_name(name).n_layer - 1 and b.kl_chunk == b.seq_len
+    proc = check("--parts", "adapt", "--shapes", "gemma-2-2b:1x1024,gemma-9:2x8", "--quick", timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("gpu_check.py: error: --shapes 'gemma-9:2x8': expected")
 
 
 def test_one_line_error_finds_the_line_that_says_what_went_wrong():

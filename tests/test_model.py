@@ -96,6 +96,7 @@ def test_compile_has_no_graph_breaks(name):
 def test_presets_have_the_published_sizes():
     assert abs(ModelConfig.from_name("gemma-2-2b").n_params() / 1e9 - 2.61) < 0.01
     assert abs(ModelConfig.from_name("llama-3.2-1b").n_params() / 1e9 - 1.24) < 0.01
+    assert abs(ModelConfig.from_name("gemma-3-1b").n_params() / 1e9 - 1.00) < 0.01
     assert abs(ModelConfig.from_name("llama-3.1-8b").n_params() / 1e9 - 8.03) < 0.01
     with pytest.raises(ValueError, match="unknown model name"):
         ModelConfig.from_name("gpt-5")

@@ -42,6 +42,8 @@ class BenchConfig:
     layer: list[int] = field(default_factory=list)  # the SAE layer; none: what the SAE files say (3 for a random SAE)
     shape: str | None = None  # random model of a real model's shape (model.py's presets: gemma-2-2b, llama-3.2-1b,
     # ...; its own vocabulary); none: the small shape below
+    shape_layers: int | None = None  # --shape: only its first N layers (the cold start against depth); none: all
+    shape_vocab: int | None = None  # --shape: this vocabulary size instead of its own (a CPU's memory)
     family: str = "gemma2"  # random model: gemma2 | llama3
     d_model: int = 512  # random model: width
     n_layer: int = 8  # random model: depth
@@ -53,8 +55,12 @@ class BenchConfig:
     sae_width: int | None = None  # random SAE: its width (Gemma Scope's 16k: 16384); none: expansion x d_model
     k: int = 32  # random SAE: active latents per token
     kl_chunk: int = 256  # tokens per lm_head + log-softmax chunk in ours (adapt.py --kl-chunk)
-    compile: bool = True  # bench.py adapt: also time ours compiled (adapt.py's default); false skips that row
-    compile_loss: bool = True  # bench.py adapt, compiled row: also compile the KL chunk (adapt.py does)
+    compile: bool = True  # bench.py adapt: also time ours compiled (adapt.py's default: each block and the KL chunk
+    # its own graph, model.compile_blocks); false skips that row
+    whole_model: bool = False  # bench.py adapt: also time ours with each pass compiled whole (all layers unrolled in
+    # one graph), the comparison for the per-block compilation
+    eager: bool = True  # bench.py adapt: also time ours uncompiled
+    references: bool = True  # bench.py adapt: also time transformers + peft (matched precision, and fp32 as the paper)
     profile: bool = False  # bench.py adapt: instead of the comparison, profile ours (compiled unless --compile
     # false) and print where a step's time goes, by phase and op family
     compile_sae: bool = True  # bench.py sae: compile our forward to the layer, as train_sae.py does by default
@@ -75,7 +81,10 @@ class BenchConfig:
 def model_config(b: BenchConfig):
     from model import ModelConfig
     if b.shape:
-        return ModelConfig.from_name(b.shape)
+        c = ModelConfig.from_name(b.shape)
+        c.n_layer = b.shape_layers or c.n_layer
+        c.layer_types, c.vocab_size = c.layer_types[:c.n_layer], b.shape_vocab or c.vocab_size
+        return c
     c = ModelConfig.from_name("tiny-gemma2" if b.family == "gemma2" else "tiny-llama3")
     c.d_model, c.n_layer, c.vocab_size = b.d_model, b.n_layer, b.vocab
     c.n_head, c.n_kv_head, c.head_dim, c.d_ff = max(1, b.d_model // 64), max(1, b.d_model // 128), 64, 4 * b.d_model
@@ -103,30 +112,39 @@ def check_shape(b: BenchConfig):
 
 
 def bench_folder(b: BenchConfig) -> str:
-    name = b.shape or f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}"
+    name = f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}"
     return os.path.join(tempfile.gettempdir(), f"lorasae-bench-{name}")
 
 
 def build_files(b: BenchConfig, folder: str, device: str | torch.device = "cpu"):
     """Random model in HF layout + a random TopK SAE in SAELens layout, shared by both stacks. The weights are drawn
-    on `device`: Gemma-2-2B's 2.6B parameters take tens of seconds to draw on a CPU, a fraction of one on a GPU."""
+    on `device`: Gemma-2-2B's 2.6B parameters take tens of seconds to draw on a CPU, a fraction of one on a GPU; and
+    saved in the precision ours runs (bf16 under bf16 autocast: half the bytes to write and read; the fp32 row
+    loads the same values)."""
     from model import Transformer
     from sae import SAE
     torch.manual_seed(0)
     mc = model_config(b)
-    with torch.device(device):
-        model = Transformer(mc).init_weights(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, b.autocast))  # drawn in that precision: no fp32 copy of 2.6B weights
+    try:
+        with torch.device(device):
+            model = Transformer(mc).init_weights(0)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(os.path.join(folder, "model"))
     del model
     sae = SAE(mc.d_model, b.sae_width or b.expansion * mc.d_model, "topk", k=b.k, layer=(b.layer or [3])[0])
     sae.save(os.path.join(folder, "sae"))
 
 
-def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> float:
+def run_ours(b: BenchConfig, folder: str, how: str, dev: torch.device) -> dict:
+    """One adaptation step of ours, as adapt.py runs it: `how` is "blocks" (adapt.py's default, splice.compile_step),
+    "whole" (each pass compiled as one graph, all layers unrolled) or "eager"."""
     import splice
     from sae import load_saes
     from lora import adapter_parameters, apply_lora
-    from model import Transformer
+    from model import Transformer, run_block
     # under bf16 autocast the frozen base weights are stored in bf16 (adapt.py --dtype bfloat16): no per-step casts
     model = Transformer.from_pretrained(paths(b, folder)[0], device=dev, dtype=getattr(torch, b.autocast))
     model.requires_grad_(False)
@@ -134,11 +152,13 @@ def run_ours(b: BenchConfig, folder: str, compile_: bool, dev: torch.device) -> 
     apply_lora(model, b.rank, 32.0, 0.0, "all")
     params = adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-5)
-    passes = (splice.original_pass, splice.spliced_pass)
-    original, spliced = (torch.compile(p) for p in passes) if compile_ else passes
+    original, spliced = splice.original_pass, splice.spliced_pass
+    losses = splice.compile_step(model, how != "eager")
+    if how == "whole":
+        model.run_block = run_block  # the blocks plain, inside the two passes compiled whole
+        original, spliced = torch.compile(original), torch.compile(spliced)
     amp = common.autocast(dev, b.autocast)
     idx = batch(b, model.cfg.vocab_size, dev)
-    losses = torch.compile(splice.chunk_losses) if compile_ and b.compile_loss else None
     label = torch.profiler.record_function  # the phases of PHASES, for --profile (no cost otherwise)
 
     def step():
@@ -229,22 +249,32 @@ def batch(b: BenchConfig, vocab: int, dev) -> torch.Tensor:
     return idx.to(dev)
 
 
-def timed(step, b: BenchConfig, dev) -> float:
+def timed(step, b: BenchConfig, dev) -> dict:
+    """{seconds: per timed step, first_step_end: the wall clock (time.time()) when the first step had finished: the
+    end of the cold start, compilation included}."""
     t0 = time.perf_counter()
+    first_step_end = None
     for i in range(b.warmup):  # the first step compiles: a run that times out says how far it got (stderr)
         print(f"warm-up step {i + 1} of {b.warmup} started at {time.perf_counter() - t0:.0f} s", file=sys.stderr,
               flush=True)
         step()
+        if first_step_end is None:
+            sync(dev)
+            first_step_end = time.time()
     print(f"warm-up done in {time.perf_counter() - t0:.0f} s; timing {b.steps} steps", file=sys.stderr, flush=True)
+    sync(dev)
     if dev.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(b.steps):
         step()
+    sync(dev)
+    return dict(seconds=(time.perf_counter() - t0) / b.steps, first_step_end=first_step_end or time.time())
+
+
+def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / b.steps
 
 
 PHASES = ("original forward", "spliced forward", "KL + CE forward", "backward", "optimizer")
@@ -321,28 +351,40 @@ def peak_memory_gb(dev) -> float:
 
 
 CONFIGS = {
-    "ours (compiled)": ("ours", True),
-    "ours (eager)": ("ours", False),
+    "ours (compiled)": ("ours", "blocks"),
+    "ours (whole passes compiled)": ("ours", "whole"),
+    "ours (eager)": ("ours", "eager"),
     "transformers + peft (same precision)": ("ref", True),
     "transformers + peft (fp32, as the paper's code)": ("ref", False),
 }
 
 
 def run_config(b: BenchConfig, name: str, timeout: float | None = None) -> dict:
-    """One configuration in a fresh subprocess, so its peak memory is its own: {seconds, peak_gb}, or {error}."""
+    """One configuration in a fresh subprocess, so that its peak memory is its own, with an empty compile cache, so
+    that its first step pays the whole cold start a user's first run does: {seconds, peak_gb, setup_s, cold_start_s:
+    from starting the process to the end of its first step}, or {error}."""
     args = [sys.executable, os.path.abspath(__file__), "adapt"] + [
         f"--{k}={v}" for k, v in asdict(b).items() if k not in ("only", "layer") and v is not None]
     args += [f"--layer={layer}" for layer in b.layer]
-    try:
-        proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:  # say where it was: its last progress line (timed() prints them)
-        text = "\n".join(out.decode(errors="replace") if isinstance(out, bytes) else out
-                         for out in (e.stderr, e.stdout) if out)
-        said = [line for line in text.splitlines() if line.startswith("warm-up")][-1:]
-        return dict(error=f"timed out after {timeout:.0f} s" + (f" ({said[0]})" if said else " (before its first step)"))
+    with tempfile.TemporaryDirectory(prefix="lorasae-bench-cache-") as cache:
+        # inductor's and triton's caches in a new folder, and no FX graph / AOT autograd cache: nothing compiled
+        # before (by an earlier configuration or run) is reused
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
+               "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+        t0 = time.time()
+        try:
+            proc = subprocess.run(args + [f"--only={name}"], capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired as e:  # say where it was: its last progress line (timed() prints them)
+            text = "\n".join(out.decode(errors="replace") if isinstance(out, bytes) else out
+                             for out in (e.stderr, e.stdout) if out)
+            said = [line for line in text.splitlines() if line.startswith("warm-up")][-1:]
+            return dict(error=f"timed out after {timeout:.0f} s" + (f" ({said[0]})" if said else
+                                                                    " (before its first step)"))
     if proc.returncode != 0:
         return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["cold_start_s"] = r.pop("first_step_end") - t0
+    return r
 
 
 def step_flops(b: BenchConfig, folder: str):
@@ -359,20 +401,26 @@ def step_flops(b: BenchConfig, folder: str):
                                                            b.batch_size, None)
 
 
+def wanted(b: BenchConfig, name: str) -> bool:
+    """Whether the flags ask for this configuration (--compile, --whole-model, --eager, --references)."""
+    return {"ours (compiled)": b.compile, "ours (whole passes compiled)": b.whole_model,
+            "ours (eager)": b.eager}.get(name, b.references)
+
+
 def bench_adapt(b: BenchConfig, dev):
     folder = bench_folder(b)
     if b.only is not None:  # child process: one configuration
-        kind, flag = CONFIGS[b.only]
+        kind, how = CONFIGS[b.only]
         t0 = time.perf_counter()
-        sec = run_ours(b, folder, flag, dev) if kind == "ours" else run_reference(b, folder, flag, dev)
+        r = run_ours(b, folder, how, dev) if kind == "ours" else run_reference(b, folder, how, dev)
         # setup_s: loading, building and the warm-up steps (compilation for ours), everything but the timed steps
-        print(json.dumps(dict(seconds=sec, peak_gb=peak_memory_gb(dev),
-                              setup_s=time.perf_counter() - t0 - b.steps * sec)))
+        setup = time.perf_counter() - t0 - b.steps * r["seconds"]
+        print(json.dumps(dict(r, peak_gb=peak_memory_gb(dev), setup_s=setup)))
         return None
     if not b.model:
         build_files(b, folder, dev)
     if b.profile:  # in this process: the table is printed by profiled()
-        return run_ours(b, folder, b.compile, dev)
+        return run_ours(b, folder, "blocks" if b.compile else "eager", dev)
     mc, flops = step_flops(b, folder)
     tokens = b.batch_size * b.seq_len
     peak = common.peak_flops(dev, b.autocast)
@@ -381,10 +429,10 @@ def bench_adapt(b: BenchConfig, dev):
           f"layers | {b.autocast} | {b.steps} timed steps after {b.warmup} warm-up")
     print(f"MFU against {peak / 1e12:.3g} TFLOP/s ({'measured 1024^3 matmul' if dev.type == 'cpu' else 'datasheet'}"
           f", {b.autocast}); LORASAE_PEAK_FLOPS overrides")
-    print(f"{'configuration':50s} {'tokens/s':>10s} {'MFU':>7s} {'peak mem GB':>12s}")
+    print(f"{'configuration':50s} {'tokens/s':>10s} {'MFU':>7s} {'peak mem GB':>12s} {'cold start s':>13s}")
     rows = {}
     for name in CONFIGS:
-        if name == "ours (compiled)" and not b.compile:
+        if not wanted(b, name):
             continue
         r = run_config(b, name)
         if "error" in r:
@@ -392,14 +440,16 @@ def bench_adapt(b: BenchConfig, dev):
             continue
         rows[name] = r
         tps = tokens / r["seconds"]
-        print(f"{name:50s} {tps:10,.0f} {tps * flops / tokens / peak:7.1%} {r['peak_gb']:12.2f}")
+        r.update(tokens_per_s=tps, mfu=tps * flops / tokens / peak)
+        print(f"{name:50s} {tps:10,.0f} {r['mfu']:7.1%} {r['peak_gb']:12.2f} {r['cold_start_s']:13.0f}", flush=True)
     ours = rows.get("ours (compiled)") or rows.get("ours (eager)")
     ref = rows.get("transformers + peft (same precision)")
     if ours and ref:
-        print(json.dumps(dict(ours_tokens_per_s=tokens / ours["seconds"], reference_tokens_per_s=tokens / ref["seconds"],
-                              ratio=ref["seconds"] / ours["seconds"], ours_peak_mb=ours["peak_gb"] * 1024,
-                              reference_peak_mb=ref["peak_gb"] * 1024)))
-    failed = [name for name in CONFIGS if name not in rows and (name != "ours (compiled)" or b.compile)]
+        print(json.dumps(dict(ours_tokens_per_s=tokens / ours["seconds"],
+                              reference_tokens_per_s=tokens / ref["seconds"], ratio=ref["seconds"] / ours["seconds"],
+                              ours_peak_mb=ours["peak_gb"] * 1024, reference_peak_mb=ref["peak_gb"] * 1024,
+                              ours_cold_start_s=ours["cold_start_s"], rows=rows)))
+    failed = [name for name in CONFIGS if name not in rows and wanted(b, name)]
     if failed:  # a benchmark with a failed row is no result: a non-zero exit says so to scripts and CI
         raise SystemExit(f"bench.py: {len(failed)} of {len(failed) + len(rows)} configurations failed "
                          f"({', '.join(failed)}): their errors are printed above")
@@ -409,7 +459,7 @@ def bench_adapt(b: BenchConfig, dev):
 def bench_sae(b: BenchConfig, dev):
     """SAE-training throughput: train_sae.py's loop (forward stops at the layer, --autocast, one SAE step per 4096
     tokens) against the paper's (full-model fp32 forward per 1024-token sequence, one SAE step per sequence)."""
-    from model import Transformer
+    from model import Transformer, compile_blocks
     from sae import SAE, training_loss
     folder = bench_folder(b)
     if not b.model:
@@ -429,13 +479,13 @@ def bench_sae(b: BenchConfig, dev):
         idx = torch.randint(3, model.cfg.vocab_size, (seqs, seq_len), device=dev)
         dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)
 
-        # ours compiles the forward as train_sae.py does (Gemma-2's attention becomes one flex_attention kernel)
-        ours_forward = torch.compile(lambda idx: model(idx, stop_at=L)) if stop and b.compile_sae else None
+        # ours compiles the blocks as train_sae.py does (Gemma-2's attention becomes one flex_attention kernel)
+        compile_blocks(model, stop and b.compile_sae)
 
         def step():
             with torch.no_grad(), amp:
                 if stop:
-                    x = ours_forward(idx) if ours_forward else model(idx, stop_at=L)
+                    x = model(idx, stop_at=L)
                 else:  # the whole model runs; the layer's output is captured by a hook
                     seen = {}
                     model(idx, hooks={L: lambda h: seen.setdefault("x", h)})
@@ -445,7 +495,7 @@ def bench_sae(b: BenchConfig, dev):
             loss.backward()
             opt.step()
             opt.zero_grad()
-        sec = timed(step, b, dev)
+        sec = timed(step, b, dev)["seconds"]
         results[name] = seqs * seq_len / sec
         print(f"{name:60s} {results[name]:10,.0f} tokens/s")
     ours, paper = results.values()

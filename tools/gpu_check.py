@@ -5,8 +5,11 @@ shape against transformers + peft, torchrun with NCCL and FSDP2, and SAE trainin
     python tools/gpu_check.py --out DIR                   # one CUDA GPU, within --budget seconds (15 minutes)
     python tools/gpu_check.py --quick --out DIR           # every part at tiny shapes on the CPU (tests/test_gpu_check.py)
     python tools/gpu_check.py --parts adapt --budget 300 --out DIR    # one part, with the whole budget
+    python tools/gpu_check.py --parts adapt --shapes gemma-2-2b:8x1024,gemma-3-1b:1x1024 --budget 450 --out DIR
 
-Where one command may run at most 10 minutes, run it as two: --parts numerics,sae,torchrun and --parts adapt,pipeline.
+A GPU lent for 15 minutes in runs of at most 10: two runs (README.md, "Speed"), the adapt step first, since it
+matters most; every number is in OUT/parts/PART.json as soon as it is measured, so a run killed from outside keeps
+what it had.
 
 The parts:
   1 numerics  the model against transformers (Gemma-2 with its sliding window and soft-caps, Llama-3; fp32, bf16); the
@@ -14,8 +17,9 @@ The parts:
               against the math path at head_dim 256, forward and backward; no graph breaks; fused TopK SAE vs dense
   2 pipeline  `python adapt.py` from an empty cache: each stage's time, the gap closed (with less time than the
               full recipe is given, its stages run by their scripts with fewer steps, labelled so)
-  3 adapt     one adaptation step at Gemma-2-2B's shape (bench.py's functions): ours compiled in bf16 against
-              transformers + peft as the authors ran it (fp32, eager) and at its best: tokens/s, MFU, peak memory
+  3 adapt     one adaptation step at Gemma-2-2B's shape (bench.py's functions; --shapes: others): ours compiled in
+              bf16, from an empty compile cache, against transformers + peft as the authors ran it (fp32, eager) and
+              at its best: cold start, tokens/s, MFU, peak memory
   4 torchrun  `torchrun --nproc_per_node 1 adapt.py`, on NCCL, and with --fsdp: the same adapter
   5 sae       `bench.py sae`: train_sae.py's loop against the paper's
 
@@ -58,11 +62,14 @@ class CheckConfig:
     quick: bool = False  # every part at tiny shapes, on the CPU unless --device says otherwise (the test suite runs
     # this, so that the check cannot rot between GPU days)
     parts: list[str] = field(default_factory=list)  # numerics | pipeline | adapt | torchrun | sae; none: all five
+    shapes: list[str] = field(default_factory=list)  # part adapt: NAME:BxT, model.py's preset at batch x tokens, of
+    # gemma-2-2b:1x1024, gemma-2-2b:8x1024, gemma-3-1b:1x1024, llama-3.2-1b:1x1024; none: the first (the paper's)
     budget: float | None = None  # seconds for the whole check, shared among the parts in proportion to their
     # shares; none: 900 (15 minutes) on a GPU, 900 quick
     device: str = "auto"  # auto | cuda | cuda:N | cpu (the full check needs a GPU)
     part: str = ""  # internal: run this one part in this process
     record: str = ""  # internal: the part's JSON record
+    work: str = ""  # internal: the part's scratch folder
     deadline: float = 0.0  # internal: the part's deadline (seconds since the epoch)
 
 
@@ -95,6 +102,9 @@ def main(argv=None):
         if name not in PARTS:
             raise ValueError(f"--parts {name!r}: expected one of {', '.join(PARTS)}")
     names = [n for n in PARTS if n in names]
+    shapes = [x for spec in cfg.shapes for x in spec.split(",") if x]
+    for spec in shapes:
+        shape_config(spec, dev)  # a bad one: one line now, not after the other parts
     budget = cfg.budget or 900.0
     if budget <= MARGIN + len(names):
         raise ValueError(f"--budget {budget:g}: {MARGIN} s go to starting up and writing the report; give more")
@@ -103,12 +113,13 @@ def main(argv=None):
                   mode="quick" if cfg.quick else "full", budget_s=budget, environment=environment(dev), parts={})
     tmp = tempfile.mkdtemp(prefix="lorasae-gpu-check-")
     log_text = []
+    write_report(cfg.out, dict(report, wall_s=0.0, passed=[], failed=[]), log_text)
     try:
         share_end = t0
         for name in names:
             share_end += PARTS[name][2] * scale
             deadline = min(share_end, t0 + budget - MARGIN)
-            report["parts"][name] = run_guarded(cfg, dev, name, deadline, tmp, log_text)
+            report["parts"][name] = run_guarded(cfg, dev, name, deadline, tmp, log_text, shapes)
             report["wall_s"] = time.time() - t0
             report["passed"] = [n for n, p in report["parts"].items() if p["ok"]]
             report["failed"] = [n for n, p in report["parts"].items() if not p["ok"]]
@@ -122,11 +133,17 @@ def main(argv=None):
     sys.exit(0 if not report["failed"] else 1)
 
 
-def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list) -> dict:
-    """One part in a child process, killed with everything it started at its deadline; its record, whatever it had."""
-    record = os.path.join(tmp, f"{name}.json")  # the part works in the folder tmp/name beside it
+def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list, shapes=()) -> dict:
+    """One part in a child process, killed with everything it started at its deadline; its record, whatever it had.
+    The record (rewritten by the part after every number) and the part's stderr go to OUT/parts/ as they come: a
+    check killed from outside keeps what its running part had measured."""
+    os.makedirs(os.path.join(cfg.out, "parts"), exist_ok=True)
+    record, log = (os.path.join(cfg.out, "parts", f"{name}.{ext}") for ext in ("json", "log"))
+    if os.path.exists(record):
+        os.remove(record)  # an earlier check's
     args = [sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), f"--part={name}", f"--record={record}",
-            f"--deadline={deadline}", f"--device={dev.type}", f"--quick={cfg.quick}"]
+            f"--work={os.path.join(tmp, name)}", f"--deadline={deadline}", f"--device={dev.type}",
+            f"--quick={cfg.quick}", *(f"--shapes={x}" for x in shapes)]
     t0, cpu0 = time.time(), cpu_seconds()
     print(f"gpu_check: part {PARTS[name][0]} ({name}), {deadline - t0:.0f} s", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -135,7 +152,7 @@ def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list) 
         env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[dev.index] if visible else str(dev.index)
     if cfg.quick:  # tiny shapes: one thread per process (threads on tiny matrices mostly wait for each other)
         env.setdefault("OMP_NUM_THREADS", "1")
-    proc = run_proc(args, deadline - t0, env=env)
+    proc = run_proc(args, deadline - t0, env=env, log=log)
     rec = json.load(open(record)) if os.path.isfile(record) else {}
     if proc["timed_out"]:
         rec.update(ok=False, error=f"timed out after {time.time() - t0:.0f} s (its budget)"
@@ -151,10 +168,11 @@ def run_guarded(cfg, dev, name: str, deadline: float, tmp: str, log_text: list) 
     return rec
 
 
-def run_proc(args, timeout: float, env=None, cwd=ROOT) -> dict:
+def run_proc(args, timeout: float, env=None, cwd=ROOT, log: str | None = None) -> dict:
     """Run a command in its own process group; at the timeout the whole group is killed. stdout lines are stamped
-    with the time they arrived (stage times of a pipeline). {rc, stdout, stderr, lines: [(t, line)], timed_out}."""
-    err = tempfile.TemporaryFile(mode="w+")
+    with the time they arrived (stage times of a pipeline); stderr is written to `log` as it comes, when given.
+    {rc, stdout, stderr, lines: [(t, line)], timed_out}."""
+    err = open(log, "w+") if log else tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
                             start_new_session=True)
     lines = []
@@ -172,7 +190,9 @@ def run_proc(args, timeout: float, env=None, cwd=ROOT) -> dict:
         proc.wait()
     reader.join(timeout=5)
     err.seek(0)
-    return dict(rc=proc.returncode, stdout="".join(line for _, line in lines), stderr=err.read(), lines=lines,
+    text = err.read()
+    err.close()
+    return dict(rc=proc.returncode, stdout="".join(line for _, line in lines), stderr=text, lines=lines,
                 timed_out=timed_out)
 
 
@@ -210,8 +230,9 @@ class Part:
 
     def __init__(self, cfg, dev):
         self.quick, self.dev, self.path, self.deadline = cfg.quick, dev, cfg.record, cfg.deadline
-        self.tmp = os.path.join(os.path.dirname(os.path.abspath(cfg.record)), cfg.part)  # the runner made it
+        self.tmp = cfg.work or os.path.join(os.path.dirname(os.path.abspath(cfg.record)), cfg.part)
         os.makedirs(self.tmp, exist_ok=True)
+        self.shapes = [x for spec in cfg.shapes for x in spec.split(",") if x] or [SHAPES[0]]
         self.rec: dict = {}
 
     def put(self, **kw):
@@ -358,57 +379,86 @@ def part_pipeline(p: Part):
 
 
 REFERENCE_ROW_S = 40  # what a transformers row is given ahead (a guess until measured on a GPU)
+# --shapes: model.py's preset (random weights of its shape, drawn on the device) and batch x tokens per step
+SHAPES = ("gemma-2-2b:1x1024", "gemma-2-2b:8x1024", "gemma-3-1b:1x1024", "llama-3.2-1b:1x1024")
+SAE_LAYER = {"gemma-2-2b": 12, "gemma-3-1b": 12, "llama-3.2-1b": 8}  # the middle of the model, as in the paper
+
+
+def shape_config(spec: str, dev):
+    """bench.BenchConfig of one --shapes entry, NAME:BxT: rank 64 on all layers, a 16k TopK SAE in the middle, the
+    whole sequence one KL chunk (the authors' full-vocabulary softmax, a chunk per sequence)."""
+    from tools import bench
+    name, _, bt = spec.partition(":")
+    if name not in SAE_LAYER or not re.fullmatch(r"\d+x\d+", bt or "1x1024"):
+        raise ValueError(f"--shapes {spec!r}: expected NAME:BxT with NAME one of {', '.join(SAE_LAYER)} "
+                         f"(e.g. {SHAPES[1]})")
+    batch, seq = (int(v) for v in (bt or "1x1024").split("x"))
+    return bench.BenchConfig(shape=name, layer=[SAE_LAYER[name]], seq_len=seq, batch_size=batch, rank=64,
+                             sae_width=16384, k=64, kl_chunk=seq, steps=5, warmup=2, device=str(dev))
 
 
 def part_adapt(p: Part):
+    """Per shape: ours compiled (from an empty compile cache: its cold start) against transformers + peft as the
+    authors ran it and at its best. Each row is saved as it finishes: a part killed at its deadline keeps them."""
     from tools import bench
     if p.quick:
-        b = bench.BenchConfig(d_model=64, n_layer=2, vocab=512, layer=[0], seq_len=32, batch_size=2, rank=4,
-                              expansion=4, k=4, kl_chunk=64, compile=False, steps=1, warmup=1, device="cpu")
-    else:  # Gemma-2-2B (random weights), one 1024-token sequence, rank 64 on all layers, a 16k SAE at layer 12
-        b = bench.BenchConfig(shape="gemma-2-2b", layer=[12], seq_len=1024, batch_size=1, rank=64, sae_width=16384,
-                              k=64, kl_chunk=1024, steps=5, warmup=2, device=str(p.dev))
-    b.autocast = "bfloat16" if p.dev.type == "cuda" else "float32"
-    folder = os.path.join(p.tmp, "bench")
-    t0 = time.time()
-    bench.build_files(b, folder, p.dev)
-    b.model, b.sae = bench.paths(b, folder)  # the configurations' processes read these files
-    mc, flops = bench.step_flops(b, folder)
-    peak_dtype = "bfloat16" if p.dev.type == "cuda" else "float32"  # the GPU's bf16 peak; quick rows run fp32
-    peak = common.peak_flops(p.dev, peak_dtype)
-    p.put(ran=f"{b.shape or 'small ' + mc.model_type} shape, random weights: d_model {mc.d_model}, "
-              f"{mc.n_layer} layers, vocabulary {mc.vocab_size}; batch {b.batch_size} x {b.seq_len}; "
-              f"LoRA rank {b.rank} on all layers; "
-              f"TopK SAE of {b.sae_width or b.expansion * mc.d_model} latents (k {b.k}) at layer {b.layer[0]}; "
-              f"{b.steps} timed steps after {b.warmup}", build_s=time.time() - t0, peak_tflops=peak / 1e12,
-          peak_basis=f"{peak_dtype} {'datasheet' if p.dev.type == 'cuda' else 'measured 1024^3 matmul'}", rows={})
-    ours = "ours (compiled)" if b.compile else "ours (eager)"
-    for i, (key, name) in enumerate((("ours", ours), ("authors", "transformers + peft (fp32, as the paper's code)"),
-                                     ("best", "transformers + peft (same precision)"))):
-        if key == "ours":  # bench.run_ours: weights stored in the autocast dtype
-            amp = "no" if b.autocast == "float32" else b.autocast
-            label = f"{ours[:-1]}, {b.autocast} weights, {amp} autocast)"
-        else:
-            dtype, attn = bench.reference_setup(mc.model_type, key == "best", b.autocast)
-            amp = b.autocast if key == "best" and b.autocast != "float32" else "no"
-            label = (f"transformers + peft ({dtype} weights, {attn} attention, {amp} autocast)"
-                     + (": the authors' train_lora.py" if key == "authors" else ""))
-        # ours compiles first: all the time but what the transformers rows are likely to need (at least half)
-        share = p.left() if i == 2 else max(p.left() / 2, p.left() - (2 - i) * REFERENCE_ROW_S)
-        r = dict(label=label, **bench.run_config(b, name, timeout=max(1.0, share)))
-        if "seconds" in r:
-            r.update(tokens_per_s=b.batch_size * b.seq_len / r["seconds"], mfu=flops / r["seconds"] / peak)
-        p.rec["rows"][key] = r
-        p.put()
-    rows = p.rec["rows"]
-    if all("tokens_per_s" in r for r in rows.values()):
-        o = rows["ours"]
-        p.put(speedup={k: o["tokens_per_s"] / rows[k]["tokens_per_s"] for k in ("authors", "best")},
-              summary=f"ours {o['tokens_per_s']:,.0f} tokens/s, MFU {o['mfu']:.1%}, {o['peak_gb']:.2f} GB; "
-                      f"{o['tokens_per_s'] / rows['authors']['tokens_per_s']:.2f}x the authors' setup "
-                      f"({rows['authors']['peak_gb']:.2f} GB), {o['tokens_per_s'] / rows['best']['tokens_per_s']:.2f}x "
-                      f"transformers + peft at its best ({rows['best']['peak_gb']:.2f} GB)")
-    bad = [f"{r['label']}: {r['error']}" for r in rows.values() if "error" in r]
+        shapes = {"tiny": bench.BenchConfig(d_model=64, n_layer=2, vocab=512, layer=[0], seq_len=32, batch_size=2,
+                                            rank=4, expansion=4, k=4, kl_chunk=64, compile=False, steps=1, warmup=1,
+                                            device="cpu")}
+    else:
+        shapes = {spec: shape_config(spec, p.dev) for spec in p.shapes}
+    p.put(ran="", rows={}, speedup={}, summary="")
+    built = {}
+    for n, (spec, b) in enumerate(shapes.items()):
+        b.autocast = "bfloat16" if p.dev.type == "cuda" else "float32"
+        t0 = time.time()
+        folder = os.path.join(p.tmp, f"bench-{b.shape or 'tiny'}")
+        if folder not in built:  # one set of files per model (the batch shapes share it)
+            bench.build_files(b, folder, p.dev)
+            built[folder] = time.time() - t0
+        b.model, b.sae = bench.paths(b, folder)  # the configurations' processes read these files
+        mc, flops = bench.step_flops(b, folder)
+        peak_dtype = "bfloat16" if p.dev.type == "cuda" else "float32"  # the GPU's bf16 peak; quick rows run fp32
+        peak = common.peak_flops(p.dev, peak_dtype)
+        p.rec["ran"] += ("; " if p.rec["ran"] else "") + (f"{spec}: {b.shape or 'small ' + mc.model_type} shape, "
+                                                          f"random weights: d_model "
+                            f"{mc.d_model}, {mc.n_layer} layers, vocabulary {mc.vocab_size}; batch {b.batch_size} x "
+                            f"{b.seq_len}; LoRA rank {b.rank} on all layers; TopK SAE of "
+                            f"{b.sae_width or b.expansion * mc.d_model} latents (k {b.k}) at layer {b.layer[0]}; "
+                            f"{b.steps} timed steps after {b.warmup}, ours from an empty compile cache")
+        p.put(build_s=built, peak_tflops=peak / 1e12,
+              peak_basis=f"{peak_dtype} {'datasheet' if p.dev.type == 'cuda' else 'measured 1024^3 matmul'}")
+        ours = "ours (compiled)" if b.compile else "ours (eager)"
+        shape_rows = {}
+        for i, (key, name) in enumerate((("ours", ours), ("authors", "transformers + peft (fp32, as the paper's code)"),
+                                         ("best", "transformers + peft (same precision)"))):
+            if key == "ours":  # bench.run_ours: weights stored in the autocast dtype
+                amp = "no" if b.autocast == "float32" else b.autocast
+                label = f"{ours[:-1]}, {b.autocast} weights, {amp} autocast)"
+            else:
+                dtype, attn = bench.reference_setup(mc.model_type, key == "best", b.autocast)
+                amp = b.autocast if key == "best" and b.autocast != "float32" else "no"
+                label = (f"transformers + peft ({dtype} weights, {attn} attention, {amp} autocast)"
+                         + (": the authors' train_lora.py" if key == "authors" else ""))
+            # this shape's share of the time left; ours compiles first: all of it but what the transformers rows are
+            # likely to need (at least half)
+            left = p.left() / (len(shapes) - n)
+            share = left if i == 2 else max(left / 2, left - (2 - i) * REFERENCE_ROW_S)
+            r = dict(label=f"{spec}: {label}", **bench.run_config(b, name, timeout=max(1.0, share)))
+            if "seconds" in r:
+                r.update(tokens_per_s=b.batch_size * b.seq_len / r["seconds"], mfu=flops / r["seconds"] / peak)
+            shape_rows[key] = p.rec["rows"][f"{spec} {key}"] = r
+            p.put()
+        if all("tokens_per_s" in r for r in shape_rows.values()):
+            o, a, best = (shape_rows[k] for k in ("ours", "authors", "best"))
+            p.rec["speedup"][spec] = {"authors": o["tokens_per_s"] / a["tokens_per_s"],
+                                      "best": o["tokens_per_s"] / best["tokens_per_s"]}
+            p.put(summary=(p.rec["summary"] + "; " if p.rec["summary"] else "") +
+                  f"{spec}: ours {o['tokens_per_s']:,.0f} tokens/s, MFU {o['mfu']:.1%}, {o['peak_gb']:.2f} GB, cold "
+                  f"start {o['cold_start_s']:.0f} s; {o['tokens_per_s'] / a['tokens_per_s']:.2f}x the authors' setup "
+                  f"({a['peak_gb']:.2f} GB), {o['tokens_per_s'] / best['tokens_per_s']:.2f}x transformers + peft at "
+                  f"its best ({best['peak_gb']:.2f} GB)")
+    bad = [f"{r['label']}: {r['error']}" for r in p.rec["rows"].values() if "error" in r]
     if bad:
         raise RuntimeError("; ".join(bad))
 

@@ -73,7 +73,7 @@ def vs_transformers(dev, folder: str, family: str, precision: str):
 
 
 def compiled_vs_reference(dev, folder: str, family: str, share_prefix: bool, quick: bool, backend: str = "inductor"):
-    """adapt.py's objective, compiled (both passes and the KL chunk, two chunks under activation checkpointing), against
+    """adapt.py's objective, compiled (splice.compile_step; two chunks under activation checkpointing), against
     Eq. 7 written plainly (splice.kl_reference), in value and in the adapters' gradient (tests/test_splice.py)."""
     model_dir, sae_dir = tiny_files(folder, family)
     model = Transformer.from_pretrained(model_dir, device=dev)
@@ -85,11 +85,10 @@ def compiled_vs_reference(dev, folder: str, family: str, share_prefix: bool, qui
     idx = tokens(dev, 2, T_QUICK if quick else 128)
     ref = splice.kl_reference(model, saes, idx, BOS)
     g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(ref, params)])
-    passes = [torch.compile(f, backend=backend) for f in (splice.original_pass, splice.spliced_pass)]
+    losses = splice.compile_step(model, backend=backend)  # each block its own graph, the KL chunk another
     with torch.no_grad(), adapters_disabled(model):  # as adapt.py's loop: p_orig without adapters or SAE
-        h_orig, prefix = passes[0](model, idx, saes[0][0], share_prefix=share_prefix)
-    h = passes[1](model, saes, idx, BOS, prefix=prefix)
-    losses = torch.compile(splice.chunk_losses, backend=backend)
+        h_orig, prefix = splice.original_pass(model, idx, saes[0][0], share_prefix=share_prefix)
+    h = splice.spliced_pass(model, saes, idx, BOS, prefix=prefix)
     kl = splice.kl_and_ce(model, h_orig, h, idx, chunk=128, losses=losses)[0].mean()  # Eq. 7, mean per position
     g = torch.cat([g.flatten() for g in torch.autograd.grad(kl, params)])
     return [("KL", rel(kl, ref), 1e-4), ("adapter gradients", rel(g, g_ref), 1e-3)], dict(kl=ref.item(),
