@@ -416,6 +416,27 @@ def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None =
 # ----------------------------------------------------------------------------------------------------------------------
 # The batch loader
 
+# The held-out split (val.bin) in two parts: every choice (lr, budget, k, layer) is made on "validation" and every
+# reported number measured on "test", so no reported number is read on the tokens that chose it.
+HELD_OUT_PARTS = ("validation", "test")
+HELD_OUT_SEED = 0  # fixed, not a run's --seed: runs with different seeds are measured on the same windows
+
+
+def held_out_part(n_windows: int, part: str, seed: int = HELD_OUT_SEED) -> np.ndarray:
+    """The windows of `part` among the held-out split's `n_windows`, in the order an evaluation reads them.
+
+    The split is cut into consecutive pairs of windows and a seeded coin sends one of each pair to validation, the
+    other to test (an odd last window to neither): both parts run through the whole split, so each holds a whole
+    window of every held-out document as long as four windows. The order is a seeded permutation of the part: an
+    evaluation budget smaller than the part reads windows drawn from across the split, not its first documents."""
+    if part not in HELD_OUT_PARTS:
+        raise ValueError(f"unknown held-out part {part!r} (expected one of {', '.join(HELD_OUT_PARTS)})")
+    pairs = n_windows // 2
+    coin = np.random.default_rng([seed, n_windows]).integers(0, 2, pairs)
+    mine = 2 * np.arange(pairs) + (coin if part == "validation" else 1 - coin)
+    return mine[np.random.default_rng([seed, n_windows, 1 + HELD_OUT_PARTS.index(part)]).permutation(pairs)]
+
+
 
 class TokenLoader:
     """Windows of seq_len tokens, each BOS followed by the next seq_len - 1 tokens of the stream ("bos_chunks"), or
@@ -431,6 +452,9 @@ class TokenLoader:
     world_size takes every world_size-th span of it starting at r, so ranks never share a window and together they
     see, step by step, the windows of a single process whose batch is the global batch. The position (epoch, index)
     is the whole state: `state_dict` / `load_state_dict` resume exactly.
+
+    split: "train", "val" (the whole held-out split, in order) or one of its parts, "validation" / "test"
+    (held_out_part: its windows only, in its own order; shuffle=False keeps that order).
     """
 
     def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
@@ -439,7 +463,7 @@ class TokenLoader:
             raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got seq_len={seq_len}, batch_size={batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.tokens = load_tokens(data_dir, split)
+        self.tokens = load_tokens(data_dir, "val" if split in HELD_OUT_PARTS else split)
         meta = load_meta(data_dir)
         self.bos_id = meta["bos_id"]
         # datasets written before layouts had names carry a description of "bos_chunks" there
@@ -453,6 +477,9 @@ class TokenLoader:
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.device = torch.device(device)
         self.n_windows = len(self.tokens) // self.span
+        self.part = held_out_part(self.n_windows, split) if split in HELD_OUT_PARTS else None
+        if self.part is not None:
+            self.n_windows = len(self.part)
         self.per_rank = self.n_windows // world_size
         if self.per_rank == 0:
             raise ValueError(f"seq_len {seq_len} is larger than the data: {data_dir} {split} has {len(self.tokens)} "
@@ -467,6 +494,8 @@ class TokenLoader:
             # strided: rank r takes windows r, r + W, r + 2W, ... so that at every step the ranks' batches together
             # are exactly the batch one process with the global batch size would take (DDP == single process)
             self._order = order[self.rank:self.per_rank * self.world_size:self.world_size]
+            if self.part is not None:  # positions in the part -> windows of the held-out split
+                self._order = self.part[self._order]
             self._order_epoch = self.epoch
         return self._order
 

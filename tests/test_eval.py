@@ -126,7 +126,7 @@ def run(world, *args, out="out"):
 
 
 def val_batches(world, n=4):
-    loader = TokenLoader(world["data"], "val", 4, SEQ, shuffle=False)
+    loader = TokenLoader(world["data"], "test", 4, SEQ, shuffle=False)
     return [loader.next_batch() for _ in range(n)]
 
 
