@@ -84,3 +84,33 @@ def test_ranks_split_a_part_between_them(dataset):
     ranks = [read_all(TokenLoader(d, "test", 2, SPAN + 1, rank=r, world_size=2, shuffle=False)) for r in range(2)]
     together = [row for pair in zip(*ranks) for row in pair]  # rank r holds windows r, r + 2, ...
     assert [r.tolist() for r in together] == [r.tolist() for r in single[:len(together)]]
+
+
+def test_adapt_reports_test_and_steers_on_validation(tmp_path):
+    """adapt.py's final numbers are the test part's (its original-model CE recomputed here with F.cross_entropy on the
+    test windows), its evaluations during training the validation part's; --eval-split validation reports those."""
+    import torch
+    import torch.nn.functional as F
+
+    import adapt
+    from model import Transformer
+    from tests.tiny import make_data, make_model, make_sae
+    model, data = make_model(tmp_path / "model"), make_data(tmp_path / "data")
+    sae = make_sae(tmp_path / "sae", "topk", layer=1, k=2)
+    args = ["--model", model, "--data", data, "--sae", sae, "--seq-len", "32", "--batch-size", "2", "--max-tokens",
+            "128", "--eval-tokens", "128", "--rank", "4", "--compile", "false", "--autocast", "float32",
+            "--eval-interval", "2", "--log-interval", "2"]
+    res = adapt.main(args + ["--out", str(tmp_path / "a")])
+    m = Transformer.from_pretrained(model)
+
+    def ce(part):
+        loader = TokenLoader(data, part, 2, 32, shuffle=False)
+        idx = torch.cat([loader.next_batch() for _ in range(2)])
+        with torch.no_grad():
+            return F.cross_entropy(m(idx)[:, :-1].flatten(0, 1).double(), idx[:, 1:].flatten()).item()
+    assert res["eval_split"] == "test"
+    assert res["ce_base"] == pytest.approx(ce("test"), abs=1e-4)
+    assert res["history"][-1]["ce_base"] == pytest.approx(ce("validation"), abs=1e-4)
+    assert abs(ce("test") - ce("validation")) > 1e-3  # the two parts are different tokens
+    val = adapt.main(args + ["--out", str(tmp_path / "b"), "--eval-split", "validation"])
+    assert val["eval_split"] == "validation" and val["ce_base"] == pytest.approx(ce("validation"), abs=1e-4)
