@@ -243,12 +243,13 @@ def authors_windows(doc_ids: list[list[int]], bos_id: int, eos_id: int, seq_len:
 
 
 def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: int | None = None,
-            val_tokens: int = 1_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True,
+            val_tokens: int = 2_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True,
             layout: str = "authors", seq_len: int = 1024, group_docs: int = AUTHORS_GROUP_DOCS) -> dict:
     """Tokenize `source` into out_dir/{val,train}.bin + meta.json and return the meta.
 
     layout "bos_chunks": documents (BOS doc EOS each) fill val.bin first, whole documents, until it holds at least
-    `val_tokens` (the paper holds out 1M); the rest go to train.bin, cut at `max_tokens` (required for hub sources:
+    `val_tokens` (the paper holds out 1M; the default 2M holds it twice, a validation and a test part of 977 windows
+    of 1024 each: held_out_part); the rest go to train.bin, cut at `max_tokens` (required for hub sources:
     they are huge).
     layout "authors": the authors' windows (authors_windows, groups of `group_docs` documents) of `seq_len` tokens;
     val.bin holds the first ceil(val_tokens / seq_len) of them (977 for 1M at 1024, as utils.py:218-220 computes) and
@@ -562,7 +563,8 @@ class PrepareConfig:
     out: str = ""  # the token folder to write (required)
     tokenizer: str = ""  # the model's tokenizer: a model folder, a tokenizer file or a hub id (required)
     max_tokens: int | None = None  # train tokens (required for hub sources; train_lora.py: 15000 x 1024)
-    val_tokens: int = 1_000_000  # held-out tokens, written first (the authors hold out 1M)
+    val_tokens: int = 2_000_000  # held-out tokens, written first (the authors hold out 1M: here twice, a validation
+    # and a test part of 1M each, data.held_out_part)
     layout: str = "authors"  # authors (their windows, token by token) | bos_chunks
     seq_len: int = 1024  # window length of the authors layout
     seed: int = 0  # document order of the stdlib and local sources (hub streams keep theirs)
