@@ -2,10 +2,12 @@
 Tokenizers, token shards and the batch loader.
 
     tok = load_tokenizer("google/gemma-2-2b")                     # a model folder, a tokenizer file or a hub id
-    prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out
+    prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out (here
+                                                                   # 2M: a validation and a test part, 1M each)
     python data.py --source redpajama-v2 --out data/rpv2 --tokenizer google/gemma-2-2b --max-tokens 15360000
     loader = TokenLoader("data/pile", "train", batch_size=8, seq_len=1024)
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
+    TokenLoader("data/pile", "test", 8, 1024, shuffle=False)       # held out: "validation" (choices) or "test"
     check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
 
 The offline corpus (the Python standard library's own sources) and its BPE are built by embedded.py with prepare.
