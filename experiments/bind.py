@@ -56,7 +56,8 @@ HINTS = {
              **{r: ["checks.json", "derived.json"] for r in (23, 24, 25, 27, 28, 38)},
              **{r: ["default.json", "default-seed1.json", "derived.json"] for r in (29, 30, 31, 40)},
              32: ["derived.json", "layers.json", "jumprelu.json"], 33: ["layers.json", "derived.json"],
-             39: ["derived.json", "multi.json"], 41: ["multi.json"], 42: ["derived.json", "rank.json"], 1: ["jumprelu.json"]},
+             39: ["derived.json", "multi.json"], 41: ["multi.json"], 42: ["derived.json", "rank.json"],
+             1: ["jumprelu.json"]},
     "SmolLM2": {2: [S + "seeds/adapt1m-r64-seed0.json", S + "seeds/adapt1m-r64-seed1.json",
                     S + "seeds/adapt1m-r64-seed2.json", S + "adapt1m-r64.json", S + "rerun-adapt1m-r64.json",
                     S + "adapt1m-r64-after.json"],
@@ -87,7 +88,8 @@ HINTS = {
                 41: [S + "derived.json", S + "adapt1m-multi5.json", S + "eval-5sae.json"],
                 42: [S + "derived.json", S + "adapt1m-r4.json"]},
 }
-HINTS["results"] = {1: ["default.json", "default-seed1.json"], 2: [S + "adapt1m-r64.json", S + "rerun-adapt1m-r64.json"]}
+HINTS["results"] = {1: ["default.json", "default-seed1.json"],
+                    2: [S + "adapt1m-r64.json", S + "rerun-adapt1m-r64.json"]}
 NOISY = ("history", "per_letter", "bin_edges", "hist_", "provenance", "lora_layers", "sae_layers", "nats_", "curve",
          "distances_authors")  # keys that hold many values: a match there is likely a coincidence
 

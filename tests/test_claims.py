@@ -23,7 +23,8 @@ STATUSES = ("reproduced", "not reproduced", "inconclusive", "not comparable", "n
             "not measured here")
 # words after which a number names something (a section, a layer, a setting) rather than reports a measurement
 REFERENCE_WORDS = {"d_model", "sec.", "secs.", "fig.", "figs.", "table", "tables", "row", "rows", "app.", "eq.", "layer", "layers",
-                   "rank", "ranks", "top", "top-k", "latent", "k", "width", "@", "alpha", "threads", "step", "steps", "f1"}
+                   "rank", "ranks", "top", "top-k", "latent", "k", "width", "@", "alpha", "threads", "step", "steps",
+                   "f1"}
 SUFFIX = {"k": 1e3, "M": 1e6, "B": 1e9}
 NUM = r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?"
 TOKEN = re.compile(rf"^({NUM})(?:-({NUM}))?(%|x|k|M|B)?$")
