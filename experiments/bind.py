@@ -1,6 +1,7 @@
 """Propose a source (results file and key) for every number of the claims table and README's Results that has none.
 
-    python experiments/bind.py            # appends proposals to experiments/sources.tsv for numbers not bound yet
+    python experiments/bind.py            # appends proposals to experiments/sources.tsv for cells not bound yet
+                                          # (delete a changed cell's lines first to have it proposed again)
 
 tests/test_claims.py reads experiments/sources.tsv: each reported number, in the order the cell shows them, with the
 results file and key it is read from; a number that differs from its key's value (as shown, rounded to its last digit,
