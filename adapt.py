@@ -22,7 +22,7 @@ import torch
 import common
 from formats import disk
 import embedded
-from data import TokenLoader, check_data_matches, eval_batches_for, held_out_batches
+from data import HELD_OUT_PARTS, TokenLoader, check_data_matches, eval_batches_for, held_out_batches
 from formats import run_folder
 from formats.peft import save_adapter, save_sae_record
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
@@ -84,13 +84,15 @@ class AdaptConfig:
     eval_tokens: int = 1_000_000  # held-out tokens for the CE / KL table, in whole windows rounded up to whole batches
     # (paper: 1M; the authors' utils.py rounds up too: 977 windows of 1024); at least 1; more than the held-out split
     # holds: all of it, once (a log line says so), as eval.py
-    eval_interval: int = 200  # steps between held-out evaluations
+    eval_interval: int = 200  # steps between held-out evaluations (on the validation part: what choices read)
+    eval_split: str = "test"  # the held-out part of the final, reported numbers: test | validation (to choose a
+    # setting on); the evaluations during training always read validation (data.held_out_part)
     log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 200  # steps between checkpoints (ckpt.pt and the adapter)
     resume: bool = False  # continue from --out/ckpt.pt, with the checkpoint's settings; only --max-tokens,
-    # --micro-batch, --autocast, --dtype, --fsdp, --compile, --kl-chunk, --eval-tokens, the intervals and --device
-    # may differ, and --lr may be lowered (after a divergence). --model, --sae and --data are compared by what their
-    # files hold, not by their paths
+    # --micro-batch, --autocast, --dtype, --fsdp, --compile, --kl-chunk, --eval-tokens, --eval-split, the intervals and
+    # --device may differ, and --lr may be lowered (after a divergence). --model, --sae and --data are compared by what
+    # their files hold, not by their paths
     overwrite: bool = False  # replace the run in --out (its ckpt.pt, adapter and results.json are deleted first)
     seed: int = 0  # adapter initialisation, data order and dropout masks (one stream per rank)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -103,7 +105,7 @@ class AdaptConfig:
             below_one=("dropout",),
             choices=dict(schedule=("linear", "cosine"), kl_reduction=("sequence", "token"),
                          autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
-                         sae_positions=("auto", "all", "no_bos", "no_bos_eos")))
+                         sae_positions=("auto", "all", "no_bos", "no_bos_eos"), eval_split=HELD_OUT_PARTS))
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed), sized for a first result
@@ -125,7 +127,8 @@ def main(argv=None) -> dict:
 # What --resume may change: how long, how often, where and at what precision the run goes on. Every other setting
 # defines what a step trains and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_tokens", "micro_batch", "autocast", "dtype", "fsdp", "compile", "kl_chunk", "eval_tokens",
-                        "eval_interval", "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
+                        "eval_split", "eval_interval", "log_interval", "ckpt_interval", "resume", "overwrite", "device",
+                        "out"})
 OUTPUTS = ("ckpt.pt", "ckpt.prev.pt", "adapter", "results.json")  # what a run writes to --out (--overwrite deletes
 # these); ckpt.prev.pt: the checkpoint before ckpt.pt, kept while the run goes (run_folder.save_checkpoint)
 
@@ -172,14 +175,18 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     # -- data ----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     train = TokenLoader(cfg.data, "train", micro, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, device=ddp.device)
-    val = TokenLoader(cfg.data, "val", micro, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, shuffle=False,
-                      device=ddp.device)
-    val_batches = held_out_batches(val, eval_batches_for(cfg.eval_tokens, micro, cfg.seq_len, ddp.world_size),
-                                   f"--eval-tokens {cfg.eval_tokens:,}", "--micro-batch or --seq-len")
+    held_out_parts = {}  # validation during training; --eval-split for the final, reported numbers
+    for part in dict.fromkeys(("validation", cfg.eval_split)):
+        loader = TokenLoader(cfg.data, part, micro, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
+                             device=ddp.device)
+        held_out_parts[part] = held_out_batches(
+            loader, eval_batches_for(cfg.eval_tokens, micro, cfg.seq_len, ddp.world_size),
+            f"--eval-tokens {cfg.eval_tokens:,}", "--micro-batch or --seq-len")
+    val_batches = held_out_parts["validation"]
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x {cfg.seq_len} tokens; held-out "
-               f"{len(val_batches) * micro * ddp.world_size} windows of {cfg.seq_len}; LoRA dropout {cfg.dropout} "
+               f"{len(val_batches) * micro * ddp.world_size} windows of {cfg.seq_len} a part; LoRA dropout {cfg.dropout} "
                f"{f'for the first {cfg.dropout_steps} steps' if cfg.dropout_steps else 'on every step'}")
 
     # -- optimiser, compile, resume ------------------------------------------------------------------------------------
@@ -216,12 +223,14 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
                                             history=history, elapsed=elapsed, config=asdict(cfg),
                                             inputs=built_from), ckpt_path)
 
-    def held_out():
-        res = evaluate(model, saes, val_batches, kept_ids, chunk=cfg.kl_chunk, amp=amp)
-        history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, **res))
-        common.log(f"step {step} | val CE original {res['ce_base']:.4f} | with SAE {res['ce_sae']:.4f} | with SAE + "
+    def held_out(part="validation"):
+        res = evaluate(model, saes, held_out_parts[part], kept_ids, chunk=cfg.kl_chunk, amp=amp)
+        if part == "validation":
+            history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, **res))
+        common.log(f"step {step} | {part} CE original {res['ce_base']:.4f} | with SAE {res['ce_sae']:.4f} | with SAE + "
                    f"LoRA {res['ce_sae_lora']:.4f} | gap closed {res['gap_closed']:.1%} | KL {res['kl_sae']:.4f} -> "
                    f"{res['kl_sae_lora']:.4f}")
+        return res
 
     if step == 0:
         held_out()
@@ -288,9 +297,11 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
 
     # -- results -------------------------------------------------------------------------------------------------------
     final = next(h for h in reversed(history) if "ce_sae_lora" in h)
+    if cfg.eval_split != "validation":  # the reported numbers: once, at the end, on tokens no choice has read
+        final = held_out(cfg.eval_split)
     reported = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "positions")
     results = dict({k: final[k] for k in reported}, tokens_per_s=step * tokens_per_step / max(elapsed, 1e-9),
-                   train_tokens=step * tokens_per_step, train_seconds=elapsed, steps=step,
+                   eval_split=cfg.eval_split, train_tokens=step * tokens_per_step, train_seconds=elapsed, steps=step,
                    sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers, config=asdict(cfg),
                    config_sources=common.sources(cfg), history=history)
     if ddp.master:

@@ -2,10 +2,12 @@
 Tokenizers, token shards and the batch loader.
 
     tok = load_tokenizer("google/gemma-2-2b")                     # a model folder, a tokenizer file or a hub id
-    prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out
+    prepare("pile", "data/pile", tok, max_tokens=15_000_000)       # the paper: 15M train tokens, 1M held out (here
+                                                                   # 2M: a validation and a test part, 1M each)
     python data.py --source redpajama-v2 --out data/rpv2 --tokenizer google/gemma-2-2b --max-tokens 15360000
     loader = TokenLoader("data/pile", "train", batch_size=8, seq_len=1024)
     x = loader.next_batch()                                        # (8, 1024) int64, every row starts with BOS
+    TokenLoader("data/pile", "test", 8, 1024, shuffle=False)       # held out: "validation" (choices) or "test"
     check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
 
 The offline corpus (the Python standard library's own sources) and its BPE are built by embedded.py with prepare.
@@ -244,12 +246,13 @@ def authors_windows(doc_ids: list[list[int]], bos_id: int, eos_id: int, seq_len:
 
 
 def prepare(source: str, out_dir: str, tokenizer: Tokenizer | str, max_tokens: int | None = None,
-            val_tokens: int = 1_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True,
+            val_tokens: int = 2_000_000, seed: int = 0, dtype: str | None = None, verbose: bool = True,
             layout: str = "authors", seq_len: int = 1024, group_docs: int = AUTHORS_GROUP_DOCS) -> dict:
     """Tokenize `source` into out_dir/{val,train}.bin + meta.json and return the meta.
 
     layout "bos_chunks": documents (BOS doc EOS each) fill val.bin first, whole documents, until it holds at least
-    `val_tokens` (the paper holds out 1M); the rest go to train.bin, cut at `max_tokens` (required for hub sources:
+    `val_tokens` (the paper holds out 1M; the default 2M holds it twice, a validation and a test part of 977 windows
+    of 1024 each: held_out_part); the rest go to train.bin, cut at `max_tokens` (required for hub sources:
     they are huge).
     layout "authors": the authors' windows (authors_windows, groups of `group_docs` documents) of `seq_len` tokens;
     val.bin holds the first ceil(val_tokens / seq_len) of them (977 for 1M at 1024, as utils.py:218-220 computes) and
@@ -436,6 +439,27 @@ def check_data_matches(data_dir: str, model, tokenizer: Tokenizer | str | None =
 # ----------------------------------------------------------------------------------------------------------------------
 # The batch loader
 
+# The held-out split (val.bin) in two parts: every choice (lr, budget, k, layer) is made on "validation" and every
+# reported number measured on "test", so no reported number is read on the tokens that chose it.
+HELD_OUT_PARTS = ("validation", "test")
+HELD_OUT_SEED = 0  # fixed, not a run's --seed: runs with different seeds are measured on the same windows
+
+
+def held_out_part(n_windows: int, part: str, seed: int = HELD_OUT_SEED) -> np.ndarray:
+    """The windows of `part` among the held-out split's `n_windows`, in the order an evaluation reads them.
+
+    The split is cut into consecutive pairs of windows and a seeded coin sends one of each pair to validation, the
+    other to test (an odd last window to neither): both parts run through the whole split, so each holds a whole
+    window of every held-out document as long as four windows. The order is a seeded permutation of the part: an
+    evaluation budget smaller than the part reads windows drawn from across the split, not its first documents."""
+    if part not in HELD_OUT_PARTS:
+        raise ValueError(f"unknown held-out part {part!r} (expected one of {', '.join(HELD_OUT_PARTS)})")
+    pairs = n_windows // 2
+    coin = np.random.default_rng([seed, n_windows]).integers(0, 2, pairs)
+    mine = 2 * np.arange(pairs) + (coin if part == "validation" else 1 - coin)
+    return mine[np.random.default_rng([seed, n_windows, 1 + HELD_OUT_PARTS.index(part)]).permutation(pairs)]
+
+
 
 class TokenLoader:
     """Windows of seq_len tokens, each BOS followed by the next seq_len - 1 tokens of the stream ("bos_chunks"), or
@@ -451,6 +475,9 @@ class TokenLoader:
     world_size takes every world_size-th span of it starting at r, so ranks never share a window and together they
     see, step by step, the windows of a single process whose batch is the global batch. The position (epoch, index)
     is the whole state: `state_dict` / `load_state_dict` resume exactly.
+
+    split: "train", "val" (the whole held-out split, in order) or one of its parts, "validation" / "test"
+    (held_out_part: its windows only, in its own order; shuffle=False keeps that order).
     """
 
     def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
@@ -459,7 +486,7 @@ class TokenLoader:
             raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got seq_len={seq_len}, batch_size={batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.tokens = load_tokens(data_dir, split)
+        self.tokens = load_tokens(data_dir, "val" if split in HELD_OUT_PARTS else split)
         meta = load_meta(data_dir)
         self.bos_id = meta["bos_id"]
         # datasets written before layouts had names carry a description of "bos_chunks" there
@@ -473,6 +500,9 @@ class TokenLoader:
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.device = torch.device(device)
         self.n_windows = len(self.tokens) // self.span
+        self.part = held_out_part(self.n_windows, split) if split in HELD_OUT_PARTS else None
+        if self.part is not None:
+            self.n_windows = len(self.part)
         self.per_rank = self.n_windows // world_size
         if self.per_rank == 0:
             raise ValueError(f"seq_len {seq_len} is larger than the data: {data_dir} {split} has {len(self.tokens)} "
@@ -487,6 +517,8 @@ class TokenLoader:
             # strided: rank r takes windows r, r + W, r + 2W, ... so that at every step the ranks' batches together
             # are exactly the batch one process with the global batch size would take (DDP == single process)
             self._order = order[self.rank:self.per_rank * self.world_size:self.world_size]
+            if self.part is not None:  # positions in the part -> windows of the held-out split
+                self._order = self.part[self._order]
             self._order_epoch = self.epoch
         return self._order
 
@@ -555,7 +587,8 @@ class PrepareConfig:
     # folder then read the new tokens)
     tokenizer: str = ""  # the model's tokenizer: a model folder, a tokenizer file or a hub id (required)
     max_tokens: int | None = None  # train tokens (required for hub sources; train_lora.py: 15000 x 1024)
-    val_tokens: int = 1_000_000  # held-out tokens, written first (the authors hold out 1M)
+    val_tokens: int = 2_000_000  # held-out tokens, written first (the authors hold out 1M: here twice, a validation
+    # and a test part of 1M each, data.held_out_part)
     layout: str = "authors"  # authors (their windows, token by token) | bos_chunks
     seq_len: int = 1024  # window length of the authors layout
     seed: int = 0  # document order of the stdlib and local sources (hub streams keep theirs)

@@ -82,6 +82,7 @@ class EvalConfig:
     # adapt.py trained around other SAEs than --sae: evaluated all the same, with a warning line
     tokenizer: str | None = None  # for steering texts and benchmarks; none: the model's own
     data: str | None = None  # token folder (data.prepare) whose val split is the held-out set
+    eval_split: str = "test"  # the held-out part read: test (reported numbers) | validation (choices; data.py)
     out: str = "out/eval"  # eval.json, eval.md and the plots go here (eval.partial.json while it runs: the parts
     # done so far, kept if it fails); a new or empty folder
     overwrite: bool = False  # --out holds files: replace eval.json, eval.md and the plots there (the rest is kept)
@@ -134,7 +135,7 @@ class EvalConfig:
                             "saebench_words"),
             non_negative=("latent", "seed"),  # --gen-tokens and --temperature: generate.check_args
             choices=dict(autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
-                         sae_positions=("auto", "all", "no_bos", "no_bos_eos")))
+                         sae_positions=("auto", "all", "no_bos", "no_bos_eos"), eval_split=("validation", "test")))
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
@@ -511,10 +512,10 @@ def check_adapter(model, folder: str, saes=(), model_name: str | None = None):
 def load_batches(cfg: EvalConfig, model, seq_len: int, device) -> list[torch.Tensor]:
     from data import TokenLoader, check_data_matches, eval_batches_for, held_out_batches
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
-    loader = TokenLoader(cfg.data, "val", cfg.batch_size, seq_len, shuffle=False, device=device)
+    loader = TokenLoader(cfg.data, cfg.eval_split, cfg.batch_size, seq_len, shuffle=False, device=device)
     batch = min(cfg.batch_size, loader.n_windows)  # never repeat a window to fill a batch
     if batch < cfg.batch_size:
-        loader = TokenLoader(cfg.data, "val", batch, seq_len, shuffle=False, device=device)
+        loader = TokenLoader(cfg.data, cfg.eval_split, batch, seq_len, shuffle=False, device=device)
     return held_out_batches(loader, eval_batches_for(cfg.eval_tokens, batch, seq_len), f"--eval-tokens "
                             f"{cfg.eval_tokens:,}", "--seq-len")
 

@@ -70,6 +70,8 @@ class E2EConfig:
     eval_interval: int = 200  # steps between validation CE-with-SAE measurements
     eval_batches: int = 8  # validation batches of batch_size sequences; at most
     # what the held-out split holds (capped, with a log line)
+    eval_split: str = "validation"  # the held-out part these evaluations read: validation (they steer the run: when
+    # to stop, which lr) | test; an SAE's reported CE comes from adapt.py's or eval.py's test part (data.py)
     resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --compile,
     # --kl-chunk, --log-interval, --eval-interval, --eval-batches and --device may differ, and --lr may be lowered
     # (after a divergence). --model, --data and --init are compared by what their files hold, not by their paths
@@ -83,7 +85,8 @@ class E2EConfig:
                             "kl_chunk", "log_interval", "eval_interval", "eval_batches"),
             non_negative=("dead_tokens", "ds_coef", "mse_coef"), fractions=("warmup_frac", "decay_frac"),
             choices=dict(recipe=("gao", "authors"), kl_reduction=("sequence", "token"),
-                         sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS)))
+                         sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS),
+                         eval_split=("validation", "test")))
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
@@ -157,7 +160,7 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
                          device=ddp.device)
-    val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, shuffle=False,
+    val = TokenLoader(cfg.data, cfg.eval_split, cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
                       device=ddp.device)
     val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
                                    "--batch-size or --seq-len")

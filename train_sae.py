@@ -67,6 +67,8 @@ class TrainSAEConfig:
     eval_interval: int = 500  # steps between validation CE-with-SAE measurements
     eval_batches: int = 4  # validation batches of model_batch sequences; at most
     # what the held-out split holds (capped, with a log line)
+    eval_split: str = "validation"  # the held-out part these evaluations read: validation (they steer the run: when
+    # to stop, which lr) | test; an SAE's reported CE comes from adapt.py's or eval.py's test part (data.py)
     resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --dtype,
     # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ, and --lr may be lowered
     # (after a divergence). --model and --data are compared by what their files hold, not by their paths
@@ -81,7 +83,8 @@ class TrainSAEConfig:
                             "eval_batches"),
             non_negative=("dead_tokens", "l0_coef", "auxk_coef"), fractions=("warmup_frac", "decay_frac"),
             choices=dict(recipe=("gao", "authors"), arch=("topk", "batchtopk", "jumprelu"),
-                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS))
+                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
+                         eval_split=("validation", "test")))
 
 
 # Without --model: the embedded pipeline's SAE recipe (its cache folder is named by it), written to out/sae-tiny
@@ -219,7 +222,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
     loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
                          device=ddp.device)
-    val = TokenLoader(cfg.data, "val", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed, shuffle=False,
+    val = TokenLoader(cfg.data, cfg.eval_split, cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
                       device=ddp.device)
     val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
                                    "--model-batch or --seq-len")

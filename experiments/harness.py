@@ -174,7 +174,7 @@ def held_out_batches(cfg: ExpConfig, device) -> tuple[adapt.AdaptConfig, list[to
     from data import TokenLoader
     a = common.fill(adapt.AdaptConfig(), set(), adapt.TINY if tiny(cfg) else {})
     micro = a.micro_batch or a.batch_size
-    val = TokenLoader(embedded_paths(cfg)[1], "val", micro, a.seq_len, 0, 1, a.seed, shuffle=False, device=device)
+    val = TokenLoader(embedded_paths(cfg)[1], a.eval_split, micro, a.seq_len, 0, 1, shuffle=False, device=device)
     return a, [val.next_batch() for _ in range(max(1, a.eval_tokens // (micro * a.seq_len)))]
 
 

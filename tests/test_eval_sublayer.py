@@ -118,7 +118,7 @@ def test_train_a_transcoder_then_eval_it_with_an_adapter_and_an_attention_sae(tm
     res = eval_cli(tmp_path, "ev", "--sae", str(tmp_path / "tc"), "--adapter", str(tmp_path / "adapter"),
                    "--generate", PROMPT, "--gen-tokens", str(NEW))
     assert res["model"] == model_dir and res["saes"][0]["site"] == "transcoder"
-    loader = TokenLoader(res["config"]["data"], "val", BATCH, SEQ, shuffle=False)
+    loader = TokenLoader(res["config"]["data"], "test", BATCH, SEQ, shuffle=False)
     batches = [loader.next_batch() for _ in range(TOKENS // (BATCH * SEQ))]
     bos, layer = model.cfg.bos_token_id, tc.layer
     block = model.model.layers[layer]

@@ -127,17 +127,17 @@ def test_a_wrong_flag_fails_the_check(monkeypatch):
 
 
 def test_adapt_defaults_on_a_real_model_layout_are_the_authors_run(tmp_path):
-    """No flags but the files: 15,000 steps of 1 x 1024 tokens and 977 held-out windows (train_lora.py's 15,000
+    """No flags but the files: 15,000 steps of 1 x 1024 tokens and 977 held-out windows a part (train_lora.py's 15,000
     sequences; utils.py's ceil(1M / 1024) validation windows). The plan is printed before training starts."""
     import numpy as np
     from tests.tiny import BOS, EOS, VOCAB, make_model, make_sae
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
-    for split, n in (("train", 8 * 1024), ("val", 1_001_000)):
+    for split, n in (("train", 8 * 1024), ("val", 2_002_000)):  # data.prepare's default: 1M for each held-out part
         rng.integers(3, VOCAB, n, dtype=np.uint16).tofile(data / f"{split}.bin")
     (data / "meta.json").write_text(json.dumps(dict(vocab_size=VOCAB, dtype="uint16", train_tokens=8 * 1024,
-                                                    val_tokens=1_001_000, bos_id=BOS, eos_id=EOS, source="test")))
+                                                    val_tokens=2_002_000, bos_id=BOS, eos_id=EOS, source="test")))
     cmd = [sys.executable, "adapt.py", "--model", make_model(tmp_path / "model"), "--data", str(data),
            "--sae", make_sae(tmp_path / "sae", layer=1), "--out", str(tmp_path / "out"), "--compile", "false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -151,5 +151,5 @@ def test_adapt_defaults_on_a_real_model_layout_are_the_authors_run(tmp_path):
         proc.kill()
         proc.wait()
     plan = next((x for x in lines if x.startswith("plan:")), "".join(lines))
-    assert "plan: 15,000 optimizer steps of 1 x 1024 tokens; held-out 977 windows of 1024" in plan, plan
+    assert "plan: 15,000 optimizer steps of 1 x 1024 tokens; held-out 977 windows of 1024 a part" in plan, plan
     assert "LoRA dropout 0.1 on every step" in plan, plan

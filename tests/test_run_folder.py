@@ -231,7 +231,7 @@ def test_eval_out_that_is_a_file_is_refused_before_the_evaluation(files, tmp_pat
 def test_eval_tokens_beyond_the_split_are_capped_alike_in_adapt_and_eval(files, tmp_path, capsys):
     import eval as eval_script
     from data import TokenLoader
-    windows = TokenLoader(files["data"], "val", 2, 32, shuffle=False).n_windows  # make_data: 8,000 tokens, 258 windows
+    windows = TokenLoader(files["data"], "test", 2, 32, shuffle=False).n_windows  # make_data: 8,000 tokens, 129 of test
     res = adapt.main(adapt_args(files, tmp_path / "a", "--eval-tokens", "100000000", "--max-tokens", "64"))
     said = capsys.readouterr().out
     assert "--eval-tokens 100,000,000 asks for more than the held-out split holds" in said, said

@@ -52,7 +52,7 @@ def test_topk_training_learns_and_keeps_invariants(files, tmp_path):
     from model import Transformer
     ce = [h for h in out["history"] if "ce_sae" in h][-1]
     model = Transformer.from_pretrained(files["model"])
-    idx = TokenLoader(files["data"], "val", 16, 32, 0, 1, 0, shuffle=False).next_batch()
+    idx = TokenLoader(files["data"], "validation", 16, 32, 0, 1, 0, shuffle=False).next_batch()
     with torch.no_grad():
         def hand_ce(hooks):
             return F.cross_entropy(model(idx, hooks=hooks)[:, :-1].flatten(0, 1).double(), idx[:, 1:].flatten()).item()

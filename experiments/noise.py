@@ -1,0 +1,186 @@
+"""The noise floor of the gap closed, and the differences the claims table's statuses rest on, as a results file.
+
+    python experiments/noise.py     # reads experiments/results/, writes experiments/results/noise.json
+
+The rule (experiments/README.md, above the claims table): a status other than "inconclusive" needs a difference
+beyond 2 standard errors of the seeds' spread, or a stated test. With n seeds of one setting, s is their sample
+standard deviation; a mean of n runs has standard error s / sqrt(n), and the difference of two single runs of two
+settings, each with the same spread, has standard error sqrt(2) s: so two single runs are told apart when they differ
+by more than 2 sqrt(2) s (`floor_single_runs`). Every value is written with its formula and the files it reads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+SMOL_SEEDS = [f"smollm2/seeds/adapt1m-r64-seed{s}.json" for s in (0, 1, 2)]
+
+
+def read(rel: str, *keys):
+    with open(os.path.join(RESULTS, rel)) as f:
+        obj = json.load(f)
+    for k in keys:
+        obj = obj[k]
+    return obj
+
+
+def spread(name: str, values: list[float], files: list[str]) -> dict:
+    """Mean, sample SD, SE of the mean and the single-run floor of `values` (fractions), in points of gap closed."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    src = ", ".join(files)
+    return {
+        f"{name}_n": {"value": n, "formula": f"runs: {src}"},
+        f"{name}_mean_points": {"value": 100 * mean, "formula": f"mean gap_closed x 100 of {src}"},
+        f"{name}_sd_points": {"value": 100 * sd, "formula": "sample standard deviation (n - 1) x 100"},
+        f"{name}_se_points": {"value": 100 * sd / math.sqrt(n), "formula": "sd / sqrt(n), x 100"},
+        f"{name}_floor_single_runs_points": {"value": 100 * 2 * math.sqrt(2) * sd,
+                                             "formula": "2 sqrt(2) sd x 100: two standard errors of the difference "
+                                                        "of two single runs"},
+    }
+
+
+def diff(name: str, a: tuple[str, tuple], b: tuple[str, tuple], scale: float = 100.0, what: str = "gap_closed") -> dict:
+    """a - b of two results files' values (file, keys), x scale."""
+    va, vb = read(a[0], *a[1]), read(b[0], *b[1])
+    return {name: {"value": scale * (va - vb),
+                   "formula": f"({a[0]}:{'.'.join(map(str, a[1]))} - {b[0]}:{'.'.join(map(str, b[1]))}) x {scale:g}"
+                              f" ({what})"}}
+
+
+def paired(name: str, a: list[tuple[str, tuple]], base: tuple[str, tuple]) -> dict:
+    """Per seed: a_i - base; their mean, and the SE of that mean (s / sqrt(n)); in the values' own units."""
+    d = [read(f, *k) - read(base[0], *base[1]) for f, k in a]
+    n, mean = len(d), sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+    src = ", ".join(f"{f}:{'.'.join(map(str, k))}" for f, k in a)
+    base_src = f"{base[0]}:{'.'.join(map(str, base[1]))}"
+    out = {f"{name}_seed{i}": {"value": x, "formula": f"{a[i][0]} - {base_src}"} for i, x in enumerate(d)}
+    out[f"{name}_mean"] = {"value": mean, "formula": f"mean over seeds of ({src}) - {base_src}"}
+    out[f"{name}_se"] = {"value": se, "formula": "sample sd of the per-seed differences / sqrt(n)"}
+    out[f"{name}_in_se"] = {"value": mean / se if se else None, "formula": "mean / se"}
+    return out
+
+
+def nats_recovered(rel: str) -> float:
+    return read(rel, "ce_sae") - read(rel, "ce_sae_lora")
+
+
+def main():
+    t0 = time.time()
+    v: dict = {}
+    smol = "smollm2/"
+    # -- the noise floors -------------------------------------------------------------------------------------------
+    have = [f for f in SMOL_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
+    if len(have) >= 2:
+        v.update(spread("smollm2_test_r64", [read(f, "gap_closed") for f in have], have))
+        v["smollm2_test_r64_gap_left_nats_mean"] = {
+            "value": sum(read(f, "ce_sae_lora") - read(f, "ce_base") for f in have) / len(have),
+            "formula": f"mean of ce_sae_lora - ce_base over {', '.join(have)}"}
+    tiny = ["default.json", "default-seed1.json"]
+    v.update(spread("tiny_default", [read(f, "adapt", "gap_closed") for f in tiny], tiny))
+    # -- SmolLM2 rows: differences of single runs (one seed each) ---------------------------------------------------
+    r64 = (smol + "rerun-adapt1m-r64.json", ("gap_closed",))
+    k32, k128 = (smol + "adapt1m-r64-k32.json", ("gap_closed",)), (smol + "adapt1m-r64-k128.json", ("gap_closed",))
+    v.update(diff("row4_k128_minus_k32_points", k128, k32))
+    v.update(diff("row4_k64_minus_k32_points", r64, k32))
+    v.update(diff("row4_k128_minus_k64_points", k128, r64))
+    for k, f in (("k32", "adapt1m-r64-k32.json"), ("k64", "rerun-adapt1m-r64.json"), ("k128", "adapt1m-r64-k128.json")):
+        v[f"row4_{k}_nats_recovered"] = {"value": nats_recovered(smol + f),
+                                         "formula": f"{smol}{f}: ce_sae - ce_sae_lora (nats)"}
+    e4, e16 = (smol + "adapt1m-r64-e4.json", ("gap_closed",)), (smol + "adapt1m-r64-e16.json", ("gap_closed",))
+    v.update(diff("row5_width9216_minus_4608_points", e16, r64))
+    v.update(diff("row5_width9216_minus_2304_points", e16, e4))
+    s8, s22 = (smol + "adapt1m-r64-sae8.json", ("gap_closed",)), (smol + "adapt1m-r64-sae22.json", ("gap_closed",))
+    v.update(diff("row6_layer15_minus_layer8_points", r64, s8))
+    v.update(diff("row6_layer15_minus_layer22_points", r64, s22))
+    v.update(diff("row7_rank64_minus_rank4_points", (smol + "adapt1m-r64.json", ("gap_closed",)),
+                  (smol + "adapt1m-r4.json", ("gap_closed",))))
+    v.update(diff("row33_layer16_minus_layer22_points", (smol + "adapt1m-r64-L16.json", ("gap_closed",)),
+                  (smol + "adapt1m-r64-L22only.json", ("gap_closed",))))
+    v.update(diff("row39_one_minus_three_saes_points", r64, (smol + "adapt1m-multi3.json", ("gap_closed",))))
+    v["row9_e2e_token_share"] = {"value": read(smol + "e2e-463k.json", "matched_flops", "run_tokens") / 1048576,
+                                 "formula": f"{smol}e2e-463k.json: matched_flops.run_tokens / the TopK SAE's 1,048,576"}
+    d = read(smol + "derived.json", "rerun")
+    v["row27_hellaswag_sae_lora_minus_sae_in_se"] = {
+        "value": d["hellaswag_acc_sae_lora_minus_sae_points"]["value"] /
+        d["hellaswag_acc_sae_lora_minus_sae_paired_se_points"]["value"],
+        "formula": f"{smol}derived.json: rerun.hellaswag_acc_sae_lora_minus_sae_points / its paired_se_points"}
+    v["row42_rank4_params"] = {"value": read(smol + "derived.json", "rank4_params_share_of_model") *
+                               read(smol + "derived.json", "model_parameters"),
+                               "formula": f"{smol}derived.json: rank4_params_share_of_model x model_parameters"}
+    for name, f, i in (("row13_e2e_over_adapt_backward", "frontier.json", 4),
+                       ("row13_e2e4m_over_adapt_backward", "frontier-e2e4m.json", 5)):
+        v[name] = {"value": read(f, "speedups", i, "e2e_backward") / read(f, "speedups", 0, "topk_lora_backward"),
+                   "formula": f"{f}: speedups[{i}].e2e_backward (the e2e run's sequences) / speedups[0]."
+                              "topk_lora_backward (one adaptation's)"}
+    # -- SmolLM2 rows 10 and 34: the e2e comparison's design, and the share closed as the tokens grow ---------------
+    fr = smol + "frontier.json"
+    v["row10_cap_ratio"] = {"value": read(fr, "e2e", -1, "flops") / read(fr, "topk_sae_flops"),
+                            "formula": f"{fr}: e2e[-1].flops / topk_sae_flops: the largest e2e / TopK + LoRA FLOPs "
+                                       "ratio possible, since TopK + LoRA starts after the whole TopK SAE's run"}
+    v.update(diff("row10_margin_nats", (fr, ("e2e", -1, "ce_sae")), (smol + "adapt1m-r64.json",
+                  ("gap_closed_at_eval_points", 1, "ce_sae_lora")), scale=1.0, what="CE, nats"))
+    v.update(diff("sae_rerun_ce_spread_nats", (smol + "sae-L15-1m.json", ("held_out", "ce_sae")),
+                  (smol + "rerun-sae-L15-1m.json", ("held_out", "ce_sae")), scale=1.0, what="CE with the SAE, nats"))
+    pts = (smol + "adapt1m-r64.json", "gap_closed_at_eval_points")
+    for a, b in ((2, 1), (3, 2), (4, 3)):
+        tok = read(pts[0], pts[1], a, "tokens")
+        v.update(diff(f"row34_rise_to_{tok}_points", (pts[0], (pts[1], a, "gap_closed")),
+                      (pts[0], (pts[1], b, "gap_closed"))))
+    # -- tiny rows 18-20: SAEBench, the adapted model per seed against the base model (both seeds' base: the same) --
+    v.update(_saebench(tiny))
+    wall = time.time() - t0
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    out = {"values": v, "command": "python experiments/noise.py", "commit": commit or None,
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; reads files only",
+           "date": time.strftime("%Y-%m-%d"), "wall_seconds": wall}
+    with open(os.path.join(RESULTS, "noise.json.tmp"), "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(os.path.join(RESULTS, "noise.json.tmp"), os.path.join(RESULTS, "noise.json"))
+    print(f"wrote experiments/results/noise.json: {len(v)} values", file=sys.stderr)
+
+
+THRESHOLDS = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's SCR and TPP thresholds
+SAEBENCH = {  # name: (task, the keys averaged)
+    "scr_mean": ("scr", [f"scr_metric_threshold_{t}" for t in THRESHOLDS]),
+    "tpp_mean": ("tpp", [f"tpp_threshold_{t}_total_metric" for t in THRESHOLDS]),
+    **{f"sparse_probing_top{k}": ("sparse_probing", [f"sae_top_{k}_test_accuracy"]) for k in (1, 2, 5, 10, 20, 50)},
+    "sparse_probing_test": ("sparse_probing", ["sae_test_accuracy"]),
+}
+
+
+def _saebench(files: list[str]) -> dict:
+    """Rows 18-20 on the tiny model: per seed, the adapted model's SAEBench number minus the base model's; the mean
+    over seeds and its standard error (eval.saebench.settings.{adapted,base} of each file)."""
+    out = {}
+    for name, (task, keys) in SAEBENCH.items():
+        def metric(f, setting):
+            d = read(f, "eval", "saebench", "settings", setting, task)
+            return sum(d[k] for k in keys) / len(keys)
+        per = [metric(f, "adapted") - metric(f, "base") for f in files]
+        n, mean = len(per), sum(per) / len(per)
+        se = math.sqrt(sum((x - mean) ** 2 for x in per) / (n - 1)) / math.sqrt(n)
+        what = f"mean of {task}.{{{', '.join(keys)}}}" if len(keys) > 1 else f"{task}.{keys[0]}"
+        for f, x in zip(files, per):
+            out[f"tiny_saebench_{name}_{f[:-5]}_adapted"] = {
+                "value": metric(f, "adapted"), "formula": f"{f}: eval.saebench.settings.adapted: {what}"}
+        out[f"tiny_saebench_{name}_base"] = {"value": metric(files[0], "base"),
+                                             "formula": f"{files[0]}: eval.saebench.settings.base: {what}"}
+        out[f"tiny_saebench_{name}_diff_mean"] = {"value": mean, "formula": "mean over seeds of adapted - base"}
+        out[f"tiny_saebench_{name}_diff_se"] = {"value": se, "formula": "sample sd of the per-seed differences / "
+                                                                         "sqrt(n seeds)"}
+        out[f"tiny_saebench_{name}_diff_in_se"] = {"value": mean / se if se else None, "formula": "mean / se"}
+    return out
+
+
+if __name__ == "__main__":
+    main()
