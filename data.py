@@ -116,7 +116,7 @@ class Tokenizer:
     def _load_gguf(self, path):
         """A GGUF file's tokenizer (formats/gguf.py keeps its metadata as tokenizer.gguf.json): a byte-level BPE in
         tiktoken, or Gemma's sentencepiece vocabulary as the sentencepiece model written beside it at conversion."""
-        from formats.gguf import SENTENCEPIECE_FILE, added_tokens, bpe_encoding
+        from formats.gguf import SENTENCEPIECE_FILE, added_tokens, bpe_encoding, literal_matcher
         spec = disk.read_json(path, f"{path}: no such file")
         sp_model = os.path.join(os.path.dirname(path), SENTENCEPIECE_FILE)
         if spec.get("model") == "llama" and os.path.isfile(sp_model):
@@ -129,7 +129,7 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             user = {}  # sentencepiece matches its user-defined pieces itself
         self._added = {**self.special, **user}
-        self._matchers = {False: _literal_matcher(self._added), True: _literal_matcher(user)}
+        self._matchers = {False: literal_matcher(self._added), True: literal_matcher(user)}
         self.vocab_size = len(spec["tokens"])
         self.bos_id, self.eos_id = spec.get("bos_token_id"), spec.get("eos_token_id")
         self.pad_id = spec.get("padding_token_id")
@@ -205,25 +205,6 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer({self.kind}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
-
-
-def _literal_matcher(strings) -> re.Pattern | None:
-    """A regex finding any of `strings`, leftmost and longest first (as the added-token matcher of HF's tokenizers
-    does), written as a trie so that thousands of strings (Gemma's 6,249 control tokens) still match fast."""
-    trie = {}
-    for s in strings:
-        node = trie
-        for c in s:
-            node = node.setdefault(c, {})
-        node[""] = True
-
-    def pattern(node):
-        alts = [re.escape(c) + pattern(child) for c, child in node.items() if c]
-        if not alts:
-            return ""
-        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
-        return f"(?:{body})?" if "" in node else body  # greedy: the longer token first
-    return re.compile(pattern(trie)) if trie else None
 
 
 def load_tokenizer(path: str) -> Tokenizer:
