@@ -128,7 +128,7 @@ class Tokenizer:
         self.special, user = added_tokens(spec)
         if self.kind == "sentencepiece":
             user = {}  # sentencepiece matches its user-defined pieces itself
-        self._added = {**self.special, **user}
+        self._added, self._special_names = {**self.special, **user}, {i: t for t, i in self.special.items()}
         self._matchers = {False: literal_matcher(self._added), True: literal_matcher(user)}
         self.vocab_size = len(spec["tokens"])
         self.bos_id, self.eos_id = spec.get("bos_token_id"), spec.get("eos_token_id")
@@ -193,7 +193,7 @@ class Tokenizer:
         if not self.special:
             return self.sp.decode(ids)
         # sentencepiece writes control tokens as nothing; transformers (a GGUF's reference) writes their strings
-        names, out, run = {i: t for t, i in self.special.items()}, [], []
+        names, out, run = self._special_names, [], []
         for i in ids + [None]:
             if i is None or i in names:
                 out.append(self.sp.decode(run))
