@@ -60,15 +60,19 @@ TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.ggu
 
 
 class Tokenizer:
-    """`encode` / `decode` plus the ids a model config needs. Special-token strings inside the text are encoded as
-    plain text (Meta's and sentencepiece's default), so a corpus that quotes "<|end_of_text|>" cannot forge one."""
+    """`encode` / `decode` plus the ids a model config needs. Special-token strings inside the text: a GGUF's
+    tokenizer reads them as transformers' tokenizer for the file does (`split_special_tokens=False`, its default:
+    "<|im_start|>" is one token), the others as plain text (Meta's and sentencepiece's default, so a corpus that
+    quotes "<|end_of_text|>" cannot forge one); `encode(..., split_special_tokens=)` chooses per call."""
 
     def __init__(self, path: str):
         self.path, self.gguf = path, False
+        self.split_special_tokens, self.special, self._added = True, {}, {}
+        self._matchers = {True: None, False: None}
         with open(path, "rb") as f:
             head = f.read(256).split(b"\n", 1)[0]
         if path.endswith(".gguf.json"):
-            self._load_gguf_bpe(path)
+            self._load_gguf(path)
         elif _TIKTOKEN_LINE.match(head):
             self._load_tiktoken(path)
         else:
@@ -112,34 +116,57 @@ class Tokenizer:
         self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
         self.pad_id = None
 
-    def _load_gguf_bpe(self, path):
-        """A GGUF file's byte-level BPE (formats/gguf.py keeps its metadata as tokenizer.gguf.json)."""
-        from formats.gguf import bpe_encoding
+    def _load_gguf(self, path):
+        """A GGUF file's tokenizer (formats/gguf.py keeps its metadata as tokenizer.gguf.json): a byte-level BPE in
+        tiktoken, or Gemma's sentencepiece vocabulary as the sentencepiece model written beside it at conversion."""
+        from formats.gguf import SENTENCEPIECE_FILE, added_tokens, bpe_encoding, literal_matcher
         spec = disk.read_json(path, f"{path}: no such file")
-        self.enc, _ = bpe_encoding(spec, os.path.basename(os.path.dirname(os.path.abspath(path))))
-        self.kind, self.gguf = "tiktoken", True
+        sp_model = os.path.join(os.path.dirname(path), SENTENCEPIECE_FILE)
+        if spec.get("model") == "llama" and os.path.isfile(sp_model):
+            self._load_sentencepiece(sp_model)
+        else:
+            self.enc, _ = bpe_encoding(spec, os.path.basename(os.path.dirname(os.path.abspath(path))))
+            self.kind = "tiktoken"
+        self.gguf, self.split_special_tokens = True, False
+        self.special, user = added_tokens(spec)
+        if self.kind == "sentencepiece":
+            user = {}  # sentencepiece matches its user-defined pieces itself
+        self._added, self._special_names = {**self.special, **user}, {i: t for t, i in self.special.items()}
+        self._matchers = {False: literal_matcher(self._added), True: literal_matcher(user)}
         self.vocab_size = len(spec["tokens"])
         self.bos_id, self.eos_id = spec.get("bos_token_id"), spec.get("eos_token_id")
         self.pad_id = spec.get("padding_token_id")
         if self.bos_id is None or self.eos_id is None:
             raise ValueError(f"{path}: the GGUF tokenizer defines no BOS/EOS token (needed to join documents)")
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False,
+               split_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of `text`. split_special_tokens: a special token's string in the text spelled out (True) or
+        read as its id (False); None: this tokenizer's reference default (self.split_special_tokens)."""
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        matcher = self._matchers[split]
+        ids, start = [self.bos_id] if bos else [], 0
+        for m in matcher.finditer(text) if matcher else ():  # added tokens found whole, the text between encoded
+            ids += self._encode_text(text[start:m.start()]) + [self._added[m.group()]]
+            start = m.end()
+        return ids + self._encode_text(text[start:]) + ([self.eos_id] if eos else [])
+
+    def _encode_text(self, text: str) -> list[int]:
         if self.kind == "sentencepiece":
-            return self.sp.encode(text, add_bos=bos, add_eos=eos)
+            return self.sp.encode(text)
         # tiktoken's regex is very slow on huge inputs and on long runs of (non-)whitespace: cut them first, as
         # Meta's reference tokenizer does (400k-character chunks, runs of at most 25k)
         # (a GGUF vocabulary's reference is HF's tokenizer, which does not cut: its chunks end where every split
         # pattern ends a piece, a line break between non-spaces or a letter before punctuation, so nothing changes)
-        ids = [self.bos_id] if bos else []
+        ids = []
         for chunk in (self._chunks(text) if self.gguf else
                       (text[i:i + 400_000] for i in range(0, len(text), 400_000))):
             for piece in re.split(r"(\s{25000}|\S{25000})", chunk):
                 if piece:
                     ids.extend(self.enc.encode_ordinary(piece))
-        if self.kind == "tiktoken" and ids and max(ids) >= self.vocab_size:  # a byte a GGUF vocabulary lacks
+        if ids and max(ids) >= self.vocab_size:  # a byte a GGUF vocabulary lacks
             ids = [i for i in ids if i < self.vocab_size]
-        return ids + ([self.eos_id] if eos else [])
+        return ids
 
     @staticmethod
     def _chunks(text: str, size: int = 400_000):
@@ -154,8 +181,9 @@ class Tokenizer:
         yield text[start:]
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-        if self.kind == "sentencepiece":  # multi-threaded inside sentencepiece
-            return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=os.cpu_count() or 1)
+        matcher = self._matchers[self.split_special_tokens]
+        if self.kind == "sentencepiece" and not (matcher and any(matcher.search(t) for t in texts)):
+            return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=os.cpu_count() or 1)  # threaded
         return [self.encode(t, bos, eos) for t in texts]
 
     def decode(self, ids) -> str:
@@ -163,7 +191,20 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside this tokenizer's vocabulary (size {self.vocab_size})")
-        return self.sp.decode(ids) if self.kind == "sentencepiece" else self.enc.decode(ids)
+        if self.kind == "tiktoken":
+            return self.enc.decode(ids)
+        if not self.special:
+            return self.sp.decode(ids)
+        # sentencepiece writes control tokens as nothing; transformers (a GGUF's reference) writes their strings
+        names, out, run = self._special_names, [], []
+        for i in ids + [None]:
+            if i is None or i in names:
+                out.append(self.sp.decode(run))
+                out.append(names.get(i, ""))
+                run = []
+            else:
+                run.append(i)
+        return "".join(out)
 
     def __repr__(self):
         return f"Tokenizer({self.kind}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"

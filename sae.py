@@ -160,7 +160,8 @@ class SAE(nn.Module):
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.layer, self.model_name, self.hook_name = layer, model_name, None
         # a transcoder (sae_formats: Gemma Scope 2's transcoder_all/) reads block `layer`'s normalised MLP input and
-        # stands in for its MLP sublayer's output; W_skip (d_in, d_in), if any, is its affine skip: + x @ W_skip.T
+        # stands in for its MLP sublayer's output; W_skip (d_out, d_in), if any, is its affine skip, + x @ W_skip.T in
+        # SAELens' layout (a Gemma Scope 2 file's affine_skip_connection, applied as x @ A, is read in as A.T)
         self.transcoder, self.W_skip = False, None
         self.bandwidth = 1e-3  # JumpReLU STE kernel width (Gemma Scope's value for unit-scale inputs)
         self.min_threshold = 1e-6  # JumpReLU: clamp_threshold_ keeps thresholds at least this (theta > 0, Sec. 3.3)

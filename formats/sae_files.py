@@ -314,8 +314,10 @@ def _load_gemma_scope_2(folder: str) -> dict:
     (m, d), b_enc, b_dec, threshold; config.json with architecture "jump_relu", model_name, hf_hook_point_in. The
     same JumpReLU as Gemma Scope: z = (pre > threshold) * relu(pre), pre = x @ w_enc + b_enc (the input not shifted
     by b_dec), x_hat = z @ w_dec + b_dec. Transcoders (transcoder_all/: hf_hook_point_out, maybe an
-    affine_skip_connection, added as x @ W_skip.T) map block L's normalised MLP input (pre_feedforward_layernorm's
-    output) to its MLP sublayer's output (post_feedforward_layernorm's); the splice replaces that sublayer with them."""
+    affine_skip_connection) map block L's normalised MLP input (pre_feedforward_layernorm's output) to its MLP
+    sublayer's output (post_feedforward_layernorm's); the splice replaces that sublayer with them. The release applies
+    every matrix as x @ W, the skip too: its tutorial's JumpReLUSAE returns recon + x @ affine_skip_connection, and
+    SAELens' loader stores W_skip = affine_skip_connection.T for its x @ W_skip.T, as here."""
     cfg_path = os.path.join(folder, "config.json")
     cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     raw = _read_safetensors(os.path.join(folder, "params.safetensors"))
@@ -345,7 +347,8 @@ def _load_gemma_scope_2(folder: str) -> dict:
                 hook_name=f"blocks.{layer}.{hook}" if hook and layer is not None else None,
                 W_enc=raw["w_enc"], W_dec=raw["w_dec"], b_enc=raw["b_enc"], b_dec=raw["b_dec"],
                 threshold=raw["threshold"].clamp_min(0),  # relu(pre) * (pre > t) == pre * (pre > max(t, 0))
-                transcoder=transcoder, W_skip=raw.get("affine_skip_connection"))
+                transcoder=transcoder, W_skip=raw["affine_skip_connection"].T.contiguous()
+                if "affine_skip_connection" in raw else None)
 
 
 def _load_saelens(folder: str) -> dict:

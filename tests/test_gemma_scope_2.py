@@ -110,16 +110,22 @@ def test_cross_layer_transcoders_are_refused_in_one_line_mlp_out_saes_load(cache
 # Transcoders: block L's MLP sublayer replaced by the transcoder of its normalised input
 
 
-def saelens_skip_transcoder(params, x):
-    """SAELens' JumpReLUSkipTranscoder (sae_lens/saes/transcoder.py): feature_acts = relu(hidden_pre) *
-    (hidden_pre > threshold), hidden_pre = x @ W_enc + b_enc; sae_out = feature_acts @ W_dec + b_dec + x @ W_skip.T
-    (W_skip = the file's affine_skip_connection, absent without _affine)."""
-    _, out = saelens_jumprelu(params, x)
-    return out + x @ params["affine_skip_connection"].T if "affine_skip_connection" in params else out
+def release_forward(params, x):
+    """The release's own definition of its SAEs and transcoders: the forward of the JumpReLUSAE class in Google's
+    Gemma Scope 2 tutorial, as written there (input_acts = x; every matrix applied as x @ W, the skip too):
+        pre_acts = input_acts @ w_enc + b_enc; acts = mask * relu(pre_acts), mask = (pre_acts > threshold)
+        recon = acts @ w_dec + b_dec; forward: recon + x @ affine_skip_connection (folders named _affine)"""
+    pre_acts = x @ params["w_enc"] + params["b_enc"]
+    mask = (pre_acts > params["threshold"])
+    acts = mask * torch.nn.functional.relu(pre_acts)
+    recon = acts @ params["w_dec"] + params["b_dec"]
+    if "affine_skip_connection" in params:
+        return recon + x @ params["affine_skip_connection"]
+    return recon
 
 
 @pytest.mark.parametrize("skip", [True, False], ids=["affine", "plain"])
-def test_transcoder_loads_with_its_affine_skip_as_saelens_defines_it(cache, tmp_path, skip):
+def test_transcoder_loads_with_its_affine_skip_as_the_release_defines_it(cache, tmp_path, skip):
     files, params = release_files(tmp_path, 2, site="transcoder_all", skip=skip)
     put(cache, REPO, files)
     tc = SAE.from_pretrained(f"{REPO}/transcoder_all/layer_2_width_16k_l0_small" + ("_affine" if skip else ""))
@@ -127,9 +133,11 @@ def test_transcoder_loads_with_its_affine_skip_as_saelens_defines_it(cache, tmp_
     assert (tc.W_skip is not None) == skip
     x = torch.randn(7, D)
     with torch.no_grad():
-        assert_close(tc(x), saelens_skip_transcoder(params, x), 1e-6)
-        if skip:  # the skip term is not negligible in this fixture
+        assert_close(tc(x), release_forward(params, x), 1e-6)
+        if skip:  # the skip term is not negligible in this fixture, nor the orientation of its matrix
             assert (tc(x) - saelens_jumprelu(params, x)[1]).norm() > 0.1 * tc(x).norm()
+            transposed = {**params, "affine_skip_connection": params["affine_skip_connection"].T}
+            assert (tc(x) - release_forward(transposed, x)).norm() > 0.1 * tc(x).norm()
 
 
 def hf_with_transcoder(ref, layer, params, kept_at=None):
@@ -139,8 +147,8 @@ def hf_with_transcoder(ref, layer, params, kept_at=None):
     block, seen = ref.model.layers[layer], {}
     handles = [block.pre_feedforward_layernorm.register_forward_hook(lambda m, i, o: seen.update(h=o)),
                block.post_feedforward_layernorm.register_forward_hook(
-                   lambda m, i, o: saelens_skip_transcoder(params, seen["h"]) if kept_at is None
-                   else torch.where(kept_at, o, saelens_skip_transcoder(params, seen["h"])))]
+                   lambda m, i, o: release_forward(params, seen["h"]) if kept_at is None
+                   else torch.where(kept_at, o, release_forward(params, seen["h"])))]
     return handles
 
 

@@ -18,6 +18,7 @@ gguf = None  # the optional reader, which every test here needs: imported per te
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("The quick brown fox jumps over the lazy dog. It's 12345 o'clock!\n\n    def f(x):\n        return x ** 2\n"
         "Ünïcödé — “quotes” and\ttabs   and   spaces.\n\n\n")
+CHAT = "<|im_start|>user\nWhat is 2+2?<|endoftext|> <|im_start <|im_start|><|im_start|>"
 
 
 def _bpe(vocab_size=400):
@@ -163,17 +164,20 @@ def test_tokenizer_matches_transformers(tmp_path):
     write_gguf(path, "llama", "F32")
     ours = data.load_tokenizer(str(path))
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
-    texts = [TEXT, *(corpus.read_text(p) or "" for p in corpus.stdlib_files()[::50])]
+    texts = [TEXT, CHAT, *(corpus.read_text(p) or "" for p in corpus.stdlib_files()[::50])]
     for text in texts:
-        ids = ours.encode(text)
-        assert ids == ref.encode(text, add_special_tokens=False, split_special_tokens=True)
+        ids = ours.encode(text)  # special tokens in the text read as transformers reads them by default
+        assert ids == ref.encode(text, add_special_tokens=False)
+        assert ours.encode(text, split_special_tokens=True) == \
+            ref.encode(text, add_special_tokens=False, split_special_tokens=True)
         assert ours.decode(ids) == text
+    assert ours.encode(CHAT)[:1] == [1] and ours.encode(CHAT, split_special_tokens=True)[0] != 1  # <|im_start|>
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (1, 0, len(ref))
 
 
 def test_sentencepiece_or_merge_disorder_is_one_line():
     from formats.gguf import bpe_encoding
-    with pytest.raises(ValueError, match="GGUF tokenizer 'llama' is not supported"):
+    with pytest.raises(ValueError, match="GGUF tokenizer 'llama' is not supported"):  # (Gemma's: test_gguf_gemma3)
         bpe_encoding({"model": "llama", "tokens": ["a"]}, "x")
     tokens, merges = _bpe(300)  # ids in merge order, as trainers assign them; swapped, tiktoken cannot follow
     i, j = tokens.index("".join(merges[-1].split(" "))), tokens.index("".join(merges[-2].split(" ")))
@@ -239,12 +243,16 @@ def test_smollm2_tokenizer_matches_transformers_on_stdlib_and_prose():
     path = _smollm2()
     ours = data.load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    prose = [TEXT, "SmolLM2 is a family of compact language models. Was it trained on 2T tokens?  Yes — mostly."]
+    chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    prose = [TEXT, chat, "SmolLM2 is a family of compact language models. Was it trained on 2T tokens?  Yes — mostly."]
     paper = "/work/shared/paper.txt"
     if os.path.isfile(paper):
         prose.append(open(paper, encoding="utf-8").read())
     for text in prose + [corpus.read_text(p) or "" for p in corpus.stdlib_files()]:
-        ids = ours.encode(text)
-        assert ids == ref.encode(text, add_special_tokens=False, split_special_tokens=True)
+        ids = ours.encode(text)  # the stdlib quotes "<filename>" once: one id by default, as in transformers
+        assert ids == ref.encode(text, add_special_tokens=False)
         assert ours.decode(ids) == text or any(ord(c) < 32 and c not in "\t\n\r" for c in text)
+    assert ours.encode(chat, split_special_tokens=True) == \
+        ref.encode(chat, add_special_tokens=False, split_special_tokens=True)
+    assert ours.encode(chat)[:1] == [1] and ours.encode(chat, split_special_tokens=True)[:3] == [44, 108, 306]
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (1, 2, 49152)
