@@ -69,6 +69,9 @@ class AdaptConfig:
     sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
     # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
     # no_bos | no_bos_eos
+    skip_norm_above: float | None = None  # also leave alone the positions whose activation norm, where the SAE reads
+    # it, is above this multiple of their window's median (attention sinks; the Qwen3 SAE card's rule is 10), in
+    # training and every evaluation; the held-out evaluation reports how many; none: off
     max_tokens: int = 15_360_000  # training tokens (paper: "15M"; authors' code: 15,000 sequences of 1024)
     batch_size: int = 1  # sequences per optimizer step, over all processes (authors' code: 1)
     micro_batch: int | None = None  # sequences per process per forward; none: batch_size / processes. Smaller
@@ -169,7 +172,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     # blocks 0..L are the same in both passes: run them once (an SAE inside block L changes block L itself)
     first_sae_layer = saes[0][0]  # load_saes sorts them by layer
     share_prefix = min(lora_layers) > first_sae_layer and residual_only(saes)
-    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # positions left unspliced
     kinds = ", ".join(("" if s.site == "resid" else s.site + " ") + s.arch for _, s in saes)
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                f"{[layer for layer, _ in saes]} ({kinds}); LoRA rank {cfg.rank} on "
@@ -241,6 +244,10 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
         common.log(f"step {step} | val CE original {res['ce_base']:.4f} | with SAE {res['ce_sae']:.4f} | with SAE + "
                    f"LoRA {res['ce_sae_lora']:.4f} | gap closed {res['gap_closed']:.1%} | KL {res['kl_sae']:.4f} -> "
                    f"{res['kl_sae_lora']:.4f}")
+        if cfg.skip_norm_above is not None:
+            common.log(f"step {step} | norm rule (> {cfg.skip_norm_above:g} x median): SAE left out at "
+                       f"{res['norm_skipped_sae']:,} / {res.get('norm_skipped_sae_lora', 0):,} of {res['positions']:,} "
+                       f"held-out positions (SAE / SAE + LoRA)")
         if val_pairs:
             common.log(f"step {step} | held-out answers: CE original {res['answer_ce_base']:.4f} | with SAE "
                        f"{res['answer_ce_sae']:.4f} | with SAE + LoRA {res['answer_ce_sae_lora']:.4f} | exact "
@@ -311,7 +318,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     # -- results -------------------------------------------------------------------------------------------------------
     final = next(h for h in reversed(history) if "ce_sae_lora" in h)
     reported = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "positions",
-                *(k for k in final if k.startswith("answer_")))
+                *(k for k in final if k.startswith(("answer_", "norm_skipped_"))))
     results = dict({k: final[k] for k in reported}, tokens_per_s=step * tokens_per_step / max(elapsed, 1e-9),
                    train_tokens=step * tokens_per_step, train_seconds=elapsed, steps=step,
                    sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers, config=asdict(cfg),
