@@ -1,6 +1,7 @@
 """model.py's Qwen2 / Qwen2.5 and Qwen3 (dense) against transformers' Qwen2ForCausalLM / Qwen3ForCausalLM on tiny
 random checkpoints: logits and every hidden state, GQA, tied and untied embeddings, the sliding-window settings."""
 import json
+import os
 
 import pytest
 import torch
@@ -113,3 +114,44 @@ def test_mixture_of_experts_refused_in_one_line(tmp_path, model_type):
     with pytest.raises(ValueError, match=f"'{model_type}' is a mixture-of-experts model") as e:
         Transformer.from_pretrained(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+# -- the tokenizer: Qwen ships only a tokenizer.json ---------------------------------------------------------------------
+
+
+def qwen_tokenizer_folder(folder, vocab_size=600):
+    """A small byte-level BPE trained here, written by transformers' Qwen2Tokenizer (NFC, Qwen2's split pattern, its
+    special tokens) with a config.json naming <|endoftext|> as BOS and EOS, as the Qwen repos do."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import Qwen2Tokenizer
+    import inspect
+    import textwrap
+    text = textwrap.dedent(inspect.getsource(json)) + " Ünïcödé café naïve 12345 \r\n\t  tabs  "
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text] * 3, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    model = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in model["merges"]])
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.add_tokens(["<think>"])
+    tok.save_pretrained(str(folder))
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    (folder / "config.json").write_text(json.dumps({**TINY_QWEN3, "bos_token_id": eot, "eos_token_id": eot}))
+    return tok, text
+
+
+def test_tokenizer_json_encodes_as_transformers(tmp_path):
+    from data import load_tokenizer
+    ref, text = qwen_tokenizer_folder(tmp_path)
+    assert "tokenizer.json" in os.listdir(tmp_path) and "tokenizer.model" not in os.listdir(tmp_path)
+    ours = load_tokenizer(str(tmp_path))
+    eot = ref.convert_tokens_to_ids("<|endoftext|>")
+    assert (ours.bos_id, ours.eos_id) == (eot, eot)
+    decomposed = "cafe\u0301 e\u0301te\u0301"  # NFC composes these: the normaliser must run first
+    for t in (text, decomposed, "def f(x):\n    return x  # 2024 ünïcödé\n\n\n", "<think> plain text"[8:]):
+        assert ours.encode(t) == ref.encode(t, add_special_tokens=False), t[:40]
+    assert ours.decode(ours.encode(text)) == text
+    assert ours.encode(decomposed) != ref.encode(decomposed.replace("\u0301", ""), add_special_tokens=False)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
+    with pytest.raises(ValueError, match="only byte-level BPE tokenizers are supported"):
+        load_tokenizer(str(tmp_path))
