@@ -3,6 +3,7 @@ own causal-LM loss (ForCausalLMLoss, the loss its Trainer and TRL's SFT use) wit
 logged training loss against that reference, training lowering it on held-out pairs, exact resume, one-line errors."""
 import base64
 import json
+import os
 import random
 
 import pytest
@@ -133,3 +134,16 @@ def test_errors(files, tmp_path):
         adapt.main(args(files, tmp_path / "y", "--pairs", str(bad)))
     with pytest.raises(ValueError, match="--objective sft: expected kl or ce"):
         adapt.main(args(files, tmp_path / "z", "--objective", "sft"))
+
+
+def tutorial_commands():
+    from tests.test_readme import ROOT, readme_commands
+    return readme_commands(os.path.join(ROOT, "experiments", "pretrained_sae.md"))
+
+
+@pytest.mark.parametrize("words", tutorial_commands(), ids=lambda w: " ".join(w)[:80])
+def test_tutorial_commands_parse(words, monkeypatch):
+    """experiments/pretrained_sae.md's commands, parsed by their scripts' own argument parsers (test_readme.py's check)."""
+    from tests import test_readme
+    assert words[0] in test_readme.PROGRAMS
+    getattr(test_readme, "check_" + words[0])(words, monkeypatch)
