@@ -115,6 +115,8 @@ class AdaptConfig:
             choices=dict(schedule=("linear", "cosine"), kl_reduction=("sequence", "token"),
                          autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS, objective=("kl", "ce"),
                          sae_positions=("auto", "all", "no_bos", "no_bos_eos")))
+        if self.objective == "ce" and not self.pairs:
+            raise ValueError("--objective ce trains on prompt / answer pairs: pass --pairs FILE.jsonl")
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed), sized for a first result
@@ -187,8 +189,6 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
                                    f"--eval-tokens {cfg.eval_tokens:,}", "--micro-batch or --seq-len")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     val_pairs, pad_id = [], 0
-    if cfg.objective == "ce" and not cfg.pairs:
-        raise ValueError("--objective ce trains on prompt / answer pairs: pass --pairs FILE.jsonl")
     if cfg.pairs:  # Resa's data: trained on with --objective ce, its held-out tenth evaluated with either objective
         tok = load_tokenizer(cfg.model)
         pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
