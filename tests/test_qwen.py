@@ -155,3 +155,11 @@ def test_tokenizer_json_encodes_as_transformers(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
     with pytest.raises(ValueError, match="only byte-level BPE tokenizers are supported"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-qwen3"])
+def test_compile_has_no_graph_breaks(name):
+    import torch._dynamo
+    model = Transformer(ModelConfig.from_name(name)).init_weights(0)
+    explanation = torch._dynamo.explain(model)(tokens(), hooks={1: lambda x: x * 2.0})
+    assert explanation.graph_break_count == 0, explanation.break_reasons
