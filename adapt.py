@@ -6,13 +6,16 @@ LoRA-adapt a frozen language model around frozen SAEs (the paper's method, Sec. 
 
 The model and the SAE(s) stay frozen; only the adapters learn, to minimise Eq. 7, KL(p_orig || p_spliced): the
 original model's next-token distribution against that of the adapted model with the SAE reconstruction spliced into
-its residual stream (splice.py defines it, and every number reported here). The defaults are the authors' run
+its residual stream (splice.py defines it, and every number reported here); or, with --objective ce, Resa's: the
+cross-entropy of the spliced, adapted model on the answers of prompt / answer pairs (answers.py). The defaults are the
+authors' run
 (train_lora.py in their code). Without --model the tiny model's preset (embedded.py) replaces many of them: the first
 lines of the log list which, and results.json records where each value came from (config_sources: typed, preset or
 default). Writes the adapter in PEFT's format, a resumable ckpt.pt and results.json to --out.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +25,8 @@ import torch
 import common
 from formats import disk
 import embedded
-from data import HELD_OUT_PARTS, TokenLoader, check_data_matches, eval_batches_for, held_out_batches
+from answers import PairLoader, answer_losses, evaluate_answers, load_pairs, split_pairs
+from data import HELD_OUT_PARTS, TokenLoader, check_data_matches, eval_batches_for, held_out_batches, load_tokenizer
 from formats import run_folder
 from formats.peft import save_adapter, save_sae_record
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
@@ -46,6 +50,11 @@ class AdaptConfig:
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
     # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
     out: str = "out/adapt"  # the adapter (PEFT format), ckpt.pt and results.json go here
+    objective: str = "kl"  # kl: Eq. 7, KL(p_orig || p_spliced) on --data's windows (the paper) | ce: Resa's
+    # SAE-Tuning, the next-token cross-entropy of the spliced, adapted model on the answer tokens of --pairs, the
+    # prompt masked (answers.py); the held-out evaluation on --data's windows is the same for both
+    pairs: str | None = None  # JSONL file, one {"prompt": ..., "answer": ...} per line: --objective ce trains on it;
+    # with either objective its last tenth is held out, and answer CE / accuracy are reported on it
     rank: int = 64  # LoRA rank (paper: 64)
     alpha: float = 32.0  # LoRA alpha (paper: 32)
     dropout: float = 0.1  # LoRA dropout (authors' code: 0.1), on for every step unless --dropout-steps
@@ -60,6 +69,9 @@ class AdaptConfig:
     sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
     # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
     # no_bos | no_bos_eos
+    skip_norm_above: float | None = None  # also leave alone the positions whose activation norm, where the SAE reads
+    # it, is above this multiple of their window's median (attention sinks; the Qwen3 SAE card's rule is 10), in
+    # training and every evaluation; the held-out evaluation reports how many; none: off
     max_tokens: int = 15_360_000  # training tokens (paper: "15M"; authors' code: 15,000 sequences of 1024)
     batch_size: int = 1  # sequences per optimizer step, over all processes (authors' code: 1)
     micro_batch: int | None = None  # sequences per process per forward; none: batch_size / processes. Smaller
@@ -104,8 +116,10 @@ class AdaptConfig:
             non_negative=("dropout_steps", "weight_decay"), fractions=("warmup_frac", "decay_frac", "min_lr_frac"),
             below_one=("dropout",),
             choices=dict(schedule=("linear", "cosine"), kl_reduction=("sequence", "token"),
-                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
+                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS, objective=("kl", "ce"),
                          sae_positions=("auto", "all", "no_bos", "no_bos_eos"), eval_split=HELD_OUT_PARTS))
+        if self.objective == "ce" and not self.pairs:
+            raise ValueError("--objective ce trains on prompt / answer pairs: pass --pairs FILE.jsonl")
 
 
 # Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed), sized for a first result
@@ -166,7 +180,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     # blocks 0..L are the same in both passes: run them once (an SAE inside block L changes block L itself)
     first_sae_layer = saes[0][0]  # load_saes sorts them by layer
     share_prefix = min(lora_layers) > first_sae_layer and residual_only(saes)
-    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # positions left unspliced
     kinds = ", ".join(("" if s.site == "resid" else s.site + " ") + s.arch for _, s in saes)
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                f"{[layer for layer, _ in saes]} ({kinds}); LoRA rank {cfg.rank} on "
@@ -184,8 +198,18 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
             f"--eval-tokens {cfg.eval_tokens:,}", "--micro-batch or --seq-len")
     val_batches = held_out_parts["validation"]
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    val_pairs, pad_id = [], 0
+    if cfg.pairs:  # Resa's data: trained on with --objective ce, its held-out tenth evaluated with either objective
+        tok = load_tokenizer(cfg.model)
+        pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+        train_pairs, val_pairs = split_pairs(load_pairs(cfg.pairs, tok, cfg.seq_len))
+        common.log(f"pairs {cfg.pairs}: {len(train_pairs)} for training, {len(val_pairs)} held out")
+    if cfg.objective == "ce":  # a step is batch_size pairs: --max-tokens counts their tokens, on average
+        train = PairLoader(train_pairs, micro, ddp.rank, ddp.world_size, cfg.seed, ddp.device, pad_id)
+        tokens_per_step = max(1, round(cfg.batch_size * sum(len(ids) for ids, _ in train_pairs) / len(train_pairs)))
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
-    common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x {cfg.seq_len} tokens; held-out "
+    common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x "
+               f"{cfg.seq_len if cfg.objective == 'kl' else 'pair'} tokens; held-out "
                f"{len(val_batches) * micro * ddp.world_size} windows of {cfg.seq_len} a part; LoRA dropout {cfg.dropout} "
                f"{f'for the first {cfg.dropout_steps} steps' if cfg.dropout_steps else 'on every step'}")
 
@@ -225,11 +249,22 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
 
     def held_out(part="validation"):
         res = evaluate(model, saes, held_out_parts[part], kept_ids, chunk=cfg.kl_chunk, amp=amp)
+        if val_pairs:
+            res.update(evaluate_answers(model, saes, val_pairs, kept_ids, micro=micro, chunk=cfg.kl_chunk, amp=amp,
+                                        pad_id=pad_id))
         if part == "validation":
             history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, **res))
         common.log(f"step {step} | {part} CE original {res['ce_base']:.4f} | with SAE {res['ce_sae']:.4f} | with SAE + "
                    f"LoRA {res['ce_sae_lora']:.4f} | gap closed {res['gap_closed']:.1%} | KL {res['kl_sae']:.4f} -> "
                    f"{res['kl_sae_lora']:.4f}")
+        if cfg.skip_norm_above is not None:
+            common.log(f"step {step} | norm rule (> {cfg.skip_norm_above:g} x median): SAE left out at "
+                       f"{res['norm_skipped_sae']:,} / {res.get('norm_skipped_sae_lora', 0):,} of {res['positions']:,} "
+                       f"{part} positions (SAE / SAE + LoRA)")
+        if val_pairs:
+            common.log(f"step {step} | held-out answers: CE original {res['answer_ce_base']:.4f} | with SAE "
+                       f"{res['answer_ce_sae']:.4f} | with SAE + LoRA {res['answer_ce_sae_lora']:.4f} | exact "
+                       f"{res['answer_acc_base']:.1%} / {res['answer_acc_sae']:.1%} / {res['answer_acc_sae_lora']:.1%}")
         return res
 
     if step == 0:
@@ -237,7 +272,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     mfu_per_token = (adapt_step_flops(model.cfg, saes, lora_layers, cfg.rank, cfg.seq_len, micro, None)
-                     / common.peak_flops(ddp.device, cfg.autocast))
+                     / common.peak_flops(ddp.device, cfg.autocast)) if cfg.objective == "kl" else math.nan
     tokens_since_log, seconds_since_log = 0, 0.0
     first_bad = torch.full((), -1, device=ddp.device)  # the first step whose loss is not finite, kept on the device
     while step < total_steps:
@@ -248,6 +283,15 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
             g["lr"] = lr
         loss_sum, kl_sum, ce_sum = 0.0, 0.0, 0.0  # stay on the device: no host sync per step
         for _ in range(accum):
+            if cfg.objective == "ce":  # Resa's objective: the answer tokens' CE, mean over the micro-batch's
+                idx, mask = train.next_batch()
+                with amp:
+                    h = spliced_pass(model, saes, idx, kept_ids)
+                    ce, _ = answer_losses(model, h, idx, mask, chunk=cfg.kl_chunk)
+                loss = ce.mean()
+                (loss / accum).backward()
+                loss_sum, kl_sum, ce_sum = loss_sum + loss.detach() / accum, math.nan, ce_sum + loss.detach() / accum
+                continue
             idx = train.next_batch()  # (micro, seq_len) token windows
             with amp:
                 with torch.no_grad(), adapters_disabled(model):  # p_orig: the original model, no SAE, no adapters
@@ -299,7 +343,8 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     final = next(h for h in reversed(history) if "ce_sae_lora" in h)
     if cfg.eval_split != "validation":  # the reported numbers: once, at the end, on tokens no choice has read
         final = held_out(cfg.eval_split)
-    reported = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "positions")
+    reported = ("ce_base", "ce_sae", "ce_sae_lora", "gap_closed", "kl_sae", "kl_sae_lora", "positions",
+                *(k for k in final if k.startswith(("answer_", "norm_skipped_"))))
     results = dict({k: final[k] for k in reported}, tokens_per_s=step * tokens_per_step / max(elapsed, 1e-9),
                    eval_split=cfg.eval_split, train_tokens=step * tokens_per_step, train_seconds=elapsed, steps=step,
                    sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers, config=asdict(cfg),

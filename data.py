@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +56,9 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"] + \
                   [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+$")
-# Gemma keeps it at the top, Llama-3 in original/; a converted GGUF (formats/gguf.py) its BPE as tokenizer.gguf.json
-TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.gguf.json")
+# Gemma keeps it at the top, Llama-3 in original/; a converted GGUF (formats/gguf.py) its BPE as tokenizer.gguf.json;
+# Qwen only a tokenizer.json (byte-level BPE: formats/hf_tokenizer.py)
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.gguf.json", "tokenizer.json")
 
 
 class Tokenizer:
@@ -71,7 +73,7 @@ class Tokenizer:
         self._matchers = {True: None, False: None}
         with open(path, "rb") as f:
             head = f.read(256).split(b"\n", 1)[0]
-        if path.endswith(".gguf.json"):
+        if path.endswith(".gguf.json") or os.path.basename(path) == "tokenizer.json":
             self._load_gguf(path)
         elif _TIKTOKEN_LINE.match(head):
             self._load_tiktoken(path)
@@ -117,10 +119,14 @@ class Tokenizer:
         self.pad_id = None
 
     def _load_gguf(self, path):
-        """A GGUF file's tokenizer (formats/gguf.py keeps its metadata as tokenizer.gguf.json): a byte-level BPE in
-        tiktoken, or Gemma's sentencepiece vocabulary as the sentencepiece model written beside it at conversion."""
+        """A GGUF file's tokenizer (formats/gguf.py keeps its metadata as tokenizer.gguf.json) or an HF tokenizer.json
+        of a byte-level BPE (formats/hf_tokenizer.py reads it into the same spec): a byte-level BPE in tiktoken, or
+        Gemma's sentencepiece vocabulary as the sentencepiece model written beside it at conversion."""
         from formats.gguf import SENTENCEPIECE_FILE, added_tokens, bpe_encoding, literal_matcher
-        spec = disk.read_json(path, f"{path}: no such file")
+        from formats.hf_tokenizer import tokenizer_spec
+        spec = tokenizer_spec(path) if os.path.basename(path) == "tokenizer.json" else \
+            disk.read_json(path, f"{path}: no such file")
+        self.nfc = bool(spec.get("nfc"))  # Qwen2's normaliser: NFC before the split
         sp_model = os.path.join(os.path.dirname(path), SENTENCEPIECE_FILE)
         if spec.get("model") == "llama" and os.path.isfile(sp_model):
             self._load_sentencepiece(sp_model)
@@ -158,6 +164,8 @@ class Tokenizer:
         # Meta's reference tokenizer does (400k-character chunks, runs of at most 25k)
         # (a GGUF vocabulary's reference is HF's tokenizer, which does not cut: its chunks end where every split
         # pattern ends a piece, a line break between non-spaces or a letter before punctuation, so nothing changes)
+        if getattr(self, "nfc", False):  # Qwen2's normaliser (formats/hf_tokenizer.py)
+            text = unicodedata.normalize("NFC", text)
         ids = []
         for chunk in (self._chunks(text) if self.gguf else
                       (text[i:i + 400_000] for i in range(0, len(text), 400_000))):
@@ -222,7 +230,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     if os.path.isdir(path):
         if _tokenizer_file(path):
             return Tokenizer(_tokenizer_file(path))
-        raise FileNotFoundError(f"{path}: no tokenizer.model or original/tokenizer.model in this folder")
+        raise FileNotFoundError(f"{path}: no tokenizer.model, original/tokenizer.model or tokenizer.json in this "
+                                f"folder")
     if os.path.isfile(path):
         return Tokenizer(path)
     if not hub.is_hub_path(path, sub_folders=False):
@@ -236,9 +245,10 @@ def _tokenizer_file(folder: str) -> str | None:
 
 def _choose_tokenizer_file(files: dict[str, int]) -> list[str]:
     for rel in TOKENIZER_FILES:
-        if rel in files:
-            return [rel]
-    raise FileNotFoundError("neither tokenizer.model nor original/tokenizer.model in this repo")
+        if rel in files:  # a tokenizer.json names its BOS / EOS ids in the files beside it
+            return [rel] + ([f for f in ("config.json", "tokenizer_config.json") if f in files]
+                            if rel == "tokenizer.json" else [])
+    raise FileNotFoundError("no tokenizer.model, original/tokenizer.model or tokenizer.json in this repo")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

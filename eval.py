@@ -94,6 +94,8 @@ class EvalConfig:
     sae_positions: str = "auto"  # where the SAE is spliced: auto (per SAE source, as the authors: Gemma / Llama
     # Scope everywhere but BOS and EOS, sparsify-format TopK SAEs everywhere, SAELens files everywhere but BOS) | all |
     # no_bos | no_bos_eos
+    skip_norm_above: float | None = None  # also leave alone the positions whose activation norm, where the SAE reads
+    # it, is above this multiple of their window's median (the Qwen3 SAE card's rule is 10); none: off (adapt.py)
     distances: bool = True  # activation distances (Fig. 11); keeps the original streams of a batch: off saves memory
     steering_pos: str | None = None  # steering (Sec. 5.2): texts the latent should make likelier (jsonl or .json)
     steering_neg: list[str] = field(default_factory=list)  # steering: test negatives (jsonl, or the authors' .json
@@ -229,15 +231,20 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
 
         finals = {}
         dist = cfg.distances
+        skipped = {"sae": [], "sae_lora": []}  # --skip-norm-above: where the norm rule left the SAEs out
         with amp, adapters_disabled(model):
             finals["original"] = spliced_pass(model, [], idx, watch=watch_stats("original"), taps=taps("original"))
             finals["sae"] = spliced_pass(model, saes, idx, kept_ids,
-                                          watch=watch_distance("sae") if dist else None)
+                                          watch=watch_distance("sae") if dist else None, skipped=skipped["sae"])
         if adapted:
             with amp, adapters_enabled(model):  # not merged: adapt.py's model (lora.adapters_enabled)
                 finals["lora"] = spliced_pass(model, [], idx, watch=watch_stats("lora"), taps=taps("lora"))
                 finals["sae_lora"] = spliced_pass(model, saes, idx, kept_ids,
-                                                  watch=watch_distance("sae_lora") if dist else None)
+                                                  watch=watch_distance("sae_lora") if dist else None,
+                                                  skipped=skipped["sae_lora"])
+        for s, masks in skipped.items():
+            if masks:  # counted on the predicted positions, as splice.evaluate
+                add(sums, **{f"norm_skipped_{s}": sum(mask[:, :-1].sum() for mask in masks)})
         acts.clear()
         # CE and KL(p_orig || p_setting) at every predicted position, as splice.py defines them (adapt.py's numbers)
         for s in settings[1:]:
@@ -256,6 +263,9 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
                                                      for s in settings}}
     ce = {s: res["settings"][s]["ce"] for s in settings}
     res["gap"] = ce["sae"] - ce["original"]
+    if any(k.startswith("norm_skipped_") for k in m):  # counts over every process: the means times the positions
+        res["norm_skipped"] = {k.removeprefix("norm_skipped_"): round(v * m["positions"]) for k, v in m.items()
+                               if k.startswith("norm_skipped_")}
     if adapted:
         res["gap_closed"] = gap_closed(ce["original"], ce["sae"], ce["sae_lora"])
         res["per_token"] = token_breakdown(*(torch.cat(token_ce[s]).cpu().numpy() for s in ("sae", "sae_lora")))
@@ -396,7 +406,7 @@ def _run(cfg: EvalConfig) -> dict:
     bos_id = model.cfg.bos_token_id
     if gen_qs or cfg.generate:
         generate.check_args(cfg, model.cfg.max_seq_len)
-    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # positions left unspliced
     batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), ddp.device) if cfg.data else []
     tok = None
     if texts or bench_qs or gen_qs or cfg.generate:

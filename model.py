@@ -1,7 +1,8 @@
 """
-Gemma-2, Gemma-3 (text) and Llama-3 decoder-only transformers in one file, written from scratch.
+Gemma-2, Gemma-3 (text), Llama-3, Qwen2.5 and Qwen3 (dense) decoder-only transformers in one file, written from
+scratch.
 
-All three families are one `Transformer` driven by explicit `ModelConfig` fields (never by a model's name), with
+All five families are one `Transformer` driven by explicit `ModelConfig` fields (never by a model's name), with
 parameter names identical to Hugging Face's, so a hub checkpoint loads with a plain strict `load_state_dict`:
 
     model = Transformer.from_pretrained("google/gemma-2-2b")        # or a local folder
@@ -49,14 +50,15 @@ class ModelConfig:
     rope_scaling: dict | None = None  # Llama-3.1's {"rope_type": "llama3", "factor", "low_freq_factor", ...};
     # Gemma-3's {"rope_type": "linear", "factor"} (global layers only)
     rope_local_theta: float | None = None  # Gemma-3: RoPE base of the sliding layers (rope_theta: the global ones)
-    qk_norm: bool = False  # Gemma-3: an RMSNorm over each head's queries and keys, before RoPE
+    qk_norm: bool = False  # Gemma-3, Qwen3: an RMSNorm over each head's queries and keys, before RoPE
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None means head_dim
     attn_softcap: float | None = None  # Gemma-2: cap * tanh(scores / cap) before the softmax
     final_softcap: float | None = None  # Gemma-2: same on the output logits
     sliding_window: int | None = None
     layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"
     tie_embeddings: bool = True
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o_proj (Llama's and Qwen3's config key)
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5: biases on q, k and v_proj only, none on o_proj
     mlp_bias: bool = False
     max_seq_len: int = 8192
     bos_token_id: int | None = None
@@ -171,6 +173,15 @@ def _llama3(n_layer, d_model, d_ff, n_head, n_kv_head, tie, factor=32.0):
                 bos_token_id=128000, eos_token_id=128001, model_type="llama")
 
 
+def _qwen(n_layer, d_model, d_ff, n_head, n_kv_head, head_dim, tie, qwen3):
+    # Llama's block with Qwen2's q/k/v biases, or Qwen3's per-head q/k RMSNorm and no biases
+    return dict(vocab_size=151936, d_model=d_model, d_ff=d_ff, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                head_dim=head_dim, norm_eps=1e-6, rope_theta=1_000_000.0, tie_embeddings=tie, qkv_bias=not qwen3,
+                qk_norm=qwen3, max_seq_len=40960 if qwen3 else 32768, bos_token_id=151643,
+                eos_token_id=151645 if qwen3 else 151643,
+                model_type="qwen3" if qwen3 else "qwen2")
+
+
 PRESETS = {
     "gemma-2-2b": _gemma2(26, 2304, 9216, 8, 4),
     "gemma-2-9b": _gemma2(42, 3584, 14336, 16, 8),
@@ -179,6 +190,11 @@ PRESETS = {
     "llama-3.2-1b": _llama3(16, 2048, 8192, 32, 8, tie=True),
     "llama-3.2-3b": _llama3(28, 3072, 8192, 24, 8, tie=True),
     "llama-3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, factor=8.0),
+    "qwen2.5-0.5b": _qwen(24, 896, 4864, 14, 2, 64, tie=True, qwen3=False),
+    "qwen2.5-1.5b": _qwen(28, 1536, 8960, 12, 2, 128, tie=True, qwen3=False),
+    "qwen3-0.6b": _qwen(28, 1024, 3072, 16, 8, 128, tie=True, qwen3=True),
+    "qwen3-1.7b": _qwen(28, 2048, 6144, 16, 8, 128, tie=True, qwen3=True),
+    "qwen3-8b": _qwen(36, 4096, 12288, 32, 8, 128, tie=False, qwen3=True),
     # tiny presets for tests: every feature switched on, shapes small enough for a laptop CPU
     "tiny-gemma2": {**_gemma2(4, 64, 128, 4, 2, head_dim=16, query_pre_attn_scalar=24, vocab=512),
                     "sliding_window": 8, "max_seq_len": 256},
@@ -188,6 +204,11 @@ PRESETS = {
     "tiny-llama3": {**_llama3(4, 64, 128, 4, 2, tie=False), "vocab_size": 512, "max_seq_len": 256,
                     "rope_scaling": {**_LLAMA31_ROPE, "original_max_position_embeddings": 64},
                     "bos_token_id": 1, "eos_token_id": 2},
+    "tiny-qwen2": {**_qwen(4, 64, 128, 4, 2, 16, tie=True, qwen3=False), "vocab_size": 512, "max_seq_len": 256,
+                   "sliding_window": 8, "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2,
+                   "bos_token_id": 1, "eos_token_id": 2},
+    "tiny-qwen3": {**_qwen(4, 64, 128, 4, 2, 16, tie=False, qwen3=True), "vocab_size": 512, "max_seq_len": 256,
+                   "bos_token_id": 1, "eos_token_id": 2},
 }
 
 
@@ -264,12 +285,12 @@ class Attention(nn.Module):
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
         self.window = cfg.sliding_window if sliding else None
         self.local_rope = sliding and cfg.rope_local_theta is not None  # which rope_tables entry this layer reads
-        b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=b)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=b)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=b)
+        b, qkv_b = cfg.attention_bias, cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=qkv_b)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_b)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_b)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=b)
-        if cfg.qk_norm:  # Gemma-3: each head's query and key normalised (same (1 + w) RMSNorm) before RoPE
+        if cfg.qk_norm:  # Gemma-3, Qwen3: each head's query and key normalised (the model's RMSNorm) before RoPE
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
 

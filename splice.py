@@ -56,10 +56,18 @@ def kl_reference(model: Transformer, saes, idx, kept_ids=()) -> torch.Tensor:
 POSITIONS = {"all": (), "no_bos": ("bos",), "no_bos_eos": ("bos", "eos")}
 
 
-def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
+class Kept(tuple):
+    """kept_tokens' answer: the token ids whose positions keep their activation and, in `norm_above`, the norm rule
+    (None: off). Every caller hands it on to splice_hooks as it is, so training and every evaluation apply both."""
+    norm_above: float | None = None
+
+
+def kept_tokens(saes, model_cfg, positions: str = "auto", norm_above: float | None = None) -> Kept:
     """The token ids whose positions keep their original activation. "auto" takes each SAE's own `positions` (set by
     where its files come from: formats/sae_files.AUTO_POSITIONS); with several SAEs, a position is kept if any of
-    them keeps it."""
+    them keeps it. norm_above: also keep every position whose activation norm, where the SAE reads it, is above
+    norm_above x the median norm of its window (attention sinks beyond BOS: the Qwen3 SAE card drops activations
+    above 10x the median norm before encoding)."""
     if positions == "auto":
         chosen = {getattr(s, "positions", "no_bos") for _, s in saes}
         positions = next((p for p in ("no_bos_eos", "no_bos", "all") if p in chosen), "no_bos")
@@ -67,28 +75,48 @@ def kept_tokens(saes, model_cfg, positions: str = "auto") -> tuple[int, ...]:
         raise ValueError(f"--sae-positions {positions!r}: expected auto, {', '.join(POSITIONS)}")
     ids = {"bos": [model_cfg.bos_token_id], "eos": model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, list)
            else [model_cfg.eos_token_id]}
-    return tuple(sorted({i for name in POSITIONS[positions] for i in ids[name] if i is not None}))
+    if norm_above is not None and not norm_above > 0:
+        raise ValueError(f"--skip-norm-above {norm_above}: expected a multiple of the median norm > 0 (e.g. 10)")
+    kept = Kept(sorted({i for name in POSITIONS[positions] for i in ids[name] if i is not None}))
+    kept.norm_above = norm_above
+    return kept
 
 
-def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, kept_ids=()):
+def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, kept_ids=(), skipped: list | None = None):
     """Hooks for model(..., hooks=...): the activation each SAE reads becomes its reconstruction, except at positions
     holding a token of `kept_ids` (a tuple from kept_tokens, or one id), which keep their original activation. Where,
     by `sae.site`: the stream after block L (resid), or inside block L (model.Block.forward): every head's output
     before o_proj (attn_z), the attention or MLP sublayer's output (attn_out, mlp_out), or the MLP sublayer as a whole,
-    which a transcoder computes from its normalised input (transcoder); the rest of the block runs unchanged."""
+    which a transcoder computes from its normalised input (transcoder); the rest of the block runs unchanged.
+    kept_ids.norm_above (a Kept from kept_tokens): positions whose input to the SAE has a norm above that multiple of
+    its window's median are kept too; `skipped`, a list, receives each hook's (B, T) mask of them (evaluate counts
+    them). In a KV-cached generation step (one new position) the median is that position's own norm: nothing is
+    skipped there."""
+    norm_above = getattr(kept_ids, "norm_above", None)
     kept_ids = (kept_ids,) if isinstance(kept_ids, int) else tuple(k for k in (kept_ids or ()) if k is not None)
     kept_at = torch.isin(idx, torch.tensor(kept_ids, device=idx.device))[..., None] if kept_ids else None  # (B, T, 1)
+
+    def keep(x):  # (B, T, 1) positions that keep their activation, or None
+        if norm_above is None:
+            return kept_at
+        norms = x.float().norm(dim=-1)
+        high = norms > norm_above * norms.median(dim=-1, keepdim=True).values
+        if skipped is not None:
+            skipped.append(high)
+        return high[..., None] if kept_at is None else kept_at | high[..., None]
 
     def make(sae):
         def hook(x):
             recon = sae(x.reshape(-1, x.shape[-1])).view_as(x).to(x.dtype)
-            return recon if kept_at is None else torch.where(kept_at, x, recon)
+            at = keep(x)
+            return recon if at is None else torch.where(at, x, recon)
         return hook
 
     def make_transcoder(tc):  # the MLP sublayer's output from its normalised input h (model.Block's "mlp" site)
         def hook(h, mlp_out):
             out = tc(h.reshape(-1, h.shape[-1])).view_as(h).to(h.dtype)
-            return out if kept_at is None else torch.where(kept_at, mlp_out(h), out)
+            at = keep(h)
+            return out if at is None else torch.where(at, mlp_out(h), out)
         return hook
     return {hook_key(layer, sae): make_transcoder(sae) if sae.transcoder else make(sae) for layer, sae in saes}
 
@@ -130,13 +158,13 @@ def _watcher(watch, layer):
     return hook
 
 
-def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, watch=None, taps=None):
+def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, watch=None, taps=None, skipped=None):
     """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given (only
     with residual_only(saes): an SAE inside block L changes block L, which the prefix holds). `taps`: more hooks
     inside blocks ((site, L) keys), run beside the splice (eval.py's statistics of sublayer SAEs).
     watch(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
-    after (the same tensor where no SAE sits)."""
-    hooks = {**(taps or {}), **splice_hooks(saes, idx, kept_ids)}
+    after (the same tensor where no SAE sits). skipped: see splice_hooks."""
+    hooks = {**(taps or {}), **splice_hooks(saes, idx, kept_ids, skipped)}
     start = 0 if prefix is None else saes[0][0]
     if watch is not None:
         def wrap(layer, splice):
@@ -264,24 +292,31 @@ def predicted_positions(idx: torch.Tensor) -> int:
 def evaluate(model: Transformer, saes, batches, kept_ids=(), *, chunk: int = 2048, amp) -> dict:
     """ce_base, ce_sae, kl_sae and, for a model with adapters, ce_sae_lora, kl_sae_lora and gap_closed on held-out
     windows (definitions at the top); `positions`: how many predicted positions they average over. The adapters stay
-    unmerged, as in training; eval.py runs them the same way (lora.adapters_enabled) and reports these numbers."""
+    unmerged, as in training; eval.py runs them the same way (lora.adapters_enabled) and reports these numbers.
+    With the norm rule on (kept_ids.norm_above), norm_skipped_sae[_lora]: at how many predicted positions it left
+    the SAE out, summed over the SAEs."""
     adapted, was_training = bool(lora_modules(model)), model.training
     model.eval()
     sums, n = {}, 0
     for idx in batches:
         with amp:
+            skipped = {"sae": [], "sae_lora": []}
             with adapters_disabled(model):
                 h_orig = spliced_pass(model, [], idx)  # no SAE, no adapters: the original model
-                settings = {"sae": spliced_pass(model, saes, idx, kept_ids)}
+                settings = {"sae": spliced_pass(model, saes, idx, kept_ids, skipped=skipped["sae"])}
             if adapted:
-                settings["sae_lora"] = spliced_pass(model, saes, idx, kept_ids)
+                settings["sae_lora"] = spliced_pass(model, saes, idx, kept_ids, skipped=skipped["sae_lora"])
             for name, h in settings.items():
                 kl, ce, ce_orig = kl_and_ce(model, h_orig, h, idx, chunk=chunk)
                 add(sums, **{f"kl_{name}": kl, f"ce_{name}": ce})
+                if getattr(kept_ids, "norm_above", None) is not None:  # counts, not means: undone in means' division
+                    add(sums, **{f"norm_skipped_{name}": sum(m[:, :-1].sum() for m in skipped[name])})
         add(sums, ce_base=ce_orig)  # the original model's CE: the same from either setting's call
         n += predicted_positions(idx)
     model.train(was_training)
     res = means(sums, n)
+    for key in [k for k in res if k.startswith("norm_skipped_")]:
+        res[key] = round(res[key] * res["positions"])
     if adapted:
         res["gap_closed"] = gap_closed(res["ce_base"], res["ce_sae"], res["ce_sae_lora"])
     return res

@@ -60,6 +60,8 @@ class E2EConfig:
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     sae_positions: str = "no_bos"  # where the SAE is spliced: no_bos (BOS keeps its activation, as train_sae.py
     # excludes it) | all (the authors' e2e runs) | no_bos_eos
+    skip_norm_above: float | None = None  # also leave alone the positions whose activation norm, where the SAE reads
+    # it, is above this multiple of their window's median (the Qwen3 SAE card's rule is 10); none: off (adapt.py)
     autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
     # float32) | bfloat16 | float32
     compile: bool = True  # torch.compile each block and the KL chunk (splice.compile_step)
@@ -154,7 +156,7 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
     amp = common.autocast(ddp.device, cfg.autocast)
-    kept_ids = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions)  # token ids whose positions are not spliced
+    kept_ids = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # positions left unspliced
 
     # -- data ----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer

@@ -141,10 +141,17 @@ def _rope_scaling(scaling: dict | None, hf: dict) -> dict | None:
     raise ValueError(f"unsupported RoPE type {rope_type!r} (supported: default, linear, llama3)")
 
 
+SUPPORTED = ("gemma2", "gemma3", "gemma3_text", "llama", "qwen2", "qwen3")
+
+
 def config_from_hf(hf: dict) -> dict:
     """ModelConfig's fields from a hub config.json: Gemma-2, Llama, Gemma-3 (gemma3_text, and the text model inside
-    a multimodal gemma3 checkpoint); old `rope_theta` / `rope_scaling` keys or the newer `rope_parameters`."""
+    a multimodal gemma3 checkpoint), Qwen2 / Qwen2.5 and Qwen3 (dense); old `rope_theta` / `rope_scaling` keys or
+    the newer `rope_parameters`."""
     model_type = hf.get("model_type")
+    if "moe" in str(model_type):
+        raise ValueError(f"model_type {model_type!r} is a mixture-of-experts model: only dense models are supported "
+                         f"({', '.join(SUPPORTED)})")
     if model_type == "gemma3":  # Gemma3ForConditionalGeneration: its language model, under text_config
         text = hf.get("text_config") or {}
         shared = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings") if k in hf}
@@ -153,10 +160,10 @@ def config_from_hf(hf: dict) -> dict:
         hf = {**GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
         if hf.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=true (an embedding model): only causal Gemma-3 is supported")
-    if model_type not in ("gemma2", "gemma3_text", "llama"):
-        raise ValueError(f"unsupported model_type {model_type!r} in config.json (supported: gemma2, gemma3, "
-                         f"gemma3_text, llama)")
-    gemma, gemma3 = model_type != "llama", model_type == "gemma3_text"
+    if model_type not in SUPPORTED:
+        raise ValueError(f"unsupported model_type {model_type!r} in config.json (supported: {', '.join(SUPPORTED)})")
+    gemma, gemma3 = model_type.startswith("gemma"), model_type == "gemma3_text"
+    qwen = model_type in ("qwen2", "qwen3")
     n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
     rope = hf.get("rope_parameters") or {}
     local_theta = None
@@ -179,17 +186,25 @@ def config_from_hf(hf: dict) -> dict:
     if gemma and layer_types is None:  # every pattern-th layer is global: Gemma-2 alternates, Gemma-3 has 5:1
         pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)) if gemma3 else 2
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
+    window = hf.get("sliding_window") if gemma else None
+    if qwen:  # Qwen2Config: a window only with use_sliding_window, on layers max_window_layers.. unless listed
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        if layer_types is None:
+            first = hf.get("max_window_layers", 28)
+            layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                           for i in range(n_layer)]
     return dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], n_layer=n_layer,
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        norm_offset=gemma, sandwich_norms=gemma, embed_scale=gemma, qk_norm=gemma3,
+        norm_offset=gemma, sandwich_norms=gemma, embed_scale=gemma, qk_norm=gemma3 or model_type == "qwen3",
         mlp_act="gelu_tanh" if "gelu" in act else "silu", rope_theta=float(rope_theta), rope_scaling=rope_scaling,
         rope_local_theta=local_theta, query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma else None,
         attn_softcap=hf.get("attn_logit_softcapping") if gemma else None,
         final_softcap=hf.get("final_logit_softcapping") if gemma else None,
-        sliding_window=hf.get("sliding_window") if gemma else None, layer_types=layer_types,
-        tie_embeddings=hf.get("tie_word_embeddings", gemma), attention_bias=hf.get("attention_bias", False),
+        sliding_window=window, layer_types=layer_types,
+        tie_embeddings=hf.get("tie_word_embeddings", gemma),
+        attention_bias=hf.get("attention_bias", False) and model_type != "qwen2", qkv_bias=model_type == "qwen2",
         mlp_bias=hf.get("mlp_bias", False), max_seq_len=hf.get("max_position_embeddings", 8192),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"), model_type=model_type,
@@ -200,7 +215,8 @@ def config_to_hf(cfg) -> dict:
     """The config.json the hub would ship for a ModelConfig (old-style keys, which every transformers reads); a
     Gemma-3 is written as the text-only Gemma3ForCausalLM."""
     gemma, gemma3 = cfg.model_type in ("gemma2", "gemma3_text"), cfg.model_type == "gemma3_text"
-    arch = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(cfg.model_type, "LlamaForCausalLM")
+    arch = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}.get(cfg.model_type, "LlamaForCausalLM")
     hf = {
         "architectures": [arch], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
@@ -220,6 +236,10 @@ def config_to_hf(cfg) -> dict:
         hf.update(hidden_act="silu", mlp_bias=cfg.mlp_bias, rope_scaling=cfg.rope_scaling)
     if gemma3:
         hf.update(rope_scaling=cfg.rope_scaling, rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta)
+    if cfg.model_type in ("qwen2", "qwen3"):
+        sliding = [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+        hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                  max_window_layers=sliding[0] if sliding else cfg.n_layer, layer_types=cfg.layer_types)
     return hf
 
 

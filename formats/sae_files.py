@@ -11,6 +11,8 @@ Formats, told apart by the files a folder holds:
     SAELens       cfg.json + sae_weights.safetensors      (v6 and older configs)
     sparsify      cfg.json + sae.safetensors              (EleutherAI; the paper's own SAEs, saved as model.layers.L)
     Llama Scope   hyperparams.json + checkpoints/final.safetensors
+    dictionary_learning  ae.pt + config.json                 (saprmarks/dictionary_learning: SAEBench's SAEs, Karvonen's Qwen3 SAEs)
+    Qwen Scope    layerN.sae.pt, in a repo named SAE-Res-MODEL-WnK-L0_K   (Qwen3 / Qwen3.5 TopK SAEs, as SAELens reads them)
 Each converter returns a spec in our layout with any input normalisation folded into the weights; `sae.SAE.from_spec`
 checks it once and fills an SAE. An SAE's layer comes from its config when it names one, else from its folder's name.
 """
@@ -26,6 +28,8 @@ import torch
 
 from formats import disk
 from formats import hub
+from formats import torch_saes
+from formats.torch_saes import QWEN_SCOPE_SUFFIX, fold_decoder_norm as _fold_decoder_norm
 
 FORMATS = [  # (name, files that identify it) in the order they are tried
     ("gemma_scope", ("params.npz",)),
@@ -33,11 +37,13 @@ FORMATS = [  # (name, files that identify it) in the order they are tried
     ("saelens", ("cfg.json", "sae_weights.safetensors")),
     ("sparsify", ("cfg.json", "sae.safetensors")),
     ("llama_scope", ("hyperparams.json", "checkpoints/final.safetensors")),
+    ("dictionary_learning", ("ae.pt", "config.json")),
 ]
 OPTIONAL = {"gemma_scope_2": ("config.json",)}  # fetched with the weights when the folder has them
 LOOKED_FOR = ("params.npz (Gemma Scope), params.safetensors (Gemma Scope 2), cfg.json + sae_weights.safetensors "
               "(SAELens), cfg.json + sae.safetensors "
-              "(sparsify), hyperparams.json + checkpoints/final.safetensors (Llama Scope)")
+              "(sparsify), hyperparams.json + checkpoints/final.safetensors (Llama Scope), ae.pt + config.json "
+              "(dictionary_learning), layerN.sae.pt (Qwen Scope)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -91,7 +97,7 @@ def known_saes() -> list[str]:
 # and their own TopK SAEs (sparsify format) everywhere; SAELens-format SAEs (what train_sae.py writes, trained without
 # BOS) go everywhere but BOS. BOS activations have outlier norms that most SAEs never saw in training.
 AUTO_POSITIONS = {"gemma_scope": "no_bos_eos", "gemma_scope_2": "no_bos_eos", "llama_scope": "no_bos_eos",
-                  "sparsify": "all", "saelens": "no_bos"}
+                  "sparsify": "all", "saelens": "no_bos", "dictionary_learning": "no_bos", "qwen_scope": "no_bos"}
 
 
 
@@ -128,7 +134,17 @@ def resolve_sae(path: str) -> str:
     if not hub.is_hub_path(path, sub_folders=True):
         raise FileNotFoundError(f"{path}: no such file or folder (and not a hub path like "
                                 f"'google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82')")
+    if path.endswith(QWEN_SCOPE_SUFFIX) and path.count("/") >= 2:  # Qwen Scope: one file per layer, not a folder
+        parent, name = path.rsplit("/", 1)
+        return os.path.join(hub.resolve(parent, lambda files: _choose_one_file(files, name)), name)
     return hub.resolve(path, _choose_sae_files)
+
+
+def _choose_one_file(files: dict[str, int], name: str) -> list[str]:
+    if name not in files:
+        layers = sorted(f for f in files if f.endswith(QWEN_SCOPE_SUFFIX))
+        raise FileNotFoundError(f"no file {name}" + (f"; it holds {', '.join(layers[:4])}, ..." if layers else ""))
+    return [name]
 
 
 def _choose_sae_files(files: dict[str, int]) -> list[str]:
@@ -145,6 +161,8 @@ def detect(path: str) -> tuple[str, str]:
     if os.path.isfile(path):
         if path.endswith(".npz"):
             return "gemma_scope", path
+        if path.endswith(QWEN_SCOPE_SUFFIX):
+            return "qwen_scope", path
         path = os.path.dirname(path) or "."
     for name, files in FORMATS:
         if all(os.path.isfile(os.path.join(path, f)) for f in files):
@@ -271,14 +289,6 @@ def _need(raw: dict, keys, source: str):
     missing = [k for k in keys if k not in raw]
     if missing:
         raise ValueError(f"{source}: missing tensors {missing} (has {sorted(raw)})")
-
-
-def _fold_decoder_norm(spec: dict, norm: torch.Tensor):
-    """Activations chosen on pre * |W_dec row| and decoded with unit rows == pre' = pre * norm, W_dec' = W_dec / norm.
-    Dead latents (zero rows) keep norm 1: whatever they fire, they decode to nothing in both."""
-    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-    spec["W_enc"], spec["b_enc"] = spec["W_enc"] * norm, spec["b_enc"] * norm
-    spec["W_dec"] = spec["W_dec"] / norm[:, None]
 
 
 def _load_gemma_scope(path: str) -> dict:
@@ -487,7 +497,8 @@ def _load_llama_scope(folder: str) -> dict:
 
 LOADERS = {"gemma_scope": _load_gemma_scope, "gemma_scope_2": _load_gemma_scope_2, "saelens": _load_saelens,
            "sparsify": _load_sparsify,
-           "llama_scope": _load_llama_scope}
+           "llama_scope": _load_llama_scope, "dictionary_learning": torch_saes.load_dictionary_learning,
+           "qwen_scope": torch_saes.load_qwen_scope}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
