@@ -324,8 +324,13 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
             loss_log, kl_log, ce_log, bad, finite = map(float, (loss_sum, kl_sum, ce_sum, *health))
             if bad <= total_steps or not finite:
                 bad_step, what = (int(bad), "the loss") if bad <= total_steps else (step, "an adapter weight")
-                raise run_folder.diverged(ckpt_path, bad_step, f"training diverged: {what} is not finite (lr {lr:.2e})",
+                err = run_folder.diverged(ckpt_path, bad_step, f"training diverged: {what} is not finite (lr {lr:.2e})",
                                           f"a lower --lr than {cfg.lr:g} (or --autocast float32)", master=ddp.master)
+                if ddp.master and not cfg.fsdp and os.path.isfile(ckpt_path):  # adapter/: the checkpoint's state
+                    for p, saved in zip(params, disk.torch_load(ckpt_path, ddp.device)["adapter"]):
+                        p.data.copy_(saved)
+                    save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.model)
+                raise err
         if step % cfg.log_interval == 0 or step == total_steps:
             tps = tokens_since_log / seconds_since_log
             common.log(f"step {step}/{total_steps} | loss {loss_log:.4f} | train KL {kl_log:.4f} | train CE with SAE "

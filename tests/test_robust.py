@@ -152,6 +152,9 @@ def test_divergence_keeps_the_state_before_it_and_a_lower_lr_resumes(files, tmp_
     kept = torch.load(out / "ckpt.pt", weights_only=False)
     assert kept["step"] < int(line.split("(the state after ")[1].split()[0])  # from before the divergence
     assert all(torch.isfinite(t).all() for t in kept["adapter"])
+    if kept["step"] == 2:  # the previous checkpoint was restored: adapter/ holds its weights again, not step 3's
+        saved = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert max(t.abs().max().item() for t in saved.values()) < 1e3
     res = adapt.main(adapt_args(files, out, "--max-tokens", "640", "--lr", "1e-4", "--resume"))  # the advice
     assert res["steps"] == 10 and all(v is not None and v == v for v in (res["ce_sae_lora"], res["kl_sae_lora"]))
     assert not (out / "ckpt.prev.pt").exists()
