@@ -91,7 +91,8 @@ def model_config(b: BenchConfig):
 
 
 def bench_folder(b: BenchConfig) -> str:
-    name = f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}"
+    name = (f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape
+            else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
     return os.path.join(tempfile.gettempdir(), f"lorasae-bench-{name}")
 
 
@@ -418,11 +419,12 @@ def bench_adapt(b: BenchConfig, dev):
         print(f"{name:50s} {tps:10,.0f} {r['mfu']:7.1%} {r['peak_gb']:12.2f} {r['cold_start_s']:13.0f}", flush=True)
     ours = rows.get("ours (compiled)") or rows.get("ours (eager)")
     ref = rows.get("transformers + peft (same precision)")
+    summary = dict(rows=rows)  # the last line: every row, and ours against the matched reference when both ran
     if ours and ref:
-        print(json.dumps(dict(ours_tokens_per_s=tokens / ours["seconds"],
-                              reference_tokens_per_s=tokens / ref["seconds"], ratio=ref["seconds"] / ours["seconds"],
-                              ours_peak_mb=ours["peak_gb"] * 1024, reference_peak_mb=ref["peak_gb"] * 1024,
-                              ours_cold_start_s=ours["cold_start_s"], rows=rows)))
+        summary.update(ours_tokens_per_s=tokens / ours["seconds"], reference_tokens_per_s=tokens / ref["seconds"],
+                       ratio=ref["seconds"] / ours["seconds"], ours_peak_mb=ours["peak_gb"] * 1024,
+                       reference_peak_mb=ref["peak_gb"] * 1024, ours_cold_start_s=ours["cold_start_s"])
+    print(json.dumps(summary))
     return rows
 
 
