@@ -13,8 +13,9 @@ spliced with a forward hook, full-vocabulary softmax KL), side by side, same mod
 
 Each configuration runs in its own subprocess so that peak memory (CUDA: max_memory_allocated; CPU: the process's
 peak RSS) belongs to it alone, and with an empty compile cache. Reports tokens/s, MFU against the device's peak,
-peak memory and the cold start: from starting the process to the end of its first step, compilation included. Needs the test
-requirements (transformers, peft) for the reference: this is a dev tool, never imported by the library.
+peak memory and the cold start: from starting the process to the end of its first step, compilation included.
+Needs the test requirements (transformers, peft) for the reference: this is a dev tool, never imported by the
+library.
 """
 from __future__ import annotations
 
