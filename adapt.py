@@ -296,7 +296,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
             with amp:
                 with torch.no_grad(), adapters_disabled(model):  # p_orig: the original model, no SAE, no adapters
                     h_orig, prefix = original_pass(model, idx, first_sae_layer, share_prefix=share_prefix)
-                h = spliced_pass(model, saes, idx, kept_ids, prefix=prefix)  # p_spliced: adapters on, the SAEs spliced in
+                h = spliced_pass(model, saes, idx, kept_ids, prefix=prefix)  # p_spliced: adapters on, SAEs spliced in
                 kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
             loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))  # per sequence or position
             (loss / accum).backward()  # only the adapters require grad: the model and the SAEs stay frozen

@@ -12,8 +12,10 @@ spliced with a forward hook, full-vocabulary softmax KL), side by side, same mod
                                                         # its fp32 encoder costs against a bf16 one
 
 Each configuration runs in its own subprocess so that peak memory (CUDA: max_memory_allocated; CPU: the process's
-peak RSS) belongs to it alone. Reports tokens/s, MFU against the device's peak and peak memory. Needs the test
-requirements (transformers, peft) for the reference: this is a dev tool, never imported by the library.
+peak RSS) belongs to it alone, and with an empty compile cache. Reports tokens/s, MFU against the device's peak,
+peak memory and the cold start: from starting the process to the end of its first step, compilation included.
+Needs the test requirements (transformers, peft) for the reference: this is a dev tool, never imported by the
+library.
 """
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ def check_shape(b: BenchConfig):
 
 
 def bench_folder(b: BenchConfig) -> str:
-    name = f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}"
+    name = (f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape
+            else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
     return os.path.join(tempfile.gettempdir(), f"lorasae-bench-{name}")
 
 
@@ -444,11 +447,12 @@ def bench_adapt(b: BenchConfig, dev):
         print(f"{name:50s} {tps:10,.0f} {r['mfu']:7.1%} {r['peak_gb']:12.2f} {r['cold_start_s']:13.0f}", flush=True)
     ours = rows.get("ours (compiled)") or rows.get("ours (eager)")
     ref = rows.get("transformers + peft (same precision)")
+    summary = dict(rows=rows)  # the last line: every row, and ours against the matched reference when both ran
     if ours and ref:
-        print(json.dumps(dict(ours_tokens_per_s=tokens / ours["seconds"],
-                              reference_tokens_per_s=tokens / ref["seconds"], ratio=ref["seconds"] / ours["seconds"],
-                              ours_peak_mb=ours["peak_gb"] * 1024, reference_peak_mb=ref["peak_gb"] * 1024,
-                              ours_cold_start_s=ours["cold_start_s"], rows=rows)))
+        summary.update(ours_tokens_per_s=tokens / ours["seconds"], reference_tokens_per_s=tokens / ref["seconds"],
+                       ratio=ref["seconds"] / ours["seconds"], ours_peak_mb=ours["peak_gb"] * 1024,
+                       reference_peak_mb=ref["peak_gb"] * 1024, ours_cold_start_s=ours["cold_start_s"])
+    print(json.dumps(summary))
     failed = [name for name in CONFIGS if name not in rows and wanted(b, name)]
     if failed:  # a benchmark with a failed row is no result: a non-zero exit says so to scripts and CI
         raise SystemExit(f"bench.py: {len(failed)} of {len(failed) + len(rows)} configurations failed "
