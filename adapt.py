@@ -222,7 +222,8 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     step, history, elapsed = 0, [], 0.0
     built_from = run_folder.inputs_of(model=cfg.model, sae=cfg.sae, data=cfg.data)  # what --resume compares
     if cfg.resume and os.path.isfile(ckpt_path):
-        state = disk.torch_load(ckpt_path, ddp.device)
+        state = disk.torch_load(ckpt_path, ddp.device,
+                                keys=("adapter", "optimizer", "loader", "rng", "step", "history", "elapsed"))
         run_folder.check_inputs(state.get("inputs"), built_from, ckpt_path)
         run_folder.check_tensors(state["adapter"], params, ckpt_path)
         for p, saved in zip(params, state["adapter"]):

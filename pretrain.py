@@ -130,7 +130,8 @@ def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
-        st = disk.torch_load(state_path, ddp.device)
+        st = disk.torch_load(state_path, ddp.device,
+                             keys=("model", "optimizer", "loader", "step", "elapsed_s", "history", "rng"))
         run_folder.check_inputs(st.get("inputs"), built_from, state_path)
         run_folder.check_tensors(list(st["model"].values()), list(raw.state_dict().values()), state_path, "model")
         raw.load_state_dict(st["model"])

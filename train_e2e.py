@@ -174,7 +174,8 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
 
     built_from = run_folder.inputs_of(model=cfg.model, data=cfg.data, init=cfg.init)  # what --resume compares
     if cfg.resume and os.path.isfile(state_path):
-        st = disk.torch_load(state_path, ddp.device)
+        st = disk.torch_load(state_path, ddp.device,
+                             keys=("sae", "optimizer", "loader", "since_fired", "step", "elapsed", "rows"))
         run_folder.check_inputs(st.get("inputs"), built_from, state_path)
         run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
         sae.load_state_dict(st["sae"])

@@ -86,13 +86,19 @@ def torch_save(obj, path: str):
         torch.save(obj, tmp)
 
 
-def torch_load(path: str, device, what: str = "checkpoint"):
-    """torch.load with a one-line error for a truncated or foreign file (instead of torch's zip-reader message)."""
+def torch_load(path: str, device, what: str = "checkpoint", keys: tuple[str, ...] = ()):
+    """torch.load with a one-line error for a truncated or foreign file (instead of torch's zip-reader message), and
+    for one that lacks any of `keys` (a checkpoint of another script or version: resuming it would fail part way)."""
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        obj = torch.load(path, map_location=device, weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable {what} ({str(e).splitlines()[0]}); delete it to start over, or restore "
                          f"a good copy") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise ValueError(f"{path}: not a complete {what} of this script (no {', '.join(map(repr, missing))}); "
+                         f"--overwrite to start over, or restore a good copy")
+    return obj
 
 
 def fingerprint(path: str, whole: int = 64 << 20, piece: int = 1 << 20) -> str:

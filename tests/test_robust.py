@@ -134,6 +134,16 @@ def test_resume_refuses_a_checkpoint_whose_tensors_do_not_fit(files, tmp_path):
     refused("adapt.py", adapt_args(files, out, "--max-tokens", "256", "--resume"), [out], "has shape")
 
 
+def test_resume_refuses_a_checkpoint_missing_a_key(files, tmp_path):
+    out = tmp_path / "run"
+    adapt.main(adapt_args(files, out, "--max-tokens", "128"))
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    del state["loader"]  # another version's or script's checkpoint: resuming it would fail part way
+    torch.save(state, out / "ckpt.pt")
+    refused("adapt.py", adapt_args(files, out, "--max-tokens", "256", "--resume"), [out], "not a complete checkpoint",
+            "'loader'", "--overwrite")
+
+
 # -- a divergence stop that keeps a state from before it, and whose advice works ----------------------------------------
 
 
