@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.need import need
+from tests.test_gguf import hf_model
 from tests.tol import assert_close
 
 gguf = None  # the optional reader, imported per test by the fixture below
@@ -114,12 +115,6 @@ def write_gguf(path, qtype="Q8_0", n_layer=6, seed=0):
     w.write_tensors_to_file()
     w.close()
     return state
-
-
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
 
 
 def hf_tokenizer(path):

@@ -30,8 +30,11 @@ def test_logits_and_hidden_states_match_transformers(tmp_path, hub, shard, hub_s
     ref = make_hf_checkpoint(tmp_path, hub, shard=shard, hub_style_config=hub_style)
     if shard:
         assert os.path.isfile(tmp_path / "model.safetensors.index.json")
-    ours = Transformer.from_pretrained(str(tmp_path))
-    idx = tokens()
+    assert_matches_hf(Transformer.from_pretrained(str(tmp_path)), ref, tokens())
+
+
+def assert_matches_hf(ours, ref, idx):
+    """Our logits and every hidden state equal transformers' for the same checkpoint, to fp32 rounding."""
     with torch.no_grad():
         out = ref(idx, output_hidden_states=True)
         assert rel_err(ours(idx), out.logits) < 1e-4

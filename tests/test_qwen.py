@@ -8,6 +8,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from tests.hf_refs import make_hf_checkpoint, rel_err
+from tests.test_model import assert_matches_hf
 
 # as the hub ships Qwen2.5-0.5B's / Qwen3-0.6B's config.json, at tiny sizes
 TINY_QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=64,
@@ -50,12 +51,7 @@ def test_logits_and_hidden_states_match_transformers(tmp_path, hub):
     (tmp_path / "config.json").write_text(json.dumps(hub))  # the hub's own keys, not what transformers writes
     ours = Transformer.from_pretrained(str(tmp_path))
     assert ours.cfg.qkv_bias == (hub["model_type"] == "qwen2") and ours.cfg.qk_norm == (hub["model_type"] == "qwen3")
-    idx = tokens()
-    with torch.no_grad():
-        out = ref(idx, output_hidden_states=True)
-        assert rel_err(ours(idx), out.logits) < 1e-4
-        for layer in range(ours.cfg.n_layer - 1):  # the last hidden state HF reports is after the final norm
-            assert rel_err(ours(idx, stop_at=layer), out.hidden_states[layer + 1]) < 1e-4
+    assert_matches_hf(ours, ref, tokens())
 
 
 def test_biases_norms_and_window_actually_bite(tmp_path):
