@@ -39,3 +39,17 @@ def test_bench_profile_prints_where_the_step_goes():
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     assert {"original forward", "spliced forward", "KL + CE forward", "backward", "all"} <= set(rows)
     assert "matmul" in rows["phase"] and "share of the time: matmul" in proc.stdout
+
+
+def test_bench_draws_a_fitting_sae_for_a_model_folder(tmp_path):
+    """--model without --sae: the random SAE fits that model, even where another run of bench left a different one."""
+    from tools.bench import BenchConfig, bench_folder, build_inputs
+    from sae import SAE
+    model = make_model(tmp_path / "model", family="gemma2")
+    b = BenchConfig(model=model, layer=[1], k=8)
+    folder = bench_folder(b)
+    assert folder != bench_folder(BenchConfig())  # not the random-weights default's folder
+    SAE(48, 96, "topk", k=8, layer=1).save(os.path.join(folder, "sae"))  # a stale SAE of another width
+    build_inputs(b, folder, "cpu")
+    d_model = json.load(open(os.path.join(model, "config.json")))["hidden_size"]
+    assert SAE.from_pretrained(os.path.join(folder, "sae")).W_enc.shape[0] == d_model != 48

@@ -114,9 +114,28 @@ def check_shape(b: BenchConfig):
 
 
 def bench_folder(b: BenchConfig) -> str:
-    name = (f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape
-            else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
+    if b.model:  # a real model: the folder holds only the random SAE drawn for it, so it is named by the model
+        import hashlib
+        name = "model-" + hashlib.sha256(os.path.abspath(b.model).encode()).hexdigest()[:12]
+    else:
+        name = (f"{b.shape}-{b.shape_layers}-{b.shape_vocab}" if b.shape
+                else f"{b.family}-{b.d_model}-{b.n_layer}-{b.vocab}")
     return os.path.join(tempfile.gettempdir(), f"lorasae-bench-{name}")
+
+
+def build_inputs(b: BenchConfig, folder: str, device):
+    """What --model and --sae do not name, drawn at random: the model and its SAE, or the SAE of the given model
+    (drawn anew each run, so that it always fits the model and the --k / --expansion / --layer typed)."""
+    if not b.model:
+        build_files(b, folder, device)
+    elif not b.sae:
+        from formats.checkpoint import read_config
+        from model import ModelConfig
+        from sae import SAE
+        d_model = ModelConfig.from_hf(read_config(paths(b, folder)[0])).d_model
+        torch.manual_seed(0)
+        SAE(d_model, b.sae_width or b.expansion * d_model, "topk", k=b.k,
+            layer=(b.layer or [3])[0]).save(os.path.join(folder, "sae"))
 
 
 def build_files(b: BenchConfig, folder: str, device: str | torch.device = "cpu"):
@@ -420,8 +439,7 @@ def bench_adapt(b: BenchConfig, dev):
         setup = time.perf_counter() - t0 - b.steps * r["seconds"]
         print(json.dumps(dict(r, peak_gb=peak_memory_gb(dev), setup_s=setup)))
         return None
-    if not b.model:
-        build_files(b, folder, dev)
+    build_inputs(b, folder, dev)
     if b.profile:  # in this process: the table is printed by profiled()
         return run_ours(b, folder, "blocks" if b.compile else "eager", dev)
     mc, flops = step_flops(b, folder)
@@ -466,8 +484,7 @@ def bench_sae(b: BenchConfig, dev):
     from model import Transformer, compile_blocks
     from sae import SAE, training_loss
     folder = bench_folder(b)
-    if not b.model:
-        build_files(b, folder, dev)
+    build_inputs(b, folder, dev)
     L, results, seq_len = (b.layer or [3])[0], {}, 1024
     for name, seqs, amp_dtype, stop in ((f"ours: stop_at layer, {b.autocast}, 4096-token SAE batches", 4, b.autocast,
                                          True), ("paper: full fp32 forward, one 1024-token sequence per step", 1,
