@@ -32,7 +32,8 @@ from formats.peft import save_adapter, save_sae_record
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
 from model import Transformer
 from sae import load_saes
-from splice import (adapt_step_flops, compile_step, evaluate, kept_tokens, kl_and_ce, original_pass, residual_only,
+from accounting.flops import adapt_step_flops
+from splice import (compile_step, evaluate, kept_tokens, kl_and_ce, original_pass, residual_only,
                     spliced_pass)
 
 

@@ -171,21 +171,6 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 32, dropout: float = 
     return params
 
 
-def lora_flops(model_cfg, rank: int, layers: list[int], targets=TARGETS) -> float:
-    """FLOPs per token of the adapters' own matmuls in one training step (model.py's convention: 2 per weight per
-    token): x -> A x -> B A x costs 2 r (in + out) forward; the backward 2 r (in + out) more for the A and B gradients,
-    2 r out for the gradient to A x, and 2 r in for the gradient to x (LoRALinear.forward). Only the training region
-    carries gradients: the input of the lowest adapted block has none (nothing before it trains), so its adapted
-    projections of that input (q/k/v_proj) skip the last term. The frozen weights' own cost is model.py's."""
-    total = 0
-    for i in sorted(layers):
-        for name, (n_in, n_out) in model_cfg.block_linears().items():
-            if name in targets:
-                skip = i == min(layers) and name in ("q_proj", "k_proj", "v_proj")
-                total += 2 * rank * (n_in + n_out) * 2 + 2 * rank * n_out + (0 if skip else 2 * rank * n_in)
-    return total
-
-
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

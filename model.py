@@ -100,7 +100,7 @@ class ModelConfig:
         """The config.json the hub would ship for this model (checkpoint.config_to_hf)."""
         return config_to_hf(self)
 
-    # -- bookkeeping used by benchmarks ------------------------------------------------------------------------------
+    # -- shapes, for the FLOPs formulas (accounting/flops.py) and parameter counts -------------------------------------
 
     def block_linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of a block, by its HF name (the LoRA targets)."""
@@ -112,36 +112,6 @@ class ModelConfig:
         block = sum(i * o for i, o in self.block_linears().values())
         emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         return self.n_layer * block + (emb if include_embedding else 0)
-
-    # FLOPs per token, Kaplan et al. (2020)'s convention: a matmul costs 2 FLOPs per weight per token forward; its
-    # backward costs 2 more for the gradient to its input and another 2 for the weight gradient (the "6N" of training).
-    # Here the model is always frozen: its backward (e2e SAEs, LoRA) is to the activations only, 2 per weight.
-    # Elementwise work (norms, RoPE, softmax, activations) is not counted.
-
-    def block_flops(self, seq_len: int, backward: bool = False, input_grad: bool = True) -> float:
-        """FLOPs per token of one decoder block. Forward: 2 per projection weight, plus the attention scores:
-        QK^T and AV, 2 * head_dim FLOPs per (query, key) pair each, over seq_len / 2 keys on average (causal: fused
-        kernels skip the masked half), so 2 * n_head * head_dim * seq_len. backward=True: its backward to the
-        activations (frozen weights): 2 per weight again, and twice the attention forward (both operands of QK^T and
-        of AV are activations: 4 matmuls; a fused kernel's recomputation of the scores is not counted).
-        input_grad=False: the block's input carries no gradient, so q/k/v_proj skip their input gradient (the lowest
-        adapted block of adapt.py)."""
-        weights = sum(i * o for i, o in self.block_linears().values())
-        attn = 2 * self.n_head * self.head_dim * seq_len
-        if not backward:
-            return 2 * weights + attn
-        qkv = sum(i * o for name, (i, o) in self.block_linears().items() if name in ("q_proj", "k_proj", "v_proj"))
-        return 2 * (weights - (0 if input_grad else qkv)) + 2 * attn
-
-    def flops_per_token(self, seq_len: int, stop_at: int | None = None) -> float:
-        """Forward FLOPs per token of model(idx, stop_at=...): blocks 0..stop_at, and the lm_head (2 per weight) when
-        stop_at is None (the whole model)."""
-        blocks = self.n_layer if stop_at is None else stop_at + 1
-        return blocks * self.block_flops(seq_len) + (self.head_flops() if stop_at is None else 0)
-
-    def head_flops(self) -> float:
-        """FLOPs per position of the lm_head (2 per weight), forward; its backward to the input costs the same."""
-        return 2 * self.vocab_size * self.d_model
 
 
 def _gemma2(n_layer, d_model, d_ff, n_head, n_kv_head, head_dim=256, query_pre_attn_scalar=256, vocab=256000):

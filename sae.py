@@ -27,7 +27,6 @@ every step backpropagates through it (Sec. 3.4; the TopK SAE is eqs. 4-5, JumpRe
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -433,42 +432,6 @@ def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float,
     return loss, stats, fired
 
 
-def training_flops(d_in: int, d_sae: int, arch: str, k: int | float | None = None, auxk: bool = False) -> float:
-    """FLOPs per token of one training_loss forward and backward (train_sae.py's step; Adam is elementwise), counted as
-    model.py counts (2 per multiply-add) and as the code computes them:
-
-    - encoder: every latent's pre-activation, dense: 2 d m; backward: the W_enc gradient (2 d m) and the gradient to
-      the encoder input x - b_dec, which b_dec needs (2 d m). JumpReLU computes the pre-activations twice (encode
-      runs its own; the first ones feed the L0 penalty): 2 d m more;
-    - TopK decoder: k rows of W_dec per token (decode_sparse: 2 k d); backward: the k kept values' gradient and the
-      gradient of those k rows (2 k d each). BatchTopK / JumpReLU decode densely: 2 m d, backward 4 m d;
-    - AuxK (TopK / BatchTopK, on a step where some latent is dead): the dead latents decode through a dense
-      (tokens, m) @ W_dec: 2 m d, backward 4 m d."""
-    dense = 2 * d_in * d_sae
-    decoder = 3 * (2 * k * d_in if arch == "topk" else dense)
-    return (4 if arch == "jumprelu" else 3) * dense + decoder + (3 * dense if auxk and arch != "jumprelu" else 0)
-
-
-def splice_flops(d_in: int, d_sae: int, arch: str, k: int | float | None = None, *, grad_input: bool = False,
-                 grad_weights: bool = False) -> float:
-    """FLOPs per token of SAE.forward spliced into a model, and of the backward asked for: grad_input (a frozen SAE
-    with trained adapters before it, adapt.py), grad_weights (every parameter, train_e2e.py; b_dec's gradient runs
-    through the encoder input too). Counted as training_flops counts:
-
-    - TopK (encode_topk, decode_sparse): the dense encoder (2 d m) and k rows of W_dec (2 k d); backward: the kept
-      values' gradient (2 k d) and the gradient to the encoder input through the k kept columns of W_enc (2 k d,
-      TopKEncoder's sparse backward); with weights also the k rows of W_dec (2 k d) and W_enc's gradient, dense
-      (TopKEncoder scatters it: 2 d m);
-    - dense (JumpReLU; BatchTopK as saved): encoder and decoder 2 d m each; backward: codes and input 2 d m each, with
-      weights W_dec and W_enc 2 d m each."""
-    dense = 2 * d_in * d_sae
-    if arch == "topk":
-        rows = 2 * k * d_in
-        grads = (2 * rows if grad_input or grad_weights else 0) + (rows + dense if grad_weights else 0)
-        return dense + rows + grads
-    return 2 * dense + (2 * dense if grad_input or grad_weights else 0) + (2 * dense if grad_weights else 0)
-
-
 def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):
     """Dead-latent accounting: tokens since each latent last fired; a latent firing in this batch restarts at 0."""
     since_fired += n_tokens
@@ -487,25 +450,3 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> to
         y = y_new
     return y
 
-
-def forward_windows(cfg, steps: int) -> int:
-    """Windows of seq_len tokens that the first `steps` train_sae.py steps (cfg: its TrainSAEConfig) forward through the model to fill the
-    activation buffer. It holds `size` activations and is filled again when the next batch would run past its end
-    (the first fill also gives the geometric-median sample); a fill forwards model_batch windows at a time until it
-    holds `size` activations. Every window starts with BOS (data.TokenLoader), which is dropped unless include_bos;
-    the rest of the last batch is discarded. One process: N processes split the batch and the buffer, the same count
-    up to rounding."""
-    size = max(cfg.buffer_tokens, cfg.batch_tokens)
-    fills = math.ceil(steps / (size // cfg.batch_tokens))
-    return fills * math.ceil(size / (cfg.model_batch * (cfg.seq_len - (0 if cfg.include_bos else 1)))) * cfg.model_batch
-
-
-def run_flops(cfg, model_cfg, steps: int, auxk_steps: int = 0) -> float:
-    """FLOPs of the first `steps` training steps of a train_sae.py run of `cfg` (what `elapsed` times; held-out evaluations are
-    neither timed nor counted), model.py's convention: the partial forwards that fill the activation buffer
-    (forward_windows, through blocks 0..layer only: model(idx, stop_at=layer) runs no later block and no lm_head) and
-    the SAE steps (sae.training_flops), AuxK on `auxk_steps` of them."""
-    forward = forward_windows(cfg, steps) * cfg.seq_len * model_cfg.flops_per_token(cfg.seq_len, cfg.layer[0])
-    d, m, k = model_cfg.d_model, cfg.expansion * model_cfg.d_model, None if cfg.arch == "jumprelu" else cfg.k
-    sae = [cfg.batch_tokens * training_flops(d, m, cfg.arch, k, auxk=auxk) for auxk in (False, True)]
-    return forward + (steps - auxk_steps) * sae[0] + auxk_steps * sae[1]

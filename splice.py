@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from lora import adapters_disabled, lora_flops, lora_modules
+from lora import adapters_disabled, lora_modules
 from model import Transformer, compile_blocks
-from sae import SAE, splice_flops
+from sae import SAE
 
 
 def kl_reference(model: Transformer, saes, idx, kept_ids=()) -> torch.Tensor:
@@ -225,58 +225,6 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):
         parts.append(checkpoint(losses, *args, use_reentrant=False) if recompute else losses(*args))
     kl, ce, ce_orig = (torch.cat(p) for p in zip(*parts))
     return kl, ce, ce_orig
-
-
-def kl_flops(model_cfg, batch: int, seq_len: int, chunk: int | None) -> float:
-    """FLOPs per token of a (batch, seq_len) batch in one kl_and_ce with gradients (model.py's convention): the
-    lm_head of both passes (2 V d each) and the spliced one's backward to its input (2 V d), on the predicted
-    positions (seq_len - 1 of seq_len). When those span more than one `chunk`, each chunk runs under activation
-    checkpointing and both heads run again in the backward (2 x 2 V d more); chunk None leaves the recomputation out
-    (model FLOPs, as MFU counts them)."""
-    recompute = chunk is not None and batch * (seq_len - 1) > chunk
-    return (3 + (2 if recompute else 0)) * model_cfg.head_flops() * (seq_len - 1) / seq_len
-
-
-def adapt_step_flops(model_cfg, saes, lora_layers: list[int], rank: int, seq_len: int, micro: int,
-               kl_chunk: int | None) -> float:
-    """FLOPs per token of one adapt.py training step as its loop computes it, model.py's convention (the model and the SAEs are
-    frozen: their backward is to the activations only; the adapters train):
-
-    - the original pass: every block forward, without grad;
-    - the spliced pass: the blocks after the first SAE when every adapter sits after it (share_prefix; never with an
-      SAE inside a block, which changes that block), else every block, forward; each SAE with its backward to its input
-      when adapters sit before it (sae.splice_flops);
-    - the backward to the activations of the lowest adapted block and every block after it (the lowest one's input
-      carries no gradient), and the adapters' own matmuls with their gradients (lora.lora_flops);
-    - Eq. 7's two heads on the predicted positions and the spliced one's backward (kl_flops below); kl_chunk None
-      leaves out the recomputation of the chunks (model FLOPs, for MFU)."""
-    n, first, lowest = model_cfg.n_layer, saes[0][0], min(lora_layers)
-    block = model_cfg.block_flops(seq_len)
-    shared = lowest > first and residual_only(saes)  # share_prefix
-    spliced = (n - first - 1 if shared else n) * block
-    sae = sum(splice_flops(s.d_in, s.d_sae, s.arch, s.k, grad_input=lowest <= layer) for layer, s in saes)
-    backward = ((n - lowest - 1) * model_cfg.block_flops(seq_len, backward=True)
-                + model_cfg.block_flops(seq_len, backward=True, input_grad=False))
-    return (n * block + spliced + sae + backward + lora_flops(model_cfg, rank, lora_layers)
-            + kl_flops(model_cfg, micro, seq_len, kl_chunk))
-
-
-def e2e_step_flops(cfg, model_cfg) -> float:
-    """FLOPs per token of one train_e2e.py step (cfg: its E2EConfig) as its loop computes it, model.py's convention (the model is frozen: its
-    backward is to the activations only; the SAE trains):
-
-    - the original pass: every block forward, without grad; blocks 0..layer are shared with the spliced pass;
-    - the SAE's encoder once more without grad, for the dead-latent accounting (2 d m);
-    - the spliced pass: the SAE with its weight gradients (sae.splice_flops) and blocks layer+1..last, forward and
-      backward to the activations;
-    - Eq. 7's two heads on the predicted positions, the spliced one's backward, any chunk recomputation
-      (kl_flops below). e2e+ds's downstream terms are elementwise."""
-    layer, n, d_model = cfg.layer[0], model_cfg.n_layer, model_cfg.d_model
-    d_sae = cfg.expansion * d_model
-    after = (n - layer - 1) * (model_cfg.block_flops(cfg.seq_len) + model_cfg.block_flops(cfg.seq_len, backward=True))
-    return (n * model_cfg.block_flops(cfg.seq_len) + 2 * d_model * d_sae
-            + splice_flops(d_model, d_sae, "topk", cfg.k, grad_weights=True)
-            + after + kl_flops(model_cfg, cfg.batch_size, cfg.seq_len, cfg.kl_chunk))
 
 
 def predicted_positions(idx: torch.Tensor) -> int:

@@ -352,9 +352,5 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     return dict(history=history, sae=sae)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training FLOPs, for the loss-vs-compute frontier (experiments/run.py frontier)
-
-
 if __name__ == "__main__":
     common.cli(main)

@@ -18,8 +18,7 @@ sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 from formats import disk  # noqa: E402
-import sae as sae_module  # noqa: E402  (run_flops: the frontier's FLOPs axis)
-import splice  # noqa: E402  (adapt_step_flops, e2e_step_flops)
+from accounting.flops import adapt_step_flops, e2e_step_flops, sae_buffer_windows, sae_run_flops  # noqa: E402
 import train_e2e  # noqa: E402  (E2EConfig)
 import train_sae  # noqa: E402  (TrainSAEConfig)
 from sae import SAE  # noqa: E402
@@ -109,10 +108,16 @@ def frontier(cfg: ExpConfig):
     # Gemma-2-2B and "40x" on Llama-3.2-1B are e2e's 2B / 4B tokens over one adaptation's 15M / 100M): optimizer
     # steps x sequences per step. The TopK SAE's steps backpropagate through the SAE only.
     sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
-    topk_flops = lambda p: sae_module.run_flops(sae_cfg, mcfg, topk_step(p), auxk_steps(h["history"],
-                                                                                              topk_step(p)))
+    sae_shape = dict(layer=sae_cfg.layer[0], d_sae=sae_cfg.expansion * mcfg.d_model, arch=sae_cfg.arch,
+                     k=None if sae_cfg.arch == "jumprelu" else sae_cfg.k)
+    sae_buffer = dict(batch_tokens=sae_cfg.batch_tokens, buffer_tokens=sae_cfg.buffer_tokens,
+                      model_batch=sae_cfg.model_batch, seq_len=sae_cfg.seq_len, include_bos=sae_cfg.include_bos)
+    topk_flops = lambda p: sae_run_flops(mcfg, **sae_shape, steps=topk_step(p),
+                                         auxk_steps=auxk_steps(h["history"], topk_step(p)), **sae_buffer)
     e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), disk.torch_load(os.path.join(e2e, "state.pt"), "cpu",
                                                                           "e2e state")["config"], "saved")
+    e2e_step = e2e_step_flops(mcfg, e2e_cfg.layer[0], e2e_cfg.expansion * mcfg.d_model, e2e_cfg.k,
+                              e2e_cfg.batch_size, e2e_cfg.seq_len, e2e_cfg.kl_chunk)
     e2e_tokens = lambda p: round(e2e_total * p / 100) * int(rows[-1]["tokens"]) // int(rows[-1]["step"])
 
     # held-out CE of every checkpoint, cached next to them (20 evaluations: worth keeping)
@@ -132,7 +137,7 @@ def frontier(cfg: ExpConfig):
         ev = cache[os.path.join(topk, f"ckpt_{p:03d}")]
         points["topk"].append(dict(pct=p, time=topk_time(p), flops=topk_flops(p), backward=0, ce=ev["ce_sae"],
                                    ce_base=ev["ce_base"]))
-        points["e2e"].append(dict(pct=p, time=e2e_time(p), flops=e2e_tokens(p) * splice.e2e_step_flops(e2e_cfg, mcfg),
+        points["e2e"].append(dict(pct=p, time=e2e_time(p), flops=e2e_tokens(p) * e2e_step,
                                   backward=e2e_tokens(p) // e2e_cfg.seq_len,
                                   ce=cache[os.path.join(e2e, f"ckpt_{p:03d}")]["ce_sae"]))
     for p in map(int, cfg.frontier_ckpts.split(",")):
@@ -140,7 +145,7 @@ def frontier(cfg: ExpConfig):
         res = adapt_run(cfg, os.path.join(root, f"lora-{p:03d}"), ["--sae", ckpt, "--layer", str(layer),
                                                                     "--max-tokens", str(cfg.lora_tokens)])
         a = res["config"]
-        flops = res["train_tokens"] * splice.adapt_step_flops(mcfg, [(layer, SAE.from_pretrained(ckpt))], res["lora_layers"],
+        flops = res["train_tokens"] * adapt_step_flops(mcfg, [(layer, SAE.from_pretrained(ckpt))], res["lora_layers"],
                                                        a["rank"], a["seq_len"], a["micro_batch"] or a["batch_size"],
                                                        a["kl_chunk"])
         points["topk_lora"].append(dict(pct=p, time=topk_time(p) + res["train_seconds"], ce=res["ce_sae_lora"],
@@ -163,15 +168,15 @@ def frontier(cfg: ExpConfig):
              f"Original model CE {ce_base:.4f}. Final CE: TopK {last['topk']['ce']:.4f} "
              f"({last['topk']['time']:.0f} s), e2e {last['e2e']['ce']:.4f} ({last['e2e']['time']:.0f} s), "
              f"TopK + LoRA {last['topk_lora']['ce']:.4f} ({last['topk_lora']['time']:.0f} s).", "",
-             "Training FLOPs to reach each CE (sae.run_flops, splice.e2e_step_flops, splice.adapt_step_flops) and "
-             "backward passes through the model to reach it (sequences, as Sec. 4.2 counts; TopK + LoRA: its LoRA's):",
+             "Training FLOPs to reach each CE (accounting/flops.py: sae_run_flops, e2e_step_flops, adapt_step_flops) "
+             "and backward passes through the model to reach it (sequences, as Sec. 4.2 counts; TopK + LoRA: its LoRA's):",
              "",
              *flops_table, "",
              f"Backward passes through the model: e2e {last['e2e']['backward']:,} sequences of {e2e_cfg.seq_len} "
              f"tokens for its whole run, each TopK + LoRA adaptation {seq:,} of {a['seq_len']}: "
              f"{last['e2e']['backward'] / max(seq, 1):.1f}x as many (paper: 130x on Gemma-2-2B, 40x on "
              f"Llama-3.2-1B); the TopK SAE none (its {total_steps:,} steps forward "
-             f"{sae_module.forward_windows(sae_cfg, total_steps):,} windows through blocks 0..{layer} only). Final "
+             f"{sae_buffer_windows(total_steps, **sae_buffer):,} windows through blocks 0..{layer} only). Final "
              f"FLOPs: TopK {fl(last['topk']['flops'])}, e2e {fl(last['e2e']['flops'])}, TopK + LoRA "
              f"{fl(last['topk_lora']['flops'])}.", "",
              "| TopK checkpoint | SAE time | LoRA time | SAE FLOPs | LoRA FLOPs | CE with SAE | CE with SAE + LoRA |",

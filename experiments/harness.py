@@ -23,7 +23,7 @@ import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
 import common  # noqa: E402
 from formats import disk  # noqa: E402
 import embedded  # noqa: E402
-import splice  # noqa: E402  (adapt_step_flops, e2e_step_flops)
+import splice  # noqa: E402
 from formats.checkpoint import resolve_model_dir  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sae import load_saes  # noqa: E402

@@ -42,8 +42,7 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     import adapt
     import train_e2e
     import train_sae
-    import sae as sae_module
-    import splice
+    from accounting.flops import adapt_step_flops, e2e_step_flops, sae_run_flops
     from model import Transformer
     from sae import SAE
     from tests.tiny import make_model, make_sae
@@ -91,10 +90,13 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     mcfg = Transformer.from_pretrained(model).cfg
     pts = res["points"]
     # e2e at 50%: 5 steps of 64 tokens, 2 sequences each
-    assert pts["e2e"][4]["flops"] == 5 * 64 * splice.e2e_step_flops(e2e_cfg, mcfg) and pts["e2e"][4]["backward"] == 10
+    e2e = e2e_step_flops(mcfg, 1, 2 * mcfg.d_model, 4, 2, 32, 40)  # layer 1, 2x latents, k 4, 2 x 32 tokens, chunk 40
+    assert pts["e2e"][4]["flops"] == 5 * 64 * e2e and pts["e2e"][4]["backward"] == 10
     # TopK at 100%: 40 steps, AuxK on steps 21..40 (the log lines that carry it stand for the 10 steps before them)
-    assert pts["topk"][-1]["flops"] == sae_module.run_flops(sae_cfg, mcfg, 40, 20) and pts["topk"][-1]["backward"] == 0
-    lora = 2048 * splice.adapt_step_flops(mcfg, [(1, SAE.from_pretrained(str(root / "topk" / "ckpt_100")))], [0, 1, 2, 3],
+    want = sae_run_flops(mcfg, 1, 2 * mcfg.d_model, "topk", 4, 40, 20, batch_tokens=1024, buffer_tokens=4096,
+                         model_batch=4, seq_len=32, include_bos=False)
+    assert pts["topk"][-1]["flops"] == want and pts["topk"][-1]["backward"] == 0
+    lora = 2048 * adapt_step_flops(mcfg, [(1, SAE.from_pretrained(str(root / "topk" / "ckpt_100")))], [0, 1, 2, 3],
                                    4, 32, 2, 40)
     assert pts["topk_lora"][-1]["lora_flops"] == lora and pts["topk_lora"][-1]["backward"] == 64
     assert pts["topk_lora"][-1]["flops"] == pts["topk"][-1]["flops"] + lora

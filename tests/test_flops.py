@@ -1,4 +1,5 @@
-"""The training-FLOPs formulas (model.py, sae.py, lora.py, splice.py, train_sae.py, train_e2e.py, adapt.py) against
+"""The training-FLOPs formulas (accounting/flops.py: the model, the SAE, LoRA, Eq. 7, a step of train_sae.py,
+train_e2e.py and adapt.py) against
 torch.utils.flop_counter.FlopCounterMode, which counts the matmuls that actually run (2 FLOPs per multiply-add, the
 formulas' convention; elementwise work is left out by both).
 
@@ -18,14 +19,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import adapt
-import sae as sae_module
-import splice
 import train_e2e
 import train_sae
-from lora import apply_lora, lora_flops
+from accounting.flops import (adapt_step_flops, block_flops, e2e_step_flops, forward_flops, head_flops, kl_flops,
+                              lora_flops, sae_run_flops, sae_splice_flops, sae_training_flops)
+from lora import apply_lora
 from model import ModelConfig, Transformer
-from sae import SAE, splice_flops, training_flops, training_loss
-from splice import kl_and_ce, kl_flops
+from sae import SAE, training_loss
+from splice import kl_and_ce
 from tests.tiny import BOS, make_data, make_model, make_sae
 
 aten = torch.ops.aten
@@ -80,14 +81,14 @@ def test_model_forward_partial_forward_and_backward(family):
     model = Transformer(cfg).init_weights(0).requires_grad_(False)
     B, T, n = 2, 24, cfg.n_layer
     idx = idx_batch(B, T)
-    assert measure(lambda: model(idx)) == B * T * (cfg.flops_per_token(T) + ATTN(cfg, T, n))
-    assert measure(lambda: model(idx, stop_at=1)) == B * T * (cfg.flops_per_token(T, stop_at=1) + ATTN(cfg, T, 2))
+    assert measure(lambda: model(idx)) == B * T * (forward_flops(cfg, T) + ATTN(cfg, T, n))
+    assert measure(lambda: model(idx, stop_at=1)) == B * T * (forward_flops(cfg, T, stop_at=1) + ATTN(cfg, T, 2))
     x = model.embed(idx).requires_grad_()  # frozen weights: the backward reaches the activations only
     loss = model.head(model.blocks(x)).sum()
-    bwd = n * cfg.block_flops(T, backward=True) + cfg.head_flops()
+    bwd = n * block_flops(cfg, T, backward=True) + head_flops(cfg)
     # the backward's 4 attention matmuls, whole; sdpa's fused backward also recomputes the scores (a fifth one)
     assert measure(loss.backward) == B * T * (bwd + (3 if family == "llama3" else 2) * ATTN(cfg, T, n))
-    assert cfg.block_flops(T, backward=True, input_grad=False) < cfg.block_flops(T, backward=True)
+    assert block_flops(cfg, T, backward=True, input_grad=False) < block_flops(cfg, T, backward=True)
 
 
 @pytest.mark.parametrize("arch,auxk", [("topk", False), ("topk", True), ("batchtopk", True), ("jumprelu", False)])
@@ -102,7 +103,7 @@ def test_sae_training_step(arch, auxk):
         loss, stats, _ = training_loss(sae, x, dead, 1.0)
         loss.backward()
         assert ("auxk" in stats) == auxk
-    assert measure(step) == N * training_flops(d, m, arch, None if arch == "jumprelu" else k, auxk=auxk)
+    assert measure(step) == N * sae_training_flops(d, m, arch, None if arch == "jumprelu" else k, auxk=auxk)
 
 
 @pytest.mark.parametrize("arch", ["topk", "jumprelu"])
@@ -116,8 +117,8 @@ def test_spliced_sae_forward_and_backward(arch, grad):
         y = sae(x)
         if grad != "none":
             y.pow(2).sum().backward()
-    want = splice_flops(d, m, arch, None if arch == "jumprelu" else k, grad_input=grad == "input",
-                        grad_weights=grad == "weights")
+    want = sae_splice_flops(d, m, arch, None if arch == "jumprelu" else k, grad_input=grad == "input",
+                            grad_weights=grad == "weights")
     assert counter.get_total_flops() == N * want
 
 
@@ -145,8 +146,8 @@ def test_lora_matmuls():
 
     def step():  # the stream carries a gradient from block 1 on; blocks 1..3 run their backward
         model(idx).sum().backward()
-    base = (cfg.flops_per_token(T) + ATTN(cfg, T, cfg.n_layer) + 2 * cfg.block_flops(T, backward=True)
-            + cfg.block_flops(T, backward=True, input_grad=False) + 3 * 2 * ATTN(cfg, T, 1) + cfg.head_flops())
+    base = (forward_flops(cfg, T) + ATTN(cfg, T, cfg.n_layer) + 2 * block_flops(cfg, T, backward=True)
+            + block_flops(cfg, T, backward=True, input_grad=False) + 3 * 2 * ATTN(cfg, T, 1) + head_flops(cfg))
     assert measure(step) == B * T * (base + lora_flops(cfg, rank, layers))
 
 
@@ -174,11 +175,12 @@ def test_train_sae_steps(files, tmp_path, dead_tokens):
             "--eval-interval", "1000", "--eval-batches", "1", "--autocast", "float32", "--compile", "false",
             "--dead-tokens", str(dead_tokens)]
     measured = steps_apart(train_sae.main, argv, (256, 768), tmp_path)  # 1 step (1 fill), 3 steps (2 fills)
-    cfg = train_sae.TrainSAEConfig(layer=[1], k=4, expansion=2, batch_tokens=256, buffer_tokens=512, seq_len=32,
-                                   model_batch=4)
     mcfg = Transformer.from_pretrained(files["model"]).cfg
     on = dead_tokens == 0
-    want = sae_module.run_flops(cfg, mcfg, 3, 3 * on) - sae_module.run_flops(cfg, mcfg, 1, on)
+    run = lambda steps, auxk_steps: sae_run_flops(mcfg, 1, 2 * mcfg.d_model, "topk", 4, steps, auxk_steps,
+                                                  batch_tokens=256, buffer_tokens=512, model_batch=4, seq_len=32,
+                                                  include_bos=False)
+    want = run(3, 3 * on) - run(1, on)
     # 4 windows of 31 activations each per batch: 5 batches fill 512; their attention at T = 32, blocks 0..1
     assert measured == want + 5 * 4 * 32 * ATTN(mcfg, 32, 2)
 
@@ -188,10 +190,10 @@ def test_train_e2e_step(files, tmp_path):
             "--batch-size", "2", "--seq-len", "32", "--kl-chunk", "40", "--eval-interval", "1000", "--eval-batches",
             "1", "--autocast", "float32", "--compile", "false"]
     measured = steps_apart(train_e2e.main, argv, (64, 128), tmp_path)
-    cfg = train_e2e.E2EConfig(layer=[1], k=4, expansion=2, batch_size=2, seq_len=32, kl_chunk=40)
     mcfg = Transformer.from_pretrained(files["model"]).cfg
     n, after = mcfg.n_layer, mcfg.n_layer - 2  # forward: every block twice from layer 1 on; backward: the blocks after
-    assert measured == 64 * (splice.e2e_step_flops(cfg, mcfg) + ATTN(mcfg, 32, n + after) + 2 * ATTN(mcfg, 32, after))
+    step = e2e_step_flops(mcfg, 1, 2 * mcfg.d_model, 4, 2, 32, 40)  # layer 1, 2x latents, k 4, 2 x 32 tokens, chunk 40
+    assert measured == 64 * (step + ATTN(mcfg, 32, n + after) + 2 * ATTN(mcfg, 32, after))
 
 
 @pytest.mark.parametrize("sae,lora_layers,chunk", [("sae", "all", 40), ("sae", "after", 1000), ("jump", None, 40)])
@@ -206,6 +208,6 @@ def test_adapt_step(files, tmp_path, monkeypatch, sae, lora_layers, chunk):
     saes = [(1, SAE.from_pretrained(files[sae]))]
     layers = list(range(4)) if lora_layers == "all" else [2, 3]
     n, spliced = 4, 4 if lora_layers == "all" else 2
-    want = splice.adapt_step_flops(model.cfg, saes, layers, 4, 32, 2, chunk)
+    want = adapt_step_flops(model.cfg, saes, layers, 4, 32, 2, chunk)
     assert measured == 64 * (want + ATTN(model.cfg, 32, n + spliced) + 2 * ATTN(model.cfg, 32, len(layers)))
-    assert splice.adapt_step_flops(model.cfg, saes, layers, 4, 32, 2, None) <= want  # MFU's count: no recomputation
+    assert adapt_step_flops(model.cfg, saes, layers, 4, 32, 2, None) <= want  # MFU's count: no recomputation

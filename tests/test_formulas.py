@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import common
 import splice
+from accounting.flops import head_flops, kl_flops
 from formats import sae_files
 from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules
 from model import ModelConfig, Transformer
@@ -200,10 +201,10 @@ def test_kept_tokens_for_unknown_and_mixed_formats():
 def test_kl_flops_recompute_exactly_when_kl_and_ce_checkpoints():
     # kl_and_ce checkpoints its chunks when the predicted positions, batch x (seq_len - 1), exceed one chunk
     cfg = ModelConfig.from_name("tiny-llama3")
-    head = cfg.head_flops() * 8 / 9
-    assert splice.kl_flops(cfg, 2, 9, 16) == pytest.approx(3 * head)  # 16 positions, one chunk of 16
-    assert splice.kl_flops(cfg, 2, 9, 15) == pytest.approx(5 * head)  # two chunks: both heads run again
-    assert splice.kl_flops(cfg, 2, 9, None) == pytest.approx(3 * head)
+    head = head_flops(cfg) * 8 / 9
+    assert kl_flops(cfg, 2, 9, 16) == pytest.approx(3 * head)  # 16 positions, one chunk of 16
+    assert kl_flops(cfg, 2, 9, 15) == pytest.approx(5 * head)  # two chunks: both heads run again
+    assert kl_flops(cfg, 2, 9, None) == pytest.approx(3 * head)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

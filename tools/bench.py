@@ -410,17 +410,17 @@ def run_config(b: BenchConfig, name: str, timeout: float | None = None) -> dict:
 
 
 def step_flops(b: BenchConfig, folder: str):
-    """(model config, FLOPs of one step): splice.adapt_step_flops for the step run_ours times (adapters on every layer, one
-    micro batch), without the KL chunks' recomputation: the work both stacks do."""
-    import splice
+    """(model config, FLOPs of one step): accounting.flops.adapt_step_flops for the step run_ours times (adapters on
+    every layer, one micro batch), without the KL chunks' recomputation: the work both stacks do."""
+    from accounting.flops import adapt_step_flops
     from formats.checkpoint import read_config
     from model import ModelConfig
     from sae import SAE
     mc = ModelConfig.from_hf(read_config(paths(b, folder)[0]))
     sae = SAE.from_pretrained(paths(b, folder)[1])
     saes = [(b.layer[0] if b.layer else sae.layer, sae)]
-    return mc, b.batch_size * b.seq_len * splice.adapt_step_flops(mc, saes, list(range(mc.n_layer)), b.rank, b.seq_len,
-                                                           b.batch_size, None)
+    return mc, b.batch_size * b.seq_len * adapt_step_flops(mc, saes, list(range(mc.n_layer)), b.rank, b.seq_len,
+                                                    b.batch_size, None)
 
 
 def wanted(b: BenchConfig, name: str) -> bool:
