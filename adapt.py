@@ -26,14 +26,16 @@ import common
 from formats import disk
 import embedded
 from answers import PairLoader, answer_losses, evaluate_answers, load_pairs, split_pairs
-from data import HELD_OUT_PARTS, TokenLoader, check_data_matches, eval_batches_for, held_out_batches, load_tokenizer
+from data import HELD_OUT_PARTS, TokenLoader, check_data_matches, eval_batches_for, held_out_batches
+from formats.tokenizer import load_tokenizer
 from formats import run_folder
 from formats.peft import save_adapter, save_sae_record
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
 from model import Transformer
 from sae import load_saes
 from accounting.flops import adapt_step_flops
-from splice import (compile_step, evaluate, kept_tokens, kl_and_ce, original_pass, residual_only,
+from evals.held_out import evaluate
+from splice import (compile_step, kept_tokens, kl_and_ce, original_pass, residual_only,
                     spliced_pass)
 
 

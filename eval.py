@@ -60,8 +60,8 @@ from lora import adapters_disabled, adapters_enabled
 from formats import run_folder
 from model import Transformer
 from sae import load_saes
-from splice import (add, compile_step, gap_closed, hook_key, kept_tokens, kl_and_ce, means, predicted_positions,
-                    spliced_pass)
+from evals.held_out import accumulate, gap_closed, position_means, predicted_positions
+from splice import compile_step, hook_key, kept_tokens, kl_and_ce, spliced_pass
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -188,7 +188,7 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
               losses=None) -> dict:
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
-    sums, n = {}, 0  # per-position CE and KL summed on the device (splice.add): read back once, at the end
+    sums, n = {}, 0  # per-position CE and KL summed on the device (held_out.accumulate): read back once, at the end
     by_layer = {layer: i for i, (layer, sae) in enumerate(saes) if sae.site == "resid"}  # the rest: taps below
     stats = {s: [SAEStats(sae) for _, sae in saes] for s in (("original", "lora") if adapted else ("original",))}
     spliced = [s for s in settings if "sae" in s]
@@ -243,22 +243,22 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
                                                   watch=watch_distance("sae_lora") if dist else None,
                                                   skipped=skipped["sae_lora"])
         for s, masks in skipped.items():
-            if masks:  # counted on the predicted positions, as splice.evaluate
-                add(sums, **{f"norm_skipped_{s}": sum(mask[:, :-1].sum() for mask in masks)})
+            if masks:  # counted on the predicted positions, as held_out.evaluate
+                accumulate(sums, **{f"norm_skipped_{s}": sum(mask[:, :-1].sum() for mask in masks)})
         acts.clear()
         # CE and KL(p_orig || p_setting) at every predicted position, as splice.py defines them (adapt.py's numbers)
         for s in settings[1:]:
             with amp:
                 kl, ce, ce_orig = kl_and_ce(model, finals["original"], finals[s], idx, chunk=cfg.chunk,
                                             losses=losses)
-            add(sums, **{f"kl_{s}": kl, f"ce_{s}": ce})
+            accumulate(sums, **{f"kl_{s}": kl, f"ce_{s}": ce})
             if s in token_ce:
                 token_ce[s].append(ce)
-        add(sums, ce_original=ce_orig)  # the same from every setting's call
+        accumulate(sums, ce_original=ce_orig)  # the same from every setting's call
         n += predicted_positions(idx)
         prog.step()
 
-    m = means(sums, n)
+    m = position_means(sums, n)
     res = {"positions": m["positions"], "settings": {s: {"ce": m[f"ce_{s}"], "kl": m.get(f"kl_{s}", 0.0)}
                                                      for s in settings}}
     ce = {s: res["settings"][s]["ce"] for s in settings}
@@ -410,7 +410,7 @@ def _run(cfg: EvalConfig) -> dict:
     batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), ddp.device) if cfg.data else []
     tok = None
     if texts or bench_qs or gen_qs or cfg.generate:
-        from data import load_tokenizer
+        from formats.tokenizer import load_tokenizer
         tok = load_tokenizer(cfg.tokenizer or cfg.model)
         if (bos_id is not None and tok.bos_id != bos_id) or tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer {tok.path} (bos {tok.bos_id}, {tok.vocab_size} tokens) does not belong to the "

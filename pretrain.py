@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import common
 import embedded
 from formats import disk
-from data import TokenLoader, load_meta, load_tokenizer
+from data import TokenLoader, load_meta
+from formats.tokenizer import load_tokenizer
 from formats import stdlib_corpus
 from formats import run_folder
 from model import ModelConfig, Transformer

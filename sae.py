@@ -46,7 +46,7 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
-def _threshold_grad(ctx, grad, scale):
+def threshold_grad(ctx, grad, scale):
     """sum over tokens of -(scale / eps) * K((pre - threshold) / eps) * grad: the pseudo-derivative w.r.t. threshold."""
     pre, threshold = ctx.saved_tensors
     g = -(scale / ctx.bandwidth) * rectangle((pre - threshold) / ctx.bandwidth) * grad
@@ -68,22 +68,7 @@ class JumpReLUFn(torch.autograd.Function):
     def backward(ctx, grad):
         pre, threshold = ctx.saved_tensors
         grad_pre = grad * (pre > threshold) if ctx.needs_input_grad[0] else None
-        return grad_pre, _threshold_grad(ctx, grad, threshold) if ctx.needs_input_grad[1] else None, None
-
-
-class StepFn(torch.autograd.Function):
-    """H(pre - threshold), the L0 of the JumpReLU sparsity penalty. Only the threshold gets a gradient,
-    -(1 / eps) K((pre - threshold) / eps) (eq. 12); the pre-activations get none, as in the paper."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth: float):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, _threshold_grad(ctx, grad, 1.0) if ctx.needs_input_grad[1] else None, None
+        return grad_pre, threshold_grad(ctx, grad, threshold) if ctx.needs_input_grad[1] else None, None
 
 
 def fp32_region(x: torch.Tensor):
@@ -93,11 +78,6 @@ def fp32_region(x: torch.Tensor):
 
 def jumprelu(pre, threshold, bandwidth: float = 1e-3):
     return JumpReLUFn.apply(pre, threshold, bandwidth)
-
-
-def step(pre, threshold, bandwidth: float = 1e-3):
-    """Per-latent L0 indicator; step(pre, thr, eps).sum(-1).mean() is the JumpReLU sparsity penalty (paper eq. 6)."""
-    return StepFn.apply(pre, threshold, bandwidth)
 
 
 class TopKEncoder(torch.autograd.Function):
@@ -383,70 +363,3 @@ def load_saes(paths: list[str], layers: list[int] | None, model, device) -> list
     if len({layer for layer, _ in saes}) != len(saes):
         raise ValueError("two SAEs at the same layer: give each --sae its own --layer")
     return sorted(saes, key=lambda p: p[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training: the loss of train_sae.py, and what train_sae.py and train_e2e.py share
-
-
-def training_loss(sae: "SAE", x: torch.Tensor, dead: torch.Tensor, scale: float, *, l0_coef: float = 1e-3,
-                  auxk_coef: float = 1 / 32, target: torch.Tensor | None = None):
-    """Reconstruction loss plus AuxK (TopK/BatchTopK) or the L0 penalty (JumpReLU, Eq. 6). Returns (loss, stats, fired).
-    target: what the decoder should reproduce, when not x (a transcoder: the MLP's output from its input x).
-
-    The MSE is divided by a fixed `scale` (the activations' variance, measured once at the start) rather than by each
-    batch's own variance: the loss then decomposes over tokens, so a DDP run with the same global batch computes
-    exactly the single-process gradient."""
-    pre = sae.pre_acts(x)
-    if sae.arch == "topk":  # sparse decode: k rows of W_dec per token instead of a dense (tokens, m) @ (m, d)
-        values, indices = pre.topk(sae.k, dim=-1, sorted=False)
-        values = values.relu()
-        recon = sae.decode_sparse(values, indices)
-        l0 = (values > 0).float().sum(-1).mean()
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[values > 0]] = True
-    else:
-        z = sae._batch_topk(pre) if sae.arch == "batchtopk" else sae.encode(x)
-        recon, l0, fired = sae.decode(z), (z != 0).float().sum(-1).mean(), (z != 0).any(0)
-    y = x if target is None else target
-    err = y - recon
-    mse = err.pow(2).sum(-1).mean()
-    loss = mse / scale  # normalised MSE: the loss scale does not depend on the activation norm
-    with torch.no_grad():
-        fvu = (mse / (y - y.mean(0)).pow(2).sum(-1).mean()).item()  # the batch's own fraction of variance unexplained
-    stats = dict(fvu=fvu, l0=l0.item())
-    if sae.arch == "jumprelu":
-        l0 = step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
-        loss = loss + l0_coef * l0
-    elif auxk_coef > 0 and bool(dead.any()):
-        # AuxK (Gao et al.): the k_aux most active dead latents reconstruct the residual error; their gradient
-        # revives them. Normalised by the error's own variance, as in the reference implementation.
-        k_aux = min(int(dead.sum()), x.shape[-1] // 2)
-        aux_pre = pre.masked_fill(~dead, float("-inf"))
-        v, i = aux_pre.topk(k_aux, dim=-1, sorted=False)
-        aux_recon = torch.zeros_like(pre).scatter(-1, i, v.relu()) @ sae.W_dec
-        e = err.detach()
-        aux = (e - aux_recon).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        loss = loss + auxk_coef * torch.nan_to_num(aux, nan=0.0)
-        stats["auxk"] = aux.item()
-    return loss, stats, fired
-
-
-def update_since_fired(since_fired: torch.Tensor, fired: torch.Tensor, n_tokens: int):
-    """Dead-latent accounting: tokens since each latent last fired; a latent firing in this batch restarts at 0."""
-    since_fired += n_tokens
-    since_fired[fired] = 0
-
-
-@torch.no_grad()
-def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the b_dec initialisation of Gao et al. (robust to the outliers a mean would chase)."""
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() < eps * y.norm().clamp_min(1.0):
-            return y_new
-        y = y_new
-    return y
-

@@ -1,31 +1,23 @@
 """
 The paper's objective in one place: splice SAEs into the residual stream and compare the spliced model's next-token
-distribution with the original's, KL(p_orig || p_spliced) (Eq. 7), a chunk of positions at a time; and the numbers
-every script reports, each defined once, below.
+distribution with the original's, KL(p_orig || p_spliced) (Eq. 7), a chunk of positions at a time.
 
 Read `kl_reference` first: Eq. 7 as written, two full forward passes and full logits. Everything after it computes the
 same numbers with less work: the blocks before the first SAE run once for both passes when no adapter sits there
 (`share_prefix`), and the vocabulary projection runs a chunk of positions at a time so that no (positions, vocab) fp32
 tensor of a 256k vocabulary is ever whole (tests/test_splice.py checks value and gradient against the reference).
 
-What is measured, and on which positions (every script and JSON file uses these names for these numbers only):
+Which positions count (the objective here and every reported number, evals/held_out.py, use the same ones):
 
 - A window of T tokens has T - 1 predicted positions: position t predicts token t + 1; the last position's next token
   lies outside the window. Positions the SAE does not replace (BOS, see kept_tokens) still count: the paper's L_SAE
   is the cross-entropy of the whole spliced model on held-out tokens (Sec. 4), and their predictions read spliced
   positions before them.
-- CE: -log p(token t + 1 | tokens <= t), the mean over every predicted position of every window (summed, then divided
-  by the count: not a mean of per-window means). ce_base: the original model (L_BASE); ce_sae: the SAE(s) spliced in
-  (L_SAE; with several SAEs, the compound CE of Sec. 4.3); ce_sae_lora: the SAE(s) spliced into the adapted model.
-- KL: KL(p_orig || p) at a predicted position, summed over the vocabulary, then the mean over the same positions as
-  CE; p_orig is the original model (no SAE, no adapters). kl_sae, kl_sae_lora.
-- gap_closed: (ce_sae - ce_sae_lora) / (ce_sae - ce_base), the "percentage of CE loss gap closed" of Fig. 3 and
-  Sec. 4.1; undefined (NaN, null in JSON) when the SAE costs no loss.
 - The training objective, `loss` in the training logs: Eq. 7 summed over the predicted positions of a batch, divided
   by its windows (--kl-reduction sequence: the authors' kl_div(batchmean) on one window per step, the gradient scale
-  their clipping at 1.0 sees) or by its positions (token). `train_kl` and `train_ce` are KL and CE as defined above,
-  on the training batch. The authors' loss also counts each window's last position; here the objective and the
-  reported numbers cover the same positions.
+  their clipping at 1.0 sees) or by its positions (token). `train_kl` and `train_ce` are KL and CE as
+  evals/held_out.py defines them, on the training batch. The authors' loss also counts each window's last position;
+  here the objective and the reported numbers cover the same positions.
 """
 from __future__ import annotations
 
@@ -33,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import common
-from lora import adapters_disabled, lora_modules
+from lora import adapters_disabled
 from model import Transformer, compile_blocks
 from sae import SAE
 
@@ -225,68 +216,3 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):
         parts.append(checkpoint(losses, *args, use_reentrant=False) if recompute else losses(*args))
     kl, ce, ce_orig = (torch.cat(p) for p in zip(*parts))
     return kl, ce, ce_orig
-
-
-def predicted_positions(idx: torch.Tensor) -> int:
-    """A batch's predicted positions: all but each window's last."""
-    return idx.shape[0] * (idx.shape[1] - 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The reported numbers on held-out windows
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, saes, batches, kept_ids=(), *, chunk: int = 2048, amp) -> dict:
-    """ce_base, ce_sae, kl_sae and, for a model with adapters, ce_sae_lora, kl_sae_lora and gap_closed on held-out
-    windows (definitions at the top); `positions`: how many predicted positions they average over. The adapters stay
-    unmerged, as in training; eval.py runs them the same way (lora.adapters_enabled) and reports these numbers.
-    With the norm rule on (kept_ids.norm_above), norm_skipped_sae[_lora]: at how many predicted positions it left
-    the SAE out, summed over the SAEs."""
-    adapted, was_training = bool(lora_modules(model)), model.training
-    model.eval()
-    sums, n = {}, 0
-    for idx in batches:
-        with amp:
-            skipped = {"sae": [], "sae_lora": []}
-            with adapters_disabled(model):
-                h_orig = spliced_pass(model, [], idx)  # no SAE, no adapters: the original model
-                settings = {"sae": spliced_pass(model, saes, idx, kept_ids, skipped=skipped["sae"])}
-            if adapted:
-                settings["sae_lora"] = spliced_pass(model, saes, idx, kept_ids, skipped=skipped["sae_lora"])
-            for name, h in settings.items():
-                kl, ce, ce_orig = kl_and_ce(model, h_orig, h, idx, chunk=chunk)
-                add(sums, **{f"kl_{name}": kl, f"ce_{name}": ce})
-                if getattr(kept_ids, "norm_above", None) is not None:  # counts, not means: undone in means' division
-                    add(sums, **{f"norm_skipped_{name}": sum(m[:, :-1].sum() for m in skipped[name])})
-        add(sums, ce_base=ce_orig)  # the original model's CE: the same from either setting's call
-        n += predicted_positions(idx)
-    model.train(was_training)
-    res = means(sums, n)
-    for key in [k for k in res if k.startswith("norm_skipped_")]:
-        res[key] = round(res[key] * res["positions"])
-    if adapted:
-        res["gap_closed"] = gap_closed(res["ce_base"], res["ce_sae"], res["ce_sae_lora"])
-    return res
-
-
-def add(sums: dict, **per_position):
-    """sums[key] += the sum of each per-position tensor, kept on the device: no host sync."""
-    for key, v in per_position.items():
-        sums[key] = sums.get(key, 0) + v.double().sum()
-
-
-def means(sums: dict, n: int) -> dict:
-    """Sums over this process's n predicted positions -> means over every process's positions, read back in one host
-    sync; `positions`: how many that is."""
-    keys = list(sums)
-    t = torch.stack([sums[k] for k in keys] + [sums[keys[0]].new_tensor(float(n))])
-    t = common.all_reduce_mean(t)  # every process's mean sum over the mean count: the mean over all positions
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return {**dict(zip(keys, (t[:-1] / t[-1]).tolist())), "positions": round(t[-1].item() * world)}
-
-
-def gap_closed(ce_base: float, ce_sae: float, ce_sae_lora: float) -> float:
-    """The paper's headline number: (CE_sae - CE_sae_lora) / (CE_sae - CE_base); NaN without a gap to close."""
-    gap = ce_sae - ce_base
-    return (ce_sae - ce_sae_lora) / gap if gap > 0 else float("nan")

@@ -29,8 +29,10 @@ import embedded
 from data import TokenLoader, check_data_matches, held_out_batches
 from formats import run_folder
 from model import Transformer
-from sae import SAE, geometric_median, load_saes, update_since_fired
-from splice import compile_step, evaluate, kept_tokens, kl_and_ce, original_pass, spliced_pass
+from sae import SAE, load_saes
+from training.sae_loss import geometric_median, update_since_fired
+from evals.held_out import evaluate
+from splice import compile_step, kept_tokens, kl_and_ce, original_pass, spliced_pass
 
 
 @dataclass

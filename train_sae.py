@@ -26,8 +26,9 @@ import embedded
 from data import TokenLoader, check_data_matches, held_out_batches
 from formats import run_folder
 from model import Transformer, compile_blocks
-from sae import SAE, geometric_median, training_loss, update_since_fired
-from splice import evaluate
+from sae import SAE
+from training.sae_loss import geometric_median, training_loss, update_since_fired
+from evals.held_out import evaluate
 
 
 @dataclass

@@ -392,7 +392,8 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     written to cfg.out/saebench.{json,md,png}. Returns the results with the table under 'markdown'."""
     import os
     import time
-    from data import load_meta, load_tokenizer
+    from data import load_meta
+    from formats.tokenizer import load_tokenizer
     from lora import adapters_disabled, adapters_enabled, lora_modules
     layer, sae = saes[0]
     t0 = time.time()

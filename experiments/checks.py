@@ -350,7 +350,7 @@ def mc_rows(docs: list[tuple], seen, *, n: int, context_lines: int, seed: int) -
 def build(cfg: ChecksConfig) -> dict:
     """Choose the latent, write the steering and multiple-choice files, and return (and write) inputs.json."""
     import embedded
-    from data import load_tokenizer
+    from formats.tokenizer import load_tokenizer
     from model import Transformer
     from sae import SAE
     tiny = cfg.model is None

@@ -24,6 +24,7 @@ import common  # noqa: E402
 from formats import disk  # noqa: E402
 import embedded  # noqa: E402
 import splice  # noqa: E402
+from evals.held_out import evaluate  # noqa: E402
 from formats.checkpoint import resolve_model_dir  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sae import load_saes  # noqa: E402
@@ -185,8 +186,8 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
     model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
     saes = load_saes(sae_dirs, layers or None, model, device)
     a, batches = held_out_batches(cfg, device)
-    res = splice.evaluate(model, saes, batches, splice.kept_tokens(saes, model.cfg, a.sae_positions), chunk=a.kl_chunk,
-                          amp=common.autocast(device, a.autocast))
+    res = evaluate(model, saes, batches, splice.kept_tokens(saes, model.cfg, a.sae_positions), chunk=a.kl_chunk,
+                   amp=common.autocast(device, a.autocast))
     return dict(ce_base=res["ce_base"], ce_sae=res["ce_sae"], kl_sae=res["kl_sae"])
 
 

@@ -9,7 +9,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from formats.tokenizer import load_tokenizer  # noqa: E402
 from formats.gguf import smollm2_file  # noqa: E402
 from model import Transformer  # noqa: E402
 
@@ -25,7 +25,7 @@ def main():
                                                dtype=torch.float32).eval()
     t_ref = time.time() - t0
     text = open(os.path.join(os.path.dirname(json.__file__), "__init__.py")).read()
-    idx = torch.tensor([data.load_tokenizer(path).encode(text)[:512]])
+    idx = torch.tensor([load_tokenizer(path).encode(text)[:512]])
     with torch.no_grad():
         a, b = ours(idx), ref(idx).logits
     ce = torch.nn.functional.cross_entropy(a[0, :-1], idx[0, 1:]).item()

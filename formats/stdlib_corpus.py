@@ -11,6 +11,7 @@ import os
 import time
 
 import data
+from formats.tokenizer import Tokenizer, load_tokenizer
 from formats import disk
 from formats.corpus import read_text, stdlib_files
 
@@ -27,7 +28,7 @@ def corpus_and_tokenizer(cache: str | None = None, tokenizer=None) -> tuple[str,
     (cache/stdlib-<sha256 prefix>): a hub model runs without --data, offline once its files are cached."""
     cache = cache or disk.cache_dir()
     if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, data.Tokenizer) else data.load_tokenizer(tokenizer)
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
         sha = data._sha256(tok.path)
         if _cached_for(os.path.join(cache, "stdlib"), sha):  # the BPE below, as a model folder's copy of it
             return os.path.join(cache, "stdlib"), tok.path
@@ -59,7 +60,7 @@ def _cached_for(root: str, tokenizer_sha256: str) -> bool:
         return json.load(f).get("tokenizer_sha256") == tokenizer_sha256
 
 
-def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096) -> data.Tokenizer:
+def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096) -> Tokenizer:
     """A byte-fallback BPE sentencepiece model laid out like Gemma's (pad 0, eos 1, bos 2, unk 3; no normalisation,
     digits split, whitespace runs as pieces), trained single-threaded on the files in the given order: deterministic."""
     import sentencepiece as spm
@@ -80,7 +81,7 @@ def train_tokenizer(text_files: list[str], out_path: str, vocab_size: int = 4096
                          f"{str(e).strip().splitlines()[-1]}") from None
     with disk.atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         f.write(model.getvalue())
-    return data.Tokenizer(out_path)
+    return Tokenizer(out_path)
 
 
 def _chunks_for_sentencepiece(texts, max_chars=2000):

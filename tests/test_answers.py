@@ -66,7 +66,7 @@ def reference_loss(model, saes, kept, pairs):
 
 
 def test_answer_loss_is_transformers_causal_lm_loss_on_the_answers(files):
-    from data import load_tokenizer
+    from formats.tokenizer import load_tokenizer
     model = Transformer.from_pretrained(files["model"])
     saes = load_saes([files["sae"]], None, model, "cpu")
     kept = kept_tokens(saes, model.cfg)
@@ -86,7 +86,7 @@ def test_answer_loss_is_transformers_causal_lm_loss_on_the_answers(files):
 def test_adapt_ce_objective_first_loss_training_and_resume(files, tmp_path, monkeypatch):
     straight = adapt.main(args(files, tmp_path / "a"))
     # the first step's logged loss, before its update, is the reference loss of the first batch
-    from data import load_tokenizer
+    from formats.tokenizer import load_tokenizer
     model = Transformer.from_pretrained(files["model"])
     saes = load_saes([files["sae"]], None, model, "cpu")
     train, val = answers.split_pairs(answers.load_pairs(files["pairs"], load_tokenizer(files["model"]), 32))

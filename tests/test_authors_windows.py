@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import data
+from formats.gguf import LLAMA3_PATTERN
 from formats.corpus import iter_documents
 from tests.need import need
-from data import LLAMA3_SPECIALS, TokenLoader, load_tokenizer, load_tokens, prepare
+from data import TokenLoader, load_tokens, prepare
+from formats.tokenizer import LLAMA3_SPECIALS, load_tokenizer
 
 from tests.test_data import arange_dataset, mini_bpe_ranks, sp_model, stdlib_text, write_corpus  # noqa: F401
 
@@ -34,7 +36,7 @@ def llama3_pair(folder):
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(base64.b64encode(tok) + b" %d\n" % rank)
     ours = load_tokenizer(str(folder))
-    hf = TikTokenConverter(vocab_file=path, pattern=data.LLAMA3_PATTERN,
+    hf = TikTokenConverter(vocab_file=path, pattern=LLAMA3_PATTERN,
                            extra_special_tokens=LLAMA3_SPECIALS).converted()
     bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
     hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, ours.bos_id)])

@@ -12,8 +12,8 @@ import torch
 import data
 from formats import stdlib_corpus
 from formats.corpus import stdlib_files
-from data import (LLAMA3_SPECIALS, TokenLoader, check_data_matches, load_meta, load_tokenizer, load_tokens, prepare,
-                  token_dtype)
+from data import TokenLoader, check_data_matches, load_meta, load_tokens, prepare, token_dtype
+from formats.tokenizer import LLAMA3_SPECIALS, load_tokenizer
 from formats.stdlib_corpus import train_tokenizer
 
 UNICODE_DOC = "naïve café — 東京 🚀\n\tdef f(x):\n        return x  +  1   # spaces  kept\n\n\n"

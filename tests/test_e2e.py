@@ -36,7 +36,7 @@ def args(files, out, *extra):
 
 def test_short_run_lowers_validation_ce_with_sae(files, tmp_path):
     out = train_e2e.main(args(files, tmp_path))
-    held_out = [r for r in out["rows"] if "ce_sae" in r]  # splice.evaluate's numbers, as adapt.py reports them
+    held_out = [r for r in out["rows"] if "ce_sae" in r]  # held_out.evaluate's numbers, as adapt.py reports them
     ce = [r["ce_sae"] for r in held_out]
     assert ce[-1] < ce[0] - 0.05, ce
     assert held_out[-1]["kl_sae"] < held_out[0]["kl_sae"] and held_out[-1]["positions"] == 2 * 8 * 31

@@ -19,7 +19,8 @@ from formats.peft import load_adapter, save_adapter
 from lora import adapters_disabled, apply_lora, lora_modules, merged
 from model import ModelConfig, Transformer
 from sae import SAE
-from splice import evaluate, kl_and_ce, splice_hooks, spliced_pass
+from evals.held_out import evaluate
+from splice import kl_and_ce, splice_hooks, spliced_pass
 
 SAE_LAYER, SEQ = 1, 48
 NOUNS = "cat dog bird fish horse cow mouse lion tiger bear".split()
@@ -154,7 +155,7 @@ def test_core_table_matches_a_plain_recomputation(world):
     assert g["settings"]["original"]["kl"] == 0 and all(g["settings"][k]["kl"] > 0 for k in ("sae", "sae_lora", "lora"))
 
     # the same numbers from plain model calls (full logits, F.cross_entropy and F.kl_div over the predicted
-    # positions, adapters merged: in fp32 the same model), and from splice.evaluate, which adapt.py reports
+    # positions, adapters merged: in fp32 the same model), and from held_out.evaluate, which adapt.py reports
     model = load(world, "rand")
     saes = [(SAE_LAYER, SAE.from_pretrained(world["sae"]["crude"])),
             (SAE_LAYER + 1, SAE.from_pretrained(world["sae"]["crude2"]))]
@@ -216,7 +217,7 @@ def test_core_table_matches_a_plain_recomputation(world):
 
 
 def test_bf16_core_table_is_adapt_pys_held_out_evaluation(world):
-    """Under bf16 autocast too, eval.py's SAE + LoRA numbers are splice.evaluate's (adapt.py's held-out evaluation) on
+    """Under bf16 autocast too, eval.py's SAE + LoRA numbers are held_out.evaluate's (adapt.py's held-out evaluation) on
     the same windows, to the last bit: both run the adapters beside the weights. Merged into them (eval.py before),
     W + scale B A is cast to bf16 as one weight, another model: issue #33's 54.6% vs 57.3% of the gap on SmolLM2."""
     res, saved, _ = run(world, "--sae", world["sae"]["crude"], "--adapter", world["adapter"]["rand"], "--data",

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import TokenLoader, load_tokenizer
+from data import TokenLoader
+from formats.tokenizer import load_tokenizer
 from formats.peft import save_adapter
 from lora import adapters_disabled, apply_lora, lora_modules, merged
 from model import Transformer

@@ -25,8 +25,9 @@ from accounting.flops import (adapt_step_flops, block_flops, e2e_step_flops, for
                               lora_flops, sae_run_flops, sae_splice_flops, sae_training_flops)
 from lora import apply_lora
 from model import ModelConfig, Transformer
-from sae import SAE, training_loss
+from sae import SAE
 from splice import kl_and_ce
+from training.sae_loss import training_loss
 from tests.tiny import BOS, make_data, make_model, make_sae
 
 aten = torch.ops.aten

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 import common
 import splice
 from accounting.flops import head_flops, kl_flops
+from evals import held_out
 from formats import sae_files
 from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules
 from model import ModelConfig, Transformer
-from sae import SAE, load_saes, training_loss
+from sae import SAE, load_saes
+from training.sae_loss import training_loss
 from tests.tiny import BOS, EOS
 from tests.need import need
 from tests.tol import assert_close
@@ -30,10 +32,10 @@ from tests.tol import assert_close
 
 def test_gap_closed_is_the_papers_fraction():
     # Sec. 4.1 / Fig. 3: (CE_sae - CE_sae_lora) / (CE_sae - CE_base)
-    assert splice.gap_closed(2.0, 3.0, 2.25) == pytest.approx((3.0 - 2.25) / (3.0 - 2.0))  # 0.75
-    assert splice.gap_closed(2.0, 3.0, 3.5) == pytest.approx(-0.5)  # adapting made it worse
-    assert splice.gap_closed(1.0, 1.5, 1.0) == pytest.approx(1.0)
-    assert math.isnan(splice.gap_closed(2.0, 2.0, 1.0)) and math.isnan(splice.gap_closed(2.0, 1.9, 1.0))
+    assert held_out.gap_closed(2.0, 3.0, 2.25) == pytest.approx((3.0 - 2.25) / (3.0 - 2.0))  # 0.75
+    assert held_out.gap_closed(2.0, 3.0, 3.5) == pytest.approx(-0.5)  # adapting made it worse
+    assert held_out.gap_closed(1.0, 1.5, 1.0) == pytest.approx(1.0)
+    assert math.isnan(held_out.gap_closed(2.0, 2.0, 1.0)) and math.isnan(held_out.gap_closed(2.0, 1.9, 1.0))
 
 
 def tiny_adapted(seed=0):
@@ -57,7 +59,7 @@ def test_evaluate_reports_ce_kl_and_gap_closed_as_defined():
                                                                                              generator=g)]
     for b in batches:
         b[:, 0] = BOS
-    res = splice.evaluate(model, [(1, sae)], batches, (BOS,), chunk=5, amp=contextlib.nullcontext())
+    res = held_out.evaluate(model, [(1, sae)], batches, (BOS,), chunk=5, amp=contextlib.nullcontext())
 
     # by hand: full logits, the SAE after block 1 except at BOS, every position but each window's last
     def hook(idx):
@@ -368,7 +370,8 @@ def test_jumprelu_threshold_gradient_is_the_papers_pseudo_derivative():
 
 
 def test_kernel_and_default_bandwidth():
-    from sae import jumprelu, rectangle, step
+    from sae import jumprelu, rectangle
+    from training.sae_loss import step
     assert rectangle(torch.tensor([-0.5, -0.49, 0.0, 0.49, 0.5])).tolist() == [0, 1, 1, 1, 0]  # an open interval
     assert SAE(4, 8, "jumprelu").bandwidth == 1e-3 and SAE(4, 8, "batchtopk", k=2).threshold_lr == 0.01
     th = torch.tensor([1.0], requires_grad=True)
@@ -463,7 +466,7 @@ def _average_worker(rank, world, init):
         t = torch.tensor([float(rank), 4.0 * rank])
         assert torch.equal(common.all_reduce_mean(t), torch.tensor([0.5, 2.0]))
         # the reported means: sums and counts over every process's positions (rank 0: 3 positions, rank 1: 5)
-        res = splice.means({"ce": torch.tensor(3.0 if rank == 0 else 10.0, dtype=torch.float64)}, 3 + 2 * rank)
+        res = held_out.position_means({"ce": torch.tensor(3.0 if rank == 0 else 10.0, dtype=torch.float64)}, 3 + 2 * rank)
         assert res == {"ce": pytest.approx(13.0 / 8), "positions": 8}, res
     finally:
         dist.destroy_process_group()

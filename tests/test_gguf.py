@@ -158,11 +158,11 @@ def test_converted_once_then_cached(tmp_path, monkeypatch):
 
 def test_tokenizer_matches_transformers(tmp_path):
     from formats import corpus
-    import data
+    from formats.tokenizer import load_tokenizer
     from transformers import AutoTokenizer
     path = tmp_path / "m.gguf"
     write_gguf(path, "llama", "F32")
-    ours = data.load_tokenizer(str(path))
+    ours = load_tokenizer(str(path))
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     texts = [TEXT, CHAT, *(corpus.read_text(p) or "" for p in corpus.stdlib_files()[::50])]
     for text in texts:
@@ -230,18 +230,18 @@ def test_smollm2_logits_match_transformers():
     path = _smollm2()
     ours = Transformer.from_pretrained("smollm2", dtype=torch.float32)
     ref = hf_model(path)
-    import data
-    idx = torch.tensor([data.load_tokenizer(path).encode("The capital of France is Paris. def f(x): return x")])
+    from formats.tokenizer import load_tokenizer
+    idx = torch.tensor([load_tokenizer(path).encode("The capital of France is Paris. def f(x): return x")])
     with torch.no_grad():
         assert_close(ours(idx), ref(idx).logits, 1e-4)
 
 
 def test_smollm2_tokenizer_matches_transformers_on_stdlib_and_prose():
     from formats import corpus
-    import data
+    from formats.tokenizer import load_tokenizer
     from transformers import AutoTokenizer
     path = _smollm2()
-    ours = data.load_tokenizer(path)
+    ours = load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     prose = [TEXT, chat, "SmolLM2 is a family of compact language models. Was it trained on 2T tokens?  Yes — mostly."]

@@ -146,10 +146,10 @@ def test_logits_match_transformers_gguf_loading(tmp_path, qtype):
 
 def test_tokenizer_matches_transformers(tmp_path):
     from formats import corpus
-    import data
+    from formats.tokenizer import load_tokenizer
     path = tmp_path / "m.gguf"
     write_gguf(path, "Q8_0", n_layer=1)
-    ours = data.load_tokenizer(str(path))
+    ours = load_tokenizer(str(path))
     ref = hf_tokenizer(path)
     assert ours.kind == "sentencepiece" and (ours.bos_id, ours.eos_id, ours.pad_id, ours.vocab_size) == (2, 1, 0, len(ref))
     for text in TEXTS + [corpus.read_text(p) or "" for p in corpus.stdlib_files()[::60]]:
@@ -178,7 +178,7 @@ def real(tmp_path_factory):
 
 
 def test_real_file_logits_match_transformers(real):
-    import data
+    from formats.tokenizer import load_tokenizer
     from model import Transformer
     path, folder = real
     ours = Transformer.from_pretrained(folder, dtype=torch.float32)
@@ -187,16 +187,16 @@ def test_real_file_logits_match_transformers(real):
         (18, 640, 4, 1, 256, 512, 1e6, 1e4)
     ref = hf_model(path)
     text = open(os.path.join(os.path.dirname(os.__file__), "argparse.py"), encoding="utf-8").read()
-    idx = torch.tensor([data.load_tokenizer(folder).encode(text, bos=True)[:600]])  # past the 512-token window
+    idx = torch.tensor([load_tokenizer(folder).encode(text, bos=True)[:600]])  # past the 512-token window
     with torch.no_grad():
         assert_close(ours(idx), ref(idx).logits, 1e-4)
 
 
 def test_real_file_tokenizer_matches_transformers(real):
     from formats import corpus
-    import data
+    from formats.tokenizer import load_tokenizer
     path, folder = real
-    ours = data.load_tokenizer(folder)
+    ours = load_tokenizer(folder)
     ref = hf_tokenizer(path)  # transformers builds it from the file's metadata: about a minute
     prose = [*TEXTS, "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"]
     paper = "/work/shared/paper.txt"

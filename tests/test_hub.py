@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from formats import hub
-from data import load_tokenizer, prepare
+from data import prepare
+from formats.tokenizer import load_tokenizer
 from formats.stdlib_corpus import train_tokenizer
 from model import ModelConfig, Transformer
 from sae import SAE
@@ -142,10 +143,10 @@ def test_offline_env_var_in_a_fresh_process(tmp_path, sp_file):
     root = tmp_path / "hf" / "hub"
     _, files = tiny_model_repo(tmp_path, "llama3", sp_file)
     put(root, "meta-llama/Tiny", files)
-    code = ("import data, model; from formats import sae_files\n"
-            "print(data.load_tokenizer('meta-llama/Tiny').kind, model.Transformer.from_pretrained('meta-llama/Tiny')"
+    code = ("import model; from formats import sae_files; from formats.tokenizer import load_tokenizer\n"
+            "print(load_tokenizer('meta-llama/Tiny').kind, model.Transformer.from_pretrained('meta-llama/Tiny')"
             ".cfg.n_layer)\n"
-            "try:\n    data.load_tokenizer('meta-llama/Not-Cached')\nexcept FileNotFoundError as e:\n    print(e)\n")
+            "try:\n    load_tokenizer('meta-llama/Not-Cached')\nexcept FileNotFoundError as e:\n    print(e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from data import load_tokenizer, load_tokens, prepare
+from data import load_tokens, prepare
+from formats.tokenizer import load_tokenizer
 from formats import corpus
 from tests.test_hub import ROOT, cache, fake_hub, online, put, sp_file, tiktoken_file  # noqa: F401  (fixtures)
 

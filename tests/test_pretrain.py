@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from data import load_tokenizer, prepare
+from data import prepare
+from formats.tokenizer import load_tokenizer
 from formats.stdlib_corpus import train_tokenizer
 from model import Transformer
 from pretrain import main

@@ -137,7 +137,7 @@ def qwen_tokenizer_folder(folder, vocab_size=600):
 
 
 def test_tokenizer_json_encodes_as_transformers(tmp_path):
-    from data import load_tokenizer
+    from formats.tokenizer import load_tokenizer
     ref, text = qwen_tokenizer_folder(tmp_path)
     assert "tokenizer.json" in os.listdir(tmp_path) and "tokenizer.model" not in os.listdir(tmp_path)
     ours = load_tokenizer(str(tmp_path))

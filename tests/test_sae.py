@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sae import SAE, JumpReLUFn, StepFn, rectangle, step
+from sae import SAE, JumpReLUFn, rectangle
+from training.sae_loss import StepFn, step
 from tests.tol import assert_close
 
 D, M, K = 16, 64, 4

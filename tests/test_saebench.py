@@ -429,6 +429,7 @@ def tiny_run(monkeypatch, tmp_path):
     """evaluate()'s inputs made small: a tokenizer of character codes, two probing classes, the three SCR pairs, a few
     first-letter prompts and two core batches, all on the tiny random model."""
     import data
+    from formats import tokenizer
     g = torch.Generator().manual_seed(0)
     tok = types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=None, encode=lambda t: [3 + ord(c) % 500 for c in t])
 
@@ -447,7 +448,7 @@ def tiny_run(monkeypatch, tmp_path):
     monkeypatch.setattr(sd, "core_batches", lambda d, device: [torch.randint(3, 500, (2, 16), generator=g)
                                                                for _ in range(2)])
     monkeypatch.setattr(data, "load_meta", lambda d: {"source": "stdlib", "tokenizer": "chars"})
-    monkeypatch.setattr(data, "load_tokenizer", lambda name: tok)
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda name: tok)
     cfg = types.SimpleNamespace(data="data", tokenizer=None, model="m", out=str(tmp_path), plots=False,
                                 saebench_words=None)
     return cfg

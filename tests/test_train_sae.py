@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_sae
-import sae as sae_mod
+from training import sae_loss
 from sae import SAE
 from tests.tiny import make_data, make_model
 from tests.ports import free_port
@@ -74,9 +74,9 @@ def test_other_architectures_train(files, tmp_path, arch):
 
 def test_dead_latent_accounting():
     since = torch.tensor([0, 5, 100, 0])
-    sae_mod.update_since_fired(since, torch.tensor([True, False, False, False]), 10)
+    sae_loss.update_since_fired(since, torch.tensor([True, False, False, False]), 10)
     assert since.tolist() == [0, 15, 110, 10]
-    sae_mod.update_since_fired(since, torch.tensor([False, False, True, False]), 10)
+    sae_loss.update_since_fired(since, torch.tensor([False, False, True, False]), 10)
     assert since.tolist() == [10, 25, 0, 20]
     assert ((since >= 20).float().mean().item()) == 0.5
 
@@ -194,7 +194,7 @@ def test_loss_scale_is_the_variance_around_the_mean(files, tmp_path, monkeypatch
     seen = []
 
     def recording(sae, x, *a, **kw):
-        out = sae_mod.training_loss(sae, x, *a, **kw)
+        out = sae_loss.training_loss(sae, x, *a, **kw)
         with torch.no_grad():
             seen.append((x.clone(), a[1], out[0].item(), sae(x)))
         return out

@@ -482,7 +482,8 @@ def bench_sae(b: BenchConfig, dev):
     """SAE-training throughput: train_sae.py's loop (forward stops at the layer, --autocast, one SAE step per 4096
     tokens) against the paper's (full-model fp32 forward per 1024-token sequence, one SAE step per sequence)."""
     from model import Transformer, compile_blocks
-    from sae import SAE, training_loss
+    from sae import SAE
+    from training.sae_loss import training_loss
     folder = bench_folder(b)
     build_inputs(b, folder, dev)
     L, results, seq_len = (b.layer or [3])[0], {}, 1024
