@@ -15,7 +15,7 @@ rm -rf "$work" && mkdir -p "$work"
   echo "source_paths = $file"
   echo "also_copy ="
   # a folder without the mutated file goes as the folder (mutmut copies a file only into a folder it made)
-  (cd "$work" && { ls *.py; for d in formats evals tools; do
+  (cd "$work" && { ls *.py; for d in accounting evals fixtures formats tools training; do
      if [ "$(dirname "$file")" = "$d" ]; then ls $d/*.py; else echo $d; fi; done; } | grep -vx "$file" | sed 's/^/    /')
   echo "pytest_add_cli_args_test_selection ="
   for t in "$@"; do echo "    $t"; done

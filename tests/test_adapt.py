@@ -14,7 +14,7 @@ from lora import layers_around_saes
 from model import Transformer
 from sae import load_saes
 from splice import splice_hooks
-from tests.tiny import BOS, make_data, make_model, make_sae
+from fixtures.tiny import BOS, make_data, make_model, make_sae
 from tests.tol import assert_close, close
 from tests.ports import free_port
 
@@ -126,7 +126,7 @@ def test_torchrun_two_processes_match_one(files, tmp_path):
 
 
 def test_adapting_a_trained_model_closes_part_of_the_ce_gap(tmp_path):
-    from tests.tiny import make_trained_model
+    from fixtures.tiny import make_trained_model
     data = make_data(tmp_path / "data")
     files = dict(model=make_trained_model(tmp_path / "model", data), data=data,
                  sae=make_sae(tmp_path / "sae", "topk", layer=1, k=2))

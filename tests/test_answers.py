@@ -14,7 +14,7 @@ import answers
 from model import Transformer
 from sae import load_saes
 from splice import kept_tokens, splice_hooks, spliced_pass
-from tests.tiny import make_data, make_model, make_sae
+from fixtures.tiny import make_data, make_model, make_sae
 
 
 def byte_tokenizer(folder):

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.tiny import make_model, make_sae
+from fixtures.tiny import make_model, make_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import train_e2e
 from splice import original_pass, spliced_pass
 from sae import SAE
-from tests.tiny import make_data, make_trained_model
+from fixtures.tiny import make_data, make_trained_model
 from tests.ports import free_port
 from tests.sgd_launch import assert_same_sae_updates
 

@@ -265,7 +265,7 @@ def bad_files(tmp_path_factory):
     import torch
 
     from sae import SAE
-    from tests.tiny import make_data, make_model, make_sae
+    from fixtures.tiny import make_data, make_model, make_sae
     root = tmp_path_factory.mktemp("bad")
     f = dict(model=make_model(root / "m"), data=make_data(root / "d"), sae=make_sae(root / "s", layer=1),
              wide=make_sae(root / "wide", d=32, m=64), root=root)
@@ -338,7 +338,7 @@ def test_debug_flag_shows_the_traceback(bad_files):
 def test_embedded_lr_typed_at_the_paper_value_is_kept(tmp_path, monkeypatch):
     """`python adapt.py --lr 5e-5` on the embedded pipeline trains at 5e-5 (its saved config says so), with a stub
     cache so that nothing is pretrained here."""
-    from tests.tiny import make_data, make_model, make_sae
+    from fixtures.tiny import make_data, make_model, make_sae
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORASAE_CACHE", str(cache))  # the folder names the subprocess will look for
     make_sae(embedded.sae_dir(2, make_model(embedded.model_dir(pretrain.PretrainConfig()))), layer=2)

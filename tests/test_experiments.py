@@ -45,7 +45,7 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     from accounting.flops import adapt_step_flops, e2e_step_flops, sae_run_flops
     from model import Transformer
     from sae import SAE
-    from tests.tiny import make_model, make_sae
+    from fixtures.tiny import make_model, make_sae
     model = make_model(tmp_path / "model", "gemma2")
     root = tmp_path / "exp" / "frontier"
     cfg = run.ExpConfig(model=model, data=str(tmp_path / "data"), layer=1, k=4, expansion=2, frontier_ckpts="50,100",

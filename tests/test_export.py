@@ -13,7 +13,7 @@ from formats.peft import save_adapter
 from lora import apply_lora, lora_modules
 from model import Transformer
 from sae import SAE
-from tests.hf_refs import TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
+from fixtures.hf_refs import TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -28,7 +28,7 @@ from model import ModelConfig, Transformer
 from sae import SAE
 from splice import kl_and_ce
 from training.sae_loss import training_loss
-from tests.tiny import BOS, make_data, make_model, make_sae
+from fixtures.tiny import BOS, make_data, make_model, make_sae
 
 aten = torch.ops.aten
 

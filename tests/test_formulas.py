@@ -21,7 +21,7 @@ from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules
 from model import ModelConfig, Transformer
 from sae import SAE, load_saes
 from training.sae_loss import training_loss
-from tests.tiny import BOS, EOS
+from fixtures.tiny import BOS, EOS
 from tests.need import need
 from tests.tol import assert_close
 
@@ -150,7 +150,7 @@ def test_passes_and_their_watchers_see_every_block(layer):
 
 
 def test_load_saes_checks_and_sorts(tmp_path):
-    from tests.tiny import make_sae
+    from fixtures.tiny import make_sae
     model, _ = tiny_adapted()
     a, b = make_sae(tmp_path / "a", layer=2), make_sae(tmp_path / "b", layer=0, seed=1)
     saes = load_saes([a, b], None, model, "cpu")

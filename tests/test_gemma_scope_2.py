@@ -155,7 +155,7 @@ def hf_with_transcoder(ref, layer, params, kept_at=None):
 def test_spliced_transcoder_equals_transformers_with_gemma_scope_2_hook_points(tmp_path):
     from splice import splice_hooks
     from model import Transformer
-    from tests.hf_refs import TINY_GEMMA3, make_hf_checkpoint, rel_err
+    from fixtures.hf_refs import TINY_GEMMA3, make_hf_checkpoint, rel_err
     ref = make_hf_checkpoint(tmp_path / "m", TINY_GEMMA3)
     model = Transformer.from_pretrained(str(tmp_path / "m"))
     files, params = release_files(tmp_path, 2, site="transcoder_all", skip=True)

@@ -10,7 +10,7 @@ from model import Transformer
 from sae import SAE
 from evals.multiple_choice import hooks_for
 from splice import splice_hooks
-from tests.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint
+from fixtures.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint
 
 # init 0.05: weights small enough that greedy text is not one token repeated; the soft-caps still bend the logits
 HUBS = {"gemma2": {**TINY_GEMMA2, "initializer_range": 0.05}, "gemma3": {**TINY_GEMMA3, "initializer_range": 0.05},

@@ -94,7 +94,7 @@ def test_adapt_reports_test_and_steers_on_validation(tmp_path):
 
     import adapt
     from model import Transformer
-    from tests.tiny import make_data, make_model, make_sae
+    from fixtures.tiny import make_data, make_model, make_sae
     model, data = make_model(tmp_path / "model"), make_data(tmp_path / "data")
     sae = make_sae(tmp_path / "sae", "topk", layer=1, k=2)
     args = ["--model", model, "--data", data, "--sae", sae, "--seq-len", "32", "--batch-size", "2", "--max-tokens",

@@ -10,7 +10,7 @@ import torch
 from formats.peft import load_adapter, save_adapter
 from lora import LoRALinear, adapters_disabled, adapters_enabled, apply_lora, lora_modules, merge_all, merged, resolve_layers, unmerge_all
 from model import ModelConfig, Transformer
-from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint, rel_err
+from fixtures.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint, rel_err
 from tests.tol import close
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from tests.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
+from fixtures.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
 
 T = 24  # longer than the tiny Gemmas' sliding window (8)
 

@@ -13,7 +13,7 @@ from model import Transformer
 from sae import load_saes
 from splice import kept_tokens, splice_hooks
 from tests.test_adapt import files, small_args  # noqa: F401  (the module fixture and the flags of a small run)
-from tests.tiny import BOS, identity_sae
+from fixtures.tiny import BOS, identity_sae
 
 
 def reference_keep(x, idx, mult, kept_ids):

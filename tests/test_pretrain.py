@@ -13,7 +13,7 @@ from formats.tokenizer import load_tokenizer
 from formats.stdlib_corpus import train_tokenizer
 from model import Transformer
 from pretrain import main
-from tests.hf_refs import rel_err
+from fixtures.hf_refs import rel_err
 from tests.test_data import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

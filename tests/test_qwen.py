@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from tests.hf_refs import make_hf_checkpoint, rel_err
+from fixtures.hf_refs import make_hf_checkpoint, rel_err
 from tests.test_model import assert_matches_hf
 
 # as the hub ships Qwen2.5-0.5B's / Qwen3-0.6B's config.json, at tiny sizes

@@ -130,7 +130,7 @@ def test_adapt_defaults_on_a_real_model_layout_are_the_authors_run(tmp_path):
     """No flags but the files: 15,000 steps of 1 x 1024 tokens and 977 held-out windows a part (train_lora.py's 15,000
     sequences; utils.py's ceil(1M / 1024) validation windows). The plan is printed before training starts."""
     import numpy as np
-    from tests.tiny import BOS, EOS, VOCAB, make_model, make_sae
+    from fixtures.tiny import BOS, EOS, VOCAB, make_model, make_sae
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)

@@ -107,7 +107,7 @@ def test_resume_accepts_the_same_inputs_under_other_paths(files, tmp_path, monke
 
 
 def test_resume_refuses_another_sae_at_the_same_path(files, tmp_path):
-    from tests.tiny import make_sae
+    from fixtures.tiny import make_sae
     out, sae = tmp_path / "run", tmp_path / "sae"
     shutil.copytree(files["sae"], sae)
     argv = adapt_args(files, out, "--max-tokens", "128")
@@ -341,7 +341,7 @@ def test_adapter_config_of_the_wrong_type_is_one_line(files, tmp_path):
 
 
 def test_adapter_of_another_base_model_gives_a_warning_line(files, tmp_path):
-    from tests.tiny import make_model
+    from fixtures.tiny import make_model
     other = make_model(tmp_path / "other_model", seed=3)  # the same shape, other weights
     adapter = os.path.join(files["adapt"], "adapter")
     proc = ok("tools/export.py", "--model", other, "--adapter", adapter, "--out", tmp_path / "export")

@@ -12,7 +12,7 @@ import torch
 import adapt
 import train_sae
 from formats import run_folder
-from tests.tiny import make_data, make_model, make_sae
+from fixtures.tiny import make_data, make_model, make_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ from model import Transformer
 from lora import adapters_disabled
 from sae import load_saes
 from splice import kl_and_ce, kl_reference, original_pass, splice_hooks, spliced_pass
-from tests.tiny import BOS, identity_sae, make_model, make_sae
+from fixtures.tiny import BOS, identity_sae, make_model, make_sae
 from tests.tol import close
 
 

@@ -13,7 +13,7 @@ from lora import layers_around_saes
 from model import ModelConfig, Transformer
 from sae import SAE, load_saes
 from splice import splice_hooks
-from tests.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
+from fixtures.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
 from tests.test_gemma_scope_2 import release_files, saelens_jumprelu
 from tests.test_hub import cache, put  # noqa: F401 (fixture)
 

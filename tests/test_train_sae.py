@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import train_sae
 from training import sae_loss
 from sae import SAE
-from tests.tiny import make_data, make_model
+from fixtures.tiny import make_data, make_model
 from tests.ports import free_port
 from tests.sgd_launch import assert_same_sae_updates
 
@@ -142,7 +142,7 @@ def test_topk_transcoder_trains_and_adapt_splices_it_in_place_of_the_mlp(files, 
     learns (FVU against that output falls), is saved with SAELens' hook_name / hook_name_out and loads back as a
     transcoder; adapt.py runs with it spliced in."""
     import adapt
-    from tests.tiny import make_model
+    from fixtures.tiny import make_model
     model_dir = files["model"] if family == "llama3" else make_model(tmp_path / "gemma3", "gemma3")
     run = {**files, "model": model_dir}
     out = train_sae.main(args(run, tmp_path / "tc", "--transcoder", "true", "--lr", "5e-3", "--max-tokens", "81920"))

@@ -286,8 +286,8 @@ def sub(p: Part, args, what: str = "", **kw) -> dict:
 
 def tiny_run_files(p: Part, family: str = "llama3", train_steps: int = 0) -> tuple[str, str, str]:
     """A tiny model (random, or trained on the tokens: then an SAE opens a CE gap), Markov token shards and a random
-    TopK SAE at layer 1 (tests/tiny.py): what adapt.py runs on in the quick pipeline and under torchrun."""
-    from tests.tiny import make_data, make_model, make_sae, make_trained_model
+    TopK SAE at layer 1 (fixtures/tiny.py): what adapt.py runs on in the quick pipeline and under torchrun."""
+    from fixtures.tiny import make_data, make_model, make_sae, make_trained_model
     data = make_data(os.path.join(p.tmp, "data"), n_train=20_000, n_val=4_000)
     model = os.path.join(p.tmp, "model")
     if train_steps:
@@ -314,7 +314,7 @@ SHORT = dict(pretrain_steps=200, sae_tokens=500_000, adapt_tokens=200_000)
 def part_pipeline(p: Part):
     """The embedded pipeline from an empty cache (LORASAE_CACHE a new folder): `python adapt.py` with the full recipe
     when the part has FULL_PIPELINE_S, else its three stages run by their scripts with fewer steps, labelled. Quick:
-    adapt.py on tests/tiny.py's files (the embedded recipe takes 45 minutes on a CPU, its shortened form minutes)."""
+    adapt.py on fixtures/tiny.py's files (the embedded recipe takes 45 minutes on a CPU, its shortened form minutes)."""
     import adapt
     import embedded
     from pretrain import PretrainConfig
@@ -324,7 +324,7 @@ def part_pipeline(p: Part):
     if p.quick:
         model, data, sae = tiny_run_files(p, train_steps=80)
         times["tiny files"] = time.time() - t0
-        p.put(ran="quick: tests/tiny.py's Markov tokens, a tiny Llama-3 trained 80 steps on them and a random TopK SAE,"
+        p.put(ran="quick: fixtures/tiny.py's Markov tokens, a tiny Llama-3 trained 80 steps on them and a random TopK SAE,"
                   " then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)", stages=times)
         sub(p, [sys.executable, "adapt.py", "--model", model, "--data", data, "--sae", sae, "--seq-len", "32",
                 "--batch-size", "4", "--max-tokens", "1024", "--eval-tokens", "256", "--eval-interval", "8",

@@ -17,8 +17,8 @@ import splice
 from lora import adapters_disabled, apply_lora
 from model import PRESETS, Attention, ModelConfig, Transformer, flex_fits, rope_cos_sin
 from sae import SAE, load_saes
-from tests.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint
-from tests.tiny import BOS, make_model, make_sae
+from fixtures.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint
+from fixtures.tiny import BOS, make_model, make_sae
 
 
 def rel(a, b) -> float:
@@ -28,7 +28,7 @@ def rel(a, b) -> float:
 
 
 def tiny_files(folder: str, family: str) -> tuple[str, str]:
-    """A random tiny model (tests/tiny.py) and a random TopK SAE at its layer 1, made once under folder."""
+    """A random tiny model (fixtures/tiny.py) and a random TopK SAE at its layer 1, made once under folder."""
     folder = os.path.join(folder, f"tiny-{family}")
     if not os.path.isdir(folder):
         make_model(os.path.join(folder, "model"), family=family)
@@ -195,7 +195,7 @@ def part_numerics(p):
     # on a CPU inductor's C++ builds take minutes: quick mode traces the same graphs with dynamo and runs them as
     # traced (the eager backend); flex_attention is compiled by inductor in every mode
     backend = "eager" if p.quick and p.dev.type == "cpu" else "inductor"
-    p.put(ran="tiny Gemma-2 / Llama-3 checkpoints (tests/hf_refs.py), tiny adapted models (tests/tiny.py), "
+    p.put(ran="tiny Gemma-2 / Llama-3 checkpoints (fixtures/hf_refs.py), tiny adapted models (fixtures/tiny.py), "
               f"Gemma-2-2B attention shapes, a TopK SAE; torch.compile backend {backend}"
               + ("; transformers not installed: no comparison with it" if transformers is None else ""),
           transformers_present=transformers is not None)
