@@ -35,8 +35,7 @@ from model import Transformer
 from sae import load_saes
 from accounting.flops import adapt_step_flops
 from evals.held_out import evaluate
-from splice import (compile_step, kept_tokens, kl_and_ce, original_pass, residual_only,
-                    spliced_pass)
+from splice import compile_step, kl_and_ce, original_pass, residual_only, spliced_pass, unspliced_tokens
 
 
 @dataclass
@@ -183,7 +182,7 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
     # blocks 0..L are the same in both passes: run them once (an SAE inside block L changes block L itself)
     first_sae_layer = saes[0][0]  # load_saes sorts them by layer
     share_prefix = min(lora_layers) > first_sae_layer and residual_only(saes)
-    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # positions left unspliced
+    unspliced_ids = unspliced_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # SAE-free positions
     kinds = ", ".join(("" if s.site == "resid" else s.site + " ") + s.arch for _, s in saes)
     common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                f"{[layer for layer, _ in saes]} ({kinds}); LoRA rank {cfg.rank} on "
@@ -218,9 +217,9 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
 
     # -- optimiser, compile, resume ------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    losses = compile_step(model, cfg.compile and not cfg.fsdp)  # each block its own graph, Eq. 7's chunk another
+    loss_fn = compile_step(model, cfg.compile and not cfg.fsdp)  # each block its own graph, Eq. 7's chunk another
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(ddp.device, cfg.autocast)
+    autocast_ctx = common.autocast(ddp.device, cfg.autocast)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step, history, elapsed = 0, [], 0.0
     built_from = run_folder.inputs_of(model=cfg.model, sae=cfg.sae, data=cfg.data)  # what --resume compares
@@ -252,10 +251,10 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
                                             inputs=built_from), ckpt_path)
 
     def held_out(part="validation"):
-        res = evaluate(model, saes, held_out_parts[part], kept_ids, chunk=cfg.kl_chunk, amp=amp)
+        res = evaluate(model, saes, held_out_parts[part], unspliced_ids, chunk=cfg.kl_chunk, autocast_ctx=autocast_ctx)
         if val_pairs:
-            res.update(evaluate_answers(model, saes, val_pairs, kept_ids, micro=micro, chunk=cfg.kl_chunk, amp=amp,
-                                        pad_id=pad_id))
+            res.update(evaluate_answers(model, saes, val_pairs, unspliced_ids, micro=micro, chunk=cfg.kl_chunk,
+                                        autocast_ctx=autocast_ctx, pad_id=pad_id))
         if part == "validation":
             history.append(dict(step=step, tokens=step * tokens_per_step, time=elapsed, **res))
         common.log(f"step {step} | {part} CE original {res['ce_base']:.4f} | with SAE {res['ce_sae']:.4f} | with SAE + "
@@ -289,19 +288,19 @@ def _run(cfg: AdaptConfig, ddp: common.Dist | None = None) -> dict:
         for _ in range(accum):
             if cfg.objective == "ce":  # Resa's objective: the answer tokens' CE, mean over the micro-batch's
                 idx, mask = train.next_batch()
-                with amp:
-                    h = spliced_pass(model, saes, idx, kept_ids)
+                with autocast_ctx:
+                    h = spliced_pass(model, saes, idx, unspliced_ids)
                     ce, _ = answer_losses(model, h, idx, mask, chunk=cfg.kl_chunk)
                 loss = ce.mean()
                 (loss / accum).backward()
                 loss_sum, kl_sum, ce_sum = loss_sum + loss.detach() / accum, math.nan, ce_sum + loss.detach() / accum
                 continue
             idx = train.next_batch()  # (micro, seq_len) token windows
-            with amp:
+            with autocast_ctx:
                 with torch.no_grad(), adapters_disabled(model):  # p_orig: the original model, no SAE, no adapters
                     h_orig, prefix = original_pass(model, idx, first_sae_layer, share_prefix=share_prefix)
-                h = spliced_pass(model, saes, idx, kept_ids, prefix=prefix)  # p_spliced: adapters on, SAEs spliced in
-                kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
+                h = spliced_pass(model, saes, idx, unspliced_ids, prefix=prefix)  # p_spliced: adapters on, SAEs in
+                kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, loss_fn=loss_fn)  # Eq. 7 per position
             loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))  # per sequence or position
             (loss / accum).backward()  # only the adapters require grad: the model and the SAEs stay frozen
             loss_sum = loss_sum + loss.detach() / accum

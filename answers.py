@@ -125,7 +125,8 @@ def answer_losses(model, h, idx, mask, *, chunk: int) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def evaluate_answers(model, saes, pairs, kept_ids=(), *, micro: int, chunk: int, amp, pad_id: int = 0) -> dict:
+def evaluate_answers(model, saes, pairs, unspliced_ids=(), *, micro: int, chunk: int, autocast_ctx,
+                     pad_id: int = 0) -> dict:
     """answer_ce_{base,sae[,sae_lora]}: the mean CE over every answer token of the held-out pairs; answer_acc_*: the
     share of them the model predicts exactly (argmax); answer_tokens: how many. base is the original model (no SAE,
     no adapters), sae_lora the adapted one with the SAE(s) (only when adapters exist)."""
@@ -134,11 +135,11 @@ def evaluate_answers(model, saes, pairs, kept_ids=(), *, micro: int, chunk: int,
     sums, n = {}, 0
     for s in range(0, len(pairs), micro):
         idx, mask = collate(pairs[s:s + micro], next(model.parameters()).device, pad_id)
-        with amp:
+        with autocast_ctx:
             with adapters_disabled(model):
-                finals = {"base": spliced_pass(model, [], idx), "sae": spliced_pass(model, saes, idx, kept_ids)}
+                finals = {"base": spliced_pass(model, [], idx), "sae": spliced_pass(model, saes, idx, unspliced_ids)}
             if adapted:
-                finals["sae_lora"] = spliced_pass(model, saes, idx, kept_ids)
+                finals["sae_lora"] = spliced_pass(model, saes, idx, unspliced_ids)
             for name, h in finals.items():
                 ce, right = answer_losses(model, h, idx, mask, chunk=chunk)
                 sums[f"answer_ce_{name}"] = sums.get(f"answer_ce_{name}", 0.0) + ce.double().sum().item()

@@ -330,7 +330,7 @@ class TokenLoader:
         self.tokens = load_tokens(data_dir, "val" if split in HELD_OUT_PARTS else split)
         meta = load_meta(data_dir)
         self.bos_id = meta["bos_id"]
-        # datasets written before layouts had names carry a description of "bos_chunks" there
+        # a meta.json whose `layout` is missing or not a layout name (a free-text description) holds bos_chunks shards
         self.layout = meta.get("layout") if meta.get("layout") in LAYOUTS else "bos_chunks"
         if self.layout == "authors" and meta.get("seq_len") != seq_len:
             raise ValueError(f"{data_dir} holds the authors' windows of {meta.get('seq_len')} tokens; got "
@@ -384,7 +384,7 @@ class TokenLoader:
                 "layout": self.layout}
 
     def load_state_dict(self, d: dict):
-        d = {"layout": "bos_chunks", **d}  # checkpoints from before layouts had names
+        d = {"layout": "bos_chunks", **d}  # a loader state without a layout: the bos_chunks stream (its only kind)
         for k in ("layout", "seq_len", "world_size", "n_windows", "seed", "shuffle"):
             if d[k] != getattr(self, k):
                 raise ValueError(f"cannot resume the data position: checkpoint has {k}={d[k]}, this run "

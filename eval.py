@@ -61,7 +61,7 @@ from formats import run_folder
 from model import Transformer
 from sae import load_saes
 from evals.held_out import accumulate, gap_closed, position_means, predicted_positions
-from splice import compile_step, hook_key, kept_tokens, kl_and_ce, spliced_pass
+from splice import compile_step, hook_key, kl_and_ce, spliced_pass, unspliced_tokens
 
 SETTINGS = ("original", "sae", "sae_lora", "lora")
 NAMES = {"original": "Original", "sae": "SAE", "sae_lora": "SAE + LoRA", "lora": "LoRA"}
@@ -184,12 +184,12 @@ class SAEStats:
 
 
 @torch.no_grad()
-def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: bool, label: str = "",
-              losses=None) -> dict:
+def core_eval(model, saes, batches, unspliced_ids, cfg: EvalConfig, autocast_ctx, *, adapted: bool, label: str = "",
+              loss_fn=None) -> dict:
     first, n_layer = saes[0][0], model.cfg.n_layer
     settings = SETTINGS if adapted else SETTINGS[:2]
     sums, n = {}, 0  # per-position CE and KL summed on the device (held_out.accumulate): read back once, at the end
-    by_layer = {layer: i for i, (layer, sae) in enumerate(saes) if sae.site == "resid"}  # the rest: taps below
+    by_layer = {layer: i for i, (layer, sae) in enumerate(saes) if sae.site == "resid"}  # the rest: inside_block
     stats = {s: [SAEStats(sae) for _, sae in saes] for s in (("original", "lora") if adapted else ("original",))}
     spliced = [s for s in settings if "sae" in s]
     seq = {f: {s: {layer: {"cos": [], "l2": []} for layer in range(first, n_layer)} for s in spliced}
@@ -197,26 +197,23 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
     token_ce = {s: [] for s in spliced}
     prog = common.Progress(len(batches), f"core{label}")
     for idx in batches:
-        spliced_at = ~torch.isin(idx, torch.tensor(kept_ids, dtype=idx.dtype, device=idx.device))  # the positions the SAE replaces
+        spliced_at = ~torch.isin(idx, torch.tensor(unspliced_ids, dtype=idx.dtype, device=idx.device))  # the SAE's
         acts = {}
 
-        def watch_stats(setting):
-            def watch(layer, x, _):
-                if layer in by_layer:
-                    stats[setting][by_layer[layer]].update(x[spliced_at])
-                if setting == "original" and cfg.distances and layer >= first:
-                    acts[layer] = x
-            return watch
+        def stats_pass(setting):
+            """The model without SAEs (original, or with the adapters alone), each SAE's statistics taken where it
+            reads: after its block (and, for the distances, every stream from `first` on), or inside its block (the
+            input, and a transcoder's target, where the splice reads them)."""
+            def after_block(layer):
+                def hook(x):
+                    if layer in by_layer:
+                        stats[setting][by_layer[layer]].update(x[spliced_at])
+                    if setting == "original" and cfg.distances and layer >= first:
+                        acts[layer] = x
+                    return x
+                return hook
 
-        def watch_distance(setting):
-            def watch(layer, _, y):
-                if layer >= first:  # both formulations (splice.DISTANCES) from the same streams
-                    for (f, name), v in stream_distances(acts[layer], y, spliced_at).items():
-                        seq[f][setting][layer][name].append(v.cpu().numpy())
-            return watch
-
-        def taps(setting):  # SAEs inside a block: their input (and a transcoder's target) where the splice reads it
-            def tap(sae, st):
+            def inside_block(sae, st):
                 def hook(x):
                     st.update(x[spliced_at])
                     return x
@@ -226,31 +223,38 @@ def core_eval(model, saes, batches, kept_ids, cfg: EvalConfig, amp, *, adapted: 
                     st.update(h[spliced_at], y[spliced_at])
                     return y
                 return mlp if sae.transcoder else hook
-            return {hook_key(layer, sae): tap(sae, stats[setting][i]) for i, (layer, sae) in enumerate(saes)
-                    if sae.site != "resid"}
+            hooks = {hook_key(layer, sae): inside_block(sae, stats[setting][i]) for i, (layer, sae) in enumerate(saes)
+                     if sae.site != "resid"}
+            hooks.update({layer: after_block(layer) for layer in range(n_layer)})
+            return model.blocks(model.embed(idx), hooks=hooks)
+
+        def distances_to_original(setting):
+            def observe(layer, _, y):
+                if layer >= first:  # both formulations (splice.DISTANCES) from the same streams
+                    for (f, name), v in stream_distances(acts[layer], y, spliced_at).items():
+                        seq[f][setting][layer][name].append(v.cpu().numpy())
+            return observe if cfg.distances else None
 
         finals = {}
-        dist = cfg.distances
         skipped = {"sae": [], "sae_lora": []}  # --skip-norm-above: where the norm rule left the SAEs out
-        with amp, adapters_disabled(model):
-            finals["original"] = spliced_pass(model, [], idx, watch=watch_stats("original"), taps=taps("original"))
-            finals["sae"] = spliced_pass(model, saes, idx, kept_ids,
-                                          watch=watch_distance("sae") if dist else None, skipped=skipped["sae"])
+        with autocast_ctx, adapters_disabled(model):
+            finals["original"] = stats_pass("original")
+            finals["sae"] = spliced_pass(model, saes, idx, unspliced_ids, observe=distances_to_original("sae"),
+                                          skipped=skipped["sae"])
         if adapted:
-            with amp, adapters_enabled(model):  # not merged: adapt.py's model (lora.adapters_enabled)
-                finals["lora"] = spliced_pass(model, [], idx, watch=watch_stats("lora"), taps=taps("lora"))
-                finals["sae_lora"] = spliced_pass(model, saes, idx, kept_ids,
-                                                  watch=watch_distance("sae_lora") if dist else None,
-                                                  skipped=skipped["sae_lora"])
+            with autocast_ctx, adapters_enabled(model):  # not merged: adapt.py's model (lora.adapters_enabled)
+                finals["lora"] = stats_pass("lora")
+                finals["sae_lora"] = spliced_pass(model, saes, idx, unspliced_ids, skipped=skipped["sae_lora"],
+                                                  observe=distances_to_original("sae_lora"))
         for s, masks in skipped.items():
             if masks:  # counted on the predicted positions, as held_out.evaluate
                 accumulate(sums, **{f"norm_skipped_{s}": sum(mask[:, :-1].sum() for mask in masks)})
         acts.clear()
         # CE and KL(p_orig || p_setting) at every predicted position, as splice.py defines them (adapt.py's numbers)
         for s in settings[1:]:
-            with amp:
+            with autocast_ctx:
                 kl, ce, ce_orig = kl_and_ce(model, finals["original"], finals[s], idx, chunk=cfg.chunk,
-                                            losses=losses)
+                                            loss_fn=loss_fn)
             accumulate(sums, **{f"kl_{s}": kl, f"ce_{s}": ce})
             if s in token_ce:
                 token_ce[s].append(ce)
@@ -386,7 +390,7 @@ def _run(cfg: EvalConfig) -> dict:
     # -- model, SAEs, held-out tokens ----------------------------------------------------------------------------------
     ddp = common.setup(cfg.device)
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(ddp.device, cfg.autocast)
+    autocast_ctx = common.autocast(ddp.device, cfg.autocast)
     dtype = getattr(torch, cfg.dtype)
     model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=ddp.device).requires_grad_(False)
     if cfg.layer and len(cfg.layer) != len(cfg.sae):
@@ -406,7 +410,7 @@ def _run(cfg: EvalConfig) -> dict:
     bos_id = model.cfg.bos_token_id
     if gen_qs or cfg.generate:
         generate.check_args(cfg, model.cfg.max_seq_len)
-    kept_ids = kept_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # positions left unspliced
+    unspliced_ids = unspliced_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # SAE-free positions
     batches = load_batches(cfg, model, min(cfg.seq_len, model.cfg.max_seq_len), ddp.device) if cfg.data else []
     tok = None
     if texts or bench_qs or gen_qs or cfg.generate:
@@ -431,17 +435,20 @@ def _run(cfg: EvalConfig) -> dict:
         disk.write_text(os.path.join(cfg.out, "eval.partial.json"), json.dumps(disk.jsonable(res), indent=1))
 
     def benchmarks(settings):  # multiple choice and TruthfulQA generation
-        return {s: {**multiple_choice.evaluate(model, prepared, saes, kept_ids, cfg, amp, s),
-                    **truthfulqa.evaluate(model, tok, gen_qs, saes, kept_ids, cfg, amp, s)} for s in settings}
+        return {s: {**multiple_choice.evaluate(model, prepared, saes, unspliced_ids, cfg, autocast_ctx, s),
+                    **truthfulqa.evaluate(model, tok, gen_qs, saes, unspliced_ids, cfg, autocast_ctx, s)}
+                for s in settings}
     if bench_qs or gen_qs:  # adapter-independent settings: computed once
         res["benchmarks"] = benchmarks(("original", "sae"))
         partial()
     if cfg.generate:
-        res["generations"] = generate.show(model, tok, cfg.generate, ("original", "sae"), saes, kept_ids, cfg, amp)
+        res["generations"] = generate.show(model, tok, cfg.generate, ("original", "sae"), saes, unspliced_ids, cfg,
+                                           autocast_ctx)
         partial()
     if steer:  # both formulations (steering.py), each with the base model's numbers
         head = {"latent": cfg.latent, "layer": s_layer, "splice": cfg.steering_splice}
-        ours, authors = steering.steering_eval(model, seqs, saes, direction, s_layer, kept_ids, cfg, amp, "original")
+        ours, authors = steering.steering_eval(model, seqs, saes, direction, s_layer, unspliced_ids, cfg, autocast_ctx,
+                                               "original")
         res["steering"] = {**head, "formulation": steering.OURS, "base": ours}
         res["steering_authors"] = {**head, "formulation": steering.AUTHORS, "base": authors}
         partial()
@@ -457,17 +464,18 @@ def _run(cfg: EvalConfig) -> dict:
             model.requires_grad_(False)
             common.log(f"adapter {adapter}")
         if batches:
-            losses = compile_step(model, cfg.compile)  # every call of the CE table's passes has one shape
-            g.update(core_eval(model, saes, batches, kept_ids, cfg, amp, adapted=adapter is not None,
-                               label=f" [{g['name']}]", losses=losses))
+            loss_fn = compile_step(model, cfg.compile)  # every call of the CE table's passes has one shape
+            g.update(core_eval(model, saes, batches, unspliced_ids, cfg, autocast_ctx, adapted=adapter is not None,
+                               label=f" [{g['name']}]", loss_fn=loss_fn))
             compile_step(model, False)
         if adapter and (bench_qs or gen_qs):
             g["benchmarks"] = benchmarks(("sae_lora", "lora"))
         if adapter and cfg.generate:
-            g["generations"] = generate.show(model, tok, cfg.generate, ("sae_lora", "lora"), saes, kept_ids, cfg, amp)
+            g["generations"] = generate.show(model, tok, cfg.generate, ("sae_lora", "lora"), saes, unspliced_ids, cfg,
+                                             autocast_ctx)
         if adapter and steer:
             g["steering"], g["steering_authors"] = steering.steering_eval(
-                model, seqs, saes, direction, s_layer, kept_ids, cfg, amp, "lora",
+                model, seqs, saes, direction, s_layer, unspliced_ids, cfg, autocast_ctx, "lora",
                 authors_alpha=res["steering_authors"]["base"]["alpha"])  # the authors: one alpha for both models
             g["steering_compare"] = steering.steering_compare(res["steering"]["base"], g["steering"])
             g["steering_authors_compare"] = steering.authors_compare(res["steering_authors"]["base"],
@@ -476,7 +484,7 @@ def _run(cfg: EvalConfig) -> dict:
         partial()
     if cfg.saebench:  # on the last adapter's model (Table 6 compares one adapter with the base model)
         from evals import saebench
-        res["saebench"] = saebench.evaluate(model, saes, cfg, ddp.device, amp)
+        res["saebench"] = saebench.evaluate(model, saes, cfg, ddp.device, autocast_ctx)
 
     # -- reports -------------------------------------------------------------------------------------------------------
     disk.write_text(os.path.join(cfg.out, "eval.json"), json.dumps(disk.jsonable(res), indent=1))

@@ -386,15 +386,15 @@ class Block(nn.Module):
         y = self.mlp(h)
         return self.post_feedforward_layernorm(y) if self.sandwich else y
 
-    def forward(self, x, cos, sin, hooks=None, attend=None):
+    def forward(self, x, cos, sin, hooks=None, attn_heads=None):
         """hooks {site: fn} replace activations inside the block (splice.py): "attn_z" o_proj's input (SAELens'
         attn.hook_z, heads flattened); "attn_out" / "mlp_out" the sublayer's contribution to the stream (Gemma: after
         its post-norm, as TransformerLens' hook_attn_out / hook_mlp_out; Llama: o_proj's / down_proj's output); "mlp"
-        fn(h, mlp_out) in place of mlp_out(h) (a transcoder). attend(h): the heads' output in place of
+        fn(h, mlp_out) in place of mlp_out(h) (a transcoder). attn_heads(h): the heads' output in place of
         self_attn.heads (evals/generate.py's cached attention)."""
         hooks = hooks or {}
         h = self.input_layernorm(x)
-        z = attend(h) if attend is not None else self.self_attn.heads(h, cos, sin)
+        z = attn_heads(h) if attn_heads is not None else self.self_attn.heads(h, cos, sin)
         if "attn_z" in hooks:
             z = hooks["attn_z"](z)
         a = self.self_attn.o_proj(z)

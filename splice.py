@@ -10,7 +10,7 @@ tensor of a 256k vocabulary is ever whole (tests/test_splice.py checks value and
 Which positions count (the objective here and every reported number, evals/held_out.py, use the same ones):
 
 - A window of T tokens has T - 1 predicted positions: position t predicts token t + 1; the last position's next token
-  lies outside the window. Positions the SAE does not replace (BOS, see kept_tokens) still count: the paper's L_SAE
+  lies outside the window. Positions the SAE does not replace (BOS, see unspliced_tokens) still count: the paper's L_SAE
   is the cross-entropy of the whole spliced model on held-out tokens (Sec. 4), and their predictions read spliced
   positions before them.
 - The training objective, `loss` in the training logs: Eq. 7 summed over the predicted positions of a batch, divided
@@ -30,12 +30,12 @@ from model import Transformer, compile_blocks
 from sae import SAE
 
 
-def kl_reference(model: Transformer, saes, idx, kept_ids=()) -> torch.Tensor:
+def kl_reference(model: Transformer, saes, idx, unspliced_ids=()) -> torch.Tensor:
     """Eq. 7 as written: KL(p_orig || p_spliced), the mean over the predicted positions (all but each window's last),
     gradients to the adapters only."""
     with torch.no_grad(), adapters_disabled(model):
         logp_orig = F.log_softmax(model(idx)[:, :-1].float(), dim=-1)  # the original model: no SAE, no adapters
-    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, kept_ids))[:, :-1].float(), dim=-1)
+    logp = F.log_softmax(model(idx, hooks=splice_hooks(saes, idx, unspliced_ids))[:, :-1].float(), dim=-1)
     return (logp_orig.exp() * (logp_orig - logp)).sum(-1).mean()
 
 
@@ -47,13 +47,13 @@ def kl_reference(model: Transformer, saes, idx, kept_ids=()) -> torch.Tensor:
 POSITIONS = {"all": (), "no_bos": ("bos",), "no_bos_eos": ("bos", "eos")}
 
 
-class Kept(tuple):
-    """kept_tokens' answer: the token ids whose positions keep their activation and, in `norm_above`, the norm rule
+class Unspliced(tuple):
+    """unspliced_tokens' answer: the token ids whose positions keep their activation and, in `norm_above`, the norm rule
     (None: off). Every caller hands it on to splice_hooks as it is, so training and every evaluation apply both."""
     norm_above: float | None = None
 
 
-def kept_tokens(saes, model_cfg, positions: str = "auto", norm_above: float | None = None) -> Kept:
+def unspliced_tokens(saes, model_cfg, positions: str = "auto", norm_above: float | None = None) -> Unspliced:
     """The token ids whose positions keep their original activation. "auto" takes each SAE's own `positions` (set by
     where its files come from: formats/sae_files.AUTO_POSITIONS); with several SAEs, a position is kept if any of
     them keeps it. norm_above: also keep every position whose activation norm, where the SAE reads it, is above
@@ -68,33 +68,33 @@ def kept_tokens(saes, model_cfg, positions: str = "auto", norm_above: float | No
            else [model_cfg.eos_token_id]}
     if norm_above is not None and not norm_above > 0:
         raise ValueError(f"--skip-norm-above {norm_above}: expected a multiple of the median norm > 0 (e.g. 10)")
-    kept = Kept(sorted({i for name in POSITIONS[positions] for i in ids[name] if i is not None}))
-    kept.norm_above = norm_above
-    return kept
+    unspliced = Unspliced(sorted({i for name in POSITIONS[positions] for i in ids[name] if i is not None}))
+    unspliced.norm_above = norm_above
+    return unspliced
 
 
-def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, kept_ids=(), skipped: list | None = None):
+def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, unspliced_ids=(), skipped: list | None = None):
     """Hooks for model(..., hooks=...): the activation each SAE reads becomes its reconstruction, except at positions
-    holding a token of `kept_ids` (a tuple from kept_tokens, or one id), which keep their original activation. Where,
-    by `sae.site`: the stream after block L (resid), or inside block L (model.Block.forward): every head's output
-    before o_proj (attn_z), the attention or MLP sublayer's output (attn_out, mlp_out), or the MLP sublayer as a whole,
-    which a transcoder computes from its normalised input (transcoder); the rest of the block runs unchanged.
-    kept_ids.norm_above (a Kept from kept_tokens): positions whose input to the SAE has a norm above that multiple of
-    its window's median are kept too; `skipped`, a list, receives each hook's (B, T) mask of them (evaluate counts
-    them). In a KV-cached generation step (one new position) the median is that position's own norm: nothing is
-    skipped there."""
-    norm_above = getattr(kept_ids, "norm_above", None)
-    kept_ids = (kept_ids,) if isinstance(kept_ids, int) else tuple(k for k in (kept_ids or ()) if k is not None)
-    kept_at = torch.isin(idx, torch.tensor(kept_ids, device=idx.device))[..., None] if kept_ids else None  # (B, T, 1)
+    holding a token of `unspliced_ids` (a tuple from unspliced_tokens, or one id), which keep their original
+    activation. Where, by `sae.site`: the stream after block L (resid), or inside block L (model.Block.forward): every
+    head's output before o_proj (attn_z), the attention or MLP sublayer's output (attn_out, mlp_out), or the MLP
+    sublayer as a whole, which a transcoder computes from its normalised input (transcoder); the rest of the block
+    runs unchanged. unspliced_ids.norm_above (an Unspliced from unspliced_tokens): positions whose input to the SAE
+    has a norm above that multiple of its window's median keep theirs too; `skipped`, a list, receives each hook's
+    (B, T) mask of them (evals/held_out.evaluate counts them). In a KV-cached generation step (one new position) the
+    median is that position's own norm: nothing is skipped there."""
+    norm_above = getattr(unspliced_ids, "norm_above", None)
+    ids = (unspliced_ids,) if isinstance(unspliced_ids, int) else tuple(i for i in unspliced_ids or () if i is not None)
+    unspliced_at = torch.isin(idx, torch.tensor(ids, device=idx.device))[..., None] if ids else None  # (B, T, 1)
 
     def keep(x):  # (B, T, 1) positions that keep their activation, or None
         if norm_above is None:
-            return kept_at
+            return unspliced_at
         norms = x.float().norm(dim=-1)
         high = norms > norm_above * norms.median(dim=-1, keepdim=True).values
         if skipped is not None:
             skipped.append(high)
-        return high[..., None] if kept_at is None else kept_at | high[..., None]
+        return high[..., None] if unspliced_at is None else unspliced_at | high[..., None]
 
     def make(sae):
         def hook(x):
@@ -128,13 +128,13 @@ def residual_only(saes) -> bool:
 # The two passes, as the training loops run them
 
 
-def original_pass(model: Transformer, idx, first: int, *, share_prefix: bool, watch=None):
+def original_pass(model: Transformer, idx, first: int, *, share_prefix: bool, observe=None):
     """The final residual stream of the model as it is (the caller runs this under torch.no_grad() and
     adapters_disabled(model): the original model) and, with a shared prefix, the stream after block `first`, from
-    which the spliced pass continues. watch(layer, x, x), if given, sees the stream after every block after `first`.
-    The caller's context stays outside: compiled together with the grad-free region, the SAE's custom autograd
-    function in the spliced pass would lose its gradients."""
-    hooks = {} if watch is None else {i: _watcher(watch, i) for i in range(first + 1, model.cfg.n_layer)}
+    which the spliced pass continues. observe(layer, x, x), if given, sees the stream after every block after
+    `first` (train_e2e.py's downstream terms). The caller's context stays outside: compiled together with the
+    grad-free region, the SAE's custom autograd function in the spliced pass would lose its gradients."""
+    hooks = {} if observe is None else {i: _observer(observe, i) for i in range(first + 1, model.cfg.n_layer)}
     x = model.embed(idx)
     if not share_prefix:
         return model.blocks(x, hooks=hooks), None
@@ -142,26 +142,26 @@ def original_pass(model: Transformer, idx, first: int, *, share_prefix: bool, wa
     return model.blocks(x, first + 1, hooks=hooks), x
 
 
-def _watcher(watch, layer):
+def _observer(observe, layer):
     def hook(x):
-        watch(layer, x, x)
+        observe(layer, x, x)
         return x
     return hook
 
 
-def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, watch=None, taps=None, skipped=None):
+def spliced_pass(model: Transformer, saes, idx, unspliced_ids=(), *, prefix=None, observe=None, skipped=None):
     """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given (only
-    with residual_only(saes): an SAE inside block L changes block L, which the prefix holds). `taps`: more hooks
-    inside blocks ((site, L) keys), run beside the splice (eval.py's statistics of sublayer SAEs).
-    watch(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
-    after (the same tensor where no SAE sits). skipped: see splice_hooks."""
-    hooks = {**(taps or {}), **splice_hooks(saes, idx, kept_ids, skipped)}
+    with residual_only(saes): an SAE inside block L changes block L, which the prefix holds).
+    observe(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
+    after (the same tensor where no SAE sits); train_e2e.py's downstream terms and eval.py's distances read it.
+    skipped: see splice_hooks."""
+    hooks = splice_hooks(saes, idx, unspliced_ids, skipped)
     start = 0 if prefix is None else saes[0][0]
-    if watch is not None:
+    if observe is not None:
         def wrap(layer, splice):
             def hook(x):
                 y = splice(x) if splice is not None else x
-                watch(layer, x, y)
+                observe(layer, x, y)
                 return y
             return hook
         hooks = {**{k: v for k, v in hooks.items() if not isinstance(k, int)},  # the hooks inside blocks
@@ -179,7 +179,7 @@ def spliced_pass(model: Transformer, saes, idx, kept_ids=(), *, prefix=None, wat
 def chunk_losses(model: Transformer, h_orig, h, targets):
     """Per position of one chunk: KL(p_orig || p) with grad, and the CE of p and of p_orig (no grad).
     torch.compile(chunk_losses) fuses norm, soft-cap, both log-softmaxes, KL and CE into a few kernels, with no extra
-    (chunk, vocab) fp32 copies; kl_and_ce takes it as `losses`."""
+    (chunk, vocab) fp32 copies; kl_and_ce takes it as `loss_fn`."""
     with torch.no_grad():
         logp_orig = F.log_softmax(model.head(h_orig).float(), dim=-1)
         ce_orig = F.nll_loss(logp_orig, targets, reduction="none")
@@ -198,14 +198,14 @@ def compile_step(model: Transformer, enable: bool = True, backend: str = "induct
     return torch.compile(chunk_losses, backend=backend) if enable else chunk_losses
 
 
-def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):
+def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, loss_fn=None):
     """KL(p_orig || p) (with grad where h has it), the CE of p and the CE of p_orig at every predicted position of
     the final streams h_orig (original model) and h (B, T, d): three (B * (T - 1),) fp32 tensors, still on the device.
 
     With several chunks each runs under activation checkpointing when h needs gradients, so its (chunk, vocab) logits
     are recomputed in the backward instead of all chunks' logits being kept alive at once; a single chunk skips the
-    recomputation. `losses`: chunk_losses or a compiled copy of it."""
-    losses = losses or chunk_losses
+    recomputation. `loss_fn`: chunk_losses or a compiled copy of it."""
+    loss_fn = loss_fn or chunk_losses
     d_model = h_orig.shape[-1]
     ho, hs = h_orig[:, :-1].reshape(-1, d_model), h[:, :-1].reshape(-1, d_model)  # the predicted positions
     targets = idx[:, 1:].reshape(-1)
@@ -213,6 +213,6 @@ def kl_and_ce(model: Transformer, h_orig, h, idx, *, chunk: int, losses=None):
     parts = []
     for s in range(0, ho.shape[0], chunk):
         args = (model, ho[s:s + chunk], hs[s:s + chunk], targets[s:s + chunk])
-        parts.append(checkpoint(losses, *args, use_reentrant=False) if recompute else losses(*args))
+        parts.append(checkpoint(loss_fn, *args, use_reentrant=False) if recompute else loss_fn(*args))
     kl, ce, ce_orig = (torch.cat(p) for p in zip(*parts))
     return kl, ce, ce_orig

@@ -32,7 +32,7 @@ from model import Transformer
 from sae import SAE, load_saes
 from training.sae_loss import geometric_median, update_since_fired
 from evals.held_out import evaluate
-from splice import compile_step, kept_tokens, kl_and_ce, original_pass, spliced_pass
+from splice import compile_step, kl_and_ce, original_pass, spliced_pass, unspliced_tokens
 
 
 @dataclass
@@ -157,8 +157,8 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(ddp.device, cfg.autocast)
-    kept_ids = kept_tokens([(layer, sae)], model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # positions left unspliced
+    autocast_ctx = common.autocast(ddp.device, cfg.autocast)
+    unspliced_ids = unspliced_tokens([(layer, sae)], model.cfg, cfg.sae_positions, cfg.skip_norm_above)
 
     # -- data ----------------------------------------------------------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
@@ -187,7 +187,7 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
         since_fired, step, elapsed, rows = st["since_fired"], st["step"], st["elapsed"], st["rows"]
         common.log(f"resumed from {state_path} at step {step}")
     elif not cfg.init:  # b_dec at the geometric median of the layer's activations (every rank's), as for TopK SAEs
-        with torch.no_grad(), amp:
+        with torch.no_grad(), autocast_ctx:
             sample = model(val_batches[0], stop_at=layer)[:, 1:].reshape(-1, dm).float()
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(common.all_gather_cat(sample)))
@@ -214,13 +214,13 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
 
     def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them
         sae.eval()
-        res = evaluate(model, [(layer, sae)], val_batches, kept_ids, chunk=cfg.kl_chunk, amp=amp)
+        res = evaluate(model, [(layer, sae)], val_batches, unspliced_ids, chunk=cfg.kl_chunk, autocast_ctx=autocast_ctx)
         sae.train()
         return res
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
-    losses = compile_step(model, cfg.compile)  # each block its own graph, the KL chunk another
+    loss_fn = compile_step(model, cfg.compile)  # each block its own graph, the KL chunk another
     later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match
     watched = set(later) | ({layer} if cfg.mse_coef > 0 else set())  # + the SAE's own input and output for the MSE
     sae.train()
@@ -236,13 +236,13 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
             if not watched:
                 return None
             return lambda i, x, y: acts[which].__setitem__(i, (x, y)) if i in watched else None
-        with amp:
+        with autocast_ctx:
             with torch.no_grad():  # the prefix up to the layer is the same computation in both passes: run it once
-                h_orig, prefix = original_pass(model, idx, layer, share_prefix=True, watch=record("orig"))
+                h_orig, prefix = original_pass(model, idx, layer, share_prefix=True, observe=record("orig"))
                 values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
-            h = spliced_pass(model, [(layer, sae)], idx, kept_ids, prefix=prefix,
-                             watch=record("spliced"))
-            kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, losses=losses)  # Eq. 7 per position
+            h = spliced_pass(model, [(layer, sae)], idx, unspliced_ids, prefix=prefix,
+                             observe=record("spliced"))
+            kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, loss_fn=loss_fn)  # Eq. 7 per position
             loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))
             if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
                 o, s = acts["orig"], acts["spliced"]

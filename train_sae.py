@@ -101,12 +101,12 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device, transcoder=False, seed=0):
+    def __init__(self, model, loader, layer, size, include_bos, autocast_ctx, device, transcoder=False, seed=0):
         self.model, self.loader, self.layer, self.size = model, loader, layer, size
         # the blocks above the layer never run. A transcoder's: (MLP input, MLP output) side by side
         self.forward = (lambda idx: mlp_pairs(model, idx, layer)) if transcoder else \
             (lambda idx: model(idx, stop_at=layer))
-        self.include_bos, self.amp, self.device = include_bos, amp, device
+        self.include_bos, self.autocast_ctx, self.device = include_bos, autocast_ctx, device
         # the shuffle's own stream: torch's default seed offset by --seed, so seed 0 keeps the permutations the
         # shipped SAE (shipped/README.md) was trained with and every other seed draws others
         self.gen = torch.Generator(device="cpu")
@@ -119,7 +119,7 @@ class ActivationBuffer:
         chunks, n = [], 0
         while n < self.size:
             idx = self.loader.next_batch()
-            with self.amp:
+            with self.autocast_ctx:
                 x = self.forward(idx)
             if not self.include_bos:
                 x = x[idx != self.model.cfg.bos_token_id]
@@ -217,7 +217,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
     lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(ddp.device, cfg.autocast)
+    autocast_ctx = common.autocast(ddp.device, cfg.autocast)
 
     # -- data: activations of the layer in a shuffled buffer -----------------------------------------------------------
     check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
@@ -229,7 +229,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
                                    "--model-batch or --seq-len")
     per_rank = cfg.batch_tokens // ddp.world_size  # the global SAE batch is split across ranks
     buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
-                              cfg.include_bos, amp, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
+                              cfg.include_bos, autocast_ctx, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
     split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
     compile_blocks(model, cfg.compile)  # each block its own graph, shared by the blocks of its kind
     total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
@@ -287,7 +287,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
 
     def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as in training)
         sae.eval()
-        res = evaluate(model, [(layer, sae)], val_batches, model.cfg.bos_token_id, amp=amp)
+        res = evaluate(model, [(layer, sae)], val_batches, model.cfg.bos_token_id, autocast_ctx=autocast_ctx)
         sae.train()
         return res
 
@@ -301,7 +301,7 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
         cur_lr = common.lr_at(step, total_steps, lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
-        with amp:
+        with autocast_ctx:
             loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
                                                auxk_coef=cfg.auxk_coef, target=target)
         # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)

@@ -3,7 +3,7 @@ Decoding: text generation with a key/value cache for model.py's Transformer, nan
 
     new = generate(model, [[bos, 5, 9], [bos, 7]], max_new_tokens=20)                 # greedy, token ids
     new = generate(model, prompts, 20, temperature=0.8, top_k=50, generator=g)          # sampled
-    new = generate(model, prompts, 20, hooks_for=splice.hooks_for(saes, kept_ids))          # the SAE spliced everywhere
+    new = generate(model, prompts, 20, hooks_for=splice.hooks_for(saes, unspliced_ids))  # the SAE spliced everywhere
     texts = complete(model, tok, ["Q: ..."], 256, stop=["\n\n"])                         # strings in, strings out
 
 The prompts run once (prefill); each later step feeds only the newest token, whose keys and values are appended to
@@ -97,7 +97,7 @@ def forward_cached(model: Transformer, idx: torch.Tensor, pos: torch.Tensor, cac
         cos, sin = tables[block.self_attn.local_rope]
         mask = masks[block.self_attn.window]
         x = block(x, cos, sin, inside.get(i),
-                  attend=lambda h, b=block, c=cos, s=sin, m=mask, i=i: _heads(b.self_attn, h, c, s, cache, i, m))
+                  attn_heads=lambda h, b=block, c=cos, s=sin, m=mask, i=i: _heads(b.self_attn, h, c, s, cache, i, m))
         if i in hooks:
             x = hooks[i](x)
     cache.length += T
@@ -182,7 +182,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def complete(model: Transformer, tok, prompts: Sequence[str], max_new_tokens: int, *, stop: Sequence[str] = (),
-             batch_size: int = 16, amp=None, hooks_for: HooksFor | None = None, splice_generated: bool = True,
+             batch_size: int = 16, autocast_ctx=None, hooks_for: HooksFor | None = None, splice_generated: bool = True,
              temperature: float = 0.0, top_k: int | None = None, generator=None, progress=None) -> list[str]:
     """The continuation of each prompt: BOS + its tokens (cut from the left to leave room for max_new_tokens, BOS
     kept), batched longest first as lm-eval does; decoded without its EOS and cut before the first stop string."""
@@ -200,7 +200,7 @@ def complete(model: Transformer, tok, prompts: Sequence[str], max_new_tokens: in
     texts = [""] * len(ids)
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
-        with amp or contextlib.nullcontext():
+        with autocast_ctx or contextlib.nullcontext():
             new = generate(model, [ids[i] for i in rows], max_new_tokens, temperature=temperature, top_k=top_k,
                            eos=tuple(eos), stop=stop, decode=decode, hooks_for=hooks_for,
                            splice_generated=splice_generated, generator=generator)
@@ -211,12 +211,12 @@ def complete(model: Transformer, tok, prompts: Sequence[str], max_new_tokens: in
     return texts
 
 
-def complete_setting(model, tok, prompts, setting: str, saes, kept_ids=(), *, prompt_only: bool = False, **kw):
+def complete_setting(model, tok, prompts, setting: str, saes, unspliced_ids=(), *, prompt_only: bool = False, **kw):
     """complete() in one of the paper's settings (Sec. 5.3): adapters on for *lora, off otherwise; the SAEs spliced
     for sae*, on every position or (prompt_only, the authors' run) on the prompt's only."""
     from evals.multiple_choice import hooks_for, setting_context  # the settings of Sec. 5.3
     with setting_context(model, setting):
-        return complete(model, tok, prompts, hooks_for=hooks_for(saes, kept_ids) if "sae" in setting else None,
+        return complete(model, tok, prompts, hooks_for=hooks_for(saes, unspliced_ids) if "sae" in setting else None,
                         splice_generated=not prompt_only, **kw)
 
 
@@ -234,7 +234,7 @@ def check_args(cfg, max_seq_len: int):
                          f"and top-k >= 1")
 
 
-def show(model, tok, prompts, settings, saes, kept_ids, cfg, amp) -> dict:
+def show(model, tok, prompts, settings, saes, unspliced_ids, cfg, autocast_ctx) -> dict:
     """eval.py --generate: what each setting writes after each prompt, printed and returned as {key: [text, ...]}; the
     key is the setting, with "_prompt_only" added for the authors' splice (cfg.authors_splice)."""
     room = model.cfg.max_seq_len - cfg.gen_tokens - 1  # what complete() keeps of a prompt, beside BOS
@@ -249,8 +249,8 @@ def show(model, tok, prompts, settings, saes, kept_ids, cfg, amp) -> dict:
         for prompt_only in (False, True) if cfg.authors_splice and "sae" in s else (False,):
             key = s + ("_prompt_only" if prompt_only else "")
             gen = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(cfg.seed)  # same draws each
-            out[key] = complete_setting(model, tok, prompts, s, saes, kept_ids, prompt_only=prompt_only, amp=amp,
-                                        max_new_tokens=cfg.gen_tokens,
+            out[key] = complete_setting(model, tok, prompts, s, saes, unspliced_ids, prompt_only=prompt_only,
+                                        autocast_ctx=autocast_ctx, max_new_tokens=cfg.gen_tokens,
                                         temperature=cfg.temperature, top_k=cfg.top_k, generator=gen,
                                         batch_size=cfg.bench_batch)
             for p, t in zip(prompts, out[key]):

@@ -30,27 +30,27 @@ def predicted_positions(idx: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, saes, batches, kept_ids=(), *, chunk: int = 2048, amp) -> dict:
+def evaluate(model: Transformer, saes, batches, unspliced_ids=(), *, chunk: int = 2048, autocast_ctx) -> dict:
     """ce_base, ce_sae, kl_sae and, for a model with adapters, ce_sae_lora, kl_sae_lora and gap_closed on held-out
     windows (definitions at the top); `positions`: how many predicted positions they average over. The adapters stay
     unmerged, as in training; eval.py runs them the same way (lora.adapters_enabled) and reports these numbers.
-    With the norm rule on (kept_ids.norm_above), norm_skipped_sae[_lora]: at how many predicted positions it left
+    With the norm rule on (unspliced_ids.norm_above), norm_skipped_sae[_lora]: at how many predicted positions it left
     the SAE out, summed over the SAEs."""
     adapted, was_training = bool(lora_modules(model)), model.training
     model.eval()
     sums, n = {}, 0
     for idx in batches:
-        with amp:
+        with autocast_ctx:
             skipped = {"sae": [], "sae_lora": []}
             with adapters_disabled(model):
                 h_orig = spliced_pass(model, [], idx)  # no SAE, no adapters: the original model
-                settings = {"sae": spliced_pass(model, saes, idx, kept_ids, skipped=skipped["sae"])}
+                settings = {"sae": spliced_pass(model, saes, idx, unspliced_ids, skipped=skipped["sae"])}
             if adapted:
-                settings["sae_lora"] = spliced_pass(model, saes, idx, kept_ids, skipped=skipped["sae_lora"])
+                settings["sae_lora"] = spliced_pass(model, saes, idx, unspliced_ids, skipped=skipped["sae_lora"])
             for name, h in settings.items():
                 kl, ce, ce_orig = kl_and_ce(model, h_orig, h, idx, chunk=chunk)
                 accumulate(sums, **{f"kl_{name}": kl, f"ce_{name}": ce})
-                if getattr(kept_ids, "norm_above", None) is not None:  # counts, not means: undone below
+                if getattr(unspliced_ids, "norm_above", None) is not None:  # counts, not means: undone below
                     accumulate(sums, **{f"norm_skipped_{name}": sum(m[:, :-1].sum() for m in skipped[name])})
         accumulate(sums, ce_base=ce_orig)  # the original model's CE: the same from either setting's call
         n += predicted_positions(idx)

@@ -215,7 +215,8 @@ def bench_sequences(qs, tok, max_len: int):
 
 
 @torch.no_grad()
-def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, what: str = "") -> list[np.ndarray]:
+def score(model, seqs, queries, hooks_for, autocast_ctx, batch_size: int, chunk: int,
+          what: str = "") -> list[np.ndarray]:
     """For each sequence (token ids, BOS first) the log-probabilities log p(tok | seq[:pos + 1]) of its queries
     [(pos, tok), ...]. Sequences are batched by length and padded on the right, which a causal model never sees."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -231,7 +232,7 @@ def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, wha
         r_of = torch.tensor([r for r, i in enumerate(rows) for _ in queries[i]], device=dev)
         pos = torch.tensor([p for i in rows for p, _ in queries[i]], dtype=torch.long, device=dev)
         tok = torch.tensor([t for i in rows for _, t in queries[i]], dtype=torch.long, device=dev)
-        with amp:
+        with autocast_ctx:
             h = model.blocks(model.embed(idx), hooks=hooks_for(idx))[r_of, pos]  # only the rows that are scored
             lp = torch.cat([F.log_softmax(model.head(h[c:c + chunk]).float(), -1).gather(1, tok[c:c + chunk, None])
                             for c in range(0, len(tok), chunk)])[:, 0]
@@ -243,9 +244,9 @@ def score(model, seqs, queries, hooks_for, amp, batch_size: int, chunk: int, wha
     return out
 
 
-def hooks_for(saes, kept_ids=()):
+def hooks_for(saes, unspliced_ids=()):
     """idx -> the splice hooks for that batch (none without SAEs): what score() takes."""
-    return lambda idx: splice_hooks(saes, idx, kept_ids) if saes else {}
+    return lambda idx: splice_hooks(saes, idx, unspliced_ids) if saes else {}
 
 
 def setting_context(model, setting: str):
@@ -274,13 +275,13 @@ def bench_scores(qs, lls) -> dict:
     return {**out, "ll": [list(map(float, ll)) for ll in lls]}
 
 
-def evaluate(model, prepared: dict, saes, kept_ids, cfg, amp, setting: str) -> dict:
+def evaluate(model, prepared: dict, saes, unspliced_ids, cfg, autocast_ctx, setting: str) -> dict:
     """Every prepared benchmark's scores for one setting (original / sae / sae_lora / lora)."""
     out = {}
-    hooks = hooks_for(saes if "sae" in setting else [], kept_ids)
+    hooks = hooks_for(saes if "sae" in setting else [], unspliced_ids)
     with setting_context(model, setting):
         for bench, (qs, seqs, queries, slots) in prepared.items():
-            lps = score(model, seqs, queries, hooks, amp, cfg.bench_batch, cfg.chunk, f"{bench} [{setting}]")
+            lps = score(model, seqs, queries, hooks, autocast_ctx, cfg.bench_batch, cfg.chunk, f"{bench} [{setting}]")
             lls = [[0.0] * len(q["choices"]) for q in qs]
             for lp, sl in zip(lps, slots):
                 for v, (qi, ci) in zip(lp, sl):

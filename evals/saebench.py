@@ -323,7 +323,7 @@ KL_KEY = {"sae": "kl_div_with_sae", "zero": "kl_div_with_ablation"}
 
 
 @torch.no_grad()
-def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
+def core(model, sae, layer, batches, specials, autocast_ctx, chunk=2048) -> dict:
     """SAEBench core metrics (run_evals) on token batches; specials: BOS / EOS / pad ids. CE at position t counts when
     token t is not special and t is not a window's last position, KL at every position whose token is not special
     (SAEBench's choice), under SAEBench's names."""
@@ -333,7 +333,7 @@ def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
     n_tok, err, sq, s1 = 0, 0.0, 0.0, torch.zeros(sae.d_in, dtype=torch.float64)
     for idx in batches:
         keep = ~torch.isin(idx, specials.to(idx.device))
-        with amp:
+        with autocast_ctx:
             x = model.blocks(model.embed(idx), 0, layer)
             xf = x[keep].float()
             f = sd.latents(sae, xf)
@@ -347,7 +347,7 @@ def core(model, sae, layer, batches, specials, amp, chunk=2048) -> dict:
             rows = torch.arange(c, min(c + chunk, len(ids)), device=idx.device)
             nxt = ids[(rows + 1).clamp(max=len(ids) - 1)]
             ce_rows = kp[rows] & (rows % T < T - 1)  # SAEBench: CE at t kept when token t is not special
-            with amp:
+            with autocast_ctx:
                 lp = {k: F.log_softmax(model.head(v[c:c + chunk]).float(), -1) for k, v in flat.items()}
             for k in ("clean", "sae", "zero"):
                 sums[CE_KEY[k]].append(-lp[k].gather(1, nxt[:, None])[:, 0][ce_rows])
@@ -387,7 +387,7 @@ def autointerp(*_):
     return None
 
 
-def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
+def evaluate(model, saes, cfg, device, autocast_ctx, seed: int = 42) -> dict:
     """Table 6 for the first SAE of `saes` [(layer, SAE)]: base model (adapters off) vs adapted (adapters on),
     written to cfg.out/saebench.{json,md,png}. Returns the results with the table under 'markdown'."""
     import os
@@ -414,10 +414,11 @@ def evaluate(model, saes, cfg, device, amp, seed: int = 42) -> dict:
     res = {"layer": layer, "tasks": "offline (stdlib)" if offline else "hub", "settings": {}}
     for s, ctx in settings.items():
         with ctx():
-            feats = {k: sd.pooled(model, sae, layer, v, specials, amp) for k, v in groups.items()}
+            feats = {k: sd.pooled(model, sae, layer, v, specials, autocast_ctx) for k, v in groups.items()}
             print(f"saebench [{s}]: pooled features cached ({time.time() - t0:.0f}s)", flush=True)
-            m = {"core": core(model, sae, layer, batches, specials, amp)} if batches else {}
-            fl = [sd.word_acts(model, sae, layer, [ids for ids, _ in rows], pos, amp) for rows in (fl_train, fl_test)]
+            m = {"core": core(model, sae, layer, batches, specials, autocast_ctx)} if batches else {}
+            fl = [sd.word_acts(model, sae, layer, [ids for ids, _ in rows], pos, autocast_ctx)
+                  for rows in (fl_train, fl_test)]
         print(f"saebench [{s}]: core done ({time.time() - t0:.0f}s)", flush=True)
         sp = []
         for name, task in probing.items():  # columns [:d] residual (the LLM probe), [d:] latents

@@ -360,14 +360,14 @@ def latents(sae, x):
 
 
 @torch.no_grad()
-def pooled(model, sae, layer, seqs, specials, amp, batch=32) -> torch.Tensor:
+def pooled(model, sae, layer, seqs, specials, autocast_ctx, batch=32) -> torch.Tensor:
     """(N, d_model + d_sae) float32 on CPU: residual after block `layer` and its SAE latents, each averaged over the
     non-special tokens of a sequence (SAEBench's create_meaned_model_activations / get_sae_meaned_activations)."""
     dev = next(model.parameters()).device
     out = torch.zeros(len(seqs), model.cfg.d_model + sae.d_sae)
     for i, idx, lens in _batches(seqs, batch, specials[0], dev):
         keep = (torch.arange(idx.shape[1], device=dev)[None] < lens[:, None]) & ~torch.isin(idx, specials.to(dev))
-        with amp:
+        with autocast_ctx:
             x = model(idx, stop_at=layer)
         x, w = x.float(), keep.float()[..., None]
         n = w.sum(1).clamp_min(1)
@@ -376,12 +376,12 @@ def pooled(model, sae, layer, seqs, specials, amp, batch=32) -> torch.Tensor:
 
 
 @torch.no_grad()
-def word_acts(model, sae, layer, seqs, pos, amp, batch=64):
+def word_acts(model, sae, layer, seqs, pos, autocast_ctx, batch=64):
     """Residual and latents at position len + pos (pos < 0) of each sequence."""
     dev = next(model.parameters()).device
     xs = []
     for _, idx, lens in _batches(seqs, batch, 0, dev):
-        with amp:
+        with autocast_ctx:
             x = model(idx, stop_at=layer)
         xs.append(x[torch.arange(len(idx), device=dev), lens + pos].float())
     x = torch.cat(xs)

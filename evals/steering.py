@@ -96,7 +96,8 @@ def steer_hook(v: torch.Tensor, alpha: float, inner=None):
     return hook
 
 
-def steering_eval(model, seqs: dict, saes, d, layer, kept_ids, cfg, amp, setting: str, authors_alpha=None):
+def steering_eval(model, seqs: dict, saes, d, layer, unspliced_ids, cfg, autocast_ctx, setting: str,
+                  authors_alpha=None):
     """Both formulations for one model (setting "original": adapters off; "lora": adapters on): (ours, authors'),
     every text set scored unsteered and steered along d (the raw decoder row), alpha tuned (or fixed).
     authors_alpha: the base model's choice, which the authors' formulation keeps for the LoRA model."""
@@ -113,11 +114,11 @@ def steering_eval(model, seqs: dict, saes, d, layer, kept_ids, cfg, amp, setting
             return np.concatenate([loglik(f, k, alpha) for k in negs])
         if (name, alpha) not in cache:
             def hooks_for(idx):
-                hooks = splice_hooks(saes, idx, kept_ids) if cfg.steering_splice else {}
+                hooks = splice_hooks(saes, idx, unspliced_ids) if cfg.steering_splice else {}
                 if alpha is not None:
                     hooks[layer] = steer_hook(v, alpha, hooks.get(layer))
                 return hooks
-            lps = score(model, seqs[name], queries[name], hooks_for, amp, cfg.bench_batch, cfg.chunk)
+            lps = score(model, seqs[name], queries[name], hooks_for, autocast_ctx, cfg.bench_batch, cfg.chunk)
             cache[name, alpha] = {"ours": np.array([lp[:len(lp) // 2].mean() for lp in lps]),
                                   "authors": np.array([lp[len(lp) // 2:].mean() for lp in lps])}
         return cache[name, alpha][f]

@@ -207,7 +207,7 @@ def summarize(qs, completions) -> dict:
 # eval.py's entry point
 
 
-def evaluate(model, tok, qs, saes, kept_ids, cfg, amp, setting: str) -> dict:
+def evaluate(model, tok, qs, saes, unspliced_ids, cfg, autocast_ctx, setting: str) -> dict:
     """{"truthfulqa_gen": ...} for one setting, and with cfg.authors_splice {PROMPT_ONLY: ...}: the SAE spliced on the
     prompt's positions only, as the authors' run (settings without an SAE: the same numbers, not generated again)."""
     if not qs:
@@ -220,9 +220,9 @@ def evaluate(model, tok, qs, saes, kept_ids, cfg, amp, setting: str) -> dict:
             out[key] = out["truthfulqa_gen"]
             continue
         prog = common.Progress(math.ceil(len(qs) / cfg.bench_batch), f"{key} [{setting}]")
-        texts = complete_setting(model, tok, [q["prompt"] for q in qs], setting, saes, kept_ids, prompt_only=prompt_only,
-                                 max_new_tokens=cfg.gen_tokens, stop=UNTIL,
-                                 batch_size=cfg.bench_batch, amp=amp, progress=prog)
+        texts = complete_setting(model, tok, [q["prompt"] for q in qs], setting, saes, unspliced_ids,
+                                 prompt_only=prompt_only, max_new_tokens=cfg.gen_tokens, stop=UNTIL,
+                                 batch_size=cfg.bench_batch, autocast_ctx=autocast_ctx, progress=prog)
         out[key] = summarize(qs, texts)
     return out
 

@@ -379,10 +379,10 @@ def build(cfg: ChecksConfig) -> dict:
         raise ValueError(f"{sae_dir}: the SAE files do not say which layer it reads; pass --layer")
     sae.check_d_in(model.cfg.d_model, sae_dir)
     windows, labels = selection_windows(tok, docs, min(cfg.seq_len, model.cfg.max_seq_len), cfg.select_tokens)
-    amp = common.autocast(device, cfg.autocast)
+    autocast_ctx = common.autocast(device, cfg.autocast)
 
     def acts(idx):
-        with amp:
+        with autocast_ctx:
             return model(idx, stop_at=layer).float()
     choice = pick_latent(activity_counts(acts, sae, windows, labels), cfg.min_support)
     common.log(f"checks: latent {choice['latent']} fires on {choice['construct']!r}: precision "

@@ -186,8 +186,8 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
     model = Transformer.from_pretrained(embedded_paths(cfg)[0], device=device).requires_grad_(False)
     saes = load_saes(sae_dirs, layers or None, model, device)
     a, batches = held_out_batches(cfg, device)
-    res = evaluate(model, saes, batches, splice.kept_tokens(saes, model.cfg, a.sae_positions), chunk=a.kl_chunk,
-                   amp=common.autocast(device, a.autocast))
+    res = evaluate(model, saes, batches, splice.unspliced_tokens(saes, model.cfg, a.sae_positions), chunk=a.kl_chunk,
+                   autocast_ctx=common.autocast(device, a.autocast))
     return dict(ce_base=res["ce_base"], ce_sae=res["ce_sae"], kl_sae=res["kl_sae"])
 
 

@@ -13,7 +13,7 @@ import adapt
 import answers
 from model import Transformer
 from sae import load_saes
-from splice import kept_tokens, splice_hooks, spliced_pass
+from splice import splice_hooks, spliced_pass, unspliced_tokens
 from fixtures.tiny import make_data, make_model, make_sae
 
 
@@ -69,7 +69,7 @@ def test_answer_loss_is_transformers_causal_lm_loss_on_the_answers(files):
     from formats.tokenizer import load_tokenizer
     model = Transformer.from_pretrained(files["model"])
     saes = load_saes([files["sae"]], None, model, "cpu")
-    kept = kept_tokens(saes, model.cfg)
+    kept = unspliced_tokens(saes, model.cfg)
     pairs = answers.load_pairs(files["pairs"], load_tokenizer(files["model"]), 32)[:5]
     assert len({len(ids) for ids, _ in pairs}) > 1  # padding is exercised
     idx, mask = answers.collate(pairs, "cpu")
@@ -93,7 +93,7 @@ def test_adapt_ce_objective_first_loss_training_and_resume(files, tmp_path, monk
     assert (len(train), len(val)) == (54, 6)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()[:4]
     with torch.no_grad():
-        ref = reference_loss(model, saes, kept_tokens(saes, model.cfg), [train[i] for i in order])
+        ref = reference_loss(model, saes, unspliced_tokens(saes, model.cfg), [train[i] for i in order])
     first = next(h for h in straight["history"] if "loss" in h)
     assert first["loss"] == pytest.approx(ref.item(), rel=1e-4)
     # training on the answers lowers their held-out CE; the usual CE / KL table is reported beside it

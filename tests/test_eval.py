@@ -175,7 +175,8 @@ def test_core_table_matches_a_plain_recomputation(world):
     for k in s:
         assert s[k] == pytest.approx(ce[k] / g["positions"], rel=1e-5), k
         assert g["settings"][k]["kl"] == pytest.approx(kl[k] / g["positions"], rel=1e-4, abs=1e-7), k
-    ref = evaluate(model, saes, batches, world["tok"].bos_id, chunk=1024, amp=torch.autocast("cpu", enabled=False))
+    ref = evaluate(model, saes, batches, world["tok"].bos_id, chunk=1024,
+                   autocast_ctx=torch.autocast("cpu", enabled=False))
     for mine, theirs in (("original", "ce_base"), ("sae", "ce_sae"), ("sae_lora", "ce_sae_lora")):
         assert s[mine] == pytest.approx(ref[theirs], rel=1e-6)
         assert g["settings"][mine]["kl"] == pytest.approx(ref.get(f"kl_{theirs[3:]}", 0.0), rel=1e-5)
@@ -226,13 +227,13 @@ def test_bf16_core_table_is_adapt_pys_held_out_evaluation(world):
     g = saved["groups"][0]
     model = load(world, "rand")
     saes = [(SAE_LAYER, SAE.from_pretrained(world["sae"]["crude"]))]
-    amp = torch.autocast("cpu", dtype=torch.bfloat16)
-    ref = evaluate(model, saes, val_batches(world), world["tok"].bos_id, chunk=2048, amp=amp)
+    autocast_ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    ref = evaluate(model, saes, val_batches(world), world["tok"].bos_id, chunk=2048, autocast_ctx=autocast_ctx)
     for mine, theirs in (("original", "ce_base"), ("sae", "ce_sae"), ("sae_lora", "ce_sae_lora")):
         assert g["settings"][mine]["ce"] == ref[theirs], mine
     assert (g["settings"]["sae_lora"]["kl"], g["gap_closed"]) == (ref["kl_sae_lora"], ref["gap_closed"])
     ces = []  # what a merged evaluation reports: measurably another number (this test would see it)
-    with torch.no_grad(), merged(model), amp:
+    with torch.no_grad(), merged(model), autocast_ctx:
         for idx in val_batches(world):
             h = spliced_pass(model, saes, idx, world["tok"].bos_id)
             ces.append(kl_and_ce(model, h, h, idx, chunk=2048)[1])

@@ -37,12 +37,12 @@ def eval_cli(tmp_path, out, *args):
 class Spliced(torch.nn.Module):
     """fn(x) in place of x at the positions not kept, then `inner` (o_proj with an SAE on its input)."""
 
-    def __init__(self, inner, fn, kept_at):
+    def __init__(self, inner, fn, unspliced_at):
         super().__init__()
-        self.inner, self.fn, self.kept_at = inner, fn, kept_at
+        self.inner, self.fn, self.unspliced_at = inner, fn, unspliced_at
 
     def forward(self, x):
-        return self.inner(torch.where(self.kept_at, x, self.fn(x)))
+        return self.inner(torch.where(self.unspliced_at, x, self.fn(x)))
 
 
 def reference(model, batches, bos, splice):

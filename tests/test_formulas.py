@@ -59,7 +59,7 @@ def test_evaluate_reports_ce_kl_and_gap_closed_as_defined():
                                                                                              generator=g)]
     for b in batches:
         b[:, 0] = BOS
-    res = held_out.evaluate(model, [(1, sae)], batches, (BOS,), chunk=5, amp=contextlib.nullcontext())
+    res = held_out.evaluate(model, [(1, sae)], batches, (BOS,), chunk=5, autocast_ctx=contextlib.nullcontext())
 
     # by hand: full logits, the SAE after block 1 except at BOS, every position but each window's last
     def hook(idx):
@@ -114,7 +114,7 @@ def test_keep_none_splices_every_position():
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2, 3])
-def test_passes_and_their_watchers_see_every_block(layer):
+def test_passes_and_their_observers_see_every_block(layer):
     # the two passes against the model run with plain hooks: the stream after every block (x before the splice, y
     # after), from the first block or from the SAE's with a shared prefix; an SAE at any layer, the last included
     model, sae = tiny_adapted()
@@ -134,13 +134,13 @@ def test_passes_and_their_watchers_see_every_block(layer):
         for share in (False, True):
             seen_o, seen_s = {}, {}
             h, prefix = splice.original_pass(model, idx, layer, share_prefix=share,
-                                             watch=lambda i, x, y: seen_o.__setitem__(i, (x, y)))
+                                             observe=lambda i, x, y: seen_o.__setitem__(i, (x, y)))
             assert torch.equal(h, h_ref) and (prefix is None) == (not share)
             assert sorted(seen_o) == list(range(layer + 1, 4))
             for i, (x, y) in seen_o.items():
                 assert torch.equal(x, ref_orig[i]) and torch.equal(y, ref_orig[i])
             hs = splice.spliced_pass(model, [(layer, sae)], idx, prefix=prefix,
-                                     watch=lambda i, x, y: seen_s.__setitem__(i, (x, y)))
+                                     observe=lambda i, x, y: seen_s.__setitem__(i, (x, y)))
             assert_close(hs, s_ref, 1e-6)
             assert sorted(seen_s) == list(range(layer if share else 0, 4))
             for i, (x, y) in seen_s.items():
@@ -188,16 +188,16 @@ def test_kept_tokens_for_unknown_and_mixed_formats():
     _, sae = tiny_adapted()
     cfg = ModelConfig.from_name("tiny-llama3")
     cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
-    assert splice.kept_tokens([(1, SAE(64, 128, "topk", k=3))], cfg) == (BOS,)  # built in memory: no positions
+    assert splice.unspliced_tokens([(1, SAE(64, 128, "topk", k=3))], cfg) == (BOS,)  # built in memory: no positions
     assert not hasattr(sae, "positions")  # an SAE built in memory: no_bos, as train_sae.py trains
-    assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
+    assert splice.unspliced_tokens([(1, sae)], cfg) == (BOS,)
     sae.positions = sae_files.AUTO_POSITIONS["saelens"]
-    assert splice.kept_tokens([(1, sae)], cfg) == (BOS,)
+    assert splice.unspliced_tokens([(1, sae)], cfg) == (BOS,)
     other = SAE(64, 128, "topk", k=3)
     other.positions = sae_files.AUTO_POSITIONS["sparsify"]
-    assert splice.kept_tokens([(1, sae), (2, other)], cfg) == (BOS,)  # kept if any SAE keeps it
+    assert splice.unspliced_tokens([(1, sae), (2, other)], cfg) == (BOS,)  # kept if any SAE keeps it
     with pytest.raises(ValueError, match="expected auto, all, no_bos, no_bos_eos"):
-        splice.kept_tokens([(1, sae)], cfg, "bos")
+        splice.unspliced_tokens([(1, sae)], cfg, "bos")
 
 
 def test_kl_flops_recompute_exactly_when_kl_and_ce_checkpoints():

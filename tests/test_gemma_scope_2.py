@@ -140,15 +140,15 @@ def test_transcoder_loads_with_its_affine_skip_as_the_release_defines_it(cache, 
             assert (tc(x) - release_forward(transposed, x)).norm() > 0.1 * tc(x).norm()
 
 
-def hf_with_transcoder(ref, layer, params, kept_at=None):
+def hf_with_transcoder(ref, layer, params, unspliced_at=None):
     """transformers' model with Gemma Scope 2's definition of a transcoder at `layer`: hf_hook_point_in
     (pre_feedforward_layernorm's output) in, hf_hook_point_out (post_feedforward_layernorm's output) replaced by its
-    reconstruction; kept_at (B, T, 1) keeps the original output there."""
+    reconstruction; unspliced_at (B, T, 1) keeps the original output there."""
     block, seen = ref.model.layers[layer], {}
     handles = [block.pre_feedforward_layernorm.register_forward_hook(lambda m, i, o: seen.update(h=o)),
                block.post_feedforward_layernorm.register_forward_hook(
-                   lambda m, i, o: release_forward(params, seen["h"]) if kept_at is None
-                   else torch.where(kept_at, o, release_forward(params, seen["h"])))]
+                   lambda m, i, o: release_forward(params, seen["h"]) if unspliced_at is None
+                   else torch.where(unspliced_at, o, release_forward(params, seen["h"])))]
     return handles
 
 
@@ -165,8 +165,8 @@ def test_spliced_transcoder_equals_transformers_with_gemma_scope_2_hook_points(t
     with torch.no_grad():
         plain = ref(idx).logits
         for keep in ((), (2,)):
-            kept_at = (idx == 2)[..., None] if keep else None
-            handles = hf_with_transcoder(ref, 2, params, kept_at)
+            unspliced_at = (idx == 2)[..., None] if keep else None
+            handles = hf_with_transcoder(ref, 2, params, unspliced_at)
             want = ref(idx).logits
             for h in handles:
                 h.remove()

@@ -11,16 +11,16 @@ import adapt
 import eval as eval_py
 from model import Transformer
 from sae import load_saes
-from splice import kept_tokens, splice_hooks
+from splice import splice_hooks, unspliced_tokens
 from tests.test_adapt import files, small_args  # noqa: F401  (the module fixture and the flags of a small run)
 from fixtures.tiny import BOS, identity_sae
 
 
-def reference_keep(x, idx, mult, kept_ids):
+def reference_keep(x, idx, mult, unspliced_ids):
     """The card's rule as written: per window, norm_t > mult x median_t' norm_t'; BOS kept as before."""
     norms = torch.linalg.vector_norm(x.double(), dim=-1)
     med = torch.stack([row.median() for row in norms])[:, None]
-    return (norms > mult * med) | torch.isin(idx, torch.tensor(kept_ids))
+    return (norms > mult * med) | torch.isin(idx, torch.tensor(unspliced_ids))
 
 
 def test_rule_keeps_high_norm_positions_and_bos():
@@ -33,7 +33,8 @@ def test_rule_keeps_high_norm_positions_and_bos():
     sae = identity_sae()
     with torch.no_grad():
         sae.W_dec.mul_(0.5)  # a "reconstruction" that halves its input: kept positions are told apart from it
-    kept = kept_tokens([(1, sae)], type("C", (), dict(bos_token_id=BOS, eos_token_id=2))(), "no_bos", norm_above=10)
+    cfg = type("C", (), dict(bos_token_id=BOS, eos_token_id=2))()
+    kept = unspliced_tokens([(1, sae)], cfg, "no_bos", norm_above=10)
     skipped = []
     out = splice_hooks([(1, sae)], idx, kept, skipped)[1](x)
     keep = reference_keep(x, idx, 10, [BOS])
@@ -41,7 +42,7 @@ def test_rule_keeps_high_norm_positions_and_bos():
     torch.testing.assert_close(out, torch.where(keep[..., None], x, 0.5 * x))
     assert skipped[0].sum() == 2  # the rule's own positions, BOS not among them
     with pytest.raises(ValueError, match="--skip-norm-above 0"):
-        kept_tokens([(1, sae)], type("C", (), dict(bos_token_id=BOS, eos_token_id=2))(), "no_bos", norm_above=0)
+        unspliced_tokens([(1, sae)], type("C", (), dict(bos_token_id=BOS, eos_token_id=2))(), "no_bos", norm_above=0)
 
 
 def first_batch_kl_with_rule(files, mult, batch=4, seq_len=32):  # noqa: F811

@@ -466,8 +466,8 @@ def test_evaluate_runs_base_and_adapted_settings(monkeypatch, tmp_path):
     apply_lora(model, 4, 8.0, 0.0, None)
     model.eval()
     sae = topk_sae(64, 128, 4, 0)
-    amp = contextlib.nullcontext()
-    res = sb.evaluate(model, [(1, sae)], cfg, torch.device("cpu"), amp, seed=1)
+    autocast_ctx = contextlib.nullcontext()
+    res = sb.evaluate(model, [(1, sae)], cfg, torch.device("cpu"), autocast_ctx, seed=1)
     base, adapted = res["settings"]["base"], res["settings"]["adapted"]
     assert set(base) == {"core", "sparse_probing", "tpp", "scr", "absorption", "autointerp"}
     for key in ("core", "sparse_probing", "tpp", "scr"):
@@ -478,14 +478,14 @@ def test_evaluate_runs_base_and_adapted_settings(monkeypatch, tmp_path):
             m.lora_B.normal_(0, 0.5)
     batches = sd.core_batches(None, None)  # the stub's two batches (the run drew its own: compare on the same ones)
     monkeypatch.setattr(sd, "core_batches", lambda d, device: batches)
-    res = sb.evaluate(model, [(1, sae)], cfg, torch.device("cpu"), amp, seed=1)
+    res = sb.evaluate(model, [(1, sae)], cfg, torch.device("cpu"), autocast_ctx, seed=1)
     specials = torch.tensor([1, 2])
     with torch.no_grad():
         from lora import adapters_disabled
         with adapters_disabled(model):
-            want_base = sb.core(model, sae, 1, batches, specials, amp)
+            want_base = sb.core(model, sae, 1, batches, specials, autocast_ctx)
         with merged(model):
-            want_adapted = sb.core(model, sae, 1, batches, specials, amp)
+            want_adapted = sb.core(model, sae, 1, batches, specials, autocast_ctx)
     assert res["settings"]["base"]["core"] == pytest.approx(want_base)
     assert res["settings"]["adapted"]["core"] == pytest.approx(want_adapted, rel=1e-5)
     assert res["settings"]["adapted"]["core"]["ce_loss_without_sae"] != pytest.approx(want_base["ce_loss_without_sae"])

@@ -174,12 +174,12 @@ def test_compiled_passes_match_eager_and_keep_gradients(files):
     rb, rs = final_streams(model, saes, idx, BOS)
     torch._dynamo.reset()
     counters.clear()
-    losses = splice.compile_step(model)
+    loss_fn = splice.compile_step(model)
     for _ in range(2):
         hb, hs = final_streams(model, saes, idx, BOS)
         assert hs.requires_grad and not hb.requires_grad
         assert close(hb, rb, 2e-5) and close(hs, rs, 2e-5)
-        kl = mean_kl(model, hb, hs, idx, chunk=16, losses=losses)
+        kl = mean_kl(model, hb, hs, idx, chunk=16, loss_fn=loss_fn)
         g = torch.autograd.grad(kl, params)
         assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7) and all(close(a, b, 1e-4) for a, b in zip(g, g_ref))
     # tiny-llama3, 4 layers of one attention kind: the original pass (adapters off, no grad), the spliced pass from an
@@ -214,15 +214,15 @@ def test_positions_spliced_per_sae_source_as_the_authors(files):
     cfg = ModelConfig.from_name("tiny-gemma2")
     cfg.bos_token_id, cfg.eos_token_id = 2, 1
     sae = load_saes([files["sae"]], None, Transformer.from_pretrained(files["model"]), "cpu")
-    assert sae[0][1].source_format == "saelens" and splice.kept_tokens(sae, cfg) == (2,)
+    assert sae[0][1].source_format == "saelens" and splice.unspliced_tokens(sae, cfg) == (2,)
     for fmt, kept in (("gemma_scope", (1, 2)), ("llama_scope", (1, 2)), ("sparsify", ()), ("saelens", (2,))):
         sae[0][1].positions = sae_files.AUTO_POSITIONS[fmt]
-        assert splice.kept_tokens(sae, cfg) == kept, fmt
-    assert splice.kept_tokens(sae, cfg, "no_bos_eos") == (1, 2) and splice.kept_tokens(sae, cfg, "all") == ()
+        assert splice.unspliced_tokens(sae, cfg) == kept, fmt
+    assert splice.unspliced_tokens(sae, cfg, "no_bos_eos") == (1, 2) and splice.unspliced_tokens(sae, cfg, "all") == ()
     cfg.eos_token_id = [1, 107]  # Gemma-2-it / Llama-3-instruct list several EOS ids
-    assert splice.kept_tokens(sae, cfg, "no_bos_eos") == (1, 2, 107)
+    assert splice.unspliced_tokens(sae, cfg, "no_bos_eos") == (1, 2, 107)
     with pytest.raises(ValueError, match="--sae-positions"):
-        splice.kept_tokens(sae, cfg, "no_pad")
+        splice.unspliced_tokens(sae, cfg, "no_pad")
     idx = torch.tensor([[2, 5, 1, 7]])
     x = torch.randn(1, 4, 64)
     out = splice_hooks(sae, idx, (1, 2))[1](x)
@@ -244,7 +244,7 @@ def test_compiled_chunk_losses_equal_eq7_with_no_graph_break(files):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(splice.chunk_losses)
     for chunk in (46, 16):  # one chunk; three chunks recomputed in the backward
-        kl, ce, ce_orig = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk, losses=compiled)
+        kl, ce, ce_orig = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk, loss_fn=compiled)
         g = torch.autograd.grad(kl.mean(), params)
         _, ce_eager, ce_orig_eager = kl_and_ce(model, *final_streams(model, saes, idx, BOS), idx, chunk=chunk)
         assert torch.allclose(kl.mean(), ref, rtol=1e-5, atol=1e-7)

@@ -22,13 +22,13 @@ HUBS = {"gemma2": {**TINY_GEMMA2, "head_dim": 8}, "gemma3": {**TINY_GEMMA3, "hea
 HEADS = 32
 
 
-def hf_splice(ref, family, layer, site, fn, kept_at):
+def hf_splice(ref, family, layer, site, fn, unspliced_at):
     """A hook on transformers' block `layer` that replaces the activation at `site` by fn(activation), except where
-    kept_at (B, T, 1) is True."""
+    unspliced_at (B, T, 1) is True."""
     block = ref.model.layers[layer]
 
     def sub(o):
-        return fn(o) if kept_at is None else torch.where(kept_at, o, fn(o))
+        return fn(o) if unspliced_at is None else torch.where(unspliced_at, o, fn(o))
     if site == "attn_z":  # o_proj's input: Gemma Scope 2's hf_hook_point_in for attn_out_all
         return block.self_attn.o_proj.register_forward_pre_hook(lambda m, args: (sub(args[0]),))
     if family == "llama3":  # no post-norms: the sublayer's output is o_proj's / the MLP's own
@@ -44,8 +44,8 @@ def spliced_pair(ref, model, family, saes, site_of, idx, bos):
         plain = ref(idx).logits
         out = []
         for keep in ((), (bos,)):
-            kept_at = (idx == bos)[..., None] if keep else None
-            handles = [hf_splice(ref, family, layer, site_of[layer], fn, kept_at) for layer, fn in saes_fns(saes)]
+            unspliced_at = (idx == bos)[..., None] if keep else None
+            handles = [hf_splice(ref, family, layer, site_of[layer], fn, unspliced_at) for layer, fn in saes_fns(saes)]
             want = ref(idx).logits
             for h in handles:
                 h.remove()
@@ -110,8 +110,8 @@ def test_gemma_scope_att_and_mlp_saes_on_gemma2_from_the_hub_cache(cache, tmp_pa
         plain = ref(tokens(2)).logits
         for keep in ((), (2,)):
             idx = tokens(2)
-            kept_at = (idx == 2)[..., None] if keep else None
-            handles = [hf_splice(ref, "gemma2", 1, site, fn, kept_at) for _, fn in fns]
+            unspliced_at = (idx == 2)[..., None] if keep else None
+            handles = [hf_splice(ref, "gemma2", 1, site, fn, unspliced_at) for _, fn in fns]
             want = ref(idx).logits
             for h in handles:
                 h.remove()

@@ -175,22 +175,22 @@ def run_ours(b: BenchConfig, folder: str, how: str, dev: torch.device) -> dict:
     params = adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-5)
     original, spliced = splice.original_pass, splice.spliced_pass
-    losses = splice.compile_step(model, how != "eager")
+    loss_fn = splice.compile_step(model, how != "eager")
     if how == "whole":
         model.run_block = run_block  # the blocks plain, inside the two passes compiled whole
         original, spliced = torch.compile(original), torch.compile(spliced)
-    amp = common.autocast(dev, b.autocast)
+    autocast_ctx = common.autocast(dev, b.autocast)
     idx = batch(b, model.cfg.vocab_size, dev)
     label = torch.profiler.record_function  # the phases of PHASES, for --profile (no cost otherwise)
 
     def step():
-        with amp:
+        with autocast_ctx:
             with label("original forward"), torch.no_grad(), splice.adapters_disabled(model):
                 h_orig, _ = original(model, idx, saes[0][0], share_prefix=False)
             with label("spliced forward"):
                 h = spliced(model, saes, idx, model.cfg.bos_token_id)
             with label("KL + CE forward"):
-                kl, _, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk, losses=losses)
+                kl, _, _ = splice.kl_and_ce(model, h_orig, h, idx, chunk=b.kl_chunk, loss_fn=loss_fn)
                 loss = kl.mean()  # adapt.py --kl-reduction token
         with label("backward"):
             loss.backward()
@@ -241,10 +241,10 @@ def run_reference(b: BenchConfig, folder: str, matched: bool, dev: torch.device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     idx = batch(b, model.config.vocab_size, dev)
-    amp = common.autocast(dev, b.autocast if matched else "float32")
+    autocast_ctx = common.autocast(dev, b.autocast if matched else "float32")
 
     def step():
-        with amp:
+        with autocast_ctx:
             with torch.no_grad(), peft_model.disable_adapter():
                 state["on"] = False
                 base_probs = F.softmax(peft_model(idx).logits.float(), dim=-1)
@@ -497,7 +497,7 @@ def bench_sae(b: BenchConfig, dev):
         torch.manual_seed(0)
         sae = SAE(d, b.expansion * d, "topk", k=b.k, layer=L, device=dev)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        amp = common.autocast(dev, amp_dtype)
+        autocast_ctx = common.autocast(dev, amp_dtype)
         idx = torch.randint(3, model.cfg.vocab_size, (seqs, seq_len), device=dev)
         dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)
 
@@ -505,14 +505,14 @@ def bench_sae(b: BenchConfig, dev):
         compile_blocks(model, stop and b.compile_sae)
 
         def step():
-            with torch.no_grad(), amp:
+            with torch.no_grad(), autocast_ctx:
                 if stop:
                     x = model(idx, stop_at=L)
                 else:  # the whole model runs; the layer's output is captured by a hook
                     seen = {}
                     model(idx, hooks={L: lambda h: seen.setdefault("x", h)})
                     x = seen["x"]
-            with amp:
+            with autocast_ctx:
                 loss, _, _ = training_loss(sae, x.reshape(-1, d).float(), dead, 1.0)
             loss.backward()
             opt.step()

@@ -85,11 +85,11 @@ def compiled_vs_reference(dev, folder: str, family: str, share_prefix: bool, qui
     idx = tokens(dev, 2, T_QUICK if quick else 128)
     ref = splice.kl_reference(model, saes, idx, BOS)
     g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(ref, params)])
-    losses = splice.compile_step(model, backend=backend)  # each block its own graph, the KL chunk another
+    loss_fn = splice.compile_step(model, backend=backend)  # each block its own graph, the KL chunk another
     with torch.no_grad(), adapters_disabled(model):  # as adapt.py's loop: p_orig without adapters or SAE
         h_orig, prefix = splice.original_pass(model, idx, saes[0][0], share_prefix=share_prefix)
     h = splice.spliced_pass(model, saes, idx, BOS, prefix=prefix)
-    kl = splice.kl_and_ce(model, h_orig, h, idx, chunk=128, losses=losses)[0].mean()  # Eq. 7, mean per position
+    kl = splice.kl_and_ce(model, h_orig, h, idx, chunk=128, loss_fn=loss_fn)[0].mean()  # Eq. 7, mean per position
     g = torch.cat([g.flatten() for g in torch.autograd.grad(kl, params)])
     return [("KL", rel(kl, ref), 1e-4), ("adapter gradients", rel(g, g_ref), 1e-3)], dict(kl=ref.item(),
                                                                                           backend=backend)
