@@ -184,7 +184,7 @@ def test_load_saes_checks_and_sorts(tmp_path):
         load_saes([nolayer], None, model, "cpu")
 
 
-def test_kept_tokens_for_unknown_and_mixed_formats():
+def test_unspliced_tokens_for_unknown_and_mixed_formats():
     _, sae = tiny_adapted()
     cfg = ModelConfig.from_name("tiny-llama3")
     cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
