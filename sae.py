@@ -143,7 +143,7 @@ class SAE(nn.Module):
         # SAELens' layout (a Gemma Scope 2 file's affine_skip_connection, applied as x @ A, is read in as A.T)
         self.transcoder, self.W_skip = False, None
         self.bandwidth = 1e-3  # JumpReLU STE kernel width (Gemma Scope's value for unit-scale inputs)
-        self.min_threshold = 1e-6  # JumpReLU: clamp_threshold_ keeps thresholds at least this (theta > 0, Sec. 3.3)
+        self.min_threshold = 1e-6  # JumpReLU: training/sae_loss.clamp_threshold_ keeps theta >= this (> 0, Sec. 3.3)
         self.threshold_lr = 0.01  # BatchTopK: EMA rate of the running threshold (SAELens' topk_threshold_lr)
         kw = dict(device=device, dtype=dtype)
         # Tied initialisation with unit-norm decoder rows (Gao et al. 2024); from_pretrained overwrites all of it.
@@ -245,32 +245,6 @@ class SAE(nn.Module):
         """Where the splice puts it: "transcoder" (block `layer`'s MLP), "resid" (the stream after block `layer`),
         "attn_z" / "attn_out" / "mlp_out" (inside block `layer`, model.Block.forward), None: a hook it cannot serve."""
         return "transcoder" if self.transcoder else sae_files.hook_site(getattr(self, "hook_name", None))
-
-    # -- training support ---------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def set_decoder_norm_to_unit_norm(self):
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True) + torch.finfo(self.W_dec.dtype).eps)
-
-    @torch.no_grad()
-    def remove_gradient_parallel_to_decoder_directions(self):
-        """Project out the radial part of each decoder row's gradient, so that Adam steps stay near the unit sphere."""
-        if self.W_dec.grad is None:
-            return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
-
-    @torch.no_grad()
-    def clamp_threshold_(self):
-        """Project JumpReLU thresholds back to >= min_threshold; call after every optimizer step.
-
-        JumpReLU needs theta > 0 (paper Sec. 3.3): below zero, negative pre-activations pass as negative codes. Adam
-        moves a parameter by about lr per step whatever its gradient, so a threshold smaller than lr that the
-        reconstruction pushes down crosses zero in one step. A projection keeps the threshold itself as the parameter,
-        which Adam moves by ~lr in threshold units; SAELens' exp(log_threshold) instead moves by ~threshold * lr, so
-        small thresholds freeze (SAELens issue #494, fixed by parameterising the threshold directly in PR #718)."""
-        if self.arch == "jumprelu":
-            self.threshold.clamp_(min=self.min_threshold)
 
     def to_jumprelu(self) -> "SAE":
         """A BatchTopK SAE at inference is a JumpReLU SAE whose threshold is the running threshold, for every latent."""

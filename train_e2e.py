@@ -30,7 +30,8 @@ from data import TokenLoader, check_data_matches, held_out_batches
 from formats import run_folder
 from model import Transformer
 from sae import SAE, load_saes
-from training.sae_loss import geometric_median, update_since_fired
+from training.sae_loss import (geometric_median, remove_gradient_parallel_to_decoder_directions,
+                               set_decoder_norm_to_unit_norm, update_since_fired)
 from evals.held_out import evaluate
 from splice import compile_step, kl_and_ce, original_pass, spliced_pass, unspliced_tokens
 
@@ -258,11 +259,11 @@ def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
                                       f"a lower --lr than {lr:.3g}", master=ddp.master)
         loss.backward()
         common.all_reduce_grads(sae.parameters())
-        sae.remove_gradient_parallel_to_decoder_directions()
+        remove_gradient_parallel_to_decoder_directions(sae)
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
+        set_decoder_norm_to_unit_norm(sae)
         fired = torch.zeros(m, device=ddp.device)
         fired[indices[values > 0]] = 1.0
         update_since_fired(since_fired, common.all_reduce_mean(fired) > 0, tokens_per_step)

@@ -27,7 +27,8 @@ from data import TokenLoader, check_data_matches, held_out_batches
 from formats import run_folder
 from model import Transformer, compile_blocks
 from sae import SAE
-from training.sae_loss import geometric_median, training_loss, update_since_fired
+from training.sae_loss import (clamp_threshold_, geometric_median, remove_gradient_parallel_to_decoder_directions,
+                               set_decoder_norm_to_unit_norm, training_loss, update_since_fired)
 from evals.held_out import evaluate
 
 
@@ -311,12 +312,12 @@ def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
         loss.backward()
         common.all_reduce_grads(sae.parameters())
         fired = common.all_reduce_mean(fired.float()) > 0
-        sae.remove_gradient_parallel_to_decoder_directions()
+        remove_gradient_parallel_to_decoder_directions(sae)
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
-        sae.clamp_threshold_()
+        set_decoder_norm_to_unit_norm(sae)
+        clamp_threshold_(sae)
         update_since_fired(since_fired, fired, cfg.batch_tokens)
         step += 1
         elapsed += time.time() - t0

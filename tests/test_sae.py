@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae import SAE, JumpReLUFn, rectangle
-from training.sae_loss import StepFn, step
+from training.sae_loss import (StepFn, clamp_threshold_, remove_gradient_parallel_to_decoder_directions,
+                               set_decoder_norm_to_unit_norm, step)
 from tests.tol import assert_close
 
 D, M, K = 16, 64, 4
@@ -213,11 +214,11 @@ def test_batchtopk_training_threshold_and_inference_conversion(tmp_path):
 
 def test_decoder_unit_norm_and_parallel_gradient_removal():
     sae = rand_sae()
-    sae.set_decoder_norm_to_unit_norm()
+    set_decoder_norm_to_unit_norm(sae)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(M))
     sae(x_in(8)).pow(2).sum().backward()
     before = sae.W_dec.grad.clone()
-    sae.remove_gradient_parallel_to_decoder_directions()
+    remove_gradient_parallel_to_decoder_directions(sae)
     radial = (sae.W_dec.grad * sae.W_dec).sum(1).abs().max()
     assert radial < 1e-5 * before.abs().max() and (before * sae.W_dec).sum(1).abs().max() > 1e-2 * before.abs().max()
     torch.testing.assert_close(sae.W_dec.grad, before - (before * sae.W_dec).sum(1, keepdim=True) * sae.W_dec)
@@ -301,7 +302,7 @@ def test_jumprelu_thresholds_stay_positive_while_training_and_round_trip(tmp_pat
             opt.step()
             opt.zero_grad()
             if clamp:
-                sae.clamp_threshold_()
+                clamp_threshold_(sae)
         return sae
     assert (train(clamp=False).threshold < 0).any()
     sae = train(clamp=True)
@@ -313,7 +314,7 @@ def test_jumprelu_thresholds_stay_positive_while_training_and_round_trip(tmp_pat
     again = SAE.from_pretrained(str(tmp_path))
     assert torch.equal(again.threshold, sae.threshold)
     assert torch.equal(again(x), sae(x)) and torch.equal(again.encode(x), z)
-    rand_sae("topk").clamp_threshold_()  # other architectures: nothing to do
+    clamp_threshold_(rand_sae("topk"))  # other architectures: nothing to do
 
 
 @pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk"])

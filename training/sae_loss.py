@@ -2,7 +2,8 @@
 What only SAE training uses (train_sae.py; train_e2e.py shares the last two): the training loss, normalised MSE plus
 AuxK for TopK / BatchTopK (Gao et al. 2024, Sec. 2.3 and A.2) or plus the L0 penalty for JumpReLU (Rajamanoharan et
 al. 2024, Eq. 6 of the paper) with its straight-through estimator; the b_dec initialisation (geometric median); the
-dead-latent accounting. sae.py holds the SAE a reader splices.
+dead-latent accounting; the projections after each optimizer step (unit-norm decoder rows, JumpReLU's threshold).
+sae.py holds the SAE a reader splices.
 """
 from __future__ import annotations
 
@@ -92,3 +93,34 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> to
         y = y_new
     return y
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Around each optimizer step (SAELens' names)
+
+
+@torch.no_grad()
+def set_decoder_norm_to_unit_norm(sae: SAE):
+    """Every decoder row back to unit norm (Gao et al.; SAELens' method of this name), after each optimizer step."""
+    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True) + torch.finfo(sae.W_dec.dtype).eps)
+
+
+@torch.no_grad()
+def remove_gradient_parallel_to_decoder_directions(sae: SAE):
+    """Project out the radial part of each decoder row's gradient, so that Adam steps stay near the unit sphere."""
+    if sae.W_dec.grad is None:
+        return
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1, keepdim=True)
+    sae.W_dec.grad.sub_(parallel * sae.W_dec)
+
+
+@torch.no_grad()
+def clamp_threshold_(sae: SAE):
+    """Project JumpReLU thresholds back to >= min_threshold; call after every optimizer step.
+
+    JumpReLU needs theta > 0 (paper Sec. 3.3): below zero, negative pre-activations pass as negative codes. Adam
+    moves a parameter by about lr per step whatever its gradient, so a threshold smaller than lr that the
+    reconstruction pushes down crosses zero in one step. A projection keeps the threshold itself as the parameter,
+    which Adam moves by ~lr in threshold units; SAELens' exp(log_threshold) instead moves by ~threshold * lr, so
+    small thresholds freeze (SAELens issue #494, fixed by parameterising the threshold directly in PR #718)."""
+    if sae.arch == "jumprelu":
+        sae.threshold.clamp_(min=sae.min_threshold)
