@@ -365,7 +365,7 @@ def sentencepiece_model(spec: dict) -> bytes:
     byte fallback whose merges it rebuilds from the vocabulary in file order, spaces written as U+2581, no prefix
     space). So: each piece's score is minus its id (the file's scores do not follow its merge order), a token of
     spaces (which llama.cpp stores with real spaces) is the plain piece of as many U+2581, user-defined tokens are
-    matched whole in the text, control tokens never (tokenizer.Tokenizer finds those itself), and the unknown token, which
+    matched whole in the text, control tokens never (formats/tokenizer.py finds those), and the unknown token, which
     llama.cpp marks CONTROL, is sentencepiece's UNKNOWN. sentencepiece loads it with model_proto=."""
     tokens, types = spec["tokens"], spec.get("token_type") or [_NORMAL] * len(spec["tokens"])
     unk = spec.get("unknown_token_id")

@@ -7,7 +7,7 @@ formats/gguf.py's `bpe_encoding` turns into a tiktoken encoding, so data.py enco
 Supported is what these models ship: model BPE without byte fallback or dropout, an NFC normaliser or none, and a
 pre-tokenizer that is ByteLevel with GPT-2's split or a Split on a pattern formats/gguf.py knows followed by ByteLevel
 without its own split. Anything else is one error line. Added tokens (Qwen's <|endoftext|>, <|im_start|>, <think>,
-...) become specials, which formats/tokenizer.Tokenizer encodes as plain text when they appear in a corpus. BOS / EOS / padding ids
+...) become specials, which formats/tokenizer.py encodes as plain text in a corpus. BOS / EOS / padding ids
 come from the model's config.json beside the file (Qwen has no BOS token of its own: its config names
 <|endoftext|>), else from tokenizer_config.json.
 """

@@ -466,7 +466,8 @@ def _average_worker(rank, world, init):
         t = torch.tensor([float(rank), 4.0 * rank])
         assert torch.equal(common.all_reduce_mean(t), torch.tensor([0.5, 2.0]))
         # the reported means: sums and counts over every process's positions (rank 0: 3 positions, rank 1: 5)
-        res = held_out.position_means({"ce": torch.tensor(3.0 if rank == 0 else 10.0, dtype=torch.float64)}, 3 + 2 * rank)
+        ce_sum = torch.tensor(3.0 if rank == 0 else 10.0, dtype=torch.float64)
+        res = held_out.position_means({"ce": ce_sum}, 3 + 2 * rank)
         assert res == {"ce": pytest.approx(13.0 / 8), "positions": 8}, res
     finally:
         dist.destroy_process_group()

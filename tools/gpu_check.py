@@ -324,8 +324,8 @@ def part_pipeline(p: Part):
     if p.quick:
         model, data, sae = tiny_run_files(p, train_steps=80)
         times["tiny files"] = time.time() - t0
-        p.put(ran="quick: fixtures/tiny.py's Markov tokens, a tiny Llama-3 trained 80 steps on them and a random TopK SAE,"
-                  " then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)", stages=times)
+        p.put(ran="quick: fixtures/tiny.py's Markov tokens, a tiny Llama-3 trained 80 steps on them and a random "
+                  "TopK SAE, then adapt.py for 1024 tokens, uncompiled (not the embedded pipeline)", stages=times)
         sub(p, [sys.executable, "adapt.py", "--model", model, "--data", data, "--sae", sae, "--seq-len", "32",
                 "--batch-size", "4", "--max-tokens", "1024", "--eval-tokens", "256", "--eval-interval", "8",
                 "--log-interval", "4", "--ckpt-interval", "8", "--lr", "3e-3", "--rank", "8", "--compile", "false",
