@@ -21,11 +21,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import common
-from formats import disk
 import embedded
 from data import TokenLoader, check_data_matches, held_out_batches
-from formats import run_folder
 from model import Transformer, compile_blocks
+from plumbing.run import Run
 from sae import SAE, geometric_median, training_loss, update_since_fired
 from splice import evaluate
 
@@ -36,7 +35,7 @@ class TrainSAEConfig:
     model: str | None = None  # HF folder or hub id; none: the embedded tiny model
     data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
     # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
-    out: str = "out/sae"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and history.json go here
+    out: str = "out/sae"  # the SAE (SAELens format), ckpt_010..ckpt_100, ckpt.pt and history.json go here
     layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
     recipe: str = "gao"  # gao: Gao et al.'s (the defaults below) | authors: the paper authors' trainer (one
     # unshuffled sequence per step, all positions, AuxK off, 1000 warmup steps then linear decay), for flags not typed
@@ -69,10 +68,10 @@ class TrainSAEConfig:
     # what the held-out split holds (capped, with a log line)
     eval_split: str = "validation"  # the held-out part these evaluations read: validation (they steer the run: when
     # to stop, which lr) | test; an SAE's reported CE comes from adapt.py's or eval.py's test part (data.py)
-    resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --dtype,
+    resume: bool = False  # continue from --out/ckpt.pt, with its settings; only --max-tokens, --autocast, --dtype,
     # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ, and --lr may be lowered
     # (after a divergence). --model and --data are compared by what their files hold, not by their paths
-    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and history.json are deleted)
+    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, ckpt.pt and history.json are deleted)
     seed: int = 0  # SAE initialisation and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -87,10 +86,6 @@ class TrainSAEConfig:
                          eval_split=("validation", "test")))
 
 
-# Without --model: the embedded pipeline's SAE recipe (its cache folder is named by it), written to out/sae-tiny
-TINY = dict(embedded.SAE, out="out/sae-tiny")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -100,12 +95,12 @@ class ActivationBuffer:
     Each refill starts from a recorded loader position and RNG state, so a checkpoint needs only those two and the
     position inside the buffer: on resume the same activations are recomputed and consumption continues exactly."""
 
-    def __init__(self, model, loader, layer, size, include_bos, amp, device, transcoder=False, seed=0):
+    def __init__(self, model, loader, layer, size, include_bos, autocast, device, transcoder=False, seed=0):
         self.model, self.loader, self.layer, self.size = model, loader, layer, size
         # the blocks above the layer never run. A transcoder's: (MLP input, MLP output) side by side
         self.forward = (lambda idx: mlp_pairs(model, idx, layer)) if transcoder else \
             (lambda idx: model(idx, stop_at=layer))
-        self.include_bos, self.amp, self.device = include_bos, amp, device
+        self.include_bos, self.autocast, self.device = include_bos, autocast, device
         # the shuffle's own stream: torch's default seed offset by --seed, so seed 0 keeps the permutations the
         # shipped SAE (shipped/README.md) was trained with and every other seed draws others
         self.gen = torch.Generator(device="cpu")
@@ -118,7 +113,7 @@ class ActivationBuffer:
         chunks, n = [], 0
         while n < self.size:
             idx = self.loader.next_batch()
-            with self.amp:
+            with self.autocast:
                 x = self.forward(idx)
             if not self.include_bos:
                 x = x[idx != self.model.cfg.bos_token_id]
@@ -162,198 +157,149 @@ def mlp_pairs(model, idx, layer):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae", TINY))
-    embedded.fill(cfg, typed, "train_sae", TINY)
-    if cfg.transcoder and "out" not in typed:  # out/sae-tiny -> out/transcoder-tiny: never over an SAE's folder
-        cfg.out = cfg.out.replace("sae", "transcoder")
-    if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
-        common.fill(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1, auxk_coef=0.0,
-                                     include_bos=True, decay_frac=1.0,
-                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")
-        common.log_preset(cfg, "recipe", "train_sae.py: --recipe authors replaces these values (typed flags win):")
-    elif cfg.recipe != "gao":
-        raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
-    return run(cfg)
-
-
 # What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE
 # that is trained and must equal the checkpoint's (formats/run_folder.py).
 MAY_CHANGE = frozenset({"max_tokens", "autocast", "dtype", "compile", "log_interval", "eval_interval", "eval_batches",
                         "resume", "overwrite", "device", "out"})
-OUTPUTS = ("state.pt", "state.prev.pt", "history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
 
 
-def run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
-    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
-    common.check_one_step(cfg.max_tokens, cfg.batch_tokens, "--batch-tokens")
-    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
-                          config=asdict(cfg), may_change=MAY_CHANGE, inputs=[cfg.model, cfg.data],
-                          by_content=("model", "data"), may_lower=("lr",)):
-        return _run(cfg, ddp)
-
-
-def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
-    # -- setup --------------------------------------------------------------------------------------------------------
-    if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
-        raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
+def main(argv=None) -> dict:
+    # -- config: the flags; without --model, config/train_sae_tiny.py (the embedded SAE's recipe) -------------------
+    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae"))
+    embedded.fill_in(cfg, typed, "train_sae")
+    if cfg.transcoder and "out" not in typed:  # out/sae-tiny -> out/transcoder-tiny: never over an SAE's folder
+        cfg.out = cfg.out.replace("sae", "transcoder")
+    if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
+        common.set_untyped(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1,
+                                            auxk_coef=0.0, include_bos=True, decay_frac=1.0,
+                                            warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))),
+                           "recipe")
+        common.log_preset(cfg, "recipe", "train_sae.py: --recipe authors replaces these values (typed flags win):")
     if len(cfg.layer) != 1:
         raise ValueError(f"train_sae.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
     layer = cfg.layer[0]
-    own = ddp is None  # a caller that passes ddp (the embedded pipeline: one process) keeps its setup
-    ddp = ddp or common.setup(cfg.device)
-    torch.manual_seed(cfg.seed)  # same SAE init on every rank
+    with Run(cfg, outputs=("history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]"),
+             may_change=MAY_CHANGE, inputs=dict(model=cfg.model, data=cfg.data),
+             one_step=(cfg.batch_tokens, "--batch-tokens")) as run:
+        ddp = run.ddp
+        torch.manual_seed(cfg.seed)  # same SAE init on every rank
 
-    # -- frozen model, SAE, optimiser ----------------------------------------------------------------------------------
-    model = Transformer.from_pretrained(cfg.model, device=ddp.device, dtype=getattr(torch, cfg.dtype))
-    model.requires_grad_(False)
-    if not 0 <= layer < model.cfg.n_layer:
-        raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
-    dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
-    sae = SAE(dm, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=layer, model_name=cfg.model,
-              device=ddp.device, apply_b_dec_to_input=not cfg.transcoder)  # b_dec lives in the output's space
-    sae.bandwidth, sae.transcoder = cfg.bandwidth, cfg.transcoder
-    lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
-    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    amp = common.autocast(ddp.device, cfg.autocast)
+        # -- frozen model, SAE, optimiser ---------------------------------------------------------------------------
+        model = Transformer.from_pretrained(cfg.model, device=ddp.device, dtype=getattr(torch, cfg.dtype))
+        model.requires_grad_(False)
+        if not 0 <= layer < model.cfg.n_layer:
+            raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
+        dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
+        sae = SAE(dm, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=layer, model_name=cfg.model,
+                  device=ddp.device, apply_b_dec_to_input=not cfg.transcoder)  # b_dec lives in the output's space
+        sae.bandwidth, sae.transcoder = cfg.bandwidth, cfg.transcoder
+        peak_lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)  # Gao et al.'s rule
+        optimizer = torch.optim.Adam(sae.parameters(), lr=peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
+        cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+        autocast = common.autocast(ddp.device, cfg.autocast)
 
-    # -- data: activations of the layer in a shuffled buffer -----------------------------------------------------------
-    check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
-    loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
-                         device=ddp.device)
-    val = TokenLoader(cfg.data, cfg.eval_split, cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
-                      device=ddp.device)
-    val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
-                                   "--model-batch or --seq-len")
-    per_rank = cfg.batch_tokens // ddp.world_size  # the global SAE batch is split across ranks
-    buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
-                              cfg.include_bos, amp, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
-    split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
-    compile_blocks(model, cfg.compile)  # each block its own graph, shared by the blocks of its kind
-    total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
-    since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)  # tokens (global) since each latent fired
-    state_path = os.path.join(cfg.out, "state.pt")
-    step, elapsed, history = 0, 0.0, []
+        # -- data: activations of the layer in a shuffled buffer -----------------------------------------------------
+        check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
+        loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
+                             device=ddp.device)
+        val = TokenLoader(cfg.data, cfg.eval_split, cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size,
+                          shuffle=False, device=ddp.device)
+        val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
+                                       "--model-batch or --seq-len")
+        per_rank = cfg.batch_tokens // ddp.world_size  # the global SAE batch is split across ranks
+        buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
+                                  cfg.include_bos, autocast, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
+        split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
+        compile_blocks(model, cfg.compile)  # each block its own graph, shared by the blocks of its kind
+        total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
 
-    built_from = run_folder.inputs_of(model=cfg.model, data=cfg.data)  # what --resume compares
-    if cfg.resume and os.path.isfile(state_path):
-        st = disk.torch_load(state_path, ddp.device,
-                             keys=("sae", "optimizer", "buffer", "since_fired", "step", "elapsed", "history",
-                                   "scale"))
-        run_folder.check_inputs(st.get("inputs"), built_from, state_path)
-        run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
-        sae.load_state_dict(st["sae"])
-        optimizer.load_state_dict(st["optimizer"])
-        buffer.load_state_dict(st["buffer"][ddp.rank])
-        common.set_rng_state(st.get("rng"), ddp.rank)  # torch's stream, for whatever a step draws from it
-        since_fired, step, elapsed, history, scale = (st[k] for k in ("since_fired", "step", "elapsed", "history",
-                                                                       "scale"))
-        common.log(f"resumed from {state_path} at step {step}")
-    else:
-        # b_dec at the geometric median of a sample, and the loss scale; the sample is gathered from every rank so
-        # that all ranks (and a single-process run over the same tokens) start identically
-        sample = buffer.next(min(per_rank * 4, buffer.size))
-        buffer.pos = 0
-        sample = common.all_gather_cat(sample)
-        inputs, sample = split(sample)
-        sample = sample if cfg.transcoder else inputs  # b_dec and the scale: of what is reconstructed
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample))
-        scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
-        if cfg.transcoder:  # the tied init maps inputs to outputs of the input's size: start at the target's instead
+        # -- resume, or b_dec at the geometric median --------------------------------------------------------------
+        run.keep(sae=sae, optimizer=optimizer, buffer=buffer)  # what a checkpoint holds and --resume restores
+        state = run.resume(("since_fired", "history", "scale"))
+        if state:
+            since_fired, step, history, scale = (state[k] for k in ("since_fired", "step", "history", "scale"))
+        else:
+            since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)  # tokens (global) since each fired
+            step, history = 0, []
+            # b_dec at the geometric median of a sample, and the loss scale; the sample is gathered from every rank so
+            # that all ranks (and a single-process run over the same tokens) start identically
+            sample = buffer.next(min(per_rank * 4, buffer.size))
+            buffer.pos = 0
+            sample = common.all_gather_cat(sample)
+            inputs, sample = split(sample)
+            sample = sample if cfg.transcoder else inputs  # b_dec and the scale: of what is reconstructed
             with torch.no_grad():
-                sae.W_enc.mul_(math.sqrt(scale / inputs.pow(2).sum(-1).mean().item()))
-    sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
-    common.log(f"{'transcoder' if cfg.transcoder else 'SAE'} {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer {layer}; lr {lr:.2e}; {total_steps} steps "
-               f"of {cfg.batch_tokens} tokens on {ddp.world_size} process(es)")
+                sae.b_dec.copy_(geometric_median(sample))
+            scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
+            if cfg.transcoder:  # the tied init maps inputs to outputs of the input's size: start at the target's
+                with torch.no_grad():
+                    sae.W_enc.mul_(math.sqrt(scale / inputs.pow(2).sum(-1).mean().item()))
+        sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
+        common.log(f"{'transcoder' if cfg.transcoder else 'SAE'} {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer "
+                   f"{layer}; lr {peak_lr:.2e}; {total_steps} steps of {cfg.batch_tokens} tokens on "
+                   f"{ddp.world_size} process(es)")
+        advice = f"a lower --lr than {peak_lr:.3g}"
 
-    def save_state():
-        buffers, rngs = common.gather_objects(buffer.state_dict()), common.gather_objects(common.rng_state())
-        bad = [n for n, p in sae.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-        if bad:  # checked before it is saved: a checkpoint holds finite weights
-            raise run_folder.diverged(state_path, step, f"SAE training diverged: {bad[0]} is not finite",
-                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
-        if ddp.master:
-            run_folder.save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
-                                            rng=rngs, since_fired=since_fired, scale=scale, step=step, elapsed=elapsed,
-                                            history=history, config=asdict(cfg), inputs=built_from,
-                                            effective=dict(lr=lr)), state_path)
+        def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
+            if ddp.master:
+                (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
 
-    def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
-        if ddp.master:
-            (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
+        def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as trained)
+            sae.eval()
+            res = evaluate(model, [(layer, sae)], val_batches, model.cfg.bos_token_id, amp=autocast)
+            sae.train()
+            return res
 
-    def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as in training)
-        sae.eval()
-        res = evaluate(model, [(layer, sae)], val_batches, model.cfg.bos_token_id, amp=amp)
+        # -- the loop ------------------------------------------------------------------------------------------------
         sae.train()
-        return res
+        checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}  # the frontier's
+        while step < total_steps:
+            t0 = time.time()
+            x, target = split(buffer.next(per_rank))
+            lr = common.lr_at(step, total_steps, peak_lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with autocast:
+                loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
+                                                   auxk_coef=cfg.auxk_coef, target=target)
+            # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
+            run.watch(step, loss)
+            run.stop_if_diverged(step, {}, "SAE training diverged", advice)
+            loss.backward()
+            common.all_reduce_grads(sae.parameters())
+            fired = common.all_reduce_mean(fired.float()) > 0
+            sae.remove_gradient_parallel_to_decoder_directions()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sae.set_decoder_norm_to_unit_norm()
+            sae.clamp_threshold_()
+            update_since_fired(since_fired, fired, cfg.batch_tokens)
+            step += 1
+            run.tick(cfg.batch_tokens, time.time() - t0)
 
-    # -- the loop ------------------------------------------------------------------------------------------------------
-    sae.train()
-    checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}  # the frontier's points
-    window = [0, 0.0]
-    while step < total_steps:
-        t0 = time.time()
-        x, target = split(buffer.next(per_rank))
-        cur_lr = common.lr_at(step, total_steps, lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
-        for g in optimizer.param_groups:
-            g["lr"] = cur_lr
-        with amp:
-            loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
-                                               auxk_coef=cfg.auxk_coef, target=target)
-        # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
-        if not math.isfinite(common.all_reduce_mean(loss.detach().clone()).item()):
-            raise run_folder.diverged(state_path, step, f"SAE training diverged: the loss is {loss.item()}",
-                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
-        loss.backward()
-        common.all_reduce_grads(sae.parameters())
-        fired = common.all_reduce_mean(fired.float()) > 0
-        sae.remove_gradient_parallel_to_decoder_directions()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
-        sae.clamp_threshold_()
-        update_since_fired(since_fired, fired, cfg.batch_tokens)
-        step += 1
-        elapsed += time.time() - t0
-        window = [window[0] + cfg.batch_tokens, window[1] + time.time() - t0]
+            if step % cfg.log_interval == 0 or step == total_steps:
+                dead = (since_fired >= cfg.dead_tokens).float().mean().item()
+                _, speed = run.speed((total_steps - step) * cfg.batch_tokens)
+                common.log(f"step {step}/{total_steps} | FVU {stats['fvu']:.4f} | L0 {stats['l0']:.1f} | dead "
+                           f"{dead:.1%} | {run.elapsed / 60:.1f} min | {speed}")
+                history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=run.elapsed, dead=dead, **stats))
+            if step % cfg.eval_interval == 0 or step == total_steps:
+                res = held_out()
+                history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=run.elapsed, **res))
+                common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | "
+                           f"KL {res['kl_sae']:.4f}")
+            if step in checkpoints:
+                run.stop_if_diverged(step, sae.state_dict(), "SAE training diverged", advice)  # a checkpoint is finite
+                run.save(since_fired=since_fired, scale=scale, step=step, history=history,
+                         effective=dict(lr=peak_lr))
+                save_sae(os.path.join(cfg.out, checkpoints[step]))
 
-        if step % cfg.log_interval == 0 or step == total_steps:
-            dead = (since_fired >= cfg.dead_tokens).float().mean().item()
-            tps = window[0] / window[1]
-            common.log(f"step {step}/{total_steps} | FVU {stats['fvu']:.4f} | L0 {stats['l0']:.1f} | dead {dead:.1%} | "
-                       f"{tps:,.0f} tok/s | {elapsed / 60:.1f} min | "
-                       f"ETA {(total_steps - step) * cfg.batch_tokens / tps / 60:.1f} min")
-            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, dead=dead, **stats))
-            window = [0, 0.0]
-        if step % cfg.eval_interval == 0 or step == total_steps:
-            res = held_out()
-            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, **res))
-            common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | "
-                       f"KL {res['kl_sae']:.4f}")
-        if step in checkpoints:
-            save_state()  # first: it checks the weights are finite
-            save_sae(os.path.join(cfg.out, checkpoints[step]))
-
-    # -- save ----------------------------------------------------------------------------------------------------------
-    save_sae(cfg.out)
-    if ddp.master:
-        disk.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
-                                                                       config_sources=common.sources(cfg),
-                                                                       history=history))
-    if ddp.master:
-        run_folder.finish(state_path)
-    common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
-    if own:
-        common.teardown()
+        # -- save ------------------------------------------------------------------------------------------------------
+        save_sae(cfg.out)
+        run.finish("history.json", dict(config=asdict(cfg), config_sources=common.sources(cfg), history=history))
+        common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
     return dict(history=history, sae=sae)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training FLOPs, for the loss-vs-compute frontier (experiments/run.py frontier)
 
 
 if __name__ == "__main__":

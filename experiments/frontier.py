@@ -45,6 +45,12 @@ def auxk_steps(history: list[dict], steps: int) -> int:
     return n
 
 
+def e2e_checkpoint(folder: str) -> str:
+    """The checkpoint of a train_e2e.py run: ckpt.pt (state.pt in runs from before the scripts shared one name)."""
+    new = os.path.join(folder, "ckpt.pt")
+    return new if os.path.isfile(new) else os.path.join(folder, "state.pt")
+
+
 def interpolate(xs, ys, x):
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
         if x0 <= x <= x1:
@@ -108,10 +114,10 @@ def frontier(cfg: ExpConfig):
     # backward passes through the model as Sec. 4.2 counts them, one per training sequence (its "130x fewer" on
     # Gemma-2-2B and "40x" on Llama-3.2-1B are e2e's 2B / 4B tokens over one adaptation's 15M / 100M): optimizer
     # steps x sequences per step. The TopK SAE's steps backpropagate through the SAE only.
-    sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
+    sae_cfg = common.set_untyped(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
     topk_flops = lambda p: sae_module.run_flops(sae_cfg, mcfg, topk_step(p), auxk_steps(h["history"],
                                                                                               topk_step(p)))
-    e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), disk.torch_load(os.path.join(e2e, "state.pt"), "cpu",
+    e2e_cfg = common.set_untyped(train_e2e.E2EConfig(), set(), disk.torch_load(e2e_checkpoint(e2e), "cpu",
                                                                           "e2e state")["config"], "saved")
     e2e_tokens = lambda p: round(e2e_total * p / 100) * int(rows[-1]["tokens"]) // int(rows[-1]["step"])
 
