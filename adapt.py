@@ -98,10 +98,6 @@ def main(argv=None) -> dict:
         state = run.resume(("history",))
         step, history = (state["step"], state["history"]) if state else (0, [])
 
-        def save():  # every rank takes part (FSDP2's gathers); rank 0 writes
-            write_adapter(model, saes, adapter_dir, cfg.model, every_rank=cfg.fsdp)
-            run.save(step=step, history=history)
-
         def held_out(part="validation"):
             res = evaluate(model, saes, held_out_parts[part], kept_ids, chunk=cfg.kl_chunk, amp=autocast)
             if val_pairs:
@@ -165,8 +161,9 @@ def main(argv=None) -> dict:
                                     train_kl=kl_log, train_ce=ce_log, tokens_per_s=tps))
             if step % cfg.eval_interval == 0 or step == total_steps:
                 held_out()
-            if step % cfg.ckpt_interval == 0 or step == total_steps:
-                save()
+            if step % cfg.ckpt_interval == 0 or step == total_steps:  # every rank takes part (FSDP2's gathers)
+                write_adapter(model, saes, adapter_dir, cfg.model, every_rank=cfg.fsdp)
+                run.save(step=step, history=history)
 
         # -- results --------------------------------------------------------------------------------------------------
         final = next(h for h in reversed(history) if "ce_sae_lora" in h)

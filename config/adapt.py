@@ -57,8 +57,8 @@ class AdaptConfig:
     weight_decay: float = 0.01  # AdamW weight decay (authors' code: torch's default, 0.01)
     grad_clip: float = 1.0  # gradient norm clip (authors' code: 1.0)
     kl_reduction: str = "sequence"  # the training loss: sequence: Eq. 7 summed over each sequence's predicted
-    # positions, mean over sequences (the authors' kl_div batchmean on one sequence, the scale their clipping sees);
-    # token: mean over positions
+    # positions, mean over sequences (the paper authors' train_lora.py: kl_div batchmean on one sequence, the scale
+    # their clipping sees); token: mean over positions (train_e2e.py's default, Braun et al.'s e2e_sae recipe)
     autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
     # float32) | bfloat16 | float32
     dtype: str = "float32"  # storage of the frozen weights (bfloat16 halves memory); adapters stay float32
