@@ -2,8 +2,9 @@
 student may skip this file.
 
     with Run(cfg, outputs=("adapter", "results.json"), may_change=MAY_CHANGE, inputs=dict(model=..., data=...)) as run:
-        ...                              # model, data
-        state = run.resume(keys)         # the checkpoint's state (its inputs and RNG checked and restored), or None
+        ...                              # model, data, optimizer
+        run.keep(adapter=params, optimizer=optimizer, loader=train)  # what every checkpoint holds
+        state = run.resume(("history",)) # those restored; the inputs checked, RNG and time restored; or None
         while step < total_steps:
             ...                          # one step
             run.tick(tokens, seconds)    # elapsed time, and the speed, ETA and MFU of the next log line
