@@ -58,6 +58,14 @@ def split_pairs(pairs: list) -> tuple[list, list]:
     return pairs[:-n_val], pairs[-n_val:]
 
 
+def read_pairs(path: str, model_id: str, seq_len: int) -> tuple[list, list, int]:
+    """--pairs in the tokens of `model_id`'s tokenizer: (training pairs, held-out pairs, the id that pads a batch)."""
+    from formats.tokenizer import load_tokenizer
+    tok = load_tokenizer(model_id)
+    train, held_out = split_pairs(load_pairs(path, tok, seq_len))
+    return train, held_out, tok.pad_id if tok.pad_id is not None else tok.eos_id
+
+
 def collate(pairs, device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, mask), each (B, T) with T the longest pair: ids right-padded with pad_id (causal attention: padding after
     a sequence never reaches it), mask True at each position whose next token is an answer token."""

@@ -126,7 +126,7 @@ def check_one_step(max_tokens: int, step_tokens: int, step: str):
                          f"tokens): give --max-tokens {step_tokens} or more")
 
 
-def fill(cfg, typed: set[str], preset: dict, source: str = "preset"):
+def set_untyped(cfg, typed: set[str], preset: dict, source: str = "preset"):
     """Set every field of `preset` that the user did not type on the command line; sources(cfg) names `source` as
     where each of them came from."""
     for key, value in preset.items():
@@ -137,8 +137,8 @@ def fill(cfg, typed: set[str], preset: dict, source: str = "preset"):
 
 
 def sources(cfg) -> dict[str, str]:
-    """Where each value of a config came from: "typed" on the command line, a preset ("preset": embedded.py's tiny-model
-    preset; "recipe": --recipe authors), or the dataclass "default". Kept on the config object beside its fields
+    """Where each value of a config came from: "typed" on the command line, a preset ("preset": the tiny model's preset
+    (config/); "recipe": --recipe authors), or the dataclass "default". Kept on the config object beside its fields
     (asdict leaves it out); results files record it as config_sources."""
     return vars(cfg).setdefault("_sources", {f.name: "default" for f in dataclasses.fields(cfg)})
 

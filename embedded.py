@@ -5,8 +5,8 @@ The offline pipeline: what every script uses when no --model is given, built on 
     model      a 3.0M-parameter Gemma-2-architecture model pretrained on that corpus       (pretrain.py)
     SAE        a TopK SAE on the middle layer's residual stream                            (train_sae.py)
 
-Each script has a preset, TINY beside its config: the settings that replace the paper's values (sized for a few CPU
-cores, not a GPU cluster). `fill` applies it to the flags the user did not type, so `python adapt.py --lr 5e-5`
+Each script has a preset, config/<script>_tiny.py: the settings that replace the paper's values (sized for a few CPU
+cores, not a GPU cluster). `fill_in` applies it to the flags the user did not type, so `python adapt.py --lr 5e-5`
 trains at 5e-5.
 
 Each artefact's folder is named by a hash of its recipe: the model's by PretrainRecipe's fields (below) and the
@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 import common
+import config
 import data
 from formats import disk, stdlib_corpus
 from formats.sae_files import GEMMA_SCOPE_2_LAYERS, GEMMA_SCOPE_RES_16K, default_sae, known_saes
@@ -62,7 +63,7 @@ class PretrainRecipe:
     d_ff: int = 768  # MLP hidden width
     sliding_window: int = 64  # Gemma-2's local layers (shorter than seq_len so that it matters)
     seq_len: int = 256  # tokens per sequence
-    batch_size: int = 16  # sequences per step per process
+    batch_size: int = 16  # sequences per optimizer step, over all processes (and grad_accum micro-steps)
     grad_accum: int = 1  # micro-steps accumulated per optimizer step
     max_steps: int = 1000  # about 4M tokens, 1.2 epochs of the stdlib corpus
     lr: float = 6e-3  # AdamW peak learning rate
@@ -78,9 +79,8 @@ class PretrainRecipe:
 
 
 
-# The embedded SAE recipe (Gao et al.'s TopK recipe at a small scale); `python train_sae.py` runs the same
-SAE = dict(layer=[SAE_LAYER], k=16, expansion=8, max_tokens=4_000_000, batch_tokens=4096, buffer_tokens=131_072,
-           seq_len=256, model_batch=16, dead_tokens=1_000_000, eval_interval=250, log_interval=50)
+# The embedded SAE recipe: config/train_sae_tiny.py but its output folder; `python train_sae.py` runs the same
+SAE = {k: v for k, v in config.preset("train_sae").items() if k != "out"}
 
 KNOWN_MODELS = sorted(GEMMA_SCOPE_RES_16K) + [f"google/gemma-3-{{{','.join(GEMMA_SCOPE_2_LAYERS)}}}-{{pt,it}}"]
 DEFAULT_SAES_HELP = ("SAE defaults when --sae is not given (the paper's SAEs, one per --layer L):\n" +
@@ -88,12 +88,13 @@ DEFAULT_SAES_HELP = ("SAE defaults when --sae is not given (the paper's SAEs, on
                      "  no --model: the embedded tiny model's TopK SAE at --layer (trained on first use)\n")
 
 
-def preset_help(script: str, preset: dict) -> str:
-    """--help's last lines: what the tiny model's preset (the script's TINY) puts in place of the defaults above."""
+def preset_help(script: str) -> str:
+    """--help's last lines: what the tiny model's preset (config/<script>_tiny.py) puts in place of the defaults
+    above."""
     flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in preset.items())
-    return "\n".join(textwrap.wrap(f"without --model, the tiny model's preset ({script}.TINY) replaces these defaults, "
-                                    f"for the flags not typed: {flags}", 100))
+                     for k, v in config.preset(script).items())
+    return "\n".join(textwrap.wrap(f"without --model, the tiny model's preset ({config.path(script)}) replaces these "
+                                    f"defaults, for the flags not typed: {flags}", 100))
 
 
 def corpus() -> str:
@@ -127,7 +128,7 @@ def model() -> str:
 
     def build():
         common.log(f"embedded model: pretraining a tiny Gemma-2 in {out} (first run only)")
-        resume = os.path.isfile(os.path.join(out, "train_state.pt"))  # a build that was killed goes on
+        resume = any(os.path.isfile(os.path.join(out, n)) for n in ("ckpt.pt", "train_state.pt"))  # killed: go on
         run_script("pretrain.py", dict(out=out, data=stdlib_corpus.corpus_and_tokenizer()[0], resume=resume))
     return _once(out, "model.safetensors", build, "pretraining")
 
@@ -140,7 +141,7 @@ def sae(layer: int = SAE_LAYER) -> str:
 
     def build():
         common.log(f"embedded SAE: training a TopK SAE on layer {layer} in {out} (first run only)")
-        resume = os.path.isfile(os.path.join(out, "state.pt"))  # a build that was killed goes on
+        resume = any(os.path.isfile(os.path.join(out, n)) for n in ("ckpt.pt", "state.pt"))  # killed: go on
         run_script("train_sae.py", dict(SAE, model=model_path, data=corpus(), out=out, layer=[layer], resume=resume))
     return _once(out, "cfg.json", build, f"SAE training (layer {layer})")
 
@@ -194,14 +195,14 @@ def check_layers(layers: list[int], script: str):
                          f"--layer {bad[0]} --rank 64")
 
 
-def fill(cfg, typed: set[str], script: str, preset: dict, *, need_data: bool = True):
-    """What the user left out. No --model: the preset for `script` fills the untyped flags and the model is the tiny
+def fill_in(cfg, typed: set[str], script: str, *, need_data: bool = True):
+    """What the user left out. No --model: config/<script>_tiny.py fills the untyped flags and the model is the tiny
     one. No --data: the embedded corpus, in the model's own tokens. No --sae (scripts that splice one): the embedded
     SAE on the tiny model, Gemma Scope's canonical SAE at --layer on Gemma-2 2B / 9B, else a one-line error."""
     tiny = cfg.model is None
     if tiny:
-        common.fill(cfg, typed, preset, "preset")
-        common.log_preset(cfg, "preset", f"{script}.py: no --model, so the tiny model's preset ({script}.TINY) "
+        common.set_untyped(cfg, typed, config.preset(script), "preset")
+        common.log_preset(cfg, "preset", f"{script}.py: no --model, so the tiny model's preset ({config.path(script)}) "
                                          f"replaces these defaults (typed flags win):")
         check_layers(getattr(cfg, "layer", []) or [], f"{script}.py")
         cfg.model = model()

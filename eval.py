@@ -140,10 +140,6 @@ class EvalConfig:
                          sae_positions=("auto", "all", "no_bos", "no_bos_eos"), eval_split=("validation", "test")))
 
 
-# Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
-TINY = dict(seq_len=256, batch_size=8, eval_tokens=65_536, gen_tokens=64, out="out/eval-tiny")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Core table (Sec. 4), per-token breakdown (Sec. 6.1), activation distances (Sec. 6.2)
 
@@ -348,7 +344,7 @@ def distance_summary(seq: dict, first: int, formulation: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(EvalConfig, argv, epilog=embedded.preset_help("eval", TINY))
+    cfg, typed = common.parse_args(EvalConfig, argv, epilog=embedded.preset_help("eval"))
     steer = steering.requested(cfg)
     benches = {b: getattr(cfg, b) for b in ("mmlu", "hellaswag", "truthfulqa") if getattr(cfg, b)}
     if cfg.model is None and not cfg.adapter and os.path.isfile("out/adapt-tiny/adapter/adapter_config.json"):
@@ -358,7 +354,7 @@ def main(argv=None) -> dict:
     # corpus in its own tokens unless only other evaluations were asked for and no flag of the table was typed
     others = steer or benches or cfg.truthfulqa_gen or cfg.generate
     table = cfg.model is None or not others or bool(typed & {"eval_tokens", "distances", "sae_positions"})
-    embedded.fill(cfg, typed, "eval", TINY, need_data=table or cfg.truthfulqa_gen == "corpus")
+    embedded.fill_in(cfg, typed, "eval", need_data=table or cfg.truthfulqa_gen == "corpus")
     if cfg.data is None:
         common.log("eval.py: no --data: the CE table, per-token breakdown and distances are left out (pass --data "
                    "DIR, or --eval-tokens N for the stdlib corpus in the model's tokens)")

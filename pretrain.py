@@ -4,7 +4,7 @@ Pretrain a tiny Gemma-2 (or Llama-3) architecture model from scratch, so the who
     python pretrain.py                                  # embedded default: stdlib corpus -> cache/tiny-gemma2-<hash>
     python pretrain.py --family llama3 --max-steps 500
     torchrun --nproc_per_node 2 pretrain.py             # DDP (gloo on CPU, nccl on CUDA)
-    python pretrain.py --resume                         # continue from cache/tiny-gemma2-<hash>/train_state.pt
+    python pretrain.py --resume                         # continue from cache/tiny-gemma2-<hash>/ckpt.pt
 
 The output folder is laid out like a hub checkpoint (config.json, model.safetensors, tokenizer.model), so every
 other script - and transformers - loads it exactly as it would load google/gemma-2-2b.
@@ -18,7 +18,7 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -26,39 +26,12 @@ import torch.nn.functional as F
 
 import common
 import embedded
-from formats import disk
+from config.pretrain import MAY_CHANGE, PretrainConfig
 from data import TokenLoader, load_meta
+from formats import disk, stdlib_corpus
 from formats.tokenizer import load_tokenizer
-from formats import stdlib_corpus
-from formats import run_folder
 from model import ModelConfig, Transformer
-
-
-@dataclass
-class PretrainConfig(embedded.PretrainRecipe):
-    """Pretrain a tiny Gemma-2 / Llama-3 architecture model from scratch (defaults: the embedded offline model)."""
-    out: str = ""  # output folder; default <cache>/tiny-<family>-<hash of the recipe above> (embedded.model_dir)
-    data: str = ""  # token dataset folder written by data.prepare; default: the embedded stdlib corpus
-    stop_after: int = 0  # end this invocation after this step (checkpointed; --resume goes on); 0: run to max_steps
-    eval_interval: int = 250  # steps between validation losses
-    eval_batches: int = 25  # validation batches
-    log_interval: int = 25  # steps between log lines
-    ckpt_interval: int = 250  # steps between checkpoints (train_state.pt)
-    resume: bool = False  # continue from --out/train_state.pt, with its settings; only --max-steps, --stop-after,
-    # --autocast, --compile, the intervals, --eval-batches and --device may differ, and --lr may be lowered (after a
-    # divergence). --data is compared by what its files hold, not by its path
-    overwrite: bool = False  # replace the model in --out (its weights, config, tokenizer and state are deleted first)
-    compile: bool = True  # torch.compile the model
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
-        common.check_flags(
-            self, positive=("d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "sliding_window",
-                            "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "grad_clip", "eval_interval",
-                            "eval_batches", "log_interval", "ckpt_interval"),
-            non_negative=("weight_decay", "stop_after"), fractions=("min_lr_frac", "warmup_frac"),
-            below_one=("beta1", "beta2"),
-            choices=dict(family=("gemma2", "llama3"), autocast=("auto", *common.PRECISIONS)))
+from plumbing.run import Run
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int | None) -> ModelConfig:
@@ -86,168 +59,119 @@ def lm_loss(model, x: torch.Tensor, autocast: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, data_dir: str, cfg: PretrainConfig, ddp: common.Dist) -> float:
+def evaluate(model, data_dir: str, cfg: PretrainConfig, ddp: common.Dist, micro: int) -> float:
     """Mean loss on the same val windows every time (sequential order, each rank its own block)."""
-    loader = TokenLoader(data_dir, "val", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
+    loader = TokenLoader(data_dir, "val", micro, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
                          device=ddp.device)
-    n = max(1, min(cfg.eval_batches, loader.per_rank // cfg.batch_size))
+    n = max(1, min(cfg.eval_batches, loader.per_rank // micro))
     model.eval()
     loss = torch.stack([lm_loss(model, loader.next_batch(), cfg.autocast) for _ in range(n)]).mean()
     model.train()
     return (common.all_reduce_mean(loss) if ddp.world_size > 1 else loss).item()
 
 
-def _barrier(ddp: common.Dist):
-    if ddp.world_size > 1:
-        dist.barrier()
-
-
-def train(cfg: PretrainConfig, ddp: common.Dist) -> dict:
-    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    # -- data ----------------------------------------------------------------------------------------------------------
-    if cfg.data:
-        data_dir = cfg.data
-    else:  # build the embedded corpus once (rank 0), the others wait and then read the cache
-        if ddp.master:
-            stdlib_corpus.corpus_and_tokenizer()
-        _barrier(ddp)
-        data_dir = stdlib_corpus.corpus_and_tokenizer()[0]
-    meta = load_meta(data_dir)
-    tok = load_tokenizer(meta["tokenizer"])
+def main(argv=None) -> dict:
+    # -- config: the flags (the defaults are the embedded model's recipe) ---------------------------------------------
+    cfg, _ = common.parse_args(PretrainConfig, argv)
     out = cfg.out or embedded.model_dir(cfg)  # the defaults: the very folder the embedded pipeline uses
-    state_path = os.path.join(out, "train_state.pt")
-    loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, seed=cfg.seed,
-                         device=ddp.device)
-    # -- model and optimiser -------------------------------------------------------------------------------------------
-    mcfg = model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
-    raw = Transformer(mcfg).init_weights(cfg.seed).to(ddp.device)
-    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2]  # matrices and embeddings; norms are not decayed
-    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=ddp.device.type == "cuda")
-    step, elapsed_before, history = 0, 0.0, []
-    built_from = run_folder.inputs_of(data=data_dir)  # what --resume compares
-    if cfg.resume:
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
-        st = disk.torch_load(state_path, ddp.device,
-                             keys=("model", "optimizer", "loader", "step", "elapsed_s", "history", "rng"))
-        run_folder.check_inputs(st.get("inputs"), built_from, state_path)
-        run_folder.check_tensors(list(st["model"].values()), list(raw.state_dict().values()), state_path, "model")
-        raw.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"])
-        step, elapsed_before, history = st["step"], st["elapsed_s"], st["history"]
-        common.set_rng_state(st["rng"])  # a CPU tensor again, whatever device map_location put it on
-    model = torch.compile(raw) if cfg.compile else raw
-    if ddp.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda"
-                                                          else None)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world_size
-    if ddp.master:
-        print(f"pretrain {cfg.family}: {mcfg.n_params() / 1e6:.2f}M parameters ({mcfg.n_params(False) / 1e6:.2f}M "
-              f"without embeddings), {tokens_per_step} tokens/step, {cfg.max_steps} steps, data {data_dir} "
-              f"({meta['train_tokens']:,} train tokens; unigram entropy {meta['unigram_entropy']:.3f} nats), "
-              f"{ddp.world_size} process(es) on {ddp.device}", flush=True)
-
-    def save_state():
-        bad = [n for n, p in raw.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-        if bad:  # checked before it is saved: a checkpoint holds finite weights
-            raise run_folder.diverged(state_path, step, f"pretraining diverged: {bad[0]} is not finite",
-                                      f"a lower --lr than {cfg.lr:g}", master=ddp.master)
-        if ddp.master:
-            run_folder.save_checkpoint({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                        "loader": loader.state_dict(), "config": asdict(cfg), "history": history,
-                                        "elapsed_s": elapsed_before + time.time() - t0, "rng": torch.get_rng_state(),
-                                        "inputs": built_from}, state_path)
-
-    # -- the loop ------------------------------------------------------------------------------------------------------
-    t0 = t_log = time.time()
-    cpu0 = time.process_time()  # CPU seconds of this process: a steadier clock than wall time on a shared machine
-    last_step = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
-    val = None
-    while step < last_step:
-        lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_frac, 1.0, cfg.min_lr_frac, "cosine")
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            x = loader.next_batch()
-            sync = micro == cfg.grad_accum - 1 or ddp.world_size == 1
-            with model.no_sync() if not sync else contextlib.nullcontext():
-                loss = lm_loss(model, x, cfg.autocast) / cfg.grad_accum
-                loss.backward()
-        if not torch.isfinite(loss):  # the loss of the model after `step` updates
-            raise run_folder.diverged(state_path, step, f"pretraining diverged: the loss is {loss.item()}",
-                                      f"a lower --lr than {cfg.lr:g}", master=ddp.master)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if ddp.master and (step % cfg.log_interval == 0 or step == last_step):
-            rate = tokens_per_step * cfg.log_interval / (time.time() - t_log) if step % cfg.log_interval == 0 else 0
-            t_log = time.time()
-            eta = (last_step - step) * tokens_per_step / rate / 60 if rate else 0.0
-            print(f"step {step:5d}/{last_step} | loss {loss.item() * cfg.grad_accum:.3f} | lr {lr:.2e} | grad norm "
-                  f"{gnorm.item():.2f} | {rate:,.0f} tok/s | {elapsed_before + t_log - t0:.0f}s "
-                  f"({time.process_time() - cpu0:.0f}s cpu) | ETA {eta:.1f} min", flush=True)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val = evaluate(model, data_dir, cfg, ddp)
-            history.append({"step": step, "val_loss": val, "elapsed_s": elapsed_before + time.time() - t0})
+    with Run(cfg, out=out, outputs=("model.safetensors", "config.json", "tokenizer.model", "original",
+                                    "pretrain.json"), may_change=MAY_CHANGE, inputs=dict(data=cfg.data or None)) as run:
+        ddp = run.ddp
+        cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+        micro, _ = common.batch_split(cfg.batch_size, None, ddp.world_size * cfg.grad_accum)  # per process, forward
+        # -- data ----------------------------------------------------------------------------------------------------
+        if cfg.data:
+            data_dir = cfg.data
+        else:  # build the embedded corpus once (rank 0), the others wait and then read the cache
             if ddp.master:
-                print(f"step {step:5d} | val loss {val:.3f}", flush=True)
-        if step % cfg.ckpt_interval == 0 or step == last_step:
-            save_state()
-    if val is None and step == cfg.max_steps:  # resumed a finished run
-        val = evaluate(model, data_dir, cfg, ddp)
-    # -- save in Hugging Face layout -----------------------------------------------------------------------------------
-    result = {"family": cfg.family, "steps": step, "val_loss": val, "tokens": step * tokens_per_step,
-              "wall_s": elapsed_before + time.time() - t0, "cpu_s_this_run": time.process_time() - cpu0,
-              "unigram_entropy": meta["unigram_entropy"],
-              "n_params": mcfg.n_params(), "history": history, "config": asdict(cfg), "data": data_dir,
-              "device": str(ddp.device), "world_size": ddp.world_size}
-    if ddp.master and step == cfg.max_steps:
-        raw.save_pretrained(out)
-        dest = os.path.join(out, "tokenizer.model" if tok.kind == "sentencepiece" else "original/tokenizer.model")
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with disk.atomic_path(dest) as tmp:
-            shutil.copyfile(tok.path, tmp)
-        disk.write_json(os.path.join(out, "pretrain.json"), result)
-        run_folder.finish(state_path)
-        print(f"pretrain: saved {out} (val loss {val:.3f} after {result['tokens']:,} tokens, "
-              f"{result['wall_s']:.0f}s)", flush=True)
-    _barrier(ddp)
+                stdlib_corpus.corpus_and_tokenizer()
+            _barrier(ddp)
+            data_dir = stdlib_corpus.corpus_and_tokenizer()[0]
+        meta = load_meta(data_dir)
+        tok = load_tokenizer(meta["tokenizer"])
+        loader = TokenLoader(data_dir, "train", micro, cfg.seq_len, ddp.rank, ddp.world_size, seed=cfg.seed,
+                             device=ddp.device)
+        # -- model and optimiser -------------------------------------------------------------------------------------
+        mcfg = model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+        raw = Transformer(mcfg).init_weights(cfg.seed).to(ddp.device)
+        decay = [p for n, p in raw.named_parameters() if p.dim() >= 2]  # matrices and embeddings; norms not decayed
+        no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), fused=ddp.device.type == "cuda")
+        run.given["data"] = data_dir  # what --resume compares: the corpus it read, by content
+        run.keep(model=raw, optimizer=optimizer, loader=loader)  # what a checkpoint holds and --resume restores
+        state = run.resume(("history",), required=True)
+        step, history = (state["step"], state["history"]) if state else (0, [])
+        model = torch.compile(raw) if cfg.compile else raw
+        if ddp.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        common.log(f"pretrain {cfg.family}: {mcfg.n_params() / 1e6:.2f}M parameters ({mcfg.n_params(False) / 1e6:.2f}M "
+                   f"without embeddings), {tokens_per_step} tokens/step, {cfg.max_steps} steps, data {data_dir} "
+                   f"({meta['train_tokens']:,} train tokens; unigram entropy {meta['unigram_entropy']:.3f} nats), "
+                   f"{ddp.world_size} process(es) on {ddp.device}")
+        advice = f"a lower --lr than {cfg.lr:g}"
+
+        # -- the loop ------------------------------------------------------------------------------------------------
+        cpu0 = time.process_time()  # CPU seconds of this process: a steadier clock than wall time on a shared machine
+        last_step = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+        val = None
+        while step < last_step:
+            t0 = time.time()
+            lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_frac, 1.0, cfg.min_lr_frac, "cosine")
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            for i in range(cfg.grad_accum):
+                x = loader.next_batch()
+                sync = i == cfg.grad_accum - 1 or ddp.world_size == 1
+                with model.no_sync() if not sync else contextlib.nullcontext():
+                    loss = lm_loss(model, x, cfg.autocast) / cfg.grad_accum
+                    loss.backward()
+            run.watch(step, loss)  # the loss of the model after `step` updates
+            run.stop_if_diverged(step, {}, "pretraining diverged", advice)
+            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            run.tick(tokens_per_step, time.time() - t0)
+            if step % cfg.log_interval == 0 or step == last_step:
+                _, speed = run.speed((last_step - step) * tokens_per_step)
+                common.log(f"step {step:5d}/{last_step} | loss {loss.item() * cfg.grad_accum:.3f} | lr {lr:.2e} | grad "
+                           f"norm {gnorm.item():.2f} | {run.elapsed:.0f}s ({time.process_time() - cpu0:.0f}s cpu) | "
+                           f"{speed}")
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                val = evaluate(model, data_dir, cfg, ddp, micro)
+                history.append({"step": step, "val_loss": val, "elapsed_s": run.elapsed})
+                common.log(f"step {step:5d} | val loss {val:.3f}")
+            if step % cfg.ckpt_interval == 0 or step == last_step:
+                run.stop_if_diverged(step, raw.state_dict(), "pretraining diverged", advice)  # a checkpoint is finite
+                run.save(step=step, history=history)
+        if val is None and step == cfg.max_steps:  # resumed a finished run
+            val = evaluate(model, data_dir, cfg, ddp, micro)
+
+        # -- save in Hugging Face layout -----------------------------------------------------------------------------
+        result = {"family": cfg.family, "steps": step, "val_loss": val, "tokens": step * tokens_per_step,
+                  "wall_s": run.elapsed, "cpu_s_this_run": time.process_time() - cpu0,
+                  "unigram_entropy": meta["unigram_entropy"], "n_params": mcfg.n_params(), "history": history,
+                  "config": asdict(cfg), "data": data_dir, "device": str(ddp.device), "world_size": ddp.world_size}
+        if ddp.master and step == cfg.max_steps:
+            raw.save_pretrained(out)
+            dest = os.path.join(out, "tokenizer.model" if tok.kind == "sentencepiece" else "original/tokenizer.model")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with disk.atomic_path(dest) as tmp:
+                shutil.copyfile(tok.path, tmp)
+            run.finish("pretrain.json", result)
+            common.log(f"pretrain: saved {out} (val loss {val:.3f} after {result['tokens']:,} tokens, "
+                       f"{result['wall_s']:.0f}s)")
+        _barrier(ddp)
     return result
 
 
-# What --resume may change: how long, how often, where and at what precision; every other setting (the recipe,
-# the data) defines the model that is trained and must equal the checkpoint's (formats/run_folder.py).
-MAY_CHANGE = frozenset({"max_steps", "stop_after", "autocast", "compile", "eval_interval", "eval_batches",
-                        "log_interval", "ckpt_interval", "resume", "overwrite", "device", "out"})
-OUTPUTS = ("train_state.pt", "train_state.prev.pt", "model.safetensors", "config.json", "tokenizer.model", "original",
-           "pretrain.json")
-
-
-def main(argv=None) -> dict:
-    cfg, _ = common.parse_args(PretrainConfig, argv)
-    return run(cfg)
-
-
-def run(cfg: PretrainConfig, ddp: common.Dist | None = None) -> dict:
-    """Pretrain under torchrun's processes, or in the single process `ddp` (what the embedded pipeline passes)."""
-    if cfg.family not in ("gemma2", "llama3"):
-        raise ValueError(f"unknown family {cfg.family!r} (expected gemma2 or llama3)")
-    out = cfg.out or embedded.model_dir(cfg)
-    with run_folder.claim(out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="train_state.pt",
-                          outputs=OUTPUTS, config=asdict(cfg), may_change=MAY_CHANGE, inputs=[cfg.data],
-                          by_content=("data",), may_lower=("lr",)):
-        own = ddp is None
-        ddp = ddp or common.setup(cfg.device)
-        try:
-            return train(cfg, ddp)
-        finally:
-            if own:
-                common.teardown()
+def _barrier(ddp: common.Dist):
+    if ddp.world_size > 1:
+        dist.barrier()
 
 
 if __name__ == "__main__":

@@ -19,16 +19,16 @@ import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 
 import common
-from formats import disk
 import embedded
+from config.train_e2e import MAY_CHANGE, E2EConfig
 from data import TokenLoader, check_data_matches, held_out_batches
-from formats import run_folder
+from formats import disk
 from model import Transformer
+from plumbing.run import Run
 from sae import SAE, load_saes
 from training.sae_loss import (geometric_median, remove_gradient_parallel_to_decoder_directions,
                                set_decoder_norm_to_unit_norm, update_since_fired)
@@ -36,265 +36,167 @@ from evals.held_out import evaluate
 from splice import compile_step, kl_and_ce, original_pass, spliced_pass, unspliced_tokens
 
 
-@dataclass
-class E2EConfig:
-    """Train an end-to-end TopK SAE through the frozen model: minimise KL(p_orig || p_spliced) (Braun et al. 2024)."""
-    model: str | None = None  # HF folder or hub id; none: the embedded tiny model
-    data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
-    # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
-    out: str = "out/e2e"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and log.csv go here
-    layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
-    k: int = 64  # active latents per token, as the TopK baseline (paper: 64)
-    expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
-    recipe: str = "gao"  # gao: the defaults below | authors: the paper authors' e2e runs (one sequence per step, KL
-    # summed over it, all positions, 1000 warmup steps then linear decay), for flags not typed
-    ds_coef: float = 0.0  # > 0: e2e+ds, downstream reconstruction MSE (normalised per layer) weighted by this
-    init: str | None = None  # a trained TopK SAE (folder or hub path) to fine-tune on KL instead of a fresh one
-    # (Karvonen 2025's short KL fine-tune of an MSE-trained SAE); its width and k replace --expansion and --k
-    mse_coef: float = 0.0  # > 0: add this x the SAE layer's reconstruction MSE over the stream's variance (the
-    # KL + MSE mix of Karvonen 2025's fine-tune; Braun et al.'s e2e uses KL alone)
-    max_tokens: int = 50_000_000  # training tokens
-    batch_size: int = 4  # sequences per process per step
-    seq_len: int = 1024  # tokens per sequence
-    lr: float | None = None  # Adam learning rate; none: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14), as the paper's e2e
-    warmup_frac: float = 0.01  # fraction of the steps warming up linearly
-    decay_frac: float = 0.2  # fraction of the steps decaying linearly to zero at the end
-    grad_clip: float = 1.0  # gradient norm clip
-    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    sae_positions: str = "no_bos"  # where the SAE is spliced: no_bos (BOS keeps its activation, as train_sae.py
-    # excludes it) | all (the authors' e2e runs) | no_bos_eos
-    skip_norm_above: float | None = None  # also leave alone the positions whose activation norm, where the SAE reads
-    # it, is above this multiple of their window's median (the Qwen3 SAE card's rule is 10); none: off (adapt.py)
-    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
-    # float32) | bfloat16 | float32
-    compile: bool = True  # torch.compile each block and the KL chunk (splice.compile_step)
-    kl_chunk: int = 2048  # tokens per lm_head + log-softmax chunk
-    kl_reduction: str = "token"  # the training loss: token: Eq. 7's mean over predicted positions | sequence:
-    # summed over each sequence's, mean over sequences (the authors')
-    log_interval: int = 10  # steps between log lines
-    eval_interval: int = 200  # steps between validation CE-with-SAE measurements
-    eval_batches: int = 8  # validation batches of batch_size sequences; at most
-    # what the held-out split holds (capped, with a log line)
-    eval_split: str = "validation"  # the held-out part these evaluations read: validation (they steer the run: when
-    # to stop, which lr) | test; an SAE's reported CE comes from adapt.py's or eval.py's test part (data.py)
-    resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --compile,
-    # --kl-chunk, --log-interval, --eval-interval, --eval-batches and --device may differ, and --lr may be lowered
-    # (after a divergence). --model, --data and --init are compared by what their files hold, not by their paths
-    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and log.csv are deleted)
-    seed: int = 0  # SAE initialisation and data order
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
-        common.check_flags(
-            self, positive=("k", "expansion", "max_tokens", "batch_size", "seq_len", "lr", "grad_clip",
-                            "kl_chunk", "log_interval", "eval_interval", "eval_batches"),
-            non_negative=("dead_tokens", "ds_coef", "mse_coef"), fractions=("warmup_frac", "decay_frac"),
-            choices=dict(recipe=("gao", "authors"), kl_reduction=("sequence", "token"),
-                         sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS),
-                         eval_split=("validation", "test")))
-
-
-# Without --model: the tiny model's preset (embedded.fill applies it to the flags not typed)
-TINY = dict(layer=[embedded.SAE_LAYER], k=16, expansion=8, max_tokens=1_500_000, batch_size=8, seq_len=256,
-            dead_tokens=1_000_000, eval_interval=50, log_interval=10, out="out/e2e-tiny")
-
-
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(E2EConfig, argv, epilog=embedded.preset_help("train_e2e", TINY))
-    embedded.fill(cfg, typed, "train_e2e", TINY)
+    # -- config: the flags; without --model, config/train_e2e_tiny.py -----------------------------------------------
+    cfg, typed = common.parse_args(E2EConfig, argv, epilog=embedded.preset_help("train_e2e"))
+    embedded.fill_in(cfg, typed, "train_e2e")
     if cfg.recipe == "authors":  # their trainer with e2e=True (es/trainer.py:333-399)
-        common.fill(cfg, typed, dict(batch_size=1, kl_reduction="sequence", sae_positions="all", decay_frac=1.0,
-                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")
+        common.set_untyped(cfg, typed, dict(batch_size=1, kl_reduction="sequence", sae_positions="all",
+                                            decay_frac=1.0,
+                                            warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))),
+                           "recipe")
         common.log_preset(cfg, "recipe", "train_e2e.py: --recipe authors replaces these values (typed flags win):")
-    elif cfg.recipe != "gao":
-        raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
-    return run(cfg)
-
-
-# What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE
-# that is trained and must equal the checkpoint's (formats/run_folder.py).
-MAY_CHANGE = frozenset({"max_tokens", "autocast", "compile", "kl_chunk", "log_interval", "eval_interval",
-                        "eval_batches", "resume", "overwrite", "device", "out"})
-OUTPUTS = ("state.pt", "state.prev.pt", "log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
-
-
-def run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
-    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is per process
-    common.check_one_step(cfg.max_tokens, cfg.batch_size * cfg.seq_len * world,
-                          f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} x {world} process(es)")
-    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
-                          config=asdict(cfg), inputs=[cfg.model, cfg.data, cfg.init],
-                          may_change=MAY_CHANGE | ({"k", "expansion"} if cfg.init else set()),  # --init's own
-                          by_content=("model", "data", "init"), may_lower=("lr",)):
-        return _run(cfg, ddp)
-
-
-def _run(cfg: E2EConfig, ddp: common.Dist | None = None) -> dict:
-    # -- setup, frozen model, SAE --------------------------------------------------------------------------------------
     if len(cfg.layer) != 1:
         raise ValueError(f"train_e2e.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
-    if cfg.kl_reduction not in ("sequence", "token"):
-        raise ValueError(f"--kl-reduction {cfg.kl_reduction!r}: expected sequence or token")
     layer = cfg.layer[0]
-    own = ddp is None  # a caller that passes ddp (the embedded pipeline: one process) keeps its setup
-    ddp = ddp or common.setup(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = Transformer.from_pretrained(cfg.model, device=ddp.device).requires_grad_(False)
-    if not 0 <= layer < model.cfg.n_layer - 1:
-        raise ValueError(f"--layer {layer} is out of range: an e2e SAE needs a later layer to train through; "
-                         f"this model has layers 0..{model.cfg.n_layer - 1}")
-    dm = model.cfg.d_model
-    if cfg.init:  # fine-tune a trained SAE: it sets the width and k
-        sae = load_saes([cfg.init], [layer], model, ddp.device)[0][1].requires_grad_(True)
-        if sae.arch != "topk" or sae.site != "resid":
-            raise ValueError(f"--init {cfg.init}: a {sae.arch} SAE at site {sae.site}; train_e2e.py fine-tunes TopK "
-                             f"SAEs of the residual stream")
-        cfg.k, cfg.expansion = sae.k, sae.d_sae // dm
-        sae.model_name = cfg.model
-    else:
-        sae = SAE(dm, cfg.expansion * dm, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=ddp.device)
-    m = sae.d_sae
-    lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
-    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    autocast_ctx = common.autocast(ddp.device, cfg.autocast)
-    unspliced_ids = unspliced_tokens([(layer, sae)], model.cfg, cfg.sae_positions, cfg.skip_norm_above)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    with Run(cfg, outputs=("log.csv", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]"),
+             may_change=MAY_CHANGE | ({"k", "expansion"} if cfg.init else set()),  # --init's own
+             inputs=dict(model=cfg.model, data=cfg.data, init=cfg.init),
+             one_step=(tokens_per_step, f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}")) as run:
+        # -- setup, frozen model, SAE ------------------------------------------------------------------------------
+        ddp = run.ddp
+        micro, _ = common.batch_split(cfg.batch_size, None, ddp.world_size)  # sequences per process
+        torch.manual_seed(cfg.seed)
+        model = Transformer.from_pretrained(cfg.model, device=ddp.device).requires_grad_(False)
+        if not 0 <= layer < model.cfg.n_layer - 1:
+            raise ValueError(f"--layer {layer} is out of range: an e2e SAE needs a later layer to train through; "
+                             f"this model has layers 0..{model.cfg.n_layer - 1}")
+        dm = model.cfg.d_model
+        if cfg.init:  # fine-tune a trained SAE: it sets the width and k
+            sae = load_saes([cfg.init], [layer], model, ddp.device)[0][1].requires_grad_(True)
+            if sae.arch != "topk" or sae.site != "resid":
+                raise ValueError(f"--init {cfg.init}: a {sae.arch} SAE at site {sae.site}; train_e2e.py fine-tunes "
+                                 f"TopK SAEs of the residual stream")
+            cfg.k, cfg.expansion = sae.k, sae.d_sae // dm
+            sae.model_name = cfg.model
+        else:
+            sae = SAE(dm, cfg.expansion * dm, "topk", k=cfg.k, layer=layer, model_name=cfg.model, device=ddp.device)
+        m = sae.d_sae
+        peak_lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)  # Gao et al.'s rule
+        optimizer = torch.optim.Adam(sae.parameters(), lr=peak_lr, eps=6.25e-10)
+        cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+        autocast_ctx = common.autocast(ddp.device, cfg.autocast)
+        unspliced_ids = unspliced_tokens([(layer, sae)], model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # left unspliced
 
-    # -- data ----------------------------------------------------------------------------------------------------------
-    check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
-    loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
-                         device=ddp.device)
-    val = TokenLoader(cfg.data, cfg.eval_split, cfg.batch_size, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
-                      device=ddp.device)
-    val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
-                                   "--batch-size or --seq-len")
-    tokens_per_step = cfg.batch_size * cfg.seq_len * ddp.world_size
-    total_steps = max(1, cfg.max_tokens // tokens_per_step)
-    since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)
-    state_path, csv_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.csv")
-    step, elapsed, rows = 0, 0.0, []
+        # -- data ----------------------------------------------------------------------------------------------------
+        check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
+        loader = TokenLoader(cfg.data, "train", micro, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
+                             device=ddp.device)
+        val = TokenLoader(cfg.data, cfg.eval_split, micro, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
+                          device=ddp.device)
+        val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
+                                       "--batch-size or --seq-len")
+        total_steps = max(1, cfg.max_tokens // tokens_per_step)
+        csv_path = os.path.join(cfg.out, "log.csv")
 
-    built_from = run_folder.inputs_of(model=cfg.model, data=cfg.data, init=cfg.init)  # what --resume compares
-    if cfg.resume and os.path.isfile(state_path):
-        st = disk.torch_load(state_path, ddp.device,
-                             keys=("sae", "optimizer", "loader", "since_fired", "step", "elapsed", "rows"))
-        run_folder.check_inputs(st.get("inputs"), built_from, state_path)
-        run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
-        sae.load_state_dict(st["sae"])
-        optimizer.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"][ddp.rank])
-        common.set_rng_state(st.get("rng"), ddp.rank)  # torch's stream, for whatever a step draws from it
-        since_fired, step, elapsed, rows = st["since_fired"], st["step"], st["elapsed"], st["rows"]
-        common.log(f"resumed from {state_path} at step {step}")
-    elif not cfg.init:  # b_dec at the geometric median of the layer's activations (every rank's), as for TopK SAEs
-        with torch.no_grad(), autocast_ctx:
-            sample = model(val_batches[0], stop_at=layer)[:, 1:].reshape(-1, dm).float()
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(common.all_gather_cat(sample)))
-    common.log(f"e2e{'+ds' if cfg.ds_coef else ''}{'+mse' if cfg.mse_coef else ''} TopK SAE d_in {dm} d_sae {m} "
-               f"k {cfg.k} at layer {layer}{', fine-tuning ' + cfg.init if cfg.init else ''}; "
-               f"lr {lr:.2e}; {total_steps} steps of {tokens_per_step} tokens")
+        # -- resume, or b_dec at the geometric median ----------------------------------------------------------------
+        run.keep(sae=sae, optimizer=optimizer, loader=loader)  # what a checkpoint holds and --resume restores
+        state = run.resume(("since_fired", "rows"))
+        if state:
+            since_fired, step, rows = state["since_fired"], state["step"], state["rows"]
+        else:
+            since_fired, step, rows = torch.zeros(m, dtype=torch.long, device=ddp.device), 0, []
+            if not cfg.init:  # b_dec at the geometric median of the layer's activations (every rank's), as TopK SAEs
+                with torch.no_grad(), autocast_ctx:
+                    sample = model(val_batches[0], stop_at=layer)[:, 1:].reshape(-1, dm).float()
+                with torch.no_grad():
+                    sae.b_dec.copy_(geometric_median(common.all_gather_cat(sample)))
+        common.log(f"e2e{'+ds' if cfg.ds_coef else ''}{'+mse' if cfg.mse_coef else ''} TopK SAE d_in {dm} d_sae {m} "
+                   f"k {cfg.k} at layer {layer}{', fine-tuning ' + cfg.init if cfg.init else ''}; "
+                   f"lr {peak_lr:.2e}; {total_steps} steps of {tokens_per_step} tokens")
+        advice = f"a lower --lr than {peak_lr:.3g}"
 
-    def save_state():
-        loaders, rngs = common.gather_objects(loader.state_dict()), common.gather_objects(common.rng_state())
-        bad = [n for n, p in sae.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-        if bad:  # checked before it is saved: a checkpoint holds finite weights
-            raise run_folder.diverged(state_path, step, f"e2e training diverged: {bad[0]} is not finite",
-                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
-        if ddp.master:
-            run_folder.save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), loader=loaders,
-                                            rng=rngs, since_fired=since_fired, step=step, elapsed=elapsed, rows=rows,
-                                            config=asdict(cfg), inputs=built_from, effective=dict(lr=lr)),
-                                       state_path)
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
-            disk.write_text(csv_path, text.getvalue())
-
-    def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them
-        sae.eval()
-        res = evaluate(model, [(layer, sae)], val_batches, unspliced_ids, chunk=cfg.kl_chunk, autocast_ctx=autocast_ctx)
-        sae.train()
-        return res
-
-    # -- the loop ------------------------------------------------------------------------------------------------------
-    checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
-    loss_fn = compile_step(model, cfg.compile)  # each block its own graph, the KL chunk another
-    later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match
-    watched = set(later) | ({layer} if cfg.mse_coef > 0 else set())  # + the SAE's own input and output for the MSE
-    sae.train()
-    while step < total_steps:
-        t0 = time.time()
-        cur_lr = common.lr_at(step, total_steps, lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
-        for g in optimizer.param_groups:
-            g["lr"] = cur_lr
-        idx = loader.next_batch()
-        acts = {"orig": {}, "spliced": {}}  # e2e+ds: the later blocks' outputs of both passes; the SAE's input
-
-        def record(which):
-            if not watched:
-                return None
-            return lambda i, x, y: acts[which].__setitem__(i, (x, y)) if i in watched else None
-        with autocast_ctx:
-            with torch.no_grad():  # the prefix up to the layer is the same computation in both passes: run it once
-                h_orig, prefix = original_pass(model, idx, layer, share_prefix=True, observe=record("orig"))
-                values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
-            h = spliced_pass(model, [(layer, sae)], idx, unspliced_ids, prefix=prefix,
-                             observe=record("spliced"))
-            kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, loss_fn=loss_fn)  # Eq. 7 per position
-            loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))
-            if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
-                o, s = acts["orig"], acts["spliced"]
-                loss = loss + cfg.ds_coef * sum((s[i][1].float() - o[i][1].float()).pow(2).sum(-1).mean()
-                                                / o[i][1].float().pow(2).sum(-1).mean() for i in later) / len(later)
-            if cfg.mse_coef > 0:  # Karvonen 2025: KL + MSE; the MSE over the stream's variance, so FVU-scaled
-                x, x_hat = (t.float() for t in acts["spliced"][layer])
-                mse = (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean((0, 1))).pow(2).sum(-1).mean()
-                loss = loss + cfg.mse_coef * mse
-        # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
-        if not math.isfinite(common.all_reduce_mean(loss.detach().clone()).item()):
-            raise run_folder.diverged(state_path, step, f"e2e training diverged: the loss is {loss.item()}",
-                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
-        loss.backward()
-        common.all_reduce_grads(sae.parameters())
-        remove_gradient_parallel_to_decoder_directions(sae)
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        set_decoder_norm_to_unit_norm(sae)
-        fired = torch.zeros(m, device=ddp.device)
-        fired[indices[values > 0]] = 1.0
-        update_since_fired(since_fired, common.all_reduce_mean(fired) > 0, tokens_per_step)
-        step += 1
-        elapsed += time.time() - t0
-
-        if step % cfg.log_interval == 0 or step == total_steps:
-            dead = (since_fired >= cfg.dead_tokens).float().mean().item()
-            train_kl, train_ce = kl.mean().item(), ce.mean().item()
-            common.log(f"step {step}/{total_steps} | loss {loss.item():.4f} | train KL {train_kl:.4f} | train CE with "
-                       f"SAE {train_ce:.4f} | lr {cur_lr:.2e} | {tokens_per_step * step / max(elapsed, 1e-9):,.0f} "
-                       f"tok/s | ETA {(total_steps - step) * elapsed / step / 60:.1f} min")
-            rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=elapsed, backward_passes=step,
-                             loss=loss.item(), train_kl=train_kl, train_ce=train_ce,
-                             l0=(values > 0).float().sum(-1).mean().item(), dead=dead))
-        if step % cfg.eval_interval == 0 or step == total_steps:
-            res = held_out()
-            rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=elapsed, backward_passes=step, **res))
-            common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | KL "
-                       f"{res['kl_sae']:.4f} | {elapsed / 60:.1f} min")
-        if step in checkpoints:
-            save_state()  # first: it checks the weights are finite
+        def save():
+            run.stop_if_diverged(step, sae.state_dict(), "e2e training diverged", advice)  # a checkpoint is finite
+            run.save(since_fired=since_fired, step=step, rows=rows, effective=dict(lr=peak_lr))
             if ddp.master:
-                sae.save(os.path.join(cfg.out, checkpoints[step]))
+                text = io.StringIO()
+                writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
+                writer.writeheader()
+                writer.writerows(rows)
+                disk.write_text(csv_path, text.getvalue())
 
-    if ddp.master:
-        sae.save(cfg.out)
-        run_folder.finish(state_path)
-    common.log(f"saved {cfg.out} (SAELens format), log.csv and checkpoints ckpt_010..ckpt_100")
-    if own:
-        common.teardown()
+        def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them
+            sae.eval()
+            res = evaluate(model, [(layer, sae)], val_batches, unspliced_ids, chunk=cfg.kl_chunk, autocast_ctx=autocast_ctx)
+            sae.train()
+            return res
+
+        # -- the loop ------------------------------------------------------------------------------------------------
+        checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}
+        loss_fn = compile_step(model, cfg.compile)  # each block its own graph, the KL chunk another
+        later = range(layer + 1, model.cfg.n_layer - 1) if cfg.ds_coef > 0 else range(0)  # e2e+ds: these must match
+        watched = set(later) | ({layer} if cfg.mse_coef > 0 else set())  # + the SAE's own input and output for the MSE
+        sae.train()
+        while step < total_steps:
+            t0 = time.time()
+            lr = common.lr_at(step, total_steps, peak_lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            idx = loader.next_batch()
+            acts = {"orig": {}, "spliced": {}}  # e2e+ds: the later blocks' outputs of both passes; the SAE's input
+
+            def record(which):
+                if not watched:
+                    return None
+                return lambda i, x, y: acts[which].__setitem__(i, (x, y)) if i in watched else None
+            with autocast_ctx:
+                with torch.no_grad():  # the prefix up to the layer is the same in both passes: run it once
+                    h_orig, prefix = original_pass(model, idx, layer, share_prefix=True, observe=record("orig"))
+                    values, indices = sae.encode_topk(prefix)  # which latents fire, for the dead-latent accounting
+                h = spliced_pass(model, [(layer, sae)], idx, unspliced_ids, prefix=prefix,
+                                 observe=record("spliced"))
+                kl, ce, _ = kl_and_ce(model, h_orig, h, idx, chunk=cfg.kl_chunk, loss_fn=loss_fn)  # Eq. 7 per position
+                loss = kl.sum() / (len(idx) if cfg.kl_reduction == "sequence" else len(kl))
+                if later:  # Braun et al.'s e2e+ds: downstream streams should match too (normalised MSE)
+                    o, s = acts["orig"], acts["spliced"]
+                    loss = loss + cfg.ds_coef * sum((s[i][1].float() - o[i][1].float()).pow(2).sum(-1).mean()
+                                                    / o[i][1].float().pow(2).sum(-1).mean() for i in later) / len(later)
+                if cfg.mse_coef > 0:  # Karvonen 2025: KL + MSE; the MSE over the stream's variance, so FVU-scaled
+                    x, x_hat = (t.float() for t in acts["spliced"][layer])
+                    mse = (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean((0, 1))).pow(2).sum(-1).mean()
+                    loss = loss + cfg.mse_coef * mse
+            # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
+            run.watch(step, loss)
+            run.stop_if_diverged(step, {}, "e2e training diverged", advice)
+            loss.backward()
+            common.all_reduce_grads(sae.parameters())
+            remove_gradient_parallel_to_decoder_directions(sae)
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            set_decoder_norm_to_unit_norm(sae)
+            fired = torch.zeros(m, device=ddp.device)
+            fired[indices[values > 0]] = 1.0
+            update_since_fired(since_fired, common.all_reduce_mean(fired) > 0, tokens_per_step)
+            step += 1
+            run.tick(tokens_per_step, time.time() - t0)
+
+            if step % cfg.log_interval == 0 or step == total_steps:
+                dead = (since_fired >= cfg.dead_tokens).float().mean().item()
+                train_kl, train_ce = kl.mean().item(), ce.mean().item()
+                _, speed = run.speed((total_steps - step) * tokens_per_step)
+                common.log(f"step {step}/{total_steps} | loss {loss.item():.4f} | train KL {train_kl:.4f} | train CE "
+                           f"with SAE {train_ce:.4f} | lr {lr:.2e} | {speed}")
+                rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=run.elapsed, backward_passes=step,
+                                 loss=loss.item(), train_kl=train_kl, train_ce=train_ce,
+                                 l0=(values > 0).float().sum(-1).mean().item(), dead=dead))
+            if step % cfg.eval_interval == 0 or step == total_steps:
+                res = held_out()
+                rows.append(dict(step=step, tokens=step * tokens_per_step, seconds=run.elapsed, backward_passes=step,
+                                 **res))
+                common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | KL "
+                           f"{res['kl_sae']:.4f} | {run.elapsed / 60:.1f} min")
+            if step in checkpoints:
+                save()  # first: it checks the weights are finite
+                if ddp.master:
+                    sae.save(os.path.join(cfg.out, checkpoints[step]))
+
+        if ddp.master:
+            sae.save(cfg.out)
+        run.finish()
+        common.log(f"saved {cfg.out} (SAELens format), log.csv and checkpoints ckpt_010..ckpt_100")
     return dict(rows=rows, sae=sae)
 
 

@@ -16,81 +16,20 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
 import common
-from formats import disk
 import embedded
+from config.train_sae import MAY_CHANGE, TrainSAEConfig
 from data import TokenLoader, check_data_matches, held_out_batches
-from formats import run_folder
 from model import Transformer, compile_blocks
+from plumbing.run import Run
 from sae import SAE
 from training.sae_loss import (clamp_threshold_, geometric_median, remove_gradient_parallel_to_decoder_directions,
                                set_decoder_norm_to_unit_norm, training_loss, update_since_fired)
 from evals.held_out import evaluate
-
-
-@dataclass
-class TrainSAEConfig:
-    """Train a TopK, BatchTopK or JumpReLU SAE on one layer's residual stream (Gao et al.'s recipe)."""
-    model: str | None = None  # HF folder or hub id; none: the embedded tiny model
-    data: str | None = None  # token folder (data.prepare); none: the embedded corpus in the model's own tokens
-    # (the paper's data: python data.py --source redpajama-v2 --out DIR --tokenizer MODEL --max-tokens N)
-    out: str = "out/sae"  # the SAE (SAELens format), ckpt_010..ckpt_100, state.pt and history.json go here
-    layer: list[int] = field(default_factory=list)  # the residual stream after this block (one layer; required)
-    recipe: str = "gao"  # gao: Gao et al.'s (the defaults below) | authors: the paper authors' trainer (one
-    # unshuffled sequence per step, all positions, AuxK off, 1000 warmup steps then linear decay), for flags not typed
-    arch: str = "topk"  # topk | batchtopk | jumprelu
-    transcoder: bool = False  # train a transcoder instead: block L's normalised MLP input -> its MLP sublayer's
-    # output (spliced, it replaces that MLP; saved with SAELens' hook_name / hook_name_out for the two points)
-    k: int = 64  # TopK / BatchTopK: active latents per token (paper: 64)
-    expansion: int = 8  # SAE width = expansion x d_model (paper: 8)
-    l0_coef: float = 1e-3  # JumpReLU: weight of the L0 penalty (paper Eq. 6)
-    bandwidth: float = 1e-3  # JumpReLU: straight-through kernel width, relative to the activation scale
-    max_tokens: int = 200_000_000  # training tokens
-    batch_tokens: int = 4096  # tokens per SAE step, over all processes (Gao et al.: thousands, not one sequence)
-    buffer_tokens: int = 262_144  # shuffle buffer of activations, refilled when consumed
-    model_batch: int = 8  # sequences per process per forward of the frozen model when filling the buffer
-    seq_len: int = 1024  # tokens per sequence
-    lr: float | None = None  # Adam learning rate; none: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14)
-    warmup_frac: float = 0.01  # fraction of the steps warming up linearly
-    decay_frac: float = 0.2  # fraction of the steps decaying linearly to zero at the end
-    auxk_coef: float = 1 / 32  # TopK: weight of the AuxK loss that revives dead latents (Gao et al.: 1/32)
-    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    grad_clip: float = 1.0  # gradient norm clip
-    include_bos: bool = False  # train on BOS activations too (their norm dwarfs the rest: excluded by default)
-    autocast: str = "auto"  # activation precision: auto (bfloat16 where the hardware runs it natively, else
-    # float32) | bfloat16 | float32
-    dtype: str = "float32"  # storage of the frozen weights (bfloat16 skips the per-step weight casts)
-    compile: bool = True  # torch.compile the frozen forward up to the layer, a block at a time
-    log_interval: int = 50  # steps between log lines
-    eval_interval: int = 500  # steps between validation CE-with-SAE measurements
-    eval_batches: int = 4  # validation batches of model_batch sequences; at most
-    # what the held-out split holds (capped, with a log line)
-    eval_split: str = "validation"  # the held-out part these evaluations read: validation (they steer the run: when
-    # to stop, which lr) | test; an SAE's reported CE comes from adapt.py's or eval.py's test part (data.py)
-    resume: bool = False  # continue from --out/state.pt, with its settings; only --max-tokens, --autocast, --dtype,
-    # --compile, --log-interval, --eval-interval, --eval-batches and --device may differ, and --lr may be lowered
-    # (after a divergence). --model and --data are compared by what their files hold, not by their paths
-    overwrite: bool = False  # replace the run in --out (its SAE, checkpoints, state.pt and history.json are deleted)
-    seed: int = 0  # SAE initialisation and data order
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-    def __post_init__(self):  # every value checked as it is parsed: one line naming the flag
-        common.check_flags(
-            self, positive=("k", "expansion", "bandwidth", "max_tokens", "batch_tokens", "buffer_tokens", "model_batch",
-                            "seq_len", "lr", "grad_clip", "log_interval", "eval_interval",
-                            "eval_batches"),
-            non_negative=("dead_tokens", "l0_coef", "auxk_coef"), fractions=("warmup_frac", "decay_frac"),
-            choices=dict(recipe=("gao", "authors"), arch=("topk", "batchtopk", "jumprelu"),
-                         autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
-                         eval_split=("validation", "test")))
-
-
-# Without --model: the embedded pipeline's SAE recipe (its cache folder is named by it), written to out/sae-tiny
-TINY = dict(embedded.SAE, out="out/sae-tiny")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -165,192 +104,141 @@ def mlp_pairs(model, idx, layer):
 
 
 def main(argv=None) -> dict:
-    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae", TINY))
-    embedded.fill(cfg, typed, "train_sae", TINY)
+    # -- config: the flags; without --model, config/train_sae_tiny.py (the embedded SAE's recipe) -------------------
+    cfg, typed = common.parse_args(TrainSAEConfig, argv, epilog=embedded.preset_help("train_sae"))
+    embedded.fill_in(cfg, typed, "train_sae")
     if cfg.transcoder and "out" not in typed:  # out/sae-tiny -> out/transcoder-tiny: never over an SAE's folder
         cfg.out = cfg.out.replace("sae", "transcoder")
     if cfg.recipe == "authors":  # their vendored trainer (es/trainer.py:100-127, 370-439; es/config.py)
-        common.fill(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1, auxk_coef=0.0,
-                                     include_bos=True, decay_frac=1.0,
-                                     warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))), "recipe")
+        common.set_untyped(cfg, typed, dict(batch_tokens=cfg.seq_len, buffer_tokens=cfg.seq_len, model_batch=1,
+                                            auxk_coef=0.0, include_bos=True, decay_frac=1.0,
+                                            warmup_frac=min(1.0, 1000 / max(1, cfg.max_tokens // cfg.seq_len))),
+                           "recipe")
         common.log_preset(cfg, "recipe", "train_sae.py: --recipe authors replaces these values (typed flags win):")
-    elif cfg.recipe != "gao":
-        raise ValueError(f"--recipe {cfg.recipe!r}: expected gao or authors")
-    return run(cfg)
-
-
-# What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE
-# that is trained and must equal the checkpoint's (formats/run_folder.py).
-MAY_CHANGE = frozenset({"max_tokens", "autocast", "dtype", "compile", "log_interval", "eval_interval", "eval_batches",
-                        "resume", "overwrite", "device", "out"})
-OUTPUTS = ("state.pt", "state.prev.pt", "history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]")
-
-
-def run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
-    """The run of cfg, with --out locked and checked first (formats/run_folder.py)."""
-    common.check_one_step(cfg.max_tokens, cfg.batch_tokens, "--batch-tokens")
-    with run_folder.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, checkpoint="state.pt", outputs=OUTPUTS,
-                          config=asdict(cfg), may_change=MAY_CHANGE, inputs=[cfg.model, cfg.data],
-                          by_content=("model", "data"), may_lower=("lr",)):
-        return _run(cfg, ddp)
-
-
-def _run(cfg: TrainSAEConfig, ddp: common.Dist | None = None) -> dict:
-    # -- setup --------------------------------------------------------------------------------------------------------
-    if cfg.arch not in ("topk", "batchtopk", "jumprelu"):
-        raise ValueError(f"--arch must be topk, batchtopk or jumprelu, got {cfg.arch!r}")
     if len(cfg.layer) != 1:
         raise ValueError(f"train_sae.py trains one SAE: give exactly one --layer (got {cfg.layer or 'none'})")
     layer = cfg.layer[0]
-    own = ddp is None  # a caller that passes ddp (the embedded pipeline: one process) keeps its setup
-    ddp = ddp or common.setup(cfg.device)
-    torch.manual_seed(cfg.seed)  # same SAE init on every rank
+    with Run(cfg, outputs=("history.json", "cfg.json", "sae_weights.safetensors", "ckpt_[0-9][0-9][0-9]"),
+             may_change=MAY_CHANGE, inputs=dict(model=cfg.model, data=cfg.data),
+             one_step=(cfg.batch_tokens, "--batch-tokens")) as run:
+        ddp = run.ddp
+        torch.manual_seed(cfg.seed)  # same SAE init on every rank
 
-    # -- frozen model, SAE, optimiser ----------------------------------------------------------------------------------
-    model = Transformer.from_pretrained(cfg.model, device=ddp.device, dtype=getattr(torch, cfg.dtype))
-    model.requires_grad_(False)
-    if not 0 <= layer < model.cfg.n_layer:
-        raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
-    dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
-    sae = SAE(dm, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=layer, model_name=cfg.model,
-              device=ddp.device, apply_b_dec_to_input=not cfg.transcoder)  # b_dec lives in the output's space
-    sae.bandwidth, sae.transcoder = cfg.bandwidth, cfg.transcoder
-    lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
-    cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-    autocast_ctx = common.autocast(ddp.device, cfg.autocast)
+        # -- frozen model, SAE, optimiser ---------------------------------------------------------------------------
+        model = Transformer.from_pretrained(cfg.model, device=ddp.device, dtype=getattr(torch, cfg.dtype))
+        model.requires_grad_(False)
+        if not 0 <= layer < model.cfg.n_layer:
+            raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
+        dm, m = model.cfg.d_model, cfg.expansion * model.cfg.d_model
+        sae = SAE(dm, m, cfg.arch, k=None if cfg.arch == "jumprelu" else cfg.k, layer=layer, model_name=cfg.model,
+                  device=ddp.device, apply_b_dec_to_input=not cfg.transcoder)  # b_dec lives in the output's space
+        sae.bandwidth, sae.transcoder = cfg.bandwidth, cfg.transcoder
+        peak_lr = cfg.lr or 2e-4 / math.sqrt(m / 2 ** 14)  # Gao et al.'s rule
+        optimizer = torch.optim.Adam(sae.parameters(), lr=peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
+        cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
+        autocast_ctx = common.autocast(ddp.device, cfg.autocast)
 
-    # -- data: activations of the layer in a shuffled buffer -----------------------------------------------------------
-    check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
-    loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
-                         device=ddp.device)
-    val = TokenLoader(cfg.data, cfg.eval_split, cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
-                      device=ddp.device)
-    val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
-                                   "--model-batch or --seq-len")
-    per_rank = cfg.batch_tokens // ddp.world_size  # the global SAE batch is split across ranks
-    buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
-                              cfg.include_bos, autocast_ctx, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
-    split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
-    compile_blocks(model, cfg.compile)  # each block its own graph, shared by the blocks of its kind
-    total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
-    since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)  # tokens (global) since each latent fired
-    state_path = os.path.join(cfg.out, "state.pt")
-    step, elapsed, history = 0, 0.0, []
+        # -- data: activations of the layer in a shuffled buffer -----------------------------------------------------
+        check_data_matches(cfg.data, cfg.model)  # one line if the tokens were made by another tokenizer
+        loader = TokenLoader(cfg.data, "train", cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size, cfg.seed,
+                             device=ddp.device)
+        val = TokenLoader(cfg.data, cfg.eval_split, cfg.model_batch, cfg.seq_len, ddp.rank, ddp.world_size,
+                          shuffle=False, device=ddp.device)
+        val_batches = held_out_batches(val, cfg.eval_batches, f"--eval-batches {cfg.eval_batches}",
+                                       "--model-batch or --seq-len")
+        per_rank = cfg.batch_tokens // ddp.world_size  # the global SAE batch is split across ranks
+        buffer = ActivationBuffer(model, loader, layer, max(cfg.buffer_tokens // ddp.world_size, per_rank),
+                                  cfg.include_bos, autocast_ctx, ddp.device, transcoder=cfg.transcoder, seed=cfg.seed)
+        split = (lambda xy: (xy[:, :dm], xy[:, dm:])) if cfg.transcoder else (lambda x: (x, None))  # input, target
+        compile_blocks(model, cfg.compile)  # each block its own graph, shared by the blocks of its kind
+        total_steps = max(1, cfg.max_tokens // cfg.batch_tokens)
 
-    built_from = run_folder.inputs_of(model=cfg.model, data=cfg.data)  # what --resume compares
-    if cfg.resume and os.path.isfile(state_path):
-        st = disk.torch_load(state_path, ddp.device,
-                             keys=("sae", "optimizer", "buffer", "since_fired", "step", "elapsed", "history",
-                                   "scale"))
-        run_folder.check_inputs(st.get("inputs"), built_from, state_path)
-        run_folder.check_tensors(list(st["sae"].values()), list(sae.state_dict().values()), state_path, "SAE")
-        sae.load_state_dict(st["sae"])
-        optimizer.load_state_dict(st["optimizer"])
-        buffer.load_state_dict(st["buffer"][ddp.rank])
-        common.set_rng_state(st.get("rng"), ddp.rank)  # torch's stream, for whatever a step draws from it
-        since_fired, step, elapsed, history, scale = (st[k] for k in ("since_fired", "step", "elapsed", "history",
-                                                                       "scale"))
-        common.log(f"resumed from {state_path} at step {step}")
-    else:
-        # b_dec at the geometric median of a sample, and the loss scale; the sample is gathered from every rank so
-        # that all ranks (and a single-process run over the same tokens) start identically
-        sample = buffer.next(min(per_rank * 4, buffer.size))
-        buffer.pos = 0
-        sample = common.all_gather_cat(sample)
-        inputs, sample = split(sample)
-        sample = sample if cfg.transcoder else inputs  # b_dec and the scale: of what is reconstructed
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample))
-        scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
-        if cfg.transcoder:  # the tied init maps inputs to outputs of the input's size: start at the target's instead
+        # -- resume, or b_dec at the geometric median --------------------------------------------------------------
+        run.keep(sae=sae, optimizer=optimizer, buffer=buffer)  # what a checkpoint holds and --resume restores
+        state = run.resume(("since_fired", "history", "scale"))
+        if state:
+            since_fired, step, history, scale = (state[k] for k in ("since_fired", "step", "history", "scale"))
+        else:
+            since_fired = torch.zeros(m, dtype=torch.long, device=ddp.device)  # tokens (global) since each fired
+            step, history = 0, []
+            # b_dec at the geometric median of a sample, and the loss scale; the sample is gathered from every rank so
+            # that all ranks (and a single-process run over the same tokens) start identically
+            sample = buffer.next(min(per_rank * 4, buffer.size))
+            buffer.pos = 0
+            sample = common.all_gather_cat(sample)
+            inputs, sample = split(sample)
+            sample = sample if cfg.transcoder else inputs  # b_dec and the scale: of what is reconstructed
             with torch.no_grad():
-                sae.W_enc.mul_(math.sqrt(scale / inputs.pow(2).sum(-1).mean().item()))
-    sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
-    common.log(f"{'transcoder' if cfg.transcoder else 'SAE'} {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer {layer}; lr {lr:.2e}; {total_steps} steps "
-               f"of {cfg.batch_tokens} tokens on {ddp.world_size} process(es)")
+                sae.b_dec.copy_(geometric_median(sample))
+            scale = (sample - sample.mean(0)).pow(2).sum(-1).mean().item()
+            if cfg.transcoder:  # the tied init maps inputs to outputs of the input's size: start at the target's
+                with torch.no_grad():
+                    sae.W_enc.mul_(math.sqrt(scale / inputs.pow(2).sum(-1).mean().item()))
+        sparsity = f"L0 coef {cfg.l0_coef}" if cfg.arch == "jumprelu" else f"k {cfg.k}"
+        common.log(f"{'transcoder' if cfg.transcoder else 'SAE'} {cfg.arch} d_in {dm} d_sae {m} {sparsity} at layer "
+                   f"{layer}; lr {peak_lr:.2e}; {total_steps} steps of {cfg.batch_tokens} tokens on "
+                   f"{ddp.world_size} process(es)")
+        advice = f"a lower --lr than {peak_lr:.3g}"
 
-    def save_state():
-        buffers, rngs = common.gather_objects(buffer.state_dict()), common.gather_objects(common.rng_state())
-        bad = [n for n, p in sae.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-        if bad:  # checked before it is saved: a checkpoint holds finite weights
-            raise run_folder.diverged(state_path, step, f"SAE training diverged: {bad[0]} is not finite",
-                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
-        if ddp.master:
-            run_folder.save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), buffer=buffers,
-                                            rng=rngs, since_fired=since_fired, scale=scale, step=step, elapsed=elapsed,
-                                            history=history, config=asdict(cfg), inputs=built_from,
-                                            effective=dict(lr=lr)), state_path)
+        def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
+            if ddp.master:
+                (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
 
-    def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
-        if ddp.master:
-            (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
+        def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as trained)
+            sae.eval()
+            res = evaluate(model, [(layer, sae)], val_batches, model.cfg.bos_token_id, autocast_ctx=autocast_ctx)
+            sae.train()
+            return res
 
-    def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as in training)
-        sae.eval()
-        res = evaluate(model, [(layer, sae)], val_batches, model.cfg.bos_token_id, autocast_ctx=autocast_ctx)
+        # -- the loop ------------------------------------------------------------------------------------------------
         sae.train()
-        return res
+        checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}  # the frontier's
+        while step < total_steps:
+            t0 = time.time()
+            x, target = split(buffer.next(per_rank))
+            lr = common.lr_at(step, total_steps, peak_lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with autocast_ctx:
+                loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
+                                                   auxk_coef=cfg.auxk_coef, target=target)
+            # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
+            run.watch(step, loss)
+            run.stop_if_diverged(step, {}, "SAE training diverged", advice)
+            loss.backward()
+            common.all_reduce_grads(sae.parameters())
+            fired = common.all_reduce_mean(fired.float()) > 0
+            remove_gradient_parallel_to_decoder_directions(sae)
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            set_decoder_norm_to_unit_norm(sae)
+            clamp_threshold_(sae)
+            update_since_fired(since_fired, fired, cfg.batch_tokens)
+            step += 1
+            run.tick(cfg.batch_tokens, time.time() - t0)
 
-    # -- the loop ------------------------------------------------------------------------------------------------------
-    sae.train()
-    checkpoints = {round(total_steps * p / 10): f"ckpt_{p * 10:03d}" for p in range(1, 11)}  # the frontier's points
-    window = [0, 0.0]
-    while step < total_steps:
-        t0 = time.time()
-        x, target = split(buffer.next(per_rank))
-        cur_lr = common.lr_at(step, total_steps, lr, cfg.warmup_frac, cfg.decay_frac, shape="linear")
-        for g in optimizer.param_groups:
-            g["lr"] = cur_lr
-        with autocast_ctx:
-            loss, stats, fired = training_loss(sae, x, since_fired >= cfg.dead_tokens, scale, l0_coef=cfg.l0_coef,
-                                               auxk_coef=cfg.auxk_coef, target=target)
-        # the loss of the SAE after `step` updates, over every rank (one rank's NaN stops them all at this step)
-        if not math.isfinite(common.all_reduce_mean(loss.detach().clone()).item()):
-            raise run_folder.diverged(state_path, step, f"SAE training diverged: the loss is {loss.item()}",
-                                      f"a lower --lr than {lr:.3g}", master=ddp.master)
-        loss.backward()
-        common.all_reduce_grads(sae.parameters())
-        fired = common.all_reduce_mean(fired.float()) > 0
-        remove_gradient_parallel_to_decoder_directions(sae)
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        set_decoder_norm_to_unit_norm(sae)
-        clamp_threshold_(sae)
-        update_since_fired(since_fired, fired, cfg.batch_tokens)
-        step += 1
-        elapsed += time.time() - t0
-        window = [window[0] + cfg.batch_tokens, window[1] + time.time() - t0]
+            if step % cfg.log_interval == 0 or step == total_steps:
+                dead = (since_fired >= cfg.dead_tokens).float().mean().item()
+                _, speed = run.speed((total_steps - step) * cfg.batch_tokens)
+                common.log(f"step {step}/{total_steps} | FVU {stats['fvu']:.4f} | L0 {stats['l0']:.1f} | dead "
+                           f"{dead:.1%} | {run.elapsed / 60:.1f} min | {speed}")
+                history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=run.elapsed, dead=dead, **stats))
+            if step % cfg.eval_interval == 0 or step == total_steps:
+                res = held_out()
+                history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=run.elapsed, **res))
+                common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | "
+                           f"KL {res['kl_sae']:.4f}")
+            if step in checkpoints:
+                run.stop_if_diverged(step, sae.state_dict(), "SAE training diverged", advice)  # a checkpoint is finite
+                run.save(since_fired=since_fired, scale=scale, step=step, history=history,
+                         effective=dict(lr=peak_lr))
+                save_sae(os.path.join(cfg.out, checkpoints[step]))
 
-        if step % cfg.log_interval == 0 or step == total_steps:
-            dead = (since_fired >= cfg.dead_tokens).float().mean().item()
-            tps = window[0] / window[1]
-            common.log(f"step {step}/{total_steps} | FVU {stats['fvu']:.4f} | L0 {stats['l0']:.1f} | dead {dead:.1%} | "
-                       f"{tps:,.0f} tok/s | {elapsed / 60:.1f} min | "
-                       f"ETA {(total_steps - step) * cfg.batch_tokens / tps / 60:.1f} min")
-            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, dead=dead, **stats))
-            window = [0, 0.0]
-        if step % cfg.eval_interval == 0 or step == total_steps:
-            res = held_out()
-            history.append(dict(step=step, tokens=step * cfg.batch_tokens, time=elapsed, **res))
-            common.log(f"step {step} | val CE {res['ce_base']:.4f} original, {res['ce_sae']:.4f} with SAE | "
-                       f"KL {res['kl_sae']:.4f}")
-        if step in checkpoints:
-            save_state()  # first: it checks the weights are finite
-            save_sae(os.path.join(cfg.out, checkpoints[step]))
-
-    # -- save ----------------------------------------------------------------------------------------------------------
-    save_sae(cfg.out)
-    if ddp.master:
-        disk.write_json(os.path.join(cfg.out, "history.json"), dict(config=asdict(cfg),
-                                                                       config_sources=common.sources(cfg),
-                                                                       history=history))
-    if ddp.master:
-        run_folder.finish(state_path)
-    common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
-    if own:
-        common.teardown()
+        # -- save ------------------------------------------------------------------------------------------------------
+        save_sae(cfg.out)
+        run.finish("history.json", dict(config=asdict(cfg), config_sources=common.sources(cfg), history=history))
+        common.log(f"saved {cfg.out} (SAELens format) and checkpoints ckpt_010..ckpt_100")
     return dict(history=history, sae=sae)
 
 

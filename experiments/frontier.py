@@ -19,8 +19,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from formats import disk  # noqa: E402
 from accounting.flops import adapt_step_flops, e2e_step_flops, sae_buffer_windows, sae_run_flops  # noqa: E402
-import train_e2e  # noqa: E402  (E2EConfig)
-import train_sae  # noqa: E402  (TrainSAEConfig)
+from config.train_e2e import E2EConfig  # noqa: E402
+from config.train_sae import TrainSAEConfig  # noqa: E402
 from sae import SAE  # noqa: E402
 from experiments.harness import (  # noqa: E402  (the steps, the results files)
     ExpConfig, _CACHED, _RAN, _STEPS, adapt_run, embedded_paths, held_out, pyplot, run, save, savefig,
@@ -42,6 +42,12 @@ def auxk_steps(history: list[dict], steps: int) -> int:
             n += max(0, upto - done) if "auxk" in r else 0
             done = r["step"]
     return n
+
+
+def e2e_checkpoint(folder: str) -> str:
+    """The checkpoint of a train_e2e.py run: ckpt.pt (state.pt in runs from before the scripts shared one name)."""
+    new = os.path.join(folder, "ckpt.pt")
+    return new if os.path.isfile(new) else os.path.join(folder, "state.pt")
 
 
 def interpolate(xs, ys, x):
@@ -107,14 +113,14 @@ def frontier(cfg: ExpConfig):
     # backward passes through the model as Sec. 4.2 counts them, one per training sequence (its "130x fewer" on
     # Gemma-2-2B and "40x" on Llama-3.2-1B are e2e's 2B / 4B tokens over one adaptation's 15M / 100M): optimizer
     # steps x sequences per step. The TopK SAE's steps backpropagate through the SAE only.
-    sae_cfg = common.fill(train_sae.TrainSAEConfig(), set(), h["config"], "saved")
+    sae_cfg = common.set_untyped(TrainSAEConfig(), set(), h["config"], "saved")
     sae_shape = dict(layer=sae_cfg.layer[0], d_sae=sae_cfg.expansion * mcfg.d_model, arch=sae_cfg.arch,
                      k=None if sae_cfg.arch == "jumprelu" else sae_cfg.k)
     sae_buffer = dict(batch_tokens=sae_cfg.batch_tokens, buffer_tokens=sae_cfg.buffer_tokens,
                       model_batch=sae_cfg.model_batch, seq_len=sae_cfg.seq_len, include_bos=sae_cfg.include_bos)
     topk_flops = lambda p: sae_run_flops(mcfg, **sae_shape, steps=topk_step(p),
                                          auxk_steps=auxk_steps(h["history"], topk_step(p)), **sae_buffer)
-    e2e_cfg = common.fill(train_e2e.E2EConfig(), set(), disk.torch_load(os.path.join(e2e, "state.pt"), "cpu",
+    e2e_cfg = common.set_untyped(E2EConfig(), set(), disk.torch_load(e2e_checkpoint(e2e), "cpu",
                                                                           "e2e state")["config"], "saved")
     e2e_step = e2e_step_flops(mcfg, e2e_cfg.layer[0], e2e_cfg.expansion * mcfg.d_model, e2e_cfg.k,
                               e2e_cfg.batch_size, e2e_cfg.seq_len, e2e_cfg.kl_chunk)

@@ -67,6 +67,17 @@ def save_sae_record(folder: str, saes):
     disk.write_json(os.path.join(folder, SAES_NAME), dict(saes=sae_record(saes)))
 
 
+def write_adapter(model: nn.Module, saes, folder: str, base_model_name_or_path: str, *, every_rank: bool = False):
+    """The adapter in PEFT's files, with the record of the SAEs it is trained around beside them (eval.py says when it
+    is given others), by rank 0; every_rank: every rank takes part (FSDP2: gathering the shards is a collective)."""
+    import torch.distributed as dist
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if every_rank or master:
+        save_adapter(model, folder, base_model_name_or_path)
+    if master:
+        save_sae_record(folder, saes)
+
+
 def sae_mismatch(folder: str, saes) -> str | None:
     """A line saying how the SAEs in `saes` differ from those the adapter in `folder` was trained around (its
     SAES_NAME record); None when they are the same, or when the adapter has no record (made elsewhere, or older)."""

@@ -168,13 +168,14 @@ def test_bad_input(files, tmp_path):
 
 
 def test_torchrun_two_processes_average_gradients_like_one(files, tmp_path):
-    # SGD (tests/sgd_launch.py; Adam's step ignores a constant gradient scale), no clipping: 2 processes x 4 windows
-    # take the steps of 1 process x 8 exactly when gradients are averaged over processes. Compared on the updates
+    # SGD (tests/sgd_launch.py; Adam's step ignores a constant gradient scale), no clipping: --batch-size 8 is 8
+    # windows a step over all processes, so 2 processes x 4 windows take the steps of 1 process x 8 exactly when
+    # gradients are averaged over processes. Compared on the updates
     # after the first checkpoint (step 1 of 4), on their own scale, every entry
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     sgd = ["--max-tokens", "1024", "--grad-clip", "1e9", "--lr", "0.05", "--warmup-frac", "0", "--decay-frac", "0"]
     one = args(files, tmp_path / "one", *sgd)
-    two = args(files, tmp_path / "two", *sgd, "--batch-size", "4")
+    two = args(files, tmp_path / "two", *sgd)
     subprocess.run([sys.executable, "tests/sgd_launch.py", "train_e2e.py", *one], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",

@@ -11,6 +11,7 @@ import pytest
 
 import adapt
 import common
+import config
 import embedded
 import eval as ev
 import pretrain
@@ -33,9 +34,29 @@ def stub_pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(embedded, "model", lambda: "MODEL")
     monkeypatch.setattr(embedded, "corpus", lambda: "CORPUS")
     monkeypatch.setattr(embedded, "sae", lambda layer=embedded.SAE_LAYER: f"SAE-L{layer}")
-    for mod in (adapt, train_sae, train_e2e, ev):
-        monkeypatch.setattr(mod, "run", lambda cfg: cfg)
+    monkeypatch.setattr(ev, "run", lambda cfg: cfg)
+    for mod in (adapt, train_sae, train_e2e):  # the training scripts end at their run's start, with their config
+        monkeypatch.setattr(mod, "Run", stop_with_config)
+        monkeypatch.setattr(mod, "main", returns_config(mod.main))
     monkeypatch.chdir(tmp_path)
+
+
+class Configured(Exception):
+    pass
+
+
+def stop_with_config(cfg, **kwargs):
+    raise Configured(cfg)
+
+
+def returns_config(main):
+    def parse(argv):
+        try:
+            main(argv)
+        except Configured as e:
+            return e.args[0]
+        raise AssertionError("the script ran past its config")
+    return parse
 
 
 def test_presets_fill_only_untyped_flags(stub_pipeline):
@@ -57,14 +78,14 @@ def test_presets_are_logged_first_and_recorded(stub_pipeline, capsys):
     so, value by value, and config_sources records where each value came from."""
     cfg = adapt.main(["--lr", "1e-4"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "adapt.py: no --model, so the tiny model's preset (adapt.TINY) replaces these defaults " \
-                       "(typed flags win):"
+    assert lines[0] == "adapt.py: no --model, so the tiny model's preset (config/adapt_tiny.py) replaces these " \
+                       "defaults (typed flags win):"
     listed = [line.strip() for line in lines[1:] if line.startswith("  --")]
     for flag in ("--schedule cosine (default linear)", "--weight-decay 0.0 (default 0.01)", "--dropout 0.0 (default 0.1)",
                  "--kl-reduction token (default sequence)", "--seq-len 256 (default 1024)", "--decay-frac 1.0 (default "
                  "0.0)"):
         assert flag in listed, (flag, listed)
-    changed = {k for k, v in adapt.TINY.items() if v != getattr(adapt.AdaptConfig(), k) and k != "lr"}
+    changed = {k for k, v in config.preset("adapt").items() if v != getattr(adapt.AdaptConfig(), k) and k != "lr"}
     assert len(listed) == len(changed)  # every value the preset changed, and only those
     assert not any(x.startswith("--lr") for x in listed)  # typed: the user's value
     src = common.sources(cfg)
@@ -79,7 +100,7 @@ def test_presets_are_logged_first_and_recorded(stub_pipeline, capsys):
     assert common.sources(cfg)["batch_tokens"] == "recipe" and common.sources(cfg)["k"] == "preset"
     # --help ends with the preset's values
     help_text = cli("adapt.py", "--help").stdout
-    assert "(adapt.TINY)" in help_text and "--lr 0.003" in help_text
+    assert "(config/adapt_tiny.py)" in help_text and "--lr 0.003" in help_text
 
 
 def test_real_model_without_sae_uses_the_paper_sae_or_says_what_to_pass(stub_pipeline):
@@ -220,15 +241,14 @@ def typed_other(value, key=""):
 def test_typed_flags_are_never_overridden(stub_pipeline, script):
     """Every flag of a preset typed with another value keeps the typed value; so do --data and --sae."""
     module = {"adapt": adapt, "train_sae": train_sae, "train_e2e": train_e2e, "eval": ev}[script]
-    config = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
-                  and v.__module__ == module.__name__)
+    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v))
     argv, want = [], {}
-    for key, value in module.TINY.items():
+    for key, value in config.preset(script).items():
         typed = typed_other(value, key)
         for v in typed if isinstance(typed, list) else [typed]:
             argv += ["--" + key.replace("_", "-"), v]
         want[key] = typed
-    argv += ["--data", "DATA"] + (["--sae", "S"] if "sae" in {f.name for f in dataclasses.fields(config)} else [])
+    argv += ["--data", "DATA"] + (["--sae", "S"] if "sae" in {f.name for f in dataclasses.fields(config_cls)} else [])
     cfg = module.main(argv)
     for key, typed in want.items():
         got = getattr(cfg, key)
@@ -240,12 +260,12 @@ def test_typed_flags_are_never_overridden(stub_pipeline, script):
 def test_help_explains_every_flag(script):
     module = importlib.import_module(script[:-3].replace("/", "."))
     configs = [v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
-               and v.__module__ == module.__name__]
+               and v.__module__ in (module.__name__, "config." + module.__name__)]  # its own, or config/SCRIPT.py
     assert configs, script
-    for config in configs:
-        helps = common.field_help(config)
-        missing = [f.name for f in dataclasses.fields(config) if not helps.get(f.name)]
-        assert not missing, f"{script}: {config.__name__} fields without help: {missing}"
+    for cls in configs:
+        helps = common.field_help(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)]
+        assert not missing, f"{script}: {cls.__name__} fields without help: {missing}"
     proc = cli(script, "--help")
     assert proc.returncode == 0 and "(default:" in proc.stdout
 

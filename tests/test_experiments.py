@@ -58,7 +58,7 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
         json.dump(dict(config=asdict(sae_cfg), history=log), f)
     e2e_cfg = train_e2e.E2EConfig(layer=[1], k=4, expansion=2, batch_size=2, seq_len=32, kl_chunk=40)
     os.makedirs(root / "e2e")
-    torch.save(dict(config=asdict(e2e_cfg)), root / "e2e" / "state.pt")
+    torch.save(dict(config=asdict(e2e_cfg)), root / "e2e" / "ckpt.pt")
     open(root / "e2e" / "cfg.json", "w").write("{}")
     with open(root / "e2e" / "log.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=["step", "tokens", "seconds", "backward_passes"])

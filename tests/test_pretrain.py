@@ -62,7 +62,7 @@ def test_resume_matches_uninterrupted_run(dataset, tmp_path):
     main(tiny_args(dataset, tmp_path / "whole", "gemma2", 20))
     main(tiny_args(dataset, tmp_path / "split", "gemma2", 20, "--stop-after", "10"))
     assert not os.path.exists(tmp_path / "split" / "model.safetensors")  # only the training state so far
-    assert os.path.isfile(tmp_path / "split" / "train_state.pt")
+    assert os.path.isfile(tmp_path / "split" / "ckpt.pt")
     main(tiny_args(dataset, tmp_path / "split", "gemma2", 20, "--resume"))
     a = Transformer.from_pretrained(str(tmp_path / "whole")).state_dict()
     b = Transformer.from_pretrained(str(tmp_path / "split")).state_dict()

@@ -200,10 +200,10 @@ def test_train_sae_divergence_names_a_state_that_exists(files, tmp_path):
     line = proc.stderr.strip()
     assert proc.returncode == 2 and len(line.splitlines()) == 1 and "diverged" in line, proc.stderr[-3000:]
     if "holds the state after" in line:
-        state = torch.load(out / "state.pt", weights_only=False)
+        state = torch.load(out / "ckpt.pt", weights_only=False)
         assert all(torch.isfinite(t).all() for t in state["sae"].values() if t.is_floating_point())
     else:
-        assert "no checkpoint from before it" in line and not (out / "state.pt").exists()
+        assert "no checkpoint from before it" in line and not (out / "ckpt.pt").exists()
 
 
 def test_lr_may_only_be_lowered_on_resume(files):

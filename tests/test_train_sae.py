@@ -205,7 +205,7 @@ def test_loss_scale_is_the_variance_around_the_mean(files, tmp_path, monkeypatch
     assert x.mean(0).pow(2).sum().item() > 0.05 * variance  # the mean is not negligible: an uncentred scale differs
     assert scale == pytest.approx(variance, rel=1e-5)
     assert loss == pytest.approx((x - recon).pow(2).sum(-1).mean().item() / variance, rel=1e-5)
-    assert torch.load(tmp_path / "state.pt", weights_only=False)["scale"] == pytest.approx(variance, rel=1e-5)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["scale"] == pytest.approx(variance, rel=1e-5)
 
 
 def test_buffer_shuffle_follows_the_seed():

@@ -315,7 +315,7 @@ def part_pipeline(p: Part):
     """The embedded pipeline from an empty cache (LORASAE_CACHE a new folder): `python adapt.py` with the full recipe
     when the part has FULL_PIPELINE_S, else its three stages run by their scripts with fewer steps, labelled. Quick:
     adapt.py on fixtures/tiny.py's files (the embedded recipe takes 45 minutes on a CPU, its shortened form minutes)."""
-    import adapt
+    import config
     import embedded
     from pretrain import PretrainConfig
     cache, out = os.path.join(p.tmp, "cache"), os.path.join(p.tmp, "adapt")
@@ -349,8 +349,8 @@ def part_pipeline(p: Part):
             raise RuntimeError(one_line_error(proc["stderr"]) or f"exit code {proc['rc']}")
     else:
         model, sae, data = os.path.join(cache, "model"), os.path.join(cache, "sae"), os.path.join(cache, "stdlib")
-        adapt_preset = {k: v for k, v in adapt.TINY.items() if k != "out"}
-        full = (PretrainConfig.max_steps, embedded.SAE["max_tokens"], adapt.TINY["max_tokens"])
+        adapt_preset = {k: v for k, v in config.preset("adapt").items() if k != "out"}
+        full = (PretrainConfig.max_steps, embedded.SAE["max_tokens"], adapt_preset["max_tokens"])
         commands = (  # (stage, script, flags): each script with the settings the pipeline gives it
             (f"corpus + pretraining ({SHORT['pretrain_steps']} of {full[0]} steps)", "pretrain.py",
              dict(out=model, max_steps=SHORT["pretrain_steps"])),
