@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
         step, history = (state["step"], state["history"]) if state else (0, [])
 
         def held_out(part="validation"):
-            res = evaluate(model, saes, held_out_parts[part], unspliced_ids, chunk=cfg.kl_chunk, autocast_ctx=autocast_ctx)
+            res = evaluate(model, saes, held_out_parts[part], unspliced_ids, chunk=cfg.kl_chunk,
+                           autocast_ctx=autocast_ctx)
             if val_pairs:
                 res.update(evaluate_answers(model, saes, val_pairs, unspliced_ids, micro=micro, chunk=cfg.kl_chunk,
                                             autocast_ctx=autocast_ctx, pad_id=pad_id))
@@ -156,10 +157,12 @@ def main(argv=None) -> dict:
             if step % cfg.log_interval == 0 or step == total_steps:
                 loss_log, kl_log, ce_log = map(float, (loss_sum, kl_sum, ce_sum))
                 tps, speed = run.speed((total_steps - step) * tokens_per_step, flops_per_token)
-                common.log(f"step {step}/{total_steps} | loss {loss_log:.4f} | train KL {kl_log:.4f} | train CE with "
+                kl_text = f" | train KL {kl_log:.4f}" if cfg.objective == "kl" else ""  # ce: no p_orig pass, no KL
+                common.log(f"step {step}/{total_steps} | loss {loss_log:.4f}{kl_text} | train CE with "
                            f"SAE + LoRA {ce_log:.4f} | lr {lr:.2e} | {speed}")
                 history.append(dict(step=step, tokens=step * tokens_per_step, time=run.elapsed, lr=lr, loss=loss_log,
-                                    train_kl=kl_log, train_ce=ce_log, tokens_per_s=tps))
+                                    train_kl=kl_log if cfg.objective == "kl" else None, train_ce=ce_log,
+                                    tokens_per_s=tps))
             if step % cfg.eval_interval == 0 or step == total_steps:
                 held_out()
             if step % cfg.ckpt_interval == 0 or step == total_steps:  # every rank takes part (FSDP2's gathers)
