@@ -15,7 +15,8 @@ import torch._dynamo
 import common
 import splice
 from lora import adapters_disabled, apply_lora
-from model import PRESETS, Attention, ModelConfig, Transformer, flex_fits, rope_cos_sin
+from config.models import PRESETS
+from model import Attention, ModelConfig, Transformer, flex_fits, rope_cos_sin
 from sae import SAE, load_saes
 from fixtures.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint
 from fixtures.tiny import BOS, make_model, make_sae
