@@ -3,7 +3,7 @@
 seq_len = 256
 batch_size = 8  # sequences per optimizer step, over all processes
 max_tokens = 700_000
-lr = 3e-3  # the best of 1e-3, 3e-3 and 6e-3 on validation tokens (experiments/README.md)
+lr = 3e-3  # the best of 1.5e-3, 3e-3 and 6e-3 on the validation part (experiments/README.md)
 weight_decay = 0.0
 dropout = 0.0
 warmup_frac = 0.02
