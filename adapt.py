@@ -27,7 +27,7 @@ from formats.peft import write_adapter
 from lora import adapter_parameters, adapters_disabled, apply_lora, layers_around_saes
 from model import Transformer
 from plumbing.run import Run, log_held_out
-from sae import load_saes
+from formats.sae_files import load_saes
 from accounting.flops import adapt_step_flops
 from evals.held_out import evaluate
 from splice import compile_step, kl_and_ce, original_pass, residual_only, spliced_pass, unspliced_tokens

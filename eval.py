@@ -59,7 +59,7 @@ from formats.peft import load_adapter
 from lora import adapters_disabled, adapters_enabled
 from formats import run_folder
 from model import Transformer
-from sae import load_saes
+from formats.sae_files import load_saes
 from evals.held_out import accumulate, gap_closed, position_means, predicted_positions
 from splice import compile_step, hook_key, kl_and_ce, spliced_pass, unspliced_tokens
 

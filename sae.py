@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from formats import sae_files
+from formats.sae_releases import hook_site
 
 ARCHS = ("topk", "batchtopk", "jumprelu")
 
@@ -244,7 +244,7 @@ class SAE(nn.Module):
     def site(self) -> str | None:
         """Where the splice puts it: "transcoder" (block `layer`'s MLP), "resid" (the stream after block `layer`),
         "attn_z" / "attn_out" / "mlp_out" (inside block `layer`, model.Block.forward), None: a hook it cannot serve."""
-        return "transcoder" if self.transcoder else sae_files.hook_site(getattr(self, "hook_name", None))
+        return "transcoder" if self.transcoder else hook_site(getattr(self, "hook_name", None))
 
     def to_jumprelu(self) -> "SAE":
         """A BatchTopK SAE at inference is a JumpReLU SAE whose threshold is the running threshold, for every latent."""
@@ -261,79 +261,12 @@ class SAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_path: str, device=None, dtype=None) -> "SAE":
-        """Gemma Scope, SAELens (v6 and older), sparsify or Llama Scope, from a local path or a hub path
-        `owner/repo/sub/folder` (formats/sae_files.py reads the files). dtype None keeps the file's dtype."""
-        return cls.from_spec(sae_files.read_sae(path_or_hub_path), device=device, dtype=dtype)
-
-    @classmethod
-    def from_spec(cls, spec: dict, device=None, dtype=None) -> "SAE":
-        """Check shapes and values once, then put the tensors into an SAE (no random init for the real sizes)."""
-        source = spec.get("source", "SAE")
-        W_enc, W_dec = spec["W_enc"], spec["W_dec"]
-        if W_enc.dim() != 2 or W_dec.dim() != 2:
-            raise ValueError(f"{source}: W_enc and W_dec must be matrices, got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
-        d_in, d_sae = W_enc.shape
-        shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_enc=(d_sae,), b_dec=(d_in,), threshold=(d_sae,),
-                      W_skip=(d_in, d_in))
-        for name, shape in shapes.items():
-            t = spec.get(name)
-            if t is not None and tuple(t.shape) != shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, expected {shape} for d_in={d_in}, "
-                                 f"d_sae={d_sae}")
-        for name in (*shapes, "topk_threshold"):
-            t = spec.get(name)
-            if t is not None and not t.is_floating_point():  # integer weights: a damaged or foreign file
-                raise ValueError(f"{source}: {name} is {t.dtype}, not a floating-point tensor (damaged or foreign "
-                                 f"SAE file)")
-            if t is not None and not torch.isfinite(t).all():
-                raise ValueError(f"{source}: {name} contains NaN or inf values (corrupt or diverged SAE)")
-        dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-        dtype = dtype or spec.get("dtype") or W_dec.dtype
-        layer = spec.get("layer")
-        try:
-            sae = cls(d_in, d_sae, spec["arch"], k=spec.get("k"), apply_b_dec_to_input=spec["apply_b_dec_to_input"],
-                      layer=layer, model_name=spec.get("model_name"), device="meta", dtype=dtype)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        cast = lambda t: t.to(device=device or "cpu", dtype=dtype) if t is not None else None  # noqa: E731
-        sae._assign(*(cast(spec.get(n)) for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")))
-        if sae.arch == "batchtopk":
-            sae.topk_threshold = cast(spec["topk_threshold"] if spec.get("topk_threshold") is not None
-                                      else torch.zeros(())).reshape(())
-        sae.hook_name = spec.get("hook_name")
-        sae.transcoder = bool(spec.get("transcoder"))
-        if spec.get("W_skip") is not None:
-            sae.W_skip = torch.nn.Parameter(cast(spec["W_skip"]))
-        sae.source_format, sae.positions = spec.get("format"), spec.get("positions", "no_bos")
-        return sae.eval()
+        """Gemma Scope (2), SAELens, sparsify, Llama Scope, dictionary_learning or Qwen Scope, from a local path or a hub
+        path `owner/repo/sub/folder`, read, checked and converted by formats/sae_files.py. dtype None: the file's."""
+        from formats.sae_files import load_sae  # formats/ builds SAEs from this module: imported here, not at the top
+        return load_sae(path_or_hub_path, device=device, dtype=dtype)
 
     def save(self, folder: str):
         """SAELens v6 layout (cfg.json + sae_weights.safetensors), each file written to a temp name then renamed."""
-        sae_files.save_saelens(self, folder)
-
-
-def load_saes(paths: list[str], layers: list[int] | None, model, device) -> list[tuple[int, SAE]]:
-    """(layer, frozen SAE) pairs sorted by layer; each layer from `layers` or else from the SAE's own files."""
-    if layers is not None and len(layers) != len(paths):
-        raise ValueError(f"--layer names {len(layers)} layers for {len(paths)} SAEs: give one per --sae")
-    saes = []
-    for i, path in enumerate(paths):
-        sae = SAE.from_pretrained(path, device=device)
-        if sae.site is None:
-            raise ValueError(f"{path}: this SAE reads {sae.hook_name}, which the splice cannot replace; it serves "
-                             f"{sae_files.SERVED}")
-        layer = layers[i] if layers is not None else sae.layer
-        if layer is None:
-            raise ValueError(f"{path}: the SAE files do not say which layer it reads; pass --layer")
-        if not 0 <= layer < model.cfg.n_layer:
-            raise ValueError(f"{path}: layer {layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
-        heads = model.cfg.n_head * model.cfg.head_dim
-        sae.check_d_in(heads if sae.site == "attn_z" else model.cfg.d_model, where=path,
-                       what="attention heads' output (attn.hook_z) has n_head * head_dim" if sae.site == "attn_z"
-                       else "residual stream has d_model")
-        sae.requires_grad_(False).eval()
-        sae.path = path  # which files it came from: an adapter records the SAEs it is trained around
-        saes.append((layer, sae))
-    if len({layer for layer, _ in saes}) != len(saes):
-        raise ValueError("two SAEs at the same layer: give each --sae its own --layer")
-    return sorted(saes, key=lambda p: p[0])
+        from formats.sae_files import save_saelens
+        save_saelens(self, folder)

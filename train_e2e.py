@@ -29,7 +29,8 @@ from data import TokenLoader, check_data_matches, held_out_batches
 from formats import disk
 from model import Transformer
 from plumbing.run import Run
-from sae import SAE, load_saes
+from formats.sae_files import load_saes
+from sae import SAE
 from training.sae_loss import (geometric_median, remove_gradient_parallel_to_decoder_directions,
                                set_decoder_norm_to_unit_norm, update_since_fired)
 from evals.held_out import evaluate

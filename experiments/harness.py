@@ -28,7 +28,7 @@ import splice  # noqa: E402
 from evals.held_out import evaluate  # noqa: E402
 from formats.checkpoint import resolve_model_dir  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from sae import load_saes  # noqa: E402
+from formats.sae_files import load_saes  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 

@@ -12,7 +12,7 @@ import adapt
 import common
 from lora import layers_around_saes
 from model import Transformer
-from sae import load_saes
+from formats.sae_files import load_saes
 from splice import splice_hooks
 from fixtures.tiny import BOS, make_data, make_model, make_sae
 from tests.tol import assert_close, close

@@ -12,7 +12,7 @@ import torch
 import adapt
 import answers
 from model import Transformer
-from sae import load_saes
+from formats.sae_files import load_saes
 from splice import splice_hooks, spliced_pass, unspliced_tokens
 from fixtures.tiny import make_data, make_model, make_sae
 

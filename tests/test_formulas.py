@@ -19,7 +19,8 @@ from evals import held_out
 from formats import sae_files
 from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules
 from model import ModelConfig, Transformer
-from sae import SAE, load_saes
+from formats.sae_files import load_saes
+from sae import SAE
 from training.sae_loss import training_loss
 from fixtures.tiny import BOS, EOS
 from tests.need import need

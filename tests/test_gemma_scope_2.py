@@ -91,7 +91,7 @@ def test_online_downloads_only_the_folders_two_files(cache, tmp_path, monkeypatc
 
 
 def test_cross_layer_transcoders_are_refused_in_one_line_mlp_out_saes_load(cache, tmp_path):
-    from sae import load_saes
+    from formats.sae_files import load_saes
     from model import ModelConfig, Transformer
     clt, _ = release_files(tmp_path, 2, site="clt", seed=3)
     mlp, _ = release_files(tmp_path, 2, site="mlp_out_all",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import adapt
 import eval as eval_py
 from model import Transformer
-from sae import load_saes
+from formats.sae_files import load_saes
 from splice import splice_hooks, unspliced_tokens
 from tests.test_adapt import files, small_args  # noqa: F401  (the module fixture and the flags of a small run)
 from fixtures.tiny import BOS, identity_sae

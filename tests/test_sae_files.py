@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from formats.sae_files import sae_from_spec
 from sae import SAE
 from tests.test_sae import D, M, K, rand_sae, x_in  # the shared helpers
 from tests.tol import assert_close
@@ -269,7 +270,7 @@ def test_error_shape_mismatch_names_the_tensor(tmp_path):
     ("layers.12.mlp", None), ("width_16k", None), ("average_l0_82", None), ("L0_64", None), ("expansion_8", None),
 ])
 def test_layer_from_folder_names(tmp_path, name, layer):
-    from formats.sae_files import layer_from_path
+    from formats.sae_releases import layer_from_path
     assert layer_from_path(str(tmp_path / name)) == layer
     # the deepest folder that names a layer wins (the paper's SAEs: .../expansion_8_L0_64/model.layers.12)
     assert layer_from_path(str(tmp_path / "layer_3" / "expansion_8_L0_64" / name)) == (3 if layer is None else layer)
@@ -279,7 +280,7 @@ def test_layer_from_folder_names(tmp_path, name, layer):
                                         ("blocks.0.hook_resid_pre", None), ("model.layers.7", 7),
                                         ("blocks.7.hook_mlp_out", 7), ("hook_embed", None), (None, None)])
 def test_layer_from_hook_names(hook, layer):
-    from formats.sae_files import layer_from_hook
+    from formats.sae_releases import layer_from_hook
     assert layer_from_hook(hook) == layer
 
 
@@ -318,20 +319,20 @@ def test_from_spec_checks_and_carries_every_field():
         return {**base, **over}
     s = spec(layer=3, model_name="m", hook_name="blocks.3.ln2.hook_normalized", transcoder=True,
              W_skip=torch.randn(4, 4, generator=gen), format="gemma_scope_2", positions="all", source="here")
-    sae = SAE.from_spec(s)
+    sae = sae_from_spec(s)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip"):
         assert torch.equal(getattr(sae, name), s[name]) and isinstance(getattr(sae, name), torch.nn.Parameter), name
     assert (sae.layer, sae.model_name, sae.hook_name, sae.transcoder, sae.source_format, sae.positions) == \
         (3, "m", "blocks.3.ln2.hook_normalized", True, "gemma_scope_2", "all")
-    plain = SAE.from_spec(spec())
+    plain = sae_from_spec(spec())
     assert plain.transcoder is False and plain.W_skip is None and plain.positions == "no_bos"
     assert plain.source_format is None and plain.layer is None
     for dtype in ("torch.float64", "float64", torch.float64):  # as a flag, as cfg.json spells it, as a dtype
-        assert {p.dtype for p in SAE.from_spec(spec(), dtype=dtype).parameters()} == {torch.float64}
-    assert SAE.from_spec(spec(dtype=torch.float64)).W_dec.dtype == torch.float64  # the record's own dtype
-    b = SAE.from_spec(spec(arch="batchtopk", k=2, threshold=None))  # no topk_threshold recorded: 0
+        assert {p.dtype for p in sae_from_spec(spec(), dtype=dtype).parameters()} == {torch.float64}
+    assert sae_from_spec(spec(dtype=torch.float64)).W_dec.dtype == torch.float64  # the record's own dtype
+    b = sae_from_spec(spec(arch="batchtopk", k=2, threshold=None))  # no topk_threshold recorded: 0
     assert b.topk_threshold.shape == () and b.topk_threshold.item() == 0.0
-    assert SAE.from_spec(spec(arch="batchtopk", k=2, topk_threshold=torch.tensor([0.5]))).topk_threshold.item() == 0.5
+    assert sae_from_spec(spec(arch="batchtopk", k=2, topk_threshold=torch.tensor([0.5]))).topk_threshold.item() == 0.5
     for over, msg in [
             (dict(W_enc=torch.randn(4)), "SAE: W_enc and W_dec must be matrices, got (4,), "),
             (dict(W_dec=torch.randn(8)), "SAE: W_enc and W_dec must be matrices, got (4, 8), (8,)"),
@@ -344,4 +345,4 @@ def test_from_spec_checks_and_carries_every_field():
             (dict(arch="batchtopk", k=2, topk_threshold=torch.tensor(math.inf)), "SAE: topk_threshold contains NaN"),
             (dict(arch="topk", k=9), "SAE: k=9 is larger than the number of latents d_sae=8")]:
         with pytest.raises(ValueError, match="^" + re.escape(msg)):
-            SAE.from_spec(spec(**over))
+            sae_from_spec(spec(**over))

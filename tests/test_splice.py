@@ -9,7 +9,7 @@ from formats import sae_files
 from lora import apply_lora
 from model import Transformer
 from lora import adapters_disabled
-from sae import load_saes
+from formats.sae_files import load_saes
 from splice import kl_and_ce, kl_reference, original_pass, splice_hooks, spliced_pass
 from fixtures.tiny import BOS, identity_sae, make_model, make_sae
 from tests.tol import close

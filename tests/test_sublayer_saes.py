@@ -11,7 +11,8 @@ import torch
 
 from lora import layers_around_saes
 from model import ModelConfig, Transformer
-from sae import SAE, load_saes
+from formats.sae_files import load_saes
+from sae import SAE
 from splice import splice_hooks
 from fixtures.hf_refs import TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA3, make_hf_checkpoint, rel_err
 from tests.test_gemma_scope_2 import release_files, saelens_jumprelu

@@ -164,7 +164,7 @@ def run_ours(b: BenchConfig, folder: str, how: str, dev: torch.device) -> dict:
     """One adaptation step of ours, as adapt.py runs it: `how` is "blocks" (adapt.py's default, splice.compile_step),
     "whole" (each pass compiled as one graph, all layers unrolled) or "eager"."""
     import splice
-    from sae import load_saes
+    from formats.sae_files import load_saes
     from lora import adapter_parameters, apply_lora
     from model import Transformer, run_block
     # under bf16 autocast the frozen base weights are stored in bf16 (adapt.py --dtype bfloat16): no per-step casts

@@ -17,7 +17,8 @@ import splice
 from lora import adapters_disabled, apply_lora
 from config.models import PRESETS
 from model import Attention, ModelConfig, Transformer, flex_fits, rope_cos_sin
-from sae import SAE, load_saes
+from formats.sae_files import load_saes
+from sae import SAE
 from fixtures.hf_refs import TINY_GEMMA2, TINY_LLAMA3, make_hf_checkpoint
 from fixtures.tiny import BOS, make_model, make_sae
 
