@@ -4,14 +4,12 @@ LoRA-adapt a frozen language model around frozen SAEs (the paper's method, Sec. 
     python adapt.py                                     # offline tiny pipeline: builds and caches everything
     torchrun adapt.py --model google/gemma-2-2b --layer 12 --rank 64 --data data/pile   # Gemma Scope 16k SAE
 
-Only the adapters learn, to minimise Eq. 7, KL(p_orig || p_spliced) (splice.py defines it, and every number reported
-here); or, with --objective ce, Resa's answer-token cross-entropy (answers.py). The settings: config/adapt.py (the
-authors' run), config/adapt_tiny.py in place of some without --model. Writes the adapter in PEFT's format, a resumable
-ckpt.pt and results.json to --out (the folder, checkpoint and results: plumbing/run.py).
+Only the adapters learn, to minimise Eq. 7, KL(p_orig || p_spliced) (splice.py), or with --objective ce Resa's answer
+CE (answers.py). Settings: config/adapt.py (the authors' run; config/adapt_tiny.py without --model). Writes the adapter
+(PEFT's format), a resumable ckpt.pt and results.json to --out (plumbing/run.py: the folder, checkpoint and results).
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict
@@ -20,7 +18,7 @@ import torch
 
 import common
 import embedded
-from answers import PairLoader, answer_losses, evaluate_answers, read_pairs
+from answers import PairLoader, answer_step, evaluate_answers, read_pairs
 from config.adapt import MAY_CHANGE, AdaptConfig
 from data import TokenLoader, check_data_matches, eval_batches_for, held_out_batches
 from formats.peft import write_adapter
@@ -35,7 +33,6 @@ from splice import compile_step, kl_and_ce, original_pass, residual_only, splice
 
 def main(argv=None) -> dict:
     # -- config: the flags; without --model, config/adapt_tiny.py and the embedded model, SAE and corpus ---------------
-    t_start = time.time()
     epilog = embedded.DEFAULT_SAES_HELP + embedded.preset_help("adapt")  # --help: the SAE defaults, the preset
     cfg, typed = common.parse_args(AdaptConfig, argv, epilog=epilog)
     embedded.fill_in(cfg, typed, "adapt")
@@ -62,7 +59,7 @@ def main(argv=None) -> dict:
         first_sae_layer = saes[0][0]  # load_saes sorts them by layer
         share_prefix = min(lora_layers) > first_sae_layer and residual_only(saes)
         unspliced_ids = unspliced_tokens(saes, model.cfg, cfg.sae_positions, cfg.skip_norm_above)  # SAE-free positions
-        kinds = ", ".join(("" if s.site == "resid" else s.site + " ") + s.arch for _, s in saes)
+        kinds = ", ".join(s.arch if s.site == "resid" else f"{s.site} {s.arch}" for _, s in saes)
         common.log(f"model {cfg.model}: {model.cfg.n_layer} layers, d_model {model.cfg.d_model}; SAEs at layers "
                    f"{[layer for layer, _ in saes]} ({kinds}); LoRA rank {cfg.rank} on layers {lora_layers[0]}.."
                    f"{lora_layers[-1]}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
@@ -79,16 +76,15 @@ def main(argv=None) -> dict:
         tokens_per_step, val_pairs, pad_id = cfg.batch_size * cfg.seq_len, [], 0
         if cfg.pairs:  # Resa's data: trained on with --objective ce, its held-out tenth evaluated with either objective
             train_pairs, val_pairs, pad_id = read_pairs(cfg.pairs, cfg.model, cfg.seq_len)
-            common.log(f"pairs {cfg.pairs}: {len(train_pairs)} for training, {len(val_pairs)} held out")
         if cfg.objective == "ce":  # a step is batch_size pairs: --max-tokens counts their tokens, on average
             train = PairLoader(train_pairs, micro, ddp.rank, ddp.world_size, cfg.seed, ddp.device, pad_id)
             tokens_per_step = max(1, round(cfg.batch_size * sum(len(i) for i, _ in train_pairs) / len(train_pairs)))
         total_steps = max(1, cfg.max_tokens // tokens_per_step)
-        dropout_for = f"for the first {cfg.dropout_steps} steps" if cfg.dropout_steps else "on every step"
-        common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x "
-                   f"{cfg.seq_len if cfg.objective == 'kl' else 'pair'} tokens; held-out "
+        window = cfg.seq_len if cfg.objective == "kl" else "pair"
+        common.log(f"plan: {total_steps:,} optimizer steps of {cfg.batch_size} x {window} tokens; held-out "
                    f"{len(held_out_parts['validation']) * micro * ddp.world_size} windows of {cfg.seq_len} a part; "
-                   f"LoRA dropout {cfg.dropout} {dropout_for}")
+                   f"LoRA dropout {cfg.dropout} " + (f"for the first {cfg.dropout_steps} steps" if cfg.dropout_steps
+                                                     else "on every step"))
 
         # -- optimiser, compile, resume -------------------------------------------------------------------------------
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
@@ -124,12 +120,9 @@ def main(argv=None) -> dict:
                 g["lr"] = lr
             loss_sum, kl_sum, ce_sum = 0.0, 0.0, 0.0  # stay on the device: no host sync per step
             for _ in range(accum):
-                if cfg.objective == "ce":  # Resa's objective: the answer tokens' CE, mean over the micro-batch's
-                    idx, mask = train.next_batch()
-                    with autocast_ctx:
-                        ce, _ = answer_losses(model, spliced_pass(model, saes, idx, unspliced_ids), idx, mask,
-                                              chunk=cfg.kl_chunk)
-                    kl, loss = torch.full_like(ce, math.nan), ce.mean()
+                if cfg.objective == "ce":  # Resa's objective: the answer tokens' CE (no p_orig pass, so no KL)
+                    kl, ce, loss = answer_step(model, saes, train.next_batch(), unspliced_ids, cfg.kl_chunk,
+                                               autocast_ctx)
                 else:
                     idx = train.next_batch()  # (micro, seq_len) token windows
                     with autocast_ctx:
@@ -161,8 +154,7 @@ def main(argv=None) -> dict:
                 common.log(f"step {step}/{total_steps} | loss {loss_log:.4f}{kl_text} | train CE with "
                            f"SAE + LoRA {ce_log:.4f} | lr {lr:.2e} | {speed}")
                 history.append(dict(step=step, tokens=step * tokens_per_step, time=run.elapsed, lr=lr, loss=loss_log,
-                                    train_kl=kl_log if cfg.objective == "kl" else None, train_ce=ce_log,
-                                    tokens_per_s=tps))
+                                    train_kl=kl_log if kl_text else None, train_ce=ce_log, tokens_per_s=tps))
             if step % cfg.eval_interval == 0 or step == total_steps:
                 held_out()
             if step % cfg.ckpt_interval == 0 or step == total_steps:  # every rank takes part (FSDP2's gathers)
@@ -180,10 +172,8 @@ def main(argv=None) -> dict:
                        steps=step, sae_layers=[layer for layer, _ in saes], lora_layers=lora_layers,
                        config=asdict(cfg), config_sources=common.sources(cfg), history=history)
         run.finish("results.json", results)
-        common.log(f"done: CE {results['ce_base']:.4f} (original) / {results['ce_sae']:.4f} (SAE) / "
-                   f"{results['ce_sae_lora']:.4f} (SAE + LoRA): {results['gap_closed']:.1%} of the gap closed; "
-                   f"adapter in {os.path.join(cfg.out, 'adapter')}")
-    common.log(f"adapt.py: {time.time() - t_start:.0f}s in all")
+        common.log("done: CE {ce_base:.4f} (original) / {ce_sae:.4f} (SAE) / {ce_sae_lora:.4f} (SAE + LoRA): "
+                   "{gap_closed:.1%} of the gap closed; adapter in ".format(**results) + adapter_dir)
     return results
 
 

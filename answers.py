@@ -16,11 +16,13 @@ with them and the adapters.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common import log
 from lora import adapters_disabled, lora_modules
 from splice import spliced_pass
 
@@ -63,6 +65,7 @@ def read_pairs(path: str, model_id: str, seq_len: int) -> tuple[list, list, int]
     from formats.tokenizer import load_tokenizer
     tok = load_tokenizer(model_id)
     train, held_out = split_pairs(load_pairs(path, tok, seq_len))
+    log(f"pairs {path}: {len(train)} for training, {len(held_out)} held out")
     return train, held_out, tok.pad_id if tok.pad_id is not None else tok.eos_id
 
 
@@ -130,6 +133,15 @@ def answer_losses(model, h, idx, mask, *, chunk: int) -> tuple[torch.Tensor, tor
                      else _chunk_answer_losses(*args))
     ce, right = (torch.cat(p) for p in zip(*parts))
     return ce, right
+
+
+def answer_step(model, saes, batch, unspliced_ids, chunk: int, autocast_ctx):
+    """One micro-batch of the CE objective, as adapt.py's loop wants it: (kl, ce, loss): ce per answer token, loss
+    their mean, kl NaN (no original pass is run)."""
+    idx, mask = batch
+    with autocast_ctx:
+        ce, _ = answer_losses(model, spliced_pass(model, saes, idx, unspliced_ids), idx, mask, chunk=chunk)
+    return torch.full_like(ce, math.nan), ce, ce.mean()
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ the checkpoint file and the results file.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict
 
 import torch
@@ -40,7 +41,7 @@ class Run:
         """outputs: what the script writes to the folder besides the checkpoint (globs; --overwrite deletes them);
         may_change: the settings --resume may change; inputs: {flag: path(s)} the run reads, compared by content on
         --resume; one_step: (tokens of one optimizer step, how they are made up), checked against --max-tokens."""
-        self.cfg, self.out = cfg, out or cfg.out
+        self.cfg, self.out, self.t_start = cfg, out or cfg.out, time.time()
         if one_step is not None:
             common.check_one_step(cfg.max_tokens, *one_step)
         self.path = os.path.join(self.out, CHECKPOINT)
@@ -72,6 +73,7 @@ class Run:
     def __exit__(self, kind, *_):
         if kind is None:  # a run that failed on one rank must not wait for the others at a barrier
             common.teardown()
+            common.log(f"{time.time() - self.t_start:.0f}s in all (set-up, training, evaluations and saves)")
         self.claim.release()
 
     @property

@@ -100,17 +100,17 @@ def test_adapt_ce_objective_first_loss_training_and_resume(files, tmp_path, monk
     assert straight["answer_ce_sae_lora"] < 0.9 * straight["answer_ce_sae"], straight
     assert {"ce_sae_lora", "kl_sae_lora", "answer_acc_sae_lora", "answer_tokens"} <= set(straight)
     # interrupted during step 6 (after the checkpoint of step 4), resumed: the same adapter, bit for bit
-    real, calls = adapt.answer_losses, {"n": 0}
+    real, calls = answers.answer_losses, {"n": 0}
 
     def crash_at_step_6(*a, **kw):
         calls["n"] += torch.is_grad_enabled()
         if calls["n"] == 6:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(adapt, "answer_losses", crash_at_step_6)
+    monkeypatch.setattr(answers, "answer_losses", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         adapt.main(args(files, tmp_path / "b"))
-    monkeypatch.setattr(adapt, "answer_losses", real)
+    monkeypatch.setattr(answers, "answer_losses", real)
     resumed = adapt.main(args(files, tmp_path / "b", "--resume"))
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
