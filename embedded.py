@@ -42,6 +42,7 @@ import common
 import config
 import data
 from formats import disk, stdlib_corpus
+from formats.checkpoint import resolve_model_dir
 from formats.sae_files import GEMMA_SCOPE_2_LAYERS, GEMMA_SCOPE_RES_16K, default_sae, known_saes
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
@@ -207,6 +208,8 @@ def fill_in(cfg, typed: set[str], script: str, *, need_data: bool = True):
         check_layers(getattr(cfg, "layer", []) or [], f"{script}.py")
         cfg.model = model()
     if getattr(cfg, "data", "") is None and need_data:
+        if not tiny:
+            resolve_model_dir(cfg.model)  # a --model that names nothing fails here as the model, not as its tokenizer
         cfg.data = corpus() if tiny else corpus_for(cfg.model)
     if hasattr(cfg, "sae") and not cfg.sae:
         cfg.sae = [sae(layer) for layer in cfg.layer or [SAE_LAYER]] if tiny else default_saes(cfg.model, cfg.layer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import common
+from data import HELD_OUT_PARTS
 
 
 @dataclass
@@ -63,7 +64,7 @@ class E2EConfig:
             non_negative=("dead_tokens", "ds_coef", "mse_coef"), fractions=("warmup_frac", "decay_frac"),
             choices=dict(recipe=("gao", "authors"), kl_reduction=("sequence", "token"),
                          sae_positions=("all", "no_bos", "no_bos_eos"), autocast=("auto", *common.PRECISIONS),
-                         eval_split=("validation", "test")))
+                         eval_split=HELD_OUT_PARTS))
 
 
 # What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE

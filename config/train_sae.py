@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import common
+from data import HELD_OUT_PARTS
 
 
 @dataclass
@@ -61,7 +62,7 @@ class TrainSAEConfig:
             non_negative=("dead_tokens", "l0_coef", "auxk_coef"), fractions=("warmup_frac", "decay_frac"),
             choices=dict(recipe=("gao", "authors"), arch=("topk", "batchtopk", "jumprelu"),
                          autocast=("auto", *common.PRECISIONS), dtype=common.PRECISIONS,
-                         eval_split=("validation", "test")))
+                         eval_split=HELD_OUT_PARTS))
 
 
 # What --resume may change: how long, how often, where and at what precision; every other setting defines the SAE

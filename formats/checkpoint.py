@@ -32,7 +32,8 @@ def resolve_model_dir(path_or_repo_id: str) -> str:
     if gguf.is_gguf(path):  # llama.cpp's single file: converted once into this layout in the cache
         return gguf.model_dir(path)
     if not hub.is_hub_path(path, sub_folders=False):
-        raise FileNotFoundError(f"{path}: no such model folder (and not a hub id like 'google/gemma-2-2b')")
+        raise FileNotFoundError(f"{path}: no such model folder or .gguf file, and not a hub id like 'google/gemma-2-2b' "
+                                f"nor an installed GGUF's short name ({', '.join(gguf.LOCAL_FILES)})")
     return hub.resolve(path, _choose_model_files)
 
 

@@ -393,3 +393,14 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_old_checkpoint_surviv
     assert proc.returncode == 2 and len(line.splitlines()) == 1, proc.stderr[-3000:]
     assert f"no space left on the disk of {out}" in line and "ckpt.pt" in line, line
     assert tree(out / "ckpt.pt") == before
+
+
+# -- a --model that names nothing is reported as the model, by every script ----------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["adapt.py", "train_sae.py", "eval.py"])
+def test_a_model_that_names_nothing_is_one_line_about_the_model(script, tmp_path):
+    # the model is resolved before its tokenizer turns the offline corpus into its tokens: the line names the model
+    line = refused(script, ["--model", "nope", "--layer", "1", "--out", str(tmp_path / "o")], [tmp_path],
+                   "nope: no such model folder or .gguf file", "smollm2")
+    assert "tokenizer" not in line
