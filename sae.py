@@ -246,17 +246,6 @@ class SAE(nn.Module):
         "attn_z" / "attn_out" / "mlp_out" (inside block `layer`, model.Block.forward), None: a hook it cannot serve."""
         return "transcoder" if self.transcoder else hook_site(getattr(self, "hook_name", None))
 
-    def to_jumprelu(self) -> "SAE":
-        """A BatchTopK SAE at inference is a JumpReLU SAE whose threshold is the running threshold, for every latent."""
-        if self.arch != "batchtopk":
-            raise ValueError(f"to_jumprelu converts a batchtopk SAE, this one is {self.arch}")
-        out = SAE(self.d_in, self.d_sae, "jumprelu", apply_b_dec_to_input=self.apply_b_dec_to_input, layer=self.layer,
-                  model_name=self.model_name, device="meta", dtype=self.W_dec.dtype)
-        out._assign(self.W_enc.detach().clone(), self.W_dec.detach().clone(), self.b_enc.detach().clone(),
-                    self.b_dec.detach().clone(), self.topk_threshold.detach().expand(self.d_sae).to(self.W_dec.dtype))
-        out.hook_name, out.bandwidth, out.min_threshold = self.hook_name, self.bandwidth, self.min_threshold
-        return out
-
     # -- files --------------------------------------------------------------------------------------------------------
 
     @classmethod

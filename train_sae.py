@@ -28,7 +28,7 @@ from model import Transformer, compile_blocks
 from plumbing.run import Run
 from sae import SAE
 from training.sae_loss import (clamp_threshold_, geometric_median, remove_gradient_parallel_to_decoder_directions,
-                               set_decoder_norm_to_unit_norm, training_loss, update_since_fired)
+                               set_decoder_norm_to_unit_norm, to_jumprelu, training_loss, update_since_fired)
 from evals.held_out import evaluate
 
 
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
 
         def save_sae(folder):  # a BatchTopK SAE is used as the JumpReLU SAE its global threshold defines
             if ddp.master:
-                (sae.to_jumprelu() if sae.arch == "batchtopk" else sae).save(folder)
+                (to_jumprelu(sae) if sae.arch == "batchtopk" else sae).save(folder)
 
         def held_out():  # ce_base, ce_sae and kl_sae as splice.py defines them (BOS keeps its activation, as trained)
             sae.eval()

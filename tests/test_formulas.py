@@ -21,7 +21,7 @@ from lora import LoRALinear, adapters_disabled, apply_lora, lora_modules
 from model import ModelConfig, Transformer
 from formats.sae_files import load_saes
 from sae import SAE
-from training.sae_loss import training_loss
+from training.sae_loss import to_jumprelu, training_loss
 from fixtures.tiny import BOS, EOS
 from tests.need import need
 from tests.tol import assert_close
@@ -496,7 +496,7 @@ def test_sae_constructor_bounds_and_to_jumprelu_metadata():
     b = SAE(4, 8, "batchtopk", k=2, layer=3, model_name="m", apply_b_dec_to_input=False, dtype=torch.float64)
     with torch.no_grad():
         b.topk_threshold.fill_(0.25)
-    j = b.to_jumprelu()
+    j = to_jumprelu(b)
     assert (j.arch, j.layer, j.model_name, j.apply_b_dec_to_input, j.W_dec.dtype) == ("jumprelu", 3, "m", False,
                                                                                      torch.float64)
     assert j.threshold.dtype == torch.float64 and torch.equal(j.threshold, torch.full((8,), 0.25, dtype=torch.float64))
@@ -534,7 +534,7 @@ def test_encoder_input_skip_and_messages():
     with pytest.raises(ValueError, match="^encode_topk needs a topk SAE, this one is jumprelu$"):
         sae.encode_topk(x)
     with pytest.raises(ValueError, match="^to_jumprelu converts a batchtopk SAE, this one is jumprelu$"):
-        sae.to_jumprelu()
+        to_jumprelu(sae)
     # a fresh SAE of another dtype holds every tensor in it
     for arch in ("topk", "batchtopk", "jumprelu"):
         fresh = SAE(4, 8, arch, k=None if arch == "jumprelu" else 2, dtype=torch.float64)

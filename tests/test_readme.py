@@ -153,3 +153,14 @@ def test_adapt_defaults_on_a_real_model_layout_are_the_authors_run(tmp_path):
     plan = next((x for x in lines if x.startswith("plan:")), "".join(lines))
     assert "plan: 15,000 optimizer steps of 1 x 1024 tokens; held-out 977 windows of 1024 a part" in plan, plan
     assert "LoRA dropout 0.1 on every step" in plan, plan
+
+
+def test_one_step_reads_in_five_files_a_third_of_them_the_method():
+    """The teaching budget (tools/reading_load.py): one adaptation step in adapt.py, splice.py, lora.py, sae.py and
+    model.py, about 1,500 lines at most, the method's named pieces at least 30% of them, adapt.py about 180 lines."""
+    import tools.reading_load as rl
+    res = rl.main(["--json"])
+    for name, counts in res["files"].items():  # physical lines, as wc -l counts them
+        assert counts["lines"] == open(os.path.join(ROOT, name), "rb").read().count(b"\n")
+    assert res["lines"] <= 1500 and res["method_share"] >= 0.30, res
+    assert res["files"]["adapt.py"]["lines"] <= 185, res["files"]["adapt.py"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae import SAE, JumpReLUFn, rectangle
-from training.sae_loss import (StepFn, clamp_threshold_, remove_gradient_parallel_to_decoder_directions,
+from training.sae_loss import (StepFn, to_jumprelu, clamp_threshold_, remove_gradient_parallel_to_decoder_directions,
                                set_decoder_norm_to_unit_norm, step)
 from tests.tol import assert_close
 
@@ -203,7 +203,7 @@ def test_batchtopk_training_threshold_and_inference_conversion(tmp_path):
     thr = sae.topk_threshold.item()
     p = sae.pre_acts(x)
     torch.testing.assert_close(sae.encode(x), p * (p > thr))
-    jr = sae.to_jumprelu()
+    jr = to_jumprelu(sae)
     assert jr.arch == "jumprelu" and jr.threshold.shape == (M,) and (jr.threshold == thr).all()
     torch.testing.assert_close(jr(x), sae(x))
     sae.save(tmp_path)

@@ -124,3 +124,16 @@ def clamp_threshold_(sae: SAE):
     small thresholds freeze (SAELens issue #494, fixed by parameterising the threshold directly in PR #718)."""
     if sae.arch == "jumprelu":
         sae.threshold.clamp_(min=sae.min_threshold)
+
+
+def to_jumprelu(sae: SAE) -> SAE:
+    """A BatchTopK SAE at inference is a JumpReLU SAE whose threshold is the running threshold, for every latent: what
+    train_sae.py saves, so that the file is read as a JumpReLU SAE everywhere (Bussmann et al. 2024)."""
+    if sae.arch != "batchtopk":
+        raise ValueError(f"to_jumprelu converts a batchtopk SAE, this one is {sae.arch}")
+    out = SAE(sae.d_in, sae.d_sae, "jumprelu", apply_b_dec_to_input=sae.apply_b_dec_to_input, layer=sae.layer,
+              model_name=sae.model_name, device="meta", dtype=sae.W_dec.dtype)
+    out._assign(sae.W_enc.detach().clone(), sae.W_dec.detach().clone(), sae.b_enc.detach().clone(),
+                sae.b_dec.detach().clone(), sae.topk_threshold.detach().expand(sae.d_sae).to(sae.W_dec.dtype))
+    out.hook_name, out.bandwidth, out.min_threshold = sae.hook_name, sae.bandwidth, sae.min_threshold
+    return out
