@@ -16,8 +16,8 @@ from dataclasses import asdict
 
 import torch
 
-import common
-import embedded
+from plumbing import common
+from plumbing import embedded
 from answers import PairLoader, answer_step, evaluate_answers, read_pairs
 from config.adapt import MAY_CHANGE, AdaptConfig
 from data import TokenLoader, check_data_matches, eval_batches_for, held_out_batches

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import log
+from plumbing.common import log
 from lora import adapters_disabled, lora_modules
 from splice import spliced_pass
 

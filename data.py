@@ -10,7 +10,7 @@ Token shards and the batch loader (tokenizers: formats/tokenizer.py).
     TokenLoader("data/pile", "test", 8, 1024, shuffle=False)       # held out: "validation" (choices) or "test"
     check_data_matches("data/pile", "google/gemma-2-2b")           # one-line error if made with another tokenizer
 
-The offline corpus (the Python standard library's own sources) and its BPE are built by embedded.py with prepare.
+The offline corpus (the Python standard library's own sources) and its BPE are built by plumbing/embedded.py with prepare.
 
 On disk a dataset is a folder with train.bin / val.bin (flat arrays of token ids) and meta.json saying how to read
 them. Two layouts (meta["layout"]; prepare's default is "authors", the embedded corpus uses "bos_chunks"):
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import common
+from plumbing import common
 from formats import disk
 from formats.tokenizer import Tokenizer, load_tokenizer, tokenizer_file
 from formats.corpus import HUB_DATASETS, iter_documents

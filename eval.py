@@ -46,10 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
+from plumbing import common
 from evals import confidence
 from formats import disk
-import embedded
+from plumbing import embedded
 from evals import generate
 from evals import report
 from evals import multiple_choice

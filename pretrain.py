@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import common
-import embedded
+from plumbing import common
+from plumbing import embedded
 from config.pretrain import MAY_CHANGE, PretrainConfig
 from data import TokenLoader, load_meta
 from formats import disk, stdlib_corpus

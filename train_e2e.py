@@ -22,8 +22,8 @@ import time
 
 import torch
 
-import common
-import embedded
+from plumbing import common
+from plumbing import embedded
 from config.train_e2e import MAY_CHANGE, E2EConfig
 from data import TokenLoader, check_data_matches, held_out_batches
 from formats import disk

@@ -2,7 +2,7 @@
 Train a TopK (default), BatchTopK or JumpReLU SAE on one layer's residual stream, or (--transcoder) a transcoder
 from one layer's normalised MLP input to its MLP sublayer's output, which adapt.py splices in place of that MLP.
 
-    python train_sae.py                                 # the embedded tiny model's SAE recipe (embedded.py)
+    python train_sae.py                                 # the embedded tiny model's SAE recipe (plumbing/embedded.py)
     python train_sae.py --transcoder                    # the same recipe, a TopK transcoder (out/transcoder-tiny)
     torchrun --nproc_per_node 8 train_sae.py --model google/gemma-2-2b --layer 12 --k 64 --data data/redpajama
 
@@ -20,8 +20,8 @@ from dataclasses import asdict
 
 import torch
 
-import common
-import embedded
+from plumbing import common
+from plumbing import embedded
 from config.train_sae import MAY_CHANGE, TrainSAEConfig
 from data import TokenLoader, check_data_matches, held_out_batches
 from model import Transformer, compile_blocks

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import common
-import embedded
+from plumbing import common
+from plumbing import embedded
 
 
 @dataclass

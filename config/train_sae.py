@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import common
+from plumbing import common
 from data import HELD_OUT_PARTS
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-import common
+from plumbing import common
 from model import Transformer, block_hooks, rope_tables
 
 HooksFor = Callable[[torch.Tensor], dict]  # token ids of the chunk being run -> {layer or (site, layer): hook}

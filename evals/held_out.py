@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-import common
+from plumbing import common
 from lora import adapters_disabled, lora_modules
 from model import Transformer
 from splice import kl_and_ce, spliced_pass

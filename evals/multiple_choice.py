@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
+from plumbing import common
 from evals import confidence
 from formats import hub
 from lora import adapters_disabled, adapters_enabled

@@ -35,7 +35,7 @@ import os
 import numpy as np
 import torch
 
-import common
+from plumbing import common
 from evals import confidence
 from formats.corpus import jsonl_texts
 from evals.multiple_choice import score, setting_context

@@ -27,7 +27,7 @@ from collections import Counter
 
 import numpy as np
 
-import common
+from plumbing import common
 from evals import multiple_choice
 from evals.generate import complete_setting
 

@@ -44,7 +44,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
+from plumbing import common  # noqa: E402
 from evals import confidence  # noqa: E402
 from formats import disk  # noqa: E402
 from evals import multiple_choice  # noqa: E402
@@ -349,7 +349,7 @@ def mc_rows(docs: list[tuple], seen, *, n: int, context_lines: int, seed: int) -
 
 def build(cfg: ChecksConfig) -> dict:
     """Choose the latent, write the steering and multiple-choice files, and return (and write) inputs.json."""
-    import embedded
+    from plumbing import embedded
     from formats.tokenizer import load_tokenizer
     from model import Transformer
     from sae import SAE

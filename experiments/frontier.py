@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-import common  # noqa: E402
+from plumbing import common  # noqa: E402
 from formats import disk  # noqa: E402
 from accounting.flops import adapt_step_flops, e2e_step_flops, sae_buffer_windows, sae_run_flops  # noqa: E402
 from config.train_e2e import E2EConfig  # noqa: E402

@@ -20,10 +20,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
-import common  # noqa: E402
+from plumbing import common  # noqa: E402
 import config  # noqa: E402  (the tiny model's presets)
 from formats import disk  # noqa: E402
-import embedded  # noqa: E402
+from plumbing import embedded  # noqa: E402
 import splice  # noqa: E402
 from evals.held_out import evaluate  # noqa: E402
 from formats.checkpoint import resolve_model_dir  # noqa: E402

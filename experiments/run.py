@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+from plumbing import common  # noqa: E402
 from model import Transformer  # noqa: E402
 from sae import SAE  # noqa: E402
 from experiments.harness import (  # noqa: E402  (the steps, the results files)

@@ -37,7 +37,7 @@ import urllib.request
 
 import numpy as np
 
-import common
+from plumbing import common
 from formats import hub
 
 TEXT_EXTS = (".txt", ".md", ".py")  # read whole, one document per file; .jsonl: one {"text": ...} per line

@@ -25,7 +25,7 @@ import re
 import shutil
 import socket
 
-import common
+from plumbing import common
 from formats import disk
 
 LOCK = ".lock"

@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 import torch
 
-import common
+from plumbing import common
 from formats import disk, run_folder
 
 CHECKPOINT = "ckpt.pt"  # every training script's checkpoint: model or adapter state, optimizer, data position, RNG

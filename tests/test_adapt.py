@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import adapt
-import common
+from plumbing import common
 from lora import layers_around_saes
 from model import Transformer
 from formats.sae_files import load_saes

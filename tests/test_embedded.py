@@ -1,4 +1,4 @@
-"""embedded.py and the command line: presets fill only what was not typed, the cache is reused, every flag is
+"""plumbing/embedded.py and the command line: presets fill only what was not typed, the cache is reused, every flag is
 documented, and bad input ends in one line with exit code 2 (as the user types the scripts, in a subprocess)."""
 import dataclasses
 import importlib
@@ -10,9 +10,9 @@ import sys
 import pytest
 
 import adapt
-import common
+from plumbing import common
 import config
-import embedded
+from plumbing import embedded
 import eval as ev
 import pretrain
 import train_e2e

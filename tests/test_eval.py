@@ -525,7 +525,7 @@ def test_missing_matplotlib_is_a_message_not_a_failure(world, monkeypatch, capsy
 def test_embedded_default_wiring(world, monkeypatch, tmp_path):
     """Without --model: the cached tiny pipeline (builders stubbed here), its preset for what was not typed, and
     adapt.py's adapter if it exists."""
-    import embedded
+    from plumbing import embedded
     monkeypatch.setattr(embedded, "corpus", lambda: world["data"])
     monkeypatch.setattr(embedded, "model", lambda: world["model"])
     monkeypatch.setattr(embedded, "sae", lambda layer=2: world["sae"]["crude"])

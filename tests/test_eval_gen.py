@@ -129,7 +129,7 @@ def test_generate_on_a_real_model_keeps_the_ce_table_when_asked(world, monkeypat
     # --model with --generate and no --data: a typed --eval-tokens asks for the CE table, which then reads the stdlib
     # corpus in the model's tokens (embedded.corpus_for, stubbed with the world's tokens); untyped, the table is left
     # out and a log line says so
-    import embedded
+    from plumbing import embedded
     import eval as ev
     asked = []
     monkeypatch.setattr(embedded, "corpus_for", lambda model: asked.append(model) or world["data"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+from plumbing import common
 import splice
 from accounting.flops import head_flops, kl_flops
 from evals import held_out

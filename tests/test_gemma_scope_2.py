@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from embedded import default_saes
+from plumbing.embedded import default_saes
 from sae import SAE
 from formats.sae_files import default_sae
 from tests.test_hub import ROOT, cache, fake_hub, put, sp_file, tiny_model_repo  # noqa: F401 (fixtures)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import common
+from plumbing import common
 from tools import gpu_check
 from tests.ports import free_port
 

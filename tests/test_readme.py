@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import common
+from plumbing import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("python", "torchrun", "pip", "hf", "bash")

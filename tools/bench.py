@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runnable by path (python tools/X.py) as well as with -m
 
-import common
+from plumbing import common
 
 
 @dataclass

@@ -24,8 +24,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runnable by path (python tools/export.py) as well as with -m
 
-import common  # noqa: E402
-import embedded  # noqa: E402
+from plumbing import common  # noqa: E402
+from plumbing import embedded  # noqa: E402
 from formats import checkpoint, disk  # noqa: E402
 from formats import run_folder  # noqa: E402
 from formats.peft import base_mismatch, load_adapter  # noqa: E402

@@ -48,7 +48,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runnable by path (python tools/X.py) as well as with -m
 
-import common
+from plumbing import common
 from formats import disk
 from tools.gpu_numerics import part_numerics  # noqa: F401  (part 1, run by name)
 from tools.gpu_report import environment, write_report
@@ -316,7 +316,7 @@ def part_pipeline(p: Part):
     when the part has FULL_PIPELINE_S, else its three stages run by their scripts with fewer steps, labelled. Quick:
     adapt.py on fixtures/tiny.py's files (the embedded recipe takes 45 minutes on a CPU, its shortened form minutes)."""
     import config
-    import embedded
+    from plumbing import embedded
     from pretrain import PretrainConfig
     cache, out = os.path.join(p.tmp, "cache"), os.path.join(p.tmp, "adapt")
     env = {**os.environ, "LORASAE_CACHE": cache, "PYTHONUNBUFFERED": "1"}

@@ -12,7 +12,7 @@ import os
 import torch
 import torch._dynamo
 
-import common
+from plumbing import common
 import splice
 from lora import adapters_disabled, apply_lora
 from config.models import PRESETS

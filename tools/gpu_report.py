@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-import common
+from plumbing import common
 from formats import disk
 
 

@@ -14,8 +14,17 @@ import ast
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runnable by path (python tools/reading_load.py) as well as with -m
+from plumbing import common  # noqa: E402
+
+
+@dataclass
+class ReadingLoadConfig:
+    """How many lines one adaptation step takes to read, and the method's share of them."""
+    json: bool = False  # print the numbers as JSON instead of a table
 METHOD = {
     "adapt.py": ["<the loop: while step < total_steps ... step += 1>"],
     "splice.py": ["kl_reference", "unspliced_tokens", "splice_hooks", "original_pass", "spliced_pass", "chunk_losses",
@@ -90,12 +99,13 @@ def count(name: str) -> int:
 
 
 def main(argv=None) -> dict:
+    cfg, _ = common.parse_args(ReadingLoadConfig, argv)
     files = {name: (count(name), method_lines(name)) for name in METHOD}
     total, method = sum(t for t, _ in files.values()), sum(m for _, m in files.values())
     deps = closure("adapt.py")
     res = dict(files={n: dict(lines=t, method=m) for n, (t, m) in files.items()}, lines=total, method=method,
                method_share=method / total, closure_modules=len(deps), closure_lines=sum(map(count, deps)))
-    if "--json" in (argv if argv is not None else sys.argv[1:]):
+    if cfg.json:
         print(json.dumps(res, indent=1))
         return res
     print(f"{'file':12s} {'lines':>6s} {'method':>7s}")
@@ -107,4 +117,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

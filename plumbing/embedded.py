@@ -38,7 +38,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-import common
+from plumbing import common
 import config
 import data
 from formats import disk, stdlib_corpus
@@ -47,7 +47,7 @@ from formats.sae_files import GEMMA_SCOPE_2_LAYERS, GEMMA_SCOPE_RES_16K, default
 
 TINY_LAYERS = 4  # the embedded model's depth (pretrain.py's default), for one-line errors before anything is built
 SAE_LAYER = TINY_LAYERS // 2
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root: the scripts it launches
 SHIPPED = os.path.join(ROOT, "shipped")  # the default recipe, prebuilt
 
 # The embedded model's recipe: pretrain.py's defaults (its PretrainConfig adds what does not change the weights)
