@@ -180,10 +180,10 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextmanager
-def _adapters_set(model: nn.Module, enabled: bool, why: str):
+def _adapters_set(model: nn.Module, enabled: bool, merged_advice: str):
     mods = list(lora_modules(model).values())
     if any(m.merged for m in mods):
-        raise ValueError(f"adapters are merged into the weights: unmerge_all(model) {why}")
+        raise ValueError(f"adapters are merged into the weights: unmerge_all(model) {merged_advice}")
     before = [m.enabled for m in mods]
     for m in mods:
         m.enabled = enabled

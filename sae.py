@@ -47,7 +47,8 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_grad(ctx, grad, scale):
-    """sum over tokens of -(scale / eps) * K((pre - threshold) / eps) * grad: the pseudo-derivative w.r.t. threshold."""
+    """sum over tokens of -(scale / eps) * K((pre - threshold) / eps) * grad: the pseudo-derivative w.r.t. threshold.
+    scale is the threshold itself for JumpReLU's output (eq. 11) and 1 for the L0 penalty's step (eq. 12)."""
     pre, threshold = ctx.saved_tensors
     g = -(scale / ctx.bandwidth) * rectangle((pre - threshold) / ctx.bandwidth) * grad
     return g.sum_to_size(threshold.shape).to(threshold.dtype)
@@ -244,7 +245,7 @@ class SAE(nn.Module):
     def site(self) -> str | None:
         """Where the splice puts it: "transcoder" (block `layer`'s MLP), "resid" (the stream after block `layer`),
         "attn_z" / "attn_out" / "mlp_out" (inside block `layer`, model.Block.forward), None: a hook it cannot serve."""
-        return "transcoder" if self.transcoder else hook_site(getattr(self, "hook_name", None))
+        return "transcoder" if self.transcoder else hook_site(self.hook_name)
 
     # -- files --------------------------------------------------------------------------------------------------------
 

@@ -87,7 +87,7 @@ def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, unspliced_ids=(
     ids = (unspliced_ids,) if isinstance(unspliced_ids, int) else tuple(i for i in unspliced_ids or () if i is not None)
     unspliced_at = torch.isin(idx, torch.tensor(ids, device=idx.device))[..., None] if ids else None  # (B, T, 1)
 
-    def keep(x):  # (B, T, 1) positions that keep their activation, or None
+    def kept_positions(x):  # (B, T, 1): True where the activation stays the original one; None: nowhere
         if norm_above is None:
             return unspliced_at
         norms = x.float().norm(dim=-1)
@@ -96,20 +96,20 @@ def splice_hooks(saes: list[tuple[int, SAE]], idx: torch.Tensor, unspliced_ids=(
             skipped.append(high)
         return high[..., None] if unspliced_at is None else unspliced_at | high[..., None]
 
-    def make(sae):
+    def splice(sae):  # the activation x becomes the SAE's reconstruction of it
         def hook(x):
             recon = sae(x.reshape(-1, x.shape[-1])).view_as(x).to(x.dtype)
-            at = keep(x)
-            return recon if at is None else torch.where(at, x, recon)
+            kept = kept_positions(x)
+            return recon if kept is None else torch.where(kept, x, recon)
         return hook
 
-    def make_transcoder(tc):  # the MLP sublayer's output from its normalised input h (model.Block's "mlp" site)
+    def splice_transcoder(tc):  # the MLP sublayer's output from its normalised input h (model.Block's "mlp" site)
         def hook(h, mlp_out):
             out = tc(h.reshape(-1, h.shape[-1])).view_as(h).to(h.dtype)
-            at = keep(h)
-            return out if at is None else torch.where(at, mlp_out(h), out)
+            kept = kept_positions(h)
+            return out if kept is None else torch.where(kept, mlp_out(h), out)
         return hook
-    return {hook_key(layer, sae): make_transcoder(sae) if sae.transcoder else make(sae) for layer, sae in saes}
+    return {hook_key(layer, sae): splice_transcoder(sae) if sae.transcoder else splice(sae) for layer, sae in saes}
 
 
 def hook_key(layer: int, sae) -> int | tuple[str, int]:
@@ -121,25 +121,26 @@ def hook_key(layer: int, sae) -> int | tuple[str, int]:
 def residual_only(saes) -> bool:
     """Whether every SAE reads the stream between blocks: only then are blocks 0..L (L the first SAE's) the same in
     the spliced pass as in the original one, and can be shared (an SAE inside block L changes block L itself)."""
-    return all(getattr(s, "site", "resid") == "resid" for _, s in saes)
+    return all(s.site == "resid" for _, s in saes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The two passes, as the training loops run them
 
 
-def original_pass(model: Transformer, idx, first: int, *, share_prefix: bool, observe=None):
+def original_pass(model: Transformer, idx, first_sae_layer: int, *, share_prefix: bool, observe=None):
     """The final residual stream of the model as it is (the caller runs this under torch.no_grad() and
-    adapters_disabled(model): the original model) and, with a shared prefix, the stream after block `first`, from
-    which the spliced pass continues. observe(layer, x, x), if given, sees the stream after every block after
-    `first` (train_e2e.py's downstream terms). The caller's context stays outside: compiled together with the
+    adapters_disabled(model): the original model) and, with a shared prefix, `prefix`: the residual stream after block
+    first_sae_layer (blocks 0..L run once for both passes), from which the spliced pass continues. observe(layer, x,
+    x), if given, sees the stream after every block after first_sae_layer (train_e2e.py's downstream terms). The caller's context stays outside: compiled together with the
     grad-free region, the SAE's custom autograd function in the spliced pass would lose its gradients."""
-    hooks = {} if observe is None else {i: _observer(observe, i) for i in range(first + 1, model.cfg.n_layer)}
+    after = range(first_sae_layer + 1, model.cfg.n_layer)
+    hooks = {} if observe is None else {i: _observer(observe, i) for i in after}
     x = model.embed(idx)
     if not share_prefix:
         return model.blocks(x, hooks=hooks), None
-    x = model.blocks(x, 0, first)
-    return model.blocks(x, first + 1, hooks=hooks), x
+    prefix = model.blocks(x, 0, first_sae_layer)  # blocks 0..L, both ends included
+    return model.blocks(prefix, first_sae_layer + 1, hooks=hooks), prefix
 
 
 def _observer(observe, layer):
@@ -150,8 +151,9 @@ def _observer(observe, layer):
 
 
 def spliced_pass(model: Transformer, saes, idx, unspliced_ids=(), *, prefix=None, observe=None, skipped=None):
-    """The (adapted) model's final residual stream with every SAE spliced in, from the shared prefix when given (only
-    with residual_only(saes): an SAE inside block L changes block L, which the prefix holds).
+    """The (adapted) model's final residual stream with every SAE spliced in, from `prefix` when given (the residual
+    stream after block L, the first SAE's layer, from original_pass; only with residual_only(saes): an SAE inside
+    block L changes block L, which the prefix holds).
     observe(layer, x_in, x_out), if given, sees the stream after every block it runs: x_in before the splice, x_out
     after (the same tensor where no SAE sits); train_e2e.py's downstream terms and eval.py's distances read it.
     skipped: see splice_hooks."""
@@ -168,7 +170,7 @@ def spliced_pass(model: Transformer, saes, idx, unspliced_ids=(), *, prefix=None
                  **{layer: wrap(layer, hooks.get(layer)) for layer in range(start, model.cfg.n_layer)}}
     if prefix is None:
         return model.blocks(model.embed(idx), hooks=hooks)
-    x = hooks.pop(start)(prefix)
+    x = hooks.pop(start)(prefix)  # the first SAE on the shared stream; the blocks after it run with the other hooks
     return model.blocks(x, start + 1, hooks=hooks) if start + 1 < model.cfg.n_layer else x
 
 

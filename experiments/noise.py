@@ -21,6 +21,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 SMOL_SEEDS = [f"smollm2/seeds/adapt1m-r64-seed{s}.json" for s in (0, 1, 2)]
+GEMMA_SEEDS = ["gemma3_270m/adapt-jr-r64-after.json"] + [f"gemma3_270m/seeds/adapt-jr-r64-after-seed{s}.json"
+                                                        for s in (1, 2)]  # seed 0's run, then seeds 1 and 2
 
 
 def read(rel: str, *keys):
@@ -85,6 +87,9 @@ def main():
         v["smollm2_test_r64_gap_left_nats_mean"] = {
             "value": sum(read(f, "ce_sae_lora") - read(f, "ce_base") for f in have) / len(have),
             "formula": f"mean of ce_sae_lora - ce_base over {', '.join(have)}"}
+    have = [f for f in GEMMA_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
+    if len(have) >= 2:
+        v.update(spread("gemma3_test_jr_r64_after", [read(f, "gap_closed") for f in have], have))
     tiny = ["default.json", "default-seed1.json"]
     v.update(spread("tiny_default", [read(f, "adapt", "gap_closed") for f in tiny], tiny))
     # -- SmolLM2 rows: differences of single runs (one seed each) ---------------------------------------------------

@@ -1,6 +1,5 @@
 """
-How much a reader must read to follow one adaptation step, and how much of it is the method (the teaching issue's
-measure): the files the step's code lives in, their lines, and the lines of the named pieces that are the paper's
+How much a reader must read to follow one adaptation step, and how much of it is the method: the files the step's code lives in, their lines, and the lines of the named pieces that are the paper's
 method in them; beside it adapt.py's import closure (project modules imported at module level, transitively).
 
     python tools/reading_load.py            # a table; --json for the numbers
