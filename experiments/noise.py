@@ -90,6 +90,11 @@ def main():
     have = [f for f in GEMMA_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
     if len(have) >= 2:
         v.update(spread("gemma3_test_jr_r64_after", [read(f, "gap_closed") for f in have], have))
+        v["gemma3_test_jr_r64_after_gap_left_nats_mean"] = {
+            "value": sum(read(f, "ce_sae_lora") - read(f, "ce_base") for f in have) / len(have),
+            "formula": f"mean of ce_sae_lora - ce_base over {', '.join(have)}"}
+    if os.path.exists(os.path.join(RESULTS, GEMMA_EVAL)):
+        v.update(_gemma3_eval())
     tiny = ["default.json", "default-seed1.json"]
     v.update(spread("tiny_default", [read(f, "adapt", "gap_closed") for f in tiny], tiny))
     # -- SmolLM2 rows: differences of single runs (one seed each) ---------------------------------------------------
@@ -152,6 +157,36 @@ def main():
         json.dump(out, f, indent=1)
     os.replace(os.path.join(RESULTS, "noise.json.tmp"), os.path.join(RESULTS, "noise.json"))
     print(f"wrote experiments/results/noise.json: {len(v)} values", file=sys.stderr)
+
+
+GEMMA_EVAL = "gemma3_270m/eval-r64-after.json"  # eval.py on seed 0's adapter (rank 64 after the SAE)
+
+
+def _gemma3_eval() -> dict:
+    """Gemma-3 rows 29-31, 38 and 40 from eval.py's groups[0] of GEMMA_EVAL: the per-token shares (the 0.01-1 nats
+    bins of its histograms, as experiments/derive.py counts them for the tiny model), the adapted model without the
+    SAE against the original, and the layers after the SAE whose distance changed beyond its 90% interval."""
+    g, f, out = read(GEMMA_EVAL, "eval", "groups", 0), GEMMA_EVAL, {}
+    pt, edges = g["per_token"], g["per_token"]["bin_edges"]
+    inside = [i for i in range(len(edges) - 1) if edges[i] >= 1e-2 * (1 - 1e-9) and edges[i + 1] <= 1 + 1e-9]
+    for kind in ("improved", "degraded"):
+        out[f"gemma3_nats_{kind}_share_0.01_to_1"] = {
+            "value": sum(pt[f"nats_{kind}_per_bin"][i] for i in inside) / sum(pt[f"nats_{kind}_per_bin"]),
+            "formula": f"{f}: eval.groups[0].per_token: nats {kind} by tokens changed by 0.01 to 1 nats / all"}
+    hist = [a + b for a, b in zip(pt["hist_improved"], pt["hist_degraded"])]
+    out["gemma3_tokens_changed_share_0.01_to_1"] = {
+        "value": sum(hist[i] for i in inside) / sum(hist),
+        "formula": f"{f}: eval.groups[0].per_token: tokens changed by 0.01 to 1 nats (either way) / all changed"}
+    s = g["settings"]
+    out["gemma3_lora_minus_original_ce"] = {"value": s["lora"]["ce"] - s["original"]["ce"],
+                                            "formula": f"{f}: settings.lora.ce - settings.original.ce (nats)"}
+    after = [x for x in g["distances"]["layers"] if x["after_sae"] > 0]
+    for what, better in (("cos", lambda c: c["lo"] > 0), ("l2", lambda c: c["hi"] < 0)):
+        out[f"gemma3_layers_closer_by_{what}"] = {
+            "value": sum(better(x[f"{what}_change"]) for x in after),
+            "formula": f"{f}: distances (ours): layers after the SAE whose {what}_change 90% interval lies on the "
+                       f"closer side ({'above' if what == 'cos' else 'below'} 0), of {len(after)}"}
+    return out
 
 
 THRESHOLDS = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's SCR and TPP thresholds
