@@ -89,6 +89,13 @@ HINTS = {
                 41: [S + "derived.json", S + "adapt1m-multi5.json", S + "eval-5sae.json"],
                 42: [S + "derived.json", S + "adapt1m-r4.json"]},
 }
+G = "gemma3_270m/"
+GEMMA_SEEDS = [G + "adapt-jr-r64-after.json", G + "seeds/adapt-jr-r64-after-seed1.json",
+               G + "seeds/adapt-jr-r64-after-seed2.json"]
+HINTS["Gemma-3"] = {1: [G + "eval-r64-after.json"], 2: GEMMA_SEEDS + [G + "sae-jr-L9.json"],
+                    3: ["noise.json"], 7: [G + "adapt-jr-r16-after.json"] + GEMMA_SEEDS,
+                    **{r: ["noise.json", G + "eval-r64-after.json"] for r in (29, 30, 31, 38, 40)},
+                    34: [G + "adapt-jr-r64-after.json"]}
 HINTS["results"] = {1: ["default.json", "default-seed1.json"],
                     2: [S + "adapt1m-r64.json", S + "rerun-adapt1m-r64.json"]}
 NOISY = ("history", "per_letter", "bin_edges", "hist_", "provenance", "lora_layers", "sae_layers", "nats_", "curve",
@@ -181,7 +188,8 @@ def candidates(files, where, text, folder):
     differences and spreads (noise.json), the column folder's derived values; nothing else (no match: "?")."""
     kind, row = where.split()[0], where.split()[1]
     label = where.split()[2] if kind == "claims" else ""
-    column = "results" if kind == "results" else "SmolLM2" if label.startswith("SmolLM2") else "ours"
+    column = "results" if kind == "results" else "SmolLM2" if label.startswith("SmolLM2") else \
+        "Gemma-3" if label.startswith("Gemma-3") else "ours"
     hints = HINTS[column].get(int(row), [])
     named = [f for f in files if os.path.basename(f) in text or f in text]
     named += [f for f in files if re.search(rf"run\.py {re.escape(f[:-5])}\b", text)]

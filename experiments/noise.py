@@ -177,6 +177,15 @@ def _gemma3_eval() -> dict:
     out["gemma3_tokens_changed_share_0.01_to_1"] = {
         "value": sum(hist[i] for i in inside) / sum(hist),
         "formula": f"{f}: eval.groups[0].per_token: tokens changed by 0.01 to 1 nats (either way) / all changed"}
+    above = [i for i in range(len(edges) - 1) if edges[i] >= 1 - 1e-9]
+    out["gemma3_tokens_changed_share_above_1"] = {
+        "value": sum(hist[i] for i in above) / sum(hist),
+        "formula": f"{f}: eval.groups[0].per_token: tokens changed by more than 1 nat (either way) / all changed"}
+    out["gemma3_nats_improved_share_above_1"] = {
+        "value": sum(pt["nats_improved_per_bin"][i] for i in above) / sum(pt["nats_improved_per_bin"]),
+        "formula": f"{f}: eval.groups[0].per_token: nats improved by tokens improved by more than 1 nat / all"}
+    out["gemma3_sae_gap_nats"] = {"value": g["gap"], "formula": f"{f}: eval.groups[0].gap: CE with the SAE - "
+                                                                "CE original (nats), on eval.py's test tokens"}
     s = g["settings"]
     out["gemma3_lora_minus_original_ce"] = {"value": s["lora"]["ce"] - s["original"]["ce"],
                                             "formula": f"{f}: settings.lora.ce - settings.original.ce (nats)"}

@@ -146,7 +146,7 @@ def cells(claims_text: str | None = None, results_text: str | None = None):
     numbers) for every bound cell of both tables; the texts, when given, replace the files' (a copy changed by hand)."""
     for r in claims_rows(claims_text):
         for label, cell in zip(r["labels"], r["checked"]):
-            folder = "smollm2" if label.startswith("SmolLM2") else ""
+            folder = {"SmolLM2-135M": "smollm2", "Gemma-3": "gemma3_270m"}.get(label, "")
             yield f"claims {r['#']} {label}", cell, r["command"] + " " + cell, folder, r["claim"]
     for i, (command, cell) in enumerate(results_rows(results_text), 1):
         yield f"results {i}", cell, command + " " + cell, "smollm2" if "SmolLM2" in command else "", ""

@@ -529,7 +529,7 @@ def test_embedded_default_wiring(world, monkeypatch, tmp_path):
     monkeypatch.setattr(embedded, "corpus", lambda: world["data"])
     monkeypatch.setattr(embedded, "model", lambda: world["model"])
     monkeypatch.setattr(embedded, "sae", lambda layer=2: world["sae"]["crude"])
-    monkeypatch.setattr(ev, "run", lambda cfg: cfg)
+    monkeypatch.setattr(ev, "evaluate_all", lambda cfg: cfg)
     monkeypatch.chdir(tmp_path)
     cfg = ev.main([])
     assert (cfg.model, cfg.data, cfg.sae, cfg.adapter) == (world["model"], world["data"], [world["sae"]["crude"]], [])
