@@ -139,7 +139,10 @@ class SAE(nn.Module):
         self.k = (int(k) if arch == "topk" else float(k)) if k is not None and arch != "jumprelu" else None
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.layer, self.model_name, self.hook_name = layer, model_name, None
-        # a transcoder (sae_formats: Gemma Scope 2's transcoder_all/) reads block `layer`'s normalised MLP input and
+        # where it came from (formats/sae_files.py sets them when it reads files): its folder, its release format, and
+        # which positions it is spliced at by default (sae_files.AUTO_POSITIONS; splice.unspliced_tokens)
+        self.path, self.source_format, self.positions = None, None, "no_bos"
+        # a transcoder (formats/sae_releases.py: Gemma Scope 2's transcoder_all/) reads block `layer`'s normalised MLP input and
         # stands in for its MLP sublayer's output; W_skip (d_out, d_in), if any, is its affine skip, + x @ W_skip.T in
         # SAELens' layout (a Gemma Scope 2 file's affine_skip_connection, applied as x @ A, is read in as A.T)
         self.transcoder, self.W_skip = False, None

@@ -60,7 +60,7 @@ def unspliced_tokens(saes, model_cfg, positions: str = "auto", norm_above: float
     norm_above x the median norm of its window (attention sinks beyond BOS: the Qwen3 SAE card drops activations
     above 10x the median norm before encoding)."""
     if positions == "auto":
-        chosen = {getattr(s, "positions", "no_bos") for _, s in saes}
+        chosen = {s.positions for _, s in saes}
         positions = next((p for p in ("no_bos_eos", "no_bos", "all") if p in chosen), "no_bos")
     if positions not in POSITIONS:
         raise ValueError(f"--sae-positions {positions!r}: expected auto, {', '.join(POSITIONS)}")

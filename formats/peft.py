@@ -56,7 +56,7 @@ SAES_NAME = "lorasae_saes.json"  # beside PEFT's two files (PEFT reads only its 
 def sae_record(saes) -> list[dict]:
     """Which SAEs an adapter is trained around: path (resolved when local), layer, architecture and width of each
     (layer, SAE) pair, as formats.sae_files.load_saes returns them."""
-    return [dict(path=_where(getattr(s, "path", "")), layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s in saes]
+    return [dict(path=_where(s.path or ""), layer=layer, arch=s.arch, d_sae=s.d_sae) for layer, s in saes]
 
 
 def _where(path: str) -> str:
