@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import adapt  # noqa: E402  (AdaptConfig: the settings adapt.py evaluates with)
+from config.adapt import AdaptConfig  # noqa: E402  (the settings adapt.py evaluates with)
 from plumbing import common  # noqa: E402
 import config  # noqa: E402  (the tiny model's presets)
 from formats import disk  # noqa: E402
@@ -171,10 +171,10 @@ def main_sae(cfg: ExpConfig, layer: int) -> str:
     return train_topk(cfg, os.path.join(cfg.out, f"sae-L{layer}"), layer, cfg.sae_tokens)
 
 
-def held_out_batches(cfg: ExpConfig, device) -> tuple[adapt.AdaptConfig, list[torch.Tensor]]:
+def held_out_batches(cfg: ExpConfig, device) -> tuple[AdaptConfig, list[torch.Tensor]]:
     """adapt.py's settings for this model and exactly the held-out batches it evaluates on."""
     from data import TokenLoader
-    a = common.set_untyped(adapt.AdaptConfig(), set(), config.preset("adapt") if tiny(cfg) else {})
+    a = common.set_untyped(AdaptConfig(), set(), config.preset("adapt") if tiny(cfg) else {})
     micro = a.micro_batch or a.batch_size
     val = TokenLoader(embedded_paths(cfg)[1], a.eval_split, micro, a.seq_len, 0, 1, shuffle=False, device=device)
     return a, [val.next_batch() for _ in range(max(1, a.eval_tokens // (micro * a.seq_len)))]
