@@ -97,7 +97,7 @@ HINTS["Gemma-3"] = {1: [G + "eval-r64-after.json"], 2: GEMMA_SEEDS + [G + "sae-j
                     **{r: ["noise.json", G + "eval-r64-after.json"] for r in (29, 30, 31, 38, 40)},
                     34: [G + "adapt-jr-r64-after.json"]}
 HINTS["results"] = {1: ["default.json", "default-seed1.json"],
-                    2: [S + "adapt1m-r64.json", S + "rerun-adapt1m-r64.json"]}
+                    2: [S + "adapt1m-r64.json", S + "rerun-adapt1m-r64.json"], 3: GEMMA_SEEDS}
 NOISY = ("history", "per_letter", "bin_edges", "hist_", "provenance", "lora_layers", "sae_layers", "nats_", "curve",
          "distances_authors")  # keys that hold many values: a match there is likely a coincidence
 

@@ -93,6 +93,11 @@ def main():
         v["gemma3_test_jr_r64_after_gap_left_nats_mean"] = {
             "value": sum(read(f, "ce_sae_lora") - read(f, "ce_base") for f in have) / len(have),
             "formula": f"mean of ce_sae_lora - ce_base over {', '.join(have)}"}
+        g0 = (GEMMA_SEEDS[0], "validation")
+        for a in (2, 3, 4):  # row 34: seed 0's share closed on the validation part, rising with the tokens
+            tok = read(g0[0], g0[1], a, "tokens")
+            v.update(diff(f"gemma3_row34_rise_to_{tok}_points", (g0[0], (g0[1], a, "gap_closed")),
+                          (g0[0], (g0[1], a - 1, "gap_closed"))))
     if os.path.exists(os.path.join(RESULTS, GEMMA_EVAL)):
         v.update(_gemma3_eval())
     tiny = ["default.json", "default-seed1.json"]
