@@ -34,7 +34,7 @@ def stub_pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(embedded, "model", lambda: "MODEL")
     monkeypatch.setattr(embedded, "corpus", lambda: "CORPUS")
     monkeypatch.setattr(embedded, "sae", lambda layer=embedded.SAE_LAYER: f"SAE-L{layer}")
-    monkeypatch.setattr(ev, "run", lambda cfg: cfg)
+    monkeypatch.setattr(ev, "evaluate_all", lambda cfg: cfg)
     for mod in (adapt, train_sae, train_e2e):  # the training scripts end at their run's start, with their config
         monkeypatch.setattr(mod, "Run", stop_with_config)
         monkeypatch.setattr(mod, "main", returns_config(mod.main))

@@ -190,7 +190,7 @@ def test_unspliced_tokens_for_unknown_and_mixed_formats():
     cfg = ModelConfig.from_name("tiny-llama3")
     cfg.bos_token_id, cfg.eos_token_id = BOS, EOS
     assert splice.unspliced_tokens([(1, SAE(64, 128, "topk", k=3))], cfg) == (BOS,)  # built in memory: no positions
-    assert not hasattr(sae, "positions")  # an SAE built in memory: no_bos, as train_sae.py trains
+    assert sae.positions == "no_bos"  # an SAE built in memory: no_bos, as train_sae.py trains
     assert splice.unspliced_tokens([(1, sae)], cfg) == (BOS,)
     sae.positions = sae_files.AUTO_POSITIONS["saelens"]
     assert splice.unspliced_tokens([(1, sae)], cfg) == (BOS,)
