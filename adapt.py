@@ -87,8 +87,7 @@ def main(argv=None) -> dict:
                                                      else "on every step"))
 
         # -- optimiser, compile, resume -------------------------------------------------------------------------------
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                      fused=True)  # one kernel over all adapters: 3x faster than the loop on a CPU
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
         loss_fn = compile_step(model, cfg.compile and not cfg.fsdp)  # each block its own graph, Eq. 7's chunk another
         cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
         autocast_ctx = common.autocast(ddp.device, cfg.autocast)

@@ -50,6 +50,17 @@ def spread(name: str, values: list[float], files: list[str]) -> dict:
     }
 
 
+def seeds(name: str, files: list[str]) -> dict:
+    """spread() of the seeds' gap closed among `files` that exist (at least 2), and the mean gap left after LoRA."""
+    have = [f for f in files if os.path.exists(os.path.join(RESULTS, f))]
+    if len(have) < 2:
+        return {}
+    return {**spread(name, [read(f, "gap_closed") for f in have], have),
+            f"{name}_gap_left_nats_mean": {
+                "value": sum(read(f, "ce_sae_lora") - read(f, "ce_base") for f in have) / len(have),
+                "formula": f"mean of ce_sae_lora - ce_base over {', '.join(have)}"}}
+
+
 def diff(name: str, a: tuple[str, tuple], b: tuple[str, tuple], scale: float = 100.0, what: str = "gap_closed") -> dict:
     """a - b of two results files' values (file, keys), x scale."""
     va, vb = read(a[0], *a[1]), read(b[0], *b[1])
@@ -81,18 +92,9 @@ def main():
     v: dict = {}
     smol = "smollm2/"
     # -- the noise floors -------------------------------------------------------------------------------------------
-    have = [f for f in SMOL_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
-    if len(have) >= 2:
-        v.update(spread("smollm2_test_r64", [read(f, "gap_closed") for f in have], have))
-        v["smollm2_test_r64_gap_left_nats_mean"] = {
-            "value": sum(read(f, "ce_sae_lora") - read(f, "ce_base") for f in have) / len(have),
-            "formula": f"mean of ce_sae_lora - ce_base over {', '.join(have)}"}
-    have = [f for f in GEMMA_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
-    if len(have) >= 2:
-        v.update(spread("gemma3_test_jr_r64_after", [read(f, "gap_closed") for f in have], have))
-        v["gemma3_test_jr_r64_after_gap_left_nats_mean"] = {
-            "value": sum(read(f, "ce_sae_lora") - read(f, "ce_base") for f in have) / len(have),
-            "formula": f"mean of ce_sae_lora - ce_base over {', '.join(have)}"}
+    v.update(seeds("smollm2_test_r64", SMOL_SEEDS))
+    v.update(seeds("gemma3_test_jr_r64_after", GEMMA_SEEDS))
+    if "gemma3_test_jr_r64_after_n" in v:
         g0 = (GEMMA_SEEDS[0], "validation")
         for a in (2, 3, 4):  # row 34: seed 0's share closed on the validation part, rising with the tokens
             tok = read(g0[0], g0[1], a, "tokens")
