@@ -23,6 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import test_claims as tc  # noqa: E402  (the parser of the cells: one definition of what a reported number is)
+from noise import GEMMA_SEEDS  # noqa: E402  (experiments/noise.py: the runs of Gemma-3's noise floor)
 
 
 def leaves(obj, path=""):
@@ -90,8 +91,6 @@ HINTS = {
                 42: [S + "derived.json", S + "adapt1m-r4.json"]},
 }
 G = "gemma3_270m/"
-GEMMA_SEEDS = [G + "adapt-jr-r64-after.json", G + "seeds/adapt-jr-r64-after-seed1.json",
-               G + "seeds/adapt-jr-r64-after-seed2.json"]
 HINTS["Gemma-3"] = {1: [G + "eval-r64-after.json"], 2: GEMMA_SEEDS + [G + "sae-jr-L9.json"],
                     3: ["noise.json"], 7: [G + "adapt-jr-r16-after.json"] + GEMMA_SEEDS,
                     **{r: ["noise.json", G + "eval-r64-after.json"] for r in (29, 30, 31, 38, 40)},
