@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,9 @@ class ExpConfig:
     adapt_tokens: int = 700_000  # LoRA tokens in rank / layers / multi / jumprelu: the tiny adapt preset's (paper: 15M)
     frontier_ckpts: str = "10,20,30,50,100"  # TopK checkpoints (% of training) adapted on the frontier
     recipe: str = "gao"  # SAE trainers on the frontier: gao (train_sae.py's defaults) | authors (their trainer)
+    adapt_args: str = ""  # more adapt.py flags for every adaptation and for the held-out windows SAEs are scored on
+    # (a real model's recipe: --adapt-args="--batch-size 4 --seq-len 256 --lr 5e-4", with "=" as its value starts
+    # with --); none: adapt.py's defaults (the tiny model: its preset)
     adapter: str | None = None  # checks: an adapter folder to evaluate (e.g. out/adapt-tiny/adapter, python
     # adapt.py's); none: python adapt.py's run into out/exp/checks/adapt
     seed: int | None = None  # default: adapt.py --seed (a repeat of the default run; its results file says which)
@@ -143,7 +147,7 @@ def provenance() -> dict:
 
 def adapt_run(cfg: ExpConfig, out: str, args: list[str]) -> dict:
     tokens = [] if "--max-tokens" in args else ["--max-tokens", str(cfg.adapt_tokens)]
-    run(cfg, "adapt.py", out, [*tokens, *args], "results.json")
+    run(cfg, "adapt.py", out, [*tokens, *args, *shlex.split(cfg.adapt_args)], "results.json")
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
@@ -172,12 +176,15 @@ def main_sae(cfg: ExpConfig, layer: int) -> str:
 
 
 def held_out_batches(cfg: ExpConfig, device) -> tuple[AdaptConfig, list[torch.Tensor]]:
-    """adapt.py's settings for this model and exactly the held-out batches it evaluates on."""
-    from data import TokenLoader
-    a = common.set_untyped(AdaptConfig(), set(), config.preset("adapt") if tiny(cfg) else {})
+    """adapt.py's settings for this model (its preset, then --adapt-args) and exactly the held-out batches it
+    evaluates on: the same windows, counted and capped as adapt.py counts them."""
+    from data import TokenLoader, eval_batches_for, held_out_batches as first_batches
+    a, typed = common.parse_args(AdaptConfig, shlex.split(cfg.adapt_args))
+    common.set_untyped(a, typed, config.preset("adapt") if tiny(cfg) else {})
     micro = a.micro_batch or a.batch_size
     val = TokenLoader(embedded_paths(cfg)[1], a.eval_split, micro, a.seq_len, 0, 1, shuffle=False, device=device)
-    return a, [val.next_batch() for _ in range(max(1, a.eval_tokens // (micro * a.seq_len)))]
+    return a, first_batches(val, eval_batches_for(a.eval_tokens, micro, a.seq_len), "--adapt-args' --eval-tokens",
+                            "--adapt-args' --seq-len")
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def parse_args(config_cls, argv=None, epilog: str | None = None):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])  # both spellings
         kind, args = hints[f.name], typing.get_args(hints[f.name])
-        text = f"{helps.get(f.name, '')} (default: {default})".strip()
+        text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")  # argparse formats help
         if kind is bool:
             parser.add_argument(*flags, type=_parse_bool, nargs="?", const=True, metavar="BOOL", help=text,
                                 default=argparse.SUPPRESS)

@@ -141,3 +141,35 @@ def test_results_record_command_commit_machine_and_the_wall_time_of_every_step(t
     open(tmp_path / "exp" / "old" / "done", "w").write("1")  # done before steps recorded their time
     third = invocation(["a", "old"])
     assert third["wall_seconds"] is None and third["provenance"]["unrecorded_steps"] == [str(tmp_path / "exp" / "old")]
+
+
+def test_held_out_windows_follow_adapt_args_and_are_never_read_twice(tmp_path):
+    """The frontier scores SAE checkpoints on the windows its adaptations report on: --adapt-args' --seq-len and
+    --eval-tokens shape them as adapt.py's own held-out set (data.TokenLoader over the test part, the reference), and
+    a budget above the part reads each window once, not again from the start."""
+    import torch
+    from data import TokenLoader
+    from fixtures.tiny import make_data, make_model
+    model, data_dir = make_model(tmp_path / "model", "llama3"), make_data(tmp_path / "data", n_val=4_000)
+    cfg = run.ExpConfig(model=model, data=data_dir, adapt_args="--batch-size 2 --seq-len 64 --eval-tokens 300")
+    a, batches = harness.held_out_batches(cfg, torch.device("cpu"))
+    assert (a.seq_len, a.batch_size) == (64, 2) and len(batches) == 3  # 300 tokens: 5 windows, rounded up to 3 batches
+    ref = TokenLoader(data_dir, "test", 2, 64, 0, 1, shuffle=False)
+    assert all(torch.equal(b, ref.next_batch()) for b in batches)
+    cfg.adapt_args = "--batch-size 2 --seq-len 64 --eval-tokens 10000000"
+    batches = harness.held_out_batches(cfg, torch.device("cpu"))[1]
+    windows = torch.cat(batches)
+    assert len(windows) == ref.per_rank // 2 * 2 and len({tuple(w.tolist()) for w in windows}) == len(windows)
+
+
+def test_help_lists_every_flag_even_with_a_percent_sign_in_its_text():
+    """argparse formats help texts with %: frontier_ckpts' "(% of training)" made --help a TypeError traceback."""
+    proc = subprocess.run([sys.executable, "experiments/run.py", "frontier", "--help"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "% of training" in proc.stdout and "--adapt-args" in proc.stdout
+
+
+def test_a_model_that_is_not_there_is_one_line_and_exit_code_2():
+    proc = subprocess.run([sys.executable, "experiments/run.py", "frontier", "--model", "/no/such/model"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "/no/such/model" in proc.stderr
