@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -199,15 +200,32 @@ def held_out(cfg: ExpConfig, sae_dirs: list[str], layers: list[int] | None = Non
     return dict(ce_base=res["ce_base"], ce_sae=res["ce_sae"], kl_sae=res["kl_sae"])
 
 
+def results_dir(model: str | None) -> str:
+    """Where an experiment's results go: experiments/results for the tiny model, experiments/results/<model's name>
+    for a real one (smollm2, gemma3_270m, gemma_2_2b), so that a real model's run never replaces the tiny record."""
+    if model is None:
+        return RESULTS
+    name = os.path.basename(model.rstrip("/")).lower()
+    return os.path.join(RESULTS, re.sub(r"[^a-z0-9]+", "_", name.removesuffix(".gguf")).strip("_"))
+
+
+_SAVED_TO = [RESULTS]  # the folder of the last results file: its figure goes beside it
+
+
 def save(name: str, results: dict, table: str):
-    os.makedirs(RESULTS, exist_ok=True)
+    """Results file (with its provenance) and table; a file of that name that this harness did not write (no
+    provenance) is left alone: one line says so."""
+    folder = _SAVED_TO[0] = results_dir(results.get("config", {}).get("model"))
+    path = os.path.join(folder, name + ".json")
+    if os.path.isfile(path) and "provenance" not in json.load(open(path)):
+        raise ValueError(f"{path} was not written by experiments/run.py (it has no provenance): move it away "
+                              f"to write {name}'s results there")
+    os.makedirs(folder, exist_ok=True)
     results.pop("wall_seconds", None)  # the invocation's time alone: 0.1 s when every step was done already
     results["provenance"] = provenance()
     results["wall_seconds"] = results["provenance"]["wall_seconds"]
-    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
-        f.write(table + "\n")
+    disk.write_json(path, results, indent=2)
+    disk.write_text(os.path.join(folder, name + ".md"), table + "\n")
     print(table)
 
 
@@ -223,7 +241,7 @@ def pyplot():
 
 
 def savefig(plt, fig, name: str):
-    fig.savefig(os.path.join(RESULTS, name + ".png"), dpi=130, bbox_inches="tight")
+    fig.savefig(os.path.join(_SAVED_TO[0], name + ".png"), dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 

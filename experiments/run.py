@@ -13,12 +13,14 @@ The paper's findings at small scale, one command per experiment, offline on the 
 Every step is a plain call of the project's scripts (train_sae.py, train_e2e.py, adapt.py), printed before it runs so
 it can be repeated by hand, writing to out/exp/<experiment>/<run>; a step whose output exists is not redone (delete
 the folder, or --fresh, to redo it). Each experiment then writes experiments/results/<name>.json (every number),
-<name>.md (the table the README shows) and <name>.png (the figure; needs `pip install matplotlib`).
+<name>.md (the table the README shows) and <name>.png (the figure; needs `pip install matplotlib`); on a real model
+into experiments/results/<model's name>/ (harness.results_dir), and never over a file the harness did not write.
 
 On a real model the same commands take the paper's settings: e.g.
     python experiments/run.py frontier --model google/gemma-2-2b --data data/pile --layer 12 --k 64 \
         --sae-tokens 2000000000 --e2e-tokens 2000000000 --lora-tokens 15000000
-(Sec. 4.2: the TopK and e2e SAEs both train on 2B tokens, the adaptation on 15M.)
+(Sec. 4.2: the TopK and e2e SAEs both train on 2B tokens, the adaptation on 15M.) --adapt-args="..." gives every
+adaptation, and the held-out windows every SAE is scored on, a recipe of its own (SmolLM2's in experiments/README.md).
 
 Every results/<name>.json records how it was made (`provenance`): the command, the commit, the machine and the wall
 time, the latter summed over every step it ran or found done (each step writes run.json next to its output with its

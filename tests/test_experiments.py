@@ -86,7 +86,8 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     monkeypatch.setattr(harness, "RESULTS", str(tmp_path / "results"))
     run.frontier(cfg)
 
-    res = json.load(open(tmp_path / "results" / "frontier.json"))
+    assert not (tmp_path / "results" / "frontier.json").exists()  # the tiny model's record: a real model's goes apart
+    res = json.load(open(tmp_path / "results" / "model" / "frontier.json"))
     mcfg = Transformer.from_pretrained(model).cfg
     pts = res["points"]
     # e2e at 50%: 5 steps of 64 tokens, 2 sequences each
@@ -104,7 +105,7 @@ def test_frontier_retabulates_a_finished_folder_with_flops_and_backward_passes(t
     row = next(r for r in res["speedups_flops"] if r["ce"] == 2.52)
     assert row["e2e"] == pts["e2e"][-1]["flops"] and row["topk"] is None
     assert row["speedup"] == row["e2e"] / row["topk_lora"] and row["e2e_backward"] == 20
-    table = open(tmp_path / "results" / "frontier.md").read()
+    table = open(tmp_path / "results" / "model" / "frontier.md").read()
     assert "speedup at matched FLOPs" in table and "speedup at matched time" in table
     assert "| 2.520 |" in table and f"| 64 | 20 | {20 / 64:.1f}x |" in table
 
@@ -173,3 +174,22 @@ def test_a_model_that_is_not_there_is_one_line_and_exit_code_2():
     proc = subprocess.run([sys.executable, "experiments/run.py", "frontier", "--model", "/no/such/model"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "/no/such/model" in proc.stderr
+
+
+def test_a_results_file_the_harness_did_not_write_is_left_alone(tmp_path, monkeypatch):
+    """experiments/results/smollm2/frontier.json was computed by hand from other files: a frontier run on SmolLM2
+    must not replace it silently; a file the harness wrote (with provenance) is its own to rewrite."""
+    import json
+    import pytest
+    monkeypatch.setattr(harness, "RESULTS", str(tmp_path / "results"))
+    assert harness.results_dir("/models/SmolLM2-135M.Q4_1.gguf") == str(tmp_path / "results" / "smollm2_135m_q4_1")
+    assert harness.results_dir("gemma3-270m") == str(tmp_path / "results" / "gemma3_270m")
+    os.makedirs(tmp_path / "results" / "smollm2")
+    by_hand = tmp_path / "results" / "smollm2" / "frontier.json"
+    by_hand.write_text('{"note": "by hand"}')
+    with pytest.raises(ValueError, match="not written by experiments/run.py"):
+        harness.save("frontier", dict(config=dict(model="smollm2")), "table")
+    assert json.loads(by_hand.read_text()) == {"note": "by hand"}
+    harness.save("rank", dict(config=dict(model="smollm2")), "table")
+    harness.save("rank", dict(config=dict(model="smollm2"), again=1), "table")
+    assert json.load(open(tmp_path / "results" / "smollm2" / "rank.json"))["again"] == 1
