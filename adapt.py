@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 
 from plumbing import common
+from plumbing import distributed
 from plumbing import embedded
 from answers import PairLoader, answer_step, evaluate_answers, read_pairs
 from config.adapt import MAY_CHANGE, AdaptConfig
@@ -42,7 +43,7 @@ def main(argv=None) -> dict:
         # -- setup: processes, batch split ----------------------------------------------------------------------------
         ddp, adapter_dir = run.ddp, os.path.join(cfg.out, "adapter")
         torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
-        micro, accum = common.batch_split(cfg.batch_size, cfg.micro_batch, ddp.world_size)
+        micro, accum = distributed.batch_split(cfg.batch_size, cfg.micro_batch, ddp.world_size)
 
         # -- model, SAEs, adapters ------------------------------------------------------------------------------------
         model = Transformer.from_pretrained(cfg.model, device=ddp.device, dtype=getattr(torch, cfg.dtype))
@@ -52,7 +53,7 @@ def main(argv=None) -> dict:
                                          allow_before_jumprelu=cfg.allow_before_jumprelu)
         params = apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, lora_layers)
         if cfg.fsdp:
-            common.shard_layers(model)
+            distributed.shard_layers(model)
             params = adapter_parameters(model)  # now DTensors, each rank holding its shard
         common.seed_per_rank(cfg.seed, ddp.rank)  # dropout: a mask of its own for every sequence of the global batch
         # blocks 0..L are the same in both passes: run them once (an SAE inside block L changes block L itself)
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
                 kl_sum, ce_sum = kl_sum + kl.detach().mean() / accum, ce_sum + ce.detach().mean() / accum
             run.watch(step, loss_sum)  # the loss of the adapters after `step` updates, checked at the next sync
             if not cfg.fsdp:  # FSDP2 has reduce-scattered them already
-                common.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
+                distributed.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from plumbing import common
+from plumbing import distributed
 from evals import confidence
 from formats import disk
 from plumbing import embedded
@@ -309,7 +310,7 @@ def evaluate_all(cfg: EvalConfig) -> dict:
     gen_qs = truthfulqa.read_questions(cfg.truthfulqa_gen, cfg.bench_limit, cfg.data) if cfg.truthfulqa_gen else []
 
     # -- model, SAEs, held-out tokens ----------------------------------------------------------------------------------
-    ddp = common.setup(cfg.device)
+    ddp = distributed.setup(cfg.device)
     cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
     autocast_ctx = common.autocast(ddp.device, cfg.autocast)
     dtype = getattr(torch, cfg.dtype)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from plumbing import common
+from plumbing import distributed
 from plumbing import embedded
 from config.pretrain import MAY_CHANGE, PretrainConfig
 from data import TokenLoader, load_meta
@@ -59,7 +60,7 @@ def lm_loss(model, x: torch.Tensor, autocast: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, data_dir: str, cfg: PretrainConfig, ddp: common.Dist, micro: int) -> float:
+def evaluate(model, data_dir: str, cfg: PretrainConfig, ddp: distributed.Dist, micro: int) -> float:
     """Mean loss on the same val windows every time (sequential order, each rank its own block)."""
     loader = TokenLoader(data_dir, "val", micro, cfg.seq_len, ddp.rank, ddp.world_size, shuffle=False,
                          device=ddp.device)
@@ -67,7 +68,7 @@ def evaluate(model, data_dir: str, cfg: PretrainConfig, ddp: common.Dist, micro:
     model.eval()
     loss = torch.stack([lm_loss(model, loader.next_batch(), cfg.autocast) for _ in range(n)]).mean()
     model.train()
-    return (common.all_reduce_mean(loss) if ddp.world_size > 1 else loss).item()
+    return (distributed.all_reduce_mean(loss) if ddp.world_size > 1 else loss).item()
 
 
 def main(argv=None) -> dict:
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
                                     "pretrain.json"), may_change=MAY_CHANGE, inputs=dict(data=cfg.data or None)) as run:
         ddp = run.ddp
         cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-        micro, _ = common.batch_split(cfg.batch_size, None, ddp.world_size * cfg.grad_accum)  # per process, forward
+        micro, _ = distributed.batch_split(cfg.batch_size, None, ddp.world_size * cfg.grad_accum)  # per process, forward
         # -- data ----------------------------------------------------------------------------------------------------
         if cfg.data:
             data_dir = cfg.data
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
     return result
 
 
-def _barrier(ddp: common.Dist):
+def _barrier(ddp: distributed.Dist):
     if ddp.world_size > 1:
         dist.barrier()
 

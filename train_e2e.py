@@ -23,6 +23,7 @@ import time
 import torch
 
 from plumbing import common
+from plumbing import distributed
 from plumbing import embedded
 from config.train_e2e import MAY_CHANGE, E2EConfig
 from data import TokenLoader, check_data_matches, held_out_batches
@@ -57,7 +58,7 @@ def main(argv=None) -> dict:
              one_step=(tokens_per_step, f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}")) as run:
         # -- setup, frozen model, SAE ------------------------------------------------------------------------------
         ddp = run.ddp
-        micro, _ = common.batch_split(cfg.batch_size, None, ddp.world_size)  # sequences per process
+        micro, _ = distributed.batch_split(cfg.batch_size, None, ddp.world_size)  # sequences per process
         torch.manual_seed(cfg.seed)
         model = Transformer.from_pretrained(cfg.model, device=ddp.device).requires_grad_(False)
         if not 0 <= layer < model.cfg.n_layer - 1:
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
                 with torch.no_grad(), autocast_ctx:
                     sample = model(val_batches[0], stop_at=layer)[:, 1:].reshape(-1, dm).float()
                 with torch.no_grad():
-                    sae.b_dec.copy_(geometric_median(common.all_gather_cat(sample)))
+                    sae.b_dec.copy_(geometric_median(distributed.all_gather_cat(sample)))
         common.log(f"e2e{'+ds' if cfg.ds_coef else ''}{'+mse' if cfg.mse_coef else ''} TopK SAE d_in {dm} d_sae {m} "
                    f"k {cfg.k} at layer {layer}{', fine-tuning ' + cfg.init if cfg.init else ''}; "
                    f"lr {peak_lr:.2e}; {total_steps} steps of {tokens_per_step} tokens")
@@ -162,7 +163,7 @@ def main(argv=None) -> dict:
             run.watch(step, loss)
             run.stop_if_diverged(step, {}, "e2e training diverged", advice)
             loss.backward()
-            common.all_reduce_grads(sae.parameters())
+            distributed.all_reduce_grads(sae.parameters())
             remove_gradient_parallel_to_decoder_directions(sae)
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -170,7 +171,7 @@ def main(argv=None) -> dict:
             set_decoder_norm_to_unit_norm(sae)
             fired = torch.zeros(m, device=ddp.device)
             fired[indices[values > 0]] = 1.0
-            update_since_fired(since_fired, common.all_reduce_mean(fired) > 0, tokens_per_step)
+            update_since_fired(since_fired, distributed.all_reduce_mean(fired) > 0, tokens_per_step)
             step += 1
             run.tick(tokens_per_step, time.time() - t0)
 

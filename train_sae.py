@@ -21,6 +21,7 @@ from dataclasses import asdict
 import torch
 
 from plumbing import common
+from plumbing import distributed
 from plumbing import embedded
 from config.train_sae import MAY_CHANGE, TrainSAEConfig
 from data import TokenLoader, check_data_matches, held_out_batches
@@ -165,7 +166,7 @@ def main(argv=None) -> dict:
             # that all ranks (and a single-process run over the same tokens) start identically
             sample = buffer.next(min(per_rank * 4, buffer.size))
             buffer.pos = 0
-            sample = common.all_gather_cat(sample)
+            sample = distributed.all_gather_cat(sample)
             inputs, sample = split(sample)
             sample = sample if cfg.transcoder else inputs  # b_dec and the scale: of what is reconstructed
             with torch.no_grad():
@@ -206,8 +207,8 @@ def main(argv=None) -> dict:
             run.watch(step, loss)
             run.stop_if_diverged(step, {}, "SAE training diverged", advice)
             loss.backward()
-            common.all_reduce_grads(sae.parameters())
-            fired = common.all_reduce_mean(fired.float()) > 0
+            distributed.all_reduce_grads(sae.parameters())
+            fired = distributed.all_reduce_mean(fired.float()) > 0
             remove_gradient_parallel_to_decoder_directions(sae)
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             optimizer.step()

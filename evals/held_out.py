@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from plumbing import common
+from plumbing import distributed
 from lora import adapters_disabled, lora_modules
 from model import Transformer
 from splice import kl_and_ce, spliced_pass
@@ -74,7 +74,7 @@ def position_means(sums: dict, n: int) -> dict:
     sync; `positions`: how many that is."""
     keys = list(sums)
     t = torch.stack([sums[k] for k in keys] + [sums[keys[0]].new_tensor(float(n))])
-    t = common.all_reduce_mean(t)  # every process's mean sum over the mean count: the mean over all positions
+    t = distributed.all_reduce_mean(t)  # every process's mean sum over the mean count: the mean over all positions
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return {**dict(zip(keys, (t[:-1] / t[-1]).tolist())), "positions": round(t[-1].item() * world)}
 

@@ -14,7 +14,7 @@ student may skip this file.
         run.finish("results.json", results)
 
 Run owns the output folder (formats/run_folder.claim: the lock, the refusals, --overwrite, the --resume checks of the
-settings and of the inputs' content), the processes (torchrun / DDP, common.setup; torn down when the run ends well),
+settings and of the inputs' content), the processes (torchrun / DDP, distributed.setup; torn down when the run ends well),
 the checkpoint file and the results file.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import asdict
 import torch
 
 from plumbing import common
+from plumbing import distributed
 from formats import disk, run_folder
 
 CHECKPOINT = "ckpt.pt"  # every training script's checkpoint: model or adapter state, optimizer, data position, RNG
@@ -57,7 +58,7 @@ class Run:
             outputs=(CHECKPOINT, run_folder.previous(CHECKPOINT), *FORMER_NAMES, *outputs), may_change=may_change,
             inputs=paths, by_content=tuple(inputs), may_lower=may_lower)
         try:
-            self.ddp = common.setup(cfg.device)
+            self.ddp = distributed.setup(cfg.device)
         except BaseException:
             self.claim.release()
             raise
@@ -72,7 +73,7 @@ class Run:
 
     def __exit__(self, kind, *_):
         if kind is None:  # a run that failed on one rank must not wait for the others at a barrier
-            common.teardown()
+            distributed.teardown()
             common.log(f"{time.time() - self.t_start:.0f}s in all (set-up, training, evaluations and saves)")
         self.claim.release()
 
@@ -96,10 +97,10 @@ class Run:
         if isinstance(part, torch.nn.Module):
             return part.state_dict()
         if isinstance(part, torch.optim.Optimizer):
-            return common.optimizer_state(part, _params_of(part))
+            return distributed.optimizer_state(part, _params_of(part))
         if isinstance(part, (list, tuple)):
-            return [common.whole(p) for p in part]
-        return common.gather_objects(part.state_dict())
+            return [distributed.whole(p) for p in part]
+        return distributed.gather_objects(part.state_dict())
 
     def resume(self, keys: tuple[str, ...] = (), required: bool = False) -> dict | None:
         """With --resume, the checkpoint's state, its parts (keep) restored: it must hold them and `keys`, have been
@@ -121,11 +122,11 @@ class Run:
                 run_folder.check_tensors(list(saved.values()), list(part.state_dict().values()), self.path, name)
                 part.load_state_dict(saved)
             elif isinstance(part, torch.optim.Optimizer):
-                common.optimizer_state(part, _params_of(part), load=saved)
+                distributed.optimizer_state(part, _params_of(part), load=saved)
             elif isinstance(part, (list, tuple)):
                 run_folder.check_tensors(saved, part, self.path, name)
                 for p, t in zip(part, saved):
-                    p.data.copy_(common.shard_like(p, t))
+                    p.data.copy_(distributed.shard_like(p, t))
             else:
                 part.load_state_dict(saved[self.ddp.rank])
         common.set_rng_state(state.get("rng"), self.ddp.rank)  # where this rank's stream was when it was saved
@@ -139,7 +140,7 @@ class Run:
         it (FSDP2 shards and the ranks' positions are gathered); rank 0 writes, atomically, keeping the one before as
         ckpt.prev.pt against a divergence."""
         parts = {name: self._state_of(part) for name, part in self.parts.items()}
-        rngs = common.gather_objects(common.rng_state())
+        rngs = distributed.gather_objects(common.rng_state())
         if self.ddp.master:
             run_folder.save_checkpoint(dict(parts, **state, elapsed=self.elapsed, rng=rngs, config=asdict(self.cfg),
                                             inputs=self.inputs), self.path)
@@ -170,7 +171,7 @@ class Run:
             t.to_local() if hasattr(t, "to_local") else t).all()), None)
         never = torch.iinfo(torch.long).max
         finite = torch.tensor(int(bad_name is None), device=self._first_bad.device)
-        health = common.all_reduce_min(torch.stack([torch.where(self._first_bad >= 0, self._first_bad, never),
+        health = distributed.all_reduce_min(torch.stack([torch.where(self._first_bad >= 0, self._first_bad, never),
                                                     finite]))
         bad_step, finite = int(health[0]), bool(health[1])
         if bad_step == never and finite:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plumbing import common
+from plumbing import distributed
 import splice
 from accounting.flops import head_flops, kl_flops
 from evals import held_out
@@ -460,12 +460,12 @@ def _average_worker(rank, world, init):
         p = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(1))]
         p[0].grad = torch.full((3, 2), float(rank + 1))
         p[1].grad = torch.arange(4.0) * (10 ** rank)
-        common.all_reduce_grads(p)  # p[2] has no gradient: skipped
+        distributed.all_reduce_grads(p)  # p[2] has no gradient: skipped
         assert torch.equal(p[0].grad, torch.full((3, 2), 1.5)), p[0].grad  # (1 + 2) / 2
         assert torch.equal(p[1].grad, torch.arange(4.0) * 5.5), p[1].grad  # (1 + 10) / 2
         assert p[2].grad is None
         t = torch.tensor([float(rank), 4.0 * rank])
-        assert torch.equal(common.all_reduce_mean(t), torch.tensor([0.5, 2.0]))
+        assert torch.equal(distributed.all_reduce_mean(t), torch.tensor([0.5, 2.0]))
         # the reported means: sums and counts over every process's positions (rank 0: 3 positions, rank 1: 5)
         ce_sum = torch.tensor(3.0 if rank == 0 else 10.0, dtype=torch.float64)
         res = held_out.position_means({"ce": ce_sum}, 3 + 2 * rank)

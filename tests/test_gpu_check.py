@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from plumbing import common
+from plumbing import distributed
 from tools import gpu_check
 from tests.ports import free_port
 
@@ -118,15 +119,15 @@ def test_one_line_error_finds_the_line_that_says_what_went_wrong():
 def test_pick_device_says_what_is_visible(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert common.pick_device("auto", gpus=0) == torch.device("cpu")
-    assert common.pick_device("auto", gpus=1) == torch.device("cuda")
-    assert common.pick_device("cuda:1", gpus=2) == torch.device("cuda:1")
+    assert distributed.pick_device("auto", gpus=0) == torch.device("cpu")
+    assert distributed.pick_device("auto", gpus=1) == torch.device("cuda")
+    assert distributed.pick_device("cuda:1", gpus=2) == torch.device("cuda:1")
     with pytest.raises(ValueError, match=r"--device cuda:3: only 1 CUDA GPU is visible here \(cuda:0\)"):
-        common.pick_device("cuda:3", gpus=1)
+        distributed.pick_device("cuda:3", gpus=1)
     with pytest.raises(ValueError, match="--device cuda: .*; use --device cpu"):
-        common.pick_device("cuda", gpus=0)
+        distributed.pick_device("cuda", gpus=0)
     with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
-        common.pick_device("tpu", gpus=1)
+        distributed.pick_device("tpu", gpus=1)
     # torchrun: each process takes the GPU of its LOCAL_RANK; with more processes than GPUs every process says so
     # (rank 0 too: none waits in the rendezvous for a peer that has gone)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -136,10 +137,10 @@ def test_pick_device_says_what_is_visible(monkeypatch):
         monkeypatch.setenv("LOCAL_RANK", rank)
         with pytest.raises(ValueError, match="torchrun started 2 processes on this node but only 1 CUDA GPU is "
                                              "visible here: use --nproc_per_node 1"):
-            common.pick_device("cuda", gpus=1)
-        assert common.pick_device("auto", gpus=2) == torch.device("cuda", int(rank))
+            distributed.pick_device("cuda", gpus=1)
+        assert distributed.pick_device("auto", gpus=2) == torch.device("cuda", int(rank))
     with pytest.raises(ValueError, match="under torchrun each process takes the GPU of its LOCAL_RANK"):
-        common.pick_device("cuda:0", gpus=2)
+        distributed.pick_device("cuda:0", gpus=2)
 
 
 @pytest.mark.parametrize("device", ["cuda:99", "gpu"])

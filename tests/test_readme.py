@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from plumbing import common
+from plumbing import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("python", "torchrun", "pip", "hf", "bash")
@@ -81,7 +82,7 @@ def check_torchrun(words, monkeypatch):
     ns = get_args_parser().parse_args(words[1:])
     cfg = parse_script(ns.training_script, ns.training_script_args, monkeypatch)
     if hasattr(cfg, "micro_batch"):  # the batch must split over the processes, as adapt.py splits it
-        common.batch_split(cfg.batch_size, cfg.micro_batch, int(ns.nproc_per_node))
+        distributed.batch_split(cfg.batch_size, cfg.micro_batch, int(ns.nproc_per_node))
 
 
 def check_pip(words, monkeypatch):
@@ -123,7 +124,7 @@ def test_a_wrong_flag_fails_the_check(monkeypatch):
     with pytest.raises(SystemExit):
         parse_script("adapt.py", ["--rnak", "64"], monkeypatch)
     with pytest.raises(ValueError):
-        common.batch_split(1, None, 8)
+        distributed.batch_split(1, None, 8)
 
 
 def test_adapt_defaults_on_a_real_model_layout_are_the_authors_run(tmp_path):

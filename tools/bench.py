@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)  # runnable by path (python tools/X.py) as well as with
 
 from config.adapt import AdaptConfig
 from plumbing import common
+from plumbing import distributed
 
 
 @dataclass
@@ -539,7 +540,7 @@ def main(argv=None):
         return bench_sae_module(argv)
     b, _ = common.parse_args(BenchConfig, argv)
     check_shape(b)
-    dev = common.setup(b.device).device
+    dev = distributed.setup(b.device).device
     b.autocast = common.resolve_autocast(dev, b.autocast)
     return bench_adapt(b, dev) if what == "adapt" else bench_sae(b, dev)
 

@@ -49,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runnable by path (python tools/X.py) as well as with -m
 
 from plumbing import common
+from plumbing import distributed
 from formats import disk
 from tools.gpu_numerics import part_numerics  # noqa: F401  (part 1, run by name)
 from tools.gpu_report import environment, write_report
@@ -91,7 +92,7 @@ def main(argv=None):
     cfg, typed = common.parse_args(CheckConfig, argv)
     if cfg.quick and "device" not in typed:
         cfg.device = "cpu"
-    dev = common.pick_device(cfg.device)
+    dev = distributed.pick_device(cfg.device)
     if cfg.part:
         return run_part(cfg, dev)
     if dev.type != "cuda" and not cfg.quick:
