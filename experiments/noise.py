@@ -153,6 +153,11 @@ def main():
         tok = read(pts[0], pts[1], a, "tokens")
         v.update(diff(f"row34_rise_to_{tok}_points", (pts[0], (pts[1], a, "gap_closed")),
                       (pts[0], (pts[1], b, "gap_closed"))))
+    long = smol + "adapt-r64-1m.json"  # row 34: the headline recipe for 1M tokens (seed 0), against its 131k-token run
+    v.update(diff("row34_1m_minus_seed0_131k_points", (long, ("gap_closed",)), (SMOL_SEEDS[0], ("gap_closed",))))
+    at = {read(long, "validation", i, "tokens"): i for i in range(len(read(long, "validation")))}
+    v.update(diff("row34_1m_validation_last_262k_points", (long, ("validation", at[1048576], "gap_closed")),
+                  (long, ("validation", at[786432], "gap_closed"))))
     # -- tiny rows 18-20: SAEBench, the adapted model per seed against the base model (both seeds' base: the same) --
     v.update(_saebench(tiny))
     wall = time.time() - t0
