@@ -158,6 +158,7 @@ def main():
     at = {read(long, "validation", i, "tokens"): i for i in range(len(read(long, "validation")))}
     v.update(diff("row34_1m_validation_last_262k_points", (long, ("validation", at[1048576], "gap_closed")),
                   (long, ("validation", at[786432], "gap_closed"))))
+    v.update(_frontier_1m(smol + "frontier-1m.json", SMOL_SEEDS[0]))
     # -- tiny rows 18-20: SAEBench, the adapted model per seed against the base model (both seeds' base: the same) --
     v.update(_saebench(tiny))
     wall = time.time() - t0
@@ -169,6 +170,48 @@ def main():
         json.dump(out, f, indent=1)
     os.replace(os.path.join(RESULTS, "noise.json.tmp"), os.path.join(RESULTS, "noise.json"))
     print(f"wrote experiments/results/noise.json: {len(v)} values", file=sys.stderr)
+
+
+def _frontier_1m(fr: str, headline: str) -> dict:
+    """Rows 9, 10, 12, 14, 35 (SmolLM2, the paper's protocol): the headline adaptation (131k tokens from the final TopK SAE)
+    placed on the frontier's FLOPs axis, and the e2e SAE's FLOPs to reach its CE, bracketed by the e2e checkpoints
+    before and at the first that reaches it (the e2e SAE is scored every 10% of its run)."""
+    if not os.path.exists(os.path.join(RESULTS, fr)):
+        return {}
+    last, e2e = read(fr, "points", "topk_lora", -1), read(fr, "points", "e2e")
+    per_token = last["lora_flops"] / read(fr, "config", "lora_tokens")
+    flops = last["sae_flops"] + read(headline, "train_tokens") * per_token
+    ce = read(headline, "ce_sae_lora")
+    i = next(i for i, q in enumerate(e2e) if q["ce"] <= ce)
+    src = f"{fr}: points.topk_lora[-1]"
+    long = "smollm2/adapt-r64-1m.json"  # the headline recipe for 1M tokens
+    rows = [r for r in read(fr, "speedups_flops") if r["topk"] is not None and r["topk_lora"] is not None]
+    ratios = [r["topk_lora"] / r["topk"] for r in rows]
+    ratio_formula = f"{fr}: speedups_flops[i].topk_lora / .topk over the CEs both reach"
+    return {"row10_1m_headline_flops": {"value": flops, "formula": f"{src}.sae_flops + {headline}:train_tokens x "
+                                        f"{src}.lora_flops / config.lora_tokens (the same adaptation step)"},
+            "row10_1m_e2e_flops_at_headline_ce": {"value": e2e[i]["flops"], "formula": f"{fr}: points.e2e[i].flops, "
+                                                  f"the first e2e checkpoint with ce <= {headline}:ce_sae_lora"},
+            "row10_1m_e2e_pct_at_headline_ce": {"value": e2e[i]["pct"], "formula": "that checkpoint's pct"},
+            "row10_1m_speedup_upper": {"value": e2e[i]["flops"] / flops, "formula": "e2e flops at that checkpoint "
+                                       "/ row10_1m_headline_flops"},
+            "row10_1m_speedup_lower": {"value": e2e[i - 1]["flops"] / flops, "formula": "e2e flops at the checkpoint "
+                                       "before it (not yet reaching the CE) / row10_1m_headline_flops"},
+            "row14_1m_e2e_minus_headline_nats": {"value": e2e[-1]["ce"] - ce,
+                                                 "formula": f"{fr}: points.e2e[-1].ce - {headline}:ce_sae_lora"},
+            "row14_1m_e2e_minus_long_nats": {"value": e2e[-1]["ce"] - read(long, "ce_sae_lora"),
+                                             "formula": f"{fr}: points.e2e[-1].ce - {long}:ce_sae_lora"},
+            "row14_1m_long_flops_over_e2e": {"value": (last["sae_flops"] + read(long, "train_tokens") * per_token)
+                                             / e2e[-1]["flops"], "formula": f"({src}.sae_flops + {long}:train_tokens "
+                                             "x the adaptation's FLOPs per token) / points.e2e[-1].flops"},
+            "row9_1m_topk_lora_minus_e2e_nats": {"value": last["ce"] - e2e[-1]["ce"],
+                                                 "formula": f"{src}.ce - points.e2e[-1].ce"},
+            "row12_1m_topk_lora_over_topk_flops_min": {"value": min(ratios), "formula": ratio_formula},
+            "row12_1m_topk_lora_over_topk_flops_max": {"value": max(ratios), "formula": ratio_formula},
+            "row13_1m_e2e_over_adapt_backward": {"value": e2e[-1]["backward"] / last["backward"],
+                                                 "formula": f"{fr}: points.e2e[-1].backward / {src}.backward"},
+            "row35_1m_e2e_last_tenth_nats": {"value": e2e[-2]["ce"] - e2e[-1]["ce"],
+                                             "formula": f"{fr}: points.e2e[-2].ce - points.e2e[-1].ce"}}
 
 
 GEMMA_EVAL = "gemma3_270m/eval-r64-after.json"  # eval.py on seed 0's adapter (rank 64 after the SAE)
