@@ -219,7 +219,7 @@ def save(name: str, results: dict, table: str):
     path = os.path.join(folder, name + ".json")
     if os.path.isfile(path) and "provenance" not in json.load(open(path)):
         raise ValueError(f"{path} was not written by experiments/run.py (it has no provenance): move it away "
-                              f"to write {name}'s results there")
+                         f"to write {name}'s results there")
     os.makedirs(folder, exist_ok=True)
     results.pop("wall_seconds", None)  # the invocation's time alone: 0.1 s when every step was done already
     results["provenance"] = provenance()

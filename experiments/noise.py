@@ -159,6 +159,7 @@ def main():
     v.update(diff("row34_1m_validation_last_262k_points", (long, ("validation", at[1048576], "gap_closed")),
                   (long, ("validation", at[786432], "gap_closed"))))
     v.update(_frontier_1m(smol + "frontier-1m.json", SMOL_SEEDS[0]))
+    v.update(_k_sweep_after(smol + "ksweep/adapt-k{}-after.json"))
     # -- tiny rows 18-20: SAEBench, the adapted model per seed against the base model (both seeds' base: the same) --
     v.update(_saebench(tiny))
     wall = time.time() - t0
@@ -170,6 +171,27 @@ def main():
         json.dump(out, f, indent=1)
     os.replace(os.path.join(RESULTS, "noise.json.tmp"), os.path.join(RESULTS, "noise.json"))
     print(f"wrote experiments/results/noise.json: {len(v)} values", file=sys.stderr)
+
+
+def _k_sweep_after(pattern: str) -> dict:
+    """Row 4 (SmolLM2, the paper's protocol): TopK SAEs with k 32, 64, 128 adapted on the layers after them; the
+    differences of single runs in points and the nats recovered, beside the seeds' floor in nats."""
+    files = {k: pattern.format(k) for k in (32, 64, 128) if os.path.exists(os.path.join(RESULTS, pattern.format(k)))}
+    out = {}
+    for k, f in files.items():
+        out[f"row4_after_k{k}_nats_recovered"] = {"value": nats_recovered(f), "formula": f"{f}: ce_sae - ce_sae_lora"}
+    for a, b in ((64, 32), (128, 64), (128, 32)):
+        if a in files and b in files:
+            out.update(diff(f"row4_after_k{a}_minus_k{b}_points", (files[a], ("gap_closed",)), (files[b], ("gap_closed",))))
+            out[f"row4_after_k{b}_minus_k{a}_nats_recovered"] = {
+                "value": nats_recovered(files[b]) - nats_recovered(files[a]),
+                "formula": f"nats recovered of {files[b]} - of {files[a]}"}
+    nats = [nats_recovered(f) for f in SMOL_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
+    m = sum(nats) / len(nats)
+    sd = math.sqrt(sum((x - m) ** 2 for x in nats) / (len(nats) - 1))
+    out["smollm2_test_r64_nats_recovered_floor_single_runs"] = {
+        "value": 2 * math.sqrt(2) * sd, "formula": f"2 sqrt(2) x the sample sd of ce_sae - ce_sae_lora over {SMOL_SEEDS}"}
+    return out
 
 
 def _frontier_1m(fr: str, headline: str) -> dict:
