@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
                 kl_sum, ce_sum = kl_sum + kl.detach().mean() / accum, ce_sum + ce.detach().mean() / accum
             run.watch(step, loss_sum)  # the loss of the adapters after `step` updates, checked at the next sync
             if not cfg.fsdp:  # FSDP2 has reduce-scattered them already
-                distributed.all_reduce_grads(params)  # adapters are a few MB: one flat all-reduce instead of a DDP wrapper
+                distributed.all_reduce_grads(params)  # a few MB of adapters: one flat all-reduce, no DDP wrapper
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

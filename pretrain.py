@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
                                     "pretrain.json"), may_change=MAY_CHANGE, inputs=dict(data=cfg.data or None)) as run:
         ddp = run.ddp
         cfg.autocast = common.resolve_autocast(ddp.device, cfg.autocast)  # auto: what this hardware runs fast
-        micro, _ = distributed.batch_split(cfg.batch_size, None, ddp.world_size * cfg.grad_accum)  # per process, forward
+        micro, _ = distributed.batch_split(cfg.batch_size, None, ddp.world_size * cfg.grad_accum)  # per process
         # -- data ----------------------------------------------------------------------------------------------------
         if cfg.data:
             data_dir = cfg.data

@@ -204,4 +204,4 @@ def frontier(cfg: ExpConfig):
             ax.set(xlabel=xlabel, title=f"CE loss vs training {'time' if x == 'time' else 'FLOPs'} (cf. Fig. 1)")
         axes[0].set(ylabel="held-out CE with SAE (nats)")
         axes[0].legend()
-        savefig(plt, fig, "frontier")
+        savefig(plt, fig, "frontier", cfg)

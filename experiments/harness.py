@@ -209,13 +209,10 @@ def results_dir(model: str | None) -> str:
     return os.path.join(RESULTS, re.sub(r"[^a-z0-9]+", "_", name.removesuffix(".gguf")).strip("_"))
 
 
-_SAVED_TO = [RESULTS]  # the folder of the last results file: its figure goes beside it
-
-
 def save(name: str, results: dict, table: str):
     """Results file (with its provenance) and table; a file of that name that this harness did not write (no
     provenance) is left alone: one line says so."""
-    folder = _SAVED_TO[0] = results_dir(results.get("config", {}).get("model"))
+    folder = results_dir(results.get("config", {}).get("model"))
     path = os.path.join(folder, name + ".json")
     if os.path.isfile(path) and "provenance" not in json.load(open(path)):
         raise ValueError(f"{path} was not written by experiments/run.py (it has no provenance): move it away "
@@ -240,8 +237,9 @@ def pyplot():
         return None
 
 
-def savefig(plt, fig, name: str):
-    fig.savefig(os.path.join(_SAVED_TO[0], name + ".png"), dpi=130, bbox_inches="tight")
+def savefig(plt, fig, name: str, cfg: ExpConfig):
+    """The figure beside its results file (results_dir)."""
+    fig.savefig(os.path.join(results_dir(cfg.model), name + ".png"), dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 

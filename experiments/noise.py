@@ -33,11 +33,16 @@ def read(rel: str, *keys):
     return obj
 
 
+def sample_sd(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def spread(name: str, values: list[float], files: list[str]) -> dict:
     """Mean, sample SD, SE of the mean and the single-run floor of `values` (fractions), in points of gap closed."""
     n = len(values)
     mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    sd = sample_sd(values)
     src = ", ".join(files)
     return {
         f"{name}_n": {"value": n, "formula": f"runs: {src}"},
@@ -73,7 +78,7 @@ def paired(name: str, a: list[tuple[str, tuple]], base: tuple[str, tuple]) -> di
     """Per seed: a_i - base; their mean, and the SE of that mean (s / sqrt(n)); in the values' own units."""
     d = [read(f, *k) - read(base[0], *base[1]) for f, k in a]
     n, mean = len(d), sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+    se = sample_sd(d) / math.sqrt(n)
     src = ", ".join(f"{f}:{'.'.join(map(str, k))}" for f, k in a)
     base_src = f"{base[0]}:{'.'.join(map(str, base[1]))}"
     out = {f"{name}_seed{i}": {"value": x, "formula": f"{a[i][0]} - {base_src}"} for i, x in enumerate(d)}
@@ -182,15 +187,14 @@ def _k_sweep_after(pattern: str) -> dict:
         out[f"row4_after_k{k}_nats_recovered"] = {"value": nats_recovered(f), "formula": f"{f}: ce_sae - ce_sae_lora"}
     for a, b in ((64, 32), (128, 64), (128, 32)):
         if a in files and b in files:
-            out.update(diff(f"row4_after_k{a}_minus_k{b}_points", (files[a], ("gap_closed",)), (files[b], ("gap_closed",))))
+            out.update(diff(f"row4_after_k{a}_minus_k{b}_points", (files[a], ("gap_closed",)),
+                            (files[b], ("gap_closed",))))
             out[f"row4_after_k{b}_minus_k{a}_nats_recovered"] = {
                 "value": nats_recovered(files[b]) - nats_recovered(files[a]),
                 "formula": f"nats recovered of {files[b]} - of {files[a]}"}
     nats = [nats_recovered(f) for f in SMOL_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
-    m = sum(nats) / len(nats)
-    sd = math.sqrt(sum((x - m) ** 2 for x in nats) / (len(nats) - 1))
     out["smollm2_test_r64_nats_recovered_floor_single_runs"] = {
-        "value": 2 * math.sqrt(2) * sd, "formula": f"2 sqrt(2) x the sample sd of ce_sae - ce_sae_lora over {SMOL_SEEDS}"}
+        "value": 2 * math.sqrt(2) * sample_sd(nats), "formula": f"2 sqrt(2) x the sample sd of ce_sae - ce_sae_lora over {SMOL_SEEDS}"}
     return out
 
 

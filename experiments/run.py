@@ -72,7 +72,7 @@ def rank(cfg: ExpConfig):
         ax.plot(list(res), [100 * x["gap_closed"] for x in res.values()], "o-")
         ax.set(xscale="log", xlabel="LoRA rank", ylabel="CE gap closed (%)", title="Scaling with rank (cf. Fig. 3)")
         ax.set_xticks(list(res), [str(r) for r in res])
-        savefig(plt, fig, "rank")
+        savefig(plt, fig, "rank", cfg)
 
 
 
@@ -137,7 +137,7 @@ def layers(cfg: ExpConfig):
         ax.set(ylim=(lo, a["ce_sae"] + 0.25 * (a["ce_sae"] - a["ce_base"])), ylabel="held-out CE (nats)",
                xlabel="adapted layer", title=f"Single-layer LoRA, SAE at layer {layer} (cf. Fig. 9)")
         ax.legend(fontsize=8)
-        savefig(plt, fig, "layers")
+        savefig(plt, fig, "layers", cfg)
 
 
 def jumprelu(cfg: ExpConfig):
@@ -198,7 +198,7 @@ def multi(cfg: ExpConfig):
         ax.set_xticks(list(xs), [f"{len(k.split(','))} SAE{'s' if ',' in k else ''}\n({k})" for k in runs])
         ax.set(ylim=(base - 0.2, None), ylabel="compound CE (nats)", title="Several SAEs at once (cf. Fig. 6)")
         ax.legend(fontsize=8)
-        savefig(plt, fig, "multi")
+        savefig(plt, fig, "multi", cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ student may skip this file.
         run.finish("results.json", results)
 
 Run owns the output folder (formats/run_folder.claim: the lock, the refusals, --overwrite, the --resume checks of the
-settings and of the inputs' content), the processes (torchrun / DDP, distributed.setup; torn down when the run ends well),
-the checkpoint file and the results file.
+settings and of the inputs' content), the processes (torchrun / DDP, distributed.setup; torn down when the run ends
+well), the checkpoint file and the results file.
 """
 from __future__ import annotations
 
@@ -171,8 +171,8 @@ class Run:
             t.to_local() if hasattr(t, "to_local") else t).all()), None)
         never = torch.iinfo(torch.long).max
         finite = torch.tensor(int(bad_name is None), device=self._first_bad.device)
-        health = distributed.all_reduce_min(torch.stack([torch.where(self._first_bad >= 0, self._first_bad, never),
-                                                    finite]))
+        first_bad = torch.where(self._first_bad >= 0, self._first_bad, never)
+        health = distributed.all_reduce_min(torch.stack([first_bad, finite]))
         bad_step, finite = int(health[0]), bool(health[1])
         if bad_step == never and finite:
             return
