@@ -164,7 +164,14 @@ def main():
     v.update(diff("row34_1m_validation_last_262k_points", (long, ("validation", at[1048576], "gap_closed")),
                   (long, ("validation", at[786432], "gap_closed"))))
     v.update(_frontier_1m(smol + "frontier-1m.json", SMOL_SEEDS[0]))
-    v.update(_k_sweep_after(smol + "ksweep/adapt-k{}-after.json"))
+    v.update(_k_sweep_after({k: f"{smol}ksweep/adapt-k{k}-after.json" for k in (32, 64, 128)}, SMOL_SEEDS,
+                            "row4_after", "smollm2_test_r64"))
+    # -- Gemma-3 rows 4 and 34: the JumpReLU L0 sweep after the SAE, and the headline adaptation to 1M tokens -------
+    gemma = "gemma3_270m/"
+    v.update(_k_sweep_after({32: gemma + "l0sweep/adapt-k32-after.json", 64: GEMMA_SEEDS[0],
+                             128: gemma + "l0sweep/adapt-k128-after.json"}, GEMMA_SEEDS, "gemma3_row4_after",
+                            "gemma3_test_jr_r64_after"))
+    v.update(_long_run(gemma + "adapt-jr-r64-after-1m.json", GEMMA_SEEDS[0], "gemma3_row34_1m"))
     # -- tiny rows 18-20: SAEBench, the adapted model per seed against the base model (both seeds' base: the same) --
     v.update(_saebench(tiny))
     wall = time.time() - t0
@@ -178,23 +185,43 @@ def main():
     print(f"wrote experiments/results/noise.json: {len(v)} values", file=sys.stderr)
 
 
-def _k_sweep_after(pattern: str) -> dict:
-    """Row 4 (SmolLM2, the paper's protocol): TopK SAEs with k 32, 64, 128 adapted on the layers after them; the
-    differences of single runs in points and the nats recovered, beside the seeds' floor in nats."""
-    files = {k: pattern.format(k) for k in (32, 64, 128) if os.path.exists(os.path.join(RESULTS, pattern.format(k)))}
+def _k_sweep_after(files: dict, seed_files: list[str], prefix: str, floor: str) -> dict:
+    """Row 4 (the paper's protocol): SAEs with k 32, 64, 128 (files: {k: results file}) adapted on the layers after
+    them; the differences of single runs in points and the nats recovered, beside the seeds' floor in nats
+    (seed_files: the seeds of the model's headline setting; `floor` names it)."""
+    files = {k: f for k, f in files.items() if os.path.exists(os.path.join(RESULTS, f))}
     out = {}
     for k, f in files.items():
-        out[f"row4_after_k{k}_nats_recovered"] = {"value": nats_recovered(f), "formula": f"{f}: ce_sae - ce_sae_lora"}
+        out[f"{prefix}_k{k}_nats_recovered"] = {"value": nats_recovered(f), "formula": f"{f}: ce_sae - ce_sae_lora"}
     for a, b in ((64, 32), (128, 64), (128, 32)):
         if a in files and b in files:
-            out.update(diff(f"row4_after_k{a}_minus_k{b}_points", (files[a], ("gap_closed",)),
+            out.update(diff(f"{prefix}_k{a}_minus_k{b}_points", (files[a], ("gap_closed",)),
                             (files[b], ("gap_closed",))))
-            out[f"row4_after_k{b}_minus_k{a}_nats_recovered"] = {
+            out[f"{prefix}_k{b}_minus_k{a}_nats_recovered"] = {
                 "value": nats_recovered(files[b]) - nats_recovered(files[a]),
                 "formula": f"nats recovered of {files[b]} - of {files[a]}"}
-    nats = [nats_recovered(f) for f in SMOL_SEEDS if os.path.exists(os.path.join(RESULTS, f))]
-    out["smollm2_test_r64_nats_recovered_floor_single_runs"] = {
-        "value": 2 * math.sqrt(2) * sample_sd(nats), "formula": f"2 sqrt(2) x the sample sd of ce_sae - ce_sae_lora over {SMOL_SEEDS}"}
+    nats = [nats_recovered(f) for f in seed_files if os.path.exists(os.path.join(RESULTS, f))]
+    if len(files) > 1 and len(nats) > 1:
+        out[f"{floor}_nats_recovered_floor_single_runs"] = {
+            "value": 2 * math.sqrt(2) * sample_sd(nats),
+            "formula": f"2 sqrt(2) x the sample sd of ce_sae - ce_sae_lora over {seed_files}"}
+    return out
+
+
+def _long_run(long: str, short: str, prefix: str) -> dict:
+    """Row 34 (issue 45 item 3): a headline recipe run for 1M tokens against the same seed's 131k-token run (the test
+    part), and the rise of its share closed on the validation part over each of its last two 131k-token stretches."""
+    if not os.path.exists(os.path.join(RESULTS, long)):
+        return {}
+    out = diff(f"{prefix}_minus_131k_points", (long, ("gap_closed",)), (short, ("gap_closed",)))
+    val = read(long, "validation")
+    at = {p["tokens"]: i for i, p in enumerate(val)}
+    end = val[-1]["tokens"]
+    for back in (0, 131072):
+        a, b = end - back, end - back - 131072
+        if a in at and b in at:
+            out.update(diff(f"{prefix}_validation_rise_to_{a}_points", (long, ("validation", at[a], "gap_closed")),
+                            (long, ("validation", at[b], "gap_closed"))))
     return out
 
 
