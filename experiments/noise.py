@@ -172,6 +172,16 @@ def main():
                              128: gemma + "l0sweep/adapt-k128-after.json"}, GEMMA_SEEDS, "gemma3_row4_after",
                             "gemma3_test_jr_r64_after"))
     v.update(_long_run(gemma + "adapt-jr-r64-after-1m.json", GEMMA_SEEDS[0], "gemma3_row34_1m"))
+    drops = {}  # row 4: each SAE's CE with it on the validation part, fallen over its last quarter of training
+    for k, f in ((32, "l0sweep/sae-jr-L9-k32.json"), (64, "sae-jr-L9.json"), (128, "l0sweep/sae-jr-L9-k128.json")):
+        if os.path.exists(os.path.join(RESULTS, gemma + f)):
+            v.update(diff(f"gemma3_row4_sae_k{k}_last_quarter_ce_drop_nats", (gemma + f, ("held_out_curve", -2, "ce_sae")),
+                          (gemma + f, ("held_out_curve", -1, "ce_sae")), scale=1.0, what="CE with the SAE, nats"))
+            drops[k] = v[f"gemma3_row4_sae_k{k}_last_quarter_ce_drop_nats"]["value"]
+    if len(drops) > 1:
+        for name, fn in (("min", min), ("max", max)):
+            v[f"gemma3_row4_sae_last_quarter_ce_drop_{name}_nats"] = {
+                "value": fn(drops.values()), "formula": f"{name} of gemma3_row4_sae_k*_last_quarter_ce_drop_nats"}
     # -- tiny rows 18-20: SAEBench, the adapted model per seed against the base model (both seeds' base: the same) --
     v.update(_saebench(tiny))
     wall = time.time() - t0
@@ -210,7 +220,8 @@ def _k_sweep_after(files: dict, seed_files: list[str], prefix: str, floor: str) 
 
 def _long_run(long: str, short: str, prefix: str) -> dict:
     """Row 34 (issue 45 item 3): a headline recipe run for 1M tokens against the same seed's 131k-token run (the test
-    part), and the rise of its share closed on the validation part over each of its last two 131k-token stretches."""
+    part), and the rise of its share closed on the validation part over each of its last two 131k-token stretches
+    and over its last 262k tokens."""
     if not os.path.exists(os.path.join(RESULTS, long)):
         return {}
     out = diff(f"{prefix}_minus_131k_points", (long, ("gap_closed",)), (short, ("gap_closed",)))
@@ -222,6 +233,9 @@ def _long_run(long: str, short: str, prefix: str) -> dict:
         if a in at and b in at:
             out.update(diff(f"{prefix}_validation_rise_to_{a}_points", (long, ("validation", at[a], "gap_closed")),
                             (long, ("validation", at[b], "gap_closed"))))
+    if end - 262144 in at:
+        out.update(diff(f"{prefix}_validation_last_262k_points", (long, ("validation", at[end], "gap_closed")),
+                        (long, ("validation", at[end - 262144], "gap_closed"))))
     return out
 
 
