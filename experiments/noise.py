@@ -172,6 +172,9 @@ def main():
                              128: gemma + "l0sweep/adapt-k128-after.json"}, GEMMA_SEEDS, "gemma3_row4_after",
                             "gemma3_test_jr_r64_after"))
     v.update(_long_run(gemma + "adapt-jr-r64-after-1m.json", GEMMA_SEEDS[0], "gemma3_row34_1m"))
+    if os.path.exists(os.path.join(RESULTS, gemma + "adapt-jr-r4-after.json")):  # row 7: rank 64 over rank 4, seed 0
+        v.update(diff("gemma3_row7_rank64_minus_rank4_points", (GEMMA_SEEDS[0], ("gap_closed",)),
+                      (gemma + "adapt-jr-r4-after.json", ("gap_closed",))))
     drops = {}  # row 4: each SAE's CE with it on the validation part, fallen over its last quarter of training
     for k, f in ((32, "l0sweep/sae-jr-L9-k32.json"), (64, "sae-jr-L9.json"), (128, "l0sweep/sae-jr-L9-k128.json")):
         if os.path.exists(os.path.join(RESULTS, gemma + f)):
