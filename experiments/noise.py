@@ -175,16 +175,8 @@ def main():
     if os.path.exists(os.path.join(RESULTS, gemma + "adapt-jr-r4-after.json")):  # row 7: rank 64 over rank 4, seed 0
         v.update(diff("gemma3_row7_rank64_minus_rank4_points", (GEMMA_SEEDS[0], ("gap_closed",)),
                       (gemma + "adapt-jr-r4-after.json", ("gap_closed",))))
-    drops = {}  # row 4: each SAE's CE with it on the validation part, fallen over its last quarter of training
-    for k, f in ((32, "l0sweep/sae-jr-L9-k32.json"), (64, "sae-jr-L9.json"), (128, "l0sweep/sae-jr-L9-k128.json")):
-        if os.path.exists(os.path.join(RESULTS, gemma + f)):
-            v.update(diff(f"gemma3_row4_sae_k{k}_last_quarter_ce_drop_nats", (gemma + f, ("held_out_curve", -2, "ce_sae")),
-                          (gemma + f, ("held_out_curve", -1, "ce_sae")), scale=1.0, what="CE with the SAE, nats"))
-            drops[k] = v[f"gemma3_row4_sae_k{k}_last_quarter_ce_drop_nats"]["value"]
-    if len(drops) > 1:
-        for name, fn in (("min", min), ("max", max)):
-            v[f"gemma3_row4_sae_last_quarter_ce_drop_{name}_nats"] = {
-                "value": fn(drops.values()), "formula": f"{name} of gemma3_row4_sae_k*_last_quarter_ce_drop_nats"}
+    v.update(_sae_last_quarter(gemma, {32: "l0sweep/sae-jr-L9-k32.json", 64: "sae-jr-L9.json",
+                                       128: "l0sweep/sae-jr-L9-k128.json"}, "gemma3_row4_sae"))
     # -- tiny rows 18-20: SAEBench, the adapted model per seed against the base model (both seeds' base: the same) --
     v.update(_saebench(tiny))
     wall = time.time() - t0
@@ -218,6 +210,24 @@ def _k_sweep_after(files: dict, seed_files: list[str], prefix: str, floor: str) 
         out[f"{floor}_nats_recovered_floor_single_runs"] = {
             "value": 2 * math.sqrt(2) * sample_sd(nats),
             "formula": f"2 sqrt(2) x the sample sd of ce_sae - ce_sae_lora over {seed_files}"}
+    return out
+
+
+def _sae_last_quarter(folder: str, files: dict, prefix: str) -> dict:
+    """Row 4: how far each SAE's CE with it (its held-out curve, four points a run) fell over its last quarter of
+    training, and the smallest and largest of those drops: whether the sweep's SAEs had converged."""
+    out, drops = {}, {}
+    for k, f in files.items():
+        f = folder + f
+        if os.path.exists(os.path.join(RESULTS, f)):
+            name = f"{prefix}_k{k}_last_quarter_ce_drop_nats"
+            out.update(diff(name, (f, ("held_out_curve", -2, "ce_sae")), (f, ("held_out_curve", -1, "ce_sae")),
+                            scale=1.0, what="CE with the SAE, nats"))
+            drops[k] = out[name]["value"]
+    if len(drops) > 1:
+        for name, fn in (("min", min), ("max", max)):
+            out[f"{prefix}_last_quarter_ce_drop_{name}_nats"] = {
+                "value": fn(drops.values()), "formula": f"{name} of {prefix}_k*_last_quarter_ce_drop_nats"}
     return out
 
 
