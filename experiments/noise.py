@@ -158,11 +158,7 @@ def main():
         tok = read(pts[0], pts[1], a, "tokens")
         v.update(diff(f"row34_rise_to_{tok}_points", (pts[0], (pts[1], a, "gap_closed")),
                       (pts[0], (pts[1], b, "gap_closed"))))
-    long = smol + "adapt-r64-1m.json"  # row 34: the headline recipe for 1M tokens (seed 0), against its 131k-token run
-    v.update(diff("row34_1m_minus_seed0_131k_points", (long, ("gap_closed",)), (SMOL_SEEDS[0], ("gap_closed",))))
-    at = {read(long, "validation", i, "tokens"): i for i in range(len(read(long, "validation")))}
-    v.update(diff("row34_1m_validation_last_262k_points", (long, ("validation", at[1048576], "gap_closed")),
-                  (long, ("validation", at[786432], "gap_closed"))))
+    v.update(_long_run(smol + "adapt-r64-1m.json", SMOL_SEEDS[0], "row34_1m"))  # row 34: the headline recipe to 1M
     v.update(_frontier_1m(smol + "frontier-1m.json", SMOL_SEEDS[0]))
     v.update(_k_sweep_after({k: f"{smol}ksweep/adapt-k{k}-after.json" for k in (32, 64, 128)}, SMOL_SEEDS,
                             "row4_after", "smollm2_test_r64"))
